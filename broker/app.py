@@ -1,0 +1,40 @@
+"""The application factory: the only place that wires things (STYLE.md 8)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from broker import system
+from broker.config import Config
+from broker.keys import CONFIG, METRICS, RUNTIME
+from broker.metrics import Metrics
+from broker.middleware import request_context
+from broker.runtime import Runtime
+from eventstore import open_store
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[request_context], client_max_size=config.server.max_body_bytes
+    )
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_runtime_ctx)
+    system.setup(app)
+    return app
+
+
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = open_store(config.store)
+    await store.open()
+    runtime = Runtime(store, metrics=app[METRICS])
+    try:
+        await runtime.start()
+        app[RUNTIME] = runtime
+        yield
+    finally:
+        await runtime.stop()
+        await store.close()

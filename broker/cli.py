@@ -1,0 +1,312 @@
+"""The `broker` command: serve, replay, export, import, verify, users create."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from broker.config import Config, ConfigError, load_config
+from eventstore import open_store
+from eventstore.base import Envelope, StoreError
+from eventstore.codec import envelope_to_json, event_from_record, record_from_json
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A command failed for a reason the user can act on; the message says which."""
+
+
+# --- progress bar (stderr, only on a terminal) ---
+
+
+def progress_bar(label: str, stream: TextIO = sys.stderr) -> Callable[[int, int], None] | None:
+    if not stream.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        filled = int(frac * 30)
+        stream.write(f"\r{label} [{'#' * filled}{' ' * (30 - filled)}] {done:,}/{total:,}")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
+    return show
+
+
+# --- commands ---
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from broker.app import create_app
+    from broker.logs import configure_logging
+
+    configure_logging(config.log)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    Path(config.server.data_dir).mkdir(parents=True, exist_ok=True)
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        shutdown_timeout=config.server.shutdown_timeout,
+        access_log=None,
+        print=lambda msg: print(msg, file=sys.stderr),
+    )
+    return EXIT_OK
+
+
+def _readonly_store(config: Config) -> Any:
+    if config.store.backend == "sqlite" and not Path(config.store.path).exists():
+        raise CommandError(f"no log at {config.store.path}")
+    return open_store(config.store, readonly=True)
+
+
+async def cmd_replay(config: Config, args: argparse.Namespace) -> int:
+    store = _readonly_store(config)
+    await store.open()
+    try:
+        if args.rebuild:
+            return await _rebuild(store)
+        types = [t for spec in args.type or [] for t in spec.split(",")] or None
+        count = 0
+        out = sys.stdout
+        if args.format == "table":
+            out.write(f"{'SEQ':>8}  {'TIME (UTC)':<23}  {'TYPE':<24}  {'STREAM':<24}  V\n")
+        async for env in store.read(args.from_seq, args.to_seq, types):
+            if args.limit is not None and count >= args.limit:
+                break
+            out.write(_format(env, args.format))
+            count += 1
+        out.flush()
+        return EXIT_OK
+    finally:
+        await store.close()
+
+
+def _format(env: Envelope, fmt: str) -> str:
+    if fmt == "jsonl":
+        return envelope_to_json(env).decode() + "\n"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(env.ts)) + f".{int(env.ts % 1 * 1000):03d}"
+    return f"{env.seq:>8}  {when:<23}  {env.type:<24}  {env.stream:<24}  {env.stream_version}\n"
+
+
+async def _rebuild(store: Any) -> int:
+    from broker.runtime import build_projections
+
+    projections = build_projections()
+    head = await store.head()
+    show = progress_bar("rebuild")
+    t0 = time.perf_counter()
+    async for env in store.read(1):
+        projections.apply(env)
+        if show is not None and env.seq % 20_000 == 0:
+            show(env.seq, head)
+    if show is not None:
+        show(head, head)
+    elapsed = time.perf_counter() - t0
+    rate = projections.applied / elapsed if elapsed > 0 else 0.0
+    print(f"rebuilt {len(projections.parts)} projections from {projections.applied:,} events "
+          f"in {elapsed:.3f} s ({rate:,.0f} events/s)")
+    for name, part in projections.parts.items():
+        counts = {k: len(v) for k, v in vars(part).items() if isinstance(v, dict)}
+        print(f"  {name}: " + ", ".join(f"{k}={n}" for k, n in counts.items()))
+    return EXIT_OK
+
+
+async def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    store = _readonly_store(config)
+    await store.open()
+    count = 0
+    try:
+        tmp = Path(str(args.out) + ".part")
+        with open(tmp, "wb") as f:
+            async for env in store.read(1):
+                f.write(envelope_to_json(env))
+                f.write(b"\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(args.out)
+    finally:
+        await store.close()
+    print(f"exported {count:,} events to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    store = open_store(config.store)
+    await store.open()
+    try:
+        if await store.head() != 0:
+            raise CommandError(
+                f"the log at {config.store.path} is not empty: import only into an empty log"
+            )
+        batch: list[Envelope] = []
+        count = 0
+        with open(args.file, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = record_from_json(line)
+                    event = event_from_record(rec)
+                except Exception as exc:
+                    raise CommandError(f"{args.file}:{lineno}: not an exported event: {exc}") from None
+                batch.append(Envelope(rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, event))
+                if len(batch) >= 1000:
+                    await store.restore(batch)  # type: ignore[attr-defined]
+                    count += len(batch)
+                    batch = []
+        if batch:
+            await store.restore(batch)  # type: ignore[attr-defined]
+            count += len(batch)
+    except StoreError as exc:
+        raise CommandError(f"import failed: {exc}") from None
+    finally:
+        await store.close()
+    print(f"imported {count:,} events into {config.store.path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    from eventstore.base import IntegrityError
+    from eventstore.sqlite import verify_file
+
+    if config.store.backend != "sqlite":
+        raise CommandError(f"verify checks the sqlite log; the backend is {config.store.backend}")
+    if not Path(config.store.path).exists():
+        raise CommandError(f"no log at {config.store.path}")
+    t0 = time.perf_counter()
+    try:
+        n = verify_file(config.store.path, progress_bar("verify"))
+    except IntegrityError as exc:
+        print(f"FAILED: {config.store.path}: first bad seq {exc.seq}: {exc.reason}")
+        return EXIT_FAIL
+    print(f"ok: {config.store.path}: {n:,} events, checksums and hash chain intact "
+          f"({time.perf_counter() - t0:.2f} s)")
+    return EXIT_OK
+
+
+async def cmd_users_create(config: Config, args: argparse.Namespace) -> int:
+    from broker.errors import BrokerError
+    from broker.operators import create_user
+    from broker.runtime import Runtime
+
+    password = _read_password(args)
+    store = open_store(config.store)
+    await store.open()
+    try:
+        runtime = Runtime(store)
+        await runtime.start()
+        try:
+            user = await create_user(
+                runtime,
+                username=args.username,
+                password=password,
+                roles=args.role or ["admin"],
+                email=args.email,
+                full_name=args.full_name,
+            )
+        except BrokerError as exc:
+            raise CommandError(exc.message) from None
+        await runtime.stop()
+    finally:
+        await store.close()
+    print(f"created user {user.username} ({user.id}) with roles {', '.join(user.roles)}")
+    return EXIT_OK
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise CommandError("no terminal to prompt for a password: use --password-stdin")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Repeat password: "):
+        raise CommandError("the passwords do not match")
+    return first
+
+
+# --- parsing ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    parser.add_argument("--config", help="config file (default: ./config.toml when present)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="serve the HTTP and WebSocket API")
+
+    p = sub.add_parser("replay", help="print the log, or rebuild the projections from it")
+    p.add_argument("--from-seq", type=int, default=1)
+    p.add_argument("--to-seq", type=int, default=None)
+    p.add_argument("--type", action="append", help="event type or pattern (node.*); repeatable")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    p.add_argument("--rebuild", action="store_true", help="rebuild every projection, print counts")
+
+    p = sub.add_parser("export", help="write the whole log as JSON Lines")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("import", help="load a JSON Lines export into an empty log")
+    p.add_argument("file", type=Path)
+
+    sub.add_parser("verify", help="check checksums and the hash chain of the log")
+
+    users = sub.add_parser("users", help="operator accounts").add_subparsers(
+        dest="users_command", required=True
+    )
+    p = users.add_parser("create", help="create an operator (the first admin, typically)")
+    p.add_argument("--username", required=True)
+    p.add_argument("--role", action="append", help="role name (repeatable; default admin)")
+    p.add_argument("--email")
+    p.add_argument("--full-name")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
+    "serve": cmd_serve,
+    "replay": cmd_replay,
+    "export": cmd_export,
+    "import": cmd_import,
+    "verify": cmd_verify,
+    "users": cmd_users_create,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        result = COMMANDS[args.command](config, args)
+        if isinstance(result, Coroutine):
+            result = asyncio.run(result)
+        return int(result)
+    except (ConfigError, CommandError) as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return EXIT_FAIL if isinstance(exc, CommandError) else EXIT_USAGE
+    except StoreError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""One error catalog (STYLE.md 11): every error the API reports is a BrokerError with a code.
+
+`docs/errors.md` lists the codes; `broker.middleware` turns them into the error body of
+DESIGN.md §6.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BrokerError(Exception):
+    code = "INTERNAL"
+    status = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: list[Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+
+class BadRequest(BrokerError):
+    code, status = "BAD_REQUEST", 400
+
+
+class ValidationFailed(BrokerError):
+    code, status = "VALIDATION_ERROR", 422
+
+
+class AuthenticationFailed(BrokerError):
+    code, status = "AUTHENTICATION_ERROR", 401
+
+
+class Forbidden(BrokerError):
+    code, status = "AUTHORIZATION_ERROR", 403
+
+
+class NotFound(BrokerError):
+    code, status = "NOT_FOUND", 404
+
+
+class MethodNotAllowed(BrokerError):
+    code, status = "METHOD_NOT_ALLOWED", 405
+
+
+class Conflict(BrokerError):
+    code, status = "CONFLICT", 409
+
+
+class PayloadTooLarge(BrokerError):
+    code, status = "PAYLOAD_TOO_LARGE", 413
+
+
+class RateLimited(BrokerError):
+    code, status = "RATE_LIMIT", 429
+
+
+class Unavailable(BrokerError):
+    code, status = "SERVICE_UNAVAILABLE", 503
+
+
+# Every code above, for docs and tests.
+CATALOG: dict[str, int] = {
+    cls.code: cls.status
+    for cls in (
+        BrokerError,
+        BadRequest,
+        ValidationFailed,
+        AuthenticationFailed,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        PayloadTooLarge,
+        RateLimited,
+        Unavailable,
+    )
+}
+
+_BY_STATUS = {status: code for code, status in CATALOG.items()}
+
+
+def code_for_status(status: int) -> str:
+    return _BY_STATUS.get(status, "INTERNAL" if status >= 500 else "BAD_REQUEST")

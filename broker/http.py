@@ -1,0 +1,66 @@
+"""Helpers shared by the handlers: JSON bodies in and out, and the error body of DESIGN.md §6."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from broker.errors import BrokerError, PayloadTooLarge, ValidationFailed
+
+T = TypeVar("T")
+
+_json = msgspec.json.Encoder()
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=_json.encode(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_body(status: int, code: str, message: str, details: list[Any], request_id: str) -> bytes:
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _json.encode(
+        {
+            "status": "error",
+            "statusCode": status,
+            "message": message,
+            "error": {
+                "code": code,
+                "message": message,
+                "details": details,
+                "timestamp": now,
+                "request_id": request_id,
+            },
+        }
+    )
+
+
+def error_response(err: BrokerError, request_id: str) -> web.Response:
+    return web.Response(
+        body=error_body(err.status, err.code, err.message, err.details, request_id),
+        status=err.status,
+        content_type="application/json",
+        headers=err.headers,
+    )
+
+
+async def decode_body(request: web.Request, type_: type[T]) -> T:
+    """Read and validate a JSON body as `type_`: 400/422 on bad input, 413 when too large."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"request body larger than {exc.max_size} bytes") from None
+    if not raw:
+        raw = b"{}"
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed(str(exc), details=[{"reason": str(exc)}]) from None
+    except msgspec.DecodeError as exc:
+        raise ValidationFailed(f"malformed JSON body: {exc}") from None

@@ -1,0 +1,90 @@
+"""Request ids, the one error body for every error, request metrics and access logs."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from broker import errors
+from broker.http import error_response
+from broker.keys import METRICS, REQUEST_ID
+from eventstore.base import ConcurrencyError, StoreUnavailable
+
+log = structlog.get_logger("broker.http")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
+    """Map exceptions raised below the handlers to the catalog; None = unexpected."""
+    if isinstance(exc, errors.BrokerError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        if exc.status == 404:
+            return errors.NotFound(f"Not found: {path}")
+        if exc.status == 405:
+            allow = exc.headers.get("Allow", "")
+            return errors.MethodNotAllowed(
+                f"Method not allowed (allowed: {allow})", headers={"Allow": allow}
+            )
+        if exc.status == 413:
+            return errors.PayloadTooLarge("request body too large")
+        err = errors.BrokerError(exc.reason)
+        err.status, err.code = exc.status, errors.code_for_status(exc.status)
+        return err
+    if isinstance(exc, msgspec.ValidationError):
+        return errors.ValidationFailed(str(exc))
+    if isinstance(exc, ConcurrencyError):
+        return errors.Conflict("the resource was changed concurrently; retry")
+    if isinstance(exc, StoreUnavailable):
+        return errors.Unavailable("the event log is unavailable; retry later")
+    return None
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _SAFE_ID.match(incoming) else "req_" + secrets.token_hex(8)
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    t0 = time.perf_counter()
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if 300 <= exc.status < 400:  # redirects pass through as they are
+                raise
+            response = _error(exc, request)
+        except Exception as exc:
+            response = _error(exc, request)
+        if not response.prepared:
+            response.headers["X-Request-ID"] = request_id
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[METRICS].http_requests.labels(request.method, name, response.status).inc()
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            ms=round((time.perf_counter() - t0) * 1000, 2),
+        )
+        return response
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _error(exc: BaseException, request: web.Request) -> web.Response:
+    request_id: str = request[REQUEST_ID]
+    err = _translate(exc, request.path)
+    if err is None:
+        log.exception("unhandled_error", error=type(exc).__name__)
+        err = errors.BrokerError("internal error")
+    return error_response(err, request_id)

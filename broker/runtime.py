@@ -1,0 +1,80 @@
+"""The broker's core: the log, the projections fed from it, and the one way to record events.
+
+`record()` appends and returns once the events are durable AND applied to the projections, so a
+handler that records then reads sees its own write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from broker.metrics import Metrics
+from eventstore.base import Envelope, EventStore, ExpectedVersion
+from eventstore.events import BaseEvent
+from projections.base import Projection, Projections
+from projections.users import UsersProjection
+
+log = structlog.get_logger(__name__)
+
+
+def build_projections() -> Projections:
+    """Every projection the broker serves queries from."""
+    parts: list[Projection] = [UsersProjection()]
+    return Projections(parts)
+
+
+class Runtime:
+    def __init__(
+        self,
+        store: EventStore,
+        projections: Projections | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.projections = projections or build_projections()
+        self.metrics = metrics or Metrics()
+        self.started_at = time.time()
+
+    @property
+    def users(self) -> UsersProjection:
+        return self.projections.parts["users"]  # type: ignore[return-value]
+
+    async def start(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Replay the log into the projections, then follow live appends."""
+        head = await self.store.head()
+        t0 = time.perf_counter()
+        async for env in self.store.read(self.projections.seq + 1):
+            self.projections.apply(env)
+            if progress is not None and env.seq % 10_000 == 0:
+                progress(env.seq, head)
+        self.store.add_listener(self._on_append)
+        self.metrics.head_seq.set(head)
+        self.metrics.projection_seq.set(self.projections.seq)
+        log.info(
+            "projections_ready",
+            seq=self.projections.seq,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+
+    async def stop(self) -> None:
+        self.store.remove_listener(self._on_append)
+
+    def _on_append(self, envs: Sequence[Envelope]) -> None:
+        self.projections.apply_many(envs)
+        self.metrics.events_appended.inc(len(envs))
+        self.metrics.head_seq.set(envs[-1].seq)
+        self.metrics.projection_seq.set(self.projections.seq)
+
+    async def record(
+        self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None
+    ) -> list[Envelope]:
+        t0 = time.perf_counter()
+        envs = await self.store.append(events, expected_version)
+        self.metrics.append_seconds.observe(time.perf_counter() - t0)
+        return envs
+
+    async def lag(self) -> int:
+        return max(0, await self.store.head() - self.projections.seq)

@@ -1,0 +1,48 @@
+"""The append-only event log: event types, the EventStore protocol and its backends."""
+
+from __future__ import annotations
+
+from eventstore.base import (
+    ConcurrencyError,
+    Envelope,
+    EventStore,
+    IntegrityError,
+    StoreConfig,
+    StoreError,
+    StoreLocked,
+    StoreUnavailable,
+    SubscriberTooSlow,
+)
+
+__all__ = [
+    "ConcurrencyError",
+    "Envelope",
+    "EventStore",
+    "IntegrityError",
+    "StoreConfig",
+    "StoreError",
+    "StoreLocked",
+    "StoreUnavailable",
+    "SubscriberTooSlow",
+    "open_store",
+]
+
+
+def open_store(config: StoreConfig, *, readonly: bool = False) -> EventStore:
+    """Build (not yet open) the backend named by `config.backend`."""
+    if config.backend == "memory":
+        from eventstore.memory import MemoryStore
+
+        return MemoryStore()
+    if config.backend == "sqlite":
+        from eventstore.sqlite import SqliteStore
+
+        return SqliteStore(
+            config.path,
+            synchronous=config.synchronous,
+            readonly=readonly,
+            verify_on_open=config.verify_on_open and not readonly,
+        )
+    if config.backend == "nats":
+        raise StoreUnavailable("the nats backend is not available in this build yet")
+    raise ValueError(f"unknown store backend {config.backend!r} (sqlite, memory or nats)")

@@ -1,0 +1,74 @@
+"""The apply/query pattern: projections are plain classes whose `@handles` methods fold envelopes
+into in-memory state. No I/O, no clock (time comes from the envelope), no asyncio."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
+
+from eventstore.base import Envelope
+from eventstore.events import BaseEvent
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def handles(*event_types: type[BaseEvent]) -> Callable[[F], F]:
+    """Mark a projection method as the handler of `event_types`."""
+
+    def mark(fn: F) -> F:
+        fn._handles = event_types  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class Projection:
+    """Base class: collects the `@handles` methods of a subclass once, at class creation."""
+
+    name: ClassVar[str] = "projection"
+    _handler_names: ClassVar[dict[type[BaseEvent], str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        found: dict[type[BaseEvent], str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                for event_type in getattr(value, "_handles", ()):
+                    found[event_type] = attr
+        cls._handler_names = found
+
+    def handlers(self) -> dict[type[BaseEvent], Callable[[Envelope], None]]:
+        return {t: getattr(self, name) for t, name in self._handler_names.items()}
+
+
+class OutOfOrder(Exception):
+    """An envelope arrived out of seq order: the projections would diverge from the log."""
+
+
+class Projections:
+    """Every projection of the broker, fed in seq order from one place."""
+
+    def __init__(self, parts: Iterable[Projection]) -> None:
+        self.parts: dict[str, Projection] = {}
+        dispatch: dict[type[BaseEvent], list[Callable[[Envelope], None]]] = {}
+        for part in parts:
+            self.parts[part.name] = part
+            for event_type, handler in part.handlers().items():
+                dispatch.setdefault(event_type, []).append(handler)
+        self._dispatch = {t: tuple(hs) for t, hs in dispatch.items()}
+        self.seq = 0
+        self.applied = 0
+
+    def apply(self, env: Envelope) -> None:
+        if env.seq != self.seq + 1:
+            if env.seq <= self.seq:
+                return  # already applied (a replay overlapping a live append)
+            raise OutOfOrder(f"expected seq {self.seq + 1}, got {env.seq}")
+        for handler in self._dispatch.get(type(env.event), ()):
+            handler(env)
+        self.seq = env.seq
+        self.applied += 1
+
+    def apply_many(self, envs: Iterable[Envelope]) -> None:
+        for env in envs:
+            self.apply(env)
