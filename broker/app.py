@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker import system
+from broker.auth import auth_middleware
 from broker.config import Config
 from broker.keys import CONFIG, METRICS, RUNTIME
 from broker.metrics import Metrics
@@ -17,7 +18,7 @@ from eventstore import open_store
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[request_context], client_max_size=config.server.max_body_bytes
+        middlewares=[request_context, auth_middleware], client_max_size=config.server.max_body_bytes
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()

@@ -101,7 +101,9 @@ async def cmd_replay(config: Config, args: argparse.Namespace) -> int:
 def _format(env: Envelope, fmt: str) -> str:
     if fmt == "jsonl":
         return envelope_to_json(env).decode() + "\n"
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(env.ts)) + f".{int(env.ts % 1 * 1000):03d}"
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(env.ts)) + f".{int(env.ts % 1 * 1000):03d}"
+    )
     return f"{env.seq:>8}  {when:<23}  {env.type:<24}  {env.stream:<24}  {env.stream_version}\n"
 
 
@@ -120,8 +122,10 @@ async def _rebuild(store: Any) -> int:
         show(head, head)
     elapsed = time.perf_counter() - t0
     rate = projections.applied / elapsed if elapsed > 0 else 0.0
-    print(f"rebuilt {len(projections.parts)} projections from {projections.applied:,} events "
-          f"in {elapsed:.3f} s ({rate:,.0f} events/s)")
+    print(
+        f"rebuilt {len(projections.parts)} projections from {projections.applied:,} events "
+        f"in {elapsed:.3f} s ({rate:,.0f} events/s)"
+    )
     for name, part in projections.parts.items():
         counts = {k: len(v) for k, v in vars(part).items() if isinstance(v, dict)}
         print(f"  {name}: " + ", ".join(f"{k}={n}" for k, n in counts.items()))
@@ -166,8 +170,12 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
                     rec = record_from_json(line)
                     event = event_from_record(rec)
                 except Exception as exc:
-                    raise CommandError(f"{args.file}:{lineno}: not an exported event: {exc}") from None
-                batch.append(Envelope(rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, event))
+                    raise CommandError(
+                        f"{args.file}:{lineno}: not an exported event: {exc}"
+                    ) from None
+                batch.append(
+                    Envelope(rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, event)
+                )
                 if len(batch) >= 1000:
                     await store.restore(batch)  # type: ignore[attr-defined]
                     count += len(batch)
@@ -197,8 +205,10 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     except IntegrityError as exc:
         print(f"FAILED: {config.store.path}: first bad seq {exc.seq}: {exc.reason}")
         return EXIT_FAIL
-    print(f"ok: {config.store.path}: {n:,} events, checksums and hash chain intact "
-          f"({time.perf_counter() - t0:.2f} s)")
+    print(
+        f"ok: {config.store.path}: {n:,} events, checksums and hash chain intact "
+        f"({time.perf_counter() - t0:.2f} s)"
+    )
     return EXIT_OK
 
 

@@ -36,8 +36,10 @@ class Metrics:
             "broker_projection_lag_events", "Events recorded but not yet applied", registry=r
         )
         self.http_requests = Counter(
-            "broker_http_requests", "HTTP requests by route and status",
-            ["method", "route", "status"], registry=r,
+            "broker_http_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import hashlib
+import re
 
 from broker.errors import Conflict, ValidationFailed
 from broker.passwords import hash_password_async

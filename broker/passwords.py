@@ -29,8 +29,13 @@ def verify_password(password: str, stored: str) -> bool:
         if scheme != "scrypt":
             return False
         digest = hashlib.scrypt(
-            password.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p),
-            dklen=len(digest_hex) // 2, maxmem=_MAXMEM,
+            password.encode(),
+            salt=bytes.fromhex(salt_hex),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(digest_hex) // 2,
+            maxmem=_MAXMEM,
         )
     except (ValueError, TypeError):
         return False

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from broker import __version__
+from broker.auth import Authenticated, Public
 from broker.http import json_response
 from broker.keys import METRICS, RUNTIME
 from broker.metrics import CONTENT_TYPE
+from broker.routing import Routes
+
+routes = Routes("system")
 
 
+class HealthCheck(msgspec.Struct):
+    status: str
+    checks: dict[str, dict[str, Any]]
+    version: str
+    uptime: float
+
+
+@routes.get("/health", policy=Public(), response=HealthCheck, summary="Health")
+@routes.get("/api/v1/health", policy=Public(), response=HealthCheck, summary="Health")
 async def health(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     try:
@@ -41,6 +56,15 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+@routes.get(
+    "/metrics", policy=Authenticated(), response_content_type=CONTENT_TYPE, summary="Metrics"
+)
+@routes.get(
+    "/api/v1/metrics",
+    policy=Authenticated(),
+    response_content_type=CONTENT_TYPE,
+    summary="Prometheus metrics",
+)
 async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     m = request.app[METRICS]
@@ -52,6 +76,4 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    for prefix in ("", "/api/v1"):
-        app.router.add_get(f"{prefix}/health", health)
-        app.router.add_get(f"{prefix}/metrics", metrics)
+    routes.install(app)

@@ -130,5 +130,6 @@ Event = (
 )
 
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
-    cls.type_name(): cls for cls in Event.__args__  # type: ignore[attr-defined]
+    cls.type_name(): cls
+    for cls in Event.__args__  # type: ignore[attr-defined]
 }

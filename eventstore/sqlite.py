@@ -193,13 +193,12 @@ class SqliteStore:
 
     async def open(self) -> None:
         if self.readonly:
-            if not self.path.exists():
+            if not await asyncio.to_thread(self.path.exists):
                 raise StoreUnavailable(f"no log at {self.path}")
             self._rconn = await self._connect(f"file:{self.path}?mode=ro")
             await self._load_tail(self._rconn)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._lock.acquire)
+        await asyncio.to_thread(self._lock.acquire)  # creates the directory too
         try:
             self._wconn = await self._connect(str(self.path))
             await self._wconn.execute("PRAGMA journal_mode=WAL")
@@ -309,7 +308,7 @@ class SqliteStore:
         conn = self._wconn
         assert conn is not None
         streams: set[str] = set()
-        for events, expected, fut in batch:
+        for events, _expected, fut in batch:
             if not fut.done():
                 streams.update(e.stream for e in events)
         await self._versions_of(streams)
@@ -394,15 +393,25 @@ class SqliteStore:
             version = overlay.get(env.stream, self._versions.get(env.stream, 0)) + 1
             if env.stream_version != version:
                 raise IntegrityError(
-                    env.seq, f"stream {env.stream!r} version {env.stream_version}, expected {version}"
+                    env.seq,
+                    f"stream {env.stream!r} version {env.stream_version}, expected {version}",
                 )
             overlay[env.stream] = version
             last_ts = max(last_ts, env.ts)
             data = encode_event(env.event)
             prev = integrity.chain_hash(prev, seq, env.stream, version, env.ts, env.id, data)
             rows.append(
-                (seq, env.id, env.stream, version, env.type, env.ts, data,
-                 integrity.checksum(data), prev)
+                (
+                    seq,
+                    env.id,
+                    env.stream,
+                    version,
+                    env.type,
+                    env.ts,
+                    data,
+                    integrity.checksum(data),
+                    prev,
+                )
             )
         try:
             await conn.executemany(_INSERT, rows)

@@ -26,20 +26,19 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Delivery", "DeliveryQueue", "Priority", "QueuedMessage"]
 
 _LEVELS = 4
-_NO_SEQ = -(1 << 63)
 _MIN_COMPACT = 1024
 _INF = float("inf")
 
 # Side heap entry: (seq, tiebreak, attempts so far, message).
 _SideEntry = tuple[int, int, int, "QueuedMessage"]
 # Expiry heap entry: (expires_at, seq, tiebreak, message, nodes it was queued for).
-_ExpiryEntry = tuple[float, int, int, "QueuedMessage", list[str]]
+_ExpiryEntry = tuple[float, int, int, "QueuedMessage", tuple[str, ...]]
 
 
 class Priority(enum.IntEnum):
@@ -76,6 +75,8 @@ class QueuedMessage:
     priority: Priority
     expires_at: float
     payload: Any = None
+    # Number of nodes the message is pending for; maintained by the queue (cheap liveness).
+    holders: int = field(default=0, init=False, repr=False)
 
 
 @dataclass(slots=True, eq=False)
@@ -89,7 +90,7 @@ class Delivery:
 
 
 class _Mailbox:
-    __slots__ = ("ready", "flight", "held", "queues", "sides", "tails", "stale")
+    __slots__ = ("ready", "flight", "held", "queues", "sides", "stale")
 
     def __init__(self) -> None:
         self.ready: dict[str, QueuedMessage] = {}
@@ -97,7 +98,6 @@ class _Mailbox:
         self.held: dict[str, Delivery] = {}
         self.queues: list[deque[QueuedMessage]] = [deque(), deque(), deque(), deque()]
         self.sides: list[list[_SideEntry]] = [[], [], [], []]
-        self.tails: list[int] = [_NO_SEQ] * _LEVELS
         self.stale = 0
 
     def purge_fronts(self, level: int, now: float) -> None:
@@ -161,32 +161,35 @@ class DeliveryQueue:
         An already expired message is accepted (it is never listed or taken, and ``expired``
         reports it), so replaying an old log is cheap and correct.
         """
+        nodes = recipients if type(recipients) is tuple else tuple(recipients)
         mid = message.message_id
         seq = message.seq
         level = message.priority
         boxes = self._boxes
-        nodes: list[str] = []
-        for node in recipients:
+        added = 0
+        for node in nodes:
             box = boxes.get(node)
             if box is None:
                 box = boxes[node] = _Mailbox()
-            ready = box.ready
-            if mid in ready or mid in box.flight or mid in box.held:
+            if box.ready.setdefault(mid, message) is not message or mid in box.flight:
+                continue  # already pending for this node
+            if box.held and mid in box.held:
+                del box.ready[mid]
                 continue
-            ready[mid] = message
-            tails = box.tails
-            if seq > tails[level]:
-                box.queues[level].append(message)
-                tails[level] = seq
+            dq = box.queues[level]
+            if not dq or seq > dq[-1].seq:
+                dq.append(message)
             else:
                 heapq.heappush(box.sides[level], (seq, next(self._tiebreak), 0, message))
-            nodes.append(node)
-        expires_at = message.expires_at
-        if nodes and expires_at != _INF:
-            heap = self._expiry
-            heapq.heappush(heap, (expires_at, seq, next(self._tiebreak), message, nodes))
-            if len(heap) > self._expiry_limit:
-                self._compact_expiry()
+            added += 1
+        if added:
+            message.holders += added
+            if message.expires_at != _INF:
+                heap = self._expiry
+                entry = (message.expires_at, seq, next(self._tiebreak), message, nodes)
+                heapq.heappush(heap, entry)
+                if len(heap) > self._expiry_limit:
+                    self._compact_expiry()
 
     def take(self, node_id: str, max_n: int) -> list[Delivery]:
         """Hand out up to ``max_n`` ready messages for ``node_id`` in delivery order.
@@ -266,7 +269,10 @@ class DeliveryQueue:
         if box is None:
             return False
         flight = box.flight
-        if flight.pop(message_id, None) is None and not self._unqueue(box, message_id):
+        d = flight.pop(message_id, None)
+        if d is not None:
+            d.message.holders -= 1
+        elif not self._unqueue(box, message_id):
             return False
         if not flight and not box.ready and not box.held:
             del self._boxes[node_id]
@@ -277,12 +283,18 @@ class DeliveryQueue:
         return self.ack(node_id, message_id)
 
     def _unqueue(self, box: _Mailbox, message_id: str) -> bool:
-        if box.ready.pop(message_id, None) is not None:
+        m = box.ready.pop(message_id, None)
+        if m is not None:
             box.stale += 1
             if box.stale > 32 and box.stale > len(box.ready):
                 box.compact()
-            return True
-        return box.held.pop(message_id, None) is not None
+        else:
+            d = box.held.pop(message_id, None)
+            if d is None:
+                return False
+            m = d.message
+        m.holders -= 1
+        return True
 
     def release(self, node_id: str) -> None:
         """The node's connection went away: everything in flight is ready again, in order.
@@ -512,7 +524,7 @@ class DeliveryQueue:
         self._timeouts_limit = max(_MIN_COMPACT, 2 * len(live))
 
     def _compact_expiry(self) -> None:
-        live = [e for e in self._expiry if self._live(e)]
+        live = [e for e in self._expiry if e[3].holders]
         heapq.heapify(live)
         self._expiry = live
         self._expiry_limit = max(_MIN_COMPACT, 2 * len(live))

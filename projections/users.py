@@ -99,8 +99,15 @@ class UsersProjection(Projection):
     def _created(self, env: Envelope) -> None:
         e: UserCreated = env.event  # type: ignore[assignment]
         self.users[e.user_id] = User(
-            e.user_id, e.username, e.password_hash, e.email, e.full_name, e.is_active,
-            list(e.roles), env.ts, env.ts,
+            e.user_id,
+            e.username,
+            e.password_hash,
+            e.email,
+            e.full_name,
+            e.is_active,
+            list(e.roles),
+            env.ts,
+            env.ts,
         )
         self.by_username[e.username.lower()] = e.user_id
 

@@ -1,0 +1,23 @@
+"""The authenticated caller of a request or WebSocket: a node or an operator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: Literal["node", "user"]
+    id: str  # node id, or user id
+    name: str  # node id, or username
+    permissions: frozenset[str] = frozenset()
+    token_id: str = ""  # the token's jti
+    expires_at: float = 0.0
+
+    @property
+    def is_node(self) -> bool:
+        return self.kind == "node"
+
+    def can(self, permission: str) -> bool:
+        return self.kind == "user" and permission in self.permissions
