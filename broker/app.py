@@ -6,7 +6,16 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from broker import system
+from broker import (
+    ratelimit,
+    routes_licensing,
+    routes_nodes,
+    routes_operators,
+    routes_telemetry,
+    routes_updates,
+    system,
+    tokens,
+)
 from broker.auth import auth_middleware
 from broker.config import Config
 from broker.keys import CONFIG, METRICS, RUNTIME
@@ -18,12 +27,20 @@ from eventstore import open_store
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, auth_middleware], client_max_size=config.server.max_body_bytes
+        middlewares=[request_context, ratelimit.rate_limit, auth_middleware],
+        client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_runtime_ctx)
+    tokens.setup(app)  # the real authenticator; its context needs the runtime's
+    ratelimit.setup(app)
     system.setup(app)
+    routes_nodes.setup(app)
+    routes_operators.setup(app)
+    routes_licensing.setup(app)
+    routes_updates.setup(app)
+    routes_telemetry.setup(app)
     return app
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.config import Config, ConfigError, load_config
+from broker.logs import configure_logging
 from eventstore import open_store
 from eventstore.base import Envelope, StoreError
 from eventstore.codec import envelope_to_json, event_from_record, record_from_json
@@ -49,9 +50,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from broker.app import create_app
-    from broker.logs import configure_logging
 
-    configure_logging(config.log)
     try:
         import uvloop
 
@@ -304,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
+        configure_logging(config.log)
         result = COMMANDS[args.command](config, args)
         if isinstance(result, Coroutine):
             result = asyncio.run(result)

@@ -35,10 +35,60 @@ class LogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     format: str = "json"  # json | console
 
 
+class UpdatesConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[updates]`: software updates uploaded by operators (stored under data_dir/updates)."""
+
+    max_file_bytes: int = 200 * 1024 * 1024  # larger uploads get 413
+
+
+class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[telemetry]`: samples posted by nodes to POST /telemetry."""
+
+    rate_limit_per_minute: int = 600  # per tenant; 0 disables the limit
+    rate_limit_burst: int = 0  # samples allowed at once; 0 means rate_limit_per_minute
+    max_additional_data_bytes: int = 8192  # JSON size of `additionalData`
+
+
+class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[auth]`: tokens, node login challenges, presence."""
+
+    issuer: str = "fleet-broker"  # the JWT `iss`
+    audience: str = "fleet-broker"  # the JWT `aud`
+    access_ttl: float = 900.0  # seconds an access token lives (15 min)
+    refresh_ttl: float = 30 * 86400.0  # seconds a refresh token lives (30 days); renewed on refresh
+    key_file: str = ""  # Ed25519 signing key (PEM); default <data_dir>/jwt_ed25519.pem
+    leeway: float = 5.0  # clock skew tolerated on exp/iat between instances
+    challenge_ttl: float = 60.0  # seconds a login challenge lives
+    max_outstanding_challenges: int = 5  # per node and instance: issued, not yet used or expired
+    max_sessions: int = 10  # live refresh-token families per node or user; the oldest is revoked
+    token_cache_size: int = 100_000  # verified access tokens remembered until they expire
+    min_rsa_bits: int = 2048  # smallest node public key accepted
+    heartbeat_interval: float = 30.0  # seconds between a node's heartbeats
+    online_after_missed: float = 2.0  # online while the last heartbeat is < this many intervals old
+    stale_after_missed: float = 10.0  # then stale until this many intervals; offline after
+
+
+class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[limits]`: request rate limits (token buckets refilled over `window` seconds)."""
+
+    enabled: bool = True
+    window: float = 60.0
+    per_principal: int = 1000  # requests per window per node or operator (any route)
+    per_ip: int = 300  # requests per window per IP on routes without a valid token
+    login_per_ip: int = 60  # login, challenge and verify requests per window per IP
+    login_per_subject: int = 10  # the same, per node id or username
+    trust_forwarded_for: bool = False  # key on X-Forwarded-For (behind a trusted proxy only)
+    max_tracked: int = 100_000  # buckets kept in memory before idle ones are dropped
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    updates: UpdatesConfig = msgspec.field(default_factory=UpdatesConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
 
 
 def load_config(
@@ -86,3 +136,15 @@ def _check(config: Config) -> None:
         )
     if config.log.format not in ("json", "console"):
         raise ConfigError(f"[log] format must be json or console, not {config.log.format!r}")
+    auth = config.auth
+    for name in ("access_ttl", "refresh_ttl", "challenge_ttl", "heartbeat_interval"):
+        if getattr(auth, name) <= 0:
+            raise ConfigError(f"[auth] {name} must be positive")
+    if not 0 < auth.online_after_missed <= auth.stale_after_missed:
+        raise ConfigError("[auth] needs 0 < online_after_missed <= stale_after_missed")
+    if auth.min_rsa_bits < 2048:
+        raise ConfigError("[auth] min_rsa_bits must be at least 2048")
+    limits = config.limits
+    for name in ("window", "per_principal", "per_ip", "login_per_ip", "login_per_subject"):
+        if getattr(limits, name) <= 0:
+            raise ConfigError(f"[limits] {name} must be positive")

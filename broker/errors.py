@@ -66,6 +66,25 @@ class Unavailable(BrokerError):
     code, status = "SERVICE_UNAVAILABLE", 503
 
 
+# Licensing (seed 002): 400s with the seed's French messages; an unknown key is NOT_FOUND.
+
+
+class LicenseExpired(BrokerError):
+    code, status = "LICENSE_EXPIRED", 400
+
+
+class LicenseRevoked(BrokerError):
+    code, status = "LICENSE_REVOKED", 400
+
+
+class LicenseLimitReached(BrokerError):
+    code, status = "LICENSE_LIMIT_REACHED", 400
+
+
+class TenantInactive(BrokerError):
+    code, status = "TENANT_INACTIVE", 400
+
+
 # Every code above, for docs and tests.
 CATALOG: dict[str, int] = {
     cls.code: cls.status
@@ -81,10 +100,15 @@ CATALOG: dict[str, int] = {
         PayloadTooLarge,
         RateLimited,
         Unavailable,
+        LicenseExpired,
+        LicenseRevoked,
+        LicenseLimitReached,
+        TenantInactive,
     )
 }
 
-_BY_STATUS = {status: code for code, status in CATALOG.items()}
+# The first (generic) code of each status wins: several 400 codes share one status.
+_BY_STATUS = {status: code for code, status in reversed(CATALOG.items())}
 
 
 def code_for_status(status: int) -> str:

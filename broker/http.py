@@ -55,7 +55,7 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(f"request body larger than {exc.max_size} bytes") from None
+        raise PayloadTooLarge(exc.text or "request body too large") from None
     if not raw:
         raw = b"{}"
     try:

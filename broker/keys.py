@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -10,6 +11,14 @@ from broker.config import Config
 from broker.metrics import Metrics
 from broker.principal import Principal
 from broker.runtime import Runtime
+
+if TYPE_CHECKING:  # these modules import this one
+    from broker.licensing import LicenseUses
+    from broker.nodes import NodeService
+    from broker.ratelimit import Decision, RateLimiter
+    from broker.telemetry import TenantRateLimiter
+    from broker.tokens import TokenService
+    from broker.updates import UpdateFiles
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -19,6 +28,17 @@ RUNTIME = web.AppKey("runtime", Runtime)
 Authenticator = Callable[[str], Awaitable[Principal]]
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
+# Identity (broker.tokens, broker.nodes) and rate limits (broker.ratelimit).
+TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
+NODES: web.AppKey[NodeService] = web.AppKey("nodes")
+LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
+
+# Tenants, licenses, updates, telemetry (broker.licensing, broker.updates, broker.telemetry).
+LICENSE_USES: web.AppKey[LicenseUses] = web.AppKey("license_uses")
+UPDATE_FILES: web.AppKey[UpdateFiles] = web.AppKey("update_files")
+TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter")
+
 # Per-request keys (request[...]).
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+RATE_LIMIT: web.RequestKey[Decision] = web.RequestKey("rate_limit")  # tightest limit applied

@@ -1,16 +1,29 @@
-"""Operator accounts: the application functions behind `broker users create` and the admin API."""
+"""Operator accounts: the application functions behind `broker users create` and the admin API
+(seed 004): login, roles and permissions (RBAC), activation."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 
-from broker.errors import Conflict, ValidationFailed
-from broker.passwords import hash_password_async
+from broker.errors import AuthenticationFailed, Conflict, NotFound, ValidationFailed
+from broker.passwords import hash_password_async, verify_password_async
 from broker.runtime import Runtime
+from broker.tokens import TokenPair, TokenService
 from eventstore.base import ConcurrencyError
-from eventstore.events import UserCreated
-from projections.users import User
+from eventstore.events import (
+    PermissionCreated,
+    RoleCreated,
+    RoleDeleted,
+    RoleUpdated,
+    UserActivated,
+    UserCreated,
+    UserDeactivated,
+    UserLoggedIn,
+    UserRoleGranted,
+    UserRoleRevoked,
+)
+from projections.users import Permission, Role, User, role_stream
 
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{3,64}$")
 MIN_PASSWORD = 8
@@ -63,3 +76,158 @@ async def create_user(
     user = runtime.users.get(user_id)
     assert user is not None  # recorded events are applied before record() returns
     return user
+
+
+# --- login ---
+
+_BAD_LOGIN = "Incorrect username or password"
+
+
+async def login(runtime: Runtime, tokens: TokenService, login: str, password: str) -> TokenPair:
+    """Check an operator's password (by username, or email) and open a session. The password is
+    checked against a dummy hash when the user does not exist, so the answer takes as long."""
+    user = runtime.users.find_by_login(login)
+    ok = await verify_password_async(password, user.password_hash if user else None)
+    if user is None or not ok:
+        raise AuthenticationFailed(_BAD_LOGIN)
+    if not user.is_active:
+        raise AuthenticationFailed("this account is deactivated")
+    session = tokens.open_session("user", user.id, 0, tokens.clock())
+    events = [UserLoggedIn(user_id=user.id, family_id=session.family_id), *session.events]
+    await runtime.record(events, expected_version={session.family_id: 0})
+    return session.tokens
+
+
+# --- users ---
+
+
+def get_user(runtime: Runtime, user_id: str) -> User:
+    """A user by id (or, for convenience, by username); 404 otherwise."""
+    user = runtime.users.get(user_id) or runtime.users.find_by_username(user_id)
+    if user is None:
+        raise NotFound(f"User not found: {user_id}")
+    return user
+
+
+def get_role(runtime: Runtime, role_id: str) -> Role:
+    role = runtime.users.roles.get(role_id)
+    if role is None:
+        raise NotFound(f"Role not found: {role_id}")
+    return role
+
+
+async def grant_role(runtime: Runtime, user_id: str, role_id: str) -> User:
+    user, role = get_user(runtime, user_id), get_role(runtime, role_id)
+    if role.name not in user.roles:
+        await runtime.record([UserRoleGranted(user_id=user.id, role=role.name)])
+    return get_user(runtime, user.id)
+
+
+async def revoke_role(runtime: Runtime, user_id: str, role_id: str) -> User:
+    user, role = get_user(runtime, user_id), get_role(runtime, role_id)
+    if role.name in user.roles:
+        await runtime.record([UserRoleRevoked(user_id=user.id, role=role.name)])
+    return get_user(runtime, user.id)
+
+
+async def set_active(runtime: Runtime, user_id: str, active: bool, *, by: str) -> User:
+    """Activate or deactivate a user; deactivation ends every session of the user at once.
+    Operators cannot deactivate themselves (so the last admin cannot lock everyone out)."""
+    user = get_user(runtime, user_id)
+    if not active and user.id == by:
+        raise Conflict("you cannot deactivate your own account")
+    if user.is_active != active:
+        event = UserActivated(user_id=user.id) if active else UserDeactivated(user_id=user.id)
+        await runtime.record([event])
+    return get_user(runtime, user.id)
+
+
+# --- roles and permissions ---
+
+ROLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PERMISSION_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}:[a-z0-9*][a-z0-9_.*-]{0,63}$")
+
+
+def _check_permissions(runtime: Runtime, names: list[str]) -> list[str]:
+    unknown = [p for p in names if p not in runtime.users.permissions]
+    if unknown:
+        raise ValidationFailed(
+            f"unknown permission(s): {', '.join(unknown)}", details=[{"field": "permissions"}]
+        )
+    return list(dict.fromkeys(names))
+
+
+async def create_role(
+    runtime: Runtime, name: str, description: str | None, permissions: list[str]
+) -> Role:
+    if not ROLE_NAME.match(name):
+        raise ValidationFailed(
+            "name must be 1-64 letters, digits or _ . -", details=[{"field": "name"}]
+        )
+    perms = _check_permissions(runtime, permissions)
+    if name in runtime.users.roles:
+        raise Conflict(f"Role already exists: {name}")
+    stream = role_stream(name)
+    expected = await runtime.store.stream_version(stream)  # a deleted role's stream goes on
+    event = RoleCreated(role_id=stream, name=name, description=description, permissions=perms)
+    try:
+        await runtime.record([event], expected_version=expected)
+    except ConcurrencyError:
+        raise Conflict(f"Role already exists: {name}") from None
+    return get_role(runtime, name)
+
+
+async def update_role(
+    runtime: Runtime,
+    role_id: str,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    permissions: list[str] | None = None,
+) -> Role:
+    """Change a role's description or permissions; names are fixed, and so are the permissions
+    of the built-in roles."""
+    role = get_role(runtime, role_id)
+    if name is not None and name != role.name:
+        raise ValidationFailed("roles cannot be renamed", details=[{"field": "name"}])
+    if permissions is not None:
+        permissions = _check_permissions(runtime, permissions)
+        if role.builtin and sorted(permissions) != sorted(role.permissions):
+            raise Conflict(f"the permissions of the built-in role {role.name} are fixed")
+    if description is not None or permissions is not None:
+        await runtime.record(
+            [
+                RoleUpdated(
+                    role_id=role_stream(role.name),
+                    description=description,
+                    permissions=permissions,
+                )
+            ]
+        )
+    return get_role(runtime, role.name)
+
+
+async def delete_role(runtime: Runtime, role_id: str) -> None:
+    """Delete a role (it is taken from every user holding it); built-in roles stay."""
+    role = get_role(runtime, role_id)
+    if role.builtin:
+        raise Conflict(f"the built-in role {role.name} cannot be deleted")
+    await runtime.record([RoleDeleted(role_id=role_stream(role.name))])
+
+
+async def create_permission(runtime: Runtime, name: str, description: str | None) -> Permission:
+    """A new permission `resource:action`, to be granted through roles."""
+    if not PERMISSION_NAME.match(name):
+        raise ValidationFailed(
+            "name must look like resource:action (lower case)", details=[{"field": "name"}]
+        )
+    if name in runtime.users.permissions:
+        raise Conflict(f"Permission already exists: {name}")
+    event = PermissionCreated(
+        permission_id=f"permission:{name}", name=name, description=description
+    )
+    try:
+        await runtime.record([event], expected_version=0)
+    except ConcurrencyError:
+        raise Conflict(f"Permission already exists: {name}") from None
+    return runtime.users.permissions[name]

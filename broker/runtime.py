@@ -15,6 +15,11 @@ from broker.metrics import Metrics
 from eventstore.base import Envelope, EventStore, ExpectedVersion
 from eventstore.events import BaseEvent
 from projections.base import Projection, Projections
+from projections.nodes import NodesProjection
+from projections.telemetry import TelemetryProjection
+from projections.tenants import TenantsProjection
+from projections.tokens import TokensProjection
+from projections.updates import UpdatesProjection
 from projections.users import UsersProjection
 
 log = structlog.get_logger(__name__)
@@ -23,6 +28,8 @@ log = structlog.get_logger(__name__)
 def build_projections() -> Projections:
     """Every projection the broker serves queries from."""
     parts: list[Projection] = [UsersProjection()]
+    parts += [TenantsProjection(), UpdatesProjection(), TelemetryProjection()]
+    parts += [NodesProjection(), TokensProjection()]
     return Projections(parts)
 
 
@@ -41,6 +48,26 @@ class Runtime:
     @property
     def users(self) -> UsersProjection:
         return self.projections.parts["users"]  # type: ignore[return-value]
+
+    @property
+    def nodes(self) -> NodesProjection:
+        return self.projections.parts["nodes"]  # type: ignore[return-value]
+
+    @property
+    def tokens(self) -> TokensProjection:
+        return self.projections.parts["tokens"]  # type: ignore[return-value]
+
+    @property
+    def tenants(self) -> TenantsProjection:
+        return self.projections.parts["tenants"]  # type: ignore[return-value]
+
+    @property
+    def updates(self) -> UpdatesProjection:
+        return self.projections.parts["updates"]  # type: ignore[return-value]
+
+    @property
+    def telemetry(self) -> TelemetryProjection:
+        return self.projections.parts["telemetry"]  # type: ignore[return-value]
 
     async def start(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Replay the log into the projections, then follow live appends."""

@@ -28,7 +28,7 @@ class Envelope(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def type(self) -> str:
-        return self.event.type_name()
+        return self.event.event_type
 
 
 # --- errors: the store's own hierarchy (STYLE.md 11) ---

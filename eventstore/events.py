@@ -16,10 +16,12 @@ class BaseEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Common base: subclasses set `tag=` and `stream_field`."""
 
     stream_field: ClassVar[str]
+    event_type: ClassVar[str]  # the tag, set for every class of `Event` below
 
     @property
     def stream(self) -> str:
-        return str(getattr(self, self.stream_field))
+        value: str = getattr(self, self.stream_field)
+        return value
 
     @classmethod
     def type_name(cls) -> str:
@@ -102,6 +104,186 @@ class PermissionCreated(BaseEvent, frozen=True, tag="permission.created"):
     description: str | None = None
 
 
+# --- identity: nodes, logins, challenges, token families ---
+# Streams: the node id for node.*; the user id for user.login; "chl:<hash of the nonce>" for
+# auth.challenge_used (one stream per challenge, appended with expected version 0, so the log itself
+# refuses a second use, on every instance); "rtf:<id>" for token.* (one refresh-token family).
+
+
+class NodeRegistered(BaseEvent, frozen=True, tag="node.registered"):
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    name: str
+    node_type: str  # the node's "type" ("type" is the tag field of every event)
+    public_key: str  # PEM (SubjectPublicKeyInfo), RSA >= 2048 bits
+    capabilities: list[str] = []
+    endpoint: str = ""
+    metadata: dict[str, Any] = {}
+    status: str = "active"
+
+
+class NodeStatusUpdated(BaseEvent, frozen=True, tag="node.status_updated"):
+    """A status update; None fields are unchanged, `metadata` is merged key by key."""
+
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    status: str | None = None
+    load: float | None = None
+    available_resources: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    last_seen: str | float | None = None  # as the client sent it
+    by: str = ""  # "node" or "user:<id>"
+
+
+class NodeHeartbeat(BaseEvent, frozen=True, tag="node.heartbeat"):
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    timestamp: str | float | None = None  # the client's clock, recorded as given
+    status: str | None = None
+    metrics: dict[str, Any] = {}
+
+
+class NodeLoggedIn(BaseEvent, frozen=True, tag="node.login"):
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    family_id: str
+
+
+class NodeDeregistered(BaseEvent, frozen=True, tag="node.deregistered"):
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    by: str = ""
+    reason: str = ""
+
+
+class ChallengeUsed(BaseEvent, frozen=True, tag="auth.challenge_used"):
+    """A login challenge was presented to verify (rightly or not): it can never be used again."""
+
+    stream_field: ClassVar[str] = "challenge_id"
+    challenge_id: str  # "chl:" + hash of the nonce
+    node_id: str
+    accepted: bool = False
+
+
+class UserLoggedIn(BaseEvent, frozen=True, tag="user.login"):
+    stream_field: ClassVar[str] = "user_id"
+    user_id: str
+    family_id: str
+
+
+class TokenFamilyStarted(BaseEvent, frozen=True, tag="token.family_started"):
+    """A login: a new refresh-token family and its first token (stored as a hash only)."""
+
+    stream_field: ClassVar[str] = "family_id"
+    family_id: str  # "rtf:<hex>"
+    subject_kind: str  # node | user
+    subject_id: str
+    token_hash: str
+    expires_at: float
+
+
+class TokenRotated(BaseEvent, frozen=True, tag="token.rotated"):
+    stream_field: ClassVar[str] = "family_id"
+    family_id: str
+    token_hash: str
+    expires_at: float
+
+
+class TokenFamilyRevoked(BaseEvent, frozen=True, tag="token.family_revoked"):
+    stream_field: ClassVar[str] = "family_id"
+    family_id: str
+    reason: str = ""  # logout | reuse | superseded | ...
+
+
+# --- tenants, licenses, updates, telemetry ---
+# Streams: the tenant id for tenant.* and telemetry.*, the license id for license.* (usage counting
+# needs per-license optimistic concurrency), the update id for update.*. Times are epoch seconds.
+
+
+class TenantCreated(BaseEvent, frozen=True, tag="tenant.created"):
+    stream_field: ClassVar[str] = "tenant_id"
+    tenant_id: str
+    name: str
+    active: bool = True
+
+
+class TenantUpdated(BaseEvent, frozen=True, tag="tenant.updated"):
+    """A PATCH: None leaves a field as it is."""
+
+    stream_field: ClassVar[str] = "tenant_id"
+    tenant_id: str
+    name: str | None = None
+    active: bool | None = None
+
+
+class LicenseIssued(BaseEvent, frozen=True, tag="license.issued"):
+    """The key itself is never recorded: only its SHA-256 and its last four characters."""
+
+    stream_field: ClassVar[str] = "license_id"
+    license_id: str
+    tenant_id: str
+    key_hash: str
+    key_last4: str
+    expires_at: float
+    max_usage_count: int | None = None  # None: unlimited
+
+
+class LicenseUpdated(BaseEvent, frozen=True, tag="license.updated"):
+    """A PATCH: UNSET leaves a field as it is (max_usage_count=None means unlimited)."""
+
+    stream_field: ClassVar[str] = "license_id"
+    license_id: str
+    tenant_id: str
+    expires_at: float | msgspec.UnsetType = msgspec.UNSET
+    max_usage_count: int | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class LicenseRevoked(BaseEvent, frozen=True, tag="license.revoked"):
+    stream_field: ClassVar[str] = "license_id"
+    license_id: str
+    tenant_id: str
+    reason: str | None = None
+
+
+class LicenseUsed(BaseEvent, frozen=True, tag="license.used"):
+    """One successful validation; `usage_count` is the license's count including this use."""
+
+    stream_field: ClassVar[str] = "license_id"
+    license_id: str
+    tenant_id: str
+    usage_count: int
+
+
+class UpdatePublished(BaseEvent, frozen=True, tag="update.published"):
+    """The ZIP lives content-addressed at `<data_dir>/updates/<sha256>`."""
+
+    stream_field: ClassVar[str] = "update_id"
+    update_id: str
+    version: str
+    changelog: str
+    sha256: str
+    file_size: int
+    filename: str = ""
+    tenant_ids: list[str] | None = None  # None: every tenant
+
+
+class UpdateWithdrawn(BaseEvent, frozen=True, tag="update.withdrawn"):
+    stream_field: ClassVar[str] = "update_id"
+    update_id: str
+    reason: str | None = None
+
+
+class TelemetryRecorded(BaseEvent, frozen=True, tag="telemetry.recorded"):
+    stream_field: ClassVar[str] = "tenant_id"
+    tenant_id: str
+    uptime: float
+    active_users: int
+    exercises_completed_today: int
+    ai_latency: float | None = None
+    version: str | None = None
+    additional_data: dict[str, Any] | None = None
+
+
 # --- system ---
 
 
@@ -126,6 +308,25 @@ Event = (
     | RoleUpdated
     | RoleDeleted
     | PermissionCreated
+    | NodeRegistered
+    | NodeStatusUpdated
+    | NodeHeartbeat
+    | NodeLoggedIn
+    | NodeDeregistered
+    | ChallengeUsed
+    | UserLoggedIn
+    | TokenFamilyStarted
+    | TokenRotated
+    | TokenFamilyRevoked
+    | TenantCreated
+    | TenantUpdated
+    | LicenseIssued
+    | LicenseUpdated
+    | LicenseRevoked
+    | LicenseUsed
+    | UpdatePublished
+    | UpdateWithdrawn
+    | TelemetryRecorded
     | LogNote
 )
 
@@ -133,3 +334,5 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
     cls.type_name(): cls
     for cls in Event.__args__  # type: ignore[attr-defined]
 }
+for _name, _cls in EVENT_TYPES.items():
+    _cls.event_type = _name

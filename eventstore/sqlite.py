@@ -15,11 +15,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import aiosqlite
+import msgspec
 
 from eventstore import integrity
 from eventstore.base import (
@@ -40,26 +41,45 @@ from eventstore.events import BaseEvent
 log = logging.getLogger(__name__)
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    stream_version INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    ts REAL NOT NULL,
-    data BLOB NOT NULL,
-    crc INTEGER NOT NULL,
-    hash BLOB NOT NULL
+CREATE TABLE IF NOT EXISTS chunks (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    crc INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS events_stream ON events (stream, stream_version);
+CREATE TABLE IF NOT EXISTS streams (
+    stream TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
 """
-_COLUMNS = "seq, id, stream, stream_version, type, ts, data, crc, hash"
-_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_PAGE = 2000
+_INSERT_CHUNK = "INSERT INTO chunks (first_seq, last_seq, body, crc) VALUES (?, ?, ?, ?)"
+_UPSERT_STREAM = (
+    "INSERT INTO streams (stream, version) VALUES (?, ?) "
+    "ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
+)
+_CHUNK_EVENTS = 4096  # at most this many events per stored chunk
+_PAGE = 64  # chunks fetched per read query
 _VERSION_CACHE_LIMIT = 200_000
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-Row = tuple[int, str, str, int, str, float, bytes, int, bytes]
+
+class StoredEvent(msgspec.Struct, array_like=True, gc=False):
+    """One event as stored inside a chunk: the envelope fields, the event's msgpack bytes and
+    its chain hash."""
+
+    seq: int
+    id: str
+    stream: str
+    stream_version: int
+    ts: float
+    type: str
+    data: bytes
+    hash: bytes
+
+
+_chunk_encoder = msgspec.msgpack.Encoder()
+_chunk_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
+ChunkRow = tuple[int, int, bytes, int]
 _Pending = tuple[Sequence[BaseEvent], ExpectedVersion, "asyncio.Future[list[Envelope]]"]
 
 
@@ -97,67 +117,86 @@ class WriterLock:
             self._file = None
 
 
-def _row_to_envelope(row: Row) -> Envelope:
-    seq, event_id, stream, version, _type, ts, data, crc, _hash = row
-    if integrity.checksum(data) != crc:
-        raise IntegrityError(seq, "checksum mismatch (the event's bytes were altered)")
+def _decode_chunk(row: ChunkRow) -> list[StoredEvent]:
+    first, last, body, crc = row
+    if integrity.checksum(body) != crc:
+        raise IntegrityError(first, f"checksum mismatch in events {first}..{last}")
     try:
-        event = decode_event(data)
+        records = _chunk_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise IntegrityError(first, f"undecodable events {first}..{last}: {exc}") from None
+    if not records or records[0].seq != first or records[-1].seq != last:
+        raise IntegrityError(first, f"events {first}..{last} do not match their chunk")
+    return records
+
+
+def _to_envelope(rec: StoredEvent) -> Envelope:
+    try:
+        event = decode_event(rec.data)
     except Exception as exc:  # msgspec.DecodeError, ValidationError
-        raise IntegrityError(seq, f"undecodable event: {exc}") from None
-    return Envelope(seq, stream, version, ts, event_id, event)
+        raise IntegrityError(rec.seq, f"undecodable event: {exc}") from None
+    return Envelope(rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, event)
 
 
 def verify_file(
     path: str | os.PathLike[str],
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Check every row of the log at `path`: contiguous seqs, checksums, the hash chain and that
-    each body decodes. Returns the number of events; raises IntegrityError at the first bad seq."""
+    """Check the whole log at `path`: contiguous seqs, chunk checksums, every event's chain hash,
+    and that every event decodes. Returns the number of events; raises IntegrityError naming the
+    first bad seq."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise IntegrityError(1, f"cannot open the log: {exc}") from None
     try:
-        return _verify_rows(conn, progress)
+        return _verify_chunks(conn, progress)
     finally:
         conn.close()
 
 
-def _verify_rows(conn: sqlite3.Connection, progress: Callable[[int, int], None] | None) -> int:
+def _verify_chunks(conn: sqlite3.Connection, progress: Callable[[int, int], None] | None) -> int:
+    expected = 1
+    prev = integrity.GENESIS
     try:
-        total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-        cur = conn.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")
-        prev = integrity.GENESIS
-        expected_seq = 1
-        while True:
-            rows = cur.fetchmany(_PAGE)
-            if not rows:
-                break
-            for row in rows:
-                seq, event_id, stream, version, _type, ts, data, crc, stored_hash = row
-                if seq != expected_seq:
+        total = conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM chunks").fetchone()[0]
+        cur = conn.execute("SELECT first_seq, last_seq, body, crc FROM chunks ORDER BY first_seq")
+        while rows := cur.fetchmany(_PAGE):
+            for first, last, body, crc in rows:
+                if first != expected:
                     raise IntegrityError(
-                        expected_seq, f"event missing (next stored event is seq {seq})"
-                    )
-                if integrity.checksum(data) != crc:
-                    raise IntegrityError(seq, "checksum mismatch (the event's bytes were altered)")
-                h = integrity.chain_hash(prev, seq, stream, version, ts, event_id, data)
-                if h != stored_hash:
-                    raise IntegrityError(
-                        seq, "hash chain broken (event altered, removed or reordered)"
+                        expected, f"event missing (next stored event is seq {first})"
                     )
                 try:
-                    decode_event(data)
-                except Exception as exc:
-                    raise IntegrityError(seq, f"undecodable event: {exc}") from None
-                prev = h
-                expected_seq += 1
+                    records = _chunk_decoder.decode(body)
+                except msgspec.DecodeError as exc:
+                    raise IntegrityError(
+                        first, f"undecodable events {first}..{last}: {exc}"
+                    ) from None
+                for rec in records:
+                    if rec.seq != expected:
+                        raise IntegrityError(
+                            expected, f"event missing or out of order (found seq {rec.seq})"
+                        )
+                    h = integrity.chain_hash(
+                        prev, rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, rec.data
+                    )
+                    if h != rec.hash:
+                        raise IntegrityError(
+                            rec.seq, "hash chain broken (event altered, removed or reordered)"
+                        )
+                    _to_envelope(rec)
+                    prev = h
+                    expected += 1
+                if expected - 1 != last:
+                    raise IntegrityError(expected, f"event missing (chunk {first}..{last})")
+                if integrity.checksum(body) != crc:
+                    raise IntegrityError(first, f"checksum mismatch in events {first}..{last}")
             if progress is not None:
-                progress(expected_seq - 1, total)
-        return expected_seq - 1
+                progress(expected - 1, total)
+        return expected - 1
     except sqlite3.DatabaseError as exc:
-        raise IntegrityError(expected_seq, f"the log file is damaged: {exc}") from None
+        raise IntegrityError(expected, f"the log file is damaged: {exc}") from None
 
 
 class SqliteStore:
@@ -209,9 +248,11 @@ class SqliteStore:
                 await asyncio.to_thread(verify_file, self.path)
             await self._load_tail(self._wconn)
             self._rconn = await self._connect(f"file:{self.path}?mode=ro")
-        except BaseException:
+        except BaseException as exc:
             await self._close_connections()
             self._lock.release()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise IntegrityError(1, f"the log file {self.path} is damaged: {exc}") from None
             raise
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
@@ -227,13 +268,14 @@ class SqliteStore:
     async def _load_tail(self, conn: aiosqlite.Connection) -> None:
         try:
             async with conn.execute(
-                "SELECT seq, ts, hash FROM events ORDER BY seq DESC LIMIT 1"
+                "SELECT first_seq, last_seq, body, crc FROM chunks ORDER BY first_seq DESC LIMIT 1"
             ) as cur:
                 row = await cur.fetchone()
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(1, f"the log file {self.path} is damaged: {exc}") from None
         if row is not None:
-            self._head, self._last_ts, self._last_hash = row[0], row[1], row[2]
+            last = _decode_chunk(row)[-1]
+            self._head, self._last_ts, self._last_hash = last.seq, last.ts, last.hash
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -282,7 +324,7 @@ class SqliteStore:
             if self._closing and not self._pending:
                 return
 
-    async def _versions_of(self, streams: set[str]) -> None:
+    async def _versions_of(self, streams: Iterable[str]) -> None:
         """Make sure the cache knows the version of every stream in `streams`."""
         missing = [s for s in streams if s not in self._versions]
         if not missing:
@@ -295,9 +337,7 @@ class SqliteStore:
             marks = ",".join("?" * len(chunk))
             found: dict[str, int] = {}
             async with self._wconn.execute(
-                f"SELECT stream, MAX(stream_version) FROM events WHERE stream IN ({marks}) "
-                "GROUP BY stream",
-                chunk,
+                f"SELECT stream, version FROM streams WHERE stream IN ({marks})", chunk
             ) as cur:
                 async for stream, version in cur:
                     found[stream] = version
@@ -305,8 +345,6 @@ class SqliteStore:
                 self._versions[s] = found.get(s, 0)
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
-        conn = self._wconn
-        assert conn is not None
         streams: set[str] = set()
         for events, _expected, fut in batch:
             if not fut.done():
@@ -315,14 +353,12 @@ class SqliteStore:
 
         overlay: dict[str, int] = {}
         versions = self._versions
-        seq, prev = self._head, self._last_hash
+        seq = self._head
         ts = max(time.time(), self._last_ts)
         ids = os.urandom(16 * sum(len(ev) for ev, _, _ in batch)).hex()
         id_pos = 0
-        rows: list[Row] = []
-        accepted: list[tuple[asyncio.Future[list[Envelope]], list[Envelope]]] = []
-        chain = integrity.chain_hash
-        crc = integrity.checksum
+        envelopes: list[Envelope] = []
+        accepted: list[tuple[asyncio.Future[list[Envelope]], int, int]] = []
         for events, expected, fut in batch:
             if fut.done():  # the caller went away before we started: record nothing for it
                 continue
@@ -335,57 +371,76 @@ class SqliteStore:
             if conflict is not None:
                 fut.set_exception(conflict)
                 continue
-            envs: list[Envelope] = []
+            start = len(envelopes)
             for event in events:
                 stream = event.stream
-                version = overlay.get(stream, versions.get(stream, 0)) + 1
-                overlay[stream] = version
+                version = overlay[stream] = overlay.get(stream, versions.get(stream, 0)) + 1
                 seq += 1
-                event_id = ids[id_pos : id_pos + 32]
-                id_pos += 32
-                data = encode_event(event)
-                prev = chain(prev, seq, stream, version, ts, event_id, data)
-                rows.append(
-                    (seq, event_id, stream, version, event.type_name(), ts, data, crc(data), prev)
+                envelopes.append(
+                    Envelope(seq, stream, version, ts, ids[id_pos : id_pos + 32], event)
                 )
-                envs.append(Envelope(seq, stream, version, ts, event_id, event))
-            accepted.append((fut, envs))
-        if not rows:
+                id_pos += 32
+            accepted.append((fut, start, len(envelopes)))
+        if not envelopes:
             return
+        await self._write(envelopes, overlay)
+        for fut, start, end in accepted:
+            if not fut.done():
+                fut.set_result(envelopes[start:end])
+
+    async def _write(self, envelopes: list[Envelope], versions: dict[str, int]) -> None:
+        """Store `envelopes` (continuing the log) and the new stream `versions` in one
+        transaction, then update the in-memory tail and call the listeners."""
+        conn = self._wconn
+        assert conn is not None
+        prev = self._last_hash
+        chain = integrity.chain_hash
+        records: list[StoredEvent] = []
+        append = records.append
+        for env in envelopes:
+            event = env.event
+            data = encode_event(event)
+            prev = chain(prev, env.seq, env.stream, env.stream_version, env.ts, env.id, data)
+            append(
+                StoredEvent(
+                    env.seq, env.id, env.stream, env.stream_version, env.ts, event.event_type,
+                    data, prev,
+                )
+            )
+        rows: list[ChunkRow] = []
+        for i in range(0, len(records), _CHUNK_EVENTS):
+            part = records[i : i + _CHUNK_EVENTS]
+            body = _chunk_encoder.encode(part)
+            rows.append((part[0].seq, part[-1].seq, body, integrity.checksum(body)))
         try:
-            await conn.executemany(_INSERT, rows)
+            await conn.executemany(_INSERT_CHUNK, rows)
+            await conn.executemany(_UPSERT_STREAM, versions.items())
             await conn.commit()
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.rollback()
             raise
-        self._head, self._last_hash, self._last_ts = seq, prev, ts
-        versions.update(overlay)
-        recorded = [env for _, envs in accepted for env in envs]
+        last = envelopes[-1]
+        self._head, self._last_hash, self._last_ts = last.seq, prev, max(self._last_ts, last.ts)
+        self._versions.update(versions)
         for listener in list(self._listeners):
             try:
-                listener(recorded)
+                listener(envelopes)
             except Exception:
                 log.exception("log listener failed")
-        for fut, envs in accepted:
-            if not fut.done():
-                fut.set_result(envs)
 
     async def restore(self, envelopes: Sequence[Envelope]) -> None:
         """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.
 
         They must continue the log exactly (first seq = head + 1, contiguous, stream versions
         in order); the hash chain is recomputed."""
-        conn = self._wconn
-        if conn is None or self._writer is None:
+        if self._wconn is None or self._writer is None:
             raise StoreUnavailable("the log is not open for writing")
         if not envelopes:
             return
-        seq, prev, last_ts = self._head, self._last_hash, self._last_ts
-        streams = {env.stream for env in envelopes}
-        await self._versions_of(streams)
+        await self._versions_of({env.stream for env in envelopes})
         overlay: dict[str, int] = {}
-        rows: list[Row] = []
+        seq = self._head
         for env in envelopes:
             seq += 1
             if env.seq != seq:
@@ -394,36 +449,10 @@ class SqliteStore:
             if env.stream_version != version:
                 raise IntegrityError(
                     env.seq,
-                    f"stream {env.stream!r} version {env.stream_version}, expected {version}",
+                    f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
                 )
             overlay[env.stream] = version
-            last_ts = max(last_ts, env.ts)
-            data = encode_event(env.event)
-            prev = integrity.chain_hash(prev, seq, env.stream, version, env.ts, env.id, data)
-            rows.append(
-                (
-                    seq,
-                    env.id,
-                    env.stream,
-                    version,
-                    env.type,
-                    env.ts,
-                    data,
-                    integrity.checksum(data),
-                    prev,
-                )
-            )
-        try:
-            await conn.executemany(_INSERT, rows)
-            await conn.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.rollback()
-            raise
-        self._head, self._last_hash, self._last_ts = seq, prev, last_ts
-        self._versions.update(overlay)
-        for listener in list(self._listeners):
-            listener(envelopes)
+        await self._write(list(envelopes), overlay)
 
     # --- reading ---
 
@@ -436,20 +465,44 @@ class SqliteStore:
         match = type_matcher(types)
         end = self._head if to_seq is None else min(to_seq, self._head)
         next_seq = max(from_seq, 1)
+        if next_seq > end:
+            return
+        try:
+            async with conn.execute(
+                "SELECT MAX(first_seq) FROM chunks WHERE first_seq <= ?", (next_seq,)
+            ) as cur:
+                row = await cur.fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise IntegrityError(next_seq, f"the log file is damaged: {exc}") from None
+        chunk_from = row[0] if row and row[0] is not None else 1
         while next_seq <= end:
             try:
                 async with conn.execute(
-                    f"SELECT {_COLUMNS} FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq",
-                    (next_seq, min(end, next_seq + _PAGE - 1)),
+                    "SELECT first_seq, last_seq, body, crc FROM chunks "
+                    "WHERE first_seq >= ? AND first_seq <= ? ORDER BY first_seq LIMIT ?",
+                    (chunk_from, end, _PAGE),
                 ) as cur:
                     rows: list[Any] = list(await cur.fetchall())
             except sqlite3.DatabaseError as exc:
                 raise IntegrityError(next_seq, f"the log file is damaged: {exc}") from None
             if not rows:
                 raise IntegrityError(next_seq, "event missing")
-            for env in _decode_page(rows, next_seq, match):
-                yield env
-            next_seq = rows[-1][0] + 1
+            for row in rows:
+                if row[1] < next_seq:
+                    continue
+                if row[0] > next_seq:
+                    raise IntegrityError(next_seq, f"event missing (next stored is {row[0]})")
+                for rec in _decode_chunk(row):
+                    if rec.seq < next_seq:
+                        continue
+                    if rec.seq > end:
+                        return
+                    if rec.seq != next_seq:
+                        raise IntegrityError(next_seq, "event missing or out of order")
+                    next_seq += 1
+                    if match is None or match(rec.type):
+                        yield _to_envelope(rec)
+            chunk_from = rows[-1][0] + 1
 
     def subscribe(self, from_seq: int = 1, max_buffer: int = 10_000) -> AsyncIterator[Envelope]:
         return subscribe_via_listener(self, from_seq, max_buffer)
@@ -463,11 +516,9 @@ class SqliteStore:
         conn = self._rconn
         if conn is None:
             raise StoreUnavailable("the log is not open")
-        async with conn.execute(
-            "SELECT MAX(stream_version) FROM events WHERE stream = ?", (stream,)
-        ) as cur:
+        async with conn.execute("SELECT version FROM streams WHERE stream = ?", (stream,)) as cur:
             row = await cur.fetchone()
-        return int(row[0] or 0) if row else 0
+        return int(row[0]) if row else 0
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -475,15 +526,3 @@ class SqliteStore:
     def remove_listener(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
-
-
-def _decode_page(
-    rows: list[Any], first_seq: int, match: Callable[[str], bool] | None
-) -> Iterator[Envelope]:
-    expected = first_seq
-    for row in rows:
-        if row[0] != expected:
-            raise IntegrityError(expected, f"event missing (next stored event is seq {row[0]})")
-        expected += 1
-        if match is None or match(row[4]):
-            yield _row_to_envelope(row)

@@ -40,6 +40,13 @@ class Projection:
     def handlers(self) -> dict[type[BaseEvent], Callable[[Envelope], None]]:
         return {t: getattr(self, name) for t, name in self._handler_names.items()}
 
+    def state(self) -> object:
+        """The projection's state as comparable data (replay tests, snapshots, time travel).
+
+        The default is the instance's attributes; override when they hold anything that is not
+        plain comparable data (callables, caches, indices derivable from the rest)."""
+        return {k: v for k, v in vars(self).items() if not callable(v)}
+
 
 class OutOfOrder(Exception):
     """An envelope arrived out of seq order: the projections would diverge from the log."""

@@ -3,20 +3,20 @@
 A plain synchronous structure with an injected clock: no asyncio, no I/O. The async dispatcher and
 the mailbox projection wrap it; both call it in log order, so it is deterministic given the clock.
 
-Layout, per node (a ``_Mailbox``):
+Per node, a ``_Mailbox`` holds:
 
-* ``ready``  message_id -> message, for messages waiting to be taken (the source of truth);
-* ``flight`` message_id -> Delivery, taken and not yet acknowledged;
-* ``held``   message_id -> Delivery, out of attempts, waiting for the caller to ``drop`` them;
-* per priority, a deque in seq order (first deliveries, O(1) both ends) and a small heap of
-  ``(seq, tiebreak, attempts, message)`` for everything that came back (release, ack timeout) or
-  arrived out of seq order; ``take`` merges the two by seq.
+* ``state``: message_id -> the message while ready, or its ``Delivery`` while in flight (the
+  source of truth: one dict operation per enqueue, take and ack);
+* ``held``: message_id -> ``Delivery`` out of attempts, until the caller drops it;
+* per priority, a deque in seq order (first deliveries, O(1) at both ends) and a small heap of
+  ``(seq, tiebreak, attempts, message)`` for what came back (release, ack timeout) or arrived
+  out of seq order; ``take`` merges the two by seq;
+* ``batches``: the tuples returned by recent ``take`` calls, to find what is in flight.
 
-Deque and heap entries are deleted lazily: an entry is live only while ``ready[id] is message``.
-Stale entries are counted and the mailbox is compacted when they outnumber the live ones, and an
-empty mailbox is removed, so nothing grows without bound. Queue-wide there is a FIFO of deliveries
-by ack deadline (deadlines only grow: the clock must not go backwards) and a heap of messages by
-expiry, both with lazy deletion and amortised compaction.
+Deque, heap and batch entries are deleted lazily: an entry is live only while ``state[id]`` is
+that very object. Stale entries are purged in amortised O(1) and an empty mailbox is removed, so
+nothing grows without bound. Queue-wide there is a FIFO of take batches by ack deadline
+(deadlines never decrease: the clock must not go backwards) and a heap of messages by expiry.
 """
 
 from __future__ import annotations
@@ -24,21 +24,22 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import operator
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Delivery", "DeliveryQueue", "Priority", "QueuedMessage"]
 
 _LEVELS = 4
-_MIN_COMPACT = 1024
 _INF = float("inf")
-
-# Side heap entry: (seq, tiebreak, attempts so far, message).
-_SideEntry = tuple[int, int, int, "QueuedMessage"]
-# Expiry heap entry: (expires_at, seq, tiebreak, message, nodes it was queued for).
-_ExpiryEntry = tuple[float, int, int, "QueuedMessage", tuple[str, ...]]
+_MIN_COMPACT = 1024
+_MIN_BATCHES = 32
+_MIN_STALE = 32  # dead deque/heap entries a mailbox tolerates before compacting
+_BUCKET = 1.0  # seconds of expiry per index bucket
+_MAX_IDLE = 1024  # empty mailboxes kept for reuse before they are swept
+_NAN = float("nan")  # a bucket key equal to nothing
 
 
 class Priority(enum.IntEnum):
@@ -75,13 +76,15 @@ class QueuedMessage:
     priority: Priority
     expires_at: float
     payload: Any = None
-    # Number of nodes the message is pending for; maintained by the queue (cheap liveness).
+    # Bookkeeping owned by the queue: how many nodes the message is pending for (ready, in
+    # flight or held), and the nodes to check when it expires (None: not in the expiry index).
     holders: int = field(default=0, init=False, repr=False)
+    expiry_nodes: tuple[str, ...] | None = field(default=None, init=False, repr=False)
 
 
 @dataclass(slots=True, eq=False)
 class Delivery:
-    """One (node, message) handed out: ``attempt`` counts takes of the message for the node."""
+    """One (node, message) handed out; ``attempt`` counts takes of the message for the node."""
 
     node_id: str
     message: QueuedMessage
@@ -89,48 +92,69 @@ class Delivery:
     deadline: float
 
 
+_NO_QUEUE: deque[QueuedMessage] = deque(maxlen=0)  # shared placeholder, never appended to
+_Batch = tuple[Delivery, ...]
+_SideEntry = tuple[int, int, int, QueuedMessage]  # (seq, tiebreak, attempts so far, message)
+_expiry_of = operator.attrgetter("expires_at")
+
+
 class _Mailbox:
-    __slots__ = ("ready", "flight", "held", "queues", "sides", "stale")
+    __slots__ = ("state", "held", "queues", "sides", "batches", "batch_limit", "flight", "stale")
 
     def __init__(self) -> None:
-        self.ready: dict[str, QueuedMessage] = {}
-        self.flight: dict[str, Delivery] = {}
+        self.state: dict[str, QueuedMessage | Delivery] = {}
         self.held: dict[str, Delivery] = {}
-        self.queues: list[deque[QueuedMessage]] = [deque(), deque(), deque(), deque()]
+        # Deques are made on first use (an empty one costs ~760 bytes).
+        self.queues: list[deque[QueuedMessage]] = [_NO_QUEUE] * _LEVELS
         self.sides: list[list[_SideEntry]] = [[], [], [], []]
-        self.stale = 0
+        self.batches: list[_Batch] = []
+        self.batch_limit = _MIN_BATCHES
+        self.flight = 0  # live deliveries in ``batches``
+        self.stale = 0  # dead entries left in ``queues`` and ``sides``
+
+    def in_flight(self) -> Iterator[Delivery]:
+        state = self.state
+        for batch in self.batches:
+            for d in batch:
+                if state.get(d.message.message_id) is d:
+                    yield d
 
     def purge_fronts(self, level: int, now: float) -> None:
-        """Pop stale and expired entries off the front of one level (expired stay in ``ready``)."""
-        ready = self.ready
+        """Drop stale and expired entries off the front of one level (expired stay pending)."""
+        state = self.state
         dq = self.queues[level]
-        while dq and (ready.get(dq[0].message_id) is not dq[0] or dq[0].expires_at <= now):
+        while dq and (state.get(dq[0].message_id) is not dq[0] or dq[0].expires_at <= now):
             dq.popleft()
         side = self.sides[level]
         while side:
             m = side[0][3]
-            if ready.get(m.message_id) is m and m.expires_at > now:
+            if state.get(m.message_id) is m and m.expires_at > now:
                 break
             heapq.heappop(side)
 
     def compact(self) -> None:
-        ready = self.ready
+        state = self.state
         for level in range(_LEVELS):
-            dq = self.queues[level]
-            if dq:
-                self.queues[level] = deque(m for m in dq if ready.get(m.message_id) is m)
-            side = self.sides[level]
-            if side:
-                side[:] = [e for e in side if ready.get(e[3].message_id) is e[3]]
+            if dq := self.queues[level]:
+                self.queues[level] = deque(m for m in dq if state.get(m.message_id) is m)
+            if side := self.sides[level]:
+                side[:] = [e for e in side if state.get(e[3].message_id) is e[3]]
                 heapq.heapify(side)
         self.stale = 0
 
+    def compact_batches(self) -> None:
+        state = self.state
+        self.batches = [
+            b for b in self.batches if any(state.get(d.message.message_id) is d for d in b)
+        ]
+        self.batch_limit = max(_MIN_BATCHES, 2 * len(self.batches))
+
 
 class DeliveryQueue:
-    """Per-node delivery order, in-flight window bookkeeping, ack timeouts and expiry.
+    """Per-node delivery order, in-flight bookkeeping, ack timeouts and expiry.
 
-    ``now`` must never go backwards. Message ids and seqs are unique; a message is enqueued once
-    (enqueueing it again for a node where it is still pending is ignored).
+    ``now`` must never go backwards. Message ids and seqs are unique; enqueueing a message again
+    for a node where it is still pending is ignored.
     """
 
     def __init__(
@@ -146,12 +170,21 @@ class DeliveryQueue:
         self._ack_timeout = ack_timeout
         self._max_attempts = max_attempts
         self._boxes: dict[str, _Mailbox] = {}
+        self._idle: dict[str, None] = {}  # nodes whose mailbox emptied since the last sweep
         self._tiebreak = itertools.count()
-        self._timeouts: deque[Delivery] = deque()  # by deadline, lazily deleted
+        self._timeouts: deque[_Batch] = deque()  # take batches by deadline, lazily deleted
         self._timeouts_limit = _MIN_COMPACT
-        self._expiry: list[_ExpiryEntry] = []  # heap by (expires_at, seq), lazily deleted
-        self._expiry_limit = _MIN_COMPACT
-        self._expired: list[_ExpiryEntry] = []  # popped off the heap, reported, maybe not dropped
+        # Expiry index: messages bucketed by whole second of expiry, a heap of the bucket keys,
+        # and the expired ones taken out of their bucket but maybe not dropped yet. Lazily
+        # deleted; ``_sorted_key`` is the bucket known sorted by expiry (for next_deadline).
+        self._buckets: dict[float, list[QueuedMessage]] = {}
+        self._bucket_keys: list[float] = []
+        self._sorted_key: float | None = None
+        self._last_key = _NAN  # the bucket enqueue appended to last, and that bucket
+        self._last_bucket: list[QueuedMessage] = []
+        self._indexed = 0
+        self._index_limit = _MIN_COMPACT
+        self._expired: deque[QueuedMessage] = deque()
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -167,29 +200,56 @@ class DeliveryQueue:
         level = message.priority
         boxes = self._boxes
         added = 0
+        fresh: list[str] | None = None  # the nodes added, once one was skipped
         for node in nodes:
             box = boxes.get(node)
             if box is None:
                 box = boxes[node] = _Mailbox()
-            if box.ready.setdefault(mid, message) is not message or mid in box.flight:
+            state = box.state
+            if mid in state or (box.held and mid in box.held):
+                if fresh is None:
+                    fresh = list(nodes[:added])  # every node before the first skip was added
                 continue  # already pending for this node
-            if box.held and mid in box.held:
-                del box.ready[mid]
-                continue
+            state[mid] = message
+            if fresh is not None:
+                fresh.append(node)
             dq = box.queues[level]
-            if not dq or seq > dq[-1].seq:
-                dq.append(message)
-            else:
+            if dq and seq <= dq[-1].seq:  # out of seq order: merged by seq at take time
                 heapq.heappush(box.sides[level], (seq, next(self._tiebreak), 0, message))
+            elif dq is _NO_QUEUE:
+                box.queues[level] = deque((message,))
+            else:
+                dq.append(message)
             added += 1
-        if added:
-            message.holders += added
-            if message.expires_at != _INF:
-                heap = self._expiry
-                entry = (message.expires_at, seq, next(self._tiebreak), message, nodes)
-                heapq.heappush(heap, entry)
-                if len(heap) > self._expiry_limit:
-                    self._compact_expiry()
+        if not added:
+            return
+        message.holders += added
+        if fresh is not None:
+            nodes = tuple(fresh)
+        if message.expiry_nodes is not None:
+            message.expiry_nodes += nodes
+        elif message.expires_at != _INF:
+            message.expiry_nodes = nodes
+            key = message.expires_at // _BUCKET
+            if key == self._last_key:
+                self._last_bucket.append(message)
+            else:
+                self._index(message, key)
+            self._indexed += 1
+            if self._indexed > self._index_limit:
+                self._compact_index()
+
+    def _index(self, message: QueuedMessage, key: float) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [message]
+            heapq.heappush(self._bucket_keys, key)
+        else:
+            bucket.append(message)
+            if key == self._sorted_key:
+                self._sorted_key = None
+        self._last_key = key
+        self._last_bucket = bucket
 
     def take(self, node_id: str, max_n: int) -> list[Delivery]:
         """Hand out up to ``max_n`` ready messages for ``node_id`` in delivery order.
@@ -203,61 +263,44 @@ class DeliveryQueue:
             return out
         now = self._now()
         deadline = now + self._ack_timeout
-        ready = box.ready
-        flight = box.flight
-        push_timeout = self._timeouts.append
+        state = box.state
         append = out.append
         left = max_n
         for level in range(_LEVELS):
             dq = box.queues[level]
             side = box.sides[level]
-            if side:
-                left = self._take_merged(node_id, box, dq, side, left, now, deadline, out)
-            else:
+            if not side:  # the common case: first deliveries straight off the deque
                 popleft = dq.popleft
-                while dq and left:
+                while left and dq:
                     m = popleft()
                     mid = m.message_id
-                    if ready.get(mid) is not m or m.expires_at <= now:
-                        continue
-                    del ready[mid]
-                    d = flight[mid] = Delivery(node_id, m, 1, deadline)
+                    if state.get(mid) is m and m.expires_at > now:
+                        d = state[mid] = Delivery(node_id, m, 1, deadline)
+                        append(d)
+                        left -= 1
+            while left and (dq or side):  # merge redeliveries (side) with the deque by seq
+                if side and (not dq or side[0][0] < dq[0].seq):
+                    _, _, attempts, m = heapq.heappop(side)
+                else:
+                    m = dq.popleft()
+                    attempts = 0
+                mid = m.message_id
+                if state.get(mid) is m and m.expires_at > now:
+                    d = state[mid] = Delivery(node_id, m, attempts + 1, deadline)
                     append(d)
-                    push_timeout(d)
                     left -= 1
             if not left:
                 break
-        if len(self._timeouts) > self._timeouts_limit:
-            self._compact_timeouts()
+        if out:
+            batch = tuple(out)
+            box.flight += len(batch)
+            box.batches.append(batch)
+            if len(box.batches) > box.batch_limit:
+                box.compact_batches()
+            self._timeouts.append(batch)
+            if len(self._timeouts) > self._timeouts_limit:
+                self._compact_timeouts()
         return out
-
-    def _take_merged(
-        self,
-        node_id: str,
-        box: _Mailbox,
-        dq: deque[QueuedMessage],
-        side: list[_SideEntry],
-        left: int,
-        now: float,
-        deadline: float,
-        out: list[Delivery],
-    ) -> int:
-        ready = box.ready
-        while left and (dq or side):
-            if side and (not dq or side[0][0] < dq[0].seq):
-                _, _, attempts, m = heapq.heappop(side)
-            else:
-                m = dq.popleft()
-                attempts = 0
-            mid = m.message_id
-            if ready.get(mid) is not m or m.expires_at <= now:
-                continue
-            del ready[mid]
-            d = box.flight[mid] = Delivery(node_id, m, attempts + 1, deadline)
-            out.append(d)
-            self._timeouts.append(d)
-            left -= 1
-        return left
 
     def ack(self, node_id: str, message_id: str) -> bool:
         """The node read the message (WS ack or HTTP mark-read): it is gone for that node.
@@ -268,33 +311,44 @@ class DeliveryQueue:
         box = self._boxes.get(node_id)
         if box is None:
             return False
-        flight = box.flight
-        d = flight.pop(message_id, None)
-        if d is not None:
-            d.message.holders -= 1
-        elif not self._unqueue(box, message_id):
-            return False
-        if not flight and not box.ready and not box.held:
-            del self._boxes[node_id]
+        v = box.state.pop(message_id, None)
+        if v is None:
+            if not box.held or (v := box.held.pop(message_id, None)) is None:
+                return False
+            v.message.holders -= 1
+        elif isinstance(v, Delivery):
+            v.message.holders -= 1
+            box.flight -= 1
+            if not box.flight:
+                box.batches.clear()
+        else:
+            v.holders -= 1
+            box.stale += 1
+            if box.stale > _MIN_STALE and box.stale > len(box.state):
+                box.compact()
+        if not box.state and not box.held:
+            self._idle[node_id] = None
+            if len(self._idle) > _MAX_IDLE:
+                self._sweep_idle()
         return True
+
+    def ack_many(self, node_id: str, message_ids: Iterable[str]) -> int:
+        """``ack`` each id (a batched WS ack); returns how many were pending."""
+        ack = self.ack
+        return sum([ack(node_id, mid) for mid in message_ids])
 
     def drop(self, node_id: str, message_id: str) -> bool:
         """Remove the message for the node (expired or dead-lettered); same result as ``ack``."""
         return self.ack(node_id, message_id)
 
-    def _unqueue(self, box: _Mailbox, message_id: str) -> bool:
-        m = box.ready.pop(message_id, None)
-        if m is not None:
-            box.stale += 1
-            if box.stale > 32 and box.stale > len(box.ready):
-                box.compact()
-        else:
-            d = box.held.pop(message_id, None)
-            if d is None:
-                return False
-            m = d.message
-        m.holders -= 1
-        return True
+    def forget(self, node_id: str) -> int:
+        """Drop everything pending for the node (it was deleted); returns how many."""
+        box = self._boxes.get(node_id)
+        if box is None:
+            return 0
+        n = sum([self.ack(node_id, mid) for mid in [*box.state, *box.held]])
+        self._boxes.pop(node_id, None)
+        return n
 
     def release(self, node_id: str) -> None:
         """The node's connection went away: everything in flight is ready again, in order.
@@ -304,15 +358,15 @@ class DeliveryQueue:
         box = self._boxes.get(node_id)
         if box is None or not box.flight:
             return
-        for mid, d in box.flight.items():
-            self._requeue(box, mid, d)
-        box.flight.clear()
+        for d in list(box.in_flight()):
+            self._requeue(box, d)
+        box.flight = 0
+        box.batches.clear()
 
-    def _requeue(self, box: _Mailbox, mid: str, d: Delivery) -> None:
+    def _requeue(self, box: _Mailbox, d: Delivery) -> None:
         m = d.message
-        box.ready[mid] = m
-        entry = (m.seq, next(self._tiebreak), d.attempt, m)
-        heapq.heappush(box.sides[m.priority], entry)
+        box.state[m.message_id] = m
+        heapq.heappush(box.sides[m.priority], (m.seq, next(self._tiebreak), d.attempt, m))
 
     def timed_out(self) -> tuple[list[Delivery], list[Delivery]]:
         """Deliveries whose ack deadline has passed (``deadline <= now``): ``(retry, exhausted)``.
@@ -320,28 +374,34 @@ class DeliveryQueue:
         ``retry`` are ready again at their place in order. ``exhausted`` reached ``max_attempts``:
         they stay pending (listed, ackable) but are never taken again; the caller records them
         as dead letters and calls ``drop``. Deliveries whose message has expired go in neither
-        list: they become ready-but-expired and ``expired`` reports them.
+        list: they stay pending but are never taken, and ``expired`` reports them.
         """
         now = self._now()
         tq = self._timeouts
-        boxes = self._boxes
         retry: list[Delivery] = []
         exhausted: list[Delivery] = []
-        while tq and tq[0].deadline <= now:
-            d = tq.popleft()
-            box = boxes.get(d.node_id)
-            mid = d.message.message_id
-            if box is None or box.flight.get(mid) is not d:
+        while tq and tq[0][0].deadline <= now:
+            batch = tq.popleft()
+            box = self._boxes.get(batch[0].node_id)
+            if box is None:
                 continue
-            del box.flight[mid]
-            if d.message.expires_at <= now:
-                box.ready[mid] = d.message  # no order entry: never taken, reported as expired
-            elif d.attempt >= self._max_attempts:
-                box.held[mid] = d
-                exhausted.append(d)
-            else:
-                self._requeue(box, mid, d)
-                retry.append(d)
+            state = box.state
+            for d in batch:
+                m = d.message
+                if state.get(m.message_id) is not d:
+                    continue
+                box.flight -= 1
+                if m.expires_at <= now:
+                    state[m.message_id] = m  # no order entry: never taken, reported as expired
+                elif d.attempt >= self._max_attempts:
+                    del state[m.message_id]
+                    box.held[m.message_id] = d
+                    exhausted.append(d)
+                else:
+                    self._requeue(box, d)
+                    retry.append(d)
+            if not box.flight:
+                box.batches.clear()
         return retry, exhausted
 
     # -- reads --------------------------------------------------------------------------------
@@ -360,22 +420,21 @@ class DeliveryQueue:
         if box is None or (limit is not None and limit <= 0):
             return []
         now = self._now()
-        ready = box.ready
-        others: list[list[QueuedMessage]] = [[], [], [], []]
-        for d in itertools.chain(box.flight.values(), box.held.values()):
-            if d.message.expires_at > now:
-                others[d.message.priority].append(d.message)
+        state = box.state
+        extras: list[list[QueuedMessage]] = [[], [], [], []]
+        for d in itertools.chain(box.in_flight(), box.held.values()):
+            extras[d.message.priority].append(d.message)
         out: list[QueuedMessage] = []
         for level in range(_LEVELS):
             box.purge_fronts(level, now)
-            extra = others[level]
-            extra.extend(e[3] for e in box.sides[level] if ready.get(e[3].message_id) is e[3])
+            extra = extras[level]
+            extra.extend(e[3] for e in box.sides[level] if state.get(e[3].message_id) is e[3])
             want = None if limit is None else limit - len(out)
             found: list[QueuedMessage] = []
             for m in box.queues[level]:
                 if want is not None and len(found) >= want:
                     break
-                if ready.get(m.message_id) is m and m.expires_at > now:
+                if state.get(m.message_id) is m and m.expires_at > now:
                     if predicate is None or predicate(m):
                         found.append(m)
             if extra:
@@ -392,14 +451,12 @@ class DeliveryQueue:
         """O(1) count of messages pending for the node, including in-flight, out-of-attempts and
         expired ones not yet dropped (so it can exceed ``len(pending(node_id))``)."""
         box = self._boxes.get(node_id)
-        if box is None:
-            return 0
-        return len(box.ready) + len(box.flight) + len(box.held)
+        return 0 if box is None else len(box.state) + len(box.held)
 
     def in_flight(self, node_id: str) -> int:
         """Number of deliveries taken for the node and not yet acked, released or timed out."""
         box = self._boxes.get(node_id)
-        return 0 if box is None else len(box.flight)
+        return 0 if box is None else box.flight
 
     def has_ready(self, node_id: str) -> bool:
         """True if ``take(node_id, 1)`` would return a delivery now."""
@@ -426,108 +483,151 @@ class DeliveryQueue:
         if limit is not None and limit <= 0:
             return []
         now = self._now()
-        boxes = self._boxes
+        todo = self._expired
+        keys = self._bucket_keys
+        while keys and keys[0] <= now:
+            key = keys[0]
+            bucket = self._buckets[key]
+            if key + _BUCKET <= now:  # all of it is due
+                heapq.heappop(keys)
+                del self._buckets[key]
+                self._last_key = _NAN
+                bucket.sort(key=_expiry_of)
+                todo.extend(bucket)
+                continue
+            due = [m for m in bucket if m.expires_at <= now]
+            if due:
+                bucket[:] = [m for m in bucket if m.expires_at > now]
+                due.sort(key=_expiry_of)
+                todo.extend(due)
+            break
         out: list[tuple[str, QueuedMessage]] = []
-        kept: list[_ExpiryEntry] = []
-        pending = self._expired
-        i = 0
-        while True:
-            if i < len(pending):
-                entry = pending[i]
-                i += 1
-            elif self._expiry and self._expiry[0][0] <= now:
-                entry = heapq.heappop(self._expiry)
-            else:
-                break
-            m, mid = entry[3], entry[3].message_id
+        kept: list[QueuedMessage] = []
+        boxes = self._boxes
+        while todo and (limit is None or len(out) < limit):
+            m = todo.popleft()
+            mid = m.message_id
             live = False
-            for node in entry[4]:
+            for node in m.expiry_nodes or ():
                 box = boxes.get(node)
-                if box is not None and (mid in box.ready or mid in box.flight):
+                if box is not None and mid in box.state:
                     live = True
                     if limit is None or len(out) < limit:
                         out.append((node, m))
             if live:
-                kept.append(entry)
-            if limit is not None and len(out) >= limit:
-                break
-        kept.extend(pending[i:])
-        self._expired = kept
+                kept.append(m)
+            else:
+                self._unindex(m)
+        todo.extendleft(reversed(kept))
         return out
 
     def next_deadline(self) -> float | None:
-        """Earliest pending expiry or ack deadline, None if neither; in the past while expired
-        pairs are not yet dropped. A dispatcher sleeps until then."""
-        boxes = self._boxes
+        """When ``expired`` or ``timed_out`` next has something to report; None if never.
+
+        The earliest ack deadline in flight or expiry of a message ready or in flight somewhere;
+        at or before ``now()`` while anything is due and not yet handled (expired, not dropped).
+        """
         tq = self._timeouts
-        while tq:
-            d = tq[0]
-            box = boxes.get(d.node_id)
-            if box is not None and box.flight.get(d.message.message_id) is d:
-                break
+        while tq and not self._batch_live(tq[0]):
             tq.popleft()
-        best = tq[0].deadline if tq else None
-        reported = self._expired  # in expiry order
-        dead = 0
-        while dead < len(reported) and not self._live(reported[dead]):
-            dead += 1
-        del reported[:dead]
-        heap = self._expiry
-        while heap and not self._live(heap[0]):
-            heapq.heappop(heap)
-        for first in (reported[0] if reported else None, heap[0] if heap else None):
-            if first is not None and (best is None or first[0] < best):
-                best = first[0]
+        best = tq[0][0].deadline if tq else None
+        todo = self._expired
+        while todo and not self._live(todo[0]):
+            self._unindex(todo.popleft())
+        for first in (todo[0].expires_at if todo else None, self._earliest_indexed()):
+            if first is not None and (best is None or first < best):
+                best = first
         return best
 
-    def _live(self, entry: _ExpiryEntry) -> bool:
-        """Whether the message is still ready or in flight for one of the entry's nodes."""
-        mid = entry[3].message_id
-        for node in entry[4]:
+    def _earliest_indexed(self) -> float | None:
+        keys = self._bucket_keys
+        while keys:
+            key = keys[0]
+            bucket = self._buckets[key]
+            if self._sorted_key != key:
+                bucket.sort(key=_expiry_of)
+                self._sorted_key = key
+                self._last_key = _NAN  # appending to it must clear _sorted_key
+            dead = 0
+            while dead < len(bucket) and not self._live(bucket[dead]):
+                self._unindex(bucket[dead])
+                dead += 1
+            del bucket[:dead]
+            if bucket:
+                return bucket[0].expires_at
+            heapq.heappop(keys)
+            del self._buckets[key]
+            self._last_key = _NAN
+        return None
+
+    def _live(self, m: QueuedMessage) -> bool:
+        """Whether ``m`` is still ready or in flight for one of its indexed nodes."""
+        mid = m.message_id
+        for node in m.expiry_nodes or ():
             box = self._boxes.get(node)
-            if box is not None and (mid in box.ready or mid in box.flight):
+            if box is not None and mid in box.state:
                 return True
         return False
 
+    def _unindex(self, m: QueuedMessage) -> None:
+        m.expiry_nodes = None
+        self._indexed -= 1
+
+    def _batch_live(self, batch: _Batch) -> bool:
+        box = self._boxes.get(batch[0].node_id)
+        return box is not None and any(box.state.get(d.message.message_id) is d for d in batch)
+
     def __len__(self) -> int:
         """Number of pending (node, message) pairs, as ``pending_count`` counts them (O(nodes))."""
-        return sum(len(b.ready) + len(b.flight) + len(b.held) for b in self._boxes.values())
+        return sum(len(b.state) + len(b.held) for b in self._boxes.values())
 
     def stats(self) -> dict[str, int]:
-        """Counts for monitoring (O(pairs)): pairs queued, in flight, held, distinct messages."""
+        """Counts for monitoring (O(pairs)): nodes, pairs queued, in flight, held, messages."""
         ids: set[str] = set()
-        flight = held = 0
         for b in self._boxes.values():
-            ids.update(b.ready)
-            ids.update(b.flight)
+            ids.update(b.state)
             ids.update(b.held)
-            flight += len(b.flight)
-            held += len(b.held)
         return {
             "nodes": len(self._boxes),
             "queued": len(self),
-            "in_flight": flight,
-            "held": held,
+            "in_flight": sum(b.flight for b in self._boxes.values()),
+            "held": sum(len(b.held) for b in self._boxes.values()),
             "messages": len(ids),
         }
 
     # -- housekeeping -------------------------------------------------------------------------
 
     def _compact_timeouts(self) -> None:
-        boxes = self._boxes
-        live = deque(
-            d
-            for d in self._timeouts
-            if (b := boxes.get(d.node_id)) is not None and b.flight.get(d.message.message_id) is d
-        )
-        self._timeouts = live
-        self._timeouts_limit = max(_MIN_COMPACT, 2 * len(live))
+        self._timeouts = deque(b for b in self._timeouts if self._batch_live(b))
+        self._timeouts_limit = max(_MIN_COMPACT, 2 * len(self._timeouts))
 
-    def _compact_expiry(self) -> None:
-        live = [e for e in self._expiry if e[3].holders]
-        heapq.heapify(live)
-        self._expiry = live
-        self._expiry_limit = max(_MIN_COMPACT, 2 * len(live))
+    def _sweep_idle(self) -> None:
+        boxes = self._boxes
+        for node in self._idle:
+            box = boxes.get(node)
+            if box is not None and not box.state and not box.held:
+                del boxes[node]
+        self._idle.clear()
+
+    def _compact_index(self) -> None:
+        kept = 0
+        for key, bucket in list(self._buckets.items()):
+            live = [m for m in bucket if m.holders]
+            for m in bucket:
+                if not m.holders:
+                    m.expiry_nodes = None
+            if live:
+                self._buckets[key] = live
+                kept += len(live)
+            else:
+                del self._buckets[key]
+        self._bucket_keys = list(self._buckets)
+        heapq.heapify(self._bucket_keys)
+        self._sorted_key = None
+        self._last_key = _NAN
+        kept += len(self._expired)
+        self._indexed = kept
+        self._index_limit = max(_MIN_COMPACT, 2 * kept)
 
 
 def _by_seq(m: QueuedMessage) -> int:

@@ -13,6 +13,7 @@ from eventstore.events import (
     UserActivated,
     UserCreated,
     UserDeactivated,
+    UserLoggedIn,
     UserPasswordChanged,
     UserRoleGranted,
     UserRoleRevoked,
@@ -59,6 +60,7 @@ class User:
     roles: list[str]
     created_at: float
     updated_at: float
+    last_login: float | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +151,12 @@ class UsersProjection(Projection):
             u.roles.remove(e.role)
             u.updated_at = env.ts
 
+    @handles(UserLoggedIn)
+    def _logged_in(self, env: Envelope) -> None:
+        e: UserLoggedIn = env.event  # type: ignore[assignment]
+        if (u := self.users.get(e.user_id)) is not None:
+            u.last_login = env.ts
+
     @handles(RoleCreated)
     def _role_created(self, env: Envelope) -> None:
         e: RoleCreated = env.event  # type: ignore[assignment]
@@ -185,6 +193,17 @@ class UsersProjection(Projection):
     def find_by_username(self, username: str) -> User | None:
         uid = self.by_username.get(username.lower())
         return self.users.get(uid) if uid else None
+
+    def find_by_login(self, login: str) -> User | None:
+        """The user whose username, or else email, is `login` (case-insensitive)."""
+        user = self.find_by_username(login)
+        if user is None and "@" in login:
+            folded = login.lower()
+            user = next((u for u in self.users.values() if (u.email or "").lower() == folded), None)
+        return user
+
+    def users_with_role(self, role: str) -> int:
+        return sum(1 for u in self.users.values() if role in u.roles)
 
     def permissions_of(self, user: User) -> set[str]:
         perms: set[str] = set()

@@ -1,0 +1,71 @@
+"""Append throughput of the SQLite log (synchronous=FULL by default).
+
+    python -m bench.append [--events N] [--appenders 256] [--batch 1000] [--synchronous FULL]
+
+Prints one line per scenario: group commit with many concurrent single-event appenders, and
+batched appends (one call records `--batch` events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import machine, run
+from eventstore.events import LogNote
+from eventstore.sqlite import SqliteStore
+
+BODY = {"payload": "x" * 200}
+
+
+async def group_commit(path: Path, events: int, appenders: int, sync: str) -> float:
+    store = SqliteStore(path, synchronous=sync)
+    await store.open()
+    per = events // appenders
+
+    async def appender(i: int) -> None:
+        stream = f"node-{i}"
+        for _ in range(per):
+            await store.append([LogNote(stream_id=stream, text="hb", data=BODY)])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(appender(i) for i in range(appenders)))
+    elapsed = time.perf_counter() - t0
+    await store.close()
+    return per * appenders / elapsed
+
+
+async def batched(path: Path, events: int, batch: int, sync: str) -> float:
+    store = SqliteStore(path, synchronous=sync)
+    await store.open()
+    t0 = time.perf_counter()
+    for i in range(0, events, batch):
+        await store.append([LogNote(stream_id=f"s{j % 100}", text="b", data=BODY)
+                            for j in range(i, i + batch)])
+    elapsed = time.perf_counter() - t0
+    await store.close()
+    return events / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--appenders", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--synchronous", default="FULL")
+    args = parser.parse_args()
+    print(f"# {machine()}; SQLite synchronous={args.synchronous}")
+    with tempfile.TemporaryDirectory() as d:
+        rate = run(group_commit(Path(d) / "gc.db", args.events, args.appenders, args.synchronous))
+        print(f"append group-commit: {rate:,.0f} events/s durable "
+              f"({args.appenders} concurrent single-event appenders, {args.events:,} events)")
+        rate = run(batched(Path(d) / "b.db", args.events * 2, args.batch, args.synchronous))
+        print(f"append batched: {rate:,.0f} events/s durable "
+              f"({args.batch} events per call, {args.events * 2:,} events)")
+
+
+if __name__ == "__main__":
+    main()

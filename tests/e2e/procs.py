@@ -1,0 +1,79 @@
+"""Helpers to run the `broker` command and a served broker as real processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def broker_env(data: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        BROKER_STORE__PATH=str(data / "events.db"),
+        BROKER_SERVER__DATA_DIR=str(data),
+        BROKER_LOG__LEVEL="warning",
+    )
+    env.update(extra)
+    return env
+
+
+def run_broker(
+    args: list[str], data: Path, stdin: str = "", cwd: Path | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=broker_env(data, **extra),
+        cwd=cwd or data.parent,
+        timeout=120,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def served(data: Path, **extra: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Start `broker serve` on a free port; yield (base_url, process) once it accepts requests."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve"],
+        env=broker_env(data, BROKER_SERVER__PORT=str(port), BROKER_LOG__LEVEL="info", **extra),
+        cwd=data.parent,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    output = []
+    for line in proc.stderr:  # the server says when it listens: no sleeping
+        output.append(line)
+        if "Running on" in line:
+            break
+    else:
+        proc.wait()
+        raise RuntimeError("broker serve exited:\n" + "".join(output))
+    try:
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stderr.close()

@@ -1,0 +1,137 @@
+"""The `broker` command as a user runs it: real processes on a real log."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from eventstore.sqlite import StoredEvent
+from tests.e2e.procs import run_broker, served
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def tamper(path: Path, seq: int) -> None:
+    """Change one stored event's stream name (keeping the chunk's checksum valid)."""
+    conn = sqlite3.connect(path)
+    for first, body in conn.execute("SELECT first_seq, body FROM chunks").fetchall():
+        records = msgspec.msgpack.decode(body, type=list[StoredEvent])
+        for rec in records:
+            if rec.seq == seq:
+                rec.stream = "tampered"
+        new = msgspec.msgpack.encode(records)
+        conn.execute(
+            "UPDATE chunks SET body = ?, crc = ? WHERE first_seq = ?", (new, zlib.crc32(new), first)
+        )
+    conn.commit()
+    conn.close()
+
+
+def create_user(data: Path, name: str, role: str = "admin") -> None:
+    r = run_broker(
+        ["users", "create", "--username", name, "--role", role, "--password-stdin"],
+        data,
+        stdin="correct horse battery\n",
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"created user {name}" in r.stdout
+
+
+def test_users_create_then_replay_export_import_verify(data: Path, tmp_path: Path) -> None:
+    create_user(data, "alice")
+    create_user(data, "bob", "viewer")
+    dup = run_broker(
+        ["users", "create", "--username", "ALICE", "--password-stdin"], data, stdin="whatever12\n"
+    )
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+
+    r = run_broker(["replay"], data)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["type"] for x in lines] == ["user.created", "user.created"]
+    assert [x["seq"] for x in lines] == [1, 2]
+    assert lines[0]["data"]["username"] == "alice"
+    assert "correct horse" not in r.stdout  # only the hash is stored
+
+    r = run_broker(["replay", "--format", "table", "--type", "user.*", "--limit", "1"], data)
+    assert r.returncode == 0 and "user.created" in r.stdout
+    assert len(r.stdout.strip().splitlines()) == 2  # header + 1 event
+
+    r = run_broker(["replay", "--from-seq", "2", "--type", "node.*"], data)
+    assert r.returncode == 0 and r.stdout == ""
+
+    r = run_broker(["replay", "--rebuild"], data)
+    assert r.returncode == 0, r.stderr
+    assert "from 2 events" in r.stdout and "users: users=2" in r.stdout
+
+    out = tmp_path / "export.jsonl"
+    r = run_broker(["export", "--out", str(out)], data)
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 2
+
+    other = tmp_path / "other"
+    other.mkdir()
+    r = run_broker(["import", str(out)], other)
+    assert r.returncode == 0, r.stderr
+    assert run_broker(["replay"], other).stdout == run_broker(["replay"], data).stdout
+    r = run_broker(["verify"], other)
+    assert r.returncode == 0 and "2 events" in r.stdout
+
+    r = run_broker(["import", str(out)], other)  # not empty any more
+    assert r.returncode == 1 and "not empty" in r.stderr
+
+
+def test_verify_names_the_first_bad_seq(data: Path) -> None:
+    for name in ("usr1", "usr2", "usr3"):
+        create_user(data, name)
+    tamper(data / "events.db", 2)
+    r = run_broker(["verify"], data)
+    assert r.returncode == 1
+    assert "first bad seq 2" in r.stdout
+
+
+def test_bad_config_and_bad_input_are_clear(data: Path, tmp_path: Path) -> None:
+    r = run_broker(["serve"], data, BROKER_SERVER__PORT="not-a-port")
+    assert r.returncode == 2 and "port" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nprot = 1\n")
+    r = run_broker(["--config", str(bad), "verify"], data)
+    assert r.returncode == 2 and "prot" in r.stderr
+    r = run_broker(["verify"], tmp_path / "nowhere")
+    assert r.returncode == 1 and "no log" in r.stderr
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("{not json}\n")
+    r = run_broker(["import", str(junk)], data)
+    assert r.returncode == 1 and "junk.jsonl:1" in r.stderr
+
+
+def test_server_holds_the_log_readers_work_beside_it(data: Path) -> None:
+    create_user(data, "root")
+    with served(data) as (base, _proc):
+        r = run_broker(
+            ["users", "create", "--username", "late", "--password-stdin"], data, stdin="x" * 12
+        )
+        assert r.returncode == 1 and "held for writing" in r.stderr
+        assert run_broker(["verify"], data).returncode == 0
+        assert run_broker(["replay"], data).stdout.count("user.created") == 1
+        second = run_broker(["serve"], data)
+        assert second.returncode == 1 and "held for writing" in second.stderr
+
+
+def test_serve_refuses_a_corrupted_log(data: Path) -> None:
+    create_user(data, "root")
+    create_user(data, "other")
+    tamper(data / "events.db", 1)
+    r = run_broker(["serve"], data)
+    assert r.returncode == 1
+    assert "seq 1" in r.stderr and "integrity" in r.stderr

@@ -1,0 +1,242 @@
+"""SQLite backend specifics: integrity checks, the writer lock, import, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from eventstore.base import Envelope, IntegrityError, StoreLocked
+from eventstore.events import LogNote
+from eventstore.sqlite import SqliteStore, StoredEvent, verify_file
+
+
+async def make_log(path: Path, n: int = 50) -> list[Envelope]:
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        envs: list[Envelope] = []
+        for i in range(0, n, 10):
+            envs += await store.append(
+                [LogNote(stream_id=f"s{j % 3}", text=f"event {j}") for j in range(i, i + 10)]
+            )
+        return envs
+    finally:
+        await store.close()
+
+
+def _sql(path: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(sql, args).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+async def sql(path: Path, statement: str, *args: object) -> list[tuple[object, ...]]:
+    """Run one statement on the file from outside the store (a worker thread: not in the loop)."""
+    return await asyncio.to_thread(_sql, path, statement, *args)
+
+
+async def verify(path: Path) -> int:
+    return await asyncio.to_thread(verify_file, path)
+
+
+async def test_verify_passes_on_a_good_log(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path)
+    assert await verify(path) == 50
+
+
+async def edit_records(
+    path: Path, edit: Callable[[list[StoredEvent]], None], fix_crc: bool
+) -> None:
+    """Decode every stored chunk, let `edit` change the records, write them back."""
+    rows = await sql(path, "SELECT first_seq, body FROM chunks")
+    for first, body in rows:
+        records = msgspec.msgpack.decode(body, type=list[StoredEvent])  # type: ignore[arg-type]
+        edit(records)
+        new = msgspec.msgpack.encode(records)
+        if new != body:
+            crc = zlib.crc32(new) if fix_crc else zlib.crc32(body)
+            await sql(
+                path, "UPDATE chunks SET body = ?, crc = ? WHERE first_seq = ?", new, crc, first
+            )
+
+
+def flip(seq: int) -> Callable[[list[StoredEvent]], None]:
+    def edit(records: list[StoredEvent]) -> None:
+        for rec in records:
+            if rec.seq == seq:
+                data = bytearray(rec.data)
+                data[-1] ^= 0x01
+                rec.data = bytes(data)
+
+    return edit
+
+
+async def test_flipped_bit_names_its_seq_and_blocks_start(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path)
+    await edit_records(path, flip(17), fix_crc=False)
+    with pytest.raises(IntegrityError) as info:
+        await verify(path)
+    assert info.value.seq == 17
+    with pytest.raises(IntegrityError) as info:
+        await SqliteStore(path).open()
+    assert info.value.seq == 17
+
+
+async def test_flipped_bit_with_matching_checksum_breaks_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path)
+    await edit_records(path, flip(23), fix_crc=True)
+    with pytest.raises(IntegrityError) as info:
+        await verify(path)
+    assert info.value.seq == 23
+    assert "hash chain" in info.value.reason
+
+
+async def test_removed_event_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path)
+
+    def drop(records: list[StoredEvent]) -> None:
+        records[:] = [r for r in records if r.seq != 30]
+
+    await edit_records(path, drop, fix_crc=True)
+    with pytest.raises(IntegrityError) as info:
+        await verify(path)
+    assert info.value.seq == 30
+
+
+async def test_removed_chunk_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path)
+    await sql(path, "DELETE FROM chunks WHERE first_seq = 21")
+    with pytest.raises(IntegrityError) as info:
+        await verify(path)
+    assert info.value.seq == 21
+
+
+async def test_reordered_events_are_found(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path)
+
+    def swap(records: list[StoredEvent]) -> None:
+        for i, rec in enumerate(records):
+            if rec.seq == 12:
+                a, b = records[i], records[i + 1]
+                a.data, b.data = b.data, a.data
+
+    await edit_records(path, swap, fix_crc=True)
+    with pytest.raises(IntegrityError) as info:
+        await verify(path)
+    assert info.value.seq == 12
+
+
+async def test_removed_tail_continues_from_what_is_there(tmp_path: Path) -> None:
+    # Dropping the last chunk leaves a valid prefix: verify passes, and the next append
+    # chains onto what is really there.
+    path = tmp_path / "log.db"
+    await make_log(path)
+    await sql(path, "DELETE FROM chunks WHERE first_seq = 41")
+    assert await verify(path) == 40
+    store = SqliteStore(path)
+    await store.open()
+    envs = await store.append([LogNote(text="after")])
+    await store.close()
+    assert envs[0].seq == 41
+    assert await verify(path) == 41
+
+
+async def test_truncated_file_gives_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path, 2000)
+    # Fold the WAL into the main file, then cut the file in half.
+    await sql(path, "PRAGMA wal_checkpoint(TRUNCATE)")
+    await sql(path, "VACUUM")
+    await asyncio.to_thread(os.truncate, path, path.stat().st_size // 2)
+    with pytest.raises(IntegrityError) as info:
+        await verify(path)
+    assert "damaged" in str(info.value) or "missing" in str(info.value)
+    with pytest.raises(IntegrityError):
+        await SqliteStore(path).open()
+
+
+async def test_second_writer_is_refused_readers_work(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path, 10)
+    first = SqliteStore(path)
+    await first.open()
+    try:
+        with pytest.raises(StoreLocked) as info:
+            await SqliteStore(path).open()
+        assert "held for writing" in str(info.value)
+        reader = SqliteStore(path, readonly=True)
+        await reader.open()
+        assert len([e async for e in reader.read()]) == 10
+        await reader.close()
+        assert await verify(path) == 10
+    finally:
+        await first.close()
+    second = SqliteStore(path)  # released on close
+    await second.open()
+    await second.close()
+
+
+async def test_reopen_continues_seq_and_chain(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    before = await make_log(path, 20)
+    store = SqliteStore(path)
+    await store.open()
+    assert await store.head() == 20
+    assert await store.stream_version("s0") == 7
+    more = await store.append([LogNote(stream_id="s0", text="x")], expected_version=7)
+    assert more[0].seq == 21 and more[0].stream_version == 8
+    assert [e async for e in store.read(1, 20)] == before
+    await store.close()
+    assert await verify(path) == 21
+
+
+async def test_restore_keeps_envelopes_and_chain(tmp_path: Path) -> None:
+    src = tmp_path / "a.db"
+    envs = await make_log(src, 30)
+    dst = SqliteStore(tmp_path / "b.db")
+    await dst.open()
+    await dst.restore(envs[:12])
+    await dst.restore(envs[12:])
+    got = [e async for e in dst.read()]
+    await dst.close()
+    assert got == envs
+    assert await verify(tmp_path / "b.db") == 30
+
+
+async def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "log.db")
+    await store.open()
+    commits: list[int] = []
+    store.add_listener(lambda batch: commits.append(len(batch)))
+    try:
+        results = await asyncio.gather(
+            *(store.append([LogNote(stream_id=f"n{i}")]) for i in range(500))
+        )
+    finally:
+        await store.close()
+    assert sorted(e.seq for r in results for e in r) == list(range(1, 501))
+    assert sum(commits) == 500
+    assert len(commits) < 500  # many appends shared one transaction
+    assert await verify(tmp_path / "log.db") == 500
+
+
+def test_synchronous_setting_is_validated() -> None:
+    with pytest.raises(ValueError):
+        SqliteStore("x.db", synchronous="SOMETIMES")
