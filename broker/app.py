@@ -9,19 +9,21 @@ from aiohttp import web
 from broker import (
     ratelimit,
     routes_licensing,
+    routes_messages,
     routes_nodes,
     routes_operators,
     routes_telemetry,
     routes_updates,
     system,
     tokens,
+    ws_nodes,
 )
 from broker.auth import auth_middleware
 from broker.config import Config
 from broker.keys import CONFIG, METRICS, RUNTIME
 from broker.metrics import Metrics
 from broker.middleware import request_context
-from broker.runtime import Runtime
+from broker.runtime import Runtime, build_projections
 from eventstore import open_store
 
 
@@ -41,6 +43,8 @@ def create_app(config: Config) -> web.Application:
     routes_licensing.setup(app)
     routes_updates.setup(app)
     routes_telemetry.setup(app)
+    routes_messages.setup(app)
+    ws_nodes.setup(app)
     return app
 
 
@@ -48,7 +52,7 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = open_store(config.store)
     await store.open()
-    runtime = Runtime(store, metrics=app[METRICS])
+    runtime = Runtime(store, build_projections(config.delivery), metrics=app[METRICS])
     try:
         await runtime.start()
         app[RUNTIME] = runtime

@@ -81,6 +81,25 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tracked: int = 100_000  # buckets kept in memory before idle ones are dropped
 
 
+class DeliveryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[delivery]`: messages, the delivery queue and the node WebSocket (DESIGN.md §5, §7)."""
+
+    window: int = 100  # unacknowledged pushes in flight per connection
+    ack_timeout: float = 30.0  # seconds before an unacknowledged push is redelivered
+    max_attempts: int = 10  # pushes without ack before a message becomes a dead letter
+    max_ttl: float = 3600.0  # largest `ttl` a sender may ask for, in seconds
+    default_ttl: float = 3600.0
+    max_recipients: int = 1000
+    max_content_bytes: int = 64 * 1024  # JSON size of a message's `content`
+    ws_max_message_bytes: int = 1024 * 1024  # larger WebSocket frames close the connection
+    ws_heartbeat: float = 30.0  # WebSocket ping interval; a peer that misses a pong is dropped
+    ws_auth_timeout: float = 5.0  # seconds to send the auth frame when not authed at upgrade
+    ws_send_timeout: float = 10.0  # a consumer that does not read for this long is dropped
+    ws_max_pending_ops: int = 256  # ops of one connection being processed at once
+    allowed_origins: list[str] = []  # browser Origins allowed on the node WebSocket
+    expiry_batch: int = 1000  # expired messages recorded per sweep
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -89,6 +108,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     updates: UpdatesConfig = msgspec.field(default_factory=UpdatesConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
 
 
 def load_config(

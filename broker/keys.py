@@ -13,6 +13,8 @@ from broker.principal import Principal
 from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
+    from broker.delivery import Dispatcher
+    from broker.messaging import Messaging
     from broker.licensing import LicenseUses
     from broker.nodes import NodeService
     from broker.ratelimit import Decision, RateLimiter
@@ -37,6 +39,10 @@ LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
 LICENSE_USES: web.AppKey[LicenseUses] = web.AppKey("license_uses")
 UPDATE_FILES: web.AppKey[UpdateFiles] = web.AppKey("update_files")
 TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter")
+
+# Messaging (broker.messaging) and delivery to connected nodes (broker.delivery).
+MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
+DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 
 # Per-request keys (request[...]).
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -109,6 +109,26 @@ def get_user(runtime: Runtime, user_id: str) -> User:
     return user
 
 
+def find_users(
+    runtime: Runtime, *, search: str | None = None, is_active: bool | None = None
+) -> list[User]:
+    """Users whose username, email or full name contains `search` (case-insensitive), with the
+    given active state; in creation order."""
+    users = list(runtime.users.users.values())
+    if is_active is not None:
+        users = [u for u in users if u.is_active is is_active]
+    if search:
+        needle = search.lower()
+        users = [
+            u
+            for u in users
+            if needle in u.username.lower()
+            or needle in (u.email or "").lower()
+            or needle in (u.full_name or "").lower()
+        ]
+    return users
+
+
 def get_role(runtime: Runtime, role_id: str) -> Role:
     role = runtime.users.roles.get(role_id)
     if role is None:

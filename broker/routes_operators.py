@@ -256,18 +256,9 @@ async def logout(request: web.Request) -> web.Response:
 )
 async def list_users(request: web.Request) -> web.Response:
     query = decode_query(request, UsersQuery)
-    users: list[User] = list(request.app[RUNTIME].users.users.values())
-    if query.is_active is not None:
-        users = [u for u in users if u.is_active is query.is_active]
-    if query.search:
-        needle = query.search.lower()
-        users = [
-            u
-            for u in users
-            if needle in u.username.lower()
-            or needle in (u.email or "").lower()
-            or needle in (u.full_name or "").lower()
-        ]
+    users = operators.find_users(
+        request.app[RUNTIME], search=query.search, is_active=query.is_active
+    )
     sort_keys: dict[str, Any] = {
         "created_at": lambda u: u.created_at,
         "username": lambda u: u.username.lower(),

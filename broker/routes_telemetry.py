@@ -34,7 +34,7 @@ class TelemetryIn(msgspec.Struct, kw_only=True):
     exercisesCompletedToday: Count
     aiLatency: NonNegative | None = None
     version: Annotated[str, msgspec.Meta(max_length=64)] | None = None
-    additionalData: msgspec.Raw = msgspec.Raw(b"null")  # a JSON object, size-bounded
+    additionalData: dict[str, Any] | None = None  # size-bounded: [telemetry] config
 
 
 class TelemetryAck(msgspec.Struct, kw_only=True):
@@ -97,7 +97,7 @@ async def post_telemetry(request: web.Request) -> web.Response:
         exercises_completed_today=body.exercisesCompletedToday,
         ai_latency=body.aiLatency,
         version=body.version,
-        raw_additional_data=body.additionalData,
+        additional_data=body.additionalData,
     )
     ack = TelemetryAck(success=True, message=MSG_RECORDED, timestamp=iso_time(env.ts) or "")
     return json_response(ack, status=201)

@@ -23,7 +23,7 @@ from broker import updates
 from broker.auth import Permission, Public
 from broker.errors import BrokerError, PayloadTooLarge, ValidationFailed
 from broker.http import decode_body, json_response
-from broker.keys import CONFIG, RUNTIME, UPDATE_FILES
+from broker.keys import CONFIG, REQUEST_ID, RUNTIME, UPDATE_FILES
 from broker.licensing import iso_time
 from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.routing import Routes
@@ -327,6 +327,7 @@ async def send_file(request: web.Request, path: Path, upd: Update) -> web.Stream
         "Accept-Ranges": "bytes",
         "Cache-Control": "public, max-age=31536000, immutable",
         "Content-Disposition": f'attachment; filename="{_ascii(name)}"',
+        "X-Request-ID": request[REQUEST_ID],  # the middleware cannot add it once streaming
     }
     if _etag_matches(request.headers.get("If-None-Match"), upd.sha256):
         return web.Response(status=304, headers=headers)

@@ -11,10 +11,12 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from broker.config import DeliveryConfig
 from broker.metrics import Metrics
 from eventstore.base import Envelope, EventStore, ExpectedVersion
 from eventstore.events import BaseEvent
 from projections.base import Projection, Projections
+from projections.messages import MessagesProjection
 from projections.nodes import NodesProjection
 from projections.telemetry import TelemetryProjection
 from projections.tenants import TenantsProjection
@@ -25,11 +27,17 @@ from projections.users import UsersProjection
 log = structlog.get_logger(__name__)
 
 
-def build_projections() -> Projections:
+def build_projections(delivery: DeliveryConfig | None = None) -> Projections:
     """Every projection the broker serves queries from."""
+    delivery = delivery or DeliveryConfig()
     parts: list[Projection] = [UsersProjection()]
     parts += [TenantsProjection(), UpdatesProjection(), TelemetryProjection()]
     parts += [NodesProjection(), TokensProjection()]
+    parts += [
+        MessagesProjection(
+            now=time.time, ack_timeout=delivery.ack_timeout, max_attempts=delivery.max_attempts
+        )
+    ]
     return Projections(parts)
 
 
@@ -48,6 +56,10 @@ class Runtime:
     @property
     def users(self) -> UsersProjection:
         return self.projections.parts["users"]  # type: ignore[return-value]
+
+    @property
+    def messages(self) -> MessagesProjection:
+        return self.projections.parts["messages"]  # type: ignore[return-value]
 
     @property
     def nodes(self) -> NodesProjection:

@@ -21,7 +21,7 @@ from eventstore.base import Envelope
 from eventstore.events import TelemetryRecorded
 
 MSG_RECORDED = "Télémétrie enregistrée avec succès"
-_object = msgspec.json.Decoder(dict[str, Any])
+_json = msgspec.json.Encoder()
 
 
 class TenantRateLimiter:
@@ -62,22 +62,13 @@ class TenantRateLimiter:
         )
 
 
-def additional_data(raw: msgspec.Raw, max_bytes: int) -> dict[str, Any] | None:
-    """Decode the raw `additionalData` (a JSON object or null), bounded in size."""
-    data = bytes(raw)
-    if data in (b"", b"null"):
-        return None
-    if len(data) > max_bytes:
+def check_additional_data(data: dict[str, Any] | None, max_bytes: int) -> None:
+    """Refuse an `additionalData` object whose JSON is larger than `max_bytes` (422)."""
+    if data and len(_json.encode(data)) > max_bytes:
         raise ValidationFailed(
             f"additionalData larger than {max_bytes} bytes",
             details=[{"field": "additionalData", "max_bytes": max_bytes}],
         )
-    try:
-        return _object.decode(data)
-    except msgspec.DecodeError:
-        raise ValidationFailed(
-            "additionalData must be a JSON object", details=[{"field": "additionalData"}]
-        ) from None
 
 
 async def record_telemetry(
@@ -91,7 +82,7 @@ async def record_telemetry(
     exercises_completed_today: int,
     ai_latency: float | None = None,
     version: str | None = None,
-    raw_additional_data: msgspec.Raw | None = None,
+    additional_data: dict[str, Any] | None = None,
 ) -> Envelope:
     """Check the tenant, the size of the extras and the rate, then record one sample."""
     tenant = runtime.tenants.tenant(tenant_id)
@@ -99,11 +90,7 @@ async def record_telemetry(
         raise NotFound(f"Tenant not found: {tenant_id}")
     if not tenant.active:
         raise TenantInactive(MSG_TENANT_INACTIVE)
-    extra = (
-        additional_data(raw_additional_data, config.max_additional_data_bytes)
-        if raw_additional_data is not None
-        else None
-    )
+    check_additional_data(additional_data, config.max_additional_data_bytes)
     for field, value in (("uptime", uptime), ("aiLatency", ai_latency)):
         if value is not None and not math.isfinite(value):
             raise ValidationFailed(f"{field} must be a finite number", details=[{"field": field}])
@@ -115,7 +102,7 @@ async def record_telemetry(
         exercises_completed_today=exercises_completed_today,
         ai_latency=ai_latency,
         version=version,
-        additional_data=extra,
+        additional_data=additional_data,
     )
     envs = await runtime.record([event])
     return envs[0]

@@ -102,9 +102,6 @@ class UpdateFiles:
     async def discard(self, upload: Upload) -> None:
         await asyncio.to_thread(upload.temp_path.unlink, missing_ok=True)
 
-    async def exists(self, sha256: str) -> bool:
-        return await asyncio.to_thread(self.path_of(sha256).is_file)
-
 
 def _not_a_zip() -> ValidationFailed:
     return ValidationFailed("the update file must be a ZIP archive", details=[{"field": "file"}])

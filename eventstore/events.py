@@ -284,6 +284,71 @@ class TelemetryRecorded(BaseEvent, frozen=True, tag="telemetry.recorded"):
     additional_data: dict[str, Any] | None = None
 
 
+# --- messaging (stream: the message id) ---
+
+
+class NodeTelemetry(BaseEvent, frozen=True, tag="node.telemetry"):
+    """A telemetry sample a node sent over its WebSocket (stream: the node id)."""
+
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    metrics: dict[str, Any] = {}
+    timestamp: str | float | None = None  # the client's clock, as given
+
+
+class MessageSent(BaseEvent, frozen=True, tag="message.sent"):
+    """A message to one or more nodes. It expires at `envelope.ts + ttl`."""
+
+    stream_field: ClassVar[str] = "message_id"
+    message_id: str
+    from_node: str  # the sending node's id, or "broker" when an operator sends
+    to_nodes: list[str]
+    message_type: str
+    content: Any = None
+    priority: str = "normal"  # critical | high | normal | low
+    ttl: float = 3600.0
+    metadata: dict[str, Any] = {}
+    idempotency_key: str | None = None
+    sent_by: str | None = None  # operator user id when from_node == "broker"
+
+
+class MessageRead(BaseEvent, frozen=True, tag="message.read"):
+    """A recipient read (acknowledged) a message, over HTTP or WebSocket."""
+
+    stream_field: ClassVar[str] = "message_id"
+    message_id: str
+    node_id: str
+    via: str = "http"  # http | ws
+
+
+class MessageExpired(BaseEvent, frozen=True, tag="message.expired"):
+    """The message's TTL passed before these recipients read it (dead letters)."""
+
+    stream_field: ClassVar[str] = "message_id"
+    message_id: str
+    node_ids: list[str]
+
+
+class MessageDeadLettered(BaseEvent, frozen=True, tag="message.dead_lettered"):
+    """Delivery to `node_id` was given up after `attempts` unacknowledged pushes."""
+
+    stream_field: ClassVar[str] = "message_id"
+    message_id: str
+    node_id: str
+    attempts: int = 0
+    reason: str = "max_attempts"
+
+
+class MessageRedriven(BaseEvent, frozen=True, tag="message.redriven"):
+    """An operator put a dead letter back in `node_id`'s queue, with a fresh TTL."""
+
+    stream_field: ClassVar[str] = "message_id"
+    message_id: str
+    node_id: str
+    ttl: float = 3600.0
+    by: str | None = None
+
+
 # --- system ---
 
 
@@ -327,6 +392,12 @@ Event = (
     | UpdatePublished
     | UpdateWithdrawn
     | TelemetryRecorded
+    | NodeTelemetry
+    | MessageSent
+    | MessageRead
+    | MessageExpired
+    | MessageDeadLettered
+    | MessageRedriven
     | LogNote
 )
 

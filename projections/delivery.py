@@ -441,11 +441,23 @@ class DeliveryQueue:
                 found.extend(
                     m for m in extra if m.expires_at > now and (predicate is None or predicate(m))
                 )
-                found.sort(key=_by_seq)
+                # dict.fromkeys: a message enqueued again after being read may sit twice
+                found = sorted(dict.fromkeys(found), key=_by_seq)
             out.extend(found if want is None else found[:want])
             if limit is not None and len(out) >= limit:
                 break
         return out
+
+    def delivery(self, node_id: str, message_id: str) -> Delivery | None:
+        """The in-flight delivery of ``message_id`` to ``node_id``, if it is in flight."""
+        box = self._boxes.get(node_id)
+        if box is None:
+            return None
+        entry = box.state.get(message_id)
+        if isinstance(entry, Delivery):
+            return entry
+        held = box.held.get(message_id) if box.held else None
+        return held
 
     def pending_count(self, node_id: str) -> int:
         """O(1) count of messages pending for the node, including in-flight, out-of-attempts and

@@ -50,7 +50,7 @@ def base_url(server: TestServer) -> str:
 
 
 async def registered(server: TestServer, info: dict[str, Any]) -> seed.OpenRedClient:
-    """A seed client whose node is registered (fresh key pair in the seed's globals) and logged in."""
+    """A seed client, its node registered (a fresh key pair in the seed globals) and logged in."""
     seed.private_key_pem, seed.public_key_pem = seed.generate_rsa_keypair()
     client = seed.OpenRedClient(base_url(server))
     await client.__aenter__()
@@ -84,7 +84,9 @@ async def test_register_authenticate_discover_update(server: TestServer, capsys:
 
         everyone = await seed.discover_nodes(client)
         assert {n["node_id"] for n in everyone} == {"node-001", "node-002"}
-        storage = await seed.discover_nodes(client, {"type": "storage", "capabilities": ["storage"]})
+        storage = await seed.discover_nodes(
+            client, {"type": "storage", "capabilities": ["storage"]}
+        )
         assert [n["node_id"] for n in storage] == ["node-002"]
         assert [n["node_id"] for n in await seed.discover_nodes(client, {"type": "gateway"})] == [
             "node-001"

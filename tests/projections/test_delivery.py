@@ -313,6 +313,15 @@ def test_duplicate_enqueue_is_ignored(q: DeliveryQueue) -> None:
     assert ids(q.take("b", 5)) == ["m1"]
 
 
+def test_enqueue_again_reports_each_new_recipient_once(q: DeliveryQueue, clock: Clock) -> None:
+    m = msg(1, expires_at=clock.t + 5)
+    q.enqueue(m, ["a"])
+    q.take("a", 1)
+    q.enqueue(m, ["b", "a", "c", "b"])
+    clock.t += 5
+    assert sorted(n for n, _ in q.expired()) == ["a", "b", "c"]
+
+
 def test_ack_many_forget_and_stats(q: DeliveryQueue) -> None:
     for seq in range(1, 5):
         q.enqueue(msg(seq), ["a", "b"])
@@ -432,7 +441,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(
         priority=st.sampled_from(list(Priority)),
-        ttl=st.sampled_from([-1.0, 0.5, 3.0, 10.0, 25.5, INF]),
+        ttl=st.sampled_from([-1.0, 0.3, 0.9, 3.0, 3.7, 10.0, 25.5, INF]),
         recipients=st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=True),
         late=st.booleans(),
     )
@@ -446,6 +455,18 @@ class QueueMachine(RuleBasedStateMachine):
         self.queue.enqueue(m, recipients)
         for node in recipients:
             self.pairs[(node, m.message_id)] = Pair(m)
+
+    @precondition(lambda self: self.messages)
+    @rule(
+        recipients=st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=True),
+        data=st.data(),
+    )
+    def enqueue_again(self, recipients: list[str], data: st.DataObject) -> None:
+        """A message enqueued again: ignored where pending, new wherever it was read."""
+        m = data.draw(st.sampled_from(self.messages))
+        self.queue.enqueue(m, recipients)
+        for node in recipients:
+            self.pairs.setdefault((node, m.message_id), Pair(m))
 
     @rule(node=st.sampled_from(NODES), n=st.sampled_from([1, 2, 5, 100]))
     def take(self, node: str, n: int) -> None:
@@ -480,7 +501,7 @@ class QueueMachine(RuleBasedStateMachine):
             if p.state == "flight":
                 p.state = "ready"
 
-    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 4.0, 10.0, 30.0]))
+    @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 4.0, 10.0, 30.0]))
     def advance(self, dt: float) -> None:
         self.clock.t += dt
 

@@ -128,9 +128,7 @@ async def test_bad_login_and_verify_bodies(client: Client) -> None:
         {"node_id": "node-1", "challenge": text, "signature": "ab" * 4000},
     ]
     for body in cases:
-        await expect(
-            await client.post("/api/v1/auth/verify", json=body), 422, "VALIDATION_ERROR"
-        )
+        await expect(await client.post("/api/v1/auth/verify", json=body), 422, "VALIDATION_ERROR")
     resp = await client.post(
         "/api/v1/auth/verify", json={"node_id": "ghost", "challenge": text, "signature": "00"}
     )

@@ -72,9 +72,7 @@ async def limited_client(tmp_path: Path, **limits: object) -> AsyncIterator[Clie
 
 @pytest.fixture
 async def strict(tmp_path: Path) -> AsyncIterator[Client]:
-    async for client in limited_client(
-        tmp_path, login_per_ip=4, login_per_subject=100, per_ip=50
-    ):
+    async for client in limited_client(tmp_path, login_per_ip=4, login_per_subject=100, per_ip=50):
         yield client
 
 

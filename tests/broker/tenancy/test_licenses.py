@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from broker.keys import RUNTIME
 from broker.licensing import LicenseUses, hash_key
 from eventstore.base import ConcurrencyError
-from tests.broker.tenancy.conftest import ADMIN, LICENSES_ONLY, NODE, VIEWER, Admin, auth
+from tests.broker.tenancy.conftest import LICENSES_ONLY, NODE, VIEWER, Admin, auth
 
 KEY_FORMAT = re.compile(r"^[A-Z2-7]{8}-[A-Z2-7]{8}-[A-Z2-7]{8}-[A-Z2-7]{8}$")
 
@@ -119,7 +119,9 @@ async def test_license_key_shown_once_and_stored_hashed(api: TestClient, admin: 
     resp = await api.get(f"/api/v1/admin/licenses/{lic['id']}", headers=auth())
     one = await resp.json()
     assert "key" not in one
-    resp = await api.get("/api/v1/admin/licenses", params={"tenant_id": tenant["id"]}, headers=auth())
+    resp = await api.get(
+        "/api/v1/admin/licenses", params={"tenant_id": tenant["id"]}, headers=auth()
+    )
     listed = await resp.json()
     assert listed["total"] == 1 and "key" not in listed["items"][0]
 
@@ -304,3 +306,36 @@ async def test_store_rejects_a_stale_use() -> None:
     await store.append([LicenseUsed(license_id="l1", tenant_id="t1", usage_count=1)], 1)
     with pytest.raises(ConcurrencyError):
         await store.append([LicenseUsed(license_id="l1", tenant_id="t1", usage_count=2)], 1)
+
+
+async def test_with_real_operator_tokens(client: TestClient) -> None:  # type: ignore[type-arg]
+    """The admin API behind the real token service: an `operator` may, a `viewer` may not."""
+    from broker import operators
+
+    tokens = {}
+    for username, role in (("ops", "operator"), ("watcher", "viewer")):
+        await operators.create_user(
+            client.app[RUNTIME], username=username, password="s3cret-pass", roles=[role]
+        )
+        resp = await client.post(
+            "/auth/login", data={"username": username, "password": "s3cret-pass"}
+        )
+        assert resp.status == 200, await resp.text()
+        tokens[role] = (await resp.json())["access_token"]
+    resp = await client.post(
+        "/api/v1/admin/tenants", json={"name": "Acme"}, headers=auth(tokens["operator"])
+    )
+    assert resp.status == 201
+    tenant = await resp.json()
+    resp = await client.post(
+        "/api/v1/admin/licenses",
+        json={"tenant_id": tenant["id"], "expires_at": "2099-01-01"},
+        headers=auth(tokens["operator"]),
+    )
+    assert resp.status == 201
+    key = (await resp.json())["key"]
+    resp = await client.get("/api/v1/admin/tenants", headers=auth(tokens["viewer"]))
+    assert resp.status == 403
+    assert_error(await resp.json(), 403, "AUTHORIZATION_ERROR")
+    status, body = await validate(client, key)
+    assert status == 200 and body["tenantName"] == "Acme"

@@ -35,7 +35,12 @@ async def test_post_telemetry_matches_the_seed(api: TestClient, admin: Admin) ->
     assert body["message"] == "Télémétrie enregistrée avec succès"
     assert body["timestamp"].endswith("Z") and "T" in body["timestamp"]
     # only the required fields
-    minimal = {"tenantId": tenant["id"], "uptime": 1, "activeUsers": 0, "exercisesCompletedToday": 0}
+    minimal = {
+        "tenantId": tenant["id"],
+        "uptime": 1,
+        "activeUsers": 0,
+        "exercisesCompletedToday": 0,
+    }
     resp = await api.post("/telemetry", json=minimal)
     assert resp.status == 201
     # the seed sends `aiLatency: null` when it has none
@@ -46,9 +51,7 @@ async def test_post_telemetry_matches_the_seed(api: TestClient, admin: Admin) ->
     got = await resp.json()
     assert got["total_samples"] == 3
     assert got["latest"]["active_users"] == 50 and got["latest"]["ai_latency"] is None
-    resp = await api.get(
-        f"/api/v1/admin/tenants/{tenant['id']}/telemetry/summary", headers=auth()
-    )
+    resp = await api.get(f"/api/v1/admin/tenants/{tenant['id']}/telemetry/summary", headers=auth())
     summary = await resp.json()
     for window in ("last_hour", "last_day"):
         w = summary[window]
@@ -84,7 +87,9 @@ async def test_telemetry_errors(api: TestClient, admin: Admin) -> None:  # type:
         "/telemetry", json=sample(tenant["id"], additionalData={"blob": "x" * 20_000})
     )
     assert resp.status == 422 and "additionalData" in (await resp.json())["message"]
-    resp = await api.post("/telemetry", data=b"{not json", headers={"Content-Type": "application/json"})
+    resp = await api.post(
+        "/telemetry", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 422
 
     await api.patch(f"/api/v1/admin/tenants/{tenant['id']}", json={"active": False}, headers=auth())

@@ -74,6 +74,9 @@ async def test_50mb_upload_and_download_keep_memory_flat(
         tracemalloc.stop()
 
     assert received == size and digest.hexdigest() == sha
-    print(f"upload peak +{upload_peak / 2**20:.1f} MiB, download peak +{download_peak / 2**20:.1f} MiB")
+    print(
+        f"upload peak +{upload_peak / 2**20:.1f} MiB, "
+        f"download peak +{download_peak / 2**20:.1f} MiB"
+    )
     assert upload_peak < BOUND, f"upload grew the heap by {upload_peak / 2**20:.1f} MiB"
     assert download_peak < BOUND, f"download grew the heap by {download_peak / 2**20:.1f} MiB"

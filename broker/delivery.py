@@ -1,0 +1,169 @@
+"""The dispatcher: pushes queued messages to connected nodes, in priority order, within a bounded
+in-flight window per connection; redelivers on ack timeout and reconnect; records dead letters
+and expiries as events. The queue itself (`projections.delivery`) is synchronous; this wraps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+
+from broker.config import DeliveryConfig
+from broker.messaging import Messaging
+from broker.runtime import Runtime
+from eventstore.base import Envelope
+from eventstore.events import MessageRead, MessageRedriven, MessageSent
+
+log = structlog.get_logger(__name__)
+
+CLOSE_REPLACED = 4000  # a newer connection of the same node took over
+CLOSE_SLOW = 4008  # the consumer did not read in time
+
+
+class NodeConnection:
+    """One node's WebSocket, as the dispatcher sees it."""
+
+    def __init__(self, node_id: str, ws: web.WebSocketResponse, send_timeout: float) -> None:
+        self.node_id = node_id
+        self.ws = ws
+        self.send_timeout = send_timeout
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    async def send_many(self, frames: Sequence[str]) -> bool:
+        """Send frames; a consumer that does not take them within the timeout is dropped."""
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                for frame in frames:
+                    await self.ws.send_str(frame)
+            return True
+        except (TimeoutError, ConnectionError, RuntimeError):
+            await self.close(CLOSE_SLOW, "consumer too slow")
+            return False
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.wake.set()
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=reason.encode())
+
+
+class Dispatcher:
+    def __init__(self, runtime: Runtime, messaging: Messaging, config: DeliveryConfig) -> None:
+        self.runtime = runtime
+        self.messaging = messaging
+        self.config = config
+        self.queue = runtime.messages.queue
+        self.connections: dict[str, NodeConnection] = {}
+        self._tick = asyncio.Event()
+        self._scheduled = math.inf  # when housekeeping wakes up next
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.runtime.store.add_listener(self._on_append)
+        self._task = asyncio.create_task(self._housekeeping(), name="delivery-housekeeping")
+
+    async def stop(self) -> None:
+        self.runtime.store.remove_listener(self._on_append)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for conn in list(self.connections.values()):
+            await conn.close(1001, "server shutting down")
+
+    # --- connections ---
+
+    def connect(self, conn: NodeConnection) -> NodeConnection | None:
+        """Make `conn` the node's connection; returns the one it replaces (to be closed).
+        What the old one had in flight is ready again at once, for the new one."""
+        old = self.connections.get(conn.node_id)
+        self.connections[conn.node_id] = conn
+        self.queue.release(conn.node_id)
+        conn.wake.set()
+        return old
+
+    def disconnect(self, conn: NodeConnection) -> None:
+        conn.closed = True
+        conn.wake.set()
+        if self.connections.get(conn.node_id) is conn:
+            del self.connections[conn.node_id]
+            self.queue.release(conn.node_id)
+
+    async def pump(self, conn: NodeConnection) -> None:
+        """Push the node's messages while `conn` is its connection."""
+        queue, node, window = self.queue, conn.node_id, self.config.window
+        while not conn.closed:
+            await conn.wake.wait()
+            conn.wake.clear()
+            while not conn.closed and self.connections.get(node) is conn:
+                room = window - queue.in_flight(node)
+                if room <= 0:
+                    break
+                batch = queue.take(node, room)
+                if not batch:
+                    break
+                self._schedule(time.time() + self.config.ack_timeout)
+                if not await conn.send_many([d.message.payload.frame for d in batch]):
+                    return
+
+    # --- log listener: wake whoever the new events concern ---
+
+    def _on_append(self, envs: Sequence[Envelope]) -> None:
+        conns = self.connections
+        for env in envs:
+            event = env.event
+            kind = type(event)
+            if kind is MessageSent:
+                for node in event.to_nodes:  # type: ignore[attr-defined]
+                    conn = conns.get(node)
+                    if conn is not None:
+                        conn.wake.set()
+                self._schedule(env.ts + event.ttl)  # type: ignore[attr-defined]
+            elif kind is MessageRead or kind is MessageRedriven:
+                conn = conns.get(event.node_id)  # type: ignore[attr-defined]
+                if conn is not None:
+                    conn.wake.set()
+
+    def _schedule(self, when: float) -> None:
+        if when < self._scheduled:
+            self._scheduled = when
+            self._tick.set()
+
+    # --- housekeeping: ack timeouts, dead letters, expiry ---
+
+    async def _housekeeping(self) -> None:
+        while True:
+            deadline = self.queue.next_deadline()
+            self._scheduled = math.inf if deadline is None else deadline
+            delay = None if deadline is None else max(0.0, deadline - time.time()) + 0.001
+            self._tick.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._tick.wait()
+            try:
+                await self.sweep()
+            except Exception:  # the log may be unavailable for a while: try again later
+                log.exception("delivery_housekeeping_failed")
+                await asyncio.sleep(1.0)
+
+    async def sweep(self) -> None:
+        """Redeliver timed-out pushes, record dead letters and expiries (one pass)."""
+        redelivered, exhausted = self.queue.timed_out()
+        for d in redelivered:
+            conn = self.connections.get(d.node_id)
+            if conn is not None:
+                conn.wake.set()
+        if exhausted:
+            await self.messaging.record_dead(exhausted)
+        expired = self.queue.expired(self.config.expiry_batch)
+        if expired:
+            await self.messaging.record_expired(expired)

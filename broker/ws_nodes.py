@@ -1,0 +1,289 @@
+"""The node WebSocket, `GET /api/v1/ws` (DESIGN.md §7).
+
+Auth by `Authorization: Bearer` at the upgrade, or by a first frame `{"type": "auth", "token":
+"Bearer …"}` within `ws_auth_timeout`. Then JSON text frames, each one op or an array of ops:
+`heartbeat`, `status`, `telemetry`, `send`, `ack`, each with an optional `ref`. Every op is
+answered `{"type": "ok", "ref": …}` once its events are durable, or `{"type": "error", "ref": …,
+"error": {"code", "message"}}`; an array of ops is answered by an array, in the same order. A bad
+op never closes the socket. Pushed messages arrive as `{"type": "message", …}`; the node answers
+`{"type": "ack", "message_id": …}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+from aiohttp import WSMsgType, web
+
+from broker import errors
+from broker.auth import Public, authenticate
+from broker.config import DeliveryConfig
+from broker.delivery import CLOSE_REPLACED, Dispatcher, NodeConnection
+from broker.keys import CONFIG, DISPATCHER, MESSAGING, NODES
+from broker.messaging import Messaging, PriorityName, SendRequest
+from broker.principal import Principal
+from broker.routing import Routes
+from eventstore.base import ConcurrencyError, StoreUnavailable
+from eventstore.events import NodeTelemetry
+
+log = structlog.get_logger(__name__)
+routes = Routes("websocket")
+
+CLOSE_POLICY = 1008  # RFC 6455: policy violation (bad or missing auth)
+
+_json = msgspec.json.Encoder()
+_frame_decoder = msgspec.json.Decoder()
+
+
+# --- ops (wire types) ---
+
+
+class _Op(msgspec.Struct, kw_only=True, tag_field="type"):
+    ref: Any = None
+
+
+class HeartbeatOp(_Op, tag="heartbeat"):
+    timestamp: str | float | None = None
+    status: str | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class StatusOp(_Op, tag="status"):
+    status: str | None = None
+    load: float | None = None
+    available_resources: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    last_seen: str | float | None = None
+
+
+class TelemetryOp(_Op, tag="telemetry"):
+    metrics: dict[str, Any] = {}
+    timestamp: str | float | None = None
+
+
+class SendOp(_Op, tag="send"):
+    to_nodes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]]
+    message_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    content: Any = None
+    from_node: str | None = None
+    priority: PriorityName = "normal"
+    ttl: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    metadata: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+
+
+class AckOp(_Op, tag="ack"):
+    message_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+Op = HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp
+
+
+class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
+    token: str
+
+
+def _ok(ref: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "ok", "ref": ref, **extra}
+
+
+def _error(ref: Any, code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "ref": ref, "error": {"code": code, "message": message}}
+
+
+class NodeSession:
+    """One authenticated node connection: decodes frames, runs ops, answers."""
+
+    def __init__(
+        self,
+        principal: Principal,
+        conn: NodeConnection,
+        app: web.Application,
+        config: DeliveryConfig,
+    ) -> None:
+        self.principal = principal
+        self.conn = conn
+        self.app = app
+        self.messaging: Messaging = app[MESSAGING]
+        self.slots = asyncio.Semaphore(config.ws_max_pending_ops)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def on_text(self, data: str) -> None:
+        """Handle one frame concurrently with the next ones (bounded per connection), so a
+        pipelining node gets its ops committed together."""
+        await self.slots.acquire()
+        task = asyncio.create_task(self._frame(data))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+
+    async def _frame(self, data: str) -> None:
+        try:
+            parsed = _frame_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
+            return
+        if isinstance(parsed, list):
+            answers = await asyncio.gather(*(self._op(item) for item in parsed))
+            await self._answer(answers)
+        else:
+            await self._answer(await self._op(parsed))
+
+    async def _answer(self, answer: Any) -> None:
+        if not self.conn.closed:
+            await self.conn.send_many([_json.encode(answer).decode()])
+
+    async def _op(self, raw: Any) -> dict[str, Any]:
+        ref = raw.get("ref") if isinstance(raw, dict) else None
+        try:
+            op = msgspec.convert(raw, Op)
+        except msgspec.ValidationError as exc:
+            return _error(ref, "VALIDATION_ERROR", str(exc))
+        try:
+            return await self._run(op)
+        except errors.BrokerError as exc:
+            return _error(ref, exc.code, exc.message)
+        except ConcurrencyError:
+            return _error(ref, "CONFLICT", "changed concurrently; retry")
+        except StoreUnavailable:
+            return _error(ref, "SERVICE_UNAVAILABLE", "the event log is unavailable; retry later")
+        except Exception:
+            log.exception("ws_op_failed", op=type(op).__name__)
+            return _error(ref, "INTERNAL", "internal error")
+
+    async def _run(self, op: Op) -> dict[str, Any]:
+        node_id = self.principal.id
+        if isinstance(op, AckOp):
+            await self.messaging.read(self.principal, op.message_id, via="ws")
+            return _ok(op.ref, message_id=op.message_id)
+        if isinstance(op, SendOp):
+            req = SendRequest(
+                to_nodes=op.to_nodes,
+                message_type=op.message_type,
+                content=op.content,
+                from_node=op.from_node,
+                priority=op.priority,
+                ttl=op.ttl,
+                metadata=op.metadata,
+            )
+            result = await self.messaging.send(self.principal, req, op.idempotency_key)
+            return _ok(op.ref, message_id=result.message_id, expires_at=result.expires_at)
+        nodes = self.app[NODES]
+        if isinstance(op, HeartbeatOp):
+            await nodes.heartbeat(
+                node_id, timestamp=op.timestamp, status=op.status, metrics=op.metrics
+            )
+        elif isinstance(op, StatusOp):
+            await nodes.update_status(
+                node_id,
+                by="node",
+                status=op.status,
+                load=op.load,
+                available_resources=op.available_resources,
+                metadata=op.metadata,
+                last_seen=op.last_seen,
+            )
+        else:
+            nodes.get(node_id)  # 404 for a node deregistered meanwhile
+            await self.messaging.runtime.record(
+                [NodeTelemetry(node_id=node_id, metrics=op.metrics, timestamp=op.timestamp)]
+            )
+        return _ok(op.ref)
+
+
+def _origin_allowed(request: web.Request, config: DeliveryConfig) -> bool:
+    origin = request.headers.get("Origin")
+    return origin is None or origin in config.allowed_origins
+
+
+async def _first_frame_auth(
+    ws: web.WebSocketResponse, app: web.Application, timeout: float
+) -> Principal | None:
+    try:
+        msg = await ws.receive(timeout=timeout)
+    except TimeoutError:
+        await ws.send_str(
+            _json.encode(_error(None, "AUTHENTICATION_ERROR", "auth timeout")).decode()
+        )
+        return None
+    if msg.type != WSMsgType.TEXT:
+        return None
+    try:
+        frame = msgspec.json.decode(msg.data, type=AuthFrame)
+        token = (
+            frame.token if frame.token.lower().startswith("bearer ") else f"Bearer {frame.token}"
+        )
+        return await authenticate(app, token)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        reason = 'the first frame must be {"type": "auth", "token": "Bearer …"}'
+    except errors.BrokerError as exc:
+        reason = exc.message
+    await ws.send_str(_json.encode(_error(None, "AUTHENTICATION_ERROR", reason)).decode())
+    return None
+
+
+@routes.get(
+    "/api/v1/ws", policy=Public(), summary="Node WebSocket (auth at upgrade or first frame)"
+)
+async def node_ws(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    config = app[CONFIG].delivery
+    if not _origin_allowed(request, config):
+        raise errors.Forbidden("Origin not allowed")
+    principal: Principal | None = None
+    if request.headers.get("Authorization"):
+        principal = await authenticate(app, request.headers["Authorization"])  # 401 before upgrade
+        if not principal.is_node:
+            raise errors.Forbidden("this WebSocket is for nodes; operators use /ws")
+    ws = web.WebSocketResponse(
+        heartbeat=config.ws_heartbeat, max_msg_size=config.ws_max_message_bytes
+    )
+    await ws.prepare(request)
+    if principal is None:
+        principal = await _first_frame_auth(ws, app, config.ws_auth_timeout)
+        if principal is None:
+            await ws.close(code=CLOSE_POLICY, message=b"authentication failed")
+            return ws
+        if not principal.is_node:
+            await ws.send_str(
+                _json.encode(_error(None, "AUTHORIZATION_ERROR", "nodes only")).decode()
+            )
+            await ws.close(code=CLOSE_POLICY, message=b"nodes only")
+            return ws
+    dispatcher: Dispatcher = app[DISPATCHER]
+    conn = NodeConnection(principal.id, ws, config.ws_send_timeout)
+    session = NodeSession(principal, conn, app, config)
+    await ws.send_str(
+        _json.encode({"type": "welcome", "node_id": principal.id, "window": config.window}).decode()
+    )
+    old = dispatcher.connect(conn)
+    if old is not None:
+        await old.close(CLOSE_REPLACED, "replaced by a newer connection")
+    pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await session.on_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await session._answer(_error(None, "VALIDATION_ERROR", "send JSON text frames"))
+            else:
+                break
+    finally:
+        dispatcher.disconnect(conn)
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+        if session.tasks:
+            await asyncio.gather(*session.tasks, return_exceptions=True)
+    return ws
+
+
+def setup(app: web.Application) -> None:
+    routes.install(app)

@@ -1,0 +1,291 @@
+"""Messages and mailboxes: the delivery queue rebuilt from the log, per-recipient message state,
+dead letters and idempotency keys (DESIGN.md §5).
+
+The durable state comes from events only. What a connection has in flight (takes, attempts,
+ack deadlines) lives in the queue too but is volatile: it is driven by the dispatcher, starts
+empty after a restart, and is not part of `state()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from eventstore.base import Envelope
+from eventstore.events import (
+    MessageDeadLettered,
+    MessageExpired,
+    MessageRead,
+    MessageRedriven,
+    MessageSent,
+)
+from projections.base import Projection, handles
+from projections.delivery import DeliveryQueue, Priority, QueuedMessage
+
+RETAIN_COMPLETED = 100_000  # finished messages kept for GET /messages/{id} and idempotency
+
+_json = msgspec.json.Encoder()
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def _priority(name: str) -> Priority:
+    try:
+        return Priority.parse(name)
+    except ValueError:  # validated before recording; a log from elsewhere still replays
+        return Priority.NORMAL
+
+
+class PendingMessage(msgspec.Struct, kw_only=True):
+    """A message as a recipient sees it: in GET /messages/pending and pushed over WebSocket."""
+
+    id: str
+    from_node: str
+    message_type: str
+    content: Any
+    priority: str
+    metadata: dict[str, Any]
+    sent_at: str
+    expires_at: str
+    seq: int
+
+
+class PushFrame(PendingMessage, kw_only=True, tag="message", tag_field="type"):
+    """The WebSocket push: `{"type": "message", ...}` with the pending message's fields."""
+
+
+class Mail:
+    """A queued message's payload: its wire shape, and its push frame encoded once, lazily, and
+    shared by every recipient."""
+
+    __slots__ = ("pending", "_frame")
+
+    def __init__(self, pending: PendingMessage) -> None:
+        self.pending = pending
+        self._frame: str | None = None
+
+    @property
+    def frame(self) -> str:
+        if self._frame is None:
+            p = self.pending
+            self._frame = _json.encode(
+                PushFrame(
+                    id=p.id,
+                    from_node=p.from_node,
+                    message_type=p.message_type,
+                    content=p.content,
+                    priority=p.priority,
+                    metadata=p.metadata,
+                    sent_at=p.sent_at,
+                    expires_at=p.expires_at,
+                    seq=p.seq,
+                )
+            ).decode()
+        return self._frame
+
+
+@dataclass(slots=True)
+class Recipient:
+    status: str = "queued"  # queued | read | expired | dead
+    at: float | None = None  # when it became read/expired/dead
+    via: str | None = None
+    attempts: int = 0  # recorded with a dead letter
+
+
+@dataclass(slots=True)
+class MessageRecord:
+    message_id: str
+    from_node: str
+    message_type: str
+    priority: str
+    sent_at: float
+    expires_at: float
+    seq: int
+    recipients: dict[str, Recipient]
+    idempotency_key: str | None = None
+    sent_by: str | None = None
+    open: int = 0  # recipients still queued
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    message_id: str
+    node_id: str
+    reason: str  # expired | max_attempts
+    at: float
+    attempts: int
+    mail: Mail = field(compare=False)
+
+
+@dataclass
+class MessagesProjection(Projection):
+    name = "messages"
+    now: Callable[[], float] = time.time
+    ack_timeout: float = 30.0
+    max_attempts: int = 10
+    retain_completed: int = RETAIN_COMPLETED
+    messages: dict[str, MessageRecord] = field(default_factory=dict)
+    dead_letters: dict[tuple[str, str], DeadLetter] = field(default_factory=dict)
+    idempotency: dict[tuple[str, str], str] = field(default_factory=dict)
+    _completed: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _mail: dict[str, Mail] = field(default_factory=dict)  # queued messages' payloads
+
+    def __post_init__(self) -> None:
+        self.queue = DeliveryQueue(
+            self.now, ack_timeout=self.ack_timeout, max_attempts=self.max_attempts
+        )
+
+    # --- apply ---
+
+    @handles(MessageSent)
+    def _sent(self, env: Envelope) -> None:
+        e: MessageSent = env.event  # type: ignore[assignment]
+        expires_at = env.ts + e.ttl
+        priority = _priority(e.priority)
+        mail = Mail(
+            PendingMessage(
+                id=e.message_id,
+                from_node=e.from_node,
+                message_type=e.message_type,
+                content=e.content,
+                priority=priority.label,
+                metadata=e.metadata,
+                sent_at=iso(env.ts),
+                expires_at=iso(expires_at),
+                seq=env.seq,
+            )
+        )
+        recipients = {node: Recipient() for node in e.to_nodes}
+        self.messages[e.message_id] = MessageRecord(
+            e.message_id,
+            e.from_node,
+            e.message_type,
+            priority.label,
+            env.ts,
+            expires_at,
+            env.seq,
+            recipients,
+            e.idempotency_key,
+            e.sent_by,
+            open=len(recipients),
+        )
+        if e.idempotency_key is not None:
+            self.idempotency[(e.from_node, e.idempotency_key)] = e.message_id
+        self._mail[e.message_id] = mail
+        self.queue.enqueue(
+            QueuedMessage(e.message_id, env.seq, priority, expires_at, mail), tuple(recipients)
+        )
+
+    @handles(MessageRead)
+    def _read(self, env: Envelope) -> None:
+        e: MessageRead = env.event  # type: ignore[assignment]
+        if self._close(e.message_id, e.node_id, "read", env.ts, via=e.via):
+            self.queue.ack(e.node_id, e.message_id)
+
+    @handles(MessageExpired)
+    def _expired(self, env: Envelope) -> None:
+        e: MessageExpired = env.event  # type: ignore[assignment]
+        for node in e.node_ids:
+            self._dead(e.message_id, node, "expired", env.ts, 0)
+
+    @handles(MessageDeadLettered)
+    def _dead_lettered(self, env: Envelope) -> None:
+        e: MessageDeadLettered = env.event  # type: ignore[assignment]
+        self._dead(e.message_id, e.node_id, e.reason, env.ts, e.attempts)
+
+    @handles(MessageRedriven)
+    def _redriven(self, env: Envelope) -> None:
+        e: MessageRedriven = env.event  # type: ignore[assignment]
+        dead = self.dead_letters.pop((e.message_id, e.node_id), None)
+        record = self.messages.get(e.message_id)
+        if dead is None or record is None:
+            return
+        rec = record.recipients[e.node_id]
+        rec.status, rec.at, rec.attempts = "queued", None, 0
+        record.open += 1
+        self._completed.pop(e.message_id, None)
+        expires_at = env.ts + e.ttl
+        old = dead.mail.pending
+        mail = Mail(msgspec.structs.replace(old, expires_at=iso(expires_at), seq=env.seq))
+        self._mail[e.message_id] = mail
+        priority = _priority(old.priority)
+        self.queue.enqueue(
+            QueuedMessage(e.message_id, env.seq, priority, expires_at, mail), (e.node_id,)
+        )
+
+    def _dead(self, message_id: str, node: str, reason: str, ts: float, attempts: int) -> None:
+        if self._close(message_id, node, "dead" if reason != "expired" else "expired", ts):
+            self.queue.drop(node, message_id)
+            mail = self._mail.get(message_id)
+            if mail is not None:
+                self.dead_letters[(message_id, node)] = DeadLetter(
+                    message_id, node, reason, ts, attempts, mail
+                )
+            rec = self.messages[message_id].recipients[node]
+            rec.attempts = attempts
+
+    def _close(
+        self, message_id: str, node: str, status: str, ts: float, via: str | None = None
+    ) -> bool:
+        """Move `node`'s copy out of `queued`; False if it was not queued (idempotent)."""
+        record = self.messages.get(message_id)
+        if record is None:
+            return False
+        rec = record.recipients.get(node)
+        if rec is None or rec.status != "queued":
+            return False
+        rec.status, rec.at, rec.via = status, ts, via
+        record.open -= 1
+        if record.open == 0:
+            self._retire(record)
+        return True
+
+    def _retire(self, record: MessageRecord) -> None:
+        """A message nobody waits for any more: keep its record (bounded), free its payload
+        unless a dead letter still holds it."""
+        self._mail.pop(record.message_id, None)
+        self._completed[record.message_id] = None
+        while len(self._completed) > self.retain_completed:
+            old_id, _ = self._completed.popitem(last=False)
+            old = self.messages.pop(old_id, None)
+            if old is not None and old.idempotency_key is not None:
+                self.idempotency.pop((old.from_node, old.idempotency_key), None)
+
+    # --- queries ---
+
+    def get(self, message_id: str) -> MessageRecord | None:
+        return self.messages.get(message_id)
+
+    def by_idempotency_key(self, sender: str, key: str) -> MessageRecord | None:
+        mid = self.idempotency.get((sender, key))
+        return self.messages.get(mid) if mid else None
+
+    def pending(
+        self, node_id: str, limit: int | None = None, message_type: str | None = None
+    ) -> list[PendingMessage]:
+        pred = None
+        if message_type is not None:
+
+            def pred(m: QueuedMessage) -> bool:
+                return bool(m.payload.pending.message_type == message_type)
+
+        return [m.payload.pending for m in self.queue.pending(node_id, limit, pred)]
+
+    def state(self) -> object:
+        return {
+            "messages": self.messages,
+            "dead_letters": {k: (v.reason, v.at, v.attempts) for k, v in self.dead_letters.items()},
+            "idempotency": self.idempotency,
+            "completed": list(self._completed),
+        }
