@@ -225,9 +225,9 @@ class MessagesProjection(Projection):
         )
 
     def _dead(self, message_id: str, node: str, reason: str, ts: float, attempts: int) -> None:
+        mail = self._mail.get(message_id)  # before _close: closing the last copy frees it
         if self._close(message_id, node, "dead" if reason != "expired" else "expired", ts):
             self.queue.drop(node, message_id)
-            mail = self._mail.get(message_id)
             if mail is not None:
                 self.dead_letters[(message_id, node)] = DeadLetter(
                     message_id, node, reason, ts, attempts, mail

@@ -1,0 +1,177 @@
+"""The node WebSocket: auth, push order, batching, acks, redelivery, bounds."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient
+
+from tests.broker.identity.helpers import bearer, node_session, operator_token
+from tests.broker.messaging.test_http import pending, send
+
+Client = TestClient  # type: ignore[type-arg]
+WS = aiohttp.ClientWebSocketResponse
+
+
+async def connect(client: Client, token: str) -> WS:
+    ws = await client.ws_connect("/api/v1/ws", headers=bearer(token))
+    welcome = await ws.receive_json(timeout=10)
+    assert welcome["type"] == "welcome"
+    return ws
+
+
+async def receive(ws: WS) -> Any:
+    return await ws.receive_json(timeout=10)
+
+
+async def until(ws: WS, kind: str) -> Any:
+    """The next frame of type `kind` (other frames in between are returned in a list too)."""
+    while True:
+        frame = await receive(ws)
+        if isinstance(frame, dict) and frame.get("type") == kind:
+            return frame
+
+
+async def test_backlog_is_pushed_in_priority_order_then_live(client: Client) -> None:
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    for prio in ("low", "high", "normal", "critical"):
+        await send(client, a, from_node="node-a", to_nodes=["node-b"], priority=prio,
+                   content={"p": prio})
+    ws = await connect(client, b)
+    pushed = [await receive(ws) for _ in range(4)]
+    assert [m["type"] for m in pushed] == ["message"] * 4
+    assert [m["priority"] for m in pushed] == ["critical", "high", "normal", "low"]
+    assert pushed[0]["content"] == {"p": "critical"} and pushed[0]["from_node"] == "node-a"
+    resp = await send(client, a, from_node="node-a", to_nodes=["node-b"], content={"live": 1})
+    live = await receive(ws)
+    assert live["id"] == (await resp.json())["message_id"] and live["content"] == {"live": 1}
+    await ws.close()
+
+
+async def test_ops_batching_ack_equals_http_read(client: Client) -> None:
+    await node_session(client, "node-a", 0)
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    a_ws = await connect(client, (await node_session(client, "node-c", 2))["access_token"])
+    b_ws = await connect(client, b)
+    await a_ws.send_json([
+        {"type": "send", "ref": 1, "to_nodes": ["node-b"], "message_type": "t", "content": 1,
+         "priority": "high"},
+        {"type": "heartbeat", "ref": 2, "status": "healthy", "metrics": {"cpu": 1}},
+        {"type": "status", "ref": 3, "status": "active", "load": 0.5},
+        {"type": "telemetry", "ref": 4, "metrics": {"temp": 40}},
+        {"type": "bogus", "ref": 5},
+        {"type": "send", "ref": 6, "from_node": "node-a", "to_nodes": ["node-b"],
+         "message_type": "t"},
+    ])
+    answers = await receive(a_ws)
+    assert [x["type"] for x in answers] == ["ok", "ok", "ok", "ok", "error", "error"]
+    assert [x["ref"] for x in answers] == [1, 2, 3, 4, 5, 6]
+    assert answers[0]["message_id"].startswith("msg_")
+    assert answers[4]["error"]["code"] == "VALIDATION_ERROR"
+    assert answers[5]["error"]["code"] == "AUTHORIZATION_ERROR"  # spoofed sender
+    pushed = await until(b_ws, "message")
+    assert pushed["id"] == answers[0]["message_id"]
+    await b_ws.send_json({"type": "ack", "message_id": pushed["id"], "ref": "x"})
+    ok = await until(b_ws, "ok")
+    assert ok["ref"] == "x"
+    assert (await pending(client, b, "node-b"))["messages"] == []  # the same read as HTTP
+    # A bad frame never closes the socket.
+    await b_ws.send_str("{not json")
+    assert (await receive(b_ws))["type"] == "error"
+    await b_ws.send_json({"type": "ack", "message_id": "msg_nope", "ref": 9})
+    err = await receive(b_ws)
+    assert err["type"] == "error" and err["error"]["code"] == "NOT_FOUND"
+    await b_ws.send_json({"type": "heartbeat", "ref": 10})
+    assert (await receive(b_ws))["type"] == "ok"
+    await a_ws.close()
+    await b_ws.close()
+
+
+async def test_unacked_delivery_is_redelivered_on_reconnect(client: Client) -> None:
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    mid = (await (await send(client, a, from_node="node-a", to_nodes=["node-b"])).json())[
+        "message_id"]
+    first = await connect(client, b)
+    assert (await receive(first))["id"] == mid  # pushed, never acked
+    second = await connect(client, b)  # a new connection replaces the old one
+    closed = await first.receive(timeout=10)
+    assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert first.close_code == 4000
+    again = await receive(second)
+    assert again["id"] == mid
+    state = await (await client.get(f"/api/v1/messages/{mid}", headers=bearer(a))).json()
+    assert state["recipients"][0]["status"] == "delivered"
+    assert state["recipients"][0]["attempts"] == 2
+    await second.send_json({"type": "ack", "message_id": mid})
+    await until(second, "ok")
+    await second.close()
+    third = await connect(client, b)
+    await third.send_json({"type": "heartbeat", "ref": "hb"})
+    frame = await receive(third)  # nothing acked is pushed again: the first frame is the ok
+    assert frame == {"type": "ok", "ref": "hb"}
+    await third.close()
+
+
+async def test_window_bounds_in_flight(client: Client) -> None:
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    for i in range(105):
+        await send(client, a, from_node="node-a", to_nodes=["node-b"], content=i)
+    ws = await connect(client, b)
+    got = [await receive(ws) for _ in range(100)]
+    assert [m["content"] for m in got] == list(range(100))
+    # Nothing more until an ack frees the window.
+    await ws.send_json({"type": "heartbeat", "ref": "probe"})
+    assert await receive(ws) == {"type": "ok", "ref": "probe"}
+    await ws.send_json({"type": "ack", "message_id": got[0]["id"]})
+    frames = [await receive(ws) for _ in range(2)]
+    kinds = sorted(f["type"] for f in frames)
+    assert kinds == ["message", "ok"]
+    assert next(f for f in frames if f["type"] == "message")["content"] == 100
+    await ws.close()
+
+
+async def test_auth_by_first_frame_and_refusals(client: Client) -> None:
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    ws = await client.ws_connect("/api/v1/ws")
+    await ws.send_json({"type": "auth", "token": f"Bearer {b}"})
+    assert (await receive(ws))["type"] == "welcome"
+    await ws.close()
+
+    ws = await client.ws_connect("/api/v1/ws")
+    await ws.send_json({"type": "auth", "token": "Bearer garbage"})
+    err = await receive(ws)
+    assert err["type"] == "error" and err["error"]["code"] == "AUTHENTICATION_ERROR"
+    msg = await ws.receive(timeout=10)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert ws.close_code == 1008
+
+    resp = await client.get("/api/v1/ws", headers={**bearer("garbage"), "Upgrade": "websocket",
+                                                    "Connection": "Upgrade"})
+    assert resp.status == 401
+    op = await operator_token(client, "ops", ["operator"])
+    resp = await client.get("/api/v1/ws", headers={**bearer(op), "Upgrade": "websocket",
+                                                    "Connection": "Upgrade"})
+    assert resp.status == 403
+    resp = await client.get("/api/v1/ws", headers={**bearer(b), "Origin": "https://evil.example",
+                                                    "Upgrade": "websocket", "Connection": "Upgrade"})
+    assert resp.status == 403
+
+
+async def test_oversized_frame_closes_only_that_connection(client: Client) -> None:
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    wa = await connect(client, a)
+    wb = await connect(client, b)
+    await wa.send_str(json.dumps({"type": "heartbeat", "pad": "x" * (2 * 1024 * 1024)}))
+    msg = await wa.receive(timeout=10)
+    while msg.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+        msg = await wa.receive(timeout=10)
+    assert wa.close_code == 1009  # message too big
+    await wb.send_json({"type": "heartbeat", "ref": 1})
+    assert await receive(wb) == {"type": "ok", "ref": 1}
+    await wb.close()
