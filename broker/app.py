@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker import (
+    openapi,
     ratelimit,
+    routes_events,
     routes_licensing,
     routes_messages,
     routes_nodes,
@@ -17,6 +19,7 @@ from broker import (
     system,
     tokens,
     ws_nodes,
+    ws_operators,
 )
 from broker.auth import auth_middleware
 from broker.config import Config
@@ -45,6 +48,9 @@ def create_app(config: Config) -> web.Application:
     routes_telemetry.setup(app)
     routes_messages.setup(app)
     ws_nodes.setup(app)
+    routes_events.setup(app)
+    ws_operators.setup(app)
+    openapi.setup(app)
     return app
 
 

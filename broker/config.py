@@ -100,6 +100,28 @@ class DeliveryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     expiry_batch: int = 1000  # expired messages recorded per sweep
 
 
+class EventsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[events]`: the operators' window on the log (event API, live feed, time travel)."""
+
+    page_scan_limit: int = 100_000  # events one GET /api/v1/events scans at most (then a cursor)
+    feed_max_buffer: int = 10_000  # live events a feed may fall behind before it is dropped
+    feed_write_buffer: int = 256 * 1024  # bytes buffered for a feed's socket before it waits
+    feed_send_timeout: float = 10.0  # a feed whose socket takes longer than this is dropped
+    ws_auth_timeout: float = 5.0  # seconds to send the auth frame on GET /ws
+    ws_heartbeat: float = 30.0  # WebSocket ping interval; also how often the token is rechecked
+    sse_ping: float = 15.0  # seconds between SSE keep-alive comments (and token rechecks)
+    rebuild_window: int = 16_384  # time travel: events read between two yields to the loop
+
+
+class SnapshotsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[snapshots]`: projection snapshots that make start-up replay only the log's tail."""
+
+    enabled: bool = True
+    every: int = 100_000  # events between two snapshots (one is also written at shutdown)
+    keep: int = 2  # newest snapshots kept on disk
+    directory: str = ""  # default <data_dir>/snapshots
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -109,6 +131,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     updates: UpdatesConfig = msgspec.field(default_factory=UpdatesConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    snapshots: SnapshotsConfig = msgspec.field(default_factory=SnapshotsConfig)
 
 
 def load_config(
@@ -168,3 +192,7 @@ def _check(config: Config) -> None:
     for name in ("window", "per_principal", "per_ip", "login_per_ip", "login_per_subject"):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"[limits] {name} must be positive")
+    for section in ("events", "snapshots"):
+        for name, value in msgspec.structs.asdict(getattr(config, section)).items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+                raise ConfigError(f"[{section}] {name} must be positive")

@@ -14,6 +14,9 @@ from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
     from broker.delivery import Dispatcher
+    from broker.eventlog import Rebuilder
+    from broker.openapi import OpenApiCache
+    from broker.snapshots import Snapshotter
     from broker.messaging import Messaging
     from broker.licensing import LicenseUses
     from broker.nodes import NodeService
@@ -43,6 +46,11 @@ TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter
 # Messaging (broker.messaging) and delivery to connected nodes (broker.delivery).
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
+
+# The operators' window on the log (broker.eventlog, broker.openapi, broker.snapshots).
+REBUILDER: web.AppKey[Rebuilder] = web.AppKey("rebuilder")
+OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
+SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
 
 # Per-request keys (request[...]).
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -83,6 +83,9 @@ class AckOp(_Op, tag="ack"):
 Op = HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp
 
 
+_ops_decoder = msgspec.json.Decoder(Op | list[Op])
+
+
 class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
     token: str
 
@@ -125,27 +128,37 @@ class NodeSession:
         self.slots.release()
 
     async def _frame(self, data: str) -> None:
-        try:
-            parsed = _frame_decoder.decode(data)
+        try:  # the fast path: every op valid, decoded straight into Structs
+            ops: Any = _ops_decoder.decode(data)
+        except msgspec.ValidationError:  # find which ops are bad, answer each on its own
+            try:
+                ops = _frame_decoder.decode(data)
+            except msgspec.DecodeError as exc:
+                await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
+                return
         except msgspec.DecodeError as exc:
             await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
             return
-        if isinstance(parsed, list):
-            answers = await asyncio.gather(*(self._op(item) for item in parsed))
+        if isinstance(ops, list):
+            answers = await asyncio.gather(*(self._op(item) for item in ops))
             await self._answer(answers)
         else:
-            await self._answer(await self._op(parsed))
+            await self._answer(await self._op(ops))
 
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:
             await self.conn.send_many([_json.encode(answer).decode()])
 
     async def _op(self, raw: Any) -> dict[str, Any]:
-        ref = raw.get("ref") if isinstance(raw, dict) else None
-        try:
-            op = msgspec.convert(raw, Op)
-        except msgspec.ValidationError as exc:
-            return _error(ref, "VALIDATION_ERROR", str(exc))
+        if isinstance(raw, _Op):
+            op = raw
+        else:
+            ref = raw.get("ref") if isinstance(raw, dict) else None
+            try:
+                op = msgspec.convert(raw, Op)
+            except msgspec.ValidationError as exc:
+                return _error(ref, "VALIDATION_ERROR", str(exc))
+        ref = op.ref
         try:
             return await self._run(op)
         except errors.BrokerError as exc:

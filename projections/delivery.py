@@ -226,8 +226,8 @@ class DeliveryQueue:
         message.holders += added
         if fresh is not None:
             nodes = tuple(fresh)
-        if message.expiry_nodes is not None:
-            message.expiry_nodes += nodes
+        if message.expiry_nodes is not None:  # enqueued again while indexed (rare)
+            message.expiry_nodes += tuple(n for n in nodes if n not in message.expiry_nodes)
         elif message.expires_at != _INF:
             message.expiry_nodes = nodes
             key = message.expires_at // _BUCKET
