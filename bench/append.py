@@ -43,8 +43,9 @@ async def batched(path: Path, events: int, batch: int, sync: str) -> float:
     await store.open()
     t0 = time.perf_counter()
     for i in range(0, events, batch):
-        await store.append([LogNote(stream_id=f"s{j % 100}", text="b", data=BODY)
-                            for j in range(i, i + batch)])
+        await store.append(
+            [LogNote(stream_id=f"s{j % 100}", text="b", data=BODY) for j in range(i, i + batch)]
+        )
     elapsed = time.perf_counter() - t0
     await store.close()
     return events / elapsed
@@ -60,11 +61,15 @@ def main() -> None:
     print(f"# {machine()}; SQLite synchronous={args.synchronous}")
     with tempfile.TemporaryDirectory() as d:
         rate = run(group_commit(Path(d) / "gc.db", args.events, args.appenders, args.synchronous))
-        print(f"append group-commit: {rate:,.0f} events/s durable "
-              f"({args.appenders} concurrent single-event appenders, {args.events:,} events)")
+        print(
+            f"append group-commit: {rate:,.0f} events/s durable "
+            f"({args.appenders} concurrent single-event appenders, {args.events:,} events)"
+        )
         rate = run(batched(Path(d) / "b.db", args.events * 2, args.batch, args.synchronous))
-        print(f"append batched: {rate:,.0f} events/s durable "
-              f"({args.batch} events per call, {args.events * 2:,} events)")
+        print(
+            f"append batched: {rate:,.0f} events/s durable "
+            f"({args.batch} events per call, {args.events * 2:,} events)"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def server(data: Path, port: int, url: str | None = None, **env: str) -> Iterato
         "BROKER_LIMITS__ENABLED": "false",
         **env,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "serve"], env=environ,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve"], env=environ, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stderr is not None
     for line in proc.stderr:
         if "Running on" in line:
@@ -73,18 +74,31 @@ async def onboard(session: aiohttp.ClientSession, base: str, n: int) -> list[tup
     out = []
     for i, key in enumerate(keys):
         node = f"bench-{i:04d}"
-        pem = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
-        body = {"node_id": node, "name": node, "type": "bench", "capabilities": ["x"],
-                "public_key": pem, "endpoint": "", "metadata": {}}
+        pem = (
+            key.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+        body = {
+            "node_id": node,
+            "name": node,
+            "type": "bench",
+            "capabilities": ["x"],
+            "public_key": pem,
+            "endpoint": "",
+            "metadata": {},
+        }
         async with session.post(f"{base}/api/v1/auth/register", json=body) as r:
             assert r.status == 201, await r.text()
         async with session.post(f"{base}/api/v1/auth/login", json={"node_id": node}) as r:
             challenge = (await r.json())["challenge"]
         sig = key.sign(challenge.encode(), PSS, hashes.SHA256()).hex()
-        async with session.post(f"{base}/api/v1/auth/verify", json={
-            "node_id": node, "challenge": challenge, "signature": sig}) as r:
+        async with session.post(
+            f"{base}/api/v1/auth/verify",
+            json={"node_id": node, "challenge": challenge, "signature": sig},
+        ) as r:
             out.append((node, (await r.json())["access_token"]))
     return out
 
@@ -132,20 +146,28 @@ class Peer:
             asyncio.ensure_future(self.ws.send_str(_encode(acks).decode()))
 
     async def send_batch(self, to: str, count: int, stamp: bool) -> None:
-        ops = [{"type": "send", "to_nodes": [to], "message_type": "bench",
-                "priority": ("critical", "high", "normal", "low")[i % 4], "ttl": 600,
-                "content": {"body": BODY, "t": time.time()} if stamp else {"body": BODY}}
-               for i in range(count)]
+        ops = [
+            {
+                "type": "send",
+                "to_nodes": [to],
+                "message_type": "bench",
+                "priority": ("critical", "high", "normal", "low")[i % 4],
+                "ttl": 600,
+                "content": {"body": BODY, "t": time.time()} if stamp else {"body": BODY},
+            }
+            for i in range(count)
+        ]
         await self.ws.send_str(_encode(ops).decode())
 
 
-async def connect_all(session: aiohttp.ClientSession, base: str,
-                      nodes: list[tuple[str, str]]) -> list[Peer]:
+async def connect_all(
+    session: aiohttp.ClientSession, base: str, nodes: list[tuple[str, str]]
+) -> list[Peer]:
     peers = []
     for node, token in nodes:
-        ws = await session.ws_connect(f"{base}/api/v1/ws",
-                                      headers={"Authorization": f"Bearer {token}"},
-                                      max_msg_size=0)
+        ws = await session.ws_connect(
+            f"{base}/api/v1/ws", headers={"Authorization": f"Bearer {token}"}, max_msg_size=0
+        )
         welcome = await ws.receive_json()
         assert welcome["type"] == "welcome"
         peers.append(Peer(ws, node))
@@ -211,8 +233,13 @@ async def latency(peers: list[Peer], rate: int, seconds: float) -> list[float]:
     return sorted(x for p in peers for x in p.latencies)
 
 
-async def http_send(session: aiohttp.ClientSession, base: str, nodes: list[tuple[str, str]],
-                    seconds: float, concurrency: int) -> float:
+async def http_send(
+    session: aiohttp.ClientSession,
+    base: str,
+    nodes: list[tuple[str, str]],
+    seconds: float,
+    concurrency: int,
+) -> float:
     done = 0
     stop = time.perf_counter() + seconds
 
@@ -221,13 +248,19 @@ async def http_send(session: aiohttp.ClientSession, base: str, nodes: list[tuple
         node, token = nodes[i % len(nodes)]
         to = nodes[(i + 1) % len(nodes)][0]
         headers = {"Authorization": f"Bearer {token}"}
-        payload = {"from_node": node, "to_nodes": [to], "message_type": "data_sync",
-                   "content": {"action": "sync_request", "data_hash": "abc123", "body": BODY},
-                   "priority": "high", "ttl": 1800,
-                   "metadata": {"correlation_id": "sync-001", "retry_count": 0}}
+        payload = {
+            "from_node": node,
+            "to_nodes": [to],
+            "message_type": "data_sync",
+            "content": {"action": "sync_request", "data_hash": "abc123", "body": BODY},
+            "priority": "high",
+            "ttl": 1800,
+            "metadata": {"correlation_id": "sync-001", "retry_count": 0},
+        }
         while time.perf_counter() < stop:
-            async with session.post(f"{base}/api/v1/messages/send", json=payload,
-                                    headers=headers) as r:
+            async with session.post(
+                f"{base}/api/v1/messages/send", json=payload, headers=headers
+            ) as r:
                 assert r.status == 200, await r.text()
                 await r.read()
             done += 1
@@ -248,17 +281,23 @@ async def main_async(args: argparse.Namespace) -> None:
             nodes = await onboard(session, base, args.nodes)
             peers = await connect_all(session, base, nodes)
             rate = await throughput(peers, args.messages, args.batch, args.inflight)
-            print(f"ws throughput: {rate:,.0f} messages/s sent, pushed and acked "
-                  f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch})")
+            print(
+                f"ws throughput: {rate:,.0f} messages/s sent, pushed and acked "
+                f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch})"
+            )
             lat = await latency(peers, args.rate, args.seconds)
-            print(f"ws latency at {args.rate:,} messages/s: p50 {pct(lat, .5):.2f} ms, "
-                  f"p99 {pct(lat, .99):.2f} ms, p999 {pct(lat, .999):.2f} ms "
-                  f"({len(lat):,} messages, median {statistics.median(lat) * 1000:.2f} ms)")
+            print(
+                f"ws latency at {args.rate:,} messages/s: p50 {pct(lat, 0.5):.2f} ms, "
+                f"p99 {pct(lat, 0.99):.2f} ms, p999 {pct(lat, 0.999):.2f} ms "
+                f"({len(lat):,} messages, median {statistics.median(lat) * 1000:.2f} ms)"
+            )
             for p in peers:
                 await p.ws.close()
             rps = await http_send(session, base, nodes, args.seconds, args.concurrency)
-            print(f"http send: {rps:,.0f} requests/s durable (seed request shape, "
-                  f"{args.concurrency} concurrent clients)")
+            print(
+                f"http send: {rps:,.0f} requests/s durable (seed request shape, "
+                f"{args.concurrency} concurrent clients)"
+            )
 
 
 def main() -> None:

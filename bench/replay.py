@@ -56,11 +56,20 @@ async def rebuild(path: Path) -> tuple[int, float]:
 
 def cold_start(path: Path) -> float:
     port = 18000 + os.getpid() % 1000
-    env = {**os.environ, "BROKER_STORE__PATH": str(path), "BROKER_SERVER__PORT": str(port),
-           "BROKER_SERVER__DATA_DIR": str(path.parent), "BROKER_LOG__LEVEL": "warning"}
+    env = {
+        **os.environ,
+        "BROKER_STORE__PATH": str(path),
+        "BROKER_SERVER__PORT": str(port),
+        "BROKER_SERVER__DATA_DIR": str(path.parent),
+        "BROKER_LOG__LEVEL": "warning",
+    }
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             try:
@@ -90,8 +99,10 @@ def main() -> None:
         verify_file(path)
         elapsed = time.perf_counter() - t0
         print(f"verify: {args.events / elapsed:,.0f} events/s ({elapsed:.2f} s)")
-        print(f"cold start: {cold_start(path):.2f} s to /health 200 on {args.events:,} events "
-              "(hash-chain verify + replay)")
+        print(
+            f"cold start: {cold_start(path):.2f} s to /health 200 on {args.events:,} events "
+            "(hash-chain verify + replay)"
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from broker.keys import AUTHENTICATOR, PRINCIPAL
 from broker.principal import Principal
 from broker.routing import Policy, route_info
 
-
 # --- policies ---
 
 

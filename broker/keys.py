@@ -15,12 +15,12 @@ from broker.runtime import Runtime
 if TYPE_CHECKING:  # these modules import this one
     from broker.delivery import Dispatcher
     from broker.eventlog import Rebuilder
-    from broker.openapi import OpenApiCache
-    from broker.snapshots import Snapshotter
-    from broker.messaging import Messaging
     from broker.licensing import LicenseUses
+    from broker.messaging import Messaging
     from broker.nodes import NodeService
+    from broker.openapi import OpenApiCache
     from broker.ratelimit import Decision, RateLimiter
+    from broker.snapshots import Snapshotter
     from broker.telemetry import TenantRateLimiter
     from broker.tokens import TokenService
     from broker.updates import UpdateFiles
@@ -31,7 +31,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 
 # Turns a bearer token into a Principal or raises AuthenticationFailed (see broker.auth).
 Authenticator = Callable[[str], Awaitable[Principal]]
-AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 
 # Identity (broker.tokens, broker.nodes) and rate limits (broker.ratelimit).
 TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")

@@ -150,7 +150,8 @@ class NodeSession:
             await self.conn.send_many([_json.encode(answer).decode()])
 
     async def _op(self, raw: Any) -> dict[str, Any]:
-        if isinstance(raw, _Op):
+        op: Op
+        if isinstance(raw, HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp):
             op = raw
         else:
             ref = raw.get("ref") if isinstance(raw, dict) else None

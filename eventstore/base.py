@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -96,13 +96,15 @@ class EventStore(Protocol):
 
     def read(
         self, from_seq: int = 1, to_seq: int | None = None, types: Iterable[str] | None = None
-    ) -> AsyncIterator[Envelope]:
+    ) -> AsyncGenerator[Envelope, None]:
         """Iterate recorded events with from_seq <= seq <= to_seq, in seq order.
 
         `types` filters by type name; a name may use shell wildcards (`node.*`).
         """
 
-    def subscribe(self, from_seq: int = 1, max_buffer: int = 10_000) -> AsyncIterator[Envelope]:
+    def subscribe(
+        self, from_seq: int = 1, max_buffer: int = 10_000
+    ) -> AsyncGenerator[Envelope, None]:
         """Iterate the history from `from_seq`, then live appends: no gap, no duplicate.
 
         A subscriber that falls `max_buffer` events behind the live log gets SubscriberTooSlow.
@@ -159,7 +161,7 @@ def resolve_expected(
 
 async def subscribe_via_listener(
     store: EventStore, from_seq: int, max_buffer: int
-) -> AsyncIterator[Envelope]:
+) -> AsyncGenerator[Envelope, None]:
     """History then live, for any store with `read` and `add_listener`.
 
     The listener is registered before the history is read, so an append racing the hand-over is

@@ -1,7 +1,7 @@
 """Every event type the broker records, in one module.
 
-Rules (STYLE.md 1-2): each event is a frozen msgspec Struct with an explicit, stable tag; schemas only
-grow (new fields get defaults, nothing is renamed or retyped); upgrades of old shapes happen in
+Rules (STYLE.md 1-2): each event is a frozen msgspec Struct with an explicit, stable tag; schemas
+only grow (new fields get defaults, nothing is renamed or retyped); upgrades of old shapes happen in
 `eventstore.codec`. `STREAM_FIELD` names, per class, the field whose value is the event's stream.
 """
 
@@ -28,7 +28,8 @@ class BaseEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
         return str(cls.__struct_config__.tag)
 
 
-# --- operators: users, roles, permissions (stream: the user id, "role:<name>", "permission:<name>") ---
+# --- operators: users, roles, permissions ---
+# Streams: the user id; "role:<name>"; "permission:<name>".
 
 
 class UserCreated(BaseEvent, frozen=True, tag="user.created"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 
 from eventstore.base import (
     ConcurrencyError,
@@ -71,7 +71,7 @@ class MemoryStore:
 
     async def read(
         self, from_seq: int = 1, to_seq: int | None = None, types: Iterable[str] | None = None
-    ) -> AsyncIterator[Envelope]:
+    ) -> AsyncGenerator[Envelope, None]:
         match = type_matcher(types)
         end = len(self._log) if to_seq is None else min(to_seq, len(self._log))
         for i in range(max(from_seq, 1) - 1, end):
@@ -79,7 +79,9 @@ class MemoryStore:
             if match is None or match(env.type):
                 yield env
 
-    def subscribe(self, from_seq: int = 1, max_buffer: int = 10_000) -> AsyncIterator[Envelope]:
+    def subscribe(
+        self, from_seq: int = 1, max_buffer: int = 10_000
+    ) -> AsyncGenerator[Envelope, None]:
         return subscribe_via_listener(self, from_seq, max_buffer)
 
     async def head(self) -> int:

@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -274,7 +274,7 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(1, f"the log file {self.path} is damaged: {exc}") from None
         if row is not None:
-            last = _decode_chunk(row)[-1]
+            last = _decode_chunk(tuple(row))[-1]  # type: ignore[arg-type]
             self._head, self._last_ts, self._last_hash = last.seq, last.ts, last.hash
 
     async def close(self) -> None:
@@ -403,8 +403,14 @@ class SqliteStore:
             prev = chain(prev, env.seq, env.stream, env.stream_version, env.ts, env.id, data)
             append(
                 StoredEvent(
-                    env.seq, env.id, env.stream, env.stream_version, env.ts, event.event_type,
-                    data, prev,
+                    env.seq,
+                    env.id,
+                    env.stream,
+                    env.stream_version,
+                    env.ts,
+                    event.event_type,
+                    data,
+                    prev,
                 )
             )
         rows: list[ChunkRow] = []
@@ -458,7 +464,7 @@ class SqliteStore:
 
     async def read(
         self, from_seq: int = 1, to_seq: int | None = None, types: Iterable[str] | None = None
-    ) -> AsyncIterator[Envelope]:
+    ) -> AsyncGenerator[Envelope, None]:
         conn = self._rconn
         if conn is None:
             raise StoreUnavailable("the log is not open")
@@ -504,7 +510,9 @@ class SqliteStore:
                         yield _to_envelope(rec)
             chunk_from = rows[-1][0] + 1
 
-    def subscribe(self, from_seq: int = 1, max_buffer: int = 10_000) -> AsyncIterator[Envelope]:
+    def subscribe(
+        self, from_seq: int = 1, max_buffer: int = 10_000
+    ) -> AsyncGenerator[Envelope, None]:
         return subscribe_via_listener(self, from_seq, max_buffer)
 
     async def head(self) -> int:

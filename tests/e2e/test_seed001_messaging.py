@@ -29,8 +29,11 @@ async def test_seed_send_pending_mark_read(server: TestServer) -> None:
             "from_node": "node-001",
             "to_nodes": ["node-002"],
             "message_type": "data_sync",
-            "content": {"action": "sync_request", "data_hash": "abc123...",
-                        "timestamp": "2026-01-01T00:00:00"},
+            "content": {
+                "action": "sync_request",
+                "data_hash": "abc123...",
+                "timestamp": "2026-01-01T00:00:00",
+            },
             "priority": "high",
             "ttl": 1800,
             "metadata": {"correlation_id": "sync-001", "retry_count": 0},
@@ -72,8 +75,17 @@ async def test_seed_message_processing_loop_one_pass(
 
     try:
         ids = [
-            (await seed.send_message(sender, {"from_node": "node-001", "to_nodes": ["node-002"],
-                                              "message_type": kind, "content": {}}))["message_id"]
+            (
+                await seed.send_message(
+                    sender,
+                    {
+                        "from_node": "node-001",
+                        "to_nodes": ["node-002"],
+                        "message_type": kind,
+                        "content": {},
+                    },
+                )
+            )["message_id"]
             for kind in ("data_sync", "command")
         ]
         monkeypatch.setattr(seed.asyncio, "sleep", stop_sleep)

@@ -18,8 +18,9 @@ async def send(client: Client, token: str, **body: Any) -> Any:
 
 
 async def pending(client: Client, token: str, node: str, **params: Any) -> Any:
-    resp = await client.get(f"/api/v1/messages/pending/{node}", headers=bearer(token),
-                            params=params)
+    resp = await client.get(
+        f"/api/v1/messages/pending/{node}", headers=bearer(token), params=params
+    )
     assert resp.status == 200, await resp.text()
     return await resp.json()
 
@@ -29,8 +30,16 @@ async def test_send_pending_read_in_priority_order(client: Client) -> None:
     b = (await node_session(client, "node-b", 1))["access_token"]
     ids = {}
     for prio in ("low", "normal", "critical", "high", "normal"):
-        resp = await send(client, a, from_node="node-a", to_nodes=["node-b"], priority=prio,
-                          ttl=600, content={"p": prio}, metadata={"correlation_id": prio})
+        resp = await send(
+            client,
+            a,
+            from_node="node-a",
+            to_nodes=["node-b"],
+            priority=prio,
+            ttl=600,
+            content={"p": prio},
+            metadata={"correlation_id": prio},
+        )
         assert resp.status == 200, await resp.text()
         body = await resp.json()
         assert body["status"] == "queued" and body["recipients"] == 1
@@ -45,8 +54,16 @@ async def test_send_pending_read_in_priority_order(client: Client) -> None:
     assert first["from_node"] == "node-a" and first["message_type"] == "data_sync"
     assert first["content"] == {"p": "critical"}
     assert first["metadata"] == {"correlation_id": "critical"}
-    assert set(first) >= {"id", "from_node", "message_type", "content", "priority", "metadata",
-                          "sent_at", "expires_at"}
+    assert set(first) >= {
+        "id",
+        "from_node",
+        "message_type",
+        "content",
+        "priority",
+        "metadata",
+        "sent_at",
+        "expires_at",
+    }
     assert len((await pending(client, b, "node-b", limit=2))["messages"]) == 2
     assert (await pending(client, b, "node-b", message_type="other"))["messages"] == []
 
@@ -97,8 +114,11 @@ async def test_send_refusals(client: Client) -> None:
         resp = await send(client, a, from_node="node-a", **bad)
         assert resp.status == 422, (bad, await resp.text())
         assert_error(await resp.json(), 422, "VALIDATION_ERROR")
-    resp = await client.post("/api/v1/messages/send", data=b"{not json",
-                             headers={**bearer(a), "Content-Type": "application/json"})
+    resp = await client.post(
+        "/api/v1/messages/send",
+        data=b"{not json",
+        headers={**bearer(a), "Content-Type": "application/json"},
+    )
     assert resp.status == 422
     resp = await client.post("/api/v1/messages/send", json={"to_nodes": ["node-b"]})
     assert resp.status == 401
@@ -106,13 +126,16 @@ async def test_send_refusals(client: Client) -> None:
     resp = await client.get("/api/v1/messages/pending/node-a", headers=bearer(b))
     assert resp.status == 403
     mid = (await (await send(client, a, from_node="node-a", to_nodes=["node-b"])).json())[
-        "message_id"]
+        "message_id"
+    ]
     resp = await client.put(f"/api/v1/messages/{mid}/read", headers=bearer(a))
     assert resp.status == 404
     resp = await client.put("/api/v1/messages/msg_nope/read", headers=bearer(b))
     assert resp.status == 404
-    resp = await client.get(f"/api/v1/messages/{mid}", headers=bearer(
-        (await node_session(client, "node-x", 3))["access_token"]))
+    resp = await client.get(
+        f"/api/v1/messages/{mid}",
+        headers=bearer((await node_session(client, "node-x", 3))["access_token"]),
+    )
     assert resp.status == 404
 
 

@@ -38,8 +38,9 @@ async def test_backlog_is_pushed_in_priority_order_then_live(client: Client) -> 
     a = (await node_session(client, "node-a", 0))["access_token"]
     b = (await node_session(client, "node-b", 1))["access_token"]
     for prio in ("low", "high", "normal", "critical"):
-        await send(client, a, from_node="node-a", to_nodes=["node-b"], priority=prio,
-                   content={"p": prio})
+        await send(
+            client, a, from_node="node-a", to_nodes=["node-b"], priority=prio, content={"p": prio}
+        )
     ws = await connect(client, b)
     pushed = [await receive(ws) for _ in range(4)]
     assert [m["type"] for m in pushed] == ["message"] * 4
@@ -56,16 +57,29 @@ async def test_ops_batching_ack_equals_http_read(client: Client) -> None:
     b = (await node_session(client, "node-b", 1))["access_token"]
     a_ws = await connect(client, (await node_session(client, "node-c", 2))["access_token"])
     b_ws = await connect(client, b)
-    await a_ws.send_json([
-        {"type": "send", "ref": 1, "to_nodes": ["node-b"], "message_type": "t", "content": 1,
-         "priority": "high"},
-        {"type": "heartbeat", "ref": 2, "status": "healthy", "metrics": {"cpu": 1}},
-        {"type": "status", "ref": 3, "status": "active", "load": 0.5},
-        {"type": "telemetry", "ref": 4, "metrics": {"temp": 40}},
-        {"type": "bogus", "ref": 5},
-        {"type": "send", "ref": 6, "from_node": "node-a", "to_nodes": ["node-b"],
-         "message_type": "t"},
-    ])
+    await a_ws.send_json(
+        [
+            {
+                "type": "send",
+                "ref": 1,
+                "to_nodes": ["node-b"],
+                "message_type": "t",
+                "content": 1,
+                "priority": "high",
+            },
+            {"type": "heartbeat", "ref": 2, "status": "healthy", "metrics": {"cpu": 1}},
+            {"type": "status", "ref": 3, "status": "active", "load": 0.5},
+            {"type": "telemetry", "ref": 4, "metrics": {"temp": 40}},
+            {"type": "bogus", "ref": 5},
+            {
+                "type": "send",
+                "ref": 6,
+                "from_node": "node-a",
+                "to_nodes": ["node-b"],
+                "message_type": "t",
+            },
+        ]
+    )
     answers = await receive(a_ws)
     assert [x["type"] for x in answers] == ["ok", "ok", "ok", "ok", "error", "error"]
     assert [x["ref"] for x in answers] == [1, 2, 3, 4, 5, 6]
@@ -94,7 +108,8 @@ async def test_unacked_delivery_is_redelivered_on_reconnect(client: Client) -> N
     a = (await node_session(client, "node-a", 0))["access_token"]
     b = (await node_session(client, "node-b", 1))["access_token"]
     mid = (await (await send(client, a, from_node="node-a", to_nodes=["node-b"])).json())[
-        "message_id"]
+        "message_id"
+    ]
     first = await connect(client, b)
     assert (await receive(first))["id"] == mid  # pushed, never acked
     second = await connect(client, b)  # a new connection replaces the old one
@@ -150,15 +165,24 @@ async def test_auth_by_first_frame_and_refusals(client: Client) -> None:
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     assert ws.close_code == 1008
 
-    resp = await client.get("/api/v1/ws", headers={**bearer("garbage"), "Upgrade": "websocket",
-                                                    "Connection": "Upgrade"})
+    resp = await client.get(
+        "/api/v1/ws", headers={**bearer("garbage"), "Upgrade": "websocket", "Connection": "Upgrade"}
+    )
     assert resp.status == 401
     op = await operator_token(client, "ops", ["operator"])
-    resp = await client.get("/api/v1/ws", headers={**bearer(op), "Upgrade": "websocket",
-                                                    "Connection": "Upgrade"})
+    resp = await client.get(
+        "/api/v1/ws", headers={**bearer(op), "Upgrade": "websocket", "Connection": "Upgrade"}
+    )
     assert resp.status == 403
-    resp = await client.get("/api/v1/ws", headers={**bearer(b), "Origin": "https://evil.example",
-                                                    "Upgrade": "websocket", "Connection": "Upgrade"})
+    resp = await client.get(
+        "/api/v1/ws",
+        headers={
+            **bearer(b),
+            "Origin": "https://evil.example",
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+        },
+    )
     assert resp.status == 403
 
 
