@@ -1,8 +1,10 @@
-"""Benchmark of the delivery queue (projections/delivery.py), no event loop.
+"""Benchmark of the delivery queue (projections/delivery.py): synchronous, no event loop.
 
-Run from the project root: ``python -m bench.queue [--messages N]``. Prints one line per scenario.
-Messages are built before the clock starts (the projection builds them from the event anyway);
-each figure counts (node, message) deliveries per second of wall time (time.perf_counter).
+Run from the project root: ``python -m bench.queue [--messages N] [--repeat R]``. Prints a
+machine line, then one line per scenario, each the best of R runs (the figures of a shared VM
+vary from run to run). Messages are built in batches of 10,000 outside the timed sections, as
+the projection builds each one from its event before enqueueing it; time.perf_counter times the
+queue calls only. A "delivery" is one (node, message) pair: enqueued, taken, acked.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/queue.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import machine  # noqa: E402
 from projections.delivery import DeliveryQueue, Priority, QueuedMessage  # noqa: E402
 
-NODES = 100
+NODES = [f"node-{k}" for k in range(100)]
 WINDOW = 64
 BATCH = 10_000
 PRIORITY_MIX = (
@@ -38,126 +41,130 @@ class Clock:
         return self.t
 
 
-def _messages(
-    n: int, clock: Clock, rng: random.Random, ttl: Callable[[int], float]
-) -> list[QueuedMessage]:
-    return [
-        QueuedMessage(f"m{i}", i, rng.choice(PRIORITY_MIX), clock.t + ttl(i), None)
-        for i in range(n)
+def _batch(
+    rng: random.Random, clock: Clock, start: int, stop: int, fanout: int, ttl: float
+) -> tuple[list[QueuedMessage], list[tuple[str, ...]]]:
+    msgs = [
+        QueuedMessage(f"m{i}", i, rng.choice(PRIORITY_MIX), clock.t + ttl, None)
+        for i in range(start, stop)
     ]
+    return msgs, [tuple(rng.sample(NODES, fanout)) for _ in msgs]
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def bench_flow(n: int, fanout: int) -> str:
-    """enqueue (each message to `fanout` of 100 nodes), then take in windows of 64, ack each.
-
-    Messages are built per batch of 10,000 outside the timed sections, as the projection
-    would build each one just before enqueueing it.
-    """
+def flow(n: int, fanout: int, batched_acks: bool) -> float:
+    """Seconds to enqueue n messages (each to `fanout` of 100 nodes), then, node by node, take
+    windows of 64 and ack each delivery (one ``ack`` call each, or one ``ack_many`` per window)."""
     rng = random.Random(1)
     clock = Clock()
     q = DeliveryQueue(clock)
-    nodes = [f"node-{k}" for k in range(NODES)]
-    enqueue, take, ack = q.enqueue, q.take, q.ack
+    enqueue, take, ack, ack_many = q.enqueue, q.take, q.ack, q.ack_many
     elapsed = 0.0
-    gc.collect()
     for start in range(0, n, BATCH):
-        stop = min(n, start + BATCH)
-        msgs = [
-            QueuedMessage(f"m{i}", i, rng.choice(PRIORITY_MIX), clock.t + 3600.0, None)
-            for i in range(start, stop)
-        ]
-        dests = [tuple(rng.sample(nodes, fanout)) for _ in msgs]
+        msgs, dests = _batch(rng, clock, start, min(n, start + BATCH), fanout, 3600.0)
         t0 = time.perf_counter()
         for m, dest in zip(msgs, dests, strict=True):
             enqueue(m, dest)
-        for node in nodes:
-            while batch := take(node, WINDOW):
-                for d in batch:
-                    ack(node, d.message.message_id)
+        for node in NODES:
+            while window := take(node, WINDOW):
+                if batched_acks:
+                    ack_many(node, [d.message.message_id for d in window])
+                else:
+                    for d in window:
+                        ack(node, d.message.message_id)
         elapsed += time.perf_counter() - t0
         clock.t += 0.01
     assert len(q) == 0, q.stats()
-    pairs = n * fanout
-    return (
-        f"queue enqueue+take+ack (fan-out {fanout}): {pairs / elapsed:,.0f} deliveries/s "
-        f"({n:,} msgs x {fanout} recipients, {NODES} nodes, window {WINDOW}, {elapsed:.2f} s)"
-    )
+    return elapsed
 
 
-def bench_pending(n: int) -> str:
-    """pending(node, limit=100) on 100 nodes holding n/100 messages each, a quarter in flight."""
+def listing(n: int) -> tuple[float, int]:
+    """Seconds for ``pending(node, limit=100)`` calls over 100 nodes holding n/100 messages
+    each, a quarter of them in flight; returns (seconds, calls)."""
     rng = random.Random(2)
     clock = Clock()
     q = DeliveryQueue(clock)
-    nodes = [f"node-{k}" for k in range(NODES)]
-    for i, m in enumerate(_messages(n, clock, rng, lambda i: 3600.0)):
-        q.enqueue(m, (nodes[i % NODES],))
-    per_node = n // NODES
-    for node in nodes:
-        q.take(node, per_node // 4)
+    msgs, _ = _batch(rng, clock, 0, n, 1, 3600.0)
+    for i, m in enumerate(msgs):
+        q.enqueue(m, (NODES[i % len(NODES)],))
+    for node in NODES:
+        q.take(node, n // len(NODES) // 4)
     calls = max(1000, min(20_000, n // 50))
-
-    def run() -> None:
-        pending = q.pending
-        for c in range(calls):
-            pending(nodes[c % NODES], 100)
-
-    elapsed = _timed(run)
-    return (
-        f"queue pending(limit=100): {calls / elapsed:,.0f} calls/s, "
-        f"{calls * 100 / elapsed:,.0f} msgs listed/s ({per_node:,} pending per node, "
-        f"{per_node // 4:,} in flight)"
-    )
+    pending = q.pending
+    t0 = time.perf_counter()
+    for c in range(calls):
+        pending(NODES[c % len(NODES)], 100)
+    return time.perf_counter() - t0, calls
 
 
-def bench_expiry(n: int) -> str:
-    """n messages with ttl 1..100 s to 100 nodes; clock jumps past all; expired(1000)+drop."""
+def sweep(n: int) -> tuple[float, float]:
+    """n messages with a ttl of 1..100 s to one of 100 nodes; returns the seconds for the clock
+    past them all and ``expired(1000)`` + ``drop`` of every pair, and idle ``expired()`` calls/s."""
     rng = random.Random(3)
     clock = Clock()
     q = DeliveryQueue(clock)
-    nodes = [f"node-{k}" for k in range(NODES)]
-    for m in _messages(n, clock, rng, lambda i: float(rng.randint(1, 100))):
-        q.enqueue(m, (rng.choice(nodes),))
+    for m in [
+        QueuedMessage(f"m{i}", i, Priority.NORMAL, clock.t + rng.randint(1, 100), None)
+        for i in range(n)
+    ]:
+        q.enqueue(m, (rng.choice(NODES),))
     idle = 100_000
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(idle):
         q.expired(1000)
-    idle_rate = idle / (time.perf_counter() - start)
+    idle_rate = idle / (time.perf_counter() - t0)
     clock.t += 101.0
+    expired, drop = q.expired, q.drop
     swept = 0
-
-    def run() -> None:
-        nonlocal swept
-        expired, drop = q.expired, q.drop
-        while pairs := expired(1000):
-            for node, m in pairs:
-                drop(node, m.message_id)
-            swept += len(pairs)
-
-    elapsed = _timed(run)
+    t0 = time.perf_counter()
+    while pairs := expired(1000):
+        for node, m in pairs:
+            drop(node, m.message_id)
+        swept += len(pairs)
+    elapsed = time.perf_counter() - t0
     assert swept == n and len(q) == 0
-    return (
-        f"queue expiry sweep expired(1000)+drop: {swept / elapsed:,.0f} pairs/s "
-        f"({swept:,} pairs); idle expired(): {idle_rate:,.0f} calls/s"
-    )
+    return elapsed, idle_rate
+
+
+def best(repeat: int, fn: Callable[[], float]) -> float:
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        times.append(fn())
+    return min(times)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    n = args.messages
-    print(bench_flow(n, 1), flush=True)
-    print(bench_flow(max(1, n // 3), 3), flush=True)
-    print(bench_pending(n), flush=True)
-    print(bench_expiry(n), flush=True)
+    n, r = args.messages, args.repeat
+    print(f"# {machine()}; best of {r}", flush=True)
+    for fanout, batched in ((1, False), (1, True), (3, False)):
+        msgs = n if fanout == 1 else n // fanout
+        secs = best(r, lambda m=msgs, f=fanout, b=batched: flow(m, f, b))
+        acks = "ack_many per window" if batched else "one ack call each"
+        print(
+            f"queue enqueue+take+ack: {msgs * fanout / secs:,.0f} deliveries/s "
+            f"({msgs:,} msgs x {fanout} recipient{'s' if fanout > 1 else ''}, "
+            f"{len(NODES)} nodes, 4 priorities, take window {WINDOW}, {acks})",
+            flush=True,
+        )
+    runs = [listing(n) for _ in range(r)]
+    secs, calls = min(runs)
+    print(
+        f"queue pending(limit=100): {calls / secs:,.0f} calls/s = {calls * 100 / secs:,.0f} "
+        f"msgs listed/s ({n // len(NODES):,} pending per node, a quarter in flight)",
+        flush=True,
+    )
+    sweeps = [sweep(n) for _ in range(r)]
+    secs = min(s for s, _ in sweeps)
+    idle_rate = max(i for _, i in sweeps)
+    print(
+        f"queue expiry: {n / secs:,.0f} pairs/s swept by expired(1000)+drop ({n:,} pairs); "
+        f"{idle_rate:,.0f} expired() calls/s with nothing due",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

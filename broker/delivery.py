@@ -23,16 +23,22 @@ from eventstore.events import MessageRead, MessageRedriven, MessageSent
 log = structlog.get_logger(__name__)
 
 CLOSE_REPLACED = 4000  # a newer connection of the same node took over
-CLOSE_SLOW = 4008  # the consumer did not read in time
 
 
 class NodeConnection:
     """One node's WebSocket, as the dispatcher sees it."""
 
-    def __init__(self, node_id: str, ws: web.WebSocketResponse, send_timeout: float) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        ws: web.WebSocketResponse,
+        send_timeout: float,
+        transport: asyncio.BaseTransport | None = None,
+    ) -> None:
         self.node_id = node_id
         self.ws = ws
         self.send_timeout = send_timeout
+        self.transport = transport
         self.wake = asyncio.Event()
         self.closed = False
 
@@ -44,8 +50,16 @@ class NodeConnection:
                     await self.ws.send_str(frame)
             return True
         except (TimeoutError, ConnectionError, RuntimeError):
-            await self.close(CLOSE_SLOW, "consumer too slow")
+            self.abort()
             return False
+
+    def abort(self) -> None:
+        """Drop a consumer that does not read: a close frame would wait behind the data it
+        does not take, so cut the connection at once."""
+        self.closed = True
+        self.wake.set()
+        if self.transport is not None:
+            self.transport.abort()
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:

@@ -199,3 +199,43 @@ async def test_oversized_frame_closes_only_that_connection(client: Client) -> No
     await wb.send_json({"type": "heartbeat", "ref": 1})
     assert await receive(wb) == {"type": "ok", "ref": 1}
     await wb.close()
+
+
+async def test_slow_consumer_is_disconnected_others_unaffected(tmp_path: Any) -> None:
+    import asyncio
+
+    import msgspec
+    from aiohttp.test_utils import TestServer
+
+    from broker.app import create_app
+    from broker.config import DeliveryConfig, LimitsConfig
+    from broker.keys import DISPATCHER
+    from tests.conftest import make_config
+
+    config = msgspec.structs.replace(
+        make_config(tmp_path),
+        delivery=DeliveryConfig(window=1000, ws_send_timeout=0.5, max_content_bytes=100_000),
+        limits=LimitsConfig(enabled=False),
+    )
+    async with TestClient(TestServer(create_app(config))) as c:
+        a = (await node_session(c, "node-a", 0))["access_token"]
+        b = (await node_session(c, "node-b", 1))["access_token"]
+        cc = (await node_session(c, "node-c", 2))["access_token"]
+        slow = await connect(c, b)  # never reads again
+        fine = await connect(c, cc)
+        blob = "x" * 90_000
+        for _ in range(300):  # ~27 MB towards a reader that does not read
+            await send(c, a, from_node="node-a", to_nodes=["node-b"], content=blob)
+        await send(c, a, from_node="node-a", to_nodes=["node-c"], content="hello")
+        assert (await receive(fine))["content"] == "hello"
+        dispatcher = c.app[DISPATCHER]
+        for _ in range(600):  # wait (bounded) for the server to give up on node-b
+            if "node-b" not in dispatcher.connections:
+                break
+            await asyncio.sleep(0.05)
+        assert "node-b" not in dispatcher.connections
+        assert "node-c" in dispatcher.connections
+        await fine.send_json({"type": "heartbeat", "ref": 1})
+        assert await receive(fine) == {"type": "ok", "ref": 1}
+        await fine.close()
+        slow.close  # noqa: B018 - left unread on purpose
