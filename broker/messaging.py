@@ -119,7 +119,7 @@ class Messaging:
         if key is not None:
             earlier = self.runtime.messages.by_idempotency_key(sender, key)
             if earlier is not None:
-                return self._result(earlier)
+                return self.result(earlier)
         to_nodes = list(dict.fromkeys(req.to_nodes))
         if len(to_nodes) > cfg.max_recipients:
             raise ValidationFailed(
@@ -175,13 +175,13 @@ class Messaging:
             )
             if earlier is None:
                 raise Conflict("idempotency key already used for another message") from None
-            return self._result(earlier)
+            return self.result(earlier)
         record = self.runtime.messages.get(event.message_id)
         assert record is not None  # applied before record() returns
-        return self._result(record)
+        return self.result(record)
 
     @staticmethod
-    def _result(record: MessageRecord) -> SendResult:
+    def result(record: MessageRecord) -> SendResult:
         return SendResult(
             message_id=record.message_id,
             status="queued",

@@ -28,7 +28,7 @@ from broker.messaging import Messaging, PriorityName, SendRequest
 from broker.principal import Principal
 from broker.routing import Routes
 from eventstore.base import ConcurrencyError, StoreUnavailable
-from eventstore.events import NodeTelemetry
+from eventstore.events import BaseEvent, MessageSent, NodeTelemetry
 
 log = structlog.get_logger(__name__)
 routes = Routes("websocket")
@@ -140,10 +140,79 @@ class NodeSession:
             await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
             return
         if isinstance(ops, list):
-            answers = await asyncio.gather(*(self._op(item) for item in ops))
-            await self._answer(answers)
+            await self._answer(await self._batch(ops))
         else:
             await self._answer(await self._op(ops))
+
+    async def _batch(self, items: list[Any]) -> list[dict[str, Any]]:
+        """Answer an array of ops. Sends and acks are validated here and recorded in ONE append
+        (their events are independent: each send claims its own new message id); the other ops
+        run concurrently, each on its own."""
+        answers: list[dict[str, Any] | None] = [None] * len(items)
+        events: list[BaseEvent] = []
+        owners: list[tuple[int, SendOp | AckOp]] = []
+        claimed: set[str] = set()
+        slow: list[tuple[int, Any]] = []
+        for i, raw in enumerate(items):
+            if not isinstance(raw, SendOp | AckOp):
+                slow.append((i, raw))
+                continue
+            try:
+                prepared = self._prepare(raw)
+            except errors.BrokerError as exc:
+                answers[i] = _error(raw.ref, exc.code, exc.message)
+                continue
+            if isinstance(prepared, dict):
+                answers[i] = prepared
+            elif isinstance(prepared, MessageSent) and prepared.message_id in claimed:
+                slow.append((i, raw))  # the same idempotency key twice in one frame
+            else:
+                if isinstance(prepared, MessageSent):
+                    claimed.add(prepared.message_id)
+                events.append(prepared)
+                owners.append((i, raw))
+        if events:
+            try:
+                await self.messaging.runtime.record(events, {m: 0 for m in claimed} or None)
+            except ConcurrencyError:  # a racing retry elsewhere: settle each op on its own
+                slow.extend(owners)
+                owners = []
+            except StoreUnavailable:
+                for i, op in owners:
+                    answers[i] = _error(
+                        op.ref, "SERVICE_UNAVAILABLE", "the event log is unavailable"
+                    )
+                owners = []
+            for (i, op), event in zip(owners, events, strict=True):
+                answers[i] = self._recorded(op, event)
+        if slow:
+            done = await asyncio.gather(*(self._op(raw) for _, raw in slow))
+            for (i, _), answer in zip(slow, done, strict=True):
+                answers[i] = answer
+        return [a for a in answers if a is not None]
+
+    def _prepare(self, op: SendOp | AckOp) -> BaseEvent | dict[str, Any]:
+        """The event a send or ack will record, or its answer when there is nothing to record."""
+        if isinstance(op, AckOp):
+            read = self.messaging.prepare_read(self.principal, op.message_id)
+            if read is None:
+                return _ok(op.ref, message_id=op.message_id)
+            return msgspec.structs.replace(read, via="ws")
+        prepared = self.messaging.prepare_send(
+            self.principal, _send_request(op), op.idempotency_key
+        )
+        if isinstance(prepared, MessageSent):
+            return prepared
+        return _ok(op.ref, message_id=prepared.message_id, expires_at=prepared.expires_at)
+
+    def _recorded(self, op: SendOp | AckOp, event: BaseEvent) -> dict[str, Any]:
+        if isinstance(op, AckOp):
+            return _ok(op.ref, message_id=op.message_id)
+        record = self.messaging.runtime.messages.get(event.message_id)  # type: ignore[attr-defined]
+        if record is None:  # already retired (read by every recipient meanwhile)
+            return _ok(op.ref, message_id=event.message_id)  # type: ignore[attr-defined]
+        result = self.messaging.result(record)
+        return _ok(op.ref, message_id=result.message_id, expires_at=result.expires_at)
 
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:
@@ -178,16 +247,9 @@ class NodeSession:
             await self.messaging.read(self.principal, op.message_id, via="ws")
             return _ok(op.ref, message_id=op.message_id)
         if isinstance(op, SendOp):
-            req = SendRequest(
-                to_nodes=op.to_nodes,
-                message_type=op.message_type,
-                content=op.content,
-                from_node=op.from_node,
-                priority=op.priority,
-                ttl=op.ttl,
-                metadata=op.metadata,
+            result = await self.messaging.send(
+                self.principal, _send_request(op), op.idempotency_key
             )
-            result = await self.messaging.send(self.principal, req, op.idempotency_key)
             return _ok(op.ref, message_id=result.message_id, expires_at=result.expires_at)
         nodes = self.app[NODES]
         if isinstance(op, HeartbeatOp):
@@ -210,6 +272,18 @@ class NodeSession:
                 [NodeTelemetry(node_id=node_id, metrics=op.metrics, timestamp=op.timestamp)]
             )
         return _ok(op.ref)
+
+
+def _send_request(op: SendOp) -> SendRequest:
+    return SendRequest(
+        to_nodes=op.to_nodes,
+        message_type=op.message_type,
+        content=op.content,
+        from_node=op.from_node,
+        priority=op.priority,
+        ttl=op.ttl,
+        metadata=op.metadata,
+    )
 
 
 def _origin_allowed(request: web.Request, config: DeliveryConfig) -> bool:

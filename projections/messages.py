@@ -62,14 +62,40 @@ class PushFrame(PendingMessage, kw_only=True, tag="message", tag_field="type"):
 
 
 class Mail:
-    """A queued message's payload: its wire shape, and its push frame encoded once, lazily, and
-    shared by every recipient."""
+    """A queued message's payload, shared by every recipient: the event and its times. Its wire
+    shape and its push frame are built on first use only (replay and polling-only fleets never
+    pay for frames)."""
 
-    __slots__ = ("pending", "_frame")
+    __slots__ = ("event", "seq", "sent_at", "expires_at", "_pending", "_frame")
 
-    def __init__(self, pending: PendingMessage) -> None:
-        self.pending = pending
+    def __init__(self, event: MessageSent, seq: int, sent_at: float, expires_at: float) -> None:
+        self.event = event
+        self.seq = seq
+        self.sent_at = sent_at
+        self.expires_at = expires_at
+        self._pending: PendingMessage | None = None
         self._frame: str | None = None
+
+    @property
+    def message_type(self) -> str:
+        return self.event.message_type
+
+    @property
+    def pending(self) -> PendingMessage:
+        if self._pending is None:
+            e = self.event
+            self._pending = PendingMessage(
+                id=e.message_id,
+                from_node=e.from_node,
+                message_type=e.message_type,
+                content=e.content,
+                priority=_priority(e.priority).label,
+                metadata=e.metadata,
+                sent_at=iso(self.sent_at),
+                expires_at=iso(self.expires_at),
+                seq=self.seq,
+            )
+        return self._pending
 
     @property
     def frame(self) -> str:
@@ -153,19 +179,7 @@ class MessagesProjection(Projection):
         e: MessageSent = env.event  # type: ignore[assignment]
         expires_at = env.ts + e.ttl
         priority = _priority(e.priority)
-        mail = Mail(
-            PendingMessage(
-                id=e.message_id,
-                from_node=e.from_node,
-                message_type=e.message_type,
-                content=e.content,
-                priority=priority.label,
-                metadata=e.metadata,
-                sent_at=iso(env.ts),
-                expires_at=iso(expires_at),
-                seq=env.seq,
-            )
-        )
+        mail = Mail(e, env.seq, env.ts, expires_at)
         recipients = {node: Recipient() for node in e.to_nodes}
         self.messages[e.message_id] = MessageRecord(
             e.message_id,
@@ -216,10 +230,10 @@ class MessagesProjection(Projection):
         record.open += 1
         self._completed.pop(e.message_id, None)
         expires_at = env.ts + e.ttl
-        old = dead.mail.pending
-        mail = Mail(msgspec.structs.replace(old, expires_at=iso(expires_at), seq=env.seq))
+        old = dead.mail
+        mail = Mail(old.event, env.seq, old.sent_at, expires_at)
         self._mail[e.message_id] = mail
-        priority = _priority(old.priority)
+        priority = _priority(old.event.priority)
         self.queue.enqueue(
             QueuedMessage(e.message_id, env.seq, priority, expires_at, mail), (e.node_id,)
         )
@@ -278,7 +292,7 @@ class MessagesProjection(Projection):
         if message_type is not None:
 
             def pred(m: QueuedMessage) -> bool:
-                return bool(m.payload.pending.message_type == message_type)
+                return bool(m.payload.message_type == message_type)
 
         return [m.payload.pending for m in self.queue.pending(node_id, limit, pred)]
 
