@@ -10,7 +10,7 @@ import zlib
 from hashlib import sha256
 
 GENESIS = bytes(32)
-_header = struct.Struct(">qqd").pack
+header = struct.Struct(">qqd").pack  # seq, stream_version, ts
 
 
 def checksum(data: bytes) -> int:
@@ -26,7 +26,7 @@ def chain_hash(
         b"".join(
             (
                 prev,
-                _header(seq, stream_version, ts),
+                header(seq, stream_version, ts),
                 event_id.encode(),
                 b"\0",
                 stream.encode(),
