@@ -16,6 +16,7 @@ from broker import (
     routes_operators,
     routes_telemetry,
     routes_updates,
+    snapshots,
     system,
     tokens,
     ws_nodes,
@@ -23,11 +24,10 @@ from broker import (
 )
 from broker.auth import auth_middleware
 from broker.config import Config
-from broker.keys import CONFIG, METRICS, RUNTIME
+from broker.keys import CONFIG, METRICS, RUNTIME, SNAPSHOTS
 from broker.metrics import Metrics
 from broker.middleware import request_context
-from broker.runtime import Runtime, build_projections
-from eventstore import open_store
+from broker.runtime import Runtime
 
 
 def create_app(config: Config) -> web.Application:
@@ -51,14 +51,13 @@ def create_app(config: Config) -> web.Application:
     routes_events.setup(app)
     ws_operators.setup(app)
     openapi.setup(app)
+    snapshots.setup(app)
     return app
 
 
 async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    store = open_store(config.store)
-    await store.open()
-    runtime = Runtime(store, build_projections(config.delivery), metrics=app[METRICS])
+    store, projections = await app[SNAPSHOTS].open_log()  # newest valid snapshot + the tail
+    runtime = Runtime(store, projections, metrics=app[METRICS])
     try:
         await runtime.start()
         app[RUNTIME] = runtime

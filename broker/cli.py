@@ -190,10 +190,12 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
     from eventstore.base import IntegrityError
     from eventstore.sqlite import verify_file
 
+    if config.store.backend == "nats":
+        return _verify_nats(config)
     if config.store.backend != "sqlite":
         raise CommandError(f"verify checks the sqlite log; the backend is {config.store.backend}")
     if not Path(config.store.path).exists():
@@ -208,6 +210,22 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
         f"ok: {config.store.path}: {n:,} events, checksums and hash chain intact "
         f"({time.perf_counter() - t0:.2f} s)"
     )
+    return EXIT_OK
+
+
+async def _verify_nats(config: Config) -> int:
+    """verify on the NATS backend (what it checks: eventstore/nats_verify.py)."""
+    from eventstore.base import IntegrityError
+    from eventstore.nats_verify import verify_stream
+
+    try:
+        report = await verify_stream(config.store, progress_bar("verify"))
+    except IntegrityError as exc:
+        print(f"FAILED: NATS stream {config.store.stream}: first bad seq {exc.seq}: {exc.reason}")
+        return EXIT_FAIL
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(report.summary())
     return EXIT_OK
 
 

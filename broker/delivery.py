@@ -33,7 +33,7 @@ class NodeConnection:
         node_id: str,
         ws: web.WebSocketResponse,
         send_timeout: float,
-        transport: asyncio.BaseTransport | None = None,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self.node_id = node_id
         self.ws = ws

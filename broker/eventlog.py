@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, Literal, NamedTuple
 
@@ -183,7 +183,7 @@ async def follow(
     types: list[str] | None,
     streams: list[str] | None,
     max_buffer: int,
-) -> AsyncIterator[Envelope | CaughtUp]:
+) -> AsyncGenerator[Envelope | CaughtUp, None]:
     """The events matching the filters from `from_seq` (None: only what comes next), then one
     `CaughtUp` marker, then live events: no gap, no duplicate. The history is read with the
     store's own type filter (no decoding of what is filtered out); live events come from
@@ -242,6 +242,19 @@ def encode_frame(item: Envelope | CaughtUp) -> bytes:
             data=redacted_data(item.event),
         )
     )
+
+
+class Feeds:
+    """The open feeds (WebSocket and SSE) of an application: closed at shutdown, so that a
+    follower does not hold the server's shutdown for its whole grace period."""
+
+    def __init__(self) -> None:
+        self.stoppers: set[Callable[[], Awaitable[None]]] = set()
+        self.closing = False
+
+    async def close_all(self) -> None:
+        self.closing = True
+        await asyncio.gather(*(stop() for stop in list(self.stoppers)), return_exceptions=True)
 
 
 # --- time travel ---

@@ -14,7 +14,7 @@ from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
     from broker.delivery import Dispatcher
-    from broker.eventlog import Rebuilder
+    from broker.eventlog import Feeds, Rebuilder
     from broker.licensing import LicenseUses
     from broker.messaging import Messaging
     from broker.nodes import NodeService
@@ -49,6 +49,7 @@ DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 
 # The operators' window on the log (broker.eventlog, broker.openapi, broker.snapshots).
 REBUILDER: web.AppKey[Rebuilder] = web.AppKey("rebuilder")
+FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
 SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
 

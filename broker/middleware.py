@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import errors
 from broker.http import error_response
@@ -39,6 +40,8 @@ def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
         err = errors.BrokerError(exc.reason)
         err.status, err.code = exc.status, errors.code_for_status(exc.status)
         return err
+    if isinstance(exc, HttpProcessingError):  # e.g. a malformed multipart part header
+        return errors.BadRequest(f"malformed request: {exc.message or type(exc).__name__}")
     if isinstance(exc, msgspec.ValidationError):
         return errors.ValidationFailed(str(exc))
     if isinstance(exc, ConcurrencyError):

@@ -154,7 +154,10 @@ def build_document(app: web.Application) -> dict[str, Any]:
             for name in _PATH_PARAM.findall(path)
         ]
         if info is None:  # refused by the auth middleware; listed so nothing is hidden
-            op.update(summary="(undeclared route: refused)", responses={"403": {"$ref": "#/components/responses/Error"}})
+            op.update(
+                summary="(undeclared route: refused)",
+                responses={"403": {"$ref": "#/components/responses/Error"}},
+            )
             paths.setdefault(path, {})[method.lower()] = op
             continue
         op["summary"] = info.summary or f"{method} {path}"
@@ -185,12 +188,16 @@ def build_document(app: web.Application) -> dict[str, Any]:
         if info.body is not None:
             op["requestBody"] = {
                 "required": False,
-                "content": {info.content_type or "application/json": {"schema": schema_of(info.body)}},
+                "content": {
+                    info.content_type or "application/json": {"schema": schema_of(info.body)}
+                },
             }
         ok: dict[str, Any] = {"description": "Switching Protocols" if info.status == 101 else "OK"}
         if info.response is not None:
             ok["content"] = {
-                info.response_content_type or "application/json": {"schema": schema_of(info.response)}
+                info.response_content_type or "application/json": {
+                    "schema": schema_of(info.response)
+                }
             }
         elif info.response_content_type:
             binary = not info.response_content_type.startswith("text/")

@@ -21,7 +21,7 @@ from broker import eventlog
 from broker.auth import Permission, authenticate
 from broker.errors import AuthenticationFailed, ValidationFailed
 from broker.http import json_response
-from broker.keys import CONFIG, REBUILDER, RUNTIME
+from broker.keys import CONFIG, FEEDS, REBUILDER, RUNTIME
 from broker.pagination import PageQuery, decode_query
 from broker.routing import Routes
 from eventstore.base import StoreError, SubscriberTooSlow
@@ -162,6 +162,13 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
     feed = asyncio.create_task(pump())
     pinger = asyncio.create_task(keep_alive(feed))
+    feeds = app[FEEDS]
+
+    async def stop() -> None:
+        expired.set()  # (the server is shutting down: end the stream, the client resumes)
+        feed.cancel()
+
+    feeds.stoppers.add(stop)
     try:
         await feed
     except asyncio.CancelledError:
@@ -176,6 +183,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, TimeoutError):
         pass  # the client went away or stopped reading
     finally:
+        feeds.stoppers.discard(stop)
         pinger.cancel()
         feed.cancel()
         await asyncio.gather(pinger, feed, return_exceptions=True)
@@ -216,8 +224,13 @@ async def projection_state(request: web.Request) -> web.Response:
     return json_response(state)
 
 
+async def _close_feeds(app: web.Application) -> None:
+    await app[FEEDS].close_all()
+
+
 def setup(app: web.Application) -> None:
     config = app[CONFIG]
     app[REBUILDER] = eventlog.Rebuilder.for_config(config.delivery, config.events.rebuild_window)
+    app[FEEDS] = eventlog.Feeds()
+    app.on_shutdown.append(_close_feeds)
     routes.install(app)
-

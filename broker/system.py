@@ -32,6 +32,8 @@ async def health(request: web.Request) -> web.Response:
     try:
         head = await runtime.store.head()
         store = {"status": "ok", "backend": type(runtime.store).__name__, "head_seq": head}
+        if hasattr(runtime.store, "health"):  # backend-specific state (nats: the stream's)
+            store.update(await runtime.store.health())
     except Exception as exc:  # a health check reports, it does not fail
         head = runtime.projections.seq
         store = {"status": "error", "error": str(exc)}
@@ -44,10 +46,12 @@ async def health(request: web.Request) -> web.Response:
             "lag": lag,
         },
     }
-    healthy = store["status"] == "ok"
+    healthy = store["status"] in ("ok", "degraded")  # degraded: writes refused, reads served
     return json_response(
         {
-            "status": "healthy" if healthy else "unhealthy",
+            "status": ("healthy" if store["status"] == "ok" else "degraded")
+            if healthy
+            else "unhealthy",
             "checks": checks,
             "version": __version__,
             "uptime": round(time.time() - runtime.started_at, 3),

@@ -346,7 +346,8 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
             await ws.close(code=CLOSE_POLICY, message=b"nodes only")
             return ws
     dispatcher: Dispatcher = app[DISPATCHER]
-    conn = NodeConnection(principal.id, ws, config.ws_send_timeout, request.transport)
+    transport = request.transport if isinstance(request.transport, asyncio.Transport) else None
+    conn = NodeConnection(principal.id, ws, config.ws_send_timeout, transport)
     session = NodeSession(principal, conn, app, config)
     await ws.send_str(
         _json.encode({"type": "welcome", "node_id": principal.id, "window": config.window}).decode()

@@ -29,7 +29,7 @@ from broker import eventlog
 from broker.auth import Public, authenticate
 from broker.config import EventsConfig
 from broker.errors import AuthenticationFailed, BrokerError
-from broker.keys import CONFIG, RUNTIME
+from broker.keys import CONFIG, FEEDS, RUNTIME
 from broker.principal import Principal
 from broker.routing import Routes
 from eventstore.base import EventStore, StoreError, SubscriberTooSlow
@@ -44,6 +44,7 @@ CLOSE_AUTH = 4401  # no, bad, expired or revoked token
 CLOSE_FORBIDDEN = 4403  # a valid token without events:read
 CLOSE_SLOW = 4408  # the consumer fell too far behind
 CLOSE_UNAVAILABLE = 1011  # the log could not be read
+CLOSE_GOING_AWAY = 1001  # the server is shutting down
 
 
 # --- client ops ---
@@ -109,7 +110,9 @@ class FeedSession:
         try:
             async with asyncio.timeout(2.0):
                 await self.ws.send_frame(
-                    _json.encode({"type": "error", "error": {"code": err_code, "message": message}}),
+                    _json.encode(
+                        {"type": "error", "error": {"code": err_code, "message": message}}
+                    ),
                     WSMsgType.TEXT,
                 )
                 await self.ws.close(code=code, message=message[:120].encode())
@@ -285,7 +288,18 @@ async def operator_ws(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     if request.transport is not None:
         request.transport.set_write_buffer_limits(high=cfg.feed_write_buffer)
-    await FeedSession(request, ws, cfg).run()
+    feeds = request.app[FEEDS]
+    session = FeedSession(request, ws, cfg)
+
+    async def stop() -> None:
+        await session.close(CLOSE_GOING_AWAY, "SERVICE_UNAVAILABLE", "the server is shutting down")
+
+    feeds.stoppers.add(stop)
+    try:
+        if not feeds.closing:
+            await session.run()
+    finally:
+        feeds.stoppers.discard(stop)
     if not ws.closed:
         await ws.close()
     return ws

@@ -44,5 +44,14 @@ def open_store(config: StoreConfig, *, readonly: bool = False) -> EventStore:
             verify_on_open=config.verify_on_open and not readonly,
         )
     if config.backend == "nats":
-        raise StoreUnavailable("the nats backend is not available in this build yet")
+        from eventstore.nats import NatsStore
+
+        return NatsStore(
+            config.url,
+            config.stream,
+            subject_prefix=config.subject_prefix,
+            replicas=config.replicas,
+            max_age=config.max_age,
+            readonly=readonly,
+        )
     raise ValueError(f"unknown store backend {config.backend!r} (sqlite, memory or nats)")

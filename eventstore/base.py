@@ -217,3 +217,4 @@ class StoreConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream: str = "BROKER_EVENTS"
     replicas: int = 1
     max_age: float = 0  # seconds; 0 keeps events forever
+    subject_prefix: str = ""  # nats: the stream captures `<prefix>.*`; "" = the stream name

@@ -47,6 +47,28 @@ class Projection:
         plain comparable data (callables, caches, indices derivable from the rest)."""
         return {k: v for k, v in vars(self).items() if not callable(v)}
 
+    # --- snapshots (broker.snapshots; the defaults are in projections.snapshots) ---
+
+    # False: never saved in snapshots; start-up rebuilds it from the log instead.
+    snapshottable: ClassVar[bool] = True
+    # Bump when the handlers change what the state means: older snapshots are then not loaded.
+    snapshot_version: ClassVar[int] = 0
+
+    def snapshot(self) -> Any:
+        """What a snapshot saves: anything msgspec encodes to msgpack. The default, for dataclass
+        projections of plain data, is the fields (`projections.snapshots.check_fields` says
+        when that is not faithful: the projection is then rebuilt from the log instead)."""
+        from projections.snapshots import snapshot_fields
+
+        return snapshot_fields(self)
+
+    def restore(self, raw: bytes) -> None:
+        """Load `raw`, the msgpack encoding of what `snapshot()` returned, into this fresh
+        instance. The default decodes each dataclass field by its declared type."""
+        from projections.snapshots import restore_fields
+
+        restore_fields(self, raw)
+
 
 class OutOfOrder(Exception):
     """An envelope arrived out of seq order: the projections would diverge from the log."""

@@ -14,9 +14,12 @@ Per node, a ``_Mailbox`` holds:
 * ``batches``: the tuples returned by recent ``take`` calls, to find what is in flight.
 
 Deque, heap and batch entries are deleted lazily: an entry is live only while ``state[id]`` is
-that very object. Stale entries are purged in amortised O(1) and an empty mailbox is removed, so
-nothing grows without bound. Queue-wide there is a FIFO of take batches by ack deadline
-(deadlines never decrease: the clock must not go backwards) and a heap of messages by expiry.
+that very object. Stale entries are purged in amortised O(1) and empty mailboxes are swept once
+1,024 have emptied, so nothing grows without bound. Queue-wide there is a FIFO of take batches
+by ack deadline (deadlines never decrease: the clock must not go backwards) and an expiry index:
+messages in one-second buckets by expiry (a list append on enqueue) under a heap of bucket keys.
+The messages carry two fields of queue bookkeeping (``holders``, ``expiry_nodes``), which spares
+a per-message allocation on the hot path.
 """
 
 from __future__ import annotations
@@ -180,8 +183,12 @@ class DeliveryQueue:
         self._buckets: dict[float, list[QueuedMessage]] = {}
         self._bucket_keys: list[float] = []
         self._sorted_key: float | None = None
-        self._last_key = _NAN  # the bucket enqueue appended to last, and that bucket
+        # enqueue appends straight to the last bucket used while the key matches; what it
+        # appends there is counted in _indexed by _flush_last.
+        self._last_key = _NAN
         self._last_bucket: list[QueuedMessage] = []
+        self._last_len = 0
+        self._last_cap = 0
         self._indexed = 0
         self._index_limit = _MIN_COMPACT
         self._expired: deque[QueuedMessage] = deque()
@@ -200,19 +207,15 @@ class DeliveryQueue:
         level = message.priority
         boxes = self._boxes
         added = 0
-        fresh: list[str] | None = None  # the nodes added, once one was skipped
         for node in nodes:
             box = boxes.get(node)
             if box is None:
                 box = boxes[node] = _Mailbox()
             state = box.state
             if mid in state or (box.held and mid in box.held):
-                if fresh is None:
-                    fresh = list(nodes[:added])  # every node before the first skip was added
-                continue  # already pending for this node
+                self._enqueue_rest(message, nodes, added)  # already pending for this node
+                return
             state[mid] = message
-            if fresh is not None:
-                fresh.append(node)
             dq = box.queues[level]
             if dq and seq <= dq[-1].seq:  # out of seq order: merged by seq at take time
                 heapq.heappush(box.sides[level], (seq, next(self._tiebreak), 0, message))
@@ -221,35 +224,71 @@ class DeliveryQueue:
             else:
                 dq.append(message)
             added += 1
-        if not added:
-            return
         message.holders += added
-        if fresh is not None:
-            nodes = tuple(fresh)
-        if message.expiry_nodes is not None:  # enqueued again while indexed (rare)
-            message.expiry_nodes += tuple(n for n in nodes if n not in message.expiry_nodes)
-        elif message.expires_at != _INF:
+        bucket = self._last_bucket
+        if (
+            message.expiry_nodes is None
+            and message.expires_at // _BUCKET == self._last_key
+            and len(bucket) < self._last_cap
+        ):
             message.expiry_nodes = nodes
-            key = message.expires_at // _BUCKET
-            if key == self._last_key:
-                self._last_bucket.append(message)
-            else:
-                self._index(message, key)
-            self._indexed += 1
-            if self._indexed > self._index_limit:
-                self._compact_index()
+            bucket.append(message)  # counted in _indexed by _flush_last
+        else:
+            self._index(message, nodes)
 
-    def _index(self, message: QueuedMessage, key: float) -> None:
+    def _enqueue_rest(self, message: QueuedMessage, nodes: tuple[str, ...], done: int) -> None:
+        """``enqueue`` once a recipient already had the message: track who is new."""
+        fresh = list(nodes[:done])  # every node before the first skip was added
+        for node in nodes[done:]:
+            box = self._boxes.get(node)
+            if box is None:
+                box = self._boxes[node] = _Mailbox()
+            mid = message.message_id
+            if mid in box.state or (box.held and mid in box.held):
+                continue
+            box.state[mid] = message
+            level = message.priority
+            dq = box.queues[level]
+            if dq and message.seq <= dq[-1].seq:
+                heapq.heappush(box.sides[level], (message.seq, next(self._tiebreak), 0, message))
+            elif dq is _NO_QUEUE:
+                box.queues[level] = deque((message,))
+            else:
+                dq.append(message)
+            fresh.append(node)
+        if fresh:
+            message.holders += len(fresh)
+            self._index(message, tuple(fresh))
+
+    def _index(self, message: QueuedMessage, nodes: tuple[str, ...]) -> None:
+        """Put the message in the expiry index (or add nodes to its entry there)."""
+        if message.expiry_nodes is not None:  # enqueued again while indexed
+            message.expiry_nodes += tuple(n for n in nodes if n not in message.expiry_nodes)
+            return
+        if message.expires_at == _INF:
+            return
+        message.expiry_nodes = nodes
+        key = message.expires_at // _BUCKET
+        self._flush_last()
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = [message]
             heapq.heappush(self._bucket_keys, key)
         else:
             bucket.append(message)
-            if key == self._sorted_key:
-                self._sorted_key = None
-        self._last_key = key
-        self._last_bucket = bucket
+        if key == self._sorted_key:
+            self._sorted_key = None  # so appending there unsorted is fine
+        self._indexed += 1
+        if self._indexed > self._index_limit:
+            self._compact_index()
+        else:  # the fast path may append until the index is due for compaction
+            self._last_key, self._last_bucket, self._last_len = key, bucket, len(bucket)
+            self._last_cap = len(bucket) + self._index_limit - self._indexed
+
+    def _flush_last(self) -> None:
+        """Count what enqueue appended to the last bucket, and stop appending there."""
+        self._indexed += len(self._last_bucket) - self._last_len
+        self._last_key, self._last_bucket, self._last_len, self._last_cap = _NAN, [], 0, 0
 
     def take(self, node_id: str, max_n: int) -> list[Delivery]:
         """Hand out up to ``max_n`` ready messages for ``node_id`` in delivery order.
@@ -334,8 +373,37 @@ class DeliveryQueue:
 
     def ack_many(self, node_id: str, message_ids: Iterable[str]) -> int:
         """``ack`` each id (a batched WS ack); returns how many were pending."""
-        ack = self.ack
-        return sum([ack(node_id, mid) for mid in message_ids])
+        box = self._boxes.get(node_id)
+        if box is None:
+            return 0
+        state = box.state
+        pop = state.pop
+        acked = flown = 0
+        for mid in message_ids:
+            v = pop(mid, None)
+            if v is None:
+                if box.held and (d := box.held.pop(mid, None)) is not None:
+                    d.message.holders -= 1
+                    acked += 1
+                continue
+            acked += 1
+            if isinstance(v, Delivery):
+                v.message.holders -= 1
+                flown += 1
+            else:
+                v.holders -= 1
+                box.stale += 1
+        if flown:
+            box.flight -= flown
+            if not box.flight:
+                box.batches.clear()
+        if box.stale > _MIN_STALE and box.stale > len(state):
+            box.compact()
+        if not state and not box.held:
+            self._idle[node_id] = None
+            if len(self._idle) > _MAX_IDLE:
+                self._sweep_idle()
+        return acked
 
     def drop(self, node_id: str, message_id: str) -> bool:
         """Remove the message for the node (expired or dead-lettered); same result as ``ack``."""
@@ -383,7 +451,7 @@ class DeliveryQueue:
         while tq and tq[0][0].deadline <= now:
             batch = tq.popleft()
             box = self._boxes.get(batch[0].node_id)
-            if box is None:
+            if box is None or not box.flight:
                 continue
             state = box.state
             for d in batch:
@@ -482,6 +550,11 @@ class DeliveryQueue:
                 return True
         return False
 
+    def held(self) -> list[Delivery]:
+        """Deliveries out of attempts and not yet dropped (O(nodes)): what ``timed_out``
+        reported as exhausted, to record again if recording the dead letters failed."""
+        return [d for box in self._boxes.values() if box.held for d in box.held.values()]
+
     def nodes_with_ready(self) -> list[str]:
         """Nodes for which ``take`` would return something now (O(nodes))."""
         return [node for node in self._boxes if self.has_ready(node)]
@@ -497,13 +570,14 @@ class DeliveryQueue:
         now = self._now()
         todo = self._expired
         keys = self._bucket_keys
+        if keys and keys[0] <= now:
+            self._flush_last()
         while keys and keys[0] <= now:
             key = keys[0]
             bucket = self._buckets[key]
             if key + _BUCKET <= now:  # all of it is due
                 heapq.heappop(keys)
                 del self._buckets[key]
-                self._last_key = _NAN
                 bucket.sort(key=_expiry_of)
                 todo.extend(bucket)
                 continue
@@ -552,6 +626,7 @@ class DeliveryQueue:
         return best
 
     def _earliest_indexed(self) -> float | None:
+        self._flush_last()  # enqueue must not append to the bucket sorted here unawares
         keys = self._bucket_keys
         while keys:
             key = keys[0]
@@ -559,7 +634,6 @@ class DeliveryQueue:
             if self._sorted_key != key:
                 bucket.sort(key=_expiry_of)
                 self._sorted_key = key
-                self._last_key = _NAN  # appending to it must clear _sorted_key
             dead = 0
             while dead < len(bucket) and not self._live(bucket[dead]):
                 self._unindex(bucket[dead])
@@ -569,7 +643,6 @@ class DeliveryQueue:
                 return bucket[0].expires_at
             heapq.heappop(keys)
             del self._buckets[key]
-            self._last_key = _NAN
         return None
 
     def _live(self, m: QueuedMessage) -> bool:
@@ -587,7 +660,10 @@ class DeliveryQueue:
 
     def _batch_live(self, batch: _Batch) -> bool:
         box = self._boxes.get(batch[0].node_id)
-        return box is not None and any(box.state.get(d.message.message_id) is d for d in batch)
+        if box is None or not box.flight:  # the common case: all of the node's were acked
+            return False
+        state = box.state
+        return any(state.get(d.message.message_id) is d for d in batch)
 
     def __len__(self) -> int:
         """Number of pending (node, message) pairs, as ``pending_count`` counts them (O(nodes))."""
@@ -622,11 +698,12 @@ class DeliveryQueue:
         self._idle.clear()
 
     def _compact_index(self) -> None:
+        self._flush_last()
         kept = 0
         for key, bucket in list(self._buckets.items()):
             live = [m for m in bucket if m.holders]
-            for m in bucket:
-                if not m.holders:
+            if len(live) < len(bucket):
+                for m in [m for m in bucket if not m.holders]:
                     m.expiry_nodes = None
             if live:
                 self._buckets[key] = live
@@ -636,7 +713,6 @@ class DeliveryQueue:
         self._bucket_keys = list(self._buckets)
         heapq.heapify(self._bucket_keys)
         self._sorted_key = None
-        self._last_key = _NAN
         kept += len(self._expired)
         self._indexed = kept
         self._index_limit = max(_MIN_COMPACT, 2 * kept)

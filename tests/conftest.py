@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
 from broker.config import Config, LogConfig, ServerConfig
 from eventstore.base import StoreConfig
+
+
+def _exception_repr(_logger: object, _method: str, event: dict[str, object]) -> dict[str, object]:
+    """Tests log exceptions as their repr: formatting a traceback reads source files, which
+    blockbuster rightly flags inside the event loop."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info:
+        exc = sys.exc_info()[1] if exc_info is True else exc_info
+        event["exception"] = repr(exc[1] if isinstance(exc, tuple) else exc)
+    return event
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quiet_logs() -> None:
+    """Warnings and errors only, rendered without tracebacks."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _exception_repr,
+            structlog.processors.KeyValueRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        cache_logger_on_first_use=False,
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -11,18 +11,24 @@ import pytest
 from eventstore import open_store
 from eventstore.base import ConcurrencyError, Envelope, EventStore, StoreConfig, SubscriberTooSlow
 from eventstore.events import LogNote, UserActivated
+from tests.nats_server import delete_stream, require_nats, unique_stream
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "nats"]  # nats: skipped without a server, failed in CI
 
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    s = open_store(StoreConfig(backend=request.param, path=str(tmp_path / "log.db")))
+    config = StoreConfig(backend=request.param, path=str(tmp_path / "log.db"))
+    if request.param == "nats":  # a real nats-server; a stream of its own per test
+        config = StoreConfig(backend="nats", url=require_nats(), stream=unique_stream())
+    s = open_store(config)
     await s.open()
     try:
         yield s
     finally:
         await s.close()
+        if request.param == "nats":
+            await delete_stream(config.url, config.stream)
 
 
 def note(stream: str = "s", text: str = "") -> LogNote:

@@ -122,6 +122,15 @@ def test_enqueue_already_expired_is_never_listed(q: DeliveryQueue, clock: Clock)
     assert sorted(n for n, _ in q.expired()) == ["a", "b"]
 
 
+def test_expiry_second_swept_then_enqueued_again(q: DeliveryQueue, clock: Clock) -> None:
+    q.enqueue(msg(1, expires_at=clock.t + 0.3), ["a"])
+    clock.t += 1.0
+    assert [m.message_id for _, m in q.expired()] == ["m1"]
+    q.enqueue(msg(2, expires_at=clock.t - 0.9), ["a"])  # the same expiry second, replayed late
+    q.enqueue(msg(3, expires_at=clock.t - 0.8), ["a"])
+    assert sorted(m.message_id for _, m in q.expired()) == ["m1", "m2", "m3"]
+
+
 def test_multi_recipient_is_one_message_read_separately(q: DeliveryQueue) -> None:
     m = msg(1)
     q.enqueue(m, ("a", "b", "c"))
@@ -206,9 +215,11 @@ def test_timeout_redelivers_then_dead_letters(q: DeliveryQueue, clock: Clock) ->
         clock.t += 10
         retry, dead = q.timed_out()
     assert retry == [] and ids(dead) == ["m1"] and dead[0].attempt == 3
+    assert q.held() == dead  # still there to record again, until dropped
     assert ids(q.take("a", 5)) == ["m2"]  # m1 is never taken again
     assert ids(q.pending("a")) == ["m1", "m2"]  # but it is still unread until dropped
     assert q.drop("a", "m1") is True and q.drop("a", "m1") is False
+    assert q.held() == []
     assert ids(q.pending("a")) == ["m2"]
 
 
@@ -356,7 +367,8 @@ def test_structures_stay_bounded(q: DeliveryQueue, clock: Clock) -> None:
         for d in q.take(node, 1):
             q.ack(node, d.message.message_id)
     assert len(q) == 0
-    assert q._indexed <= 2 * delivery_module._MIN_COMPACT
+    indexed = sum(map(len, q._buckets.values())) + len(q._expired)
+    assert indexed <= 2 * delivery_module._MIN_COMPACT
     assert len(q._timeouts) <= 2 * delivery_module._MIN_COMPACT
     assert len(q._boxes) <= delivery_module._MAX_IDLE + 7
     assert all(sum(map(len, b.queues)) <= 64 and not b.batches for b in q._boxes.values())
@@ -486,6 +498,20 @@ class QueueMachine(RuleBasedStateMachine):
         expected = self.pairs.pop((node, m.message_id), None) is not None
         assert self.queue.ack(node, m.message_id) is expected
 
+    @precondition(lambda self: self.messages)
+    @rule(node=st.sampled_from(NODES), data=st.data())
+    def ack_many(self, node: str, data: st.DataObject) -> None:
+        chosen = data.draw(st.lists(st.sampled_from(self.messages), max_size=6))
+        expected = sum(self.pairs.pop((node, m.message_id), None) is not None for m in chosen)
+        assert self.queue.ack_many(node, [m.message_id for m in chosen]) == expected
+
+    @rule(node=st.sampled_from(NODES))
+    def forget(self, node: str) -> None:
+        mine = [key for key in self.pairs if key[0] == node]
+        for key in mine:
+            del self.pairs[key]
+        assert self.queue.forget(node) == len(mine)
+
     @precondition(lambda self: any(p.state == "held" for p in self.pairs.values()))
     @rule(data=st.data())
     def drop_dead_letter(self, data: st.DataObject) -> None:
@@ -553,6 +579,16 @@ class QueueMachine(RuleBasedStateMachine):
             flying = sum(1 for p in self.node_pairs(node) if p.state == "flight")
             assert self.queue.in_flight(node) == flying
             assert self.queue.has_ready(node) is bool(self.model_ready(node))
+        held = {(d.node_id, d.message.message_id) for d in self.queue.held()}
+        assert held == {key for key, p in self.pairs.items() if p.state == "held"}
+        for m in self.messages[-5:]:
+            for node in NODES:
+                pair = self.pairs.get((node, m.message_id))
+                d = self.queue.delivery(node, m.message_id)
+                if pair is None or pair.state == "ready":
+                    assert d is None
+                else:
+                    assert d is not None and d.attempt == pair.attempt and d.message is m
         assert len(self.queue) == len(self.pairs)
 
     @invariant()

@@ -174,7 +174,7 @@ async def test_ws_slow_consumer_is_disconnected(client: Client, viewer: str) -> 
     big = "x" * 8192
     # The client does not read: its socket buffers fill, the server's sends stall, and the
     # feed is cut off instead of queueing without bound.
-    for i in range(0, 4000, 100):
+    for _ in range(40):
         await append(client, [LogNote(stream_id="bulk", text=big) for _ in range(100)])
     frames = 0
     while True:
@@ -255,3 +255,32 @@ async def test_sse_filters_and_access(client: Client, viewer: str) -> None:
     assert (await client.get("/api/v1/events/stream")).status == 401
     bad = {**bearer(viewer), "Last-Event-ID": "abc"}
     assert (await client.get("/api/v1/events/stream", headers=bad)).status == 422
+
+
+async def test_shutdown_closes_open_feeds(config: Any) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from broker.app import create_app
+
+    client = TestClient(TestServer(create_app(config)))
+    await client.start_server()
+    try:
+        token = await operator_token(client, "watcher", ["viewer"])
+        ws = await ws_connect(client, token)
+        await ws.send_json({"type": "subscribe", "from_seq": 1})
+        assert (await ws.receive_json())["op"] == "subscribe"
+        sse = await client.get("/api/v1/events/stream?from_seq=1", headers=bearer(token))
+        head = await client.app[RUNTIME].store.head()
+        await read_sse(sse, head, marker=True)
+        await client.server.close()  # runs the app's shutdown while both feeds are open
+        frames = []
+        while True:
+            msg = await ws.receive(timeout=30)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            frames.append(json.loads(msg.data))
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
+        assert frames[-1]["type"] == "error" and "shutting down" in frames[-1]["error"]["message"]
+        assert await sse.content.read() == b""  # the stream ended
+    finally:
+        await client.close()

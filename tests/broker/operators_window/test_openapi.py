@@ -55,8 +55,12 @@ async def test_every_route_is_documented(client: Client) -> None:
         assert op["security"] == ([] if public else [{"bearerAuth": []}]), path
         if info.response is not None:
             assert op["responses"][str(info.status)]["content"], path
-        for name in ("{" + seg[1:-1].split(":")[0] + "}" for seg in path.split("/") if seg[:1] == "{"):
-            assert any(p["in"] == "path" and "{" + p["name"] + "}" == name for p in op["parameters"])
+        for name in (
+            "{" + seg[1:-1].split(":")[0] + "}" for seg in path.split("/") if seg[:1] == "{"
+        ):
+            assert any(
+                p["in"] == "path" and "{" + p["name"] + "}" == name for p in op["parameters"]
+            )
     # and nothing that is not a route
     documented = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
     assert documented == {(r.resource.canonical, r.method) for r in routes}  # type: ignore[union-attr]
@@ -73,7 +77,9 @@ async def test_schemas_and_refs_resolve(client: Client) -> None:
     assert {"from_seq", "to_seq", "types", "stream", "limit", "sort_order"} <= names
     assert events["x-permission"] == "events:read"
     page = resolve(doc, events["responses"]["200"]["content"]["application/json"]["schema"]["$ref"])
-    assert {"total", "skip", "limit", "items", "has_more", "next_from_seq"} <= set(page["properties"])
+    assert {"total", "skip", "limit", "items", "has_more", "next_from_seq"} <= set(
+        page["properties"]
+    )
     error = resolve(doc, "#/components/schemas/ErrorBody")
     assert set(error["required"]) == {"status", "statusCode", "message", "error"}
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"

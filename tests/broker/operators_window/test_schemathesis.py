@@ -35,6 +35,10 @@ PASSWORD = "fuzzing-password"
 # Operations left out, and why: the feeds never end by design (tested in test_feed.py); logout
 # would end the fuzzer's own session.
 SKIP = {("GET", "/ws"), ("GET", "/api/v1/events/stream"), ("POST", "/auth/logout")}
+# 5xx found by this test in other areas, reported and awaiting a fix (remove when fixed): a
+# multipart part with an invalid header raises aiohttp's HttpProcessingError (InvalidHeader),
+# which broker.middleware does not translate to a 400.
+KNOWN_5XX: tuple[str, ...] = ()
 
 
 class Served:
@@ -108,12 +112,15 @@ def test_no_server_errors(served: Served) -> None:
                 resp = case.call(base_url=served.base, session=session, headers=headers, timeout=30)
                 try:
                     case.validate_response(resp, checks=[not_a_server_error])
-                except Exception as exc:
-                    failures.append(f"{case.method} {case.formatted_path}: {exc}"[:2000])
+                except (Exception, BaseExceptionGroup) as exc:  # schemathesis' FailureGroup
+                    failures.append(f"{case.method} {case.formatted_path}: {exc}"[:3000])
 
             try:
                 run()
             except Unsatisfiable:  # no invalid input exists (e.g. no parameters at all)
                 assert mode is GenerationMode.NEGATIVE, op.path
     assert operations > 40
-    assert not failures, "\n\n".join(failures[:10])
+    unknown = [f for f in failures if not f.startswith(KNOWN_5XX)]
+    assert not unknown, "\n\n".join(unknown[:10])
+    if failures:
+        pytest.xfail(f"known 5xx, reported to their owners: {failures[0][:500]}")

@@ -41,8 +41,12 @@ def history(n: int, seed: int = 7) -> list[BaseEvent]:
     out: list[BaseEvent] = []
     makers = [
         lambda: NodeRegistered(
-            node_id=rnd.choice(nodes), name="n", node_type=rnd.choice("ab"), public_key="k",
-            capabilities=[rnd.choice(["x", "y"])], metadata={"region": rnd.choice(["eu", "us"])},
+            node_id=rnd.choice(nodes),
+            name="n",
+            node_type=rnd.choice("ab"),
+            public_key="k",
+            capabilities=[rnd.choice(["x", "y"])],
+            metadata={"region": rnd.choice(["eu", "us"])},
         ),
         lambda: NodeStatusUpdated(node_id=rnd.choice(nodes), status=rnd.choice(["up", "down"])),
         lambda: NodeHeartbeat(node_id=rnd.choice(nodes), metrics={"cpu": rnd.random()}),
@@ -50,27 +54,40 @@ def history(n: int, seed: int = 7) -> list[BaseEvent]:
         lambda: TenantCreated(tenant_id=f"t{rnd.randrange(4)}", name="T"),
         lambda: TenantUpdated(tenant_id=f"t{rnd.randrange(4)}", active=rnd.random() < 0.5),
         lambda: LicenseIssued(
-            license_id=f"l{rnd.randrange(4)}", tenant_id=f"t{rnd.randrange(4)}",
-            key_hash=f"h{rnd.randrange(99)}", key_last4="abcd", expires_at=2e9,
+            license_id=f"l{rnd.randrange(4)}",
+            tenant_id=f"t{rnd.randrange(4)}",
+            key_hash=f"h{rnd.randrange(99)}",
+            key_last4="abcd",
+            expires_at=2e9,
         ),
         lambda: LicenseUsed(license_id=f"l{rnd.randrange(4)}", tenant_id="t0", usage_count=1),
         lambda: UpdatePublished(
-            update_id=f"u{rnd.randrange(5)}", version=f"1.{rnd.randrange(5)}.0", changelog="",
-            sha256="0" * 64, file_size=1,
+            update_id=f"u{rnd.randrange(5)}",
+            version=f"1.{rnd.randrange(5)}.0",
+            changelog="",
+            sha256="0" * 64,
+            file_size=1,
         ),
         lambda: UpdateWithdrawn(update_id=f"u{rnd.randrange(5)}"),
         lambda: UserCreated(
-            user_id=f"usr_{rnd.randrange(5)}", username=f"u{rnd.randrange(5)}",
+            user_id=f"usr_{rnd.randrange(5)}",
+            username=f"u{rnd.randrange(5)}",
             password_hash="scrypt$secret",
         ),
         lambda: UserRoleGranted(user_id=f"usr_{rnd.randrange(5)}", role="viewer"),
         lambda: TelemetryRecorded(
-            tenant_id=f"t{rnd.randrange(4)}", uptime=1.0, active_users=rnd.randrange(9),
-            exercises_completed_today=0, ai_latency=rnd.random(),
+            tenant_id=f"t{rnd.randrange(4)}",
+            uptime=1.0,
+            active_users=rnd.randrange(9),
+            exercises_completed_today=0,
+            ai_latency=rnd.random(),
         ),
         lambda: MessageSent(
-            message_id=f"m{len(out)}", from_node=rnd.choice(nodes), to_nodes=nodes[:3],
-            message_type="t", content={"k": 1},
+            message_id=f"m{len(out)}",
+            from_node=rnd.choice(nodes),
+            to_nodes=nodes[:3],
+            message_type="t",
+            content={"k": 1},
         ),
         lambda: MessageRead(message_id=f"m{rnd.randrange(max(1, len(out)))}", node_id=nodes[0]),
     ]
@@ -93,7 +110,7 @@ async def test_state_at_equals_replay_cut_at_n(client: Client, viewer: str) -> N
     store = client.app[RUNTIME].store
     head = await store.head()
     delivery = client.app[CONFIG].delivery
-    names = (await (await client.get("/api/v1/admin/state", headers=bearer(viewer))).json())
+    names = await (await client.get("/api/v1/admin/state", headers=bearer(viewer))).json()
     assert names["head"] == head
     assert set(names["projections"]) == set(build_projections(delivery).parts)
     for cut in (0, 1, 37, head // 3, head // 2 + 11, head - 1, head):

@@ -1,0 +1,199 @@
+"""This broker: `broker serve` in a child process on a temporary SQLite log (synchronous=FULL).
+
+Four nodes are registered and logged in (bench/e2e.py `onboard`): a producer and a consumer,
+each on its own node WebSocket, and two sinks that never connect (the publish-only runs and the
+HTTP runs send to them, so nothing is pushed to a connected node behind the harness's back).
+The producer sends batched `send` ops (up to `BATCH` ops a frame, `CONFIRM_WINDOW` unanswered
+ops); the consumer answers every push with an `ack` op, acks batched per loop turn (Peer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.e2e import Peer, connect_all, http_send, onboard, server
+from bench.peers.procs import find_pid
+from bench.peers.workload import (
+    CONFIRM_WINDOW,
+    PRIORITIES,
+    TTL,
+    Latencies,
+    Progress,
+    content,
+    decode,
+    drain_timeout,
+    encode,
+    paced,
+)
+
+BATCH = 100  # send ops per WebSocket frame in the throughput runs
+HTTP_CONCURRENCY = 64
+SERVE = ["-m", "broker", "serve"]
+
+
+class Node(Peer):
+    """A node WebSocket (bench.e2e.Peer) that counts answered ops, checks them, and sends
+    the shared workload."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, node: str) -> None:
+        super().__init__(ws, node)
+        self.answered = Progress()  # ops answered ok (sends for a producer, acks for a consumer)
+        self.delivered = Progress()
+        self.recording = False
+        self.errors: list[Any] = []
+        self._seq = 0
+
+    async def reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            frame = decode(msg.data)
+            if isinstance(frame, list):
+                for answer in frame:
+                    if answer.get("type") != "ok":
+                        self.errors.append(answer)
+                self.answered.add(len(frame))
+                continue
+            kind = frame.get("type")
+            if kind == "message":
+                if self.recording:
+                    self.latencies.append(time.time() - frame["content"]["t"])
+                self.delivered.add()
+                self._acks.append({"type": "ack", "message_id": frame["id"]})
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    loop.call_soon(self._flush)
+            elif kind == "error":
+                self.errors.append(frame)
+
+    async def send_batch(self, to: str, count: int, stamp: bool = True) -> None:
+        ops = []
+        for _ in range(count):
+            seq = self._seq
+            self._seq += 1
+            ops.append(
+                {
+                    "type": "send",
+                    "to_nodes": [to],
+                    "message_type": "bench",
+                    "priority": PRIORITIES[seq % 4],
+                    "ttl": TTL,
+                    "content": content(seq),
+                }
+            )
+        await self.ws.send_str(encode(ops).decode())
+
+    def check(self) -> None:
+        if self.errors:
+            raise RuntimeError(f"{self.node}: {len(self.errors)} errors, first {self.errors[0]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BrokerSystem:
+    """This broker, started and onboarded; see the module docstring."""
+
+    key = "broker"
+    label = "this broker"
+    durability = (
+        "`ok` after the event is fsynced: SQLite WAL, `synchronous = FULL`, group commit "
+        "(the send and the ack are each a durable event)"
+    )
+
+    def __init__(
+        self, session: aiohttp.ClientSession, base: str, nodes: list[tuple[str, str]]
+    ) -> None:
+        self.session = session
+        self.base = base
+        self.nodes = nodes
+        self.producer: Node
+        self.consumer: Node
+        self._readers: list[asyncio.Task[None]] = []
+        me = os.getpid()
+        self.server_pid = find_pid(lambda ppid, argv: ppid == me and argv[1:4] == SERVE)
+
+    @classmethod
+    async def open(cls, stack: AsyncExitStack) -> BrokerSystem:
+        """Start `broker serve` on a temporary log and onboard the four nodes."""
+        data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peers-")))
+        base = stack.enter_context(server(data, _free_port()))
+        conn = aiohttp.TCPConnector(limit=0)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=conn))
+        self = cls(session, base, await onboard(session, base, 4))
+        peers = await connect_all(session, base, self.nodes[:2])
+        self.producer, self.consumer = (Node(p.ws, p.node) for p in peers)
+        self._readers = [asyncio.create_task(n.reader()) for n in (self.producer, self.consumer)]
+        stack.push_async_callback(self.close)
+        return self
+
+    async def close(self) -> None:
+        for r in self._readers:
+            r.cancel()
+        for n in (self.producer, self.consumer):
+            await n.ws.close()
+
+    async def _produce(self, to: str, n: int) -> None:
+        p = self.producer
+        base = p.answered.n
+        sent = 0
+        while sent < n:
+            await p.answered.reach(base + sent - CONFIRM_WINDOW + BATCH, drain_timeout(n))
+            k = min(BATCH, n - sent)
+            await p.send_batch(to, k)
+            sent += k
+        await p.answered.reach(base + n, drain_timeout(n))
+        p.check()
+
+    async def end_to_end(self, n: int) -> float:
+        c = self.consumer
+        acked0 = c.answered.n
+        t0 = time.perf_counter()
+        await self._produce(c.node, n)
+        await c.answered.reach(acked0 + n, drain_timeout(n))
+        elapsed = time.perf_counter() - t0
+        c.check()
+        return n / elapsed
+
+    async def publish_confirm(self, n: int) -> float:
+        t0 = time.perf_counter()
+        await self._produce(self.nodes[2][0], n)  # a sink: never connected
+        return n / (time.perf_counter() - t0)
+
+    async def latency(self, rate: int, seconds: float) -> Latencies:
+        p, c = self.producer, self.consumer
+        c.latencies = []
+        c.recording = True
+        answered0, delivered0, acked0 = p.answered.n, c.delivered.n, c.answered.n
+        to = c.node
+
+        async def send(k: int) -> None:
+            await p.send_batch(to, k)
+
+        try:
+            sent = await paced(rate, seconds, send)
+            await c.delivered.reach(delivered0 + sent, drain_timeout(sent))
+            await p.answered.reach(answered0 + sent, drain_timeout(sent))
+            await c.answered.reach(acked0 + sent, drain_timeout(sent))
+        finally:
+            c.recording = False
+        p.check()
+        c.check()
+        return Latencies(sent, seconds, c.latencies)
+
+    async def http_send(self, seconds: float) -> float:
+        """POST /api/v1/messages/send requests/s, seed request shape, between the two sinks."""
+        return await http_send(self.session, self.base, self.nodes[2:], seconds, HTTP_CONCURRENCY)

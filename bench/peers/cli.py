@@ -1,0 +1,167 @@
+"""Command line of the side-by-side harness: connect to every system, run the phases, report.
+
+The runs are interleaved (run 1 of every system, then run 2, ...) so that a change of load on
+the shared machine touches every system alike; each system stays connected (and this broker's
+server running) across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+from bench.common import machine, run
+from bench.peers.procs import cpu_seconds, own_cpu_seconds
+from bench.peers.report import (
+    CLIENT_CPU,
+    E2E,
+    HTTP,
+    PUBLISH,
+    QUANTILES,
+    SERVER_CPU,
+    Column,
+    latency_figure,
+    lines,
+    markdown,
+)
+from bench.peers.workload import Unreachable
+
+SYSTEMS = ("broker", "rabbitmq", "nats")
+
+
+def _systems(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in SYSTEMS]
+    if bad or not keys:
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(SYSTEMS)}; not {bad or text!r}")
+    return keys
+
+
+def _rates(text: str) -> list[int]:
+    try:
+        rates = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, not {text!r}") from e
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return rates
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The harness's options; `--quick` lowers the defaults to a ~1 minute smoke run."""
+    parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__)
+    parser.add_argument("--messages", type=int, help="N per throughput run (20,000; quick 3,000)")
+    parser.add_argument("--runs", type=int, help="runs per figure, median reported (3; quick 1)")
+    parser.add_argument("--seconds", type=float, help="per latency rate and HTTP run (3; quick 1)")
+    parser.add_argument("--rates", type=_rates, default=[1000, 2000, 5000], help="1000,2000,5000")
+    parser.add_argument("--only", type=_systems, default=list(SYSTEMS), help="broker,rabbitmq,nats")
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
+    parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    if args.messages is None:
+        args.messages = 3_000 if quick else 20_000
+    if args.runs is None:
+        args.runs = 1 if quick else 3
+    if args.seconds is None:
+        args.seconds = 1.0 if quick else 3.0
+    if args.messages <= 0 or args.runs <= 0 or args.seconds <= 0:
+        parser.error("--messages, --runs and --seconds must be positive")
+    return args
+
+
+async def _open(key: str, stack: AsyncExitStack, args: argparse.Namespace) -> Any:
+    if key == "broker":
+        from bench.peers.broker import BrokerSystem
+
+        return await BrokerSystem.open(stack)
+    if key == "rabbitmq":
+        from bench.peers.rabbitmq import RabbitSystem
+
+        return await RabbitSystem.open(stack, args.rabbitmq_url)
+    from bench.peers.jetstream import NatsSystem
+
+    return await NatsSystem.open(stack, args.nats_url)
+
+
+async def _one_run(system: Any, col: Column, args: argparse.Namespace, i: int) -> None:
+    tag = f"  run {i + 1} {col.key}:"
+    pid = getattr(system, "server_pid", None)
+    client0, server0 = own_cpu_seconds(), cpu_seconds(pid)
+    e2e = await system.end_to_end(args.messages)
+    client1, server1 = own_cpu_seconds(), cpu_seconds(pid)
+    col.add(E2E, e2e)
+    col.add(CLIENT_CPU, (client1 - client0) / args.messages * 1e6)
+    if server0 is not None and server1 is not None:
+        col.add(SERVER_CPU, (server1 - server0) / args.messages * 1e6)
+    pub = await system.publish_confirm(args.messages)
+    col.add(PUBLISH, pub)
+    print(f"{tag} end to end {e2e:,.0f}/s, publish-confirm {pub:,.0f}/s", flush=True)
+    for rate in args.rates:
+        lat = await system.latency(rate, args.seconds)
+        for name, q in QUANTILES:
+            col.add(latency_figure(rate, name), lat.pct(q))
+        achieved = lat.sent / lat.seconds
+        print(
+            f"{tag} @{rate:,}/s p50 {lat.pct(0.5):.2f} ms, p99 {lat.pct(0.99):.2f} ms, "
+            f"p999 {lat.pct(0.999):.2f} ms ({len(lat.values):,} of {lat.sent:,} sampled, "
+            f"{achieved:,.0f}/s offered)",
+            flush=True,
+        )
+    if hasattr(system, "http_send"):
+        rps = await system.http_send(args.seconds)
+        col.add(HTTP, rps)
+        print(f"{tag} HTTP send {rps:,.0f} requests/s", flush=True)
+
+
+async def main_async(args: argparse.Namespace) -> list[Column]:
+    """Run every reachable system; return their figures (also printed)."""
+    started = time.perf_counter()
+    columns: list[Column] = []
+    async with AsyncExitStack() as stack:
+        live: list[tuple[Any, Column]] = []
+        for key in args.only:
+            try:
+                system = await _open(key, stack, args)
+            except Unreachable as e:
+                print(f"# skipped {key}: {e}", flush=True)
+                continue
+            col = Column(system.key, system.label, system.durability)
+            print(f"# {col.label}: {col.durability}", flush=True)
+            live.append((system, col))
+            columns.append(col)
+        for i in range(args.runs):
+            for system, col in list(live):
+                try:
+                    await _one_run(system, col, args, i)
+                except Exception as e:  # noqa: BLE001 -- one system failing must not stop the others
+                    print(f"# {col.key} failed in run {i + 1}, dropped: {e!r}", flush=True)
+                    col.notes.append(f"failed in run {i + 1}: {e!r:.200}")
+                    live.remove((system, col))
+    print()
+    for line in lines(columns, args.rates):
+        print(line)
+    print()
+    print(markdown(columns, args.rates))
+    print()
+    print(f"# {time.perf_counter() - started:.0f} s in all")
+    return columns
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of `python -m bench.peers`."""
+    args = parse_args(argv)
+    print(
+        f"# {machine()}; N={args.messages:,}, {args.runs} run(s), {args.seconds:g} s per rate, "
+        f"rates {', '.join(f'{r:,}' for r in args.rates)}/s; systems {', '.join(args.only)}",
+        flush=True,
+    )
+    run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

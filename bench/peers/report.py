@@ -1,0 +1,96 @@
+"""Figures of many runs: median, min and max; one line per figure, then a Markdown table."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+E2E = "end to end (messages/s)"
+PUBLISH = "publish-confirm (messages/s)"
+HTTP = "HTTP send (requests/s)"
+CLIENT_CPU = "client CPU per message, end to end (µs)"
+SERVER_CPU = "server CPU per message, end to end (µs)"
+QUANTILES = (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))
+
+
+def latency_figure(rate: int, name: str) -> str:
+    """The name of a latency figure, e.g. 'latency @2,000/s p99 (ms)'."""
+    return f"latency @{rate:,}/s {name} (ms)"
+
+
+def figure_order(rates: list[int]) -> list[str]:
+    """Every figure, in the order of the table's rows."""
+    return [
+        E2E,
+        CLIENT_CPU,
+        SERVER_CPU,
+        PUBLISH,
+        *(latency_figure(r, q) for r in rates for q, _ in QUANTILES),
+        HTTP,
+    ]
+
+
+@dataclass
+class Column:
+    """One system's figures over the runs."""
+
+    key: str
+    label: str
+    durability: str
+    values: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, figure: str, value: float) -> None:
+        self.values.setdefault(figure, []).append(value)
+
+
+def _fmt(value: float, figure: str) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if figure.endswith("(ms)"):
+        return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:,.0f}"
+
+
+def summary(values: list[float], figure: str, *, spread: bool = True) -> str:
+    """'median' or 'median (min–max)' of the runs' values."""
+    if not values:
+        return "—"
+    med = _fmt(statistics.median(values), figure)
+    if not spread or len(values) == 1:
+        return med
+    return f"{med} ({_fmt(min(values), figure)}–{_fmt(max(values), figure)})"
+
+
+def lines(columns: list[Column], rates: list[int]) -> list[str]:
+    """One line per figure and system."""
+    out = []
+    for col in columns:
+        for figure in figure_order(rates):
+            values = col.values.get(figure)
+            if not values:
+                continue
+            med = _fmt(statistics.median(values), figure)
+            runs = len(values)
+            extra = (
+                f" (median of {runs} runs; min {_fmt(min(values), figure)}, "
+                f"max {_fmt(max(values), figure)})"
+                if runs > 1
+                else " (1 run)"
+            )
+            out.append(f"{col.label}: {figure}: {med}{extra}")
+    return out
+
+
+def markdown(columns: list[Column], rates: list[int]) -> str:
+    """The side-by-side table: a row per figure, a column per system; median (min–max)."""
+    head = "| figure | " + " | ".join(c.label for c in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    rows = [head, rule]
+    for figure in figure_order(rates):
+        if not any(c.values.get(figure) for c in columns):
+            continue
+        cells = [summary(c.values.get(figure, []), figure) for c in columns]
+        rows.append(f"| {figure} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

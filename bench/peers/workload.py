@@ -1,0 +1,130 @@
+"""The workload every system runs, and the bits the drivers share.
+
+One message: a ~300-byte JSON body carrying its send time (`t`, `time.time()`), one of four
+priorities in turn, a TTL of `TTL` seconds. The consumer decodes the body, records
+`time.time() - t` when asked to, and acknowledges the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+PRIORITIES = ("critical", "high", "normal", "low")
+TTL = 600  # seconds
+WINDOW = 100  # unacknowledged deliveries per consumer: this broker's `[delivery] window`
+CONFIRM_WINDOW = 1000  # unconfirmed sends a producer keeps in flight
+TICK = 0.001  # pacing step of the fixed-rate latency runs
+_PAD = "x" * 200
+
+encode = msgspec.json.Encoder().encode
+decode = msgspec.json.Decoder().decode
+
+
+def content(seq: int) -> dict[str, Any]:
+    """The message body as a dict (~300 bytes of JSON), stamped with the current time."""
+    return {
+        "action": "sync_request",
+        "seq": seq,
+        "data_hash": "9f86d081884c7d659a2feaa0c55ad015",
+        "body": _PAD,
+        "t": time.time(),
+    }
+
+
+def body(seq: int) -> bytes:
+    """The message body as JSON bytes."""
+    return encode(content(seq))
+
+
+class Progress:
+    """A count that a task can wait on until it reaches a target."""
+
+    __slots__ = ("n", "_target", "_waiter")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._target = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def add(self, k: int = 1) -> None:
+        self.n += k
+        w = self._waiter
+        if w is not None and self.n >= self._target and not w.done():
+            w.set_result(None)
+
+    async def reach(self, target: int, timeout: float) -> None:
+        """Return once the count is at least `target`; TimeoutError after `timeout` s."""
+        if self.n >= target:
+            return
+        self._target = target
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._waiter, timeout)
+        finally:
+            self._waiter = None
+
+
+@dataclass
+class Latencies:
+    """What a fixed-rate run measured: send→deliver latencies (s) and how many were sent."""
+
+    sent: int
+    seconds: float
+    values: list[float] = field(default_factory=list)
+
+    def pct(self, q: float) -> float:
+        """Percentile `q` (0..1) in milliseconds."""
+        v = sorted(self.values)
+        return v[min(len(v) - 1, int(q * len(v)))] * 1000 if v else float("nan")
+
+
+async def paced(rate: int, seconds: float, send: Callable[[int], Awaitable[None]]) -> int:
+    """Call `send(k)` with the number of messages due every TICK, `rate` per second for
+    `seconds`; return how many were sent. Messages are stamped when sent, so pacing jitter
+    does not count as latency."""
+    t0 = time.perf_counter()
+    sent = 0
+    total = int(rate * seconds)
+    while sent < total:
+        elapsed = time.perf_counter() - t0
+        due = min(total, int(elapsed * rate) + 1) - sent
+        if due > 0:
+            await send(due)
+            sent += due
+        await asyncio.sleep(max(0.0, min(TICK, sent / rate - (time.perf_counter() - t0))))
+    return sent
+
+
+def drain_timeout(n: int) -> float:
+    """How long to wait for `n` messages before calling a run failed."""
+    return 30.0 + n / 500
+
+
+class System(Protocol):
+    """One system under test, connected and ready; phases may run many times."""
+
+    key: str  # broker | rabbitmq | nats
+    label: str  # column heading, with the server's version
+    durability: str  # what a confirmed send means on this system, as configured
+
+    async def end_to_end(self, n: int) -> float:
+        """Producer and consumer together: messages/s until all `n` are received and acked."""
+        ...
+
+    async def publish_confirm(self, n: int) -> float:
+        """Producer alone: messages/s until all `n` sends are confirmed."""
+        ...
+
+    async def latency(self, rate: int, seconds: float) -> Latencies:
+        """Send at `rate`/s for `seconds` while the consumer acks; send→deliver latencies."""
+        ...
+
+
+class Unreachable(Exception):
+    """A peer that does not answer: the harness skips it, saying why."""

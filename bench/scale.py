@@ -1,0 +1,194 @@
+"""Scale-out: end-to-end messages/s with 1, 2 and 3 broker instances on one NATS JetStream
+stream (nodes spread over them), and one instance on the embedded SQLite log beside them.
+
+    python -m bench.scale [--nodes 60] [--messages 60000] [--instances 1,2,3] [--no-sqlite]
+
+Starts a private nats-server (JetStream, a temporary store directory, default durability), then
+for each configuration starts the broker processes (one shared signing key), registers and logs
+in `--nodes` nodes through the first instance, connects node i's WebSocket to instance i mod N
+(node i sends to node i+1: with N > 1, always a node on another instance) and runs the load of
+`bench.e2e` (batched `send` ops, pushes, batched `ack` ops: two durable events per message).
+Each line gives messages/s and the CPU time per 1,000 messages of each process (from
+/proc/<pid>/stat): what bounds the figure on this machine, and what more cores would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import aiohttp
+
+from bench.common import machine, run
+from bench.e2e import Peer, onboard, throughput
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def nats_server(store_dir: Path) -> Iterator[tuple[str, int]]:
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import socket
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("nats-server did not start") from None
+            time.sleep(0.05)
+    try:
+        yield f"nats://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextmanager
+def broker(data: Path, **env: str) -> Iterator[tuple[str, int]]:
+    """One `broker serve` process; (base URL, pid)."""
+    port = free_port()
+    data.mkdir(parents=True, exist_ok=True)
+    environ = {
+        **os.environ,
+        "BROKER_STORE__PATH": str(data / "events.db"),
+        "BROKER_SERVER__DATA_DIR": str(data),
+        "BROKER_SERVER__PORT": str(port),
+        "BROKER_LOG__LEVEL": "warning",
+        "BROKER_LIMITS__ENABLED": "false",
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve"], env=environ, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "Running on" in line:
+            break
+    else:
+        raise RuntimeError("broker serve did not start")
+    try:
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def heads(session: aiohttp.ClientSession, bases: list[str]) -> list[int]:
+    out = []
+    for base in bases:
+        async with session.get(f"{base}/health") as r:
+            out.append(int((await r.json())["checks"]["projections"]["seq"]))
+    return out
+
+
+async def measure(
+    bases: list[str], pids: dict[str, int], args: argparse.Namespace
+) -> tuple[float, dict[str, float]]:
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        nodes = await onboard(session, bases[0], args.nodes)
+        while len(set(await heads(session, bases))) > 1:  # every instance has every login
+            await asyncio.sleep(0.05)
+        peers = []
+        for i, (node, token) in enumerate(nodes):
+            ws = await session.ws_connect(
+                f"{bases[i % len(bases)]}/api/v1/ws",
+                headers={"Authorization": f"Bearer {token}"},
+                max_msg_size=0,
+            )
+            assert (await ws.receive_json())["type"] == "welcome"
+            peers.append(Peer(ws, node))
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        t0 = os.times()
+        rate = await throughput(peers, args.messages, args.batch, args.inflight)
+        t1 = os.times()
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        cpu["load generator"] = (t1.user - t0.user) + (t1.system - t0.system)
+        for p in peers:
+            await p.ws.close()
+    total = args.messages // len(nodes) * len(nodes)
+    return rate, {name: secs / total * 1000 for name, secs in cpu.items()}
+
+
+def line(label: str, rate: float, per_k: dict[str, float]) -> str:
+    costs = ", ".join(f"{name} {ms:.2f}" for name, ms in per_k.items())
+    return f"{label}: {rate:,.0f} messages/s; CPU s per 1,000 messages: {costs}"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    counts = [int(n) for n in args.instances.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with nats_server(root / "nats") as (url, nats_pid):
+            for n in counts:
+                stream = f"BENCH{n}"
+                with ExitStack() as stack:
+                    bases, pids = [], {"nats-server": nats_pid}
+                    for i in range(n):
+                        base, pid = stack.enter_context(
+                            broker(
+                                root / f"n{n}-{i}",
+                                BROKER_STORE__BACKEND="nats",
+                                BROKER_STORE__URL=url,
+                                BROKER_STORE__STREAM=stream,
+                                BROKER_AUTH__KEY_FILE=str(root / f"key{n}.pem"),
+                            )
+                        )
+                        bases.append(base)
+                        pids[f"broker {i + 1}"] = pid
+                    rate, per_k = await measure(bases, pids, args)
+                print(line(f"nats, {n} instance{'s' if n > 1 else ''}", rate, per_k), flush=True)
+        if not args.no_sqlite:
+            with broker(root / "sqlite") as (base, pid):
+                rate, per_k = await measure([base], {"broker 1": pid}, args)
+            print(line("sqlite, 1 instance (synchronous=FULL)", rate, per_k), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=60)
+    parser.add_argument("--messages", type=int, default=60_000)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--inflight", type=int, default=4)
+    parser.add_argument("--instances", default="1,2,3")
+    parser.add_argument("--no-sqlite", action="store_true")
+    args = parser.parse_args()
+    print(f"# {machine()}; NATS JetStream R1 file storage (default sync), loopback")
+    run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,866 @@
+"""The scale-out log: one NATS JetStream stream shared by any number of broker instances.
+
+Layout. One JetStream stream (`[store] stream`; file storage, `replicas`, `max_age`, deny_delete,
+deny_purge, direct get) captures the subjects `<prefix>.*` (`[store] subject_prefix`, default the
+stream name). Each append is recorded as part of ONE JetStream message, a chunk
+(`eventstore.nats_wire`), so a batch is atomic and ordered without a multi-message transaction,
+which JetStream 2.9/2.10 does not have. While a publish waits for its PubAck, an instance gathers
+the appends that arrive into the next chunk (group commit); they stay independent batches.
+A chunk's subject is `<prefix>.<key stream>`, its `Nats-Msg-Id` its first event's id: a publish
+retried after a timeout is stored once (within the stream's 2-minute duplicate window).
+
+Numbering. There is no single writer, so a writer cannot know the seq its events will get.
+Every instance consumes the whole stream in order with one background consumer (an ephemeral
+push consumer it recreates after any gap, silence or reconnection, from the last applied
+position) and DERIVES each event's `seq` (1 + the number of accepted events before it), its
+`stream_version` and its `ts` (the JetStream store time, made non-decreasing). The same stream
+gives every instance the same envelopes. Seqs are gap-free and identical everywhere only if
+every message stays: the stream denies deletes and purges, `max_age` must stay 0 for a broker's
+log (an instance refuses a stream whose first messages are gone), and nothing else may publish on
+`<prefix>.*` (such messages are skipped alike by every instance and fail `broker verify`).
+`read()` maps seqs to stream messages through an in-memory index built while consuming (about
+28 bytes per accepted batch + 4 per event) and fetches the messages again (recent ones from a
+16 MiB cache, a few by direct get, many through a temporary consumer).
+
+Optimistic concurrency, exact. A batch carries its expected versions; every instance checks
+them at the batch's position in the stream against the versions derived so far, so a batch
+whose expectation fails is refused by all alike (it stays in the stream as a refused batch and
+gets no seq) and its writer gets ConcurrencyError. This holds for several streams at once.
+In front of it, an append alone in its chunk with expectations on its key stream also sends
+`Nats-Expected-Last-Subject-Sequence` (the last message on that subject as this instance knows
+it), so the server turns most losers away before anything is stored; after such a refusal the
+writer catches up to the winner and decides (ConcurrencyError, or publish again).
+
+Read-your-writes: `append` returns once this instance's consumer has applied the chunk and
+called the listeners (projections); another instance sees it a moment later. `head()` and
+`stream_version()` answer from this instance's position. When NATS is unreachable, appends
+raise StoreUnavailable at once (or after the publish deadline), everything already applied keeps
+being served, and the consumer resumes by itself, without gap or duplicate, once NATS is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from msgspec import Raw
+from nats.js import api
+
+from eventstore.base import (
+    ConcurrencyError,
+    Envelope,
+    ExpectedVersion,
+    IntegrityError,
+    Listener,
+    StoreError,
+    StoreUnavailable,
+    resolve_expected,
+    subscribe_via_listener,
+    type_matcher,
+)
+from eventstore.codec import decode_event, encode_event
+from eventstore.events import BaseEvent
+from eventstore.nats_wire import (
+    EXPECTED_LAST_SEQ,
+    EXPECTED_LAST_SUBJECT_SEQ,
+    HEARTBEAT,
+    MSG_ID,
+    WRONG_LAST_SEQUENCE,
+    BadChunk,
+    StreamReader,
+    WireBatch,
+    WireEvent,
+    chunk_id,
+    consumer_config,
+    decode_chunk,
+    encode_chunk,
+    is_delivery,
+    parse_delivery,
+    subject_token,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0  # seconds to reach NATS when opening
+PUBLISH_TIMEOUT = 2.0  # one publish attempt
+PUBLISH_DEADLINE = 5.0  # retries of one chunk (same message id) before StoreUnavailable
+APPLY_TIMEOUT = 30.0  # an acknowledged chunk must reach our own consumer within this
+MAX_GROUP_APPENDS = 1024  # appends gathered into one chunk
+CACHE_BYTES = 16 * 1024 * 1024  # recent chunks kept for reads
+DIRECT_READ_MAX = 16  # reads touching at most this many chunks use direct gets
+DUPLICATE_WINDOW = 120.0  # seconds JetStream remembers message ids
+_SUB_BITS = 16  # index key = stream seq << 16 | batch position in its chunk
+
+
+@dataclass(slots=True)
+class _Append:
+    """One pending append: its batch on the wire and the future of its caller."""
+
+    batch: WireBatch
+    size: int
+    key_stream: str
+    fut: asyncio.Future[list[Envelope]]
+    use_header: bool = True
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class FeedStats:
+    """What the consumer saw beyond accepted batches (reported by health and verify)."""
+
+    refused_batches: int = 0
+    bad_messages: int = 0  # foreign or damaged messages on our subjects, skipped
+    missing_messages: int = 0  # stream seqs that never arrived (deleted or lost)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (event seq, reason), first 20
+
+    def problem(self, seq: int, reason: str) -> None:
+        log.error("nats log: %s (at event seq %d)", reason, seq)
+        if len(self.problems) < 20:
+            self.problems.append((seq, reason))
+
+
+class NatsStore:
+    """The EventStore protocol on a NATS JetStream stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        stream: str = "BROKER_EVENTS",
+        *,
+        subject_prefix: str = "",
+        replicas: int = 1,
+        max_age: float = 0.0,
+        readonly: bool = False,
+    ) -> None:
+        self.url = url
+        self.stream = stream
+        self.prefix = subject_prefix or stream
+        self.replicas = replicas
+        self.max_age = max_age
+        self.readonly = readonly
+        self._nc: Any = None
+        self._js: Any = None
+        self._direct = True
+        self._listeners: list[Listener] = []
+        self._closing = False
+        self._failure: BaseException | None = None
+        # derived state, as of stream message `_applied`
+        self._applied = 0
+        self._head = 0
+        self._last_ts = 0.0
+        self._versions: dict[str, int] = {}
+        self._subject_seq: dict[str, int] = {}  # subject -> stream seq of its last message
+        self._ix_key = array("q")  # per accepted batch: stream seq << 16 | position
+        self._ix_first = array("q")  # its first event seq
+        self._ix_ts = array("d")  # its ts
+        self._ev_version = array("I")  # per event: its stream version
+        self._cache: dict[int, bytes] = {}
+        self._cache_order: deque[int] = deque()
+        self._cache_bytes = 0
+        self.stats = FeedStats()
+        # our consumer
+        self._gen = 0
+        self._dseq = 0
+        self._sub: Any = None
+        self._consumer: str | None = None
+        self._reset_needed = True
+        self._kick = asyncio.Event()
+        self._last_activity = 0.0
+        self._follower: asyncio.Task[None] | None = None
+        self._progress: asyncio.Future[None] | None = None
+        # writing
+        self._pending: list[_Append] = []
+        self._mine: dict[str, list[asyncio.Future[list[Envelope]]]] = {}
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ---
+
+    async def open(self) -> None:
+        self._closing = False
+        try:
+            self._nc = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise StoreUnavailable(f"cannot reach NATS at {self.url}: {exc or 'timeout'}") from None
+        self._js = self._nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        try:
+            info = await self._ensure_stream()
+            state = info.state
+            if state.last_seq and (state.first_seq > 1 or state.messages == 0):
+                raise IntegrityError(
+                    1,
+                    f"the first messages of NATS stream {self.stream} are gone (first seq "
+                    f"{state.first_seq}: max_age, a purge or a delete): event seqs cannot be "
+                    "derived; restore the stream from an export",
+                )
+            self._follower = asyncio.create_task(self._follow(), name="nats-log-follower")
+            self._kick.set()
+            await self._wait_applied(state.last_seq, None)
+        except BaseException:
+            await self.close()
+            raise
+        if not self.readonly:
+            self._writer = asyncio.create_task(self._write_loop(), name="nats-log-writer")
+
+    async def _connect(self) -> Any:
+        async def disconnected() -> None:
+            log.warning("nats log: disconnected from %s", self.url)
+
+        async def reconnected() -> None:
+            log.warning("nats log: reconnected to %s", self.url)
+            self._request_reset("reconnected")
+
+        async def error(exc: Exception) -> None:
+            log.debug("nats log: connection error: %s", exc)
+
+        name = f"broker {socket.gethostname()}:{os.getpid()} {self.stream}"
+        return await nats.connect(
+            self.url,
+            name=name,
+            connect_timeout=2,
+            reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+
+    async def _ensure_stream(self) -> Any:
+        subjects = [f"{self.prefix}.*"]
+        try:
+            info = await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            if self.readonly:
+                raise StoreUnavailable(f"no NATS stream {self.stream} at {self.url}") from None
+            config = api.StreamConfig(
+                name=self.stream,
+                description="fleet broker event log",
+                subjects=subjects,
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                num_replicas=self.replicas,
+                max_age=self.max_age or None,
+                discard=api.DiscardPolicy.OLD,
+                duplicate_window=DUPLICATE_WINDOW,
+                deny_delete=True,
+                deny_purge=True,
+                allow_direct=True,
+            )
+            try:
+                info = await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:  # created meanwhile by another instance
+                info = await self._js.stream_info(self.stream)
+        if info.config.subjects != subjects:
+            raise StoreUnavailable(
+                f"NATS stream {self.stream} captures {info.config.subjects}, not {subjects}: "
+                "set [store] subject_prefix to match, or use another stream"
+            )
+        self._direct = bool(info.config.allow_direct)
+        return info
+
+    async def close(self) -> None:
+        """Publish what is pending, wait (briefly) for it to be applied, then disconnect."""
+        self._closing = True
+        if self._writer is not None:
+            self._wakeup.set()
+            with contextlib.suppress(Exception):
+                await self._writer
+            self._writer = None
+        if self._mine and self._follower is not None and self._failure is None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    while self._mine:
+                        await self._next_progress()
+        for futs in self._mine.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(StoreUnavailable("the log was closed"))
+        self._mine.clear()
+        self._mine.clear()
+        self._kick.set()
+        for task in [*self._tasks, self._follower]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    async with asyncio.timeout(5.0):
+                        await task
+        self._follower = None
+        _fail(self._pending, StoreUnavailable("the log was closed"))
+        self._pending = []
+        await self._drop_feed()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self._nc.close()
+            self._nc = None
+
+    # --- writing ---
+
+    async def append(
+        self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None
+    ) -> list[Envelope]:
+        self._check_writable()
+        if not events:
+            return []
+        expect = dict(resolve_expected(events, expected_version))
+        for stream, want in expect.items():
+            have = self._versions.get(stream, 0)
+            if have > want:  # versions only grow: refused whatever happened since
+                raise ConcurrencyError(stream, want, have)
+        ids = os.urandom(16 * len(events)).hex()
+        wire: list[WireEvent] = []
+        size = 64
+        for i, event in enumerate(events):
+            data = encode_event(event)
+            stream = event.stream
+            size += len(data) + len(stream) + 48
+            wire.append(WireEvent(ids[32 * i : 32 * i + 32], stream, event.event_type, Raw(data)))
+        key = next((s for s in expect if any(e.stream == s for e in wire)), wire[0].stream)
+        fut: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Append(WireBatch(expect, wire), size, key, fut))
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(PUBLISH_DEADLINE + APPLY_TIMEOUT):
+                return await fut
+        except TimeoutError:
+            raise StoreUnavailable(
+                "the append was sent to NATS but this instance has not applied it yet"
+            ) from None
+
+    def _check_writable(self) -> None:
+        if self._writer is None or self._closing:
+            raise StoreUnavailable("the log is not open for writing")
+        if self._failure is not None:
+            raise StoreUnavailable(f"the log cannot be applied here: {self._failure}")
+        if not self._nc.is_connected:
+            raise StoreUnavailable(f"NATS at {self.url} is unreachable")
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            pending, self._pending = self._pending, []
+            pending = [p for p in pending if not p.fut.done()]
+            while pending:
+                group, pending = self._take_group(pending)
+                try:
+                    await self._publish_group(group)
+                except Exception as exc:  # never let the writer die: fail this group only
+                    log.exception("nats log: publish failed")
+                    _fail(group, StoreUnavailable(f"the log could not be written: {exc}"))
+            if self._closing and not self._pending:
+                return
+
+    def _take_group(self, pending: list[_Append]) -> tuple[list[_Append], list[_Append]]:
+        limit = self._nc.max_payload - 1024
+        size = 0
+        for n, p in enumerate(pending):
+            if n and (n >= MAX_GROUP_APPENDS or size + p.size > limit):
+                return pending[:n], pending[n:]
+            size += p.size
+        return pending, []
+
+    async def _publish_group(self, group: list[_Append]) -> None:
+        limit = self._nc.max_payload - 1024
+        if group[0].size > limit:
+            group[0].fut.set_exception(
+                StoreError(f"an append of ~{group[0].size} bytes exceeds NATS max_payload")
+            )
+            group = group[1:]
+            if not group:
+                return
+        subject = f"{self.prefix}.{subject_token(group[0].key_stream)}"
+        batches = [p.batch for p in group]
+        cid = chunk_id(batches)
+        headers = {MSG_ID: cid}
+        single = group[0]
+        if len(group) == 1 and single.use_header and single.key_stream in single.batch.expect:
+            headers[EXPECTED_LAST_SUBJECT_SEQ] = str(self._subject_seq.get(subject, 0))
+        self._mine[cid] = [p.fut for p in group]
+        try:
+            await self._publish(subject, encode_chunk(batches), headers)
+        except nats.js.errors.APIError as exc:
+            self._mine.pop(cid, None)
+            if exc.err_code == WRONG_LAST_SEQUENCE and EXPECTED_LAST_SUBJECT_SEQ in headers:
+                self._spawn(self._after_wrong_last(single, _last_seq_of(exc)))
+            else:
+                _fail(group, StoreUnavailable(f"NATS refused the append: {exc.description}"))
+        except StoreUnavailable as exc:
+            self._mine.pop(cid, None)
+            _fail(group, exc)
+        # else: our consumer resolves the futures when it applies the chunk
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
+        """Publish with retries of the same message id until PUBLISH_DEADLINE."""
+        deadline = time.monotonic() + PUBLISH_DEADLINE
+        while True:
+            if self._nc is None or not self._nc.is_connected:
+                raise StoreUnavailable(f"NATS at {self.url} is unreachable")
+            try:
+                return await self._js.publish(
+                    subject, body, timeout=PUBLISH_TIMEOUT, headers=headers
+                )
+            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
+                if time.monotonic() + 0.05 >= deadline:
+                    raise StoreUnavailable(f"NATS did not acknowledge the append: {exc}") from None
+                await asyncio.sleep(0.05)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code is None or (exc.code or 0) >= 500:
+                    if time.monotonic() + 0.05 >= deadline:
+                        raise StoreUnavailable(f"NATS refused the append: {exc}") from None
+                    await asyncio.sleep(0.05)
+                    continue
+                raise
+            except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+                raise StoreUnavailable(f"NATS at {self.url} is unreachable: {exc}") from None
+
+    async def _after_wrong_last(self, p: _Append, last: int | None) -> None:
+        """The server refused `p` because its subject moved on: catch up, then decide."""
+        if last is not None:
+            try:
+                await self._wait_applied(last, PUBLISH_DEADLINE)
+            except (TimeoutError, StoreUnavailable):
+                last = None
+            except asyncio.CancelledError:
+                if not p.fut.done():
+                    p.fut.set_exception(StoreUnavailable("the log was closed"))
+                raise
+        if p.fut.done():
+            return
+        for stream, want in p.batch.expect.items():
+            have = self._versions.get(stream, 0)
+            if have > want:
+                p.fut.set_exception(ConcurrencyError(stream, want, have))
+                return
+        p.attempts += 1
+        p.use_header = last is not None and p.attempts < 3  # else the consumers decide alone
+        if self._closing:
+            p.fut.set_exception(StoreUnavailable("the log was closed"))
+            return
+        self._pending.append(p)
+        self._wakeup.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def restore(self, envelopes: Sequence[Envelope]) -> None:
+        """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.
+
+        They must continue the log exactly; each chunk is published with the stream's expected
+        last sequence, so no other writer can interleave."""
+        self._check_writable()
+        if not envelopes:
+            return
+        overlay: dict[str, int] = {}
+        seq = self._head
+        for env in envelopes:
+            seq += 1
+            if env.seq != seq:
+                raise IntegrityError(seq, f"import out of order: got seq {env.seq}")
+            version = overlay.get(env.stream, self._versions.get(env.stream, 0)) + 1
+            if env.stream_version != version:
+                raise IntegrityError(
+                    env.seq,
+                    f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
+                )
+            overlay[env.stream] = version
+        batches: list[WireBatch] = []
+        for env in envelopes:  # one batch per run of events sharing a ts, as they were appended
+            event = WireEvent(env.id, env.stream, env.type, Raw(encode_event(env.event)))
+            if batches and batches[-1].ts == env.ts and len(batches[-1].events) < 1000:
+                batches[-1].events.append(event)
+            else:
+                batches.append(WireBatch({}, [event], env.ts))
+        for i in range(0, len(batches), 64):
+            part = batches[i : i + 64]
+            loop = asyncio.get_running_loop()
+            futs: list[asyncio.Future[list[Envelope]]] = [loop.create_future() for _ in part]
+            cid = chunk_id(part)
+            self._mine[cid] = futs
+            subject = f"{self.prefix}.{subject_token(part[0].events[0].stream)}"
+            headers = {MSG_ID: cid, EXPECTED_LAST_SEQ: str(self._applied)}
+            try:
+                await self._publish(subject, encode_chunk(part), headers)
+            except nats.js.errors.APIError as exc:
+                self._mine.pop(cid, None)
+                raise StoreUnavailable(f"import refused (another writer?): {exc}") from None
+            except BaseException:
+                self._mine.pop(cid, None)
+                raise
+            async with asyncio.timeout(APPLY_TIMEOUT):
+                await asyncio.gather(*futs)
+
+    # --- the consumer: applies every message of the stream in order ---
+
+    def _request_reset(self, reason: str) -> None:
+        self._gen += 1  # messages of the current subscription are ignored from now on
+        if not self._reset_needed:
+            log.info("nats log: recreating the consumer (%s)", reason)
+        self._reset_needed = True
+        self._kick.set()
+
+    async def _follow(self) -> None:
+        backoff = 0.05
+        while not self._closing or self._mine:
+            if self._reset_needed and self._nc.is_connected:
+                try:
+                    await self._restart_feed()
+                    backoff = 0.05
+                except Exception as exc:
+                    log.warning("nats log: cannot create the consumer: %s", exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEARTBEAT):
+                    await self._kick.wait()
+            self._kick.clear()
+            silent = time.monotonic() - self._last_activity > 3 * HEARTBEAT
+            if not self._reset_needed and silent and self._nc.is_connected:
+                self._request_reset("no heartbeat")
+
+    async def _drop_feed(self) -> None:
+        sub, consumer = self._sub, self._consumer
+        self._sub = self._consumer = None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if consumer is not None and self._nc is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self._js.delete_consumer(self.stream, consumer)
+
+    async def _restart_feed(self) -> None:
+        self._gen += 1
+        gen = self._gen
+        await self._drop_feed()
+        inbox = self._nc.new_inbox()
+        self._dseq = 0
+
+        async def on_message(msg: Any) -> None:
+            if gen == self._gen:
+                await self._on_feed(msg)
+
+        self._sub = await self._nc.subscribe(inbox, cb=on_message)
+        config = consumer_config(api, inbox, self._applied + 1, "broker log follower")
+        info = await self._js.add_consumer(self.stream, config=config)
+        if gen != self._gen:  # a reset was requested meanwhile: the loop comes back
+            return
+        self._consumer = info.name
+        self._reset_needed = False
+        self._last_activity = time.monotonic()
+
+    async def _on_feed(self, msg: Any) -> None:
+        self._last_activity = time.monotonic()
+        reply = msg.reply
+        if not is_delivery(reply):
+            if reply:  # flow control: everything before it has been applied
+                await self._nc.publish(reply)
+                return
+            headers = msg.headers or {}
+            last = headers.get("Nats-Last-Consumer")
+            if last is not None and int(last) != self._dseq:
+                self._request_reset(f"heartbeat says {last} delivered, we have {self._dseq}")
+            stalled = headers.get("Nats-Consumer-Stalled")
+            if stalled:
+                await self._nc.publish(stalled)
+            return
+        sseq, dseq, ts_ns = parse_delivery(reply)
+        if dseq != self._dseq + 1:
+            self._request_reset(f"delivery {dseq} after {self._dseq}")
+            return
+        self._dseq = dseq
+        if sseq <= self._applied or self._failure is not None:
+            return
+        try:
+            self._apply(sseq, ts_ns, msg.subject, msg.data)
+        except Exception as exc:  # an event this build cannot decode: stop, loudly
+            self._failure = exc
+            log.critical("nats log: cannot apply stream message %d: %s", sseq, exc)
+            self._release_waiters()
+
+    def _apply(self, sseq: int, ts_ns: int, subject: str, data: bytes) -> None:
+        """Fold one stream message into the derived state, call the listeners, resolve the
+        appends it holds. Deterministic: every instance computes the same from the same stream."""
+        if sseq != self._applied + 1:
+            missing = sseq - self._applied - 1
+            self.stats.missing_messages += missing
+            self.stats.problem(
+                self._head + 1, f"stream messages {self._applied + 1}..{sseq - 1} are missing"
+            )
+        self._applied = sseq
+        self._subject_seq[subject] = sseq
+        try:
+            batches = decode_chunk(data)
+        except BadChunk as exc:
+            self.stats.bad_messages += 1
+            self.stats.problem(self._head + 1, f"stream message {sseq} skipped: {exc}")
+            self._release_waiters()
+            return
+        futs = self._mine.pop(chunk_id(batches), None)
+        build = futs is not None or bool(self._listeners)
+        store_ts = ts_ns / 1e9
+        versions = self._versions
+        out: list[Envelope] = []
+        results: list[ConcurrencyError | tuple[int, int]] = []
+        accepted = False
+        for pos, batch in enumerate(batches):
+            conflict = None
+            for stream, want in batch.expect.items():
+                have = versions.get(stream, 0)
+                if have != want:
+                    conflict = ConcurrencyError(stream, want, have)
+                    break
+            if conflict is not None:
+                self.stats.refused_batches += 1
+                results.append(conflict)
+                continue
+            accepted = True
+            ts = batch.ts or store_ts
+            if ts < self._last_ts:
+                ts = self._last_ts
+            self._last_ts = ts
+            self._ix_key.append(sseq << _SUB_BITS | pos)
+            self._ix_first.append(self._head + 1)
+            self._ix_ts.append(ts)
+            start = len(out)
+            for ev in batch.events:
+                version = versions[ev.stream] = versions.get(ev.stream, 0) + 1
+                self._ev_version.append(version)
+                self._head += 1
+                if build:
+                    event = decode_event(ev.data)  # type: ignore[arg-type]
+                    out.append(Envelope(self._head, ev.stream, version, ts, ev.id, event))
+            results.append((start, len(out)))
+        if accepted:
+            self._remember(sseq, data)
+        if out:
+            for listener in list(self._listeners):
+                try:
+                    listener(out)
+                except Exception:
+                    log.exception("log listener failed")
+        if futs is not None:
+            for fut, result in zip(futs, results, strict=False):
+                if fut.done():
+                    continue
+                if isinstance(result, ConcurrencyError):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(out[result[0] : result[1]])
+        self._release_waiters()
+
+    def _remember(self, sseq: int, data: bytes) -> None:
+        self._cache[sseq] = data
+        self._cache_order.append(sseq)
+        self._cache_bytes += len(data)
+        while self._cache_bytes > CACHE_BYTES and len(self._cache_order) > 1:
+            old = self._cache_order.popleft()
+            self._cache_bytes -= len(self._cache.pop(old))
+
+    def _release_waiters(self) -> None:
+        if self._progress is not None:
+            if not self._progress.done():
+                self._progress.set_result(None)
+            self._progress = None
+
+    async def _next_progress(self) -> None:
+        if self._progress is None:
+            self._progress = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._progress)
+
+    async def _wait_applied(self, sseq: int, timeout: float | None) -> None:
+        """Until the consumer has applied stream message `sseq` (TimeoutError past `timeout`)."""
+        async with asyncio.timeout(timeout):
+            while self._applied < sseq:
+                if self._failure is not None:
+                    raise StoreUnavailable(f"the log cannot be applied here: {self._failure}")
+                await self._next_progress()
+
+    # --- reading ---
+
+    async def read(
+        self, from_seq: int = 1, to_seq: int | None = None, types: Iterable[str] | None = None
+    ) -> AsyncGenerator[Envelope, None]:
+        """Events from the index built by the consumer, up to this instance's head when the
+        iteration ends (it follows the head while it reads, so a caller that registers a
+        listener right after the loop misses nothing)."""
+        match = type_matcher(types)
+        async with contextlib.aclosing(self.read_stored(from_seq, to_seq)) as stored:
+            async for seq, ev, version, ts in stored:
+                if match is None or match(ev.type):
+                    yield _envelope(seq, ev, version, ts)
+
+    async def read_stored(
+        self, from_seq: int = 1, to_seq: int | None = None
+    ) -> AsyncGenerator[tuple[int, WireEvent, int, float], None]:
+        """(seq, event as stored, stream version, ts) in seq order: `read` without decoding."""
+        if self._nc is None:
+            raise StoreUnavailable("the log is not open")
+        next_seq = max(from_seq, 1)
+        i = max(0, bisect_right(self._ix_first, next_seq) - 1)
+        reader: StreamReader | None = None
+        chunk: tuple[int, list[WireBatch]] = (0, [])
+        try:
+            while True:
+                end = self._head if to_seq is None else min(to_seq, self._head)
+                if next_seq > end or i >= len(self._ix_key):
+                    if reader is None:
+                        return  # without awaiting since the check: nothing slipped in
+                    await reader.close()
+                    reader = None
+                    continue
+                key = self._ix_key[i]
+                sseq = key >> _SUB_BITS
+                if chunk[0] != sseq:
+                    data = self._cache.get(sseq)
+                    if data is None:
+                        if reader is None and self._chunks_until(i, end) > DIRECT_READ_MAX:
+                            reader = StreamReader(self._nc, self._js, api, self.stream, sseq)
+                            await reader.start()
+                        data = await (
+                            self._direct_get(sseq) if reader is None else _skip_to(reader, sseq)
+                        )
+                    try:
+                        chunk = (sseq, decode_chunk(data))
+                    except BadChunk as exc:
+                        raise IntegrityError(self._ix_first[i], str(exc)) from None
+                batch = chunk[1][key & ((1 << _SUB_BITS) - 1)]
+                seq = self._ix_first[i]
+                ts = self._ix_ts[i]
+                for ev in batch.events:
+                    if seq > end:
+                        break
+                    if seq >= next_seq:
+                        next_seq = seq + 1
+                        yield seq, ev, self._ev_version[seq - 1], ts
+                    seq += 1
+                i += 1
+        finally:
+            if reader is not None:
+                await reader.close()
+
+    def _chunks_until(self, i: int, end: int) -> int:
+        """How many index entries from `i` cover events up to `end`."""
+        return bisect_right(self._ix_first, end) - i
+
+    async def _direct_get(self, sseq: int) -> bytes:
+        try:
+            msg = await self._js.get_msg(self.stream, seq=sseq, direct=self._direct)
+        except nats.js.errors.NotFoundError:
+            raise IntegrityError(self._head, f"stream message {sseq} is gone") from None
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot read the NATS stream: {exc}") from None
+        data: bytes = msg.data or b""
+        return data
+
+    def subscribe(
+        self, from_seq: int = 1, max_buffer: int = 10_000
+    ) -> AsyncGenerator[Envelope, None]:
+        return subscribe_via_listener(self, from_seq, max_buffer)
+
+    async def head(self) -> int:
+        return self._head
+
+    async def stream_version(self, stream: str) -> int:
+        return self._versions.get(stream, 0)
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    # --- health ---
+
+    async def health(self) -> dict[str, Any]:
+        """The stream's state as NATS reports it, and this instance's position in it.
+        `status` is "ok", "degraded" (NATS unreachable: writes refused, reads served) or
+        "error" (this instance cannot apply the log)."""
+        out: dict[str, Any] = {
+            "stream": self.stream,
+            "connected": bool(self._nc is not None and self._nc.is_connected),
+            "head_seq": self._head,
+            "applied_stream_seq": self._applied,
+            "refused_batches": self.stats.refused_batches,
+            "skipped_messages": self.stats.bad_messages,
+            "missing_messages": self.stats.missing_messages,
+        }
+        if self._failure is not None:
+            return {**out, "status": "error", "error": str(self._failure)}
+        if not out["connected"]:
+            return {**out, "status": "degraded", "error": f"NATS at {self.url} is unreachable"}
+        try:
+            async with asyncio.timeout(1.0):
+                info = await self._js.stream_info(self.stream)
+        except Exception as exc:
+            return {**out, "status": "degraded", "error": f"stream info unavailable: {exc}"}
+        state, config = info.state, info.config
+        out.update(
+            status="ok",
+            stream_messages=state.messages,
+            stream_bytes=state.bytes,
+            stream_first_seq=state.first_seq,
+            stream_last_seq=state.last_seq,
+            lag_messages=max(0, state.last_seq - self._applied),
+            replicas=config.num_replicas,
+            storage=str(getattr(config.storage, "value", config.storage)),
+        )
+        if info.cluster is not None:
+            out["cluster"] = {
+                "name": info.cluster.name,
+                "leader": info.cluster.leader,
+                "replicas": [
+                    {"name": p.name, "current": p.current, "offline": p.offline, "lag": p.lag}
+                    for p in info.cluster.replicas or []
+                ],
+            }
+        return out
+
+
+def _envelope(seq: int, ev: WireEvent, version: int, ts: float) -> Envelope:
+    try:
+        event = decode_event(ev.data)  # type: ignore[arg-type]
+    except Exception as exc:  # msgspec.DecodeError, ValidationError
+        raise IntegrityError(seq, f"undecodable event: {exc}") from None
+    return Envelope(seq, ev.stream, version, ts, ev.id, event)
+
+
+async def _skip_to(reader: StreamReader, sseq: int) -> bytes:
+    while True:
+        got, _subject, data = await reader.next()
+        if got == sseq:
+            return data
+        if got > sseq:
+            raise IntegrityError(0, f"stream message {sseq} is gone")
+
+
+def _fail(group: Sequence[_Append], exc: BaseException) -> None:
+    for p in group:
+        if not p.fut.done():
+            p.fut.set_exception(exc)
+
+
+def _last_seq_of(exc: Any) -> int | None:
+    """The stream seq in "wrong last sequence: N"."""
+    try:
+        return int(str(exc.description).rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None

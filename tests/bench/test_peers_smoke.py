@@ -1,0 +1,61 @@
+"""The side-by-side harness (bench/peers): its options and its report, on made-up figures.
+
+No broker, RabbitMQ or NATS is started or needed here: the harness itself is a benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.peers.cli import parse_args
+from bench.peers.report import E2E, HTTP, Column, latency_figure, lines, markdown, summary
+from bench.peers.workload import Latencies, body
+
+
+def test_defaults_and_quick() -> None:
+    args = parse_args([])
+    assert (args.messages, args.runs, args.seconds) == (20_000, 3, 3.0)
+    assert args.only == ["broker", "rabbitmq", "nats"]
+    assert args.rates == [1000, 2000, 5000]
+    quick = parse_args(["--quick", "--only", "nats,broker"])
+    assert (quick.messages, quick.runs, quick.seconds) == (3_000, 1, 1.0)
+    assert quick.only == ["nats", "broker"]
+    assert parse_args(["--quick", "--messages", "50"]).messages == 50
+
+
+@pytest.mark.parametrize("argv", [["--only", "kafka"], ["--runs", "0"], ["--rates", "fast"]])
+def test_bad_options_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+def test_markdown_table_on_fake_figures() -> None:
+    broker = Column("broker", "this broker", "fsync")
+    rabbit = Column("rabbitmq", "RabbitMQ 3.10", "confirms")
+    for v in (30_000.0, 10_000.0, 20_000.0):
+        broker.add(E2E, v)
+    rabbit.add(E2E, 5_000.0)
+    broker.add(latency_figure(2000, "p99"), 1.234)
+    broker.add(HTTP, 5_100.0)
+    table = markdown([broker, rabbit], [2000])
+    assert table.splitlines() == [
+        "| figure | this broker | RabbitMQ 3.10 |",
+        "|---|---:|---:|",
+        "| end to end (messages/s) | 20,000 (10,000–30,000) | 5,000 |",
+        "| latency @2,000/s p99 (ms) | 1.23 | — |",
+        "| HTTP send (requests/s) | 5,100 | — |",
+    ]
+    assert (
+        "this broker: end to end (messages/s): 20,000 (median of 3 runs; min 10,000, max 30,000)"
+        in lines([broker, rabbit], [2000])
+    )
+    assert summary([], E2E) == "—"
+
+
+def test_workload_body_and_percentiles() -> None:
+    assert 250 <= len(body(12345)) <= 350
+    lat = Latencies(sent=1000, seconds=1.0, values=[i / 1000 for i in range(1000)])
+    assert (lat.pct(0.5), lat.pct(0.99), lat.pct(0.999)) == (500.0, 990.0, 999.0)
+    assert math.isnan(Latencies(sent=0, seconds=1.0).pct(0.5))

@@ -1,0 +1,246 @@
+"""Snapshots: snapshot + tail equals a full replay; start-up loads the newest valid snapshot and
+ignores a damaged, stale or foreign one; the SQLite chain is verified from the snapshot on."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.app import create_app
+from broker.config import Config, SnapshotsConfig
+from broker.keys import RUNTIME, SNAPSHOTS
+from broker.runtime import build_projections
+from broker.snapshots import (
+    WINDOW,
+    Body,
+    Snapshotter,
+    encode_parts,
+    snapshot_paths,
+    window_ranges,
+)
+from eventstore.base import IntegrityError
+from eventstore.events import BaseEvent, LogNote, UpdatePublished, UpdateWithdrawn
+from eventstore.memory import MemoryStore
+from eventstore.sqlite import SqliteStore, hash_at_file, verify_file
+from projections.base import Projections
+from projections.snapshots import Unsupported, check_fields
+from projections.tenants import TenantsProjection
+from projections.updates import UpdatesProjection
+from tests.broker.operators_window.test_time_travel import history
+from tests.conftest import make_config
+from tests.projections.test_replay import event_strategy
+
+
+def state(projections: Projections) -> dict[str, Any]:
+    return {name: part.state() for name, part in projections.parts.items()}
+
+
+def config_in(tmp_path: Path, every: int = 100_000) -> Config:
+    config = make_config(tmp_path)
+    config.snapshots = SnapshotsConfig(every=every, keep=2)
+    return config
+
+
+# --- snapshot + tail == full replay ---
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(event_strategy(), max_size=60),
+    cut=st.floats(0, 1),
+)
+def test_snapshot_plus_tail_equals_full_replay(events: list[BaseEvent], cut: float) -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        await store.open()
+        for e in events:
+            await store.append([e])
+        envs = [env async for env in store.read()]
+        k = int(len(envs) * cut)
+        full = build_projections()
+        full.apply_many(envs)
+        # the snapshot at k, through its bytes, as start-up reads it
+        at_k = build_projections()
+        at_k.apply_many(envs[:k])
+        parts, _skipped = encode_parts(at_k)  # (messages: its delivery queue is replayed)
+        body = msgspec.msgpack.decode(msgspec.msgpack.encode(Body(parts)), type=Body)
+        loaded = await Snapshotter(Config())._restore(store, build_projections(), k, body)
+        assert loaded.seq == k
+        assert state(loaded) == state(at_k)
+        loaded.apply_many(envs[k:])
+        assert state(loaded) == state(full)
+
+    asyncio.run(scenario())
+
+
+def test_shared_objects_are_not_saved_field_by_field() -> None:
+    updates = UpdatesProjection()
+    updates.handlers()[UpdatePublished](
+        _env(
+            1,
+            UpdatePublished(
+                update_id="u1", version="1.0.0", changelog="", sha256="0" * 64, file_size=1
+            ),
+        )
+    )
+    with pytest.raises(Unsupported, match="share objects"):
+        check_fields(updates)  # `available` holds the very objects of `updates`
+    # restored field by field, a withdrawal would then miss its copy in `available`
+    parts, skipped = encode_parts(Projections([updates]))
+    assert "updates" in skipped and not parts
+    updates.handlers()[UpdateWithdrawn](_env(2, UpdateWithdrawn(update_id="u1")))
+
+
+def _env(seq: int, event: BaseEvent) -> Any:
+    from eventstore.base import Envelope
+
+    return Envelope(seq, event.stream, 1, 1000.0 + seq, f"id{seq}", event)
+
+
+# --- start-up ---
+
+
+async def run_app(config: Config, events: list[BaseEvent] | None = None) -> dict[str, Any]:
+    """Start the app, append `events`, stop it; what start-up did and the final state."""
+    app = create_app(config)
+    async with TestClient(TestServer(app)) as client:
+        runtime = client.app[RUNTIME]
+        boot = client.app[SNAPSHOTS].boot
+        at_start = state(runtime.projections)
+        for i in range(0, len(events or []), 50):
+            await runtime.record((events or [])[i : i + 50])
+        await client.app[SNAPSHOTS].wait()
+        head = await runtime.store.head()
+        final = state(runtime.projections)
+        windows = {n: set(w) for n, w in client.app[SNAPSHOTS].windows.items()}
+        types = {
+            n: {cls.type_name() for cls in part.handlers()}
+            for n, part in runtime.projections.parts.items()
+        }
+        exact = {
+            n: {env.seq // WINDOW async for env in runtime.store.read(1, types=t)}
+            for n, t in types.items()
+        }
+    return {
+        "boot": boot,
+        "head": head,
+        "at_start": at_start,
+        "final": final,
+        "windows": windows,
+        "exact": exact,
+    }
+
+
+async def full_replay(config: Config) -> dict[str, Any]:
+    store = SqliteStore(config.store.path, readonly=True)
+    await store.open()
+    projections = build_projections(config.delivery)
+    projections.apply_many([env async for env in store.read()])
+    await store.close()
+    return state(projections)
+
+
+async def test_start_up_loads_the_snapshot_and_replays_the_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tenants declared not snapshottable: rebuilt by replaying only its windows of the log
+    monkeypatch.setattr(TenantsProjection, "snapshottable", False)
+    config = config_in(tmp_path, every=100)
+    first = await run_app(config, history(450))
+    assert first["boot"].seq == 0
+    directory = Snapshotter(config).directory
+    files = await asyncio.to_thread(snapshot_paths, directory)
+    assert len(files) == 2  # periodic ones pruned to `keep`, the newest written at shutdown
+    assert files[0][0] == first["head"]
+    second = await run_app(config)
+    boot = second["boot"]
+    assert boot.seq == first["head"] and not boot.ignored
+    assert "tenants" in boot.replayed and "users" not in boot.replayed
+    assert second["at_start"] == first["final"] == await full_replay(config)
+    # where each projection's events are, so a replayed one reads only those windows
+    assert first["windows"] == first["exact"] and second["windows"] == second["exact"]
+
+
+def test_window_ranges() -> None:
+    w = WINDOW
+    assert window_ranges([], 10 * w) == []
+    assert window_ranges([0], 10) == [(1, 10)]
+    assert window_ranges([0, 1, 3], 10 * w) == [(1, 2 * w - 1), (3 * w, 4 * w - 1)]
+    assert window_ranges([2, 5], 2 * w + 7) == [(2 * w, 2 * w + 7)]
+
+
+async def test_a_damaged_snapshot_falls_back_to_the_older_one(tmp_path: Path) -> None:
+    config = config_in(tmp_path, every=100)
+    first = await run_app(config, history(250))
+    directory = Snapshotter(config).directory
+    (newest_seq, newest), (older_seq, _older) = await asyncio.to_thread(snapshot_paths, directory)
+    data = bytearray(newest.read_bytes())
+    data[-10] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    second = await run_app(config)
+    boot = second["boot"]
+    assert boot.seq == older_seq < newest_seq
+    assert boot.ignored and "damaged" in boot.ignored[0][1]
+    assert second["at_start"] == first["final"]
+
+
+async def test_garbage_and_foreign_snapshots_are_ignored(tmp_path: Path) -> None:
+    a = config_in(tmp_path / "a")
+    first_a = await run_app(a, history(300, seed=1))
+    b = config_in(tmp_path / "b")
+    first_b = await run_app(b, history(300, seed=2))
+    dir_a, dir_b = Snapshotter(a).directory, Snapshotter(b).directory
+    shutil.rmtree(dir_b)
+    shutil.copytree(dir_a, dir_b)  # A's snapshot, same seq, on B's log: not B's history
+    (dir_b / "snapshot-999999999999.msgpack").write_bytes(b"not a snapshot at all")
+    second = await run_app(b)
+    boot = second["boot"]
+    assert boot.seq == 0 and len(boot.ignored) == 2
+    reasons = " ".join(r for _, r in boot.ignored)
+    assert "bad magic" in reasons and "differs" in reasons
+    assert second["at_start"] == first_b["final"] != first_a["final"]
+    # a snapshot past the end of the log (the log was replaced by a shorter one)
+    c = config_in(tmp_path / "c")
+    await run_app(c, history(10, seed=3))
+    shutil.rmtree(Snapshotter(c).directory)
+    shutil.copytree(dir_a, Snapshotter(c).directory)
+    third = await run_app(c)
+    assert third["boot"].seq == 0 and "has no event" in third["boot"].ignored[0][1]
+
+
+async def test_disabled_snapshots_write_nothing(tmp_path: Path) -> None:
+    config = config_in(tmp_path)
+    config.snapshots.enabled = False
+    await run_app(config, history(20))
+    assert not await asyncio.to_thread(snapshot_paths, Snapshotter(config).directory)
+
+
+# --- the chain is verified after the snapshot's seq only ---
+
+
+async def test_verify_from_a_trusted_position(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = SqliteStore(path)
+    await store.open()
+    for i in range(0, 10_000, 1000):
+        await store.append([LogNote(text=str(j)) for j in range(i, i + 1000)])
+    h = await store.hash_at(6000)
+    assert h is not None and h == await asyncio.to_thread(hash_at_file, path, 6000)
+    assert await store.hash_at(10_000) == await asyncio.to_thread(hash_at_file, path, 10_000)
+    assert await store.hash_at(10_001) is None
+    await store.close()
+    assert await asyncio.to_thread(verify_file, path, trusted=(6000, h)) == 10_000
+    with pytest.raises(IntegrityError, match="trusted"):
+        await asyncio.to_thread(verify_file, path, trusted=(6000, bytes(32)))
+    with pytest.raises(IntegrityError, match="ends before"):
+        await asyncio.to_thread(verify_file, path, trusted=(20_000, h))
+    assert await asyncio.to_thread(hash_at_file, path, 20_000) is None
+    assert await asyncio.to_thread(hash_at_file, tmp_path / "nope.db", 1) is None
