@@ -18,11 +18,12 @@ from broker.config import DeliveryConfig
 from broker.messaging import Messaging
 from broker.runtime import Runtime
 from eventstore.base import Envelope
-from eventstore.events import MessageRead, MessageRedriven, MessageSent
+from eventstore.events import MessageRead, MessageRedriven, MessageSent, NodeDeregistered
 
 log = structlog.get_logger(__name__)
 
 CLOSE_REPLACED = 4000  # a newer connection of the same node took over
+CLOSE_DEREGISTERED = 4003  # the node was deregistered
 
 
 class NodeConnection:
@@ -80,6 +81,7 @@ class Dispatcher:
         self._tick = asyncio.Event()
         self._scheduled = math.inf  # when housekeeping wakes up next
         self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # closes in progress (kept referenced)
 
     async def start(self) -> None:
         self.runtime.store.add_listener(self._on_append)
@@ -146,6 +148,12 @@ class Dispatcher:
                 conn = conns.get(event.node_id)  # type: ignore[attr-defined]
                 if conn is not None:
                     conn.wake.set()
+            elif kind is NodeDeregistered:
+                conn = conns.get(event.node_id)  # type: ignore[attr-defined]
+                if conn is not None:  # its tokens are void: so is its connection
+                    task = asyncio.create_task(conn.close(CLOSE_DEREGISTERED, "deregistered"))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
 
     def _schedule(self, when: float) -> None:
         if when < self._scheduled:

@@ -239,3 +239,15 @@ async def test_slow_consumer_is_disconnected_others_unaffected(tmp_path: Any) ->
         assert await receive(fine) == {"type": "ok", "ref": 1}
         await fine.close()
         slow.close  # noqa: B018 - left unread on purpose
+
+
+async def test_deregistration_closes_the_node_connection(client: Client) -> None:
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    ws = await connect(client, b)
+    admin = await operator_token(client, "root", ["admin"])
+    resp = await client.delete("/api/v1/nodes/node-b", headers=bearer(admin))
+    assert resp.status in (200, 204), await resp.text()
+    msg = await ws.receive(timeout=10)
+    while msg.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+        msg = await ws.receive(timeout=10)
+    assert ws.close_code == 4003
