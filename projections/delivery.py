@@ -64,10 +64,11 @@ class Priority(enum.IntEnum):
     @property
     def label(self) -> str:
         """The wire name, e.g. ``"critical"``."""
-        return self.name.lower()
+        return _LABELS[self]
 
 
 _BY_NAME = {p.name.lower(): p for p in Priority}
+_LABELS = {p: name for name, p in _BY_NAME.items()}
 
 
 @dataclass(slots=True, eq=False)

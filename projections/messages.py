@@ -32,15 +32,23 @@ RETAIN_COMPLETED = 100_000  # finished messages kept for GET /messages/{id} and 
 _json = msgspec.json.Encoder()
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    """`2026-01-01T00:00:00.000Z`. Times arrive in order, so the formatted second is reused."""
+    second = int(ts)
+    if second != _second[0]:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{min(999, round((ts - second) * 1000)):03d}Z"
+
+
+_PRIORITIES = {p.label: p for p in Priority}
 
 
 def _priority(name: str) -> Priority:
-    try:
-        return Priority.parse(name)
-    except ValueError:  # validated before recording; a log from elsewhere still replays
-        return Priority.NORMAL
+    # Validated before recording; a log from elsewhere still replays, as normal.
+    return _PRIORITIES.get(name, Priority.NORMAL)
 
 
 class PendingMessage(msgspec.Struct, kw_only=True):
@@ -83,38 +91,28 @@ class Mail:
     @property
     def pending(self) -> PendingMessage:
         if self._pending is None:
-            e = self.event
-            self._pending = PendingMessage(
-                id=e.message_id,
-                from_node=e.from_node,
-                message_type=e.message_type,
-                content=e.content,
-                priority=_priority(e.priority).label,
-                metadata=e.metadata,
-                sent_at=iso(self.sent_at),
-                expires_at=iso(self.expires_at),
-                seq=self.seq,
-            )
+            self._pending = self._build(PendingMessage)
         return self._pending
 
     @property
     def frame(self) -> str:
         if self._frame is None:
-            p = self.pending
-            self._frame = _json.encode(
-                PushFrame(
-                    id=p.id,
-                    from_node=p.from_node,
-                    message_type=p.message_type,
-                    content=p.content,
-                    priority=p.priority,
-                    metadata=p.metadata,
-                    sent_at=p.sent_at,
-                    expires_at=p.expires_at,
-                    seq=p.seq,
-                )
-            ).decode()
+            self._frame = _json.encode(self._build(PushFrame)).decode()
         return self._frame
+
+    def _build(self, kind: type[PendingMessage]) -> PendingMessage:
+        e = self.event
+        return kind(
+            id=e.message_id,
+            from_node=e.from_node,
+            message_type=e.message_type,
+            content=e.content,
+            priority=_priority(e.priority).label,
+            metadata=e.metadata,
+            sent_at=iso(self.sent_at),
+            expires_at=iso(self.expires_at),
+            seq=self.seq,
+        )
 
 
 @dataclass(slots=True)
