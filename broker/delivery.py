@@ -179,13 +179,16 @@ class Dispatcher:
 
     async def sweep(self) -> None:
         """Redeliver timed-out pushes, record dead letters and expiries (one pass)."""
-        redelivered, exhausted = self.queue.timed_out()
+        redelivered, _exhausted = self.queue.timed_out()
         for d in redelivered:
             conn = self.connections.get(d.node_id)
             if conn is not None:
                 conn.wake.set()
-        if exhausted:
-            await self.messaging.record_dead(exhausted)
+        # Every delivery out of attempts and not yet dropped, so one whose dead letter could
+        # not be recorded last time is recorded now (recording drops it from the queue).
+        held = self.queue.held()
+        if held:
+            await self.messaging.record_dead(held)
         expired = self.queue.expired(self.config.expiry_batch)
         if expired:
             await self.messaging.record_expired(expired)

@@ -20,7 +20,7 @@ import msgspec
 from broker.config import DeliveryConfig
 from broker.errors import NotFound, RateLimited, ValidationFailed
 from eventstore.base import Envelope, EventStore, type_matcher
-from eventstore.codec import event_data
+from eventstore.codec import JsonRecord, envelope_to_record, event_data
 from eventstore.events import EVENT_TYPES, BaseEvent
 from projections.base import Projection
 
@@ -34,16 +34,7 @@ _SECRET_FIELDS_OF: dict[type[BaseEvent], tuple[str, ...]] = {
 }
 
 
-class EventRecord(msgspec.Struct, kw_only=True):
-    """One event as the API shows it."""
-
-    seq: int
-    stream: str
-    stream_version: int
-    ts: float
-    id: str
-    type: str
-    data: dict[str, Any]
+EventRecord = JsonRecord  # one event as the API shows it (secrets redacted)
 
 
 class EventsPage(msgspec.Struct, kw_only=True):
@@ -80,15 +71,7 @@ def redacted_data(event: BaseEvent) -> dict[str, Any]:
 
 
 def to_record(env: Envelope) -> EventRecord:
-    return EventRecord(
-        seq=env.seq,
-        stream=env.stream,
-        stream_version=env.stream_version,
-        ts=env.ts,
-        id=env.id,
-        type=env.type,
-        data=redacted_data(env.event),
-    )
+    return envelope_to_record(env, redacted_data)
 
 
 # --- pages ---

@@ -5,6 +5,7 @@ This is the one place where stored shapes of old events would be upgraded (STYLE
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -48,7 +49,11 @@ def event_data(event: BaseEvent) -> dict[str, Any]:
     return data
 
 
-def envelope_to_record(env: Envelope) -> JsonRecord:
+def envelope_to_record(
+    env: Envelope, data: Callable[[BaseEvent], dict[str, Any]] = event_data
+) -> JsonRecord:
+    """The envelope as a JSON record; `data` renders the event's fields (the API redacts
+    secrets, the export keeps them)."""
     return JsonRecord(
         seq=env.seq,
         stream=env.stream,
@@ -56,7 +61,7 @@ def envelope_to_record(env: Envelope) -> JsonRecord:
         ts=env.ts,
         id=env.id,
         type=env.type,
-        data=event_data(env.event),
+        data=data(env.event),
     )
 
 

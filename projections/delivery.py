@@ -518,7 +518,7 @@ class DeliveryQueue:
         return out
 
     def delivery(self, node_id: str, message_id: str) -> Delivery | None:
-        """The in-flight delivery of ``message_id`` to ``node_id``, if it is in flight."""
+        """The delivery of ``message_id`` to ``node_id`` while in flight or out of attempts."""
         box = self._boxes.get(node_id)
         if box is None:
             return None
