@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +62,8 @@ def server(data: Path, port: int, url: str | None = None, **env: str) -> Iterato
             break
     else:
         raise RuntimeError("server did not start")
+    # Keep draining the server's log, or it blocks once the pipe fills.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

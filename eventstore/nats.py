@@ -46,11 +46,8 @@ import logging
 import os
 import socket
 import time
-from array import array
-from bisect import bisect_right
-from collections import deque
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -73,6 +70,7 @@ from eventstore.base import (
 )
 from eventstore.codec import decode_event, encode_event
 from eventstore.events import BaseEvent
+from eventstore.nats_index import FeedStats, LogIndex
 from eventstore.nats_wire import (
     EXPECTED_LAST_SEQ,
     EXPECTED_LAST_SUBJECT_SEQ,
@@ -99,10 +97,9 @@ PUBLISH_TIMEOUT = 2.0  # one publish attempt
 PUBLISH_DEADLINE = 5.0  # retries of one chunk (same message id) before StoreUnavailable
 APPLY_TIMEOUT = 30.0  # an acknowledged chunk must reach our own consumer within this
 MAX_GROUP_APPENDS = 1024  # appends gathered into one chunk
-CACHE_BYTES = 16 * 1024 * 1024  # recent chunks kept for reads
+MAX_CHUNK_BYTES = 512 * 1024  # and their size (NATS' max_payload, 1 MiB by default, bounds it)
 DIRECT_READ_MAX = 16  # reads touching at most this many chunks use direct gets
 DUPLICATE_WINDOW = 120.0  # seconds JetStream remembers message ids
-_SUB_BITS = 16  # index key = stream seq << 16 | batch position in its chunk
 
 
 @dataclass(slots=True)
@@ -115,21 +112,6 @@ class _Append:
     fut: asyncio.Future[list[Envelope]]
     use_header: bool = True
     attempts: int = 0
-
-
-@dataclass(slots=True)
-class FeedStats:
-    """What the consumer saw beyond accepted batches (reported by health and verify)."""
-
-    refused_batches: int = 0
-    bad_messages: int = 0  # foreign or damaged messages on our subjects, skipped
-    missing_messages: int = 0  # stream seqs that never arrived (deleted or lost)
-    problems: list[tuple[int, str]] = field(default_factory=list)  # (event seq, reason), first 20
-
-    def problem(self, seq: int, reason: str) -> None:
-        log.error("nats log: %s (at event seq %d)", reason, seq)
-        if len(self.problems) < 20:
-            self.problems.append((seq, reason))
 
 
 class NatsStore:
@@ -157,20 +139,7 @@ class NatsStore:
         self._listeners: list[Listener] = []
         self._closing = False
         self._failure: BaseException | None = None
-        # derived state, as of stream message `_applied`
-        self._applied = 0
-        self._head = 0
-        self._last_ts = 0.0
-        self._versions: dict[str, int] = {}
-        self._subject_seq: dict[str, int] = {}  # subject -> stream seq of its last message
-        self._ix_key = array("q")  # per accepted batch: stream seq << 16 | position
-        self._ix_first = array("q")  # its first event seq
-        self._ix_ts = array("d")  # its ts
-        self._ev_version = array("I")  # per event: its stream version
-        self._cache: dict[int, bytes] = {}
-        self._cache_order: deque[int] = deque()
-        self._cache_bytes = 0
-        self.stats = FeedStats()
+        self._index = LogIndex()  # the log as derived from the stream, as of `_index.applied`
         # our consumer
         self._gen = 0
         self._dseq = 0
@@ -195,7 +164,8 @@ class NatsStore:
         try:
             self._nc = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise StoreUnavailable(f"cannot reach NATS at {self.url}: {exc or 'timeout'}") from None
+            reason = str(exc) or f"no connection within {CONNECT_TIMEOUT:g} s"
+            raise StoreUnavailable(f"cannot reach NATS at {self.url}: {reason}") from None
         self._js = self._nc.jetstream(timeout=PUBLISH_TIMEOUT)
         try:
             info = await self._ensure_stream()
@@ -286,10 +256,7 @@ class NatsStore:
                     while self._mine:
                         await self._next_progress()
         for futs in self._mine.values():
-            for fut in futs:
-                if not fut.done():
-                    fut.set_exception(StoreUnavailable("the log was closed"))
-        self._mine.clear()
+            _fail_futures(futs, StoreUnavailable("the log was closed"))
         self._mine.clear()
         self._kick.set()
         for task in [*self._tasks, self._follower]:
@@ -318,18 +285,21 @@ class NatsStore:
             return []
         expect = dict(resolve_expected(events, expected_version))
         for stream, want in expect.items():
-            have = self._versions.get(stream, 0)
+            have = self._index.versions.get(stream, 0)
             if have > want:  # versions only grow: refused whatever happened since
                 raise ConcurrencyError(stream, want, have)
         ids = os.urandom(16 * len(events)).hex()
         wire: list[WireEvent] = []
-        size = 64
+        size = 64 + sum(len(s) + 12 for s in expect)
         for i, event in enumerate(events):
             data = encode_event(event)
             stream = event.stream
             size += len(data) + len(stream) + 48
             wire.append(WireEvent(ids[32 * i : 32 * i + 32], stream, event.event_type, Raw(data)))
-        key = next((s for s in expect if any(e.stream == s for e in wire)), wire[0].stream)
+        key = wire[0].stream
+        if expect and key not in expect:  # the key stream: an expected one that has events here
+            streams = {e.stream for e in wire}
+            key = next((s for s in expect if s in streams), key)
         fut: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Append(WireBatch(expect, wire), size, key, fut))
         self._wakeup.set()
@@ -366,7 +336,7 @@ class NatsStore:
                 return
 
     def _take_group(self, pending: list[_Append]) -> tuple[list[_Append], list[_Append]]:
-        limit = self._nc.max_payload - 1024
+        limit = min(self._nc.max_payload, MAX_CHUNK_BYTES)
         size = 0
         for n, p in enumerate(pending):
             if n and (n >= MAX_GROUP_APPENDS or size + p.size > limit):
@@ -375,24 +345,25 @@ class NatsStore:
         return pending, []
 
     async def _publish_group(self, group: list[_Append]) -> None:
-        limit = self._nc.max_payload - 1024
-        if group[0].size > limit:
-            group[0].fut.set_exception(
-                StoreError(f"an append of ~{group[0].size} bytes exceeds NATS max_payload")
-            )
-            group = group[1:]
-            if not group:
-                return
-        subject = f"{self.prefix}.{subject_token(group[0].key_stream)}"
         batches = [p.batch for p in group]
+        body = encode_chunk(batches)
+        if len(body) > self._nc.max_payload - 1024:  # the size estimate was short
+            if len(group) > 1:
+                half = len(group) // 2
+                await self._publish_group(group[:half])
+                await self._publish_group(group[half:])
+            else:
+                _fail(group, StoreError(f"an append of {len(body)} bytes exceeds NATS max_payload"))
+            return
+        subject = f"{self.prefix}.{subject_token(group[0].key_stream)}"
         cid = chunk_id(batches)
         headers = {MSG_ID: cid}
         single = group[0]
         if len(group) == 1 and single.use_header and single.key_stream in single.batch.expect:
-            headers[EXPECTED_LAST_SUBJECT_SEQ] = str(self._subject_seq.get(subject, 0))
+            headers[EXPECTED_LAST_SUBJECT_SEQ] = str(self._index.subject_seq.get(subject, 0))
         self._mine[cid] = [p.fut for p in group]
         try:
-            await self._publish(subject, encode_chunk(batches), headers)
+            await self._publish(subject, body, headers)
         except nats.js.errors.APIError as exc:
             self._mine.pop(cid, None)
             if exc.err_code == WRONG_LAST_SEQUENCE and EXPECTED_LAST_SUBJECT_SEQ in headers:
@@ -442,7 +413,7 @@ class NatsStore:
         if p.fut.done():
             return
         for stream, want in p.batch.expect.items():
-            have = self._versions.get(stream, 0)
+            have = self._index.versions.get(stream, 0)
             if have > want:
                 p.fut.set_exception(ConcurrencyError(stream, want, have))
                 return
@@ -468,12 +439,12 @@ class NatsStore:
         if not envelopes:
             return
         overlay: dict[str, int] = {}
-        seq = self._head
+        seq = self._index.head
         for env in envelopes:
             seq += 1
             if env.seq != seq:
                 raise IntegrityError(seq, f"import out of order: got seq {env.seq}")
-            version = overlay.get(env.stream, self._versions.get(env.stream, 0)) + 1
+            version = overlay.get(env.stream, self._index.versions.get(env.stream, 0)) + 1
             if env.stream_version != version:
                 raise IntegrityError(
                     env.seq,
@@ -494,7 +465,7 @@ class NatsStore:
             cid = chunk_id(part)
             self._mine[cid] = futs
             subject = f"{self.prefix}.{subject_token(part[0].events[0].stream)}"
-            headers = {MSG_ID: cid, EXPECTED_LAST_SEQ: str(self._applied)}
+            headers = {MSG_ID: cid, EXPECTED_LAST_SEQ: str(self._index.applied)}
             try:
                 await self._publish(subject, encode_chunk(part), headers)
             except nats.js.errors.APIError as exc:
@@ -558,7 +529,7 @@ class NatsStore:
                 await self._on_feed(msg)
 
         self._sub = await self._nc.subscribe(inbox, cb=on_message)
-        config = consumer_config(api, inbox, self._applied + 1, "broker log follower")
+        config = consumer_config(api, inbox, self._index.applied + 1, "broker log follower")
         info = await self._js.add_consumer(self.stream, config=config)
         if gen != self._gen:  # a reset was requested meanwhile: the loop comes back
             return
@@ -586,76 +557,29 @@ class NatsStore:
             self._request_reset(f"delivery {dseq} after {self._dseq}")
             return
         self._dseq = dseq
-        if sseq <= self._applied or self._failure is not None:
+        if sseq <= self._index.applied or self._failure is not None:
             return
         try:
             self._apply(sseq, ts_ns, msg.subject, msg.data)
         except Exception as exc:  # an event this build cannot decode: stop, loudly
             self._failure = exc
             log.critical("nats log: cannot apply stream message %d: %s", sseq, exc)
+            for futs in self._mine.values():
+                _fail_futures(futs, StoreUnavailable(f"the log cannot be applied here: {exc}"))
+            self._mine.clear()
             self._release_waiters()
 
     def _apply(self, sseq: int, ts_ns: int, subject: str, data: bytes) -> None:
-        """Fold one stream message into the derived state, call the listeners, resolve the
-        appends it holds. Deterministic: every instance computes the same from the same stream."""
-        if sseq != self._applied + 1:
-            missing = sseq - self._applied - 1
-            self.stats.missing_messages += missing
-            self.stats.problem(
-                self._head + 1, f"stream messages {self._applied + 1}..{sseq - 1} are missing"
-            )
-        self._applied = sseq
-        self._subject_seq[subject] = sseq
-        try:
-            batches = decode_chunk(data)
-        except BadChunk as exc:
-            self.stats.bad_messages += 1
-            self.stats.problem(self._head + 1, f"stream message {sseq} skipped: {exc}")
-            self._release_waiters()
-            return
-        futs = self._mine.pop(chunk_id(batches), None)
-        build = futs is not None or bool(self._listeners)
-        store_ts = ts_ns / 1e9
-        versions = self._versions
-        out: list[Envelope] = []
-        results: list[ConcurrencyError | tuple[int, int]] = []
-        accepted = False
-        for pos, batch in enumerate(batches):
-            conflict = None
-            for stream, want in batch.expect.items():
-                have = versions.get(stream, 0)
-                if have != want:
-                    conflict = ConcurrencyError(stream, want, have)
-                    break
-            if conflict is not None:
-                self.stats.refused_batches += 1
-                results.append(conflict)
-                continue
-            accepted = True
-            ts = batch.ts or store_ts
-            if ts < self._last_ts:
-                ts = self._last_ts
-            self._last_ts = ts
-            self._ix_key.append(sseq << _SUB_BITS | pos)
-            self._ix_first.append(self._head + 1)
-            self._ix_ts.append(ts)
-            start = len(out)
-            for ev in batch.events:
-                version = versions[ev.stream] = versions.get(ev.stream, 0) + 1
-                self._ev_version.append(version)
-                self._head += 1
-                if build:
-                    event = decode_event(ev.data)  # type: ignore[arg-type]
-                    out.append(Envelope(self._head, ev.stream, version, ts, ev.id, event))
-            results.append((start, len(out)))
-        if accepted:
-            self._remember(sseq, data)
+        """Fold one stream message in (eventstore.nats_index), call the listeners with what it
+        recorded, resolve the appends it holds."""
+        cid, out, results = self._index.apply(sseq, ts_ns, subject, data, self._wants)
         if out:
             for listener in list(self._listeners):
                 try:
                     listener(out)
                 except Exception:
                     log.exception("log listener failed")
+        futs = self._mine.pop(cid, None) if cid is not None else None
         if futs is not None:
             for fut, result in zip(futs, results, strict=False):
                 if fut.done():
@@ -666,13 +590,10 @@ class NatsStore:
                     fut.set_result(out[result[0] : result[1]])
         self._release_waiters()
 
-    def _remember(self, sseq: int, data: bytes) -> None:
-        self._cache[sseq] = data
-        self._cache_order.append(sseq)
-        self._cache_bytes += len(data)
-        while self._cache_bytes > CACHE_BYTES and len(self._cache_order) > 1:
-            old = self._cache_order.popleft()
-            self._cache_bytes -= len(self._cache.pop(old))
+    def _wants(self, cid: str) -> bool:
+        """Envelopes are built for listeners and for our own appends only (not while catching
+        up at open, before anyone listens)."""
+        return bool(self._listeners) or cid in self._mine
 
     def _release_waiters(self) -> None:
         if self._progress is not None:
@@ -688,7 +609,7 @@ class NatsStore:
     async def _wait_applied(self, sseq: int, timeout: float | None) -> None:
         """Until the consumer has applied stream message `sseq` (TimeoutError past `timeout`)."""
         async with asyncio.timeout(timeout):
-            while self._applied < sseq:
+            while self._index.applied < sseq:
                 if self._failure is not None:
                     raise StoreUnavailable(f"the log cannot be applied here: {self._failure}")
                 await self._next_progress()
@@ -713,25 +634,25 @@ class NatsStore:
         """(seq, event as stored, stream version, ts) in seq order: `read` without decoding."""
         if self._nc is None:
             raise StoreUnavailable("the log is not open")
+        index = self._index
         next_seq = max(from_seq, 1)
-        i = max(0, bisect_right(self._ix_first, next_seq) - 1)
+        i = index.position(next_seq)
         reader: StreamReader | None = None
         chunk: tuple[int, list[WireBatch]] = (0, [])
         try:
             while True:
-                end = self._head if to_seq is None else min(to_seq, self._head)
-                if next_seq > end or i >= len(self._ix_key):
+                end = index.head if to_seq is None else min(to_seq, index.head)
+                if next_seq > end or i >= len(index):
                     if reader is None:
                         return  # without awaiting since the check: nothing slipped in
                     await reader.close()
                     reader = None
                     continue
-                key = self._ix_key[i]
-                sseq = key >> _SUB_BITS
+                sseq, pos, seq, ts = index.entry(i)
                 if chunk[0] != sseq:
-                    data = self._cache.get(sseq)
+                    data = index.cached(sseq)
                     if data is None:
-                        if reader is None and self._chunks_until(i, end) > DIRECT_READ_MAX:
+                        if reader is None and index.batches_until(i, end) > DIRECT_READ_MAX:
                             reader = StreamReader(self._nc, self._js, api, self.stream, sseq)
                             await reader.start()
                         data = await (
@@ -740,31 +661,24 @@ class NatsStore:
                     try:
                         chunk = (sseq, decode_chunk(data))
                     except BadChunk as exc:
-                        raise IntegrityError(self._ix_first[i], str(exc)) from None
-                batch = chunk[1][key & ((1 << _SUB_BITS) - 1)]
-                seq = self._ix_first[i]
-                ts = self._ix_ts[i]
-                for ev in batch.events:
+                        raise IntegrityError(seq, str(exc)) from None
+                for ev in chunk[1][pos].events:
                     if seq > end:
                         break
                     if seq >= next_seq:
                         next_seq = seq + 1
-                        yield seq, ev, self._ev_version[seq - 1], ts
+                        yield seq, ev, index.version_of(seq), ts
                     seq += 1
                 i += 1
         finally:
             if reader is not None:
                 await reader.close()
 
-    def _chunks_until(self, i: int, end: int) -> int:
-        """How many index entries from `i` cover events up to `end`."""
-        return bisect_right(self._ix_first, end) - i
-
     async def _direct_get(self, sseq: int) -> bytes:
         try:
             msg = await self._js.get_msg(self.stream, seq=sseq, direct=self._direct)
         except nats.js.errors.NotFoundError:
-            raise IntegrityError(self._head, f"stream message {sseq} is gone") from None
+            raise IntegrityError(self._index.head, f"stream message {sseq} is gone") from None
         except Exception as exc:
             raise StoreUnavailable(f"cannot read the NATS stream: {exc}") from None
         data: bytes = msg.data or b""
@@ -776,10 +690,10 @@ class NatsStore:
         return subscribe_via_listener(self, from_seq, max_buffer)
 
     async def head(self) -> int:
-        return self._head
+        return self._index.head
 
     async def stream_version(self, stream: str) -> int:
-        return self._versions.get(stream, 0)
+        return self._index.versions.get(stream, 0)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -787,6 +701,11 @@ class NatsStore:
     def remove_listener(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    @property
+    def stats(self) -> FeedStats:
+        """Refused batches, skipped and missing messages seen so far."""
+        return self._index.stats
 
     # --- health ---
 
@@ -797,11 +716,11 @@ class NatsStore:
         out: dict[str, Any] = {
             "stream": self.stream,
             "connected": bool(self._nc is not None and self._nc.is_connected),
-            "head_seq": self._head,
-            "applied_stream_seq": self._applied,
-            "refused_batches": self.stats.refused_batches,
-            "skipped_messages": self.stats.bad_messages,
-            "missing_messages": self.stats.missing_messages,
+            "head_seq": self._index.head,
+            "applied_stream_seq": self._index.applied,
+            "refused_batches": self._index.stats.refused_batches,
+            "skipped_messages": self._index.stats.bad_messages,
+            "missing_messages": self._index.stats.missing_messages,
         }
         if self._failure is not None:
             return {**out, "status": "error", "error": str(self._failure)}
@@ -819,7 +738,7 @@ class NatsStore:
             stream_bytes=state.bytes,
             stream_first_seq=state.first_seq,
             stream_last_seq=state.last_seq,
-            lag_messages=max(0, state.last_seq - self._applied),
+            lag_messages=max(0, state.last_seq - self._index.applied),
             replicas=config.num_replicas,
             storage=str(getattr(config.storage, "value", config.storage)),
         )
@@ -853,9 +772,13 @@ async def _skip_to(reader: StreamReader, sseq: int) -> bytes:
 
 
 def _fail(group: Sequence[_Append], exc: BaseException) -> None:
-    for p in group:
-        if not p.fut.done():
-            p.fut.set_exception(exc)
+    _fail_futures([p.fut for p in group], exc)
+
+
+def _fail_futures(futs: Sequence[asyncio.Future[list[Envelope]]], exc: BaseException) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 def _last_seq_of(exc: Any) -> int | None:

@@ -13,7 +13,9 @@ import asyncio
 import os
 import socket
 import tempfile
+import threading
 import time
+from collections import deque
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -50,12 +52,22 @@ class Node(Peer):
         self.delivered = Progress()
         self.recording = False
         self.errors: list[Any] = []
+        self.ended: str | None = None  # why the reader stopped, once it has
         self._seq = 0
 
     async def reader(self) -> None:
+        try:
+            await self._read()
+        except Exception as e:  # noqa: BLE001 -- recorded; the next phase reconnects
+            self.ended = f"reader failed: {e!r}"
+        else:
+            self.ended = f"closed, code {self.ws.close_code}, {self.ws.exception()!r}"
+
+    async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         async for msg in self.ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
+                self.ended = f"{msg.type.name} frame {msg.data!r:.80}"
                 break
             frame = decode(msg.data)
             if isinstance(frame, list):
@@ -98,6 +110,19 @@ class Node(Peer):
             raise RuntimeError(f"{self.node}: {len(self.errors)} errors, first {self.errors[0]}")
 
 
+def _drain_log(pid: int, path: Path, tail: deque[str]) -> None:
+    """Copy the server's stderr to `path` (bench.e2e.server leaves it in a pipe nobody reads,
+    which would block the server once full), keeping the last lines in `tail`."""
+    try:
+        with open(f"/proc/{pid}/fd/2", errors="replace") as pipe, open(path, "w") as out:
+            for line in pipe:
+                out.write(line)
+                if line.strip():
+                    tail.append(line.rstrip())
+    except OSError:
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,26 +150,51 @@ class BrokerSystem:
         self._readers: list[asyncio.Task[None]] = []
         me = os.getpid()
         self.server_pid = find_pid(lambda ppid, argv: ppid == me and argv[1:4] == SERVE)
+        self.log_tail: deque[str] = deque(maxlen=20)
 
     @classmethod
-    async def open(cls, stack: AsyncExitStack) -> BrokerSystem:
-        """Start `broker serve` on a temporary log and onboard the four nodes."""
+    async def open(cls, stack: AsyncExitStack, env: dict[str, str] | None = None) -> BrokerSystem:
+        """Start `broker serve` on a temporary log (extra environment `env`, e.g.
+        BROKER_DELIVERY__WINDOW) and onboard the four nodes."""
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peers-")))
-        base = stack.enter_context(server(data, _free_port()))
+        base = stack.enter_context(server(data, _free_port(), **(env or {})))
         conn = aiohttp.TCPConnector(limit=0)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=conn))
         self = cls(session, base, await onboard(session, base, 4))
-        peers = await connect_all(session, base, self.nodes[:2])
-        self.producer, self.consumer = (Node(p.ws, p.node) for p in peers)
-        self._readers = [asyncio.create_task(n.reader()) for n in (self.producer, self.consumer)]
+        if self.server_pid is not None:
+            args = (self.server_pid, data / "server.log", self.log_tail)
+            threading.Thread(target=_drain_log, args=args, daemon=True).start()
+        await self._connect()
         stack.push_async_callback(self.close)
         return self
+
+    async def _connect(self) -> None:
+        peers = await connect_all(self.session, self.base, self.nodes[:2])
+        self.producer, self.consumer = (Node(p.ws, p.node) for p in peers)
+        self._readers = [asyncio.create_task(n.reader()) for n in (self.producer, self.consumer)]
+
+    async def _ensure_connected(self) -> None:
+        """Reconnect both nodes if either connection ended, saying why it did."""
+        dropped = [n for n in (self.producer, self.consumer) if n.ended or n.ws.closed]
+        if not dropped:
+            return
+        for n in dropped:
+            print(f"# broker: {n.node}'s WebSocket ended ({n.ended}); reconnecting", flush=True)
+        if self.log_tail:
+            print("# broker: last server log lines:\n#   " + "\n#   ".join(self.log_tail))
+        await self.close()
+        await self._connect()
+        seen = -1  # what the old connections had in flight is pushed again: let it pass
+        while self.consumer.delivered.n != seen:
+            seen = self.consumer.delivered.n
+            await asyncio.sleep(0.3)
 
     async def close(self) -> None:
         for r in self._readers:
             r.cancel()
         for n in (self.producer, self.consumer):
-            await n.ws.close()
+            if not n.ws.closed:
+                await n.ws.close()
 
     async def _produce(self, to: str, n: int) -> None:
         p = self.producer
@@ -159,6 +209,7 @@ class BrokerSystem:
         p.check()
 
     async def end_to_end(self, n: int) -> float:
+        await self._ensure_connected()
         c = self.consumer
         acked0 = c.answered.n
         t0 = time.perf_counter()
@@ -169,11 +220,13 @@ class BrokerSystem:
         return n / elapsed
 
     async def publish_confirm(self, n: int) -> float:
+        await self._ensure_connected()
         t0 = time.perf_counter()
         await self._produce(self.nodes[2][0], n)  # a sink: never connected
         return n / (time.perf_counter() - t0)
 
     async def latency(self, rate: int, seconds: float) -> Latencies:
+        await self._ensure_connected()
         p, c = self.producer, self.consumer
         c.latencies = []
         c.recording = True

@@ -8,6 +8,7 @@ server running) across runs.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -19,10 +20,12 @@ from bench.peers.report import (
     CLIENT_CPU,
     E2E,
     HTTP,
+    KEPT_UP_SLACK,
     PUBLISH,
     QUANTILES,
     SERVER_CPU,
     Column,
+    kept_up_figure,
     latency_figure,
     lines,
     markdown,
@@ -50,6 +53,13 @@ def _rates(text: str) -> list[int]:
     return rates
 
 
+def _env(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("BROKER_"):
+        raise argparse.ArgumentTypeError(f"BROKER_...=value, not {text!r}")
+    return key, value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The harness's options; `--quick` lowers the defaults to a ~1 minute smoke run."""
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__)
@@ -61,6 +71,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
     parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument(
+        "--broker-env",
+        type=_env,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for `broker serve`, e.g. BROKER_DELIVERY__WINDOW=1000",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     if args.messages is None:
@@ -78,7 +96,7 @@ async def _open(key: str, stack: AsyncExitStack, args: argparse.Namespace) -> An
     if key == "broker":
         from bench.peers.broker import BrokerSystem
 
-        return await BrokerSystem.open(stack)
+        return await BrokerSystem.open(stack, dict(args.broker_env))
     if key == "rabbitmq":
         from bench.peers.rabbitmq import RabbitSystem
 
@@ -102,14 +120,17 @@ async def _one_run(system: Any, col: Column, args: argparse.Namespace, i: int) -
     col.add(PUBLISH, pub)
     print(f"{tag} end to end {e2e:,.0f}/s, publish-confirm {pub:,.0f}/s", flush=True)
     for rate in args.rates:
+        t0 = time.perf_counter()
         lat = await system.latency(rate, args.seconds)
+        late = time.perf_counter() - t0 - lat.seconds
+        col.add(kept_up_figure(rate), float(late <= KEPT_UP_SLACK))
         for name, q in QUANTILES:
             col.add(latency_figure(rate, name), lat.pct(q))
         achieved = lat.sent / lat.seconds
         print(
             f"{tag} @{rate:,}/s p50 {lat.pct(0.5):.2f} ms, p99 {lat.pct(0.99):.2f} ms, "
             f"p999 {lat.pct(0.999):.2f} ms ({len(lat.values):,} of {lat.sent:,} sampled, "
-            f"{achieved:,.0f}/s offered)",
+            f"{achieved:,.0f}/s offered; all acked {late:.2f} s after the last send)",
             flush=True,
         )
     if hasattr(system, "http_send"):
@@ -143,13 +164,24 @@ async def main_async(args: argparse.Namespace) -> list[Column]:
                     col.notes.append(f"failed in run {i + 1}: {e!r:.200}")
                     live.remove((system, col))
     print()
-    for line in lines(columns, args.rates):
-        print(line)
+    if columns:
+        for line in lines(columns, args.rates):
+            print(line)
+        print()
+        print(markdown(columns, args.rates))
+    else:
+        print("no system was reachable: nothing measured")
     print()
-    print(markdown(columns, args.rates))
-    print()
-    print(f"# {time.perf_counter() - started:.0f} s in all")
+    print(f"# {time.perf_counter() - started:.0f} s in all; {_load()}")
     return columns
+
+
+def _load() -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -157,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     print(
         f"# {machine()}; N={args.messages:,}, {args.runs} run(s), {args.seconds:g} s per rate, "
-        f"rates {', '.join(f'{r:,}' for r in args.rates)}/s; systems {', '.join(args.only)}",
+        f"rates {', '.join(f'{r:,}' for r in args.rates)}/s; systems {', '.join(args.only)}; "
+        f"{_load()}",
         flush=True,
     )
     run(main_async(args))

@@ -31,6 +31,7 @@ from bench.peers.workload import (
     decode,
     drain_timeout,
     paced,
+    probe,
 )
 
 URL = "nats://127.0.0.1:4222"
@@ -95,6 +96,7 @@ class NatsSystem:
         self.cjs = cnc.jetstream()
         v = pnc.connected_server_version
         self.label = f"NATS JetStream {v.major}.{v.minor}.{v.patch}"
+        self.server_pid: int | None
         self.server_pid, command = server or (None, "not found in /proc")
         self.sync = sync
         self.durability = (
@@ -110,10 +112,19 @@ class NatsSystem:
 
         async def connect() -> Any:
             nc = await nats.connect(
-                url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0
+                url,
+                connect_timeout=2,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                error_cb=quiet,
             )
             stack.push_async_callback(nc.close)
             return nc
+
+        await probe(url, 4222)
+
+        async def quiet(_: Exception) -> None:
+            pass
 
         try:
             pnc = await connect()

@@ -12,7 +12,7 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def processes() -> list[tuple[int, int, list[str]]]:
     """(pid, parent pid, argv) of every process we can read."""
-    out = []
+    out: list[tuple[int, int, list[str]]] = []
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:

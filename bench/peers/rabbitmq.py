@@ -27,6 +27,7 @@ from bench.peers.workload import (
     decode,
     drain_timeout,
     paced,
+    probe,
 )
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -62,6 +63,7 @@ class RabbitSystem:
             import aio_pika
         except ImportError as e:
             raise Unreachable("aio-pika is not installed (pip install aio-pika)") from e
+        await probe(url, 5672)
         try:
             producer = await aio_pika.connect(url, timeout=3)
         except Exception as e:  # noqa: BLE001 -- any failure to connect means: skip it
@@ -69,9 +71,11 @@ class RabbitSystem:
         stack.push_async_callback(producer.close)
         consumer = await aio_pika.connect(url, timeout=3)
         stack.push_async_callback(consumer.close)
-        props = producer.transport.connection.server_properties
+        transport = producer.transport
+        props = transport.connection.server_properties if transport else {}
         version = props.get("version", "?")
-        self = cls(producer, consumer, version.decode() if isinstance(version, bytes) else version)
+        name = version.decode() if isinstance(version, bytes) else str(version)
+        self = cls(producer, consumer, name)
         self.pch = await producer.channel(publisher_confirms=True)
         self.cch = await consumer.channel()
         await self.cch.set_qos(prefetch_count=WINDOW)

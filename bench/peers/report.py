@@ -14,6 +14,15 @@ SERVER_CPU = "server CPU per message, end to end (µs)"
 QUANTILES = (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))
 
 
+def kept_up_figure(rate: int) -> str:
+    """The name of the figure 'runs in which everything sent at `rate` was delivered and acked
+    within KEPT_UP_SLACK seconds of the last send' (otherwise the latencies are a backlog)."""
+    return f"kept up @{rate:,}/s (runs)"
+
+
+KEPT_UP_SLACK = 0.5  # seconds
+
+
 def latency_figure(rate: int, name: str) -> str:
     """The name of a latency figure, e.g. 'latency @2,000/s p99 (ms)'."""
     return f"latency @{rate:,}/s {name} (ms)"
@@ -26,7 +35,11 @@ def figure_order(rates: list[int]) -> list[str]:
         CLIENT_CPU,
         SERVER_CPU,
         PUBLISH,
-        *(latency_figure(r, q) for r in rates for q, _ in QUANTILES),
+        *(
+            f
+            for r in rates
+            for f in (*(latency_figure(r, q) for q, _ in QUANTILES), kept_up_figure(r))
+        ),
         HTTP,
     ]
 
@@ -57,6 +70,8 @@ def summary(values: list[float], figure: str, *, spread: bool = True) -> str:
     """'median' or 'median (min–max)' of the runs' values."""
     if not values:
         return "—"
+    if figure.startswith("kept up"):
+        return f"{sum(values):.0f}/{len(values)}"
     med = _fmt(statistics.median(values), figure)
     if not spread or len(values) == 1:
         return med
@@ -70,6 +85,9 @@ def lines(columns: list[Column], rates: list[int]) -> list[str]:
         for figure in figure_order(rates):
             values = col.values.get(figure)
             if not values:
+                continue
+            if figure.startswith("kept up"):
+                out.append(f"{col.label}: {figure}: {summary(values, figure)}")
                 continue
             med = _fmt(statistics.median(values), figure)
             runs = len(values)

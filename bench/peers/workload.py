@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 import msgspec
 
@@ -128,3 +129,14 @@ class System(Protocol):
 
 class Unreachable(Exception):
     """A peer that does not answer: the harness skips it, saying why."""
+
+
+async def probe(url: str, default_port: int, timeout: float = 2.0) -> None:
+    """Raise Unreachable unless something accepts TCP connections at `url`'s host and port."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or default_port
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (TimeoutError, OSError) as e:
+        raise Unreachable(f"nothing answers at {host}:{port} ({e!r:.100})") from e
+    writer.close()

@@ -10,7 +10,16 @@ import math
 import pytest
 
 from bench.peers.cli import parse_args
-from bench.peers.report import E2E, HTTP, Column, latency_figure, lines, markdown, summary
+from bench.peers.report import (
+    E2E,
+    HTTP,
+    Column,
+    kept_up_figure,
+    latency_figure,
+    lines,
+    markdown,
+    summary,
+)
 from bench.peers.workload import Latencies, body
 
 
@@ -23,9 +32,14 @@ def test_defaults_and_quick() -> None:
     assert (quick.messages, quick.runs, quick.seconds) == (3_000, 1, 1.0)
     assert quick.only == ["nats", "broker"]
     assert parse_args(["--quick", "--messages", "50"]).messages == 50
+    env = parse_args(["--broker-env", "BROKER_DELIVERY__WINDOW=1000"]).broker_env
+    assert dict(env) == {"BROKER_DELIVERY__WINDOW": "1000"}
 
 
-@pytest.mark.parametrize("argv", [["--only", "kafka"], ["--runs", "0"], ["--rates", "fast"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--only", "kafka"], ["--runs", "0"], ["--rates", "fast"], ["--broker-env", "PATH=/"]],
+)
 def test_bad_options_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -52,6 +66,7 @@ def test_markdown_table_on_fake_figures() -> None:
         in lines([broker, rabbit], [2000])
     )
     assert summary([], E2E) == "—"
+    assert summary([1.0, 0.0, 1.0], kept_up_figure(5000)) == "2/3"
 
 
 def test_workload_body_and_percentiles() -> None:

@@ -119,7 +119,7 @@ async def test_racing_creations_across_instances_exactly_one_wins(
     wins = [r for r in results if not isinstance(r, BaseException)]
     assert len(wins) == 1
     assert all(isinstance(r, ConcurrencyError) for r in results if r is not wins[0])
-    await until(lambda: b._head == a._head == 1)
+    await until(lambda: b._index.head == a._index.head == 1)
     assert await a.stream_version("node-1") == await b.stream_version("node-1") == 1
 
 
@@ -135,7 +135,7 @@ async def test_refused_batch_is_refused_by_every_instance(
     await publish_raw(url, f"{stream_name}.{subject_token('x')}", refused)
     after = await b.append([note("z", "after")])
     assert after[0].seq == 2
-    await until(lambda: a._head == 2)
+    await until(lambda: a._index.head == 2)
     for store in (a, b):
         assert store.stats.refused_batches == 1
         assert await store.stream_version("y") == 1
@@ -152,14 +152,14 @@ async def test_expectation_on_a_second_stream_is_exact(opener: Callable[..., Any
     """Expected versions on several streams hold even though one message has one subject."""
     a, b = await opener(), await opener()
     await a.append([note("p", "1"), note("q", "1")])
-    await until(lambda: b._head == 2)
+    await until(lambda: b._index.head == 2)
     results = await asyncio.gather(
         a.append([note("p", "a"), note("q", "a")], expected_version={"q": 1}),
         b.append([note("q", "b")], expected_version={"q": 1}),
         return_exceptions=True,
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 1
-    await until(lambda: a._head == b._head)
+    await until(lambda: a._index.head == b._index.head)
     assert await a.stream_version("q") == await b.stream_version("q") == 2
 
 
@@ -202,8 +202,7 @@ async def test_reads_by_direct_get_and_by_stream_reader(
     written: list[Envelope] = []
     for i in range(40):
         written += await a.append([note(f"s{i % 3}", str(i)), UserActivated(user_id=f"u{i}")])
-    a._cache.clear()  # as after a restart: nothing recent in memory
-    a._cache_order.clear()
+    a._index.clear_cache()  # as after a restart: nothing recent in memory
     monkeypatch.setattr(natsmod, "DIRECT_READ_MAX", 4)
     assert await collect(a.read()) == written  # 40 chunks: a temporary consumer
     assert await collect(a.read(11, 14)) == written[10:14]  # 2 chunks: direct gets
@@ -310,7 +309,9 @@ async def test_nats_restart_under_load(tmp_path: Path) -> None:
         await until(lambda: len(acked) >= count + 50, timeout=30)
         stop.set()
         await asyncio.gather(*writers)
-        await until(lambda: a._head == b._head and a._head >= max(e.seq for e in acked))
+        await until(
+            lambda: a._index.head == b._index.head and a._index.head >= max(e.seq for e in acked)
+        )
         log_a = await collect(a.read())
         log_b = await collect(b.read())
         assert log_a == log_b

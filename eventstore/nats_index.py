@@ -1,0 +1,164 @@
+"""The log as every instance derives it from the NATS stream (see eventstore.nats).
+
+`LogIndex.apply` folds the stream's messages, in stream order, into event seqs, stream versions
+and times, checks each batch's expected versions at its place, and keeps the index that maps seqs
+back to stream messages. No I/O, no asyncio, no clock: the same messages give every instance the
+same envelopes.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from eventstore.base import ConcurrencyError, Envelope
+from eventstore.codec import decode_event
+from eventstore.nats_wire import BadChunk, chunk_id, decode_chunk
+
+log = logging.getLogger("eventstore.nats")
+
+CACHE_BYTES = 16 * 1024 * 1024  # recent chunk messages kept for reads
+_SUB_BITS = 16  # index key = stream seq << 16 | batch position in its chunk
+_SUB_MASK = (1 << _SUB_BITS) - 1
+
+# per batch of a message: the ConcurrencyError that refused it, or (start, end) of its events
+# in the envelopes `apply` returns
+BatchResult = ConcurrencyError | tuple[int, int]
+
+
+@dataclass(slots=True)
+class FeedStats:
+    """What the stream held beyond accepted batches (reported by health and verify)."""
+
+    refused_batches: int = 0
+    bad_messages: int = 0  # foreign or damaged messages on our subjects, skipped
+    missing_messages: int = 0  # stream seqs that never arrived (deleted or lost)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (event seq, reason), first 20
+
+    def problem(self, seq: int, reason: str) -> None:
+        log.error("nats log: %s (at event seq %d)", reason, seq)
+        if len(self.problems) < 20:
+            self.problems.append((seq, reason))
+
+
+class LogIndex:
+    """Derived state of the log, as of stream message `applied`."""
+
+    def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
+        self.applied = 0  # last stream message folded in
+        self.head = 0  # last event seq
+        self.last_ts = 0.0
+        self.versions: dict[str, int] = {}
+        self.subject_seq: dict[str, int] = {}  # subject -> stream seq of its last message
+        self.stats = FeedStats()
+        self._key = array("q")  # per accepted batch: stream seq << 16 | position in its chunk
+        self._first = array("q")  # its first event seq
+        self._ts = array("d")  # its ts
+        self._version = array("I")  # per event: its stream version
+        self._cache: dict[int, bytes] = {}
+        self._cache_order: deque[int] = deque()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+
+    def apply(
+        self, sseq: int, ts_ns: int, subject: str, data: bytes, wants: Callable[[str], bool]
+    ) -> tuple[str | None, list[Envelope], list[BatchResult]]:
+        """Fold stream message `sseq` (stored at `ts_ns`) in. Returns its chunk id (None for a
+        skipped message), the envelopes of its accepted batches (built, decoding every event,
+        only when `wants(chunk id)`), and one result per batch. Raises if an event that must be
+        built does not decode (a newer broker wrote it)."""
+        if sseq != self.applied + 1:
+            self.stats.missing_messages += sseq - self.applied - 1
+            self.stats.problem(
+                self.head + 1, f"stream messages {self.applied + 1}..{sseq - 1} are missing"
+            )
+        self.applied = sseq
+        self.subject_seq[subject] = sseq
+        try:
+            batches = decode_chunk(data)
+        except BadChunk as exc:
+            self.stats.bad_messages += 1
+            self.stats.problem(self.head + 1, f"stream message {sseq} skipped: {exc}")
+            return None, [], []
+        cid = chunk_id(batches)
+        build = wants(cid)
+        refused_before = self.stats.refused_batches
+        store_ts = ts_ns / 1e9
+        versions = self.versions
+        out: list[Envelope] = []
+        results: list[BatchResult] = []
+        for pos, batch in enumerate(batches):
+            conflict = None
+            for stream, want in batch.expect.items():
+                have = versions.get(stream, 0)
+                if have != want:
+                    conflict = ConcurrencyError(stream, want, have)
+                    break
+            if conflict is not None:
+                self.stats.refused_batches += 1
+                results.append(conflict)
+                continue
+            ts = batch.ts or store_ts
+            if ts < self.last_ts:
+                ts = self.last_ts
+            self.last_ts = ts
+            self._key.append(sseq << _SUB_BITS | pos)
+            self._first.append(self.head + 1)
+            self._ts.append(ts)
+            start = len(out)
+            for ev in batch.events:
+                version = versions[ev.stream] = versions.get(ev.stream, 0) + 1
+                self._version.append(version)
+                self.head += 1
+                if build:
+                    event = decode_event(ev.data)  # type: ignore[arg-type]
+                    out.append(Envelope(self.head, ev.stream, version, ts, ev.id, event))
+            results.append((start, len(out)))
+        if len(results) > self.stats.refused_batches - refused_before:  # holds events
+            self._remember(sseq, data)
+        return cid, out, results
+
+    # --- the index: event seq -> (stream message, batch) ---
+
+    def __len__(self) -> int:
+        """Number of accepted batches."""
+        return len(self._key)
+
+    def position(self, seq: int) -> int:
+        """Index of the batch holding event `seq` (or the first one)."""
+        return max(0, bisect_right(self._first, seq) - 1)
+
+    def batches_until(self, i: int, seq: int) -> int:
+        """How many batches from index `i` hold events up to `seq`."""
+        return bisect_right(self._first, seq) - i
+
+    def entry(self, i: int) -> tuple[int, int, int, float]:
+        """(stream seq, position in its chunk, first event seq, ts) of batch `i`."""
+        key = self._key[i]
+        return key >> _SUB_BITS, key & _SUB_MASK, self._first[i], self._ts[i]
+
+    def version_of(self, seq: int) -> int:
+        """The stream version of event `seq`."""
+        return self._version[seq - 1]
+
+    # --- recent messages, for reads ---
+
+    def cached(self, sseq: int) -> bytes | None:
+        return self._cache.get(sseq)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cache_order.clear()
+        self._cache_bytes = 0
+
+    def _remember(self, sseq: int, data: bytes) -> None:
+        self._cache[sseq] = data
+        self._cache_order.append(sseq)
+        self._cache_bytes += len(data)
+        while self._cache_bytes > self._cache_limit and len(self._cache_order) > 1:
+            old = self._cache_order.popleft()
+            self._cache_bytes -= len(self._cache.pop(old))

@@ -1,0 +1,87 @@
+"""The fold of the NATS backend (`eventstore.nats_index`), without NATS: the same messages give
+the same log, equal to a naive model; refused batches get no seq; foreign and missing messages
+are counted; times never go back."""
+
+from __future__ import annotations
+
+import msgspec
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eventstore.base import ConcurrencyError
+from eventstore.codec import encode_event
+from eventstore.events import LogNote
+from eventstore.nats_index import LogIndex
+from eventstore.nats_wire import WireBatch, WireEvent, encode_chunk
+
+STREAMS = ["a", "b", "c"]
+
+batch_spec = st.tuples(
+    st.lists(st.sampled_from(STREAMS), min_size=1, max_size=3),  # streams of its events
+    st.dictionaries(st.sampled_from(STREAMS), st.integers(0, 3), max_size=2),  # expectations
+)
+message_spec = st.tuples(st.lists(batch_spec, min_size=1, max_size=3), st.integers(0, 5))
+
+
+def encode(messages: list[tuple[list[tuple[list[str], dict[str, int]]], int]]) -> list[bytes]:
+    out = []
+    for m, (batches, _ts) in enumerate(messages):
+        wire = []
+        for b, (streams, expect) in enumerate(batches):
+            events = [
+                WireEvent(
+                    f"{m}-{b}-{e}",
+                    s,
+                    "system.note",
+                    msgspec.Raw(encode_event(LogNote(stream_id=s, text=f"{m}-{b}-{e}"))),
+                )
+                for e, s in enumerate(streams)
+            ]
+            wire.append(WireBatch(expect, events))
+        out.append(encode_chunk(wire))
+    return out
+
+
+@given(st.lists(message_spec, max_size=12))
+def test_fold_is_deterministic_and_matches_a_model(messages: list) -> None:  # type: ignore[type-arg]
+    bodies = encode(messages)
+    one, two = LogIndex(), LogIndex()
+    logged = []
+    model_versions: dict[str, int] = {}
+    model_log: list[tuple[int, str, int]] = []
+    for sseq, (body, (batches, ts)) in enumerate(zip(bodies, messages, strict=True), 1):
+        ts_ns = (1000 + 10 * sseq - ts * 7) * 10**9  # store times that may go back
+        cid, envs, results = one.apply(sseq, ts_ns, "p.x", body, lambda _cid: True)
+        again = two.apply(sseq, ts_ns, "p.x", body, lambda _cid: False)
+        assert cid == again[0] == f"{sseq - 1}-0-0"
+        assert [type(r) for r in results] == [type(r) for r in again[2]]
+        logged += envs
+        for (streams, expect), result in zip(batches, results, strict=True):
+            ok = all(model_versions.get(s, 0) == v for s, v in expect.items())
+            assert isinstance(result, ConcurrencyError) is not ok
+            if ok:
+                for s in streams:
+                    model_versions[s] = model_versions.get(s, 0) + 1
+                    model_log.append((len(model_log) + 1, s, model_versions[s]))
+    assert [(e.seq, e.stream, e.stream_version) for e in logged] == model_log
+    assert one.head == two.head == len(model_log)
+    assert one.versions == two.versions == {s: v for s, v in model_versions.items() if v}
+    assert all(x.ts <= y.ts for x, y in zip(logged, logged[1:], strict=False))
+    for env in logged:  # the index maps every seq back to its message, batch and version
+        sseq, pos, first, ts = one.entry(one.position(env.seq))
+        assert first <= env.seq and ts == env.ts
+        assert one.version_of(env.seq) == env.stream_version
+
+
+def test_foreign_and_missing_messages_are_counted_and_skipped() -> None:
+    index = LogIndex()
+    good = encode([([(["a"], {})], 0)])[0]
+    index.apply(1, 10**9, "p.a", good, lambda _cid: False)
+    assert index.apply(2, 10**9, "p.x", b"hello", lambda _cid: True) == (None, [], [])
+    damaged = bytearray(good)
+    damaged[-1] ^= 0xFF
+    assert index.apply(3, 10**9, "p.x", bytes(damaged), lambda _cid: True)[0] is None
+    index.apply(5, 10**9, "p.a", good, lambda _cid: False)
+    assert index.stats.bad_messages == 2 and index.stats.missing_messages == 1
+    assert [seq for seq, _ in index.stats.problems] == [2, 2, 2]
+    assert index.head == 2 and index.versions == {"a": 2} and index.subject_seq["p.a"] == 5
