@@ -22,6 +22,8 @@ from eventstore.events import MessageRead, MessageRedriven, MessageSent, NodeDer
 
 log = structlog.get_logger(__name__)
 
+SLACK = 0.25  # seconds housekeeping may run after a deadline
+SAFE_BUFFER = 64 * 1024  # bytes a socket may have queued before sends are timed
 CLOSE_REPLACED = 4000  # a newer connection of the same node took over
 CLOSE_DEREGISTERED = 4003  # the node was deregistered
 
@@ -45,6 +47,17 @@ class NodeConnection:
 
     async def send_many(self, frames: Sequence[str]) -> bool:
         """Send frames; a consumer that does not take them within the timeout is dropped."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            queued = t.get_write_buffer_size() + sum(len(f) for f in frames)
+            if queued < SAFE_BUFFER:  # the writes cannot wait on the peer: no timer needed
+                try:
+                    for frame in frames:
+                        await self.ws.send_str(frame)
+                    return True
+                except (ConnectionError, RuntimeError):
+                    self.abort()
+                    return False
         try:
             async with asyncio.timeout(self.send_timeout):
                 for frame in frames:
@@ -156,7 +169,9 @@ class Dispatcher:
                     task.add_done_callback(self._closing.discard)
 
     def _schedule(self, when: float) -> None:
-        if when < self._scheduled:
+        # Housekeeping may run up to SLACK late: waking it for every new ack deadline would cost
+        # a sweep per push when nodes ack one message at a time.
+        if when < self._scheduled - SLACK:
             self._scheduled = when
             self._tick.set()
 
