@@ -17,8 +17,9 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiosqlite
 import msgspec
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS streams (
 ) WITHOUT ROWID;
 """
 _INSERT_CHUNK = "INSERT INTO chunks (first_seq, last_seq, body, crc) VALUES (?, ?, ?, ?)"
+_INSERT_STREAM = "INSERT INTO streams (stream, version) VALUES (?, ?)"
 _UPSERT_STREAM = (
     "INSERT INTO streams (stream, version) VALUES (?, ?) "
     "ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
@@ -62,6 +64,26 @@ _CHUNK_EVENTS = 4096  # at most this many events per stored chunk
 _PAGE = 64  # chunks fetched per read query
 _VERSION_CACHE_LIMIT = 200_000
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+T = TypeVar("T")
+
+
+class _StreamExists(Exception):
+    """A stream taken to be new already existed in the file: the transaction was rolled back."""
+
+
+class _Overlay(dict[str, int]):
+    """The version cache, with streams taken to be new at version 0."""
+
+    def __init__(self, new: set[str], cache: dict[str, int]) -> None:
+        super().__init__(dict.fromkeys(new, 0))
+        self.cache = cache
+
+    def get(self, key: str, default: int = 0) -> int:  # type: ignore[override]
+        if key in self:
+            return dict.__getitem__(self, key)
+        return self.cache.get(key, default)
 
 
 class StoredEvent(msgspec.Struct, array_like=True, gc=False):
@@ -275,7 +297,11 @@ class SqliteStore:
         # (seq, hash) a snapshot proved: open() verifies the chain after seq only (see verify_file)
         self.trusted_prefix: tuple[int, bytes] | None = None
         self._lock = WriterLock(self.path)
-        self._wconn: aiosqlite.Connection | None = None
+        # Writes go through one plain sqlite3 connection owned by one worker thread, so a group
+        # commit (chunks, stream versions, COMMIT) is a single hop to that thread; reads use
+        # aiosqlite on a second, read-only connection and only ever see committed events.
+        self._wconn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._rconn: aiosqlite.Connection | None = None
         self._listeners: list[Listener] = []
         self._pending: list[_Pending] = []
@@ -297,16 +323,13 @@ class SqliteStore:
             await self._load_tail(self._rconn)
             return
         await asyncio.to_thread(self._lock.acquire)  # creates the directory too
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         try:
-            self._wconn = await self._connect(str(self.path))
-            await self._wconn.execute("PRAGMA journal_mode=WAL")
-            await self._wconn.execute(f"PRAGMA synchronous={self.synchronous}")
-            await self._wconn.executescript(SCHEMA)
-            await self._wconn.commit()
+            self._wconn = await self._run(self._open_writer)
             if self.verify_on_open:
                 await asyncio.to_thread(verify_file, self.path, trusted=self.trusted_prefix)
-            await self._load_tail(self._wconn)
             self._rconn = await self._connect(f"file:{self.path}?mode=ro")
+            await self._load_tail(self._rconn)
         except BaseException as exc:
             await self._close_connections()
             self._lock.release()
@@ -315,6 +338,18 @@ class SqliteStore:
             raise
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run `fn(*args)` on the writer thread."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.executescript(SCHEMA)
+        conn.commit()
+        return conn
 
     async def _connect(self, target: str) -> aiosqlite.Connection:
         try:
@@ -346,11 +381,16 @@ class SqliteStore:
         self._lock.release()
 
     async def _close_connections(self) -> None:
-        for conn in (self._wconn, self._rconn):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        if self._rconn is not None:
+            with contextlib.suppress(Exception):
+                await self._rconn.close()
+        if self._wconn is not None:
+            with contextlib.suppress(Exception):
+                await self._run(self._wconn.close)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
         self._wconn = self._rconn = None
+        self._executor = None
 
     # --- writing ---
 
@@ -390,28 +430,41 @@ class SqliteStore:
             return
         if len(self._versions) + len(missing) > _VERSION_CACHE_LIMIT:
             self._versions.clear()
-        assert self._wconn is not None
-        for i in range(0, len(missing), 500):
-            chunk = missing[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            found: dict[str, int] = {}
-            async with self._wconn.execute(
-                f"SELECT stream, version FROM streams WHERE stream IN ({marks})", chunk
-            ) as cur:
-                async for stream, version in cur:
-                    found[stream] = version
-            for s in chunk:
-                self._versions[s] = found.get(s, 0)
+        self._versions.update(await self._run(self._lookup, missing))
 
-    async def _commit_batch(self, batch: list[_Pending]) -> None:
+    def _lookup(self, streams: list[str]) -> dict[str, int]:
+        assert self._wconn is not None
+        found = dict.fromkeys(streams, 0)
+        for i in range(0, len(streams), 500):
+            chunk = streams[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                self._wconn.execute(
+                    f"SELECT stream, version FROM streams WHERE stream IN ({marks})", chunk
+                ).fetchall()
+            )
+        return found
+
+    async def _commit_batch(self, batch: list[_Pending], optimistic: bool = True) -> None:
         streams: set[str] = set()
-        for events, _expected, fut in batch:
+        claimed: set[str] = set()  # streams some append says must not exist yet
+        for events, expected, fut in batch:
             if not fut.done():
                 streams.update(e.stream for e in events)
-        await self._versions_of(streams)
+                if expected is not None:
+                    claimed.update(
+                        s for s, v in resolve_expected(events, expected).items() if v == 0
+                    )
+        # A stream claimed new and unknown to the cache is taken to be new without asking the
+        # file (every message send claims a fresh id); the plain INSERT of its version refuses
+        # it if it did exist, and then the batch is decided again with the file asked.
+        assumed_new = {s for s in claimed if s not in self._versions} if optimistic else set()
+        await self._versions_of(streams - assumed_new)
 
         overlay: dict[str, int] = {}
-        versions = self._versions
+        versions: dict[str, int] = (
+            _Overlay(assumed_new, self._versions) if assumed_new else self._versions
+        )
         seq = self._head
         ts = max(time.time(), self._last_ts)
         ids = os.urandom(16 * sum(len(ev) for ev, _, _ in batch)).hex()
@@ -442,16 +495,26 @@ class SqliteStore:
             accepted.append((fut, start, len(envelopes)))
         if not envelopes:
             return
-        await self._write(envelopes, overlay)
+        try:
+            await self._write(envelopes, overlay, assumed_new)
+        except _StreamExists:  # nothing was recorded: decide again, asking the file
+            if not optimistic:
+                raise
+            await self._commit_batch(batch, optimistic=False)
+            return
         for fut, start, end in accepted:
             if not fut.done():
                 fut.set_result(envelopes[start:end])
 
-    async def _write(self, envelopes: list[Envelope], versions: dict[str, int]) -> None:
+    async def _write(
+        self,
+        envelopes: list[Envelope],
+        versions: dict[str, int],
+        new: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
         """Store `envelopes` (continuing the log) and the new stream `versions` in one
         transaction, then update the in-memory tail and call the listeners."""
-        conn = self._wconn
-        assert conn is not None
+        assert self._wconn is not None
         prev = self._last_hash
         # The hot loop: `integrity.chain_hash` inlined, and each record built as a tuple, which
         # msgpack-encodes exactly as the array-like StoredEvent it is read back as.
@@ -460,13 +523,25 @@ class SqliteStore:
         append = records.append
         for env in envelopes:
             event, seq, stream, version, ts, event_id = (
-                env.event, env.seq, env.stream, env.stream_version, env.ts, env.id,
+                env.event,
+                env.seq,
+                env.stream,
+                env.stream_version,
+                env.ts,
+                env.id,
             )
             data = encode(event)
             prev = sha256(
                 b"".join(
-                    (prev, header(seq, version, ts), event_id.encode(), b"\0", stream.encode(),
-                     b"\0", data)
+                    (
+                        prev,
+                        header(seq, version, ts),
+                        event_id.encode(),
+                        b"\0",
+                        stream.encode(),
+                        b"\0",
+                        data,
+                    )
                 )
             ).digest()
             append((seq, event_id, stream, version, ts, event.event_type, data, prev))
@@ -475,14 +550,12 @@ class SqliteStore:
             part = records[i : i + _CHUNK_EVENTS]
             body = _chunk_encoder.encode(part)
             rows.append((part[0][0], part[-1][0], body, integrity.checksum(body)))
+        inserts = [(s, v) for s, v in versions.items() if s in new]
+        upserts = [(s, v) for s, v in versions.items() if s not in new]
         try:
-            await conn.executemany(_INSERT_CHUNK, rows)
-            await conn.executemany(_UPSERT_STREAM, versions.items())
-            await conn.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.rollback()
-            raise
+            await self._run(self._commit_rows, rows, inserts, upserts)
+        except sqlite3.IntegrityError:
+            raise _StreamExists from None
         last = envelopes[-1]
         self._head, self._last_hash, self._last_ts = last.seq, prev, max(self._last_ts, last.ts)
         self._versions.update(versions)
@@ -491,6 +564,23 @@ class SqliteStore:
                 listener(envelopes)
             except Exception:
                 log.exception("log listener failed")
+
+    def _commit_rows(
+        self, rows: list[ChunkRow], inserts: list[tuple[str, int]], upserts: list[tuple[str, int]]
+    ) -> None:
+        """One transaction on the writer thread: chunks, stream versions, COMMIT (the fsync)."""
+        conn = self._wconn
+        assert conn is not None
+        try:
+            conn.executemany(_INSERT_CHUNK, rows)
+            if inserts:
+                conn.executemany(_INSERT_STREAM, inserts)
+            if upserts:
+                conn.executemany(_UPSERT_STREAM, upserts)
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
 
     async def restore(self, envelopes: Sequence[Envelope]) -> None:
         """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from eventstore.base import Envelope, IntegrityError, StoreLocked
+from eventstore.base import ConcurrencyError, Envelope, IntegrityError, StoreLocked
 from eventstore.events import LogNote
 from eventstore.sqlite import SqliteStore, StoredEvent, verify_file
 
@@ -240,3 +240,27 @@ async def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
 def test_synchronous_setting_is_validated() -> None:
     with pytest.raises(ValueError):
         SqliteStore("x.db", synchronous="SOMETIMES")
+
+
+async def test_claimed_new_stream_that_exists_on_disk_is_refused(tmp_path: Path) -> None:
+    """After a restart the version cache is empty: a stream claimed new (expected version 0)
+    is first taken to be new, and the file's own constraint refuses it if it already exists,
+    without failing the other appends committed with it."""
+    path = tmp_path / "log.db"
+    await make_log(path, 10)  # streams s0, s1, s2 exist
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        results = await asyncio.gather(
+            store.append([LogNote(stream_id="s1", text="dup")], expected_version=0),
+            store.append([LogNote(stream_id="fresh", text="new")], expected_version=0),
+            store.append([LogNote(stream_id="s2", text="plain")]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], ConcurrencyError) and results[0].actual == 3
+        assert [e.stream_version for e in results[1]] == [1]  # type: ignore[union-attr]
+        assert [e.stream_version for e in results[2]] == [4]  # type: ignore[union-attr]
+        assert [e.seq for e in results[1] + results[2]] == [11, 12]  # type: ignore[operator]
+    finally:
+        await store.close()
+    assert await verify(path) == 12
