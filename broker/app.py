@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker import (
+    connections,
     openapi,
     ratelimit,
     routes_events,
@@ -48,6 +49,7 @@ def create_app(config: Config) -> web.Application:
     routes_telemetry.setup(app)
     routes_messages.setup(app)
     ws_nodes.setup(app)
+    connections.setup(app)  # across instances, a node's newest WebSocket wins (nats backend)
     routes_events.setup(app)
     ws_operators.setup(app)
     openapi.setup(app)

@@ -13,6 +13,7 @@ from broker.principal import Principal
 from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
+    from broker.connections import Takeover
     from broker.delivery import Dispatcher
     from broker.eventlog import Feeds, Rebuilder
     from broker.licensing import LicenseUses
@@ -46,6 +47,7 @@ TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter
 # Messaging (broker.messaging) and delivery to connected nodes (broker.delivery).
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
+TAKEOVER: web.AppKey[Takeover] = web.AppKey("takeover")  # one connection per node, all instances
 
 # The operators' window on the log (broker.eventlog, broker.openapi, broker.snapshots).
 REBUILDER: web.AppKey[Rebuilder] = web.AppKey("rebuilder")

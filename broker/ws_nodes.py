@@ -19,7 +19,7 @@ import msgspec
 import structlog
 from aiohttp import WSMsgType, web
 
-from broker import errors
+from broker import connections, errors
 from broker.auth import Public, authenticate
 from broker.config import DeliveryConfig
 from broker.delivery import CLOSE_REPLACED, Dispatcher, NodeConnection
@@ -176,15 +176,14 @@ class NodeSession:
                 await self.messaging.runtime.record(events, {m: 0 for m in claimed} or None)
             except ConcurrencyError:  # a racing retry elsewhere: settle each op on its own
                 slow.extend(owners)
-                owners = []
             except StoreUnavailable:
                 for i, op in owners:
                     answers[i] = _error(
                         op.ref, "SERVICE_UNAVAILABLE", "the event log is unavailable"
                     )
-                owners = []
-            for (i, op), event in zip(owners, events, strict=True):
-                answers[i] = self._recorded(op, event)
+            else:
+                for (i, op), event in zip(owners, events, strict=True):
+                    answers[i] = self._recorded(op, event)
         if slow:
             done = await asyncio.gather(*(self._op(raw) for _, raw in slow))
             for (i, _), answer in zip(slow, done, strict=True):
@@ -357,6 +356,7 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         await old.close(CLOSE_REPLACED, "replaced by a newer connection")
     pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
     try:
+        await connections.announce(app, conn)  # other instances drop their older connection
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await session.on_text(msg.data)

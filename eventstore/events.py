@@ -350,6 +350,20 @@ class MessageRedriven(BaseEvent, frozen=True, tag="message.redriven"):
     by: str | None = None
 
 
+# --- scale-out (issue 8: several broker instances on one log) ---
+
+
+class NodeConnected(BaseEvent, frozen=True, tag="node.connected"):
+    """A broker instance accepted a node's WebSocket (recorded on the shared NATS log only). Any
+    other instance holding an older connection of that node closes it: the newest connection
+    wins across instances, as on one."""
+
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    instance: str  # the accepting instance (random per broker process)
+    connection: str  # the connection (random)
+
+
 # --- system ---
 
 
@@ -399,6 +413,7 @@ Event = (
     | MessageExpired
     | MessageDeadLettered
     | MessageRedriven
+    | NodeConnected
     | LogNote
 )
 

@@ -18,9 +18,9 @@ gives every instance the same envelopes. Seqs are gap-free and identical everywh
 every message stays: the stream denies deletes and purges, `max_age` must stay 0 for a broker's
 log (an instance refuses a stream whose first messages are gone), and nothing else may publish on
 `<prefix>.*` (such messages are skipped alike by every instance and fail `broker verify`).
-`read()` maps seqs to stream messages through an in-memory index built while consuming (about
-28 bytes per accepted batch + 4 per event) and fetches the messages again (recent ones from a
-16 MiB cache, a few by direct get, many through a temporary consumer).
+The fold is `eventstore.nats_index`; its index maps seqs back to stream messages (24 bytes per
+accepted batch + 4 per event, in memory), and `read()` fetches the messages again (recent ones
+from a 16 MiB cache, a few by direct get, many through a temporary consumer).
 
 Optimistic concurrency, exact. A batch carries its expected versions; every instance checks
 them at the batch's position in the stream against the versions derived so far, so a batch

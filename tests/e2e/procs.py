@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +68,10 @@ def served(data: Path, **extra: str) -> Iterator[tuple[str, subprocess.Popen[str
     else:
         proc.wait()
         raise RuntimeError("broker serve exited:\n" + "".join(output))
+    # Keep reading its log (the last lines are kept): a full pipe would block the server.
+    tail: deque[str] = deque(output, maxlen=200)
+    drain = threading.Thread(target=tail.extend, args=(proc.stderr,), daemon=True)
+    drain.start()
     try:
         yield f"http://127.0.0.1:{port}", proc
     finally:
@@ -76,4 +82,5 @@ def served(data: Path, **extra: str) -> Iterator[tuple[str, subprocess.Popen[str
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        drain.join(10)
         proc.stderr.close()

@@ -171,6 +171,38 @@ async def test_two_instances_share_nodes_logins_delivery_and_acks(
                 await ws.close()
 
 
+async def test_newest_connection_wins_across_instances(
+    tmp_path: Path, shared_stream: tuple[str, str]
+) -> None:
+    """A node connected to A connects again to B: A closes its older connection (as one
+    instance does on a reconnect) and only B pushes."""
+    url, stream = shared_stream
+    with instances(tmp_path, 2, url, stream) as (a, b):
+        async with aiohttp.ClientSession() as http:
+            assert await register(http, a, "sender", 0) == 201
+            assert await register(http, a, "receiver", 1) == 201
+            token = (await login(http, a, a, "receiver", 1))["access_token"]
+            sender = (await login(http, a, a, "sender", 0))["access_token"]
+            await eventually(lambda: sees_node(http, b, token, "receiver"))
+            first = await http.ws_connect(f"{a}/api/v1/ws", headers=bearer(token))
+            second = None
+            try:
+                assert (await first.receive_json(timeout=10))["type"] == "welcome"
+                second = await http.ws_connect(f"{b}/api/v1/ws", headers=bearer(token))
+                assert (await second.receive_json(timeout=10))["type"] == "welcome"
+                closing = await first.receive(timeout=15)
+                assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert first.close_code == 4000
+                status, body = await send(http, a, sender, "sender", "receiver")
+                assert status == 200, body
+                pushed = await second.receive_json(timeout=15)
+                assert pushed["type"] == "message" and pushed["id"] == body["message_id"]
+            finally:
+                await first.close()
+                if second is not None:
+                    await second.close()
+
+
 async def test_racing_registrations_on_two_instances_one_wins(
     tmp_path: Path, shared_stream: tuple[str, str]
 ) -> None:

@@ -251,3 +251,38 @@ async def test_deregistration_closes_the_node_connection(client: Client) -> None
     while msg.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
         msg = await ws.receive(timeout=10)
     assert ws.close_code == 4003
+
+
+async def test_batched_frame_is_answered_when_its_append_fails(
+    client: Client, monkeypatch: Any
+) -> None:
+    from broker.keys import RUNTIME
+    from eventstore.base import ConcurrencyError, StoreUnavailable
+
+    await node_session(client, "node-b", 1)
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    ws = await connect(client, a)
+    runtime = client.app[RUNTIME]
+    real = runtime.record
+    failures: list[BaseException] = [StoreUnavailable("disk gone"), ConcurrencyError("x", 0, 1)]
+
+    async def flaky(events: Any, expected_version: Any = None) -> Any:
+        if failures and len(events) > 1:
+            raise failures.pop(0)
+        return await real(events, expected_version)
+
+    monkeypatch.setattr(runtime, "record", flaky)
+    ops = [
+        {"type": "send", "ref": 1, "to_nodes": ["node-b"], "message_type": "t"},
+        {"type": "send", "ref": 2, "to_nodes": ["node-b"], "message_type": "t"},
+        {"type": "ack", "ref": 3, "message_id": "msg_unknown"},
+    ]
+    await ws.send_json(ops)
+    answers = await receive(ws)
+    assert [(x["ref"], x["type"]) for x in answers] == [(1, "error"), (2, "error"), (3, "error")]
+    assert answers[0]["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert answers[2]["error"]["code"] == "NOT_FOUND"
+    await ws.send_json(ops)  # a conflict on the shared append: each op is settled on its own
+    answers = await receive(ws)
+    assert [(x["ref"], x["type"]) for x in answers] == [(1, "ok"), (2, "ok"), (3, "error")], answers
+    await ws.close()
