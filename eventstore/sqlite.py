@@ -448,9 +448,12 @@ class SqliteStore:
     async def _commit_batch(self, batch: list[_Pending], optimistic: bool = True) -> None:
         streams: set[str] = set()
         claimed: set[str] = set()  # streams some append says must not exist yet
+        streams_of: list[list[str]] = []  # each append's events' streams, computed once
         for events, expected, fut in batch:
+            names = [e.stream for e in events]
+            streams_of.append(names)
             if not fut.done():
-                streams.update(e.stream for e in events)
+                streams.update(names)
                 if expected is not None:
                     claimed.update(
                         s for s, v in resolve_expected(events, expected).items() if v == 0
@@ -471,7 +474,7 @@ class SqliteStore:
         id_pos = 0
         envelopes: list[Envelope] = []
         accepted: list[tuple[asyncio.Future[list[Envelope]], int, int]] = []
-        for events, expected, fut in batch:
+        for (events, expected, fut), names in zip(batch, streams_of, strict=True):
             if fut.done():  # the caller went away before we started: record nothing for it
                 continue
             conflict = None
@@ -484,8 +487,7 @@ class SqliteStore:
                 fut.set_exception(conflict)
                 continue
             start = len(envelopes)
-            for event in events:
-                stream = event.stream
+            for event, stream in zip(events, names, strict=True):
                 version = overlay[stream] = overlay.get(stream, versions.get(stream, 0)) + 1
                 seq += 1
                 envelopes.append(
