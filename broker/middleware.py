@@ -14,7 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import errors
 from broker.http import error_response
-from broker.keys import METRICS, REQUEST_ID
+from broker.keys import METRICS, REQUEST_ID, RUNTIME
 from eventstore.base import ConcurrencyError, StoreUnavailable
 
 log = structlog.get_logger("broker.http")
@@ -60,6 +60,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     t0 = time.perf_counter()
     try:
         try:
+            await _wait_for_min_seq(request)
             response = await handler(request)
         except web.HTTPException as exc:
             if 300 <= exc.status < 400:  # redirects pass through as they are
@@ -69,6 +70,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = _error(exc, request)
         if not response.prepared:
             response.headers["X-Request-ID"] = request_id
+            runtime = request.app.get(RUNTIME)
+            if runtime is not None:  # what this answer reflects: wait for it elsewhere
+                response.headers["X-Log-Seq"] = str(runtime.projections.seq)
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         request.app[METRICS].http_requests.labels(request.method, name, response.status).inc()
@@ -82,6 +86,26 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+MIN_SEQ_WAIT = 5.0  # seconds a read may wait for this instance to reach `min_seq`
+
+
+async def _wait_for_min_seq(request: web.Request) -> None:
+    """`?min_seq=N` (or `X-Min-Seq: N`): answer only once this instance's projections have
+    applied seq N, e.g. a write acknowledged by another instance (its `X-Log-Seq`)."""
+    raw = request.query.get("min_seq") or request.headers.get("X-Min-Seq")
+    if raw is None:
+        return
+    try:
+        seq = int(raw)
+    except ValueError:
+        raise errors.ValidationFailed("min_seq must be an integer") from None
+    runtime = request.app.get(RUNTIME)
+    if runtime is not None and not await runtime.wait_for_seq(seq, MIN_SEQ_WAIT):
+        raise errors.Unavailable(
+            f"this instance has not reached seq {seq} yet; retry", headers={"Retry-After": "1"}
+        )
 
 
 def _error(exc: BaseException, request: web.Request) -> web.Response:

@@ -6,6 +6,9 @@ handler that records then reads sees its own write.
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import time
 from collections.abc import Callable, Sequence
 
@@ -52,6 +55,8 @@ class Runtime:
         self.projections = projections or build_projections()
         self.metrics = metrics or Metrics()
         self.started_at = time.time()
+        self._seq_waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap by seq
+        self._waiter_ids = itertools.count()
 
     @property
     def users(self) -> UsersProjection:
@@ -106,6 +111,25 @@ class Runtime:
         self.metrics.events_appended.inc(len(envs))
         self.metrics.head_seq.set(envs[-1].seq)
         self.metrics.projection_seq.set(self.projections.seq)
+        waiters, seq = self._seq_waiters, self.projections.seq
+        while waiters and waiters[0][0] <= seq:
+            fut = heapq.heappop(waiters)[2]
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_for_seq(self, seq: int, timeout: float) -> bool:
+        """Wait until the projections have applied `seq` (another instance's write, on a shared
+        log); False if they have not within `timeout` seconds."""
+        if self.projections.seq >= seq:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._seq_waiters, (seq, next(self._waiter_ids), fut))
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+            return True
+        except TimeoutError:
+            return False
 
     async def record(
         self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 
@@ -65,3 +66,31 @@ async def test_metrics_requires_token(client: TestClient) -> None:  # type: igno
     resp = await client.get("/metrics")
     assert resp.status == 401
     assert_error_body(await resp.json(), 401, "AUTHENTICATION_ERROR")
+
+
+async def test_min_seq_waits_for_the_log_position(
+    client: TestClient,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from broker import middleware
+    from broker.keys import RUNTIME
+    from eventstore.events import LogNote
+
+    runtime = client.app[RUNTIME]
+    resp = await client.get("/health")
+    head = int(resp.headers["X-Log-Seq"])
+    resp = await client.get(f"/health?min_seq={head}")
+    assert resp.status == 200
+    # A read asking for a seq not reached yet waits for it (here: a write racing the read).
+    waiting = asyncio.create_task(client.get(f"/health?min_seq={head + 1}"))
+    await runtime.record([LogNote(text="later")])
+    resp = await asyncio.wait_for(waiting, 10)
+    assert resp.status == 200 and int(resp.headers["X-Log-Seq"]) >= head + 1
+    monkeypatch.setattr(middleware, "MIN_SEQ_WAIT", 0.01)
+    resp = await client.get(f"/health?min_seq={head + 100}")
+    assert resp.status == 503
+    assert_error_body(await resp.json(), 503, "SERVICE_UNAVAILABLE")
+    resp = await client.get("/health?min_seq=soon")
+    assert resp.status == 422
