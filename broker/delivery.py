@@ -18,7 +18,13 @@ from broker.config import DeliveryConfig
 from broker.messaging import Messaging
 from broker.runtime import Runtime
 from eventstore.base import Envelope
-from eventstore.events import MessageRead, MessageRedriven, MessageSent, NodeDeregistered
+from eventstore.events import (
+    MessageRead,
+    MessageRedriven,
+    MessageSent,
+    MessagesRead,
+    NodeDeregistered,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -157,7 +163,7 @@ class Dispatcher:
                     if conn is not None:
                         conn.wake.set()
                 self._schedule(env.ts + event.ttl)  # type: ignore[attr-defined]
-            elif kind is MessageRead or kind is MessageRedriven:
+            elif kind is MessageRead or kind is MessagesRead or kind is MessageRedriven:
                 conn = conns.get(event.node_id)  # type: ignore[attr-defined]
                 if conn is not None:
                     conn.wake.set()

@@ -28,7 +28,7 @@ from broker.messaging import Messaging, PriorityName, SendRequest
 from broker.principal import Principal
 from broker.routing import Routes
 from eventstore.base import ConcurrencyError, StoreUnavailable
-from eventstore.events import BaseEvent, MessageSent, NodeTelemetry
+from eventstore.events import BaseEvent, MessageRead, MessageSent, MessagesRead, NodeTelemetry
 
 log = structlog.get_logger(__name__)
 routes = Routes("websocket")
@@ -150,7 +150,9 @@ class NodeSession:
         run concurrently, each on its own."""
         answers: list[dict[str, Any] | None] = [None] * len(items)
         events: list[BaseEvent] = []
-        owners: list[tuple[int, SendOp | AckOp]] = []
+        sends: list[tuple[int, SendOp, MessageSent]] = []
+        acks: list[tuple[int, AckOp]] = []
+        read_ids: dict[str, None] = {}  # the frame's acks, in order, once each
         claimed: set[str] = set()
         slow: list[tuple[int, Any]] = []
         for i, raw in enumerate(items):
@@ -164,26 +166,37 @@ class NodeSession:
                 continue
             if isinstance(prepared, dict):
                 answers[i] = prepared
-            elif isinstance(prepared, MessageSent) and prepared.message_id in claimed:
-                slow.append((i, raw))  # the same idempotency key twice in one frame
-            else:
-                if isinstance(prepared, MessageSent):
-                    claimed.add(prepared.message_id)
+            elif isinstance(prepared, MessageRead):
+                acks.append((i, raw))  # type: ignore[arg-type]
+                read_ids[prepared.message_id] = None
+            elif isinstance(prepared, MessageSent) and prepared.message_id not in claimed:
+                claimed.add(prepared.message_id)
                 events.append(prepared)
-                owners.append((i, raw))
+                sends.append((i, raw, prepared))  # type: ignore[arg-type]
+            else:
+                slow.append((i, raw))  # the same idempotency key twice in one frame
+        if len(read_ids) == 1:
+            events.append(
+                MessageRead(message_id=next(iter(read_ids)), node_id=self.principal.id, via="ws")
+            )
+        elif read_ids:  # one event for the frame's acks, not one per message
+            events.append(MessagesRead(node_id=self.principal.id, message_ids=list(read_ids)))
         if events:
             try:
                 await self.messaging.runtime.record(events, {m: 0 for m in claimed} or None)
             except ConcurrencyError:  # a racing retry elsewhere: settle each op on its own
-                slow.extend(owners)
+                slow.extend((i, op) for i, op, _ in sends)
+                slow.extend(acks)
             except StoreUnavailable:
-                for i, op in owners:
+                for i, op in [(i, op) for i, op, _ in sends] + acks:
                     answers[i] = _error(
                         op.ref, "SERVICE_UNAVAILABLE", "the event log is unavailable"
                     )
             else:
-                for (i, op), event in zip(owners, events, strict=True):
+                for i, op, event in sends:
                     answers[i] = self._recorded(op, event)
+                for i, ack in acks:
+                    answers[i] = _ok(ack.ref, message_id=ack.message_id)
         if slow:
             done = await asyncio.gather(*(self._op(raw) for _, raw in slow))
             for (i, _), answer in zip(slow, done, strict=True):

@@ -322,6 +322,16 @@ class MessageRead(BaseEvent, frozen=True, tag="message.read"):
     via: str = "http"  # http | ws
 
 
+class MessagesRead(BaseEvent, frozen=True, tag="message.read_batch"):
+    """A recipient read several messages at once (one WebSocket frame of acks): the same as a
+    `message.read` for each, in one event. Its stream is the reading node, not a message."""
+
+    stream_field: ClassVar[str] = "node_id"
+    node_id: str
+    message_ids: list[str]
+    via: str = "ws"
+
+
 class MessageExpired(BaseEvent, frozen=True, tag="message.expired"):
     """The message's TTL passed before these recipients read it (dead letters)."""
 
@@ -410,6 +420,7 @@ Event = (
     | NodeTelemetry
     | MessageSent
     | MessageRead
+    | MessagesRead
     | MessageExpired
     | MessageDeadLettered
     | MessageRedriven

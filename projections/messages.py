@@ -23,6 +23,7 @@ from eventstore.events import (
     MessageRead,
     MessageRedriven,
     MessageSent,
+    MessagesRead,
 )
 from projections.base import Projection, handles
 from projections.delivery import DeliveryQueue, Priority, QueuedMessage
@@ -204,6 +205,14 @@ class MessagesProjection(Projection):
         e: MessageRead = env.event  # type: ignore[assignment]
         if self._close(e.message_id, e.node_id, "read", env.ts, via=e.via):
             self.queue.ack(e.node_id, e.message_id)
+
+    @handles(MessagesRead)
+    def _read_batch(self, env: Envelope) -> None:
+        e: MessagesRead = env.event  # type: ignore[assignment]
+        node, ack = e.node_id, self.queue.ack
+        for message_id in e.message_ids:
+            if self._close(message_id, node, "read", env.ts, via=e.via):
+                ack(node, message_id)
 
     @handles(MessageExpired)
     def _expired(self, env: Envelope) -> None:

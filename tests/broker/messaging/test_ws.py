@@ -286,3 +286,34 @@ async def test_batched_frame_is_answered_when_its_append_fails(
     answers = await receive(ws)
     assert [(x["ref"], x["type"]) for x in answers] == [(1, "ok"), (2, "ok"), (3, "error")], answers
     await ws.close()
+
+
+async def test_a_frame_of_acks_is_one_read_event(client: Client) -> None:
+    from broker.keys import RUNTIME
+
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    for i in range(3):
+        await send(client, a, from_node="node-a", to_nodes=["node-b"], content=i)
+    ws = await connect(client, b)
+    ids = [(await receive(ws))["id"] for _ in range(3)]
+    await ws.send_json(
+        [{"type": "ack", "message_id": m, "ref": n} for n, m in enumerate(ids)]
+        + [{"type": "ack", "message_id": ids[0], "ref": "again"}]
+    )
+    answers = await receive(ws)
+    assert [(x["type"], x["ref"]) for x in answers] == [
+        ("ok", 0),
+        ("ok", 1),
+        ("ok", 2),
+        ("ok", "again"),
+    ]
+    store = client.app[RUNTIME].store
+    batches = [e async for e in store.read(types=["message.read*"])]
+    assert [e.type for e in batches] == ["message.read_batch"]
+    assert batches[0].event.message_ids == ids  # type: ignore[attr-defined]
+    assert batches[0].stream == "node-b"
+    assert (await pending(client, b, "node-b"))["messages"] == []
+    state = await (await client.get(f"/api/v1/messages/{ids[1]}", headers=bearer(a))).json()
+    assert state["recipients"][0]["status"] == "read"
+    await ws.close()
