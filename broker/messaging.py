@@ -215,14 +215,17 @@ class Messaging:
 
     def pending(
         self, principal: Principal, node_id: str, limit: int | None, message_type: str | None
-    ) -> list[PendingMessage]:
+    ) -> tuple[list[PendingMessage], int]:
+        """The node's pending messages in delivery order, the first `limit` of them, and how
+        many there are in all (with the same `message_type` filter)."""
         if principal.is_node and principal.id != node_id:
             raise Forbidden("a node may only read its own mailbox")
         if not principal.is_node and not principal.can("messages:read_any"):
             raise Forbidden("missing permission messages:read_any")
         if self.runtime.nodes.get(node_id) is None:
             raise NotFound(f"Node not found: {node_id}")
-        return self.runtime.messages.pending(node_id, limit, message_type)
+        every = self.runtime.messages.pending(node_id, None, message_type)
+        return (every if limit is None else every[:limit]), len(every)
 
     def view(self, principal: Principal, message_id: str) -> MessageView:
         record = self.runtime.messages.get(message_id)

@@ -76,10 +76,10 @@ async def send(request: web.Request) -> web.Response:
 async def pending(request: web.Request) -> web.Response:
     query = decode_query(request, PendingQuery)
     node_id = request.match_info["node_id"]
-    messaging = request.app[MESSAGING]
-    items = messaging.pending(principal_of(request), node_id, query.limit, query.message_type)
-    total = request.app[RUNTIME].messages.queue.pending_count(node_id)
-    return json_response(PendingList(messages=items, total=max(total, len(items))))
+    items, total = request.app[MESSAGING].pending(
+        principal_of(request), node_id, query.limit, query.message_type
+    )
+    return json_response(PendingList(messages=items, total=total))
 
 
 @routes.put(

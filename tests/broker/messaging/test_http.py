@@ -64,8 +64,12 @@ async def test_send_pending_read_in_priority_order(client: Client) -> None:
         "sent_at",
         "expires_at",
     }
-    assert len((await pending(client, b, "node-b", limit=2))["messages"]) == 2
-    assert (await pending(client, b, "node-b", message_type="other"))["messages"] == []
+    limited = await pending(client, b, "node-b", limit=2)
+    assert len(limited["messages"]) == 2 and limited["total"] == 5
+    assert (await pending(client, b, "node-b", message_type="other")) == {
+        "messages": [],
+        "total": 0,
+    }
 
     resp = await client.put(f"/api/v1/messages/{first['id']}/read", headers=bearer(b))
     assert resp.status == 200
