@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench clean
+# The delivery queue (the hot structure) compiled with mypyc: ~2x the pure-Python speed. Rebuilt
+# whenever its source changes; if the compiler fails, the pure-Python module is used instead.
+COMPILED := projections/.delivery.compiled
+
+.PHONY: serve test lint bench clean compile
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,10 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-serve: $(STAMP)
+$(COMPILED): projections/delivery.py $(STAMP)
+	rm -f projections/delivery*.so
+	$(BIN)/mypyc projections/delivery.py >build-mypyc.log 2>&1 \
+	  && touch projections/delivery*.so && echo "compiled projections/delivery.py with mypyc" \
+	  || { rm -f projections/delivery*.so; echo "mypyc failed (see build-mypyc.log): the pure-Python delivery queue is used"; }
+	touch $(COMPILED)
+
+compile: $(COMPILED)
+
+serve: $(STAMP) $(COMPILED)
 	$(BIN)/broker serve
 
-test: $(STAMP)
+test: $(STAMP) $(COMPILED)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -23,4 +36,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) data
+	rm -rf $(VENV) data build build-mypyc.log projections/*.so $(COMPILED)

@@ -31,18 +31,18 @@ import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["Delivery", "DeliveryQueue", "Priority", "QueuedMessage"]
 
-_LEVELS = 4
-_INF = float("inf")
+_LEVELS: Final = 4
+_INF: Final = float("inf")
 _MIN_COMPACT = 1024
 _MIN_BATCHES = 32
 _MIN_STALE = 32  # dead deque/heap entries a mailbox tolerates before compacting
-_BUCKET = 1.0  # seconds of expiry per index bucket
+_BUCKET: Final = 1.0  # seconds of expiry per index bucket
 _MAX_IDLE = 1024  # empty mailboxes kept for reuse before they are swept
-_NAN = float("nan")  # a bucket key equal to nothing
+_NAN: Final = float("nan")  # a bucket key equal to nothing
 
 
 class Priority(enum.IntEnum):

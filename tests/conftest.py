@@ -16,6 +16,16 @@ from broker.config import Config, LogConfig, ServerConfig
 from eventstore.base import StoreConfig
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test a compiled delivery queue older than its source (``make`` rebuilds it)."""
+    import projections.delivery as delivery
+
+    compiled = Path(delivery.__file__ or "")
+    source = compiled.with_name("delivery.py")
+    if compiled.suffix == ".so" and source.stat().st_mtime > compiled.stat().st_mtime:
+        pytest.exit(f"{source} changed since it was compiled to {compiled.name}: run `make compile`")
+
+
 def _exception_repr(_logger: object, _method: str, event: dict[str, object]) -> dict[str, object]:
     """Tests log exceptions as their repr: formatting a traceback reads source files, which
     blockbuster rightly flags inside the event loop."""
