@@ -23,7 +23,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     compiled = Path(delivery.__file__ or "")
     source = compiled.with_name("delivery.py")
     if compiled.suffix == ".so" and source.stat().st_mtime > compiled.stat().st_mtime:
-        pytest.exit(f"{source} changed since it was compiled to {compiled.name}: run `make compile`")
+        pytest.exit(f"{source} changed since it was compiled ({compiled.name}): run `make compile`")
 
 
 def _exception_repr(_logger: object, _method: str, event: dict[str, object]) -> dict[str, object]:
