@@ -116,6 +116,8 @@ class Peer:
         self.acked = 0
         self.latencies: list[float] = []
         self.oks: asyncio.Queue[int] = asyncio.Queue()
+        self.frames_sent = 0  # every frame sent is an array of ops, answered by one array
+        self.frames_answered = 0
         self._acks: list[dict[str, Any]] = []
         self._flush_scheduled = False
 
@@ -126,6 +128,7 @@ class Peer:
                 break
             frame = _decode(msg.data)
             if isinstance(frame, list):
+                self.frames_answered += 1
                 self.oks.put_nowait(len(frame))
                 continue
             kind = frame.get("type")
@@ -146,6 +149,7 @@ class Peer:
         acks, self._acks = self._acks, []
         if acks:
             self.acked += len(acks)
+            self.frames_sent += 1
             asyncio.ensure_future(self.ws.send_str(_encode(acks).decode()))
 
     async def send_batch(self, to: str, count: int, stamp: bool) -> None:
@@ -160,6 +164,7 @@ class Peer:
             }
             for i in range(count)
         ]
+        self.frames_sent += 1
         await self.ws.send_str(_encode(ops).decode())
 
 
@@ -204,6 +209,9 @@ async def throughput(peers: list[Peer], total: int, batch: int, inflight: int) -
     while sum(p.received for p in peers) < target:
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
+    # Let the server finish: every ack frame answered, so the next phase starts on a quiet server.
+    while any(p.frames_answered < p.frames_sent for p in peers):
+        await asyncio.sleep(0.005)
     for r in readers:
         r.cancel()
     return target / elapsed

@@ -12,8 +12,12 @@ from typing import Any, ClassVar
 import msgspec
 
 
-class BaseEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
-    """Common base: subclasses set `tag=` and `stream_field`."""
+class BaseEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
+    """Common base: subclasses set `tag=` and `stream_field`.
+
+    ``gc=False`` (inherited): events are immutable data that can't form reference cycles, and
+    the projections keep many of them, so the cyclic garbage collector need not track them
+    (its pauses grow with the number of tracked objects)."""
 
     stream_field: ClassVar[str]
     event_type: ClassVar[str]  # the tag, set for every class of `Event` below

@@ -52,7 +52,13 @@ def _priority(name: str) -> Priority:
     return _PRIORITIES.get(name, Priority.NORMAL)
 
 
-class PendingMessage(msgspec.Struct, kw_only=True):
+# The records below are msgspec Structs with gc=False: a message-heavy projection holds
+# millions of them, and the cyclic collector's pauses grow with what it tracks. None of them
+# can take part in a reference cycle (they hold events, strings, numbers and each other,
+# downwards only).
+
+
+class PendingMessage(msgspec.Struct, kw_only=True, gc=False):
     """A message as a recipient sees it: in GET /messages/pending and pushed over WebSocket."""
 
     id: str
@@ -70,20 +76,17 @@ class PushFrame(PendingMessage, kw_only=True, tag="message", tag_field="type"):
     """The WebSocket push: `{"type": "message", ...}` with the pending message's fields."""
 
 
-class Mail:
+class Mail(msgspec.Struct, gc=False):
     """A queued message's payload, shared by every recipient: the event and its times. Its wire
     shape and its push frame are built on first use only (replay and polling-only fleets never
     pay for frames)."""
 
-    __slots__ = ("event", "seq", "sent_at", "expires_at", "_pending", "_frame")
-
-    def __init__(self, event: MessageSent, seq: int, sent_at: float, expires_at: float) -> None:
-        self.event = event
-        self.seq = seq
-        self.sent_at = sent_at
-        self.expires_at = expires_at
-        self._pending: PendingMessage | None = None
-        self._frame: str | None = None
+    event: MessageSent
+    seq: int
+    sent_at: float
+    expires_at: float
+    built_pending: PendingMessage | None = None
+    built_frame: str | None = None
 
     @property
     def message_type(self) -> str:
@@ -91,15 +94,15 @@ class Mail:
 
     @property
     def pending(self) -> PendingMessage:
-        if self._pending is None:
-            self._pending = self._build(PendingMessage)
-        return self._pending
+        if self.built_pending is None:
+            self.built_pending = self._build(PendingMessage)
+        return self.built_pending
 
     @property
     def frame(self) -> str:
-        if self._frame is None:
-            self._frame = _json.encode(self._build(PushFrame)).decode()
-        return self._frame
+        if self.built_frame is None:
+            self.built_frame = _json.encode(self._build(PushFrame)).decode()
+        return self.built_frame
 
     def _build(self, kind: type[PendingMessage]) -> PendingMessage:
         e = self.event
@@ -116,16 +119,14 @@ class Mail:
         )
 
 
-@dataclass(slots=True)
-class Recipient:
+class Recipient(msgspec.Struct, gc=False):
     status: str = "queued"  # queued | read | expired | dead
     at: float | None = None  # when it became read/expired/dead
     via: str | None = None
     attempts: int = 0  # recorded with a dead letter
 
 
-@dataclass(slots=True)
-class MessageRecord:
+class MessageRecord(msgspec.Struct, gc=False):
     message_id: str
     from_node: str
     message_type: str
@@ -143,14 +144,13 @@ class MessageRecord:
         return self.open == 0
 
 
-@dataclass(slots=True)
-class DeadLetter:
+class DeadLetter(msgspec.Struct, gc=False):
     message_id: str
     node_id: str
     reason: str  # expired | max_attempts
     at: float
     attempts: int
-    mail: Mail = field(compare=False)
+    mail: Mail
 
 
 @dataclass
