@@ -40,9 +40,12 @@ _decode = msgspec.json.Decoder().decode  # ~300-byte messages with the envelope 
 
 
 @contextmanager
-def server(data: Path, port: int, url: str | None = None, **env: str) -> Iterator[str]:
+def server(
+    data: Path, port: int, url: str | None = None, **env: str
+) -> Iterator[tuple[str, int | None]]:
+    """(base URL, the server's pid when this started it)."""
     if url:  # a server started elsewhere (e.g. under a profiler)
-        yield url.rstrip("/")
+        yield url.rstrip("/"), None
         return
     environ = {
         **os.environ,
@@ -65,7 +68,7 @@ def server(data: Path, port: int, url: str | None = None, **env: str) -> Iterato
     # Keep draining the server's log, or it blocks once the pipe fills.
     threading.Thread(target=proc.stderr.read, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait()
@@ -281,20 +284,32 @@ async def http_send(
     return done / (time.perf_counter() - t0)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc); NaN if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as d, server(Path(d), args.port, args.url) as base:
+    with tempfile.TemporaryDirectory() as d, server(Path(d), args.port, args.url) as (base, pid):
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn) as session:
             nodes = await onboard(session, base, args.nodes)
             peers = await connect_all(session, base, nodes)
+            cpu = cpu_seconds(pid)
             rate = await throughput(peers, args.messages, args.batch, args.inflight)
+            cpu = (cpu_seconds(pid) - cpu) / args.messages * 1e6
             print(
                 f"ws throughput: {rate:,.0f} messages/s sent, pushed and acked "
-                f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch})"
+                f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch}); "
+                f"server CPU {cpu:.0f} µs per message"
             )
             lat = await latency(peers, args.rate, args.seconds)
             print(
