@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import struct
 import time
 from collections.abc import Sequence
 
 import structlog
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from broker.config import DeliveryConfig
 from broker.messaging import Messaging
@@ -34,8 +35,33 @@ CLOSE_REPLACED = 4000  # a newer connection of the same node took over
 CLOSE_DEREGISTERED = 4003  # the node was deregistered
 
 
+_LEN16 = struct.Struct("!BBH").pack
+_LEN64 = struct.Struct("!BBQ").pack
+
+
+def text_frames(payloads: Sequence[bytes]) -> bytes:
+    """Unmasked server-to-client text frames (RFC 6455 §5.2: FIN, opcode 1), back to back."""
+    parts: list[bytes] = []
+    for payload in payloads:
+        n = len(payload)
+        if n < 126:
+            parts.append(bytes((0x81, n)))
+        elif n < 65536:
+            parts.append(_LEN16(0x81, 126, n))
+        else:
+            parts.append(_LEN64(0x81, 127, n))
+        parts.append(payload)
+    return b"".join(parts)
+
+
 class NodeConnection:
-    """One node's WebSocket, as the dispatcher sees it."""
+    """One node's WebSocket, as the dispatcher sees it.
+
+    While the socket keeps up (little queued in the transport) and the connection did not
+    negotiate compression, a batch of frames goes out in ONE transport write with no await: no
+    per-frame writer call or system call. Otherwise frames go through aiohttp's writer, which
+    compresses and waits for the peer, under ``send_timeout``.
+    """
 
     def __init__(
         self,
@@ -51,23 +77,20 @@ class NodeConnection:
         self.wake = asyncio.Event()
         self.closed = False
 
-    async def send_many(self, frames: Sequence[str]) -> bool:
-        """Send frames; a consumer that does not take them within the timeout is dropped."""
+    async def send_many(self, frames: Sequence[bytes]) -> bool:
+        """Send text frames (UTF-8 JSON); a consumer that does not take them within the
+        timeout is dropped. False if the connection is gone."""
         t = self.transport
-        if t is not None and not t.is_closing():
-            queued = t.get_write_buffer_size() + sum(len(f) for f in frames)
-            if queued < SAFE_BUFFER:  # the writes cannot wait on the peer: no timer needed
-                try:
-                    for frame in frames:
-                        await self.ws.send_str(frame)
-                    return True
-                except (ConnectionError, RuntimeError):
-                    self.abort()
-                    return False
+        if self.closed or self.ws.closed:
+            return False
+        if t is not None and not self.ws.compress and not t.is_closing():
+            if t.get_write_buffer_size() + sum(map(len, frames)) < SAFE_BUFFER:
+                t.write(text_frames(frames))
+                return True
         try:
             async with asyncio.timeout(self.send_timeout):
                 for frame in frames:
-                    await self.ws.send_str(frame)
+                    await self.ws.send_frame(frame, WSMsgType.TEXT)
             return True
         except (TimeoutError, ConnectionError, RuntimeError):
             self.abort()

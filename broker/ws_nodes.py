@@ -228,7 +228,7 @@ class NodeSession:
 
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:
-            await self.conn.send_many([_json.encode(answer).decode()])
+            await self.conn.send_many([_json.encode(answer)])
 
     async def _op(self, raw: Any) -> dict[str, Any]:
         op: Op

@@ -34,6 +34,7 @@ _json = msgspec.json.Encoder()
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
 def iso(ts: float) -> str:
@@ -41,7 +42,7 @@ def iso(ts: float) -> str:
     second = int(ts)
     if second != _second[0]:
         _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{min(999, round((ts - second) * 1000)):03d}Z"
+    return _second[1] + _MILLIS[min(999, round((ts - second) * 1000))]
 
 
 _PRIORITIES = {p.label: p for p in Priority}
@@ -86,7 +87,7 @@ class Mail(msgspec.Struct, gc=False):
     sent_at: float
     expires_at: float
     built_pending: PendingMessage | None = None
-    built_frame: str | None = None
+    built_frame: bytes | None = None
 
     @property
     def message_type(self) -> str:
@@ -99,9 +100,10 @@ class Mail(msgspec.Struct, gc=False):
         return self.built_pending
 
     @property
-    def frame(self) -> str:
+    def frame(self) -> bytes:
+        """The push frame's JSON (UTF-8), shared by every recipient."""
         if self.built_frame is None:
-            self.built_frame = _json.encode(self._build(PushFrame)).decode()
+            self.built_frame = _json.encode(self._build(PushFrame))
         return self.built_frame
 
     def _build(self, kind: type[PendingMessage]) -> PendingMessage:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiohttp import WSMsgType
 
 from broker.config import DeliveryConfig
-from broker.delivery import Dispatcher, NodeConnection
+from broker.delivery import Dispatcher, NodeConnection, text_frames
 from broker.messaging import Messaging, SendRequest
 from broker.principal import Principal
 from broker.runtime import Runtime
@@ -35,9 +36,12 @@ class Clock:
 class FakeWS:
     frames: list[str] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    compress: bool = False
 
-    async def send_str(self, data: str) -> None:
-        self.frames.append(data)
+    async def send_frame(self, data: bytes, opcode: WSMsgType) -> None:
+        assert opcode == WSMsgType.TEXT
+        self.frames.append(data.decode())
         self.arrived.set()
 
     async def close(self, **_: Any) -> None:
@@ -137,3 +141,22 @@ async def test_replay_rebuilds_the_same_mailboxes(world: World) -> None:
     replayed.apply_many([e async for e in w.runtime.store.read()])
     assert rebuilt.state() == w.runtime.messages.state()
     assert [m.id for m in rebuilt.pending("b")] == [ids[2], ids[0]]
+
+
+@pytest.mark.parametrize("sizes", [[0], [125, 126], [65535, 65536, 3], [200] * 50])
+def test_text_frames_follow_rfc6455(sizes: list[int]) -> None:
+    payloads = [bytes([65 + i % 26]) * n for i, n in enumerate(sizes)]
+    data = text_frames(payloads)
+    parsed, pos = [], 0
+    while pos < len(data):
+        assert data[pos] == 0x81  # FIN, text
+        n = data[pos + 1]
+        assert not n & 0x80  # server frames are not masked
+        pos += 2
+        if n == 126:
+            n, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        elif n == 127:
+            n, pos = int.from_bytes(data[pos : pos + 8], "big"), pos + 8
+        parsed.append(data[pos : pos + n])
+        pos += n
+    assert parsed == payloads
