@@ -303,13 +303,14 @@ async def main_async(args: argparse.Namespace) -> None:
         async with aiohttp.ClientSession(connector=conn) as session:
             nodes = await onboard(session, base, args.nodes)
             peers = await connect_all(session, base, nodes)
-            cpu = cpu_seconds(pid)
+            cpu, own = cpu_seconds(pid), time.process_time()
             rate = await throughput(peers, args.messages, args.batch, args.inflight)
             cpu = (cpu_seconds(pid) - cpu) / args.messages * 1e6
+            own = (time.process_time() - own) / args.messages * 1e6
             print(
                 f"ws throughput: {rate:,.0f} messages/s sent, pushed and acked "
                 f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch}); "
-                f"server CPU {cpu:.0f} µs per message"
+                f"CPU per message: server {cpu:.0f} µs, load generator {own:.0f} µs"
             )
             lat = await latency(peers, args.rate, args.seconds)
             print(

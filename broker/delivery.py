@@ -57,10 +57,11 @@ def text_frames(payloads: Sequence[bytes]) -> bytes:
 class NodeConnection:
     """One node's WebSocket, as the dispatcher sees it.
 
-    While the socket keeps up (little queued in the transport) and the connection did not
-    negotiate compression, a batch of frames goes out in ONE transport write with no await: no
-    per-frame writer call or system call. Otherwise frames go through aiohttp's writer, which
-    compresses and waits for the peer, under ``send_timeout``.
+    While the socket keeps up (less than SAFE_BUFFER queued in the transport) and the connection
+    did not negotiate compression, a batch of frames goes out in ONE transport write with no
+    await: no per-frame writer call or system call. What a connection can have queued is thus
+    bounded by SAFE_BUFFER plus one batch (at most the in-flight window). Otherwise frames go
+    through aiohttp's writer, which compresses and waits for the peer, under ``send_timeout``.
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class NodeConnection:
         if self.closed or self.ws.closed:
             return False
         if t is not None and not self.ws.compress and not t.is_closing():
-            if t.get_write_buffer_size() + sum(map(len, frames)) < SAFE_BUFFER:
+            if t.get_write_buffer_size() < SAFE_BUFFER:  # the peer keeps up: write it all
                 t.write(text_frames(frames))
                 return True
         try:

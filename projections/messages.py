@@ -33,16 +33,19 @@ RETAIN_COMPLETED = 100_000  # finished messages kept for GET /messages/{id} and 
 _json = msgspec.json.Encoder()
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+_seconds: dict[int, str] = {}  # whole seconds formatted lately (sent_at and expires_at differ)
 _MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
 def iso(ts: float) -> str:
-    """`2026-01-01T00:00:00.000Z`. Times arrive in order, so the formatted second is reused."""
+    """`2026-01-01T00:00:00.000Z`, formatting each whole second once while it is in use."""
     second = int(ts)
-    if second != _second[0]:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return _second[1] + _MILLIS[min(999, round((ts - second) * 1000))]
+    text = _seconds.get(second)
+    if text is None:
+        if len(_seconds) >= 4096:
+            _seconds.clear()
+        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return text + _MILLIS[min(999, round((ts - second) * 1000))]
 
 
 _PRIORITIES = {p.label: p for p in Priority}
