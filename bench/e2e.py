@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -253,7 +254,8 @@ async def http_send(
     nodes: list[tuple[str, str]],
     seconds: float,
     concurrency: int,
-) -> float:
+) -> tuple[float, int]:
+    """(requests/s, requests made)."""
     done = 0
     stop = time.perf_counter() + seconds
 
@@ -281,7 +283,56 @@ async def http_send(
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), done
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+
+
+def http_send_wrk(
+    base: str, nodes: list[tuple[str, str]], seconds: float, concurrency: int
+) -> tuple[float, int]:
+    """POST /messages/send with wrk (one node's token, the seed's request shape): a load
+    generator in C, so the broker gets the CPU the Python client would take. (requests/s, n)"""
+    (node, token), to = nodes[0], nodes[1 % len(nodes)][0]
+    body = _encode(
+        {
+            "from_node": node,
+            "to_nodes": [to],
+            "message_type": "data_sync",
+            "content": {"action": "sync_request", "data_hash": "abc123", "body": BODY},
+            "priority": "high",
+            "ttl": 1800,
+            "metadata": {"correlation_id": "sync-001", "retry_count": 0},
+        }
+    ).decode()
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_SCRIPT % (body, token))
+        script.flush()
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{seconds:g}s",
+                "-s",
+                script.name,
+                f"{base}/api/v1/messages/send",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    n = int(out.split(" requests in ")[0].split()[-1])
+    return rps, n
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -297,33 +348,54 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
+async def ws_phases(peers: list[Peer], args: argparse.Namespace, pid: int | None) -> None:
+    cpu, own = cpu_seconds(pid), time.process_time()
+    rate = await throughput(peers, args.messages, args.batch, args.inflight)
+    cpu = (cpu_seconds(pid) - cpu) / args.messages * 1e6
+    own = (time.process_time() - own) / args.messages * 1e6
+    print(
+        f"ws throughput: {rate:,.0f} messages/s sent, pushed and acked "
+        f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch}); "
+        f"CPU per message: server {cpu:.0f} µs, load generator {own:.0f} µs"
+    )
+    lat = await latency(peers, args.rate, args.seconds)
+    print(
+        f"ws latency at {args.rate:,} messages/s: p50 {pct(lat, 0.5):.2f} ms, "
+        f"p99 {pct(lat, 0.99):.2f} ms, p999 {pct(lat, 0.999):.2f} ms "
+        f"({len(lat):,} messages, median {statistics.median(lat) * 1000:.2f} ms)"
+    )
+
+
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as d, server(Path(d), args.port, args.url) as (base, pid):
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn) as session:
             nodes = await onboard(session, base, args.nodes)
             peers = await connect_all(session, base, nodes)
-            cpu, own = cpu_seconds(pid), time.process_time()
-            rate = await throughput(peers, args.messages, args.batch, args.inflight)
-            cpu = (cpu_seconds(pid) - cpu) / args.messages * 1e6
-            own = (time.process_time() - own) / args.messages * 1e6
-            print(
-                f"ws throughput: {rate:,.0f} messages/s sent, pushed and acked "
-                f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch}); "
-                f"CPU per message: server {cpu:.0f} µs, load generator {own:.0f} µs"
-            )
-            lat = await latency(peers, args.rate, args.seconds)
-            print(
-                f"ws latency at {args.rate:,} messages/s: p50 {pct(lat, 0.5):.2f} ms, "
-                f"p99 {pct(lat, 0.99):.2f} ms, p999 {pct(lat, 0.999):.2f} ms "
-                f"({len(lat):,} messages, median {statistics.median(lat) * 1000:.2f} ms)"
-            )
+            if "ws" in args.phases:
+                await ws_phases(peers, args, pid)
             for p in peers:
                 await p.ws.close()
-            rps = await http_send(session, base, nodes, args.seconds, args.concurrency)
+            if "http" not in args.phases:
+                return
+            if shutil.which("wrk"):
+                cpu = cpu_seconds(pid)
+                rps, n = await asyncio.to_thread(
+                    http_send_wrk, base, nodes, args.seconds, args.concurrency
+                )
+                cpu = (cpu_seconds(pid) - cpu) / n * 1e6
+                print(
+                    f"http send (wrk): {rps:,.0f} requests/s durable (seed request shape, "
+                    f"{args.concurrency} connections); CPU per request: server {cpu:.0f} µs"
+                )
+            cpu, own = cpu_seconds(pid), time.process_time()
+            rps, n = await http_send(session, base, nodes, args.seconds, args.concurrency)
+            cpu = (cpu_seconds(pid) - cpu) / n * 1e6
+            own = (time.process_time() - own) / n * 1e6
             print(
                 f"http send: {rps:,.0f} requests/s durable (seed request shape, "
-                f"{args.concurrency} concurrent clients)"
+                f"{args.concurrency} concurrent clients); "
+                f"CPU per request: server {cpu:.0f} µs, load generator {own:.0f} µs"
             )
 
 
@@ -338,6 +410,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--port", type=int, default=18765)
     parser.add_argument("--url", help="use this running server instead of starting one")
+    parser.add_argument(
+        "--phases", default="ws,http", help="ws (throughput + latency) and/or http (sends)"
+    )
     args = parser.parse_args()
     print(f"# {machine()}; SQLite synchronous=FULL")
     run(main_async(args))

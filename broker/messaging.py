@@ -7,7 +7,6 @@ a WebSocket `ack` is the same read as `PUT /api/v1/messages/{id}/read`.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -16,9 +15,10 @@ import msgspec
 
 from broker.config import DeliveryConfig
 from broker.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from broker.ids import random_hex12
 from broker.principal import Principal
 from broker.runtime import Runtime
-from eventstore.base import ConcurrencyError
+from eventstore.base import ConcurrencyError, Envelope
 from eventstore.events import (
     BaseEvent,
     MessageDeadLettered,
@@ -83,32 +83,11 @@ class DeadLetterView(msgspec.Struct, kw_only=True):
     message: PendingMessage
 
 
-class _RandomHex:
-    """Random hex strings of `nbytes` bytes, cut from one os.urandom call per 4,096 of them: the
-    randomness of secrets.token_hex without a system call per message (the server never forks)."""
-
-    def __init__(self, nbytes: int, per_call: int = 4096) -> None:
-        self._width = 2 * nbytes
-        self._refill = nbytes * per_call
-        self._buf = ""
-        self._pos = 0
-
-    def __call__(self) -> str:
-        pos, width = self._pos, self._width
-        if pos + width > len(self._buf):
-            self._buf, pos = os.urandom(self._refill).hex(), 0
-        self._pos = pos + width
-        return self._buf[pos : pos + width]
-
-
-_random_id = _RandomHex(12)
-
-
 def message_id_for(sender: str, key: str | None) -> str:
     """A fresh id, or with an idempotency key an id derived from (sender, key): two racing
     retries then target one stream with expected version 0 and the log lets one win."""
     if key is None:
-        return "msg_" + _random_id()
+        return "msg_" + random_hex12()
     digest = hashlib.blake2b(f"{sender}\0{key}".encode(), digest_size=12).hexdigest()
     return "msg_" + digest
 
@@ -200,6 +179,15 @@ class Messaging:
         record = self.runtime.messages.get(event.message_id)
         assert record is not None  # applied before record() returns
         return self.result(record)
+
+    def recorded(self, event: MessageSent, env: Envelope) -> SendResult:
+        """The answer to a send once `env` recorded its `event` (the record may be retired)."""
+        return SendResult(
+            message_id=event.message_id,
+            status="queued",
+            recipients=len(event.to_nodes),
+            expires_at=iso(env.ts + event.ttl),
+        )
 
     @staticmethod
     def result(record: MessageRecord) -> SendResult:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +13,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import errors
 from broker.http import error_response
+from broker.ids import random_hex8
 from broker.keys import METRICS, REQUEST_ID, RUNTIME
 from eventstore.base import ConcurrencyError, StoreUnavailable
 
@@ -54,7 +54,7 @@ def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _SAFE_ID.match(incoming) else "req_" + secrets.token_hex(8)
+    request_id = incoming if _SAFE_ID.match(incoming) else "req_" + random_hex8()
     request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     t0 = time.perf_counter()

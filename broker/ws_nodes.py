@@ -90,6 +90,9 @@ class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
     token: str
 
 
+_TO_READ = object()  # _prepare: an ack with a read to record
+
+
 def _ok(ref: Any, **extra: Any) -> dict[str, Any]:
     return {"type": "ok", "ref": ref, **extra}
 
@@ -166,9 +169,9 @@ class NodeSession:
                 continue
             if isinstance(prepared, dict):
                 answers[i] = prepared
-            elif isinstance(prepared, MessageRead):
+            elif prepared is _TO_READ:
                 acks.append((i, raw))  # type: ignore[arg-type]
-                read_ids[prepared.message_id] = None
+                read_ids[raw.message_id] = None  # type: ignore[union-attr]
             elif isinstance(prepared, MessageSent) and prepared.message_id not in claimed:
                 claimed.add(prepared.message_id)
                 events.append(prepared)
@@ -183,7 +186,7 @@ class NodeSession:
             events.append(MessagesRead(node_id=self.principal.id, message_ids=list(read_ids)))
         if events:
             try:
-                await self.messaging.runtime.record(events, {m: 0 for m in claimed} or None)
+                envs = await self.messaging.runtime.record(events, {m: 0 for m in claimed} or None)
             except ConcurrencyError:  # a racing retry elsewhere: settle each op on its own
                 slow.extend((i, op) for i, op, _ in sends)
                 slow.extend(acks)
@@ -193,8 +196,12 @@ class NodeSession:
                         op.ref, "SERVICE_UNAVAILABLE", "the event log is unavailable"
                     )
             else:
-                for i, op, event in sends:
-                    answers[i] = self._recorded(op, event)
+                recorded = self.messaging.recorded
+                for (i, op, event), env in zip(sends, envs, strict=False):
+                    result = recorded(event, env)
+                    answers[i] = _ok(
+                        op.ref, message_id=result.message_id, expires_at=result.expires_at
+                    )
                 for i, ack in acks:
                     answers[i] = _ok(ack.ref, message_id=ack.message_id)
         if slow:
@@ -203,28 +210,19 @@ class NodeSession:
                 answers[i] = answer
         return [a for a in answers if a is not None]
 
-    def _prepare(self, op: SendOp | AckOp) -> BaseEvent | dict[str, Any]:
-        """The event a send or ack will record, or its answer when there is nothing to record."""
+    def _prepare(self, op: SendOp | AckOp) -> MessageSent | object | dict[str, Any]:
+        """The event a send will record, _TO_READ for an ack to record, or the op's answer
+        when there is nothing to record."""
         if isinstance(op, AckOp):
-            read = self.messaging.prepare_read(self.principal, op.message_id)
-            if read is None:
+            if self.messaging.prepare_read(self.principal, op.message_id) is None:
                 return _ok(op.ref, message_id=op.message_id)
-            return msgspec.structs.replace(read, via="ws")
+            return _TO_READ
         prepared = self.messaging.prepare_send(
             self.principal, _send_request(op), op.idempotency_key
         )
         if isinstance(prepared, MessageSent):
             return prepared
         return _ok(op.ref, message_id=prepared.message_id, expires_at=prepared.expires_at)
-
-    def _recorded(self, op: SendOp | AckOp, event: BaseEvent) -> dict[str, Any]:
-        if isinstance(op, AckOp):
-            return _ok(op.ref, message_id=op.message_id)
-        record = self.messaging.runtime.messages.get(event.message_id)  # type: ignore[attr-defined]
-        if record is None:  # already retired (read by every recipient meanwhile)
-            return _ok(op.ref, message_id=event.message_id)  # type: ignore[attr-defined]
-        result = self.messaging.result(record)
-        return _ok(op.ref, message_id=result.message_id, expires_at=result.expires_at)
 
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:
