@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -278,7 +279,72 @@ def _verify_chunks(
         raise IntegrityError(expected, f"the log file is damaged: {exc}") from None
 
 
+class _Checkpointer:
+    """Copies the WAL back into the database file in a thread of its own.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so that
+    commit (and every append waiting on the group commit) stalls while megabytes are copied
+    and fsynced. Here the writer turns it off and, every ``every_bytes`` written, hands a
+    PASSIVE checkpoint (which never blocks the writer) to this thread. Under steady writes a
+    passive checkpoint rarely catches up with the head, so the WAL could only grow: once it
+    passes ``limit_bytes``, the writer itself truncates it, which is quick because the passive
+    checkpoints already copied nearly all of it.
+    """
+
+    def __init__(self, path: Path, synchronous: str, every_bytes: int, limit_bytes: int) -> None:
+        self.path = path
+        self.wal = path.with_name(path.name + "-wal")
+        self.synchronous = synchronous
+        self.every_bytes = every_bytes
+        self.limit_bytes = limit_bytes
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        self._conn: sqlite3.Connection | None = None
+        self._written = 0
+        self._running = threading.Event()
+        self._over_limit = False
+        self.done = 0  # checkpoints completed (for tests and metrics)
+
+    def wrote(self, conn: sqlite3.Connection, nbytes: int) -> None:
+        """Called by the writer thread after each commit, with the bytes it committed."""
+        self._written += nbytes
+        if self._over_limit and not self._running.is_set():
+            self._over_limit = False
+            # A reader in the middle of a long read makes TRUNCATE wait: give up quickly
+            # instead (the next background checkpoint asks again).
+            conn.execute("PRAGMA busy_timeout=20")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.execute("PRAGMA busy_timeout=5000")
+        elif self._written >= self.every_bytes and not self._running.is_set():
+            self._written = 0
+            self._running.set()
+            self._executor.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._conn is None:
+                self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=0.1)
+                self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._over_limit = self.wal.stat().st_size > self.limit_bytes
+            self.done += 1
+        except (sqlite3.Error, OSError):
+            log.warning("background checkpoint failed", exc_info=True)
+        finally:
+            self._running.clear()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)  # a running checkpoint finishes first
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class SqliteStore:
+    checkpoint_every = 4 * 1024 * 1024  # WAL bytes written between background checkpoints
+    wal_limit = 64 * 1024 * 1024  # a WAL larger than this is truncated by the writer
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -302,6 +368,7 @@ class SqliteStore:
         # aiosqlite on a second, read-only connection and only ever see committed events.
         self._wconn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._rconn: aiosqlite.Connection | None = None
         self._listeners: list[Listener] = []
         self._pending: list[_Pending] = []
@@ -347,8 +414,12 @@ class SqliteStore:
         conn = sqlite3.connect(self.path, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
         conn.executescript(SCHEMA)
         conn.commit()
+        self._checkpointer = _Checkpointer(
+            self.path, self.synchronous, self.checkpoint_every, self.wal_limit
+        )
         return conn
 
     async def _connect(self, target: str) -> aiosqlite.Connection:
@@ -384,6 +455,9 @@ class SqliteStore:
         if self._rconn is not None:
             with contextlib.suppress(Exception):
                 await self._rconn.close()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.close)
+            self._checkpointer = None
         if self._wconn is not None:
             with contextlib.suppress(Exception):
                 await self._run(self._wconn.close)
@@ -583,6 +657,8 @@ class SqliteStore:
         except BaseException:
             conn.rollback()
             raise
+        if self._checkpointer is not None:
+            self._checkpointer.wrote(conn, sum(len(row[2]) for row in rows))
 
     async def restore(self, envelopes: Sequence[Envelope]) -> None:
         """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.

@@ -264,3 +264,36 @@ async def test_claimed_new_stream_that_exists_on_disk_is_refused(tmp_path: Path)
     finally:
         await store.close()
     assert await verify(path) == 12
+
+
+async def test_wal_is_checkpointed_in_the_background_and_kept_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    wal = tmp_path / "log.db-wal"
+    store = SqliteStore(path)
+    store.checkpoint_every = 32 * 1024
+    store.wal_limit = 128 * 1024
+    await store.open()
+    ckpt = store._checkpointer
+    assert ckpt is not None
+
+    async def settled() -> None:  # the checkpoint thread has done what it was handed
+        await asyncio.to_thread(ckpt._executor.submit(lambda: None).result)
+
+    sizes: list[int] = []
+    try:
+        for i in range(300):  # ~3 MB of events; without checkpoints the WAL holds all of it
+            await store.append([LogNote(stream_id="s", text=f"{i}:" + "x" * 1000)] * 10)
+            await settled()
+            sizes.append(wal.stat().st_size)
+    finally:
+        await store.close()
+    assert ckpt.done >= 10  # checkpoints ran, in their own thread
+    assert max(sizes) < 1024 * 1024  # bounded: the limit plus what one round writes
+    assert min(sizes[50:]) < store.wal_limit  # and truncated once over the limit
+    assert await verify(path) == 3000
+    reopened = SqliteStore(path)
+    await reopened.open()
+    try:
+        assert len([e async for e in reopened.read()]) == 3000
+    finally:
+        await reopened.close()
