@@ -282,10 +282,10 @@ def _verify_chunks(
 class _Checkpointer:
     """Copies the WAL back into the database file in a thread of its own.
 
-    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so that
-    commit (and every append waiting on the group commit) stalls while megabytes are copied
-    and fsynced. Here the writer turns it off and, every ``every_bytes`` written, hands a
-    PASSIVE checkpoint (which never blocks the writer) to this thread. Under steady writes a
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold (every
+    4 MiB), so that commit (and every append waiting on the group commit) stalls while
+    megabytes are copied and fsynced. Here the writer turns it off and, every ``every_bytes``
+    written, hands a PASSIVE checkpoint (which never blocks the writer) to this thread. Under steady writes a
     passive checkpoint rarely catches up with the head, so the WAL could only grow: once it
     passes ``limit_bytes``, the writer itself truncates it, which is quick because the passive
     checkpoints already copied nearly all of it.
@@ -342,8 +342,11 @@ class _Checkpointer:
 
 
 class SqliteStore:
-    checkpoint_every = 4 * 1024 * 1024  # WAL bytes written between background checkpoints
-    wal_limit = 64 * 1024 * 1024  # a WAL larger than this is truncated by the writer
+    # WAL bytes written between background checkpoints. Each checkpoint's writes and fsync of
+    # the database file slow the commits' fsyncs while it runs (same disk, same filesystem
+    # journal), so they are made rare rather than small (docs/performance.md).
+    checkpoint_every = 32 * 1024 * 1024
+    wal_limit = 256 * 1024 * 1024  # a WAL larger than this is truncated by the writer
 
     def __init__(
         self,
