@@ -24,4 +24,4 @@ class RandomHex:
 
 
 random_hex8 = RandomHex(8)  # request ids
-random_hex12 = RandomHex(12)  # message ids
+random_hex6 = RandomHex(6)  # message ids (after their time)
