@@ -30,7 +30,7 @@ from eventstore.events import (
 log = structlog.get_logger(__name__)
 
 SLACK = 0.25  # seconds housekeeping may run after a deadline
-SAFE_BUFFER = 64 * 1024  # bytes a socket may have queued before sends are timed
+SAFE_BUFFER = 256 * 1024  # bytes a socket may have queued before sends are timed
 CLOSE_REPLACED = 4000  # a newer connection of the same node took over
 CLOSE_DEREGISTERED = 4003  # the node was deregistered
 
