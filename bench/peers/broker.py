@@ -157,7 +157,7 @@ class BrokerSystem:
         """Start `broker serve` on a temporary log (extra environment `env`, e.g.
         BROKER_DELIVERY__WINDOW) and onboard the four nodes."""
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peers-")))
-        base = stack.enter_context(server(data, _free_port(), **(env or {})))
+        base, _pid = stack.enter_context(server(data, _free_port(), **(env or {})))
         conn = aiohttp.TCPConnector(limit=0)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=conn))
         self = cls(session, base, await onboard(session, base, 4))
@@ -249,4 +249,7 @@ class BrokerSystem:
 
     async def http_send(self, seconds: float) -> float:
         """POST /api/v1/messages/send requests/s, seed request shape, between the two sinks."""
-        return await http_send(self.session, self.base, self.nodes[2:], seconds, HTTP_CONCURRENCY)
+        rps, _n = await http_send(
+            self.session, self.base, self.nodes[2:], seconds, HTTP_CONCURRENCY
+        )
+        return rps
