@@ -73,7 +73,8 @@ _LABELS = {p: name for name, p in _BY_NAME.items()}
 
 @dataclass(slots=True, eq=False)
 class QueuedMessage:
-    """One message, shared by all its recipients. ``payload`` is opaque to the queue."""
+    """One message, shared by all its recipients. ``payload`` is opaque to the queue, which
+    drops it (sets None) once no node holds the message any more."""
 
     message_id: str
     seq: int
@@ -355,14 +356,14 @@ class DeliveryQueue:
         if v is None:
             if not box.held or (v := box.held.pop(message_id, None)) is None:
                 return False
-            v.message.holders -= 1
+            _let_go(v.message)
         elif isinstance(v, Delivery):
-            v.message.holders -= 1
+            _let_go(v.message)
             box.flight -= 1
             if not box.flight:
                 box.batches.clear()
         else:
-            v.holders -= 1
+            _let_go(v)
             box.stale += 1
             if box.stale > _MIN_STALE and box.stale > len(box.state):
                 box.compact()
@@ -384,15 +385,15 @@ class DeliveryQueue:
             v = pop(mid, None)
             if v is None:
                 if box.held and (d := box.held.pop(mid, None)) is not None:
-                    d.message.holders -= 1
+                    _let_go(d.message)
                     acked += 1
                 continue
             acked += 1
             if isinstance(v, Delivery):
-                v.message.holders -= 1
+                _let_go(v.message)
                 flown += 1
             else:
-                v.holders -= 1
+                _let_go(v)
                 box.stale += 1
         if flown:
             box.flight -= flown
@@ -717,6 +718,15 @@ class DeliveryQueue:
         kept += len(self._expired)
         self._indexed = kept
         self._index_limit = max(_MIN_COMPACT, 2 * kept)
+
+
+def _let_go(m: QueuedMessage) -> None:
+    """One node fewer holds the message; the last one lets go of its payload too. (The message
+    may stay in the expiry index until that is compacted: it must not keep what it carried,
+    nor keep it in the garbage collector's young generations meanwhile.)"""
+    m.holders -= 1
+    if not m.holders:
+        m.payload = None
 
 
 def _by_seq(m: QueuedMessage) -> int:

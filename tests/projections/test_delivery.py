@@ -142,8 +142,10 @@ def test_multi_recipient_is_one_message_read_separately(q: DeliveryQueue) -> Non
     assert q.pending("b")[0] is m and q.in_flight("b") == 0
     (dc,) = q.take("c", 5)
     assert dc.message is m and dc.attempt == 1
-    assert q.ack("b", "m1") and q.ack("c", "m1")
+    assert q.ack("b", "m1") and m.payload == {"n": 1}  # "c" still holds it
+    assert q.ack_many("c", ["m1"]) == 1
     assert len(q) == 0
+    assert m.payload is None  # nobody holds it: what it carried is let go
 
 
 def test_ack_is_idempotent_and_false_for_non_recipients(q: DeliveryQueue) -> None:
