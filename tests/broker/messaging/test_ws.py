@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.broker.identity.helpers import bearer, node_session, operator_token
@@ -316,4 +317,28 @@ async def test_a_frame_of_acks_is_one_read_event(client: Client) -> None:
     assert (await pending(client, b, "node-b"))["messages"] == []
     state = await (await client.get(f"/api/v1/messages/{ids[1]}", headers=bearer(a))).json()
     assert state["recipients"][0]["status"] == "read"
+    await ws.close()
+
+
+@pytest.mark.parametrize("compress", [0, 15])
+async def test_pushes_of_every_frame_size_arrive(client: Client, compress: int) -> None:
+    """Frames with a 7-bit, 16-bit and 64-bit length, written by the single-write path, or by
+    aiohttp's compressing writer when the client negotiated permessage-deflate (browsers and many
+    libraries offer it)."""
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    bodies = ["x" * 10, "y" * 300, "z" * 65_500]  # the last push frame is over 65,535 bytes
+    for body in bodies:
+        resp = await send(
+            client, a, from_node="node-a", to_nodes=["node-b"], content={"body": body}
+        )
+        assert resp.status == 200, await resp.text()
+    ws = await client.ws_connect("/api/v1/ws", headers=bearer(b), compress=compress)
+    assert (await receive(ws))["type"] == "welcome"
+    assert ws.compress == compress
+    pushed = [await receive(ws) for _ in bodies]
+    assert [m["content"]["body"] for m in pushed] == bodies
+    await ws.send_str(json.dumps([{"type": "ack", "message_id": m["id"]} for m in pushed]))
+    answers = await receive(ws)
+    assert [x["type"] for x in answers] == ["ok"] * 3
     await ws.close()
