@@ -285,10 +285,13 @@ class _Checkpointer:
     SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold (every
     4 MiB), so that commit (and every append waiting on the group commit) stalls while
     megabytes are copied and fsynced. Here the writer turns it off and, every ``every_bytes``
-    written, hands a PASSIVE checkpoint (which never blocks the writer) to this thread. Under steady writes a
-    passive checkpoint rarely catches up with the head, so the WAL could only grow: once it
-    passes ``limit_bytes``, the writer itself truncates it, which is quick because the passive
-    checkpoints already copied nearly all of it.
+    written, hands a PASSIVE checkpoint (which never blocks the writer) to this thread. Under
+    steady writes a passive checkpoint never catches up with the head, so SQLite never starts
+    the WAL over and it would only grow: when the passive checkpoint is done and the WAL is
+    past ``limit_bytes``, the writer restarts it at its next commit (a RESTART checkpoint, which
+    copies only what came in while the passive checkpoint ran; the next commits then overwrite
+    the file from its start, so it stays at its size and needs no new blocks). That pause is the
+    price of a bounded WAL, paid once per ``limit_bytes`` written.
     """
 
     def __init__(self, path: Path, synchronous: str, every_bytes: int, limit_bytes: int) -> None:
@@ -302,18 +305,20 @@ class _Checkpointer:
         self._written = 0
         self._running = threading.Event()
         self._over_limit = False
-        self.done = 0  # checkpoints completed (for tests and metrics)
+        self.done = 0  # background checkpoints completed (for tests)
+        self.restarts = 0  # WAL restarts by the writer
 
     def wrote(self, conn: sqlite3.Connection, nbytes: int) -> None:
         """Called by the writer thread after each commit, with the bytes it committed."""
         self._written += nbytes
         if self._over_limit and not self._running.is_set():
             self._over_limit = False
-            # A reader in the middle of a long read makes TRUNCATE wait: give up quickly
+            # A reader in the middle of a long read makes RESTART wait: give up quickly
             # instead (the next background checkpoint asks again).
             conn.execute("PRAGMA busy_timeout=20")
             try:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                self.restarts += 0 if busy else 1
             finally:
                 conn.execute("PRAGMA busy_timeout=5000")
         elif self._written >= self.every_bytes and not self._running.is_set():
@@ -346,7 +351,7 @@ class SqliteStore:
     # the database file slow the commits' fsyncs while it runs (same disk, same filesystem
     # journal), so they are made rare rather than small (docs/performance.md).
     checkpoint_every = 32 * 1024 * 1024
-    wal_limit = 256 * 1024 * 1024  # a WAL larger than this is truncated by the writer
+    wal_limit = 256 * 1024 * 1024  # a WAL larger than this is started over after a checkpoint
 
     def __init__(
         self,

@@ -271,7 +271,10 @@ async def test_wal_is_checkpointed_in_the_background_and_kept_bounded(tmp_path: 
     wal = tmp_path / "log.db-wal"
     store = SqliteStore(path)
     store.checkpoint_every = 32 * 1024
-    store.wal_limit = 128 * 1024
+    # Appending one batch at a time, each checkpoint finishes before the next commit and SQLite
+    # starts the WAL over by itself; a limit below one round's size makes the writer's own
+    # restart (for WALs that concurrent commits keep ahead of the checkpoints) run too.
+    store.wal_limit = 16 * 1024
     await store.open()
     ckpt = store._checkpointer
     assert ckpt is not None
@@ -288,8 +291,8 @@ async def test_wal_is_checkpointed_in_the_background_and_kept_bounded(tmp_path: 
     finally:
         await store.close()
     assert ckpt.done >= 10  # checkpoints ran, in their own thread
+    assert ckpt.restarts >= 10  # the WAL went past its limit and was started over
     assert max(sizes) < 1024 * 1024  # bounded: the limit plus what one round writes
-    assert min(sizes[50:]) < store.wal_limit  # and truncated once over the limit
     assert await verify(path) == 3000
     reopened = SqliteStore(path)
     await reopened.open()
