@@ -42,7 +42,10 @@ _frame_decoder = msgspec.json.Decoder()
 # --- ops (wire types) ---
 
 
-class _Op(msgspec.Struct, kw_only=True, tag_field="type"):
+class _Op(msgspec.Struct, kw_only=True, tag_field="type", gc=False):
+    """A node op. gc=False: decoded from a frame, ops can't form cycles; thousands are alive
+    under load, and the garbage collector's pauses grow with what it tracks."""
+
     ref: Any = None
 
 
