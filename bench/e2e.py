@@ -249,6 +249,19 @@ async def latency(peers: list[Peer], rate: int, seconds: float) -> list[float]:
     return sorted(x for p in peers for x in p.latencies)
 
 
+def seed_send(node: str, to: str) -> dict[str, Any]:
+    """The body of a send in the seed 001 client's shape."""
+    return {
+        "from_node": node,
+        "to_nodes": [to],
+        "message_type": "data_sync",
+        "content": {"action": "sync_request", "data_hash": "abc123", "body": BODY},
+        "priority": "high",
+        "ttl": 1800,
+        "metadata": {"correlation_id": "sync-001", "retry_count": 0},
+    }
+
+
 async def http_send(
     session: aiohttp.ClientSession,
     base: str,
@@ -265,15 +278,7 @@ async def http_send(
         node, token = nodes[i % len(nodes)]
         to = nodes[(i + 1) % len(nodes)][0]
         headers = {"Authorization": f"Bearer {token}"}
-        payload = {
-            "from_node": node,
-            "to_nodes": [to],
-            "message_type": "data_sync",
-            "content": {"action": "sync_request", "data_hash": "abc123", "body": BODY},
-            "priority": "high",
-            "ttl": 1800,
-            "metadata": {"correlation_id": "sync-001", "retry_count": 0},
-        }
+        payload = seed_send(node, to)
         while time.perf_counter() < stop:
             async with session.post(
                 f"{base}/api/v1/messages/send", json=payload, headers=headers
@@ -301,17 +306,7 @@ def http_send_wrk(
     """POST /messages/send with wrk (one node's token, the seed's request shape): a load
     generator in C, so the broker gets the CPU the Python client would take. (requests/s, n)"""
     (node, token), to = nodes[0], nodes[1 % len(nodes)][0]
-    body = _encode(
-        {
-            "from_node": node,
-            "to_nodes": [to],
-            "message_type": "data_sync",
-            "content": {"action": "sync_request", "data_hash": "abc123", "body": BODY},
-            "priority": "high",
-            "ttl": 1800,
-            "metadata": {"correlation_id": "sync-001", "retry_count": 0},
-        }
-    ).decode()
+    body = _encode(seed_send(node, to)).decode()
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(WRK_SCRIPT % (body, token))
         script.flush()
