@@ -665,8 +665,11 @@ class SqliteStore:
         except BaseException:
             conn.rollback()
             raise
-        if self._checkpointer is not None:
-            self._checkpointer.wrote(conn, sum(len(row[2]) for row in rows))
+        if self._checkpointer is not None:  # after the commit: its errors are not the append's
+            try:
+                self._checkpointer.wrote(conn, sum(len(row[2]) for row in rows))
+            except (sqlite3.Error, RuntimeError):
+                log.warning("WAL checkpoint failed", exc_info=True)
 
     async def restore(self, envelopes: Sequence[Envelope]) -> None:
         """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.

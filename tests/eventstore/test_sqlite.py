@@ -300,3 +300,22 @@ async def test_wal_is_checkpointed_in_the_background_and_kept_bounded(tmp_path: 
         assert len([e async for e in reopened.read()]) == 3000
     finally:
         await reopened.close()
+
+
+async def test_a_failing_checkpoint_does_not_fail_the_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteStore(tmp_path / "log.db")
+    await store.open()
+    assert store._checkpointer is not None
+
+    def broken(conn: sqlite3.Connection, nbytes: int) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store._checkpointer, "wrote", broken)
+    try:
+        envs = await store.append([LogNote(stream_id="s", text="kept")])
+        assert envs[0].seq == 1 and await store.head() == 1
+    finally:
+        await store.close()
+    assert await verify(tmp_path / "log.db") == 1
