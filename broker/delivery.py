@@ -86,7 +86,11 @@ class NodeConnection:
             return False
         if t is not None and not self.ws.compress and not t.is_closing():
             if t.get_write_buffer_size() < SAFE_BUFFER:  # the peer keeps up: write it all
-                t.write(text_frames(frames))
+                try:
+                    t.write(text_frames(frames))
+                except (ConnectionError, RuntimeError):
+                    self.abort()
+                    return False
                 return True
         try:
             async with asyncio.timeout(self.send_timeout):
