@@ -51,4 +51,3 @@ def _tests_on_source() -> dict[str, object]:
 
 
 globals().update(_tests_on_source())
-
