@@ -35,19 +35,23 @@ BROKER_SENDER = "broker"
 _json = msgspec.json.Encoder()
 
 PriorityName = Literal["critical", "high", "normal", "low"]
+# The fields of a send, shared by the HTTP body and the WebSocket op so both validate alike.
+Recipients = Annotated[
+    list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]], msgspec.Meta(min_length=1)
+]
+MessageType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Ttl = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class SendRequest(msgspec.Struct, kw_only=True):
     """The seed's send body; unknown fields are ignored."""
 
-    to_nodes: Annotated[
-        list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]], msgspec.Meta(min_length=1)
-    ]
-    message_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    to_nodes: Recipients
+    message_type: MessageType
     content: Any = None
     from_node: str | None = None
     priority: PriorityName = "normal"
-    ttl: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    ttl: Ttl | None = None
     metadata: dict[str, Any] | None = None
 
 

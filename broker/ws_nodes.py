@@ -24,7 +24,14 @@ from broker.auth import Public, authenticate
 from broker.config import DeliveryConfig
 from broker.delivery import CLOSE_REPLACED, Dispatcher, NodeConnection
 from broker.keys import CONFIG, DISPATCHER, MESSAGING, NODES
-from broker.messaging import Messaging, PriorityName, SendRequest
+from broker.messaging import (
+    MessageType,
+    Messaging,
+    PriorityName,
+    Recipients,
+    SendRequest,
+    Ttl,
+)
 from broker.principal import Principal
 from broker.routing import Routes
 from eventstore.base import ConcurrencyError, StoreUnavailable
@@ -69,12 +76,12 @@ class TelemetryOp(_Op, tag="telemetry"):
 
 
 class SendOp(_Op, tag="send"):
-    to_nodes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]]
-    message_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    to_nodes: Recipients
+    message_type: MessageType
     content: Any = None
     from_node: str | None = None
     priority: PriorityName = "normal"
-    ttl: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    ttl: Ttl | None = None
     metadata: dict[str, Any] | None = None
     idempotency_key: str | None = None
 

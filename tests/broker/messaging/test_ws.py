@@ -342,3 +342,20 @@ async def test_pushes_of_every_frame_size_arrive(client: Client, compress: int) 
     answers = await receive(ws)
     assert [x["type"] for x in answers] == ["ok"] * 3
     await ws.close()
+
+
+async def test_send_op_is_validated_like_the_http_send(client: Client) -> None:
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    ws = await connect(client, a)
+    bad = [
+        {"type": "send", "ref": 1, "to_nodes": [], "message_type": "t"},
+        {"type": "send", "ref": 2, "to_nodes": [""], "message_type": "t"},
+        {"type": "send", "ref": 3, "to_nodes": ["node-a"], "message_type": ""},
+        {"type": "send", "ref": 4, "to_nodes": ["node-a"], "message_type": "t", "ttl": 0},
+        {"type": "send", "ref": 5, "to_nodes": ["node-a"], "message_type": "t", "priority": "x"},
+    ]
+    await ws.send_json(bad)
+    answers = await receive(ws)
+    assert [(x["ref"], x["type"]) for x in answers] == [(i, "error") for i in range(1, 6)]
+    assert {x["error"]["code"] for x in answers} == {"VALIDATION_ERROR"}
+    await ws.close()
