@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -51,6 +51,9 @@ from eventstore.events import (
 from projections.nodes import Node, Presence
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no ":": other streams use it
+# Field types of heartbeats and status updates, shared by the HTTP bodies and the WebSocket ops.
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Timestamp = Annotated[str, msgspec.Meta(max_length=64)] | float
 MAX_RSA_BITS = 8192
 MAX_RSA_EXPONENT = 2**32  # verification time grows with the exponent: refuse absurd ones
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)

@@ -15,7 +15,7 @@ from broker.auth import Authenticated, Permission, Public, bearer_token, princip
 from broker.errors import AuthenticationFailed, Forbidden
 from broker.http import decode_body, json_response
 from broker.keys import CONFIG, NODES, RUNTIME, TOKENS
-from broker.nodes import NODE_ID_PATTERN, NodeService, NodeView
+from broker.nodes import NODE_ID_PATTERN, Label, NodeService, NodeView, Timestamp
 from broker.pagination import PageQuery, decode_query, paginate
 from broker.principal import Principal
 from broker.ratelimit import LOGIN, charge_subject
@@ -27,7 +27,6 @@ routes = Routes("nodes")
 
 NodeId = Annotated[str, msgspec.Meta(pattern=NODE_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 AnyNodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -68,11 +67,11 @@ class StatusUpdate(msgspec.Struct, kw_only=True):
     load: float | None = None
     available_resources: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    last_seen: Annotated[str, msgspec.Meta(max_length=64)] | float | None = None
+    last_seen: Timestamp | None = None
 
 
 class HeartbeatRequest(msgspec.Struct, kw_only=True):
-    timestamp: Annotated[str, msgspec.Meta(max_length=64)] | float | None = None
+    timestamp: Timestamp | None = None
     status: Label | None = None
     metrics: dict[str, Any] | None = None
 

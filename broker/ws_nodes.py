@@ -32,6 +32,7 @@ from broker.messaging import (
     SendRequest,
     Ttl,
 )
+from broker.nodes import Label, Timestamp
 from broker.principal import Principal
 from broker.routing import Routes
 from eventstore.base import ConcurrencyError, StoreUnavailable
@@ -57,17 +58,17 @@ class _Op(msgspec.Struct, kw_only=True, tag_field="type", gc=False):
 
 
 class HeartbeatOp(_Op, tag="heartbeat"):
-    timestamp: str | float | None = None
-    status: str | None = None
+    timestamp: Timestamp | None = None
+    status: Label | None = None
     metrics: dict[str, Any] | None = None
 
 
 class StatusOp(_Op, tag="status"):
-    status: str | None = None
+    status: Label | None = None
     load: float | None = None
     available_resources: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    last_seen: str | float | None = None
+    last_seen: Timestamp | None = None
 
 
 class TelemetryOp(_Op, tag="telemetry"):

@@ -359,3 +359,24 @@ async def test_send_op_is_validated_like_the_http_send(client: Client) -> None:
     assert [(x["ref"], x["type"]) for x in answers] == [(i, "error") for i in range(1, 6)]
     assert {x["error"]["code"] for x in answers} == {"VALIDATION_ERROR"}
     await ws.close()
+
+
+async def test_heartbeat_and_status_ops_are_validated_like_http(client: Client) -> None:
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    ws = await connect(client, a)
+    await ws.send_json(
+        [
+            {"type": "heartbeat", "ref": 1, "status": "x" * 65},
+            {"type": "status", "ref": 2, "status": ""},
+            {"type": "status", "ref": 3, "last_seen": "y" * 65},
+            {"type": "heartbeat", "ref": 4, "status": "healthy", "timestamp": 1.5},
+        ]
+    )
+    answers = await receive(ws)
+    assert [(x["ref"], x["type"]) for x in answers] == [
+        (1, "error"),
+        (2, "error"),
+        (3, "error"),
+        (4, "ok"),
+    ]
+    await ws.close()
