@@ -73,7 +73,7 @@ class StatusOp(_Op, tag="status"):
 
 class TelemetryOp(_Op, tag="telemetry"):
     metrics: dict[str, Any] = {}
-    timestamp: str | float | None = None
+    timestamp: Timestamp | None = None
 
 
 class SendOp(_Op, tag="send"):
