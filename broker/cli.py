@@ -59,6 +59,10 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     except ImportError:
         pass
     Path(config.server.data_dir).mkdir(parents=True, exist_ok=True)
+    from projections import stale_compiled_modules
+
+    for stale in stale_compiled_modules():
+        print(f"warning: {stale}", file=sys.stderr)
     # The projections hold millions of long-lived objects; CPython's default thresholds would
     # traverse all of them in frequent full collections (pauses of 100+ ms under load).
     gc.set_threshold(50_000, 20, 100)

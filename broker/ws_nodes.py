@@ -370,15 +370,17 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     transport = request.transport if isinstance(request.transport, asyncio.Transport) else None
     conn = NodeConnection(principal.id, ws, config.ws_send_timeout, transport)
     session = NodeSession(principal, conn, app, config)
-    await ws.send_str(
-        _json.encode({"type": "welcome", "node_id": principal.id, "window": config.window}).decode()
-    )
+    welcome = {"type": "welcome", "node_id": principal.id, "window": config.window}
     old = dispatcher.connect(conn)
-    if old is not None:
-        await old.close(CLOSE_REPLACED, "replaced by a newer connection")
-    pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
+    pump: asyncio.Task[None] | None = None
     try:
-        await connections.announce(app, conn)  # other instances drop their older connection
+        if old is not None:
+            await old.close(CLOSE_REPLACED, "replaced by a newer connection")
+        # Other instances drop their older connection of the node; the welcome follows, so a
+        # node that got it knows this connection is the one every instance considers current.
+        await connections.announce(app, conn)
+        await ws.send_str(_json.encode(welcome).decode())
+        pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await session.on_text(msg.data)
@@ -388,9 +390,10 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         dispatcher.disconnect(conn)
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
         if session.tasks:
             await asyncio.gather(*session.tasks, return_exceptions=True)
     return ws

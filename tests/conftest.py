@@ -18,12 +18,10 @@ from eventstore.base import StoreConfig
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test a compiled delivery queue older than its source (``make`` rebuilds it)."""
-    import projections.delivery as delivery
+    from projections import stale_compiled_modules
 
-    compiled = Path(delivery.__file__ or "")
-    source = compiled.with_name("delivery.py")
-    if compiled.suffix == ".so" and source.stat().st_mtime > compiled.stat().st_mtime:
-        pytest.exit(f"{source} changed since it was compiled ({compiled.name}): run `make compile`")
+    if stale := stale_compiled_modules():
+        pytest.exit("; ".join(stale))
 
 
 def _exception_repr(_logger: object, _method: str, event: dict[str, object]) -> dict[str, object]:
