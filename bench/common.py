@@ -1,14 +1,17 @@
-"""Shared bits of the benchmarks: machine description, event-loop set-up, number formatting."""
+"""Shared bits of the benchmarks: machine description, event-loop set-up, CPU time of processes."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import platform
+import resource
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def machine() -> str:
@@ -31,3 +34,28 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc); None when
+    unreadable."""
+    if pid is None:
+        return None
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def per_item_us(before: float | None, after: float | None, n: int) -> float:
+    """CPU µs per item between two readings; NaN when either is unknown."""
+    if before is None or after is None or n <= 0:
+        return float("nan")
+    return (after - before) / n * 1e6

@@ -33,7 +33,7 @@ import msgspec
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from bench.common import machine, run
+from bench.common import cpu_seconds, machine, own_cpu_seconds, per_item_us, run
 
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 BODY = "x" * 200
@@ -331,24 +331,15 @@ def http_send_wrk(
     return rps, n
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process, all its threads (Linux /proc); NaN if unknown."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, TypeError):
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
 async def ws_phases(peers: list[Peer], args: argparse.Namespace, pid: int | None) -> None:
-    cpu, own = cpu_seconds(pid), time.process_time()
+    cpu, own = cpu_seconds(pid), own_cpu_seconds()
     rate = await throughput(peers, args.messages, args.batch, args.inflight)
-    cpu = (cpu_seconds(pid) - cpu) / args.messages * 1e6
-    own = (time.process_time() - own) / args.messages * 1e6
+    cpu = per_item_us(cpu, cpu_seconds(pid), args.messages)
+    own = per_item_us(own, own_cpu_seconds(), args.messages)
     print(
         f"ws throughput: {rate:,.0f} messages/s sent, pushed and acked "
         f"({args.messages:,} messages, {args.nodes} nodes, batches of {args.batch}); "
@@ -386,15 +377,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 rps, n = await asyncio.to_thread(
                     http_send_wrk, base, nodes, args.seconds, args.concurrency
                 )
-                cpu = (cpu_seconds(pid) - cpu) / n * 1e6
+                cpu = per_item_us(cpu, cpu_seconds(pid), n)
                 print(
                     f"http send (wrk): {rps:,.0f} requests/s durable (seed request shape, "
                     f"{args.concurrency} connections); CPU per request: server {cpu:.0f} µs"
                 )
-            cpu, own = cpu_seconds(pid), time.process_time()
+            cpu, own = cpu_seconds(pid), own_cpu_seconds()
             rps, n = await http_send(session, base, nodes, args.seconds, args.concurrency)
-            cpu = (cpu_seconds(pid) - cpu) / n * 1e6
-            own = (time.process_time() - own) / n * 1e6
+            cpu = per_item_us(cpu, cpu_seconds(pid), n)
+            own = per_item_us(own, own_cpu_seconds(), n)
             print(
                 f"http send: {rps:,.0f} requests/s durable (seed request shape, "
                 f"{args.concurrency} concurrent clients); "

@@ -28,17 +28,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import machine, run
+from bench.common import cpu_seconds, machine, own_cpu_seconds, per_item_us, run
 from bench.e2e import Peer, onboard, throughput
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def free_port() -> int:
@@ -133,19 +124,20 @@ async def measure(
             assert (await ws.receive_json())["type"] == "welcome"
             peers.append(Peer(ws, node))
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        t0 = os.times()
+        own = own_cpu_seconds()
         rate = await throughput(peers, args.messages, args.batch, args.inflight)
-        t1 = os.times()
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-        cpu["load generator"] = (t1.user - t0.user) + (t1.system - t0.system)
+        total = args.messages // len(nodes) * len(nodes)
+        cpu = {
+            name: per_item_us(before[name], cpu_seconds(pid), total) for name, pid in pids.items()
+        }
+        cpu["load generator"] = per_item_us(own, own_cpu_seconds(), total)
         for p in peers:
             await p.ws.close()
-    total = args.messages // len(nodes) * len(nodes)
-    return rate, {name: secs / total * 1000 for name, secs in cpu.items()}
+    return rate, cpu
 
 
-def line(label: str, rate: float, per_k: dict[str, float]) -> str:
-    costs = ", ".join(f"{name} {ms * 1000:.0f}" for name, ms in per_k.items())
+def line(label: str, rate: float, per_message: dict[str, float]) -> str:
+    costs = ", ".join(f"{name} {us:.0f}" for name, us in per_message.items())
     return f"{label}: {rate:,.0f} messages/s; CPU µs per message: {costs}"
 
 
@@ -170,12 +162,14 @@ async def main_async(args: argparse.Namespace) -> None:
                         )
                         bases.append(base)
                         pids[f"broker {i + 1}"] = pid
-                    rate, per_k = await measure(bases, pids, args)
-                print(line(f"nats, {n} instance{'s' if n > 1 else ''}", rate, per_k), flush=True)
+                    rate, per_message = await measure(bases, pids, args)
+                print(
+                    line(f"nats, {n} instance{'s' if n > 1 else ''}", rate, per_message), flush=True
+                )
         if not args.no_sqlite:
             with broker(root / "sqlite") as (base, pid):
-                rate, per_k = await measure([base], {"broker 1": pid}, args)
-            print(line("sqlite, 1 instance (synchronous=FULL)", rate, per_k), flush=True)
+                rate, per_message = await measure([base], {"broker 1": pid}, args)
+            print(line("sqlite, 1 instance (synchronous=FULL)", rate, per_message), flush=True)
 
 
 def main() -> None:

@@ -175,7 +175,7 @@ class Messaging:
 
     async def record_send(self, event: MessageSent) -> SendResult:
         try:
-            await self.runtime.record([event], expected_version=0)
+            (env,) = await self.runtime.record([event], expected_version=0)
         except ConcurrencyError:
             earlier = (
                 self.runtime.messages.by_idempotency_key(event.from_node, event.idempotency_key)
@@ -185,9 +185,7 @@ class Messaging:
             if earlier is None:
                 raise Conflict("idempotency key already used for another message") from None
             return self.result(earlier)
-        record = self.runtime.messages.get(event.message_id)
-        assert record is not None  # applied before record() returns
-        return self.result(record)
+        return self.recorded(event, env)
 
     def recorded(self, event: MessageSent, env: Envelope) -> SendResult:
         """The answer to a send once `env` recorded its `event` (the record may be retired)."""

@@ -333,10 +333,7 @@ async def revoke_role(request: web.Request) -> web.Response:
     summary="Activate an operator",
 )
 async def activate(request: web.Request) -> web.Response:
-    user = await operators.set_active(
-        request.app[RUNTIME], request.match_info["user_id"], True, by=principal_of(request).id
-    )
-    return json_response(ActiveState(user.id, user.is_active))
+    return await _set_active(request, True)
 
 
 @routes.post(
@@ -346,8 +343,12 @@ async def activate(request: web.Request) -> web.Response:
     summary="Deactivate an operator (ends their sessions)",
 )
 async def deactivate(request: web.Request) -> web.Response:
+    return await _set_active(request, False)
+
+
+async def _set_active(request: web.Request, active: bool) -> web.Response:
     user = await operators.set_active(
-        request.app[RUNTIME], request.match_info["user_id"], False, by=principal_of(request).id
+        request.app[RUNTIME], request.match_info["user_id"], active, by=principal_of(request).id
     )
     return json_response(ActiveState(user.id, user.is_active))
 

@@ -30,6 +30,7 @@ from broker.messaging import (
     PriorityName,
     Recipients,
     SendRequest,
+    SendResult,
     Ttl,
 )
 from broker.nodes import Label, Timestamp
@@ -106,6 +107,10 @@ _TO_READ = object()  # _prepare: an ack with a read to record
 
 def _ok(ref: Any, **extra: Any) -> dict[str, Any]:
     return {"type": "ok", "ref": ref, **extra}
+
+
+def _ok_sent(ref: Any, result: SendResult) -> dict[str, Any]:
+    return _ok(ref, message_id=result.message_id, expires_at=result.expires_at)
 
 
 def _error(ref: Any, code: str, message: str) -> dict[str, Any]:
@@ -209,10 +214,7 @@ class NodeSession:
             else:
                 recorded = self.messaging.recorded
                 for (i, op, event), env in zip(sends, envs, strict=False):
-                    result = recorded(event, env)
-                    answers[i] = _ok(
-                        op.ref, message_id=result.message_id, expires_at=result.expires_at
-                    )
+                    answers[i] = _ok_sent(op.ref, recorded(event, env))
                 for i, ack in acks:
                     answers[i] = _ok(ack.ref, message_id=ack.message_id)
         if slow:
@@ -233,7 +235,7 @@ class NodeSession:
         )
         if isinstance(prepared, MessageSent):
             return prepared
-        return _ok(op.ref, message_id=prepared.message_id, expires_at=prepared.expires_at)
+        return _ok_sent(op.ref, prepared)
 
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:
@@ -271,7 +273,7 @@ class NodeSession:
             result = await self.messaging.send(
                 self.principal, _send_request(op), op.idempotency_key
             )
-            return _ok(op.ref, message_id=result.message_id, expires_at=result.expires_at)
+            return _ok_sent(op.ref, result)
         nodes = self.app[NODES]
         if isinstance(op, HeartbeatOp):
             await nodes.heartbeat(

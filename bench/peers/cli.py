@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
-from bench.common import machine, run
-from bench.peers.procs import cpu_seconds, own_cpu_seconds
+from bench.common import cpu_seconds, machine, own_cpu_seconds, per_item_us, run
 from bench.peers.report import (
     CLIENT_CPU,
     E2E,
@@ -113,9 +112,9 @@ async def _one_run(system: Any, col: Column, args: argparse.Namespace, i: int) -
     e2e = await system.end_to_end(args.messages)
     client1, server1 = own_cpu_seconds(), cpu_seconds(pid)
     col.add(E2E, e2e)
-    col.add(CLIENT_CPU, (client1 - client0) / args.messages * 1e6)
+    col.add(CLIENT_CPU, per_item_us(client0, client1, args.messages))
     if server0 is not None and server1 is not None:
-        col.add(SERVER_CPU, (server1 - server0) / args.messages * 1e6)
+        col.add(SERVER_CPU, per_item_us(server0, server1, args.messages))
     pub = await system.publish_confirm(args.messages)
     col.add(PUBLISH, pub)
     print(f"{tag} end to end {e2e:,.0f}/s, publish-confirm {pub:,.0f}/s", flush=True)
