@@ -349,19 +349,23 @@ async def ws_phases(peers: list[Peer], args: argparse.Namespace, pid: int | None
     # would be counted as the broker's latency. (It allocates little; this is for minutes.)
     gc.collect()
     gc.disable()
+    cpu = cpu_seconds(pid)
     try:
         lat = await latency(peers, args.rate, args.seconds)
     finally:
         gc.enable()
+    cpu = per_item_us(cpu, cpu_seconds(pid), len(lat))
     print(
         f"ws latency at {args.rate:,} messages/s: p50 {pct(lat, 0.5):.2f} ms, "
         f"p99 {pct(lat, 0.99):.2f} ms, p999 {pct(lat, 0.999):.2f} ms "
-        f"({len(lat):,} messages, median {statistics.median(lat) * 1000:.2f} ms)"
+        f"({len(lat):,} messages, median {statistics.median(lat) * 1000:.2f} ms); "
+        f"CPU per message: server {cpu:.0f} µs"
     )
 
 
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as d, server(Path(d), args.port, args.url) as (base, pid):
+        pid = pid or args.pid
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn) as session:
             nodes = await onboard(session, base, args.nodes)
@@ -404,6 +408,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--port", type=int, default=18765)
     parser.add_argument("--url", help="use this running server instead of starting one")
+    parser.add_argument("--pid", type=int, help="with --url: the server's pid, for CPU figures")
     parser.add_argument(
         "--phases", default="ws,http", help="ws (throughput + latency) and/or http (sends)"
     )

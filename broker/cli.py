@@ -51,6 +51,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from broker.app import create_app
+    from broker.runtime import tune_gc
 
     try:
         import uvloop
@@ -63,11 +64,11 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
     for stale in stale_compiled_modules():
         print(f"warning: {stale}", file=sys.stderr)
-    # The projections hold millions of long-lived objects; CPython's default thresholds would
-    # traverse all of them in frequent full collections (pauses of 100+ ms under load).
-    gc.set_threshold(50_000, 20, 100)
+    tune_gc()
+    app = create_app(config)
+    app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
     web.run_app(
-        create_app(config),
+        app,
         host=config.server.host,
         port=config.server.port,
         shutdown_timeout=config.server.shutdown_timeout,
@@ -75,6 +76,12 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         print=lambda msg: print(msg, file=sys.stderr),
     )
     return EXIT_OK
+
+
+async def _freeze_startup_objects(app: Any) -> None:
+    """What start-up built (the projections replayed from the log: possibly millions of
+    objects) lives as long as the process: keep it out of every later full collection."""
+    gc.freeze()
 
 
 def _readonly_store(config: Config) -> Any:

@@ -54,6 +54,17 @@ def text_frames(payloads: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def close_frame(code: int, reason: str) -> bytes:
+    """An unmasked Close frame (RFC 6455 §5.5.1): the code, then the reason, ≤ 123 bytes."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
+def _cut(transport: asyncio.Transport) -> None:
+    if not transport.is_closing():
+        transport.close()
+
+
 class NodeConnection:
     """One node's WebSocket, as the dispatcher sees it.
 
@@ -110,12 +121,27 @@ class NodeConnection:
             self.transport.abort()
 
     async def close(self, code: int, reason: str) -> None:
+        """Close with `code` (RFC 6455 §7.1.2: send a Close frame, let the peer answer with its
+        own, then the TCP connection ends). aiohttp's `ws.close()` from another task than
+        the one reading shuts the socket right after its Close frame, so the peer's answer
+        met a reset and aiohttp clients reported 1006 instead of the code. Here the frame is
+        written and the reading handler finishes the handshake when the answer arrives; a
+        peer that does not answer within `send_timeout` is cut."""
         if self.closed:
             return
         self.closed = True
         self.wake.set()
-        with contextlib.suppress(Exception):
-            await self.ws.close(code=code, message=reason.encode())
+        t = self.transport
+        if t is None or t.is_closing():
+            with contextlib.suppress(Exception):
+                await self.ws.close(code=code, message=reason.encode())
+            return
+        try:
+            t.write(close_frame(code, reason))
+        except (ConnectionError, RuntimeError):
+            t.abort()
+            return
+        asyncio.get_running_loop().call_later(self.send_timeout, _cut, t)
 
 
 class Dispatcher:

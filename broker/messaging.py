@@ -10,7 +10,7 @@ import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 
@@ -55,7 +55,19 @@ class SendRequest(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any] | None = None
 
 
-class SendResult(msgspec.Struct, kw_only=True):
+class SendFields(Protocol):
+    """What a send carries: the HTTP body (SendRequest) and the WebSocket op alike."""
+
+    to_nodes: list[str]
+    message_type: str
+    content: Any
+    from_node: str | None
+    priority: PriorityName
+    ttl: float | None
+    metadata: dict[str, Any] | None
+
+
+class SendResult(msgspec.Struct, kw_only=True, gc=False):
     message_id: str
     status: str
     recipients: int
@@ -109,7 +121,7 @@ class Messaging:
     # --- send ---
 
     def prepare_send(
-        self, principal: Principal, req: SendRequest, idempotency_key: str | None = None
+        self, principal: Principal, req: SendFields, idempotency_key: str | None = None
     ) -> MessageSent | SendResult:
         """Validate a send and build its event, or return the earlier result of a retry."""
         cfg = self.config
@@ -129,14 +141,19 @@ class Messaging:
             earlier = self.runtime.messages.by_idempotency_key(sender, key)
             if earlier is not None:
                 return self.result(earlier)
-        to_nodes = list(dict.fromkeys(req.to_nodes))
+        to_nodes = req.to_nodes
+        if len(to_nodes) > 1:
+            to_nodes = list(dict.fromkeys(to_nodes))
         if len(to_nodes) > cfg.max_recipients:
             raise ValidationFailed(
                 f"to_nodes: at most {cfg.max_recipients} recipients",
                 details=[{"field": "to_nodes"}],
             )
-        nodes = self.runtime.nodes
-        unknown = [n for n in to_nodes if nodes.get(n) is None]
+        known = self.runtime.nodes.nodes
+        if len(to_nodes) == 1:
+            unknown = [] if to_nodes[0] in known else to_nodes
+        else:
+            unknown = [n for n in to_nodes if n not in known]
         if unknown:
             raise NotFound(
                 f"Node not found: {', '.join(unknown[:20])}",
@@ -166,7 +183,7 @@ class Messaging:
         )
 
     async def send(
-        self, principal: Principal, req: SendRequest, idempotency_key: str | None = None
+        self, principal: Principal, req: SendFields, idempotency_key: str | None = None
     ) -> SendResult:
         prepared = self.prepare_send(principal, req, idempotency_key)
         if isinstance(prepared, SendResult):

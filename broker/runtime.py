@@ -7,6 +7,7 @@ handler that records then reads sees its own write.
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import itertools
 import time
@@ -28,6 +29,18 @@ from projections.updates import UpdatesProjection
 from projections.users import UsersProjection
 
 log = structlog.get_logger(__name__)
+
+
+# The projections hold millions of long-lived objects; CPython's default thresholds would
+# traverse all of them in frequent full collections (pauses of 100+ ms under load). Lower
+# first thresholds measured worse (docs/performance.md).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """The collector settings of a serving process (`broker serve`, and the benchmarks that
+    measure its code in-process)."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def build_projections(delivery: DeliveryConfig | None = None) -> Projections:
@@ -108,9 +121,8 @@ class Runtime:
 
     def _on_append(self, envs: Sequence[Envelope]) -> None:
         self.projections.apply_many(envs)
+        # The seq gauges are set when /metrics is read (broker.system): not per append.
         self.metrics.events_appended.inc(len(envs))
-        self.metrics.head_seq.set(envs[-1].seq)
-        self.metrics.projection_seq.set(self.projections.seq)
         waiters, seq = self._seq_waiters, self.projections.seq
         while waiters and waiters[0][0] <= seq:
             fut = heapq.heappop(waiters)[2]

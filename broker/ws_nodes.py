@@ -29,7 +29,6 @@ from broker.messaging import (
     Messaging,
     PriorityName,
     Recipients,
-    SendRequest,
     SendResult,
     Ttl,
 )
@@ -105,12 +104,31 @@ class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
 _TO_READ = object()  # _prepare: an ack with a read to record
 
 
-def _ok(ref: Any, **extra: Any) -> dict[str, Any]:
-    return {"type": "ok", "ref": ref, **extra}
+# --- answers: Structs, not dicts (one per op: cheaper to build and encode, and gc=False
+# keeps them out of the cyclic collector's generations) ---
 
 
-def _ok_sent(ref: Any, result: SendResult) -> dict[str, Any]:
-    return _ok(ref, message_id=result.message_id, expires_at=result.expires_at)
+class Ok(msgspec.Struct, tag="ok", tag_field="type", gc=False):
+    ref: Any = None
+
+
+class OkRead(Ok, tag="ok"):
+    message_id: str = ""
+
+
+class OkSent(OkRead, tag="ok"):
+    expires_at: str = ""
+
+
+def _ok(ref: Any) -> Ok:
+    return Ok(ref)
+
+
+def _ok_sent(ref: Any, result: SendResult) -> OkSent:
+    return OkSent(ref, result.message_id, result.expires_at)
+
+
+Answer = Ok | dict[str, Any]  # an error answer is a dict (rare: no need for speed)
 
 
 def _error(ref: Any, code: str, message: str) -> dict[str, Any]:
@@ -163,11 +181,11 @@ class NodeSession:
         else:
             await self._answer(await self._op(ops))
 
-    async def _batch(self, items: list[Any]) -> list[dict[str, Any]]:
+    async def _batch(self, items: list[Any]) -> list[Answer]:
         """Answer an array of ops. Sends and acks are validated here and recorded in ONE append
         (their events are independent: each send claims its own new message id); the other ops
         run concurrently, each on its own."""
-        answers: list[dict[str, Any] | None] = [None] * len(items)
+        answers: list[Answer | None] = [None] * len(items)
         events: list[BaseEvent] = []
         sends: list[tuple[int, SendOp, MessageSent]] = []
         acks: list[tuple[int, AckOp]] = []
@@ -183,7 +201,7 @@ class NodeSession:
             except errors.BrokerError as exc:
                 answers[i] = _error(raw.ref, exc.code, exc.message)
                 continue
-            if isinstance(prepared, dict):
+            if isinstance(prepared, Ok | dict):
                 answers[i] = prepared
             elif prepared is _TO_READ:
                 acks.append((i, raw))  # type: ignore[arg-type]
@@ -216,23 +234,21 @@ class NodeSession:
                 for (i, op, event), env in zip(sends, envs, strict=False):
                     answers[i] = _ok_sent(op.ref, recorded(event, env))
                 for i, ack in acks:
-                    answers[i] = _ok(ack.ref, message_id=ack.message_id)
+                    answers[i] = OkRead(ack.ref, ack.message_id)
         if slow:
             done = await asyncio.gather(*(self._op(raw) for _, raw in slow))
             for (i, _), answer in zip(slow, done, strict=True):
                 answers[i] = answer
         return [a for a in answers if a is not None]
 
-    def _prepare(self, op: SendOp | AckOp) -> MessageSent | object | dict[str, Any]:
+    def _prepare(self, op: SendOp | AckOp) -> MessageSent | object | Answer:
         """The event a send will record, _TO_READ for an ack to record, or the op's answer
         when there is nothing to record."""
         if isinstance(op, AckOp):
             if self.messaging.prepare_read(self.principal, op.message_id) is None:
-                return _ok(op.ref, message_id=op.message_id)
+                return OkRead(op.ref, op.message_id)
             return _TO_READ
-        prepared = self.messaging.prepare_send(
-            self.principal, _send_request(op), op.idempotency_key
-        )
+        prepared = self.messaging.prepare_send(self.principal, op, op.idempotency_key)
         if isinstance(prepared, MessageSent):
             return prepared
         return _ok_sent(op.ref, prepared)
@@ -241,7 +257,7 @@ class NodeSession:
         if not self.conn.closed:
             await self.conn.send_many([_json.encode(answer)])
 
-    async def _op(self, raw: Any) -> dict[str, Any]:
+    async def _op(self, raw: Any) -> Answer:
         op: Op
         if isinstance(raw, HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp):
             op = raw
@@ -264,15 +280,13 @@ class NodeSession:
             log.exception("ws_op_failed", op=type(op).__name__)
             return _error(ref, "INTERNAL", "internal error")
 
-    async def _run(self, op: Op) -> dict[str, Any]:
+    async def _run(self, op: Op) -> Answer:
         node_id = self.principal.id
         if isinstance(op, AckOp):
             await self.messaging.read(self.principal, op.message_id, via="ws")
-            return _ok(op.ref, message_id=op.message_id)
+            return OkRead(op.ref, op.message_id)
         if isinstance(op, SendOp):
-            result = await self.messaging.send(
-                self.principal, _send_request(op), op.idempotency_key
-            )
+            result = await self.messaging.send(self.principal, op, op.idempotency_key)
             return _ok_sent(op.ref, result)
         nodes = self.app[NODES]
         if isinstance(op, HeartbeatOp):
@@ -295,18 +309,6 @@ class NodeSession:
                 [NodeTelemetry(node_id=node_id, metrics=op.metrics, timestamp=op.timestamp)]
             )
         return _ok(op.ref)
-
-
-def _send_request(op: SendOp) -> SendRequest:
-    return SendRequest(
-        to_nodes=op.to_nodes,
-        message_type=op.message_type,
-        content=op.content,
-        from_node=op.from_node,
-        priority=op.priority,
-        ttl=op.ttl,
-        metadata=op.metadata,
-    )
 
 
 def _origin_allowed(request: web.Request, config: DeliveryConfig) -> bool:
@@ -369,8 +371,9 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
             await ws.close(code=CLOSE_POLICY, message=b"nodes only")
             return ws
     dispatcher: Dispatcher = app[DISPATCHER]
-    transport = request.transport if isinstance(request.transport, asyncio.Transport) else None
-    conn = NodeConnection(principal.id, ws, config.ws_send_timeout, transport)
+    # Not an isinstance check: uvloop's transports (0.22+) are no asyncio.Transport subclasses,
+    # and every push then went the slow way (aiohttp's writer, one awaited call per frame).
+    conn = NodeConnection(principal.id, ws, config.ws_send_timeout, request.transport)
     session = NodeSession(principal, conn, app, config)
     welcome = {"type": "welcome", "node_id": principal.id, "window": config.window}
     old = dispatcher.connect(conn)

@@ -7,6 +7,7 @@ only grow (new fields get defaults, nothing is renamed or retyped); upgrades of 
 
 from __future__ import annotations
 
+import operator
 from typing import Any, ClassVar
 
 import msgspec
@@ -438,3 +439,5 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
 }
 for _name, _cls in EVENT_TYPES.items():
     _cls.event_type = _name
+    # `stream` read through a C getter, not BaseEvent.stream's getattr (once per appended event)
+    _cls.stream = property(operator.attrgetter(_cls.stream_field))  # type: ignore[method-assign,assignment]

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -56,11 +57,16 @@ CREATE TABLE IF NOT EXISTS streams (
 ) WITHOUT ROWID;
 """
 _INSERT_CHUNK = "INSERT INTO chunks (first_seq, last_seq, body, crc) VALUES (?, ?, ?, ?)"
-_INSERT_STREAM = "INSERT INTO streams (stream, version) VALUES (?, ?)"
-_UPSERT_STREAM = (
-    "INSERT INTO streams (stream, version) VALUES (?, ?) "
+# Stream versions go in as ONE statement per commit, whatever their number (a JSON array of
+# [stream, version] pairs): one step for SQLite, not one per row. Each step of the writer
+# thread gives the GIL up and has to take it back from a busy event loop.
+_NEW_STREAMS = "SELECT value ->> 0, value ->> 1 FROM json_each(?)"
+_INSERT_STREAMS = f"INSERT INTO streams (stream, version) {_NEW_STREAMS}"
+_UPSERT_STREAMS = (
+    f"INSERT INTO streams (stream, version) {_NEW_STREAMS} WHERE true "
     "ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
 )
+_json_encode = msgspec.json.Encoder().encode
 _CHUNK_EVENTS = 4096  # at most this many events per stored chunk
 _PAGE = 64  # chunks fetched per read query
 _VERSION_CACHE_LIMIT = 200_000
@@ -346,6 +352,50 @@ class _Checkpointer:
             self._conn = None
 
 
+class _WriterThread:
+    """One thread that runs the writer's calls in order, each result handed back to the event
+    loop with call_soon_threadsafe. Lighter than an executor's round trip (no
+    concurrent.futures.Future chained to an asyncio one, no executor locks): a group commit
+    makes one per transaction, and on a VM each wake-up of a thread is dear (docs/performance.md).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._calls.put((loop, fut, fn, args))
+        return fut
+
+    def _main(self) -> None:
+        while (item := self._calls.get()) is not None:
+            loop, fut, fn, args = item
+            outcome: tuple[Callable[[asyncio.Future[Any], Any], None], Any]
+            try:
+                outcome = (_resolve, fn(*args))
+            except BaseException as exc:  # handed to the caller, whatever it is
+                outcome = (_reject, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(outcome[0], fut, outcome[1])
+
+    def stop(self) -> None:
+        """No calls after this one; the thread ends once it has run what it was given."""
+        self._calls.put(None)
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _reject(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
 class SqliteStore:
     # WAL bytes written between background checkpoints. Each checkpoint's writes and fsync of
     # the database file slow the commits' fsyncs while it runs (same disk, same filesystem
@@ -375,7 +425,7 @@ class SqliteStore:
         # commit (chunks, stream versions, COMMIT) is a single hop to that thread; reads use
         # aiosqlite on a second, read-only connection and only ever see committed events.
         self._wconn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: _WriterThread | None = None
         self._checkpointer: _Checkpointer | None = None
         self._rconn: aiosqlite.Connection | None = None
         self._listeners: list[Listener] = []
@@ -398,7 +448,7 @@ class SqliteStore:
             await self._load_tail(self._rconn)
             return
         await asyncio.to_thread(self._lock.acquire)  # creates the directory too
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._thread = _WriterThread("sqlite-writer")
         try:
             self._wconn = await self._run(self._open_writer)
             if self.verify_on_open:
@@ -416,7 +466,8 @@ class SqliteStore:
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run `fn(*args)` on the writer thread."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        assert self._thread is not None
+        return self._thread.call(fn, *args)
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False)
@@ -469,10 +520,10 @@ class SqliteStore:
         if self._wconn is not None:
             with contextlib.suppress(Exception):
                 await self._run(self._wconn.close)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        if self._thread is not None:
+            self._thread.stop()
         self._wconn = self._rconn = None
-        self._executor = None
+        self._thread = None
 
     # --- writing ---
 
@@ -658,9 +709,9 @@ class SqliteStore:
         try:
             conn.executemany(_INSERT_CHUNK, rows)
             if inserts:
-                conn.executemany(_INSERT_STREAM, inserts)
+                conn.execute(_INSERT_STREAMS, (_json_encode(inserts),))
             if upserts:
-                conn.executemany(_UPSERT_STREAM, upserts)
+                conn.execute(_UPSERT_STREAMS, (_json_encode(upserts),))
             conn.commit()
         except BaseException:
             conn.rollback()

@@ -37,8 +37,20 @@ _seconds: dict[int, str] = {}  # whole seconds formatted lately (sent_at and exp
 _MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
+_recent: dict[float, str] = {}  # exact times formatted lately: a commit's events share one ts
+
+
 def iso(ts: float) -> str:
     """`2026-01-01T00:00:00.000Z`, formatting each whole second once while it is in use."""
+    text = _recent.get(ts)
+    if text is None:
+        if len(_recent) >= 1024:
+            _recent.clear()
+        text = _recent[ts] = _iso(ts)
+    return text
+
+
+def _iso(ts: float) -> str:
     second = int(ts)
     text = _seconds.get(second)
     if text is None:
@@ -54,6 +66,11 @@ _PRIORITIES = {p.label: p for p in Priority}
 def _priority(name: str) -> Priority:
     # Validated before recording; a log from elsewhere still replays, as normal.
     return _PRIORITIES.get(name, Priority.NORMAL)
+
+
+def _label(name: str) -> str:
+    """The priority's wire name (`_priority(name).label`, without the enum)."""
+    return name if name in _PRIORITIES else "normal"
 
 
 # The records below are msgspec Structs with gc=False: a message-heavy projection holds
@@ -116,7 +133,7 @@ class Mail(msgspec.Struct, gc=False):
             from_node=e.from_node,
             message_type=e.message_type,
             content=e.content,
-            priority=_priority(e.priority).label,
+            priority=_label(e.priority),
             metadata=e.metadata,
             sent_at=iso(self.sent_at),
             expires_at=iso(self.expires_at),
@@ -182,14 +199,13 @@ class MessagesProjection(Projection):
     def _sent(self, env: Envelope) -> None:
         e: MessageSent = env.event  # type: ignore[assignment]
         expires_at = env.ts + e.ttl
-        priority = _priority(e.priority)
         mail = Mail(e, env.seq, env.ts, expires_at)
         recipients = {node: Recipient() for node in e.to_nodes}
         self.messages[e.message_id] = MessageRecord(
             e.message_id,
             e.from_node,
             e.message_type,
-            priority.label,
+            _label(e.priority),
             env.ts,
             expires_at,
             env.seq,
@@ -202,7 +218,8 @@ class MessagesProjection(Projection):
             self.idempotency[(e.from_node, e.idempotency_key)] = e.message_id
         self._mail[e.message_id] = mail
         self.queue.enqueue(
-            QueuedMessage(e.message_id, env.seq, priority, expires_at, mail), tuple(recipients)
+            QueuedMessage(e.message_id, env.seq, _priority(e.priority), expires_at, mail),
+            tuple(recipients),
         )
 
     @handles(MessageRead)
