@@ -100,6 +100,9 @@ class DeadLetterView(msgspec.Struct, kw_only=True):
     message: PendingMessage
 
 
+_prefix: list[Any] = [-1, ""]  # the last millisecond and its id prefix
+
+
 def message_id_for(sender: str, key: str | None) -> str:
     """A fresh id, or with an idempotency key an id derived from (sender, key): two racing
     retries then target one stream with expected version 0 and the log lets one win.
@@ -108,7 +111,10 @@ def message_id_for(sender: str, key: str | None) -> str:
     sort together, so the log's stream index (one entry per message) grows at its end instead
     of rewriting pages all over the file on every commit."""
     if key is None:
-        return f"msg_{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}{random_hex6()}"
+        ms = int(time.time() * 1000) & 0xFFFFFFFFFFFF
+        if ms != _prefix[0]:  # formatted once per millisecond, not per message
+            _prefix[0], _prefix[1] = ms, f"msg_{ms:012x}"
+        return _prefix[1] + random_hex6()
     digest = hashlib.blake2b(f"{sender}\0{key}".encode(), digest_size=12).hexdigest()
     return "msg_" + digest
 
@@ -226,16 +232,23 @@ class Messaging:
 
     def prepare_read(self, principal: Principal, message_id: str) -> MessageRead | None:
         """The read event to record, or None when already read (reads are idempotent)."""
-        record = self.runtime.messages.get(message_id)
-        node = principal.id if principal.is_node else None
-        if record is None or node is None or node not in record.recipients:
-            raise NotFound(f"Message not found: {message_id}")
-        status = record.recipients[node].status
-        if status == "read":
+        if not self.unread(principal, message_id):
             return None
-        if status != "queued":
-            raise NotFound(f"Message {message_id} is {status} for {node}")
-        return MessageRead(message_id=message_id, node_id=node)
+        return MessageRead(message_id=message_id, node_id=principal.id)
+
+    def unread(self, principal: Principal, message_id: str) -> bool:
+        """Whether the node has a read of the message to record (False: read already);
+        NotFound if it is not the node's to read."""
+        record = self.runtime.messages.messages.get(message_id)
+        rec = record.recipients.get(principal.id) if record is not None else None
+        if rec is None or not principal.is_node:
+            raise NotFound(f"Message not found: {message_id}")
+        status = rec.status
+        if status == "queued":
+            return True
+        if status == "read":
+            return False
+        raise NotFound(f"Message {message_id} is {status} for {principal.id}")
 
     async def read(self, principal: Principal, message_id: str, via: str = "http") -> None:
         event = self.prepare_read(principal, message_id)

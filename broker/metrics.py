@@ -2,16 +2,67 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class LoopCounter(Collector):
+    """A counter bumped only from the event loop's thread, so with no lock: prometheus_client's
+    own takes one per `inc`, and these are bumped on every append."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.value = 0.0
+        registry.register(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
+
+
+class LoopHistogram(Collector):
+    """A histogram observed only from the event loop's thread (no lock; see LoopCounter),
+    exposed like prometheus_client's: cumulative `le` buckets, `_sum` and `_count`."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = sorted(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative = list(itertools.accumulate(self.counts))
+        labels = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], list(zip(labels, cumulative, strict=True)), sum_value=self.sum)
+        yield family
 
 
 class Metrics:
@@ -19,10 +70,10 @@ class Metrics:
         disable_created_metrics()  # no *_created series: they double the output for nothing
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.events_appended = Counter(
+        self.events_appended = LoopCounter(
             "broker_events_appended", "Events appended to the log", registry=r
         )
-        self.append_seconds = Histogram(
+        self.append_seconds = LoopHistogram(
             "broker_append_seconds",
             "Time from append request to durable acknowledgement",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),

@@ -101,9 +101,6 @@ class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
     token: str
 
 
-_TO_READ = object()  # _prepare: an ack with a read to record
-
-
 # --- answers: Structs, not dicts (one per op: cheaper to build and encode, and gc=False
 # keeps them out of the cyclic collector's generations) ---
 
@@ -185,6 +182,7 @@ class NodeSession:
         """Answer an array of ops. Sends and acks are validated here and recorded in ONE append
         (their events are independent: each send claims its own new message id); the other ops
         run concurrently, each on its own."""
+        messaging, principal = self.messaging, self.principal
         answers: list[Answer | None] = [None] * len(items)
         events: list[BaseEvent] = []
         sends: list[tuple[int, SendOp, MessageSent]] = []
@@ -193,23 +191,29 @@ class NodeSession:
         claimed: set[str] = set()
         slow: list[tuple[int, Any]] = []
         for i, raw in enumerate(items):
-            if not isinstance(raw, SendOp | AckOp):
-                slow.append((i, raw))
-                continue
+            kind = type(raw)
             try:
-                prepared = self._prepare(raw)
+                if kind is SendOp:
+                    prepared = messaging.prepare_send(principal, raw, raw.idempotency_key)
+                elif kind is AckOp:
+                    if messaging.unread(principal, raw.message_id):
+                        acks.append((i, raw))
+                        read_ids[raw.message_id] = None
+                    else:  # read already: nothing to record
+                        answers[i] = OkRead(raw.ref, raw.message_id)
+                    continue
+                else:
+                    slow.append((i, raw))
+                    continue
             except errors.BrokerError as exc:
                 answers[i] = _error(raw.ref, exc.code, exc.message)
                 continue
-            if isinstance(prepared, Ok | dict):
-                answers[i] = prepared
-            elif prepared is _TO_READ:
-                acks.append((i, raw))  # type: ignore[arg-type]
-                read_ids[raw.message_id] = None  # type: ignore[union-attr]
-            elif isinstance(prepared, MessageSent) and prepared.message_id not in claimed:
+            if type(prepared) is not MessageSent:  # a retry: the earlier send's answer
+                answers[i] = _ok_sent(raw.ref, prepared)  # type: ignore[arg-type]
+            elif prepared.message_id not in claimed:
                 claimed.add(prepared.message_id)
                 events.append(prepared)
-                sends.append((i, raw, prepared))  # type: ignore[arg-type]
+                sends.append((i, raw, prepared))
             else:
                 slow.append((i, raw))  # the same idempotency key twice in one frame
         if len(read_ids) == 1:
@@ -240,18 +244,6 @@ class NodeSession:
             for (i, _), answer in zip(slow, done, strict=True):
                 answers[i] = answer
         return [a for a in answers if a is not None]
-
-    def _prepare(self, op: SendOp | AckOp) -> MessageSent | object | Answer:
-        """The event a send will record, _TO_READ for an ack to record, or the op's answer
-        when there is nothing to record."""
-        if isinstance(op, AckOp):
-            if self.messaging.prepare_read(self.principal, op.message_id) is None:
-                return OkRead(op.ref, op.message_id)
-            return _TO_READ
-        prepared = self.messaging.prepare_send(self.principal, op, op.idempotency_key)
-        if isinstance(prepared, MessageSent):
-            return prepared
-        return _ok_sent(op.ref, prepared)
 
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:

@@ -80,19 +80,6 @@ class _StreamExists(Exception):
     """A stream taken to be new already existed in the file: the transaction was rolled back."""
 
 
-class _Overlay(dict[str, int]):
-    """The version cache, with streams taken to be new at version 0."""
-
-    def __init__(self, new: set[str], cache: dict[str, int]) -> None:
-        super().__init__(dict.fromkeys(new, 0))
-        self.cache = cache
-
-    def get(self, key: str, default: int = 0) -> int:  # type: ignore[override]
-        if key in self:
-            return dict.__getitem__(self, key)
-        return self.cache.get(key, default)
-
-
 class StoredEvent(msgspec.Struct, array_like=True, gc=False):
     """One event as stored inside a chunk: the envelope fields, the event's msgpack bytes and
     its chain hash."""
@@ -594,13 +581,13 @@ class SqliteStore:
         # A stream claimed new and unknown to the cache is taken to be new without asking the
         # file (every message send claims a fresh id); the plain INSERT of its version refuses
         # it if it did exist, and then the batch is decided again with the file asked.
-        assumed_new = {s for s in claimed if s not in self._versions} if optimistic else set()
-        await self._versions_of(streams - assumed_new)
+        known = self._versions
+        assumed_new = {s for s in claimed if s not in known} if optimistic else set()
+        if any(s not in known for s in streams if s not in assumed_new):
+            await self._versions_of(streams - assumed_new)
+            known = self._versions  # the cache may have been started over
 
-        overlay: dict[str, int] = {}
-        versions: dict[str, int] = (
-            _Overlay(assumed_new, self._versions) if assumed_new else self._versions
-        )
+        overlay: dict[str, int] = {}  # the versions this commit gives its streams
         seq = self._head
         ts = max(time.time(), self._last_ts)
         ids = os.urandom(16 * sum(len(ev) for ev, _, _ in batch)).hex()
@@ -612,7 +599,9 @@ class SqliteStore:
                 continue
             conflict = None
             for stream, want in resolve_expected(events, expected).items():
-                have = overlay.get(stream, versions.get(stream, 0))
+                have = overlay.get(stream)
+                if have is None:
+                    have = 0 if stream in assumed_new else known.get(stream, 0)
                 if have != want:
                     conflict = ConcurrencyError(stream, want, have)
                     break
@@ -621,7 +610,10 @@ class SqliteStore:
                 continue
             start = len(envelopes)
             for event, stream in zip(events, names, strict=True):
-                version = overlay[stream] = overlay.get(stream, versions.get(stream, 0)) + 1
+                version = overlay.get(stream)
+                if version is None:
+                    version = 0 if stream in assumed_new else known.get(stream, 0)
+                version = overlay[stream] = version + 1
                 seq += 1
                 envelopes.append(
                     Envelope(seq, stream, version, ts, ids[id_pos : id_pos + 32], event)

@@ -230,11 +230,24 @@ class MessagesProjection(Projection):
 
     @handles(MessagesRead)
     def _read_batch(self, env: Envelope) -> None:
+        # `_close` inlined, and one queue call for the batch: every WebSocket ack comes here.
         e: MessagesRead = env.event  # type: ignore[assignment]
-        node, ack = e.node_id, self.queue.ack
+        node, ts, via, messages = e.node_id, env.ts, e.via, self.messages
+        closed = []
         for message_id in e.message_ids:
-            if self._close(message_id, node, "read", env.ts, via=e.via):
-                ack(node, message_id)
+            record = messages.get(message_id)
+            if record is None:
+                continue
+            rec = record.recipients.get(node)
+            if rec is None or rec.status != "queued":
+                continue
+            rec.status, rec.at, rec.via = "read", ts, via
+            record.open -= 1
+            if record.open == 0:
+                self._retire(record)
+            closed.append(message_id)
+        if closed:
+            self.queue.ack_many(node, closed)
 
     @handles(MessageExpired)
     def _expired(self, env: Envelope) -> None:

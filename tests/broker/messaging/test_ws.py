@@ -380,3 +380,26 @@ async def test_heartbeat_and_status_ops_are_validated_like_http(client: Client) 
         (4, "ok"),
     ]
     await ws.close()
+
+
+async def test_send_ops_with_an_idempotency_key_are_sent_once(client: Client) -> None:
+    """A retried send (same key) answers with the first one's id, in a later frame or twice
+    in the same frame; the recipient gets one message."""
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    ws = await connect(client, a)
+    op = {"type": "send", "to_nodes": ["node-b"], "message_type": "t", "idempotency_key": "k1"}
+    await ws.send_json([{**op, "ref": 1}])
+    (first,) = await receive(ws)
+    await ws.send_json([{**op, "ref": 2}, {**op, "ref": 3}])
+    again = await receive(ws)
+    assert first["type"] == "ok" and [x["type"] for x in again] == ["ok", "ok"]
+    assert {x["message_id"] for x in again} == {first["message_id"]}
+    assert [x["ref"] for x in again] == [2, 3]
+    await ws.send_json([{**op, "idempotency_key": "k2", "ref": 4}] * 2)
+    twice = await receive(ws)
+    assert [x["type"] for x in twice] == ["ok", "ok"]
+    assert twice[0]["message_id"] == twice[1]["message_id"] != first["message_id"]
+    listed = (await pending(client, b, "node-b"))["messages"]
+    assert sorted(m["id"] for m in listed) == sorted({first["message_id"], twice[0]["message_id"]})
+    await ws.close()
