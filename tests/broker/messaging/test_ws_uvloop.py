@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from broker.keys import DISPATCHER
-from tests.broker.identity.helpers import bearer, node_session
+from tests.broker.identity.helpers import bearer, node_session, operator_token
 from tests.broker.messaging.test_http import send
 from tests.broker.messaging.test_ws import Client, connect, receive
 
@@ -54,3 +54,14 @@ async def test_a_replaced_connection_gets_close_code_4000(client: Client) -> Non
         assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert older.close_code == 4000
     await newest.close()
+
+
+async def test_a_deregistered_node_is_closed_with_code_4003(client: Client) -> None:
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    ws = await connect(client, b)
+    operator = await operator_token(client, "ops", ["operator"])
+    resp = await client.delete("/api/v1/nodes/node-b", headers=bearer(operator))
+    assert resp.status == 204
+    closing = await ws.receive(timeout=10)
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert ws.close_code == 4003
