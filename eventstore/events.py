@@ -308,7 +308,7 @@ class MessageSent(BaseEvent, frozen=True, tag="message.sent"):
     stream_field: ClassVar[str] = "message_id"
     message_id: str
     from_node: str  # the sending node's id, or "broker" when an operator sends
-    to_nodes: list[str]
+    to_nodes: tuple[str, ...]  # an array when stored; a tuple in memory (see broker.messaging)
     message_type: str
     content: Any = None
     priority: str = "normal"  # critical | high | normal | low

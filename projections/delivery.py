@@ -30,7 +30,9 @@ import itertools
 import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Final
+
+from projections.queue_records import Delivery, QueuedMessage
 
 __all__ = ["Delivery", "DeliveryQueue", "Priority", "QueuedMessage"]
 
@@ -68,74 +70,6 @@ class Priority(enum.IntEnum):
 
 _BY_NAME = {p.name.lower(): p for p in Priority}
 _LABELS = {p: name for name, p in _BY_NAME.items()}
-
-
-class QueuedMessage:
-    """One message, shared by all its recipients. ``payload`` is opaque to the queue, which
-    drops it (sets None) once no node holds the message any more.
-
-    Plain classes, not dataclasses: compiled by mypyc, a dataclass keeps the ``__init__`` that
-    the dataclasses module generates, which runs interpreted (one per message and per take)."""
-
-    __slots__ = (
-        "message_id",
-        "seq",
-        "priority",
-        "expires_at",
-        "payload",
-        "holders",
-        "expiry_nodes",
-    )
-
-    message_id: str
-    seq: int
-    priority: Priority
-    expires_at: float
-    payload: Any
-    # Bookkeeping owned by the queue: how many nodes the message is pending for (ready, in
-    # flight or held), and the nodes to check when it expires (None: not in the expiry index).
-    holders: int
-    expiry_nodes: tuple[str, ...] | None
-
-    def __init__(
-        self, message_id: str, seq: int, priority: Priority, expires_at: float, payload: Any = None
-    ) -> None:
-        self.message_id = message_id
-        self.seq = seq
-        self.priority = priority
-        self.expires_at = expires_at
-        self.payload = payload
-        self.holders = 0
-        self.expiry_nodes = None
-
-    def __repr__(self) -> str:
-        return (
-            f"QueuedMessage({self.message_id!r}, seq={self.seq}, "
-            f"priority={self.priority.name}, expires_at={self.expires_at})"
-        )
-
-
-class Delivery:
-    """One (node, message) handed out; ``attempt`` counts takes of the message for the node."""
-
-    __slots__ = ("node_id", "message", "attempt", "deadline")
-
-    node_id: str
-    message: QueuedMessage
-    attempt: int
-    deadline: float
-
-    def __init__(self, node_id: str, message: QueuedMessage, attempt: int, deadline: float) -> None:
-        self.node_id = node_id
-        self.message = message
-        self.attempt = attempt
-        self.deadline = deadline
-
-    def __repr__(self) -> str:
-        return (
-            f"Delivery({self.node_id!r}, {self.message.message_id!r}, "
-            f"attempt={self.attempt}, deadline={self.deadline})"
-        )
 
 
 _NO_QUEUE: deque[QueuedMessage] = deque(maxlen=0)  # shared placeholder, never appended to

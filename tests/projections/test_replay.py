@@ -32,6 +32,8 @@ def _for_type(t: msgspec.inspect.Type) -> st.SearchStrategy[Any]:
         return st.one_of(*(_for_type(x) for x in t.types))
     if isinstance(t, msgspec.inspect.ListType):
         return st.lists(_for_type(t.item_type), max_size=3)
+    if isinstance(t, msgspec.inspect.VarTupleType):
+        return st.lists(_for_type(t.item_type), max_size=3).map(tuple)
     if isinstance(t, msgspec.inspect.DictType):
         return st.dictionaries(_ids, _ids, max_size=2)
     if isinstance(t, msgspec.inspect.LiteralType):
