@@ -32,6 +32,7 @@ import msgspec
 from aiohttp import web
 
 from bench.common import machine, run
+from bench.e2e import BODY
 from broker.app import create_app
 from broker.config import Config, LogConfig, ServerConfig, StoreConfig
 from broker.keys import DISPATCHER, RUNTIME
@@ -40,7 +41,6 @@ from broker.runtime import tune_gc
 from broker.ws_nodes import NodeSession
 from eventstore.events import NodeRegistered
 
-BODY = "x" * 200
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 

@@ -11,13 +11,16 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from broker.config import Config, ConfigError, load_config
 from broker.logs import configure_logging
 from eventstore import open_store
 from eventstore.base import Envelope, StoreError
 from eventstore.codec import envelope_to_json, event_from_record, record_from_json
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -78,7 +81,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _freeze_startup_objects(app: Any) -> None:
+async def _freeze_startup_objects(app: web.Application) -> None:
     """What start-up built (the projections replayed from the log: possibly millions of
     objects) lives as long as the process: keep it out of every later full collection."""
     gc.freeze()

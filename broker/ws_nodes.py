@@ -117,10 +117,6 @@ class OkSent(OkRead, tag="ok"):
     expires_at: str = ""
 
 
-def _ok(ref: Any) -> Ok:
-    return Ok(ref)
-
-
 def _ok_sent(ref: Any, result: SendResult) -> OkSent:
     return OkSent(ref, result.message_id, result.expires_at)
 
@@ -300,7 +296,7 @@ class NodeSession:
             await self.messaging.runtime.record(
                 [NodeTelemetry(node_id=node_id, metrics=op.metrics, timestamp=op.timestamp)]
             )
-        return _ok(op.ref)
+        return Ok(op.ref)
 
 
 def _origin_allowed(request: web.Request, config: DeliveryConfig) -> bool:

@@ -585,7 +585,6 @@ class SqliteStore:
         assumed_new = {s for s in claimed if s not in known} if optimistic else set()
         if any(s not in known for s in streams if s not in assumed_new):
             await self._versions_of(streams - assumed_new)
-            known = self._versions  # the cache may have been started over
 
         overlay: dict[str, int] = {}  # the versions this commit gives its streams
         seq = self._head

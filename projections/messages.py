@@ -230,22 +230,10 @@ class MessagesProjection(Projection):
 
     @handles(MessagesRead)
     def _read_batch(self, env: Envelope) -> None:
-        # `_close` inlined, and one queue call for the batch: every WebSocket ack comes here.
+        # One queue call for the frame's acks: every WebSocket ack comes here.
         e: MessagesRead = env.event  # type: ignore[assignment]
-        node, ts, via, messages = e.node_id, env.ts, e.via, self.messages
-        closed = []
-        for message_id in e.message_ids:
-            record = messages.get(message_id)
-            if record is None:
-                continue
-            rec = record.recipients.get(node)
-            if rec is None or rec.status != "queued":
-                continue
-            rec.status, rec.at, rec.via = "read", ts, via
-            record.open -= 1
-            if record.open == 0:
-                self._retire(record)
-            closed.append(message_id)
+        node, ts, via, close = e.node_id, env.ts, e.via, self._close
+        closed = [m for m in e.message_ids if close(m, node, "read", ts, via=via)]
         if closed:
             self.queue.ack_many(node, closed)
 
