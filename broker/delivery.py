@@ -10,7 +10,7 @@ import contextlib
 import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import structlog
 from aiohttp import WSMsgType, web
@@ -88,6 +88,9 @@ class NodeConnection:
         self.transport = transport
         self.wake = asyncio.Event()
         self.closed = False
+        # Pushes the node has acked whose reads are still being made durable: they no longer
+        # count against its window (see Dispatcher.acks_received).
+        self.acking: set[str] = set()
 
     async def send_many(self, frames: Sequence[bytes]) -> bool:
         """Send text frames (UTF-8 JSON); a consumer that does not take them within the
@@ -194,7 +197,7 @@ class Dispatcher:
             await conn.wake.wait()
             conn.wake.clear()
             while not conn.closed and self.connections.get(node) is conn:
-                room = window - queue.in_flight(node)
+                room = window - queue.in_flight(node) + len(conn.acking)
                 if room <= 0:
                     break
                 batch = queue.take(node, room)
@@ -203,6 +206,26 @@ class Dispatcher:
                 self._schedule(time.time() + self.config.ack_timeout)
                 if not await conn.send_many([d.message.payload.frame for d in batch]):
                     return
+
+    @contextlib.contextmanager
+    def acking(self, conn: NodeConnection, message_ids: Collection[str]) -> Iterator[None]:
+        """While the node's acks of these pushes are being recorded: they make room in its
+        window at once, as RabbitMQ frees a prefetch slot on `basic.ack` (each ack's `ok` still
+        waits until its read is durable; if recording fails, the room is taken back and the
+        push stays in flight until acked again or redelivered). Only pushes in flight on the
+        node count, each once, so the node never has more than the window unacked."""
+        acking, taken, node = conn.acking, self.queue.taken, conn.node_id
+        before = len(acking)
+        for m in message_ids:
+            if taken(node, m):
+                acking.add(m)
+        if len(acking) != before:
+            conn.wake.set()
+        try:
+            yield
+        finally:  # recorded (the listener below took them out already) or failed
+            if acking:
+                acking.difference_update(message_ids)
 
     # --- log listener: wake whoever the new events concern ---
 
@@ -217,7 +240,16 @@ class Dispatcher:
                     if conn is not None:
                         conn.wake.set()
                 self._schedule(env.ts + event.ttl)  # type: ignore[attr-defined]
-            elif kind is MessageRead or kind is MessagesRead or kind is MessageRedriven:
+            elif kind is MessagesRead or kind is MessageRead:
+                conn = conns.get(event.node_id)  # type: ignore[attr-defined]
+                if conn is not None:
+                    if conn.acking:  # read and out of the queue's flight now: no double room
+                        if kind is MessagesRead:
+                            conn.acking.difference_update(event.message_ids)  # type: ignore[attr-defined]
+                        else:
+                            conn.acking.discard(event.message_id)  # type: ignore[attr-defined]
+                    conn.wake.set()
+            elif kind is MessageRedriven:
                 conn = conns.get(event.node_id)  # type: ignore[attr-defined]
                 if conn is not None:
                     conn.wake.set()

@@ -142,6 +142,7 @@ class NodeSession:
         self.conn = conn
         self.app = app
         self.messaging: Messaging = app[MESSAGING]
+        self.dispatcher: Dispatcher = app[DISPATCHER]
         self.slots = asyncio.Semaphore(config.ws_max_pending_ops)
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -220,7 +221,10 @@ class NodeSession:
             events.append(MessagesRead(node_id=self.principal.id, message_ids=list(read_ids)))
         if events:
             try:
-                envs = await self.messaging.runtime.record(events, {m: 0 for m in claimed} or None)
+                with self.dispatcher.acking(self.conn, read_ids):
+                    envs = await self.messaging.runtime.record(
+                        events, {m: 0 for m in claimed} or None
+                    )
             except ConcurrencyError:  # a racing retry elsewhere: settle each op on its own
                 slow.extend((i, op) for i, op, _ in sends)
                 slow.extend(acks)
@@ -271,7 +275,8 @@ class NodeSession:
     async def _run(self, op: Op) -> Answer:
         node_id = self.principal.id
         if isinstance(op, AckOp):
-            await self.messaging.read(self.principal, op.message_id, via="ws")
+            with self.dispatcher.acking(self.conn, (op.message_id,)):
+                await self.messaging.read(self.principal, op.message_id, via="ws")
             return OkRead(op.ref, op.message_id)
         if isinstance(op, SendOp):
             result = await self.messaging.send(self.principal, op, op.idempotency_key)

@@ -504,6 +504,12 @@ class DeliveryQueue:
         held = box.held.get(message_id) if box.held else None
         return held
 
+    def taken(self, node_id: str, message_id: str) -> bool:
+        """Whether the message is in flight to the node: taken, and not yet acked, released,
+        timed out or dropped."""
+        box = self._boxes.get(node_id)
+        return box is not None and isinstance(box.state.get(message_id), Delivery)
+
     def pending_count(self, node_id: str) -> int:
         """O(1) count of messages pending for the node, including in-flight, out-of-attempts and
         expired ones not yet dropped (so it can exceed ``len(pending(node_id))``)."""

@@ -587,6 +587,8 @@ class QueueMachine(RuleBasedStateMachine):
             for node in NODES:
                 pair = self.pairs.get((node, m.message_id))
                 d = self.queue.delivery(node, m.message_id)
+                flight = pair is not None and pair.state == "flight"
+                assert self.queue.taken(node, m.message_id) is flight
                 if pair is None or pair.state == "ready":
                     assert d is None
                 else:

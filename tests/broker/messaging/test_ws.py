@@ -151,6 +151,66 @@ async def test_window_bounds_in_flight(client: Client) -> None:
     await ws.close()
 
 
+async def test_an_ack_makes_room_before_its_read_is_durable(
+    client: Client, monkeypatch: Any
+) -> None:
+    """The window counts pushes the node has not acked: an ack frees its slot when it arrives,
+    while its `ok` waits for the read to be durable; if recording fails, the slot is taken
+    back until the node acks again."""
+    import asyncio
+
+    from broker.keys import DISPATCHER, RUNTIME
+    from eventstore.base import StoreUnavailable
+    from eventstore.events import MessageRead, MessagesRead
+
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    for i in range(103):
+        await send(client, a, from_node="node-a", to_nodes=["node-b"], content=i)
+    ws = await connect(client, b)
+    got = [await receive(ws) for _ in range(100)]
+    runtime, queue = client.app[RUNTIME], client.app[DISPATCHER].queue
+    real, gate, failures = runtime.record, asyncio.Event(), [StoreUnavailable("disk gone")]
+
+    async def gated(events: Any, expected_version: Any = None) -> Any:
+        if any(type(e) in (MessageRead, MessagesRead) for e in events):
+            await gate.wait()
+            if failures:
+                raise failures.pop()
+        return await real(events, expected_version)
+
+    monkeypatch.setattr(runtime, "record", gated)
+    await ws.send_json([{"type": "ack", "message_id": m["id"]} for m in got[:2]])
+    await ws.send_json({"type": "ack", "message_id": got[2]["id"]})
+    await ws.send_json({"type": "ack", "message_id": got[2]["id"]})  # once only
+    early = [await receive(ws) for _ in range(3)]  # no read is durable yet: no ok before these
+    assert [m["type"] for m in early] == ["message"] * 3
+    assert sorted(m["content"] for m in early) == [100, 101, 102]
+    failures.clear()
+    gate.set()
+    oks = [await receive(ws) for _ in range(3)]  # the array's answer and the two single ones
+    flat = [x for answer in oks for x in (answer if isinstance(answer, list) else [answer])]
+    assert [x["type"] for x in flat] == ["ok"] * 4
+    assert sorted(x["message_id"] for x in flat) == sorted(
+        [*(m["id"] for m in got[:3]), got[2]["id"]]
+    )
+    assert queue.in_flight("node-b") == 100
+    assert not client.app[DISPATCHER].connections["node-b"].acking
+
+    failures.append(StoreUnavailable("disk gone"))  # the next read fails: its slot comes back
+    await ws.send_json({"type": "ack", "message_id": got[3]["id"]})
+    answer = await receive(ws)
+    assert answer["type"] == "error" and answer["error"]["code"] == "SERVICE_UNAVAILABLE"
+    await send(client, a, from_node="node-a", to_nodes=["node-b"], content=103)
+    await ws.send_json({"type": "heartbeat", "ref": "probe"})
+    assert await receive(ws) == {"type": "ok", "ref": "probe"}  # the window is full again
+    await ws.send_json({"type": "ack", "message_id": got[3]["id"]})
+    frames = [await receive(ws) for _ in range(2)]
+    assert sorted(f["type"] for f in frames) == ["message", "ok"]
+    assert next(f for f in frames if f["type"] == "message")["content"] == 103
+    await ws.close()
+
+
 async def test_auth_by_first_frame_and_refusals(client: Client) -> None:
     b = (await node_session(client, "node-b", 1))["access_token"]
     ws = await client.ws_connect("/api/v1/ws")
