@@ -240,7 +240,8 @@ async def latency(peers: list[Peer], rate: int, seconds: float) -> list[float]:
             k += 1
             sent += 1
         next_at = t0 + (sent / rate)
-        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        delay = next_at - time.perf_counter()  # a wait is at least 1 ms: uvloop rounds a
+        await asyncio.sleep(max(delay, 0.001) if delay > 0 else 0)  # shorter one to 0, spinning
     deadline = time.perf_counter() + 10
     while sum(p.received for p in peers) < sent and time.perf_counter() < deadline:
         await asyncio.sleep(0.01)
