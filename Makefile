@@ -31,6 +31,17 @@ serve: $(STAMP) $(COMPILED)
 test: $(STAMP) $(COMPILED)
 	$(BIN)/python -m pytest -q
 
+# The side-by-side benchmark (bench/peers, docs/performance.md): its RabbitMQ client comes with
+# the bench extra. RabbitMQ and NATS are the machine's own; one that does not answer is skipped.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) $(COMPILED)
+	$(BIN)/python -m bench.peers
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
