@@ -52,6 +52,7 @@ class FakeSocket:
         self.node_id = node_id
         self.wake = asyncio.Event()
         self.closed = False
+        self.acking: set[str] = set()
         self.frames: list[bytes] = []
         self.arrived = asyncio.Event()
 
