@@ -89,7 +89,7 @@ class NodeConnection:
         self.wake = asyncio.Event()
         self.closed = False
         # Pushes the node has acked whose reads are still being made durable: they no longer
-        # count against its window (see Dispatcher.acks_received).
+        # count against its window (see Dispatcher.acking).
         self.acking: set[str] = set()
 
     async def send_many(self, frames: Sequence[bytes]) -> bool:
@@ -213,7 +213,8 @@ class Dispatcher:
         window at once, as RabbitMQ frees a prefetch slot on `basic.ack` (each ack's `ok` still
         waits until its read is durable; if recording fails, the room is taken back and the
         push stays in flight until acked again or redelivered). Only pushes in flight on the
-        node count, each once, so the node never has more than the window unacked."""
+        node count, each once: what the node has pushed and not acked stays within the window
+        (a push that expires while its ack is recorded leaves room early, until the read ends)."""
         acking, taken, node = conn.acking, self.queue.taken, conn.node_id
         before = len(acking)
         for m in message_ids:
@@ -223,7 +224,8 @@ class Dispatcher:
             conn.wake.set()
         try:
             yield
-        finally:  # recorded (the listener below took them out already) or failed
+        finally:  # recorded (the listener below took them out as the queue acked them,
+            # before the pump could count them twice) or failed: the room is the queue's again
             if acking:
                 acking.difference_update(message_ids)
 
