@@ -242,18 +242,14 @@ class Dispatcher:
                     if conn is not None:
                         conn.wake.set()
                 self._schedule(env.ts + event.ttl)  # type: ignore[attr-defined]
-            elif kind is MessagesRead or kind is MessageRead:
+            elif kind is MessagesRead or kind is MessageRead or kind is MessageRedriven:
                 conn = conns.get(event.node_id)  # type: ignore[attr-defined]
                 if conn is not None:
                     if conn.acking:  # read and out of the queue's flight now: no double room
                         if kind is MessagesRead:
                             conn.acking.difference_update(event.message_ids)  # type: ignore[attr-defined]
-                        else:
+                        elif kind is MessageRead:
                             conn.acking.discard(event.message_id)  # type: ignore[attr-defined]
-                    conn.wake.set()
-            elif kind is MessageRedriven:
-                conn = conns.get(event.node_id)  # type: ignore[attr-defined]
-                if conn is not None:
                     conn.wake.set()
             elif kind is NodeDeregistered:
                 conn = conns.get(event.node_id)  # type: ignore[attr-defined]
