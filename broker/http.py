@@ -9,6 +9,7 @@ import msgspec
 from aiohttp import web
 
 from broker.errors import BrokerError, PayloadTooLarge, ValidationFailed
+from broker.jsonlimits import OutOfRange, check_storable, decode
 
 T = TypeVar("T")
 
@@ -56,11 +57,32 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(exc.text or "request body too large") from None
-    if not raw:
-        raw = b"{}"
+    return decode_json(raw or b"{}", type_)
+
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder_for(type_: Any) -> msgspec.json.Decoder[Any]:
+    """A decoder per body type, built on first use (STYLE.md 3)."""
+    decoder = _decoders.get(type_)
+    if decoder is None:
+        decoder = _decoders[type_] = msgspec.json.Decoder(type_)
+    return decoder
+
+
+def decode_json(raw: bytes | str, type_: type[T]) -> T:
+    """Decode and validate `raw` as `type_`; every way it can be bad is a ValidationFailed
+    (malformed, wrong shape, nested too deeply, an integer the log cannot store)."""
     try:
-        return msgspec.json.decode(raw, type=type_)
+        value: T = decode(_decoder_for(type_), raw)
+        check_storable(value, raw)
+        return value
     except msgspec.ValidationError as exc:
         raise ValidationFailed(str(exc), details=[{"reason": str(exc)}]) from None
     except msgspec.DecodeError as exc:
         raise ValidationFailed(f"malformed JSON body: {exc}") from None
+    except OutOfRange as exc:
+        raise ValidationFailed(
+            str(exc), details=[{"field": exc.path, "reason": str(exc)}]
+        ) from None

@@ -19,7 +19,7 @@ import msgspec
 import structlog
 from aiohttp import WSMsgType, web
 
-from broker import connections, errors
+from broker import connections, errors, jsonlimits
 from broker.auth import Public, authenticate
 from broker.config import DeliveryConfig
 from broker.delivery import CLOSE_REPLACED, Dispatcher, NodeConnection
@@ -101,6 +101,9 @@ class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
     token: str
 
 
+_auth_decoder = msgspec.json.Decoder(AuthFrame)
+
+
 # --- answers: Structs, not dicts (one per op: cheaper to build and encode, and gc=False
 # keeps them out of the cyclic collector's generations) ---
 
@@ -126,6 +129,24 @@ Answer = Ok | dict[str, Any]  # an error answer is a dict (rare: no need for spe
 
 def _error(ref: Any, code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "ref": ref, "error": {"code": code, "message": message}}
+
+
+class _Invalid(msgspec.Struct, gc=False):
+    """An op that decoded but cannot be recorded (see `_screen`); answered with an error."""
+
+    ref: Any
+    message: str
+
+
+def _screen(op: Any, path: str) -> Any:
+    """`op`, or an _Invalid in its place when it holds an integer the log cannot store."""
+    where = jsonlimits.find_out_of_range(op, path)
+    if where is None:
+        return op
+    ref = op.ref if isinstance(op, _Op) else op.get("ref") if isinstance(op, dict) else None
+    if jsonlimits.find_out_of_range(ref) is not None:
+        ref = None  # the ref itself is the culprit: it cannot be echoed as it came
+    return _Invalid(ref, str(jsonlimits.OutOfRange(where)))
 
 
 class NodeSession:
@@ -160,16 +181,22 @@ class NodeSession:
 
     async def _frame(self, data: str) -> None:
         try:  # the fast path: every op valid, decoded straight into Structs
-            ops: Any = _ops_decoder.decode(data)
+            ops: Any = jsonlimits.decode(_ops_decoder, data)
         except msgspec.ValidationError:  # find which ops are bad, answer each on its own
             try:
-                ops = _frame_decoder.decode(data)
+                ops = jsonlimits.decode(_frame_decoder, data)
             except msgspec.DecodeError as exc:
                 await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
                 return
         except msgspec.DecodeError as exc:
             await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
             return
+        if jsonlimits.may_hold_big_int(data):
+            ops = (
+                [_screen(op, f"$[{i}]") for i, op in enumerate(ops)]
+                if isinstance(ops, list)
+                else _screen(ops, "$")
+            )
         if isinstance(ops, list):
             await self._answer(await self._batch(ops))
         else:
@@ -189,6 +216,9 @@ class NodeSession:
         slow: list[tuple[int, Any]] = []
         for i, raw in enumerate(items):
             kind = type(raw)
+            if kind is _Invalid:
+                answers[i] = _error(raw.ref, "VALIDATION_ERROR", raw.message)
+                continue
             try:
                 if kind is SendOp:
                     prepared = messaging.prepare_send(principal, raw, raw.idempotency_key)
@@ -253,6 +283,8 @@ class NodeSession:
         op: Op
         if isinstance(raw, HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp):
             op = raw
+        elif isinstance(raw, _Invalid):
+            return _error(raw.ref, "VALIDATION_ERROR", raw.message)
         else:
             ref = raw.get("ref") if isinstance(raw, dict) else None
             try:
@@ -322,7 +354,7 @@ async def _first_frame_auth(
     if msg.type != WSMsgType.TEXT:
         return None
     try:
-        frame = msgspec.json.decode(msg.data, type=AuthFrame)
+        frame = jsonlimits.decode(_auth_decoder, msg.data)
         token = (
             frame.token if frame.token.lower().startswith("bearer ") else f"Bearer {frame.token}"
         )

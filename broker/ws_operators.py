@@ -25,7 +25,7 @@ import msgspec
 import structlog
 from aiohttp import WSMsgType, web
 
-from broker import eventlog
+from broker import eventlog, jsonlimits
 from broker.auth import Public, authenticate
 from broker.config import EventsConfig
 from broker.errors import AuthenticationFailed, BrokerError
@@ -72,6 +72,7 @@ class PingOp(msgspec.Struct, kw_only=True, tag="ping", tag_field="type"):
 
 ClientOp = AuthOp | SubscribeOp | UnsubscribeOp | PingOp
 _ops = msgspec.json.Decoder(ClientOp)
+_any = msgspec.json.Decoder()
 _json = msgspec.json.Encoder()
 
 
@@ -144,7 +145,7 @@ class FeedSession:
                 if msg.type != WSMsgType.TEXT:
                     return False
                 try:
-                    op = _ops.decode(msg.data)
+                    op = jsonlimits.decode(_ops, msg.data)
                 except msgspec.DecodeError:
                     op = None
                 if not isinstance(op, AuthOp):
@@ -198,7 +199,7 @@ class FeedSession:
 
     async def handle(self, data: str) -> None:
         try:
-            op = _ops.decode(data)
+            op = jsonlimits.decode(_ops, data)
         except msgspec.ValidationError as exc:
             await self.error("VALIDATION_ERROR", str(exc), _ref_of(data))
             return
@@ -266,7 +267,7 @@ class _Forbidden(Exception):
 
 def _ref_of(data: str) -> Any:
     try:
-        raw = msgspec.json.decode(data)
+        raw = jsonlimits.decode(_any, data)
     except msgspec.DecodeError:
         return None
     return raw.get("ref") if isinstance(raw, dict) else None
