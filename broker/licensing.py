@@ -75,15 +75,25 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.strip().upper().encode()).hexdigest()
 
 
+# The instants a date-time in UTC can render: 0001-01-01 to 9999-12-31 (a date with an offset
+# can name an instant outside them, e.g. 9999-12-31T23:59:59-14:00).
+EARLIEST = dt.datetime(1, 1, 1, tzinfo=dt.UTC).timestamp()
+LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.UTC).timestamp()
+
+
 def iso_time(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with milliseconds (`2025-12-31T23:59:59.000Z`)."""
+    """Epoch seconds as ISO 8601 UTC with milliseconds (`2025-12-31T23:59:59.000Z`). Total: an
+    instant outside what UTC can render (recorded before dates were checked) is shown at the
+    nearest bound, so a list holding it still renders."""
     if ts is None:
         return None
+    ts = min(max(ts, EARLIEST), LATEST)
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_time(value: str, field: str) -> float:
-    """An ISO 8601 date or date-time as epoch seconds; no offset means UTC. 422 otherwise."""
+    """An ISO 8601 date or date-time as epoch seconds; no offset means UTC. 422 otherwise,
+    including for an instant outside 0001-01-01..9999-12-31 UTC."""
     try:
         parsed = dt.datetime.fromisoformat(value.strip())
     except ValueError:
@@ -92,7 +102,16 @@ def parse_time(value: str, field: str) -> float:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+    try:
+        ts = parsed.timestamp()
+        if EARLIEST <= ts <= LATEST:
+            return ts
+    except (OverflowError, ValueError):
+        pass
+    raise ValidationFailed(
+        f"{field} must lie between 0001-01-01 and 9999-12-31 UTC, not {value!r}",
+        details=[{"field": field}],
+    )
 
 
 def _clean_name(name: str) -> str:
