@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from broker.errors import BrokerError, PayloadTooLarge, ValidationFailed
+from broker.errors import BadRequest, BrokerError, PayloadTooLarge, ValidationFailed
 from broker.jsonlimits import OutOfRange, check_storable, decode
 
 T = TypeVar("T")
@@ -58,6 +58,18 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(exc.text or "request body too large") from None
     return decode_json(raw or b"{}", type_)
+
+
+async def read_form(request: web.Request) -> dict[str, str]:
+    """The text fields of a form body (urlencoded or multipart); 400 when it cannot be parsed
+    (a multipart body without or with the wrong boundary, bytes that are not UTF-8)."""
+    try:
+        form = await request.post()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(exc.text or "request body too large") from None
+    except (ValueError, AssertionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise BadRequest(f"malformed form body: {exc}") from None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}

@@ -13,7 +13,7 @@ from aiohttp import web
 from broker import operators
 from broker.auth import Authenticated, Permission, Public, bearer_token, principal_of
 from broker.errors import ValidationFailed
-from broker.http import decode_body, json_response
+from broker.http import decode_body, json_response, read_form
 from broker.keys import RUNTIME, TOKENS
 from broker.nodes import iso
 from broker.pagination import Page, PageQuery, decode_query, paginate
@@ -187,11 +187,9 @@ def _role_detail(runtime: Runtime, role: Role) -> RoleDetail:
 )
 async def login(request: web.Request) -> web.Response:
     if request.content_type in _FORM_TYPES:
-        form = await request.post()
+        form = await read_form(request)
         try:
-            body = msgspec.convert(
-                {k: v for k, v in form.items() if isinstance(v, str)}, LoginRequest
-            )
+            body = msgspec.convert(form, LoginRequest)
         except msgspec.ValidationError as exc:
             raise ValidationFailed(str(exc), details=[{"reason": str(exc)}]) from None
     else:
