@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from broker.config import Config, ConfigError, load_config
-from broker.logs import configure_logging
+from broker.logs import configure_logging, write_line
 from eventstore import open_store
 from eventstore.base import Envelope, StoreError
 from eventstore.codec import envelope_to_json, event_from_record, record_from_json
@@ -76,7 +76,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         port=config.server.port,
         shutdown_timeout=config.server.shutdown_timeout,
         access_log=None,
-        print=lambda msg: print(msg, file=sys.stderr),
+        print=lambda msg: write_line(sys.stderr, msg),  # never fails the start
     )
     return EXIT_OK
 

@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from broker.logs import DroppedLines
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -65,6 +67,18 @@ class LoopHistogram(Collector):
         yield family
 
 
+class _DroppedLogLines(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "broker_log_lines_dropped",
+            "Log lines that could not be written (stderr full or closed) and were dropped",
+            value=DroppedLines.count,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # no *_created series: they double the output for nothing
@@ -92,6 +106,7 @@ class Metrics:
             ["method", "route", "status"],
             registry=r,
         )
+        _DroppedLogLines(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

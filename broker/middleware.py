@@ -66,6 +66,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             if 300 <= exc.status < 400:  # redirects pass through as they are
                 raise
             response = _error(exc, request)
+        except ConnectionError:  # the client went away (e.g. before a WebSocket's 101)
+            log.info("client_gone", method=request.method, path=request.path)
+            raise  # aiohttp drops the connection quietly: nobody is left to answer
         except Exception as exc:
             response = _error(exc, request)
         if not response.prepared:
