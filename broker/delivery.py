@@ -25,6 +25,7 @@ from eventstore.events import (
     MessageSent,
     MessagesRead,
     NodeDeregistered,
+    TokenFamilyRevoked,
 )
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,7 @@ SLACK = 0.25  # seconds housekeeping may run after a deadline
 SAFE_BUFFER = 256 * 1024  # bytes a socket may have queued before sends are timed
 CLOSE_REPLACED = 4000  # a newer connection of the same node took over
 CLOSE_DEREGISTERED = 4003  # the node was deregistered
+CLOSE_REVOKED = 4401  # the login of the connection's token was revoked (logout, reuse, superseded)
 
 
 _LEN16 = struct.Struct("!BBH").pack
@@ -81,8 +83,10 @@ class NodeConnection:
         ws: web.WebSocketResponse,
         send_timeout: float,
         transport: asyncio.Transport | None = None,
+        session: str = "",
     ) -> None:
         self.node_id = node_id
+        self.session = session  # the login it authenticated with: its revocation closes it
         self.ws = ws
         self.send_timeout = send_timeout
         self.transport = transport
@@ -254,9 +258,18 @@ class Dispatcher:
             elif kind is NodeDeregistered:
                 conn = conns.get(event.node_id)  # type: ignore[attr-defined]
                 if conn is not None:  # its tokens are void: so is its connection
-                    task = asyncio.create_task(conn.close(CLOSE_DEREGISTERED, "deregistered"))
-                    self._closing.add(task)
-                    task.add_done_callback(self._closing.discard)
+                    self._close(conn, CLOSE_DEREGISTERED, "deregistered")
+            elif kind is TokenFamilyRevoked:
+                family = self.runtime.tokens.families.get(event.family_id)  # type: ignore[attr-defined]
+                if family is not None and family.subject_kind == "node":
+                    conn = conns.get(family.subject_id)
+                    if conn is not None and conn.session == family.family_id:
+                        self._close(conn, CLOSE_REVOKED, "token revoked")
+
+    def _close(self, conn: NodeConnection, code: int, reason: str) -> None:
+        task = asyncio.create_task(conn.close(code, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _schedule(self, when: float) -> None:
         # Housekeeping may run up to SLACK late: waking it for every new ack deadline would cost

@@ -14,6 +14,7 @@ class Principal:
     permissions: frozenset[str] = frozenset()
     token_id: str = ""  # the token's jti
     expires_at: float = 0.0
+    session: str = ""  # the login the token belongs to (its refresh-token family)
 
     @property
     def is_node(self) -> bool:

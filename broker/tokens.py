@@ -278,7 +278,7 @@ class TokenService:
             claims = self._decode(token, ACCESS)
             kind = claims["kind"]
             sub, jti, exp = claims["sub"], claims["jti"], claims["exp"]
-            principal = Principal(kind, sub, sub, frozenset(), jti, exp)
+            principal = Principal(kind, sub, sub, frozenset(), jti, exp, claims["fam"])
             entry = _Verified(principal, claims)
             self._remember(token, entry, now)
         elif now > entry.exp + self.config.leeway:
@@ -317,7 +317,7 @@ class TokenService:
         p = entry.principal
         if p.permissions != perms or p.name != user.username:
             p = entry.principal = Principal(
-                "user", user.id, user.username, perms, p.token_id, entry.exp
+                "user", user.id, user.username, perms, p.token_id, entry.exp, p.session
             )
         return p
 

@@ -398,7 +398,9 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     dispatcher: Dispatcher = app[DISPATCHER]
     # Not an isinstance check: uvloop's transports (0.22+) are no asyncio.Transport subclasses,
     # and every push then went the slow way (aiohttp's writer, one awaited call per frame).
-    conn = NodeConnection(principal.id, ws, config.ws_send_timeout, request.transport)
+    conn = NodeConnection(
+        principal.id, ws, config.ws_send_timeout, request.transport, principal.session
+    )
     session = NodeSession(principal, conn, app, config)
     welcome = {"type": "welcome", "node_id": principal.id, "window": config.window}
     old = dispatcher.connect(conn)
