@@ -62,6 +62,9 @@ def close_frame(code: int, reason: str) -> bytes:
     return bytes((0x88, len(payload))) + payload
 
 
+PING = b"\x89\x00"  # an unmasked Ping frame with no payload (RFC 6455 §5.5.2)
+
+
 def _cut(transport: asyncio.Transport) -> None:
     if not transport.is_closing():
         transport.close()
@@ -75,6 +78,12 @@ class NodeConnection:
     await: no per-frame writer call or system call. What a connection can have queued is thus
     bounded by SAFE_BUFFER plus one batch (at most the in-flight window). Otherwise frames go
     through aiohttp's writer, which compresses and waits for the peer, under ``send_timeout``.
+
+    Frames that fit in the kernel's buffers are written at once whether the peer reads them or
+    not, so each write is also checked: half a ``send_timeout`` after it, the connection sends a
+    Ping, which sits behind everything sent before it; a peer that has not answered with a Pong
+    half a ``send_timeout`` later has not read what it was sent, and is cut. One probe at a time
+    per connection, and only while it is being written to.
     """
 
     def __init__(
@@ -95,6 +104,50 @@ class NodeConnection:
         # Pushes the node has acked whose reads are still being made durable: they no longer
         # count against its window (see Dispatcher.acking).
         self.acking: set[str] = set()
+        self._probe: asyncio.TimerHandle | None = None  # the read check in progress, if any
+        self._awaiting_pong = False
+        self._written = False  # written to since the last Ping
+
+    # --- the read check (see the class doc) ---
+
+    def _watch(self) -> None:
+        self._written = True
+        if self._probe is None and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._probe = loop.call_later(self.send_timeout / 2, self._ping)
+
+    def _ping(self) -> None:
+        self._probe = None
+        if self.closed or self.ws.closed:
+            return
+        self._written = False
+        self._awaiting_pong = True
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(PING)
+        else:
+            task = asyncio.ensure_future(self.ws.ping())
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._probe = asyncio.get_running_loop().call_later(self.send_timeout / 2, self._judge)
+
+    def _judge(self) -> None:
+        self._probe = None
+        if self.closed:
+            return
+        if self._awaiting_pong:
+            log.info("slow_consumer_cut", node_id=self.node_id, timeout=self.send_timeout)
+            self.abort()
+        elif self._written:  # what was written since the Ping is checked by the next one
+            self._ping()
+
+    def pong(self) -> None:
+        """The peer answered a Ping: it has read everything sent before it."""
+        self._awaiting_pong = False
+
+    def _stop_watching(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
 
     async def send_many(self, frames: Sequence[bytes]) -> bool:
         """Send text frames (UTF-8 JSON); a consumer that does not take them within the
@@ -109,11 +162,13 @@ class NodeConnection:
                 except (ConnectionError, RuntimeError):
                     self.abort()
                     return False
+                self._watch()
                 return True
         try:
             async with asyncio.timeout(self.send_timeout):
                 for frame in frames:
                     await self.ws.send_frame(frame, WSMsgType.TEXT)
+            self._watch()
             return True
         except (TimeoutError, ConnectionError, RuntimeError):
             self.abort()
@@ -124,6 +179,7 @@ class NodeConnection:
         does not take, so cut the connection at once."""
         self.closed = True
         self.wake.set()
+        self._stop_watching()
         if self.transport is not None:
             self.transport.abort()
 
@@ -138,6 +194,7 @@ class NodeConnection:
             return
         self.closed = True
         self.wake.set()
+        self._stop_watching()
         t = self.transport
         if t is None or t.is_closing():
             with contextlib.suppress(Exception):

@@ -345,7 +345,12 @@ async def _first_frame_auth(
     ws: web.WebSocketResponse, app: web.Application, timeout: float
 ) -> Principal | None:
     try:
-        msg = await ws.receive(timeout=timeout)
+        async with asyncio.timeout(timeout):
+            msg = await ws.receive()
+            while msg.type in (WSMsgType.PING, WSMsgType.PONG):  # no autoping: see node_ws
+                if msg.type == WSMsgType.PING:
+                    await ws.pong(msg.data)
+                msg = await ws.receive()
     except TimeoutError:
         await ws.send_str(
             _json.encode(_error(None, "AUTHENTICATION_ERROR", "auth timeout")).decode()
@@ -380,8 +385,8 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         principal = await authenticate(app, request.headers["Authorization"])  # 401 before upgrade
         if not principal.is_node:
             raise errors.Forbidden("this WebSocket is for nodes; operators use /ws")
-    ws = web.WebSocketResponse(
-        heartbeat=config.ws_heartbeat, max_msg_size=config.ws_max_message_bytes
+    ws = web.WebSocketResponse(  # Pongs are seen here: they prove the node reads (delivery)
+        heartbeat=config.ws_heartbeat, max_msg_size=config.ws_max_message_bytes, autoping=False
     )
     await ws.prepare(request)
     if principal is None:
@@ -416,6 +421,10 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await session.on_text(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                conn.pong()
+            elif msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await session._answer(_error(None, "VALIDATION_ERROR", "send JSON text frames"))
             else:
