@@ -308,6 +308,8 @@ async def check_update(request: web.Request) -> web.Response:
     "/update/download/{update_id}",
     policy=Public(),
     response_content_type="application/zip",
+    # a byte range; not modified (If-None-Match); a range that cannot be satisfied
+    responses={206: "application/zip", 304: None, 416: None},
     summary="Download an update's ZIP (Range, ETag and SHA-256 checksum headers)",
     tags=("nodes: updates",),
 )
