@@ -50,6 +50,16 @@ def error_response(err: BrokerError, request_id: str) -> web.Response:
     )
 
 
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
 async def decode_body(request: web.Request, type_: type[T]) -> T:
     """Read and validate a JSON body as `type_`: 400/422 on bad input, 413 when too large."""
     try:
@@ -61,6 +71,10 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=type_)
     except msgspec.ValidationError as exc:
+        try:  # JSON Schema reads 2.0 as the integer 2: so do we, for an `int` field
+            return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(raw)), type_)
+        except msgspec.ValidationError:
+            pass
         raise ValidationFailed(str(exc), details=[{"reason": str(exc)}]) from None
     except msgspec.DecodeError as exc:
         raise ValidationFailed(f"malformed JSON body: {exc}") from None
