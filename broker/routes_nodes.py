@@ -85,6 +85,10 @@ class HeartbeatResponse(msgspec.Struct):
 
 
 class NodesQuery(PageQuery, kw_only=True):
+    sort_by: (
+        Literal["registered_at", "node_id", "name", "type", "status", "load", "last_heartbeat_at"]
+        | None
+    ) = None
     type: str | None = None
     capabilities: str | None = None  # comma-separated: every one is required
     region: str | None = None

@@ -202,4 +202,3 @@ async def test_a_query_parameter_given_as_null_is_422(client: Client, query: str
     await expect(resp, 422, "VALIDATION_ERROR", query.split("=")[0])
     ok = await client.get("/api/v1/nodes?type=null", headers=bearer(tokens["access_token"]))
     assert ok.status == 200  # a text filter takes the word "null" as it is
-

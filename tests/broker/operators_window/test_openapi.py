@@ -127,7 +127,14 @@ def test_every_error_status_is_declared(tmp_path: Any) -> None:
             assert "4XX" not in op["responses"]
     send = doc["paths"]["/api/v1/messages/send"]["post"]["responses"]
     assert {k: v for k, v in send.items() if v == error}.keys() == {
-        "400", "401", "403", "409", "413", "422", "429", "503"
+        "400",
+        "401",
+        "403",
+        "409",
+        "413",
+        "422",
+        "429",
+        "503",
     }
     node = doc["paths"]["/api/v1/nodes/{node_id}"]["get"]["responses"]
     assert {"401", "403", "404", "429", "503"} <= node.keys() and "409" not in node
@@ -142,3 +149,21 @@ def test_a_body_with_required_fields_is_required(tmp_path: Any) -> None:
     assert doc["paths"]["/api/v1/auth/register"]["post"]["requestBody"]["required"] is True
     refresh = doc["paths"]["/api/v1/auth/refresh"]["post"]["requestBody"]
     assert refresh["required"] is False  # the token may come as the Bearer header instead
+
+
+def test_constraints_the_server_checks_are_in_the_document(tmp_path: Any) -> None:
+    """What the handlers refuse with a 422 is declared: sort keys, semantic versions, role names,
+    the shortest password."""
+    doc = build_document(create_app(make_config(tmp_path)))
+
+    def param(path: str, name: str) -> dict[str, Any]:
+        params = doc["paths"][path]["get"]["parameters"]
+        return next(p["schema"] for p in params if p["name"] == name)
+
+    assert set(param("/api/v1/nodes", "sort_by")["enum"]) >= {"registered_at", "node_id"}
+    assert param("/api/v1/events", "sort_by")["enum"] == ["seq"]
+    assert set(param("/admin/roles", "sort_by")["enum"]) == {"name", "created_at"}
+    assert "pattern" in param("/update/check", "version")
+    schemas = doc["components"]["schemas"]
+    assert "pattern" in schemas["RoleRequest"]["properties"]["name"]
+    assert schemas["CreateUserRequest"]["properties"]["password"]["minLength"] == 8
