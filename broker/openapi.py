@@ -125,8 +125,8 @@ def _error_responses(info: RouteInfo, path: str) -> dict[str, Any]:
         codes.add(401)
         if isinstance(info.policy, Authenticated | Permission):
             codes.add(403)
-    if "{" in path:
-        codes.add(404)
+    if "{" in path or info.body is not None or info.query is not None:
+        codes.add(404)  # the resource named by the path, or one the body or query refers to
     if info.method in _WRITES:
         codes.add(409)  # a concurrent change of the same resource
     codes |= set(info.errors)

@@ -318,6 +318,7 @@ async def revoke_license(request: web.Request) -> web.Response:
     query=ValidateQuery,
     response=LicenseValidation,
     summary="Validate a license key at node start-up (counts one use)",
+    errors=(400,),  # LICENSE_EXPIRED, LICENSE_REVOKED, ... TENANT_INACTIVE, as seed 002 expects
     tags=("nodes: licensing",),
 )
 async def validate_license(request: web.Request) -> web.Response:

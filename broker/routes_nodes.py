@@ -177,6 +177,7 @@ async def challenge(request: web.Request) -> web.Response:
     body=VerifyRequest,
     response=TokenPair,
     summary="Exchange a signed challenge (RSA-PSS SHA-256, hex) for tokens",
+    errors=(401,),  # the credentials are in the body
     extra={"rate_limit": LOGIN},
 )
 async def verify(request: web.Request) -> web.Response:
@@ -205,6 +206,7 @@ async def refresh_tokens(request: web.Request, kind: str | None) -> web.Response
     body=RefreshRequest,
     response=TokenPair,
     summary="Rotate a refresh token (Bearer): a new token pair; reusing an old one revokes it",
+    errors=(401,),  # the credential is the refresh token
 )
 async def refresh(request: web.Request) -> web.Response:
     return await refresh_tokens(request, None)

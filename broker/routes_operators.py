@@ -12,7 +12,7 @@ from aiohttp import web
 
 from broker import operators
 from broker.auth import Authenticated, Permission, Public, bearer_token, principal_of
-from broker.errors import ValidationFailed
+from broker.errors import BadRequest, ValidationFailed
 from broker.http import decode_body, json_response
 from broker.keys import RUNTIME, TOKENS
 from broker.nodes import iso
@@ -196,12 +196,16 @@ def _role_detail(runtime: Runtime, role: Role) -> RoleDetail:
     body=LoginRequest,
     response=TokenPair,
     summary="Operator login (form-urlencoded or JSON username/password)",
+    errors=(401,),  # the credentials are in the body
     content_type="application/x-www-form-urlencoded",
     extra={"rate_limit": LOGIN},
 )
 async def login(request: web.Request) -> web.Response:
     if request.content_type in _FORM_TYPES:
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError) as exc:  # no boundary, not UTF-8 (main: read_form)
+            raise BadRequest(f"malformed form body: {exc}") from None
         try:
             body = msgspec.convert(
                 {k: v for k, v in form.items() if isinstance(v, str)}, LoginRequest
@@ -240,6 +244,7 @@ async def me(request: web.Request) -> web.Response:
     body=RefreshRequest,
     response=TokenPair,
     summary="Rotate a refresh token (Bearer, or refresh_token in the body)",
+    errors=(401,),  # the credential is the refresh token
 )
 async def refresh(request: web.Request) -> web.Response:
     return await refresh_tokens(request, None)

@@ -278,6 +278,7 @@ async def withdraw_update(request: web.Request) -> web.Response:
     query=CheckQuery,
     response=UpdateCheckOut,
     summary="Is there a newer version for this tenant?",
+    errors=(400,),  # TENANT_INACTIVE, as seed 002 expects
     tags=("nodes: updates",),
 )
 async def check_update(request: web.Request) -> web.Response:

@@ -202,3 +202,13 @@ async def test_a_query_parameter_given_as_null_is_422(client: Client, query: str
     await expect(resp, 422, "VALIDATION_ERROR", query.split("=")[0])
     ok = await client.get("/api/v1/nodes?type=null", headers=bearer(tokens["access_token"]))
     assert ok.status == 200  # a text filter takes the word "null" as it is
+
+
+async def test_operator_login_multipart_without_boundary_is_400(client: Client) -> None:
+    """Schemathesis sent `multipart/form-data` with no boundary to /auth/login: a 500 before."""
+    resp = await client.post(
+        "/auth/login",
+        data=b"username=a&password=b",
+        headers={"Content-Type": "multipart/form-data"},
+    )
+    await expect(resp, 400, "BAD_REQUEST", "malformed form body")

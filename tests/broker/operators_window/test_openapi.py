@@ -130,6 +130,7 @@ def test_every_error_status_is_declared(tmp_path: Any) -> None:
         "400",
         "401",
         "403",
+        "404",  # a recipient that does not exist
         "409",
         "413",
         "422",
@@ -140,6 +141,10 @@ def test_every_error_status_is_declared(tmp_path: Any) -> None:
     assert {"401", "403", "404", "429", "503"} <= node.keys() and "409" not in node
     health = doc["paths"]["/health"]["get"]["responses"]
     assert health["503"]["content"] == health["200"]["content"]  # the same body, unhealthy
+    for path in ("/auth/login", "/api/v1/auth/verify", "/api/v1/auth/refresh", "/auth/refresh"):
+        assert "401" in doc["paths"][path]["post"]["responses"], path  # credentials in the body
+    for path in ("/update/check", "/api/license/validate"):
+        assert "400" in doc["paths"][path]["get"]["responses"], path  # seed 002's refusals
     download = doc["paths"]["/update/download/{update_id}"]["get"]["responses"]
     assert {"200", "206", "304", "404", "416"} <= download.keys()
 
