@@ -73,7 +73,7 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
     except msgspec.ValidationError as exc:
         try:  # JSON Schema reads 2.0 as the integer 2: so do we, for an `int` field
             return msgspec.convert(_whole_floats_as_ints(msgspec.json.decode(raw)), type_)
-        except msgspec.ValidationError:
+        except msgspec.MsgspecError:  # still invalid, or not JSON past a valid first value
             pass
         raise ValidationFailed(str(exc), details=[{"reason": str(exc)}]) from None
     except msgspec.DecodeError as exc:

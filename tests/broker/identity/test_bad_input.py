@@ -212,3 +212,11 @@ async def test_operator_login_multipart_without_boundary_is_400(client: Client) 
         headers={"Content-Type": "multipart/form-data"},
     )
     await expect(resp, 400, "BAD_REQUEST", "malformed form body")
+
+
+async def test_a_json_value_then_garbage_is_422(client: Client) -> None:
+    """Schemathesis sent `9d` and bytes that are not UTF-8: the wrong type, then not JSON."""
+    resp = await client.post(
+        "/api/v1/auth/login", data=b"9d\xff\x14", headers={"Content-Type": "application/json"}
+    )
+    await expect(resp, 422, "VALIDATION_ERROR")
