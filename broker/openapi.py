@@ -129,6 +129,8 @@ def _error_responses(info: RouteInfo, path: str) -> dict[str, Any]:
         codes.add(404)  # the resource named by the path, or one the body or query refers to
     if info.method in _WRITES:
         codes.add(409)  # a concurrent change of the same resource
+    if info.extra.get("websocket"):
+        codes |= {400, 401, 403}  # not an upgrade; a bad token or a refused Origin at upgrade
     codes |= set(info.errors)
     codes -= {info.status}
     ref = {"$ref": "#/components/responses/Error"}
