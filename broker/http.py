@@ -51,6 +51,16 @@ def error_response(err: BrokerError, request_id: str) -> web.Response:
     )
 
 
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
 async def decode_body(request: web.Request, type_: type[T]) -> T:
     """Read and validate a JSON body as `type_`: 400/422 on bad input, 413 when too large."""
     try:
@@ -73,6 +83,7 @@ async def read_form(request: web.Request) -> dict[str, str]:
 
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+_any_json = msgspec.json.Decoder()
 
 
 def _decoder_for(type_: Any) -> msgspec.json.Decoder[Any]:
@@ -88,13 +99,17 @@ def decode_json(raw: bytes | str, type_: type[T]) -> T:
     (malformed, wrong shape, nested too deeply, an integer the log cannot store)."""
     try:
         value: T = decode(_decoder_for(type_), raw)
-        check_storable(value, raw)
-        return value
     except msgspec.ValidationError as exc:
-        raise ValidationFailed(str(exc), details=[{"reason": str(exc)}]) from None
+        try:  # JSON Schema reads 2.0 as the integer 2: so do we, for an `int` field
+            value = msgspec.convert(_whole_floats_as_ints(decode(_any_json, raw)), type_)
+        except msgspec.MsgspecError:  # still invalid, or not JSON past a valid first value
+            raise ValidationFailed(str(exc), details=[{"reason": str(exc)}]) from None
     except msgspec.DecodeError as exc:
         raise ValidationFailed(f"malformed JSON body: {exc}") from None
+    try:
+        check_storable(value, raw)
     except OutOfRange as exc:
         raise ValidationFailed(
             str(exc), details=[{"field": exc.path, "reason": str(exc)}]
         ) from None
+    return value

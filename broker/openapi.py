@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -108,20 +109,41 @@ def _schemas(types: list[Any]) -> tuple[dict[int, dict[str, Any]], dict[str, Any
         return out, components
 
 
+_WRITES = ("POST", "PUT", "PATCH", "DELETE")
+_NO_CONTENT = (101, 204, 304)  # answers that carry no body
+
+
 def _error_responses(info: RouteInfo, path: str) -> dict[str, Any]:
-    ref = {"$ref": "#/components/responses/Error"}
-    out: dict[str, Any] = {}
-    if info.body is not None or info.query is not None:
-        out["422"] = ref
+    """Every error status the route can answer, each with the one error body: what the policy,
+    the path, the body and the method imply, plus what the route declares itself (`errors`)."""
+    codes: set[int] = {429, 503}  # rate limits; the log unavailable (or `min_seq` not reached)
+    if info.body is not None:
+        codes |= {400, 413, 422}  # malformed, too large, invalid
+    if info.query is not None:
+        codes.add(422)
     if not isinstance(info.policy, Public):
-        out["401"] = ref
+        codes.add(401)
         if isinstance(info.policy, Authenticated | Permission):
-            out["403"] = ref
-    if "{" in path:
-        out["404"] = ref
-    out["429"] = ref
-    out["4XX"] = ref
-    return out
+            codes.add(403)
+    if "{" in path or info.body is not None or info.query is not None:
+        codes.add(404)  # the resource named by the path, or one the body or query refers to
+    if info.method in _WRITES:
+        codes.add(409)  # a concurrent change of the same resource
+    if info.extra.get("websocket"):
+        codes |= {400, 401, 403}  # not an upgrade; a bad token or a refused Origin at upgrade
+    codes |= set(info.errors)
+    codes -= {info.status}
+    ref = {"$ref": "#/components/responses/Error"}
+    return {str(code): ref for code in sorted(codes)}
+
+
+def _request_body(info: RouteInfo, schema: dict[str, Any], components: dict[str, Any]) -> Any:
+    """The request body; required when its type has required fields (an empty body is `{}`)."""
+    component = components.get(schema.get("$ref", "").rsplit("/", 1)[-1], schema)
+    return {
+        "required": bool(component.get("required")),
+        "content": {info.content_type or "application/json": {"schema": schema}},
+    }
 
 
 def build_document(app: web.Application) -> dict[str, Any]:
@@ -135,7 +157,9 @@ def build_document(app: web.Application) -> dict[str, Any]:
     types: list[Any] = [ErrorBody]
     index: dict[int, int] = {}  # id(type) -> position in `types`
     for _m, _p, info in entries:
-        for t in (info.body, info.query, info.response) if info else ():
+        for t in (info.body, info.query, info.response, *info.responses.values()) if info else ():
+            if isinstance(t, str):
+                continue
             if t is not None and id(t) not in index:
                 index[id(t)] = len(types)
                 types.append(t)
@@ -186,14 +210,11 @@ def build_document(app: web.Application) -> dict[str, Any]:
         if params:
             op["parameters"] = params
         if info.body is not None:
-            op["requestBody"] = {
-                "required": False,
-                "content": {
-                    info.content_type or "application/json": {"schema": schema_of(info.body)}
-                },
-            }
-        ok: dict[str, Any] = {"description": "Switching Protocols" if info.status == 101 else "OK"}
-        if info.response is not None:
+            op["requestBody"] = _request_body(info, schema_of(info.body), components)
+        ok: dict[str, Any] = {"description": HTTPStatus(info.status).phrase}
+        if info.status in _NO_CONTENT:
+            pass
+        elif info.response is not None:
             ok["content"] = {
                 info.response_content_type or "application/json": {
                     "schema": schema_of(info.response)
@@ -203,7 +224,15 @@ def build_document(app: web.Application) -> dict[str, Any]:
             binary = not info.response_content_type.startswith("text/")
             string = {"type": "string", **({"format": "binary"} if binary else {})}
             ok["content"] = {info.response_content_type: {"schema": string}}
-        op["responses"] = {str(info.status): ok, **_error_responses(info, path)}
+        responses = {str(info.status): ok, **_error_responses(info, path)}
+        for status, body in info.responses.items():
+            answer: dict[str, Any] = {"description": HTTPStatus(status).phrase}
+            if isinstance(body, str):  # a content type, not JSON
+                answer["content"] = {body: {"schema": {"type": "string", "format": "binary"}}}
+            elif body is not None:
+                answer["content"] = {"application/json": {"schema": schema_of(body)}}
+            responses[str(status)] = answer
+        op["responses"] = dict(sorted(responses.items()))
         paths.setdefault(path, {})[method.lower()] = op
 
     return {

@@ -45,12 +45,20 @@ class Page(msgspec.Struct, Generic[T]):
 
 def decode_query(request: web.Request, type_: type[Q]) -> Q:
     """Decode the query string as `type_` (numbers and booleans from text); 422 naming the
-    parameter on bad input. A repeated parameter keeps its last value."""
+    parameter on bad input. A repeated parameter keeps its last value. A parameter that is
+    present always has a value: `?per_page=null` is refused, not read as absent."""
+    raw = dict(request.query)
     try:
-        return msgspec.convert(dict(request.query), type_, strict=False)
+        query = msgspec.convert(raw, type_, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc).replace("$.", "query parameter ")
         raise ValidationFailed(message, details=[{"reason": message}]) from None
+    names = zip(type_.__struct_encode_fields__, type_.__struct_fields__, strict=True)  # type: ignore[attr-defined]
+    for name, attr in names:
+        if name in raw and getattr(query, attr) is None:
+            message = f"query parameter {name} must not be null (leave it out instead)"
+            raise ValidationFailed(message, details=[{"field": name, "reason": message}])
+    return query
 
 
 def paginate(

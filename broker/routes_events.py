@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from aiohttp import web
@@ -34,6 +34,8 @@ SSE_CONTENT_TYPE = "text/event-stream"
 class EventsQuery(PageQuery, kw_only=True):
     """Query of GET /api/v1/events; `types` and `stream` are comma-separated (patterns such as
     `node.*` allowed)."""
+
+    sort_by: Literal["seq"] | None = None
 
     from_seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
     to_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None

@@ -53,6 +53,7 @@ class TenantOut(msgspec.Struct, kw_only=True):
 
 
 class TenantListQuery(PageQuery, kw_only=True):
+    sort_by: Literal["name", "created_at", "updated_at"] | None = None
     search: str | None = None  # in the name or the id, case-insensitive
     active: bool | None = None
 
@@ -97,6 +98,7 @@ class LicenseCreated(LicenseOut, kw_only=True):
 
 
 class LicenseListQuery(PageQuery, kw_only=True):
+    sort_by: Literal["created_at", "updated_at", "expires_at", "usage_count"] | None = None
     tenant_id: str | None = None
     status: LicenseStatus | None = None
 
@@ -316,6 +318,7 @@ async def revoke_license(request: web.Request) -> web.Response:
     query=ValidateQuery,
     response=LicenseValidation,
     summary="Validate a license key at node start-up (counts one use)",
+    errors=(400,),  # LICENSE_EXPIRED, LICENSE_REVOKED, ... TENANT_INACTIVE, as seed 002 expects
     tags=("nodes: licensing",),
 )
 async def validate_license(request: web.Request) -> web.Response:

@@ -85,6 +85,10 @@ class HeartbeatResponse(msgspec.Struct):
 
 
 class NodesQuery(PageQuery, kw_only=True):
+    sort_by: (
+        Literal["registered_at", "node_id", "name", "type", "status", "load", "last_heartbeat_at"]
+        | None
+    ) = None
     type: str | None = None
     capabilities: str | None = None  # comma-separated: every one is required
     region: str | None = None
@@ -173,6 +177,7 @@ async def challenge(request: web.Request) -> web.Response:
     body=VerifyRequest,
     response=TokenPair,
     summary="Exchange a signed challenge (RSA-PSS SHA-256, hex) for tokens",
+    errors=(401,),  # the credentials are in the body
     extra={"rate_limit": LOGIN},
 )
 async def verify(request: web.Request) -> web.Response:
@@ -201,6 +206,7 @@ async def refresh_tokens(request: web.Request, kind: str | None) -> web.Response
     body=RefreshRequest,
     response=TokenPair,
     summary="Rotate a refresh token (Bearer): a new token pair; reusing an old one revokes it",
+    errors=(401,),  # the credential is the refresh token
 )
 async def refresh(request: web.Request) -> web.Response:
     return await refresh_tokens(request, None)

@@ -5,7 +5,7 @@ Thin handlers over `broker.operators`; every admin route needs `users:admin`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -60,14 +60,25 @@ class UserView(msgspec.Struct):
 
 
 class UsersQuery(PageQuery, kw_only=True):
+    sort_by: (
+        Literal["created_at", "username", "email", "full_name", "last_login", "is_active"] | None
+    ) = None
     search: str | None = None
     is_active: bool | None = None
+
+
+class RolesQuery(PageQuery, kw_only=True):
+    sort_by: Literal["name", "created_at"] | None = None
+
+
+class PermissionsQuery(PageQuery, kw_only=True):
+    sort_by: Literal["name"] | None = None
 
 
 class CreateUserRequest(msgspec.Struct, kw_only=True):
     username: str | None = None
     email: str | None = None
-    password: Annotated[str, msgspec.Meta(max_length=1024)]
+    password: Annotated[str, msgspec.Meta(min_length=operators.MIN_PASSWORD, max_length=1024)]
     full_name: str | None = None
     roles: list[str] = msgspec.field(default_factory=lambda: ["viewer"])
 
@@ -109,8 +120,11 @@ class RoleDetail(msgspec.Struct, kw_only=True):
     created_at: str | None
 
 
+RoleName = Annotated[str, msgspec.Meta(pattern=operators.ROLE_NAME.pattern)]
+
+
 class RoleRequest(msgspec.Struct, kw_only=True):
-    name: str
+    name: RoleName
     description: str | None = None
     permissions: list[str] = []
 
@@ -182,6 +196,7 @@ def _role_detail(runtime: Runtime, role: Role) -> RoleDetail:
     body=LoginRequest,
     response=TokenPair,
     summary="Operator login (form-urlencoded or JSON username/password)",
+    errors=(401,),  # the credentials are in the body
     content_type="application/x-www-form-urlencoded",
     extra={"rate_limit": LOGIN},
 )
@@ -224,6 +239,7 @@ async def me(request: web.Request) -> web.Response:
     body=RefreshRequest,
     response=TokenPair,
     summary="Rotate a refresh token (Bearer, or refresh_token in the body)",
+    errors=(401,),  # the credential is the refresh token
 )
 async def refresh(request: web.Request) -> web.Response:
     return await refresh_tokens(request, None)
@@ -355,10 +371,10 @@ async def _set_active(request: web.Request, active: bool) -> web.Response:
 
 
 @routes.get(
-    "/admin/roles", policy=ADMIN, query=PageQuery, response=Page[RoleView], summary="List roles"
+    "/admin/roles", policy=ADMIN, query=RolesQuery, response=Page[RoleView], summary="List roles"
 )
 async def list_roles(request: web.Request) -> web.Response:
-    query = decode_query(request, PageQuery)
+    query = decode_query(request, RolesQuery)
     roles = list(request.app[RUNTIME].users.roles.values())
     sort_keys: dict[str, Any] = {
         "name": lambda r: r.name,
@@ -428,12 +444,12 @@ async def delete_role(request: web.Request) -> web.Response:
 @routes.get(
     "/admin/permissions",
     policy=ADMIN,
-    query=PageQuery,
+    query=PermissionsQuery,
     response=Page[PermissionView],
     summary="List permissions",
 )
 async def list_permissions(request: web.Request) -> web.Response:
-    query = decode_query(request, PageQuery)
+    query = decode_query(request, PermissionsQuery)
     perms = list(request.app[RUNTIME].users.permissions.values())
     sort_keys: dict[str, Any] = {"name": lambda p: p.name}
     return json_response(paginate(perms, query, sort_keys, "name", _permission_view))

@@ -14,7 +14,7 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, Literal
 
 import msgspec
 from aiohttp import BodyPartReader, web
@@ -28,7 +28,7 @@ from broker.licensing import iso_time
 from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.routing import Routes
 from broker.updates import UpdateFiles
-from projections.updates import Update
+from projections.updates import SEMVER, Update
 
 routes = Routes("updates")
 ADMIN = Permission("updates:admin")
@@ -67,6 +67,7 @@ class UpdateOut(msgspec.Struct, kw_only=True):
 
 
 class UpdateListQuery(PageQuery, kw_only=True):
+    sort_by: Literal["created_at", "file_size", "version"] | None = None
     version: str | None = None
     tenant_id: str | None = None  # updates this tenant may see
     withdrawn: bool | None = None
@@ -78,7 +79,7 @@ class UpdateWithdraw(msgspec.Struct, kw_only=True):
 
 class CheckQuery(msgspec.Struct, kw_only=True):
     tenantId: str
-    version: str
+    version: Annotated[str, msgspec.Meta(pattern=SEMVER.pattern, max_length=128)]
 
 
 class UpdateCheckOut(msgspec.Struct, kw_only=True):
@@ -277,6 +278,7 @@ async def withdraw_update(request: web.Request) -> web.Response:
     query=CheckQuery,
     response=UpdateCheckOut,
     summary="Is there a newer version for this tenant?",
+    errors=(400,),  # TENANT_INACTIVE, as seed 002 expects
     tags=("nodes: updates",),
 )
 async def check_update(request: web.Request) -> web.Response:
@@ -308,6 +310,8 @@ async def check_update(request: web.Request) -> web.Response:
     "/update/download/{update_id}",
     policy=Public(),
     response_content_type="application/zip",
+    # a byte range; not modified (If-None-Match); a range that cannot be satisfied
+    responses={206: "application/zip", 304: None, 416: None},
     summary="Download an update's ZIP (Range, ETag and SHA-256 checksum headers)",
     tags=("nodes: updates",),
 )

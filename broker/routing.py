@@ -43,6 +43,8 @@ class RouteInfo:
     tags: tuple[str, ...] = ()
     content_type: str = "application/json"  # of the request body
     response_content_type: str = "application/json"
+    errors: tuple[int, ...] = ()  # error statuses beyond those the policy, path and body imply
+    responses: dict[int, Any] = field(default_factory=dict)  # other answers: status -> body type
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -25,8 +25,14 @@ class HealthCheck(msgspec.Struct):
     uptime: float
 
 
-@routes.get("/health", policy=Public(), response=HealthCheck, summary="Health")
-@routes.get("/api/v1/health", policy=Public(), response=HealthCheck, summary="Health")
+# 503 with the same body when the event log cannot be read.
+UNHEALTHY = {503: HealthCheck}
+
+
+@routes.get("/health", policy=Public(), response=HealthCheck, responses=UNHEALTHY, summary="Health")
+@routes.get(
+    "/api/v1/health", policy=Public(), response=HealthCheck, responses=UNHEALTHY, summary="Health"
+)
 async def health(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     try:

@@ -373,7 +373,12 @@ async def _first_frame_auth(
 
 
 @routes.get(
-    "/api/v1/ws", policy=Public(), summary="Node WebSocket (auth at upgrade or first frame)"
+    "/api/v1/ws",
+    policy=Public(),
+    status=101,
+    response_content_type="",
+    summary="Node WebSocket (auth at upgrade or first frame)",
+    extra={"websocket": True},
 )
 async def node_ws(request: web.Request) -> web.StreamResponse:
     app = request.app

@@ -13,7 +13,7 @@ from eventstore.base import Envelope
 from eventstore.events import UpdatePublished, UpdateWithdrawn
 from projections.base import Projection, handles
 
-_SEMVER = re.compile(
+SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
     r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
@@ -27,7 +27,7 @@ def semver_key(version: str) -> VersionKey | None:
     """The precedence key of a Semantic Version, or None when `version` is not one."""
     if len(version) > 128:
         return None
-    m = _SEMVER.match(version)
+    m = SEMVER.match(version)
     if m is None:
         return None
     major, minor, patch, pre = int(m[1]), int(m[2]), int(m[3]), m[4]

@@ -55,6 +55,12 @@ async def test_node_routes_refuse_unstorable_integers_naming_the_field(
             {"to_nodes": ["node-b"], "message_type": "t", "content": 1, "metadata": {"m": value}},
             "$.metadata.m",
         ),
+        (  # a whole float for an int field takes a second decoding: checked as well
+            "POST",
+            "/api/v1/messages/send",
+            {"to_nodes": ["node-b"], "message_type": "t", "ttl": 60.0, "content": [value]},
+            "$.content[0]",
+        ),
     ]
     for method, path, body, field in cases:
         resp = await client.request(method, path, json=body, headers=h)

@@ -190,3 +190,33 @@ async def test_random_bodies_never_5xx(client: Client) -> None:
             assert 400 <= resp.status < 500 or resp.status == 200, (method, path, body)
             if resp.status >= 400:
                 assert (await resp.json())["status"] == "error"
+
+
+@pytest.mark.parametrize(
+    "query", ["per_page=null", "limit=null", "presence=null", "online=null", "sort_by=null&page=2"]
+)
+async def test_a_query_parameter_given_as_null_is_422(client: Client, query: str) -> None:
+    """`null` is no value of an integer, enum or boolean parameter (absent is the default)."""
+    tokens = await node_session(client, "nullq-1")
+    resp = await client.get(f"/api/v1/nodes?{query}", headers=bearer(tokens["access_token"]))
+    await expect(resp, 422, "VALIDATION_ERROR", query.split("=")[0])
+    ok = await client.get("/api/v1/nodes?type=null", headers=bearer(tokens["access_token"]))
+    assert ok.status == 200  # a text filter takes the word "null" as it is
+
+
+async def test_operator_login_multipart_without_boundary_is_400(client: Client) -> None:
+    """Schemathesis sent `multipart/form-data` with no boundary to /auth/login: a 500 before."""
+    resp = await client.post(
+        "/auth/login",
+        data=b"username=a&password=b",
+        headers={"Content-Type": "multipart/form-data"},
+    )
+    await expect(resp, 400, "BAD_REQUEST", "malformed form body")
+
+
+async def test_a_json_value_then_garbage_is_422(client: Client) -> None:
+    """Schemathesis sent `9d` and bytes that are not UTF-8: the wrong type, then not JSON."""
+    resp = await client.post(
+        "/api/v1/auth/login", data=b"9d\xff\x14", headers={"Content-Type": "application/json"}
+    )
+    await expect(resp, 422, "VALIDATION_ERROR")

@@ -106,3 +106,69 @@ async def test_swagger_ui_served_locally(client: Client) -> None:
     assert "/api/openapi.json" in init and "petstore" not in init
     assert (await client.get("/api/docs/..%2Fsecret")).status == 404
     assert (await client.get("/api/docs/nope.js")).status == 404
+
+
+def test_answers_without_a_body_declare_no_content(tmp_path: Any) -> None:
+    doc = build_document(create_app(make_config(tmp_path)))
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for status in ("101", "204", "304"):
+                assert "content" not in op["responses"].get(status, {}), (method, path, status)
+    assert "204" in doc["paths"]["/api/v1/nodes/{node_id}"]["delete"]["responses"]
+    assert "101" in doc["paths"]["/api/v1/ws"]["get"]["responses"]
+
+
+def test_every_error_status_is_declared(tmp_path: Any) -> None:
+    """No `4XX` catch-all: each status a route can answer is listed, with the error body."""
+    doc = build_document(create_app(make_config(tmp_path)))
+    error = {"$ref": "#/components/responses/Error"}
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            assert "4XX" not in op["responses"]
+    send = doc["paths"]["/api/v1/messages/send"]["post"]["responses"]
+    assert {k: v for k, v in send.items() if v == error}.keys() == {
+        "400",
+        "401",
+        "403",
+        "404",  # a recipient that does not exist
+        "409",
+        "413",
+        "422",
+        "429",
+        "503",
+    }
+    node = doc["paths"]["/api/v1/nodes/{node_id}"]["get"]["responses"]
+    assert {"401", "403", "404", "429", "503"} <= node.keys() and "409" not in node
+    health = doc["paths"]["/health"]["get"]["responses"]
+    assert health["503"]["content"] == health["200"]["content"]  # the same body, unhealthy
+    for path in ("/auth/login", "/api/v1/auth/verify", "/api/v1/auth/refresh", "/auth/refresh"):
+        assert "401" in doc["paths"][path]["post"]["responses"], path  # credentials in the body
+    for path in ("/update/check", "/api/license/validate"):
+        assert "400" in doc["paths"][path]["get"]["responses"], path  # seed 002's refusals
+    download = doc["paths"]["/update/download/{update_id}"]["get"]["responses"]
+    assert {"200", "206", "304", "404", "416"} <= download.keys()
+
+
+def test_a_body_with_required_fields_is_required(tmp_path: Any) -> None:
+    doc = build_document(create_app(make_config(tmp_path)))
+    assert doc["paths"]["/api/v1/auth/register"]["post"]["requestBody"]["required"] is True
+    refresh = doc["paths"]["/api/v1/auth/refresh"]["post"]["requestBody"]
+    assert refresh["required"] is False  # the token may come as the Bearer header instead
+
+
+def test_constraints_the_server_checks_are_in_the_document(tmp_path: Any) -> None:
+    """What the handlers refuse with a 422 is declared: sort keys, semantic versions, role names,
+    the shortest password."""
+    doc = build_document(create_app(make_config(tmp_path)))
+
+    def param(path: str, name: str) -> dict[str, Any]:
+        params = doc["paths"][path]["get"]["parameters"]
+        return next(p["schema"] for p in params if p["name"] == name)
+
+    assert set(param("/api/v1/nodes", "sort_by")["enum"]) >= {"registered_at", "node_id"}
+    assert param("/api/v1/events", "sort_by")["enum"] == ["seq"]
+    assert set(param("/admin/roles", "sort_by")["enum"]) == {"name", "created_at"}
+    assert "pattern" in param("/update/check", "version")
+    schemas = doc["components"]["schemas"]
+    assert "pattern" in schemas["RoleRequest"]["properties"]["name"]
+    assert schemas["CreateUserRequest"]["properties"]["password"]["minLength"] == 8

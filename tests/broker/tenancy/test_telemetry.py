@@ -156,3 +156,16 @@ def test_rate_limiter_refills_and_caps() -> None:
     else:
         raise AssertionError("burst must cap the bucket")
     TenantRateLimiter(0).take("anything")  # 0 disables
+
+
+async def test_a_whole_float_is_an_integer(api: TestClient, admin: Admin) -> None:  # type: ignore[type-arg]
+    """JSON Schema reads 42.0 as the integer 42, so the server takes it for an `int` field;
+    42.5 is still refused, naming the field."""
+    tenant = await admin.tenant()
+    resp = await api.post("/telemetry", json=sample(tenant["id"], activeUsers=42.0))
+    assert resp.status == 201, await resp.text()
+    resp = await api.get(f"/api/v1/admin/tenants/{tenant['id']}/telemetry", headers=auth())
+    assert (await resp.json())["latest"]["active_users"] == 42
+    resp = await api.post("/telemetry", json=sample(tenant["id"], activeUsers=42.5))
+    assert resp.status == 422
+    assert "activeUsers" in (await resp.json())["message"]
