@@ -15,7 +15,7 @@ from broker.auth import Authenticated, Permission, Public, bearer_token, princip
 from broker.errors import AuthenticationFailed, Forbidden
 from broker.http import decode_body, json_response
 from broker.keys import CONFIG, NODES, RUNTIME, TOKENS
-from broker.nodes import NODE_ID_PATTERN, Label, NodeService, NodeView, Timestamp
+from broker.nodes import NODE_ID_PATTERN, Label, NodeService, NodeView, Timestamp, iso
 from broker.pagination import PageQuery, decode_query, paginate
 from broker.principal import Principal
 from broker.ratelimit import LOGIN, charge_subject
@@ -311,7 +311,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         HeartbeatResponse(
             "ok",
             node_id,
-            service.view(node, now).last_heartbeat_at,
+            iso(node.last_heartbeat_at),  # not the whole view: one field is needed
             service.presence(node, now),
             service.config.heartbeat_interval,
         )
