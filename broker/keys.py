@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # these modules import this one
     from broker.telemetry import TenantRateLimiter
     from broker.tokens import TokenService
     from broker.updates import UpdateFiles
+    from broker.ws_heartbeats import HeartbeatBatch
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -47,6 +48,7 @@ TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter
 # Messaging (broker.messaging) and delivery to connected nodes (broker.delivery).
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
+HEARTBEATS: web.AppKey[HeartbeatBatch] = web.AppKey("heartbeats")
 TAKEOVER: web.AppKey[Takeover] = web.AppKey("takeover")  # one connection per node, all instances
 
 # The operators' window on the log (broker.eventlog, broker.openapi, broker.snapshots).

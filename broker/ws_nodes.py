@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
@@ -23,7 +24,7 @@ from broker import connections, errors, jsonlimits
 from broker.auth import Public, authenticate
 from broker.config import DeliveryConfig
 from broker.delivery import CLOSE_REPLACED, Dispatcher, NodeConnection
-from broker.keys import CONFIG, DISPATCHER, MESSAGING, NODES
+from broker.keys import CONFIG, DISPATCHER, HEARTBEATS, MESSAGING, NODES, RUNTIME
 from broker.messaging import (
     MessageType,
     Messaging,
@@ -35,8 +36,16 @@ from broker.messaging import (
 from broker.nodes import Label, Timestamp
 from broker.principal import Principal
 from broker.routing import Routes
+from broker.ws_heartbeats import HeartbeatBatch
 from eventstore.base import ConcurrencyError, StoreUnavailable
-from eventstore.events import BaseEvent, MessageRead, MessageSent, MessagesRead, NodeTelemetry
+from eventstore.events import (
+    BaseEvent,
+    MessageRead,
+    MessageSent,
+    MessagesRead,
+    NodeHeartbeat,
+    NodeTelemetry,
+)
 
 log = structlog.get_logger(__name__)
 routes = Routes("websocket")
@@ -166,31 +175,58 @@ class NodeSession:
         self.dispatcher: Dispatcher = app[DISPATCHER]
         self.slots = asyncio.Semaphore(config.ws_max_pending_ops)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.heartbeats: HeartbeatBatch = app[HEARTBEATS]
+        self.nodes = self.messaging.runtime.nodes
 
     async def on_text(self, data: str) -> None:
         """Handle one frame concurrently with the next ones (bounded per connection), so a
-        pipelining node gets its ops committed together."""
+        pipelining node gets its ops committed together. A frame of heartbeats only joins the
+        tick's heartbeat batch (broker.ws_heartbeats) instead of getting a task."""
         await self.slots.acquire()
-        task = asyncio.create_task(self._frame(data))
+        try:
+            ops: Any = jsonlimits.decode(_ops_decoder, data)
+        except msgspec.DecodeError:  # a bad op or bad JSON: the frame's task sorts it out
+            ops = None
+        if ops is not None and self._heartbeats(ops, data):
+            return
+        task = asyncio.create_task(self._frame(data, ops))
         self.tasks.add(task)
         task.add_done_callback(self._done)
+
+    def _heartbeats(self, ops: Any, data: str) -> bool:
+        """Hand a frame of valid heartbeat ops to the heartbeat batch; False for any other."""
+        if type(ops) is HeartbeatOp:
+            single, beats = True, [ops]
+        elif type(ops) is list and ops and all(type(op) is HeartbeatOp for op in ops):
+            single, beats = False, ops
+        else:
+            return False
+        node_id = self.principal.id
+        if node_id not in self.nodes.nodes or jsonlimits.may_hold_big_int(data):
+            return False  # answered by the frame's task: not found, or which field is bad
+        events: list[BaseEvent] = [
+            NodeHeartbeat(
+                node_id=node_id, timestamp=op.timestamp, status=op.status, metrics=op.metrics or {}
+            )
+            for op in beats
+        ]
+        refs = [op.ref for op in beats]
+        ok = _json.encode(Ok(refs[0]) if single else [Ok(ref) for ref in refs])
+        self.heartbeats.add(self.conn, events, ok, refs, single, self.slots.release)
+        return True
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.slots.release()
 
-    async def _frame(self, data: str) -> None:
-        try:  # the fast path: every op valid, decoded straight into Structs
-            ops: Any = jsonlimits.decode(_ops_decoder, data)
-        except msgspec.ValidationError:  # find which ops are bad, answer each on its own
-            try:
+    async def _frame(self, data: str, ops: Any = None) -> None:
+        """Run a frame's ops and answer; `ops` are the frame decoded as valid ops, if it is."""
+        if ops is None:
+            try:  # not every op is valid: decode the frame as it is, answer each op
                 ops = jsonlimits.decode(_frame_decoder, data)
             except msgspec.DecodeError as exc:
                 await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
                 return
-        except msgspec.DecodeError as exc:
-            await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
-            return
         if jsonlimits.may_hold_big_int(data):
             ops = (
                 [_screen(op, f"$[{i}]") for i, op in enumerate(ops)]
@@ -445,5 +481,15 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def _heartbeats_ctx(app: web.Application) -> AsyncIterator[None]:
+    batch = app[HEARTBEATS] = HeartbeatBatch(app[RUNTIME])
+    try:
+        yield
+    finally:
+        await batch.drain()
+
+
 def setup(app: web.Application) -> None:
+    """Routes, and the heartbeat batch (its context needs the runtime's)."""
     routes.install(app)
+    app.cleanup_ctx.append(_heartbeats_ctx)
