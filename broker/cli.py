@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import getpass
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -56,29 +58,105 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from broker.app import create_app
     from broker.runtime import tune_gc
 
+    _check_server_paths(config)
+    # Listen before the log is opened: a port already taken fails the start at once, not after
+    # a replay of the whole log.
+    sockets = listen(config.server.host, config.server.port)
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
-    Path(config.server.data_dir).mkdir(parents=True, exist_ok=True)
-    from projections import stale_compiled_modules
+            uvloop.install()
+        except ImportError:
+            pass
+        from projections import stale_compiled_modules
 
-    for stale in stale_compiled_modules():
-        print(f"warning: {stale}", file=sys.stderr)
-    tune_gc()
-    app = create_app(config)
-    app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        shutdown_timeout=config.server.shutdown_timeout,
-        access_log=None,
-        print=lambda msg: print(msg, file=sys.stderr),
-    )
+        for stale in stale_compiled_modules():
+            print(f"warning: {stale}", file=sys.stderr)
+        tune_gc()
+        app = create_app(config)
+        app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
+        web.run_app(
+            app,
+            sock=sockets,
+            shutdown_timeout=config.server.shutdown_timeout,
+            access_log=None,
+            print=lambda msg: print(msg, file=sys.stderr),
+        )
+    finally:
+        for sock in sockets:
+            sock.close()
     return EXIT_OK
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to, as asyncio's `create_server`
+    makes them (SO_REUSEADDR, IPv6 sockets IPv6-only); a CommandError when one cannot listen."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise CommandError(f"cannot listen on {where}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # an address family this machine lacks (IPv6 disabled)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)  # now: two sockets only bound may share a port (SO_REUSEADDR)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise CommandError(f"cannot listen on {where}: {reason}") from None
+    if not sockets:
+        raise CommandError(f"cannot listen on {where}: no usable address")
+    return sockets
+
+
+def usable_dir(path: Path, what: str) -> None:
+    """Create the directory `path` if needed and check that a file can be created in it (by
+    creating one: mode bits do not stop root, a read-only mount or a pseudo-filesystem does)."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CommandError(f"cannot use {path} as {what}: {blocker} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create {what} {path}: {exc.strerror}") from None
+    probe = path / f".broker-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise CommandError(f"cannot write in {what} {path}: {exc.strerror}") from None
+
+
+def _check_log_path(config: Config) -> None:
+    """Before a command writes the SQLite log: its directory exists (or can be made) and takes
+    files, and the log path is not a directory."""
+    if config.store.backend != "sqlite":
+        return
+    path = Path(config.store.path)
+    if path.is_dir():
+        raise CommandError(f"the log {path} is a directory")
+    usable_dir(path.absolute().parent, "the log's directory")
+
+
+def _check_server_paths(config: Config) -> None:
+    usable_dir(Path(config.server.data_dir), "the data directory")
+    _check_log_path(config)
+    key_file = Path(config.auth.key_file) if config.auth.key_file else None
+    if key_file is not None and not key_file.exists():  # created at the first start
+        usable_dir(key_file.absolute().parent, "the signing key's directory")
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:
@@ -170,6 +248,7 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    _check_log_path(config)
     store = open_store(config.store)
     await store.open()
     try:
@@ -253,6 +332,7 @@ async def cmd_users_create(config: Config, args: argparse.Namespace) -> int:
     from broker.runtime import Runtime
 
     password = _read_password(args)
+    _check_log_path(config)
     store = open_store(config.store)
     await store.open()
     try:
@@ -344,12 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(result, Coroutine):
             result = asyncio.run(result)
         return int(result)
-    except (ConfigError, CommandError) as exc:
+    except (ConfigError, CommandError, StoreError) as exc:
+        # The one place where an error the user can act on becomes one line, no traceback.
         print(f"broker: {exc}", file=sys.stderr)
-        return EXIT_FAIL if isinstance(exc, CommandError) else EXIT_USAGE
-    except StoreError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
     except KeyboardInterrupt:
         return 130
 
