@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import run_broker
+from tests.e2e.procs import one_line_error, run_broker
 
 
 @pytest.fixture
@@ -25,16 +24,6 @@ def a_file(tmp_path: Path) -> Path:
     f = tmp_path / "somefile"
     f.write_text("not a directory\n")
     return f
-
-
-def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
-    """The command failed with exit status 1 and said why in one line, without a traceback."""
-    assert r.returncode == 1, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("broker: ")
-    return lines[0]
 
 
 def test_serve_on_a_port_already_taken_fails_before_opening_the_log(data: Path) -> None:
