@@ -10,10 +10,13 @@ import getpass
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+import msgspec
 
 from broker.config import Config, ConfigError, load_config
 from broker.logs import configure_logging
@@ -229,26 +232,78 @@ async def _rebuild(store: Any) -> int:
 
 async def cmd_export(config: Config, args: argparse.Namespace) -> int:
     store = _readonly_store(config)
-    await store.open()
+    render: Callable[[Envelope], bytes] = envelope_to_json
+    if args.redact:
+        from broker.eventlog import export_redacted_data
+        from eventstore.codec import envelope_to_record
+
+        def render(env: Envelope) -> bytes:
+            return msgspec.json.encode(envelope_to_record(env, export_redacted_data))
+
+    out: Path = args.out
+    # An export holds password, refresh-token and license-key hashes: it is created readable
+    # by its owner only (mode 0600 whatever the umask), as a new file renamed over `out` at the
+    # end, so an existing `out` is replaced whatever its mode (not rewritten in place).
+    try:
+        fd, name = tempfile.mkstemp(
+            dir=out.absolute().parent, prefix=f".{out.name}.", suffix=".part"
+        )
+    except OSError as exc:
+        raise CommandError(f"cannot write {out}: {exc.strerror}") from None
+    tmp = Path(name)
     count = 0
     try:
-        tmp = Path(str(args.out) + ".part")
-        with open(tmp, "wb") as f:
-            async for env in store.read(1):
-                f.write(envelope_to_json(env))
-                f.write(b"\n")
-                count += 1
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o600)
+            await store.open()
+            try:
+                async for env in store.read(1):
+                    f.write(render(env))
+                    f.write(b"\n")
+                    count += 1
+            finally:
+                await store.close()
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(args.out)
+        try:
+            tmp.replace(out)
+        except OSError as exc:
+            raise CommandError(f"cannot write {out}: {exc.strerror}") from None
     finally:
-        await store.close()
-    print(f"exported {count:,} events to {args.out}", file=sys.stderr)
+        tmp.unlink(missing_ok=True)
+    redacted = " (secrets redacted: not importable)" if args.redact else ""
+    print(f"exported {count:,} events to {out}{redacted}", file=sys.stderr)
     return EXIT_OK
+
+
+def _refuse_redacted(path: Path) -> None:
+    """A redacted export lost the hashes logins are checked against: refuse it before anything
+    is written (a cheap byte search first, a decode only of the lines that match)."""
+    from broker.eventlog import REDACTED, holds_redacted
+
+    marker = msgspec.json.encode(REDACTED)
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if marker not in line:
+                    continue
+                try:
+                    data = record_from_json(line).data
+                except msgspec.DecodeError:
+                    continue  # the import names the line
+                if holds_redacted(data):
+                    raise CommandError(
+                        f"{path}:{lineno}: this export was written with --redact: the password, "
+                        "token and key hashes logins need are gone; import an export made "
+                        "without --redact"
+                    )
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
 
 
 async def cmd_import(config: Config, args: argparse.Namespace) -> int:
     _check_log_path(config)
+    _refuse_redacted(args.file)
     store = open_store(config.store)
     await store.open()
     try:
@@ -385,8 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
     p.add_argument("--rebuild", action="store_true", help="rebuild every projection, print counts")
 
-    p = sub.add_parser("export", help="write the whole log as JSON Lines")
+    p = sub.add_parser("export", help="write the whole log as JSON Lines (a file of mode 0600)")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--redact",
+        action="store_true",
+        help="replace password, token and license-key hashes, key material and every field "
+        "named like a secret by [redacted] (such an export cannot be imported)",
+    )
 
     p = sub.add_parser("import", help="load a JSON Lines export into an empty log")
     p.add_argument("file", type=Path)
