@@ -8,6 +8,7 @@ import errno
 import gc
 import getpass
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -56,8 +57,6 @@ def progress_bar(label: str, stream: TextIO = sys.stderr) -> Callable[[int, int]
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from broker.app import create_app
     from broker.runtime import tune_gc
 
@@ -79,17 +78,52 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         tune_gc()
         app = create_app(config)
         app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
-        web.run_app(
-            app,
-            sock=sockets,
-            shutdown_timeout=config.server.shutdown_timeout,
-            access_log=None,
-            print=lambda msg: print(msg, file=sys.stderr),
-        )
+        asyncio.run(_serve(app, sockets, config.server.shutdown_timeout))
     finally:
         for sock in sockets:
             sock.close()
     return EXIT_OK
+
+
+async def _serve(
+    app: web.Application, sockets: list[socket.socket], shutdown_timeout: float
+) -> None:
+    """Start `app` on `sockets`, serve until SIGINT or SIGTERM, then stop it. Unlike
+    `web.run_app`, a start that fails half-way (or is interrupted) still closes what had started
+    (the log and its threads), so the process exits instead of hanging."""
+    from aiohttp import web
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    runner = web.AppRunner(
+        app, access_log=None, keepalive_timeout=75.0, shutdown_timeout=shutdown_timeout
+    )
+    try:
+        await runner.setup()  # every cleanup context's start: the log is opened and replayed
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        names = ", ".join(sorted(str(site.name) for site in runner.sites))
+        print(f"======== Running on {names} ========\n(Press CTRL+C to quit)", file=sys.stderr)
+        await asyncio.Event().wait()  # until a signal cancels this task
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        task.uncancel()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)  # a second Ctrl-C interrupts the cleanup
+        await runner.cleanup()  # after a failed start too: closes the contexts that started
 
 
 def listen(host: str, port: int) -> list[socket.socket]:
@@ -155,11 +189,14 @@ def _check_log_path(config: Config) -> None:
 
 
 def _check_server_paths(config: Config) -> None:
-    usable_dir(Path(config.server.data_dir), "the data directory")
+    data_dir = Path(config.server.data_dir)
+    usable_dir(data_dir, "the data directory")
     _check_log_path(config)
-    key_file = Path(config.auth.key_file) if config.auth.key_file else None
-    if key_file is not None and not key_file.exists():  # created at the first start
+    key_file = Path(config.auth.key_file) if config.auth.key_file else data_dir / "jwt_ed25519.pem"
+    if not key_file.exists():  # created at the first start
         usable_dir(key_file.absolute().parent, "the signing key's directory")
+    elif not key_file.is_file():
+        raise CommandError(f"the token signing key {key_file} is not a file")
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:

@@ -94,3 +94,24 @@ def test_serve_with_an_unwritable_log_directory(data: Path, tmp_path: Path) -> N
     where = _unwritable_directory(tmp_path)
     r = run_broker(["serve"], data, BROKER_STORE__PATH=str(where / "events.db"))
     assert f"cannot write in the log's directory {where}" in one_line_error(r)
+
+
+def test_serve_with_a_signing_key_that_is_a_directory(data: Path, tmp_path: Path) -> None:
+    r = run_broker(["serve"], data, BROKER_AUTH__KEY_FILE=str(tmp_path))
+    assert f"the token signing key {tmp_path} is not a file" in one_line_error(r)
+
+
+def test_a_start_that_fails_after_the_log_is_open_exits(data: Path) -> None:
+    """The signing key is read after the log is opened and replayed: a key file that holds no
+    key fails the start there. The process says so in one line and exits (it used to print a
+    traceback and then hang for ever on the log's threads: run_broker's timeout bounds it)."""
+    r = run_broker(["users", "create", "--username", "root", "--password-stdin"], data, "x" * 12)
+    assert r.returncode == 0, r.stderr
+    (data / "jwt_ed25519.pem").write_text("not a key\n")
+    r = run_broker(["serve"], data)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [
+        f"broker: cannot use the token signing key {data / 'jwt_ed25519.pem'} ([auth] key_file): "
+        "not an Ed25519 key in PEM"
+    ]
