@@ -148,7 +148,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(128)  # now: two sockets only bound may share a port (SO_REUSEADDR)
+            sock.listen(128)  # at once: under SO_REUSEADDR two merely bound sockets share a port
     except OSError as exc:
         for sock in sockets:
             sock.close()
