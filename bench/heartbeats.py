@@ -143,7 +143,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 assert (await ws.receive_json())["type"] == "welcome"
                 beaters.append(Beater(ws))
             readers = [asyncio.ensure_future(b.reader()) for b in beaters]
-            for rate in [int(r) for r in args.rates.split(",")]:
+            for rate in [int(r) for r in args.rates.split(",") if r]:
                 print(await ws_phase(beaters, rate, args.seconds, pid), flush=True)
             print(await http_phase(session, base, nodes, args.seconds, pid), flush=True)
             for b in beaters:

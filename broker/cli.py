@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import getpass
 import os
+import signal
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+import msgspec
 
 from broker.config import Config, ConfigError, load_config
 from broker.logs import configure_logging, write_line
@@ -51,34 +57,147 @@ def progress_bar(label: str, stream: TextIO = sys.stderr) -> Callable[[int, int]
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from broker.app import create_app
     from broker.runtime import tune_gc
 
+    _check_server_paths(config)
+    # Listen before the log is opened: a port already taken fails the start at once, not after
+    # a replay of the whole log.
+    sockets = listen(config.server.host, config.server.port)
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
-    Path(config.server.data_dir).mkdir(parents=True, exist_ok=True)
-    from projections import stale_compiled_modules
+            uvloop.install()
+        except ImportError:
+            pass
+        from projections import stale_compiled_modules
 
-    for stale in stale_compiled_modules():
-        print(f"warning: {stale}", file=sys.stderr)
-    tune_gc()
-    app = create_app(config)
-    app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        shutdown_timeout=config.server.shutdown_timeout,
-        access_log=None,
-        print=lambda msg: write_line(sys.stderr, msg),  # never fails the start
-    )
+        for stale in stale_compiled_modules():
+            write_line(sys.stderr, f"warning: {stale}")
+        tune_gc()
+        app = create_app(config)
+        app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
+        asyncio.run(_serve(app, sockets, config.server.shutdown_timeout))
+    finally:
+        for sock in sockets:
+            sock.close()
     return EXIT_OK
+
+
+async def _serve(
+    app: web.Application, sockets: list[socket.socket], shutdown_timeout: float
+) -> None:
+    """Start `app` on `sockets`, serve until SIGINT or SIGTERM, then stop it. Unlike
+    `web.run_app`, a start that fails half-way (or is interrupted) still closes what had started
+    (the log and its threads), so the process exits instead of hanging."""
+    from aiohttp import web
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    runner = web.AppRunner(
+        app, access_log=None, keepalive_timeout=75.0, shutdown_timeout=shutdown_timeout
+    )
+    try:
+        await runner.setup()  # every cleanup context's start: the log is opened and replayed
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        names = ", ".join(sorted(str(site.name) for site in runner.sites))
+        # never fails the start (stderr may be on a full device: broker.logs)
+        write_line(sys.stderr, f"======== Running on {names} ========\n(Press CTRL+C to quit)")
+        await asyncio.Event().wait()  # until a signal cancels this task
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        task.uncancel()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)  # a second Ctrl-C interrupts the cleanup
+        await runner.cleanup()  # after a failed start too: closes the contexts that started
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to, as asyncio's `create_server`
+    makes them (SO_REUSEADDR, IPv6 sockets IPv6-only); a CommandError when one cannot listen."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise CommandError(f"cannot listen on {where}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # an address family this machine lacks (IPv6 disabled)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)  # at once: under SO_REUSEADDR two merely bound sockets share a port
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise CommandError(f"cannot listen on {where}: {reason}") from None
+    if not sockets:
+        raise CommandError(f"cannot listen on {where}: no usable address")
+    return sockets
+
+
+def usable_dir(path: Path, what: str) -> None:
+    """Create the directory `path` if needed and check that a file can be created in it (by
+    creating one: mode bits do not stop root, a read-only mount or a pseudo-filesystem does)."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CommandError(f"cannot use {path} as {what}: {blocker} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create {what} {path}: {exc.strerror}") from None
+    probe = path / f".broker-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise CommandError(f"cannot write in {what} {path}: {exc.strerror}") from None
+
+
+def _check_log_path(config: Config) -> None:
+    """Before a command writes the SQLite log: its directory exists (or can be made) and takes
+    files, and the log path is not a directory."""
+    if config.store.backend != "sqlite":
+        return
+    path = Path(config.store.path)
+    if path.is_dir():
+        raise CommandError(f"the log {path} is a directory")
+    usable_dir(path.absolute().parent, "the log's directory")
+
+
+def _check_server_paths(config: Config) -> None:
+    data_dir = Path(config.server.data_dir)
+    usable_dir(data_dir, "the data directory")
+    _check_log_path(config)
+    key_file = Path(config.auth.key_file) if config.auth.key_file else data_dir / "jwt_ed25519.pem"
+    if not key_file.exists():  # created at the first start
+        usable_dir(key_file.absolute().parent, "the signing key's directory")
+    elif not key_file.is_file():
+        raise CommandError(f"the token signing key {key_file} is not a file")
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:
@@ -151,25 +270,78 @@ async def _rebuild(store: Any) -> int:
 
 async def cmd_export(config: Config, args: argparse.Namespace) -> int:
     store = _readonly_store(config)
-    await store.open()
+    render: Callable[[Envelope], bytes] = envelope_to_json
+    if args.redact:
+        from broker.eventlog import export_redacted_data
+        from eventstore.codec import envelope_to_record
+
+        def render(env: Envelope) -> bytes:
+            return msgspec.json.encode(envelope_to_record(env, export_redacted_data))
+
+    out: Path = args.out
+    # An export holds password, refresh-token and license-key hashes: it is created readable
+    # by its owner only (mode 0600 whatever the umask), as a new file renamed over `out` at the
+    # end, so an existing `out` is replaced whatever its mode (not rewritten in place).
+    try:
+        fd, name = tempfile.mkstemp(
+            dir=out.absolute().parent, prefix=f".{out.name}.", suffix=".part"
+        )
+    except OSError as exc:
+        raise CommandError(f"cannot write {out}: {exc.strerror}") from None
+    tmp = Path(name)
     count = 0
     try:
-        tmp = Path(str(args.out) + ".part")
-        with open(tmp, "wb") as f:
-            async for env in store.read(1):
-                f.write(envelope_to_json(env))
-                f.write(b"\n")
-                count += 1
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o600)
+            await store.open()
+            try:
+                async for env in store.read(1):
+                    f.write(render(env))
+                    f.write(b"\n")
+                    count += 1
+            finally:
+                await store.close()
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(args.out)
+        try:
+            tmp.replace(out)
+        except OSError as exc:
+            raise CommandError(f"cannot write {out}: {exc.strerror}") from None
     finally:
-        await store.close()
-    print(f"exported {count:,} events to {args.out}", file=sys.stderr)
+        tmp.unlink(missing_ok=True)
+    redacted = " (secrets redacted: not importable)" if args.redact else ""
+    print(f"exported {count:,} events to {out}{redacted}", file=sys.stderr)
     return EXIT_OK
 
 
+def _refuse_redacted(path: Path) -> None:
+    """A redacted export lost the hashes logins are checked against: refuse it before anything
+    is written (a cheap byte search first, a decode only of the lines that match)."""
+    from broker.eventlog import REDACTED, holds_redacted
+
+    marker = msgspec.json.encode(REDACTED)
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if marker not in line:
+                    continue
+                try:
+                    data = record_from_json(line).data
+                except msgspec.DecodeError:
+                    continue  # the import names the line
+                if holds_redacted(data):
+                    raise CommandError(
+                        f"{path}:{lineno}: this export was written with --redact: the password, "
+                        "token and key hashes logins need are gone; import an export made "
+                        "without --redact"
+                    )
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+
+
 async def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    _check_log_path(config)
+    _refuse_redacted(args.file)
     store = open_store(config.store)
     await store.open()
     try:
@@ -253,6 +425,7 @@ async def cmd_users_create(config: Config, args: argparse.Namespace) -> int:
     from broker.runtime import Runtime
 
     password = _read_password(args)
+    _check_log_path(config)
     store = open_store(config.store)
     await store.open()
     try:
@@ -305,8 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
     p.add_argument("--rebuild", action="store_true", help="rebuild every projection, print counts")
 
-    p = sub.add_parser("export", help="write the whole log as JSON Lines")
+    p = sub.add_parser("export", help="write the whole log as JSON Lines (a file of mode 0600)")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--redact",
+        action="store_true",
+        help="replace password, token and license-key hashes, key material and every field "
+        "named like a secret by [redacted] (such an export cannot be imported)",
+    )
 
     p = sub.add_parser("import", help="load a JSON Lines export into an empty log")
     p.add_argument("file", type=Path)
@@ -344,12 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(result, Coroutine):
             result = asyncio.run(result)
         return int(result)
-    except (ConfigError, CommandError) as exc:
+    except (ConfigError, CommandError, StoreError) as exc:
+        # The one place where an error the user can act on becomes one line, no traceback.
         print(f"broker: {exc}", file=sys.stderr)
-        return EXIT_FAIL if isinstance(exc, CommandError) else EXIT_USAGE
-    except StoreError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
     except KeyboardInterrupt:
         return 130
 

@@ -32,7 +32,8 @@ in that stream), `ts` (server time of the append, seconds since the epoch), `id`
 (`GET /api/v1/events`, the feeds of docs/websocket.md) shows each as
 `{seq, stream, stream_version, ts, id, type, data}` with the fields below in `data`; fields
 holding a hash of a secret (`password_hash`, `token_hash`, `key_hash`) read `[redacted]` there.
-`broker export` writes the same records with nothing redacted.
+`broker export` writes the same records with nothing redacted; `broker export --redact` also
+replaces `public_key` and, at any depth, every field named like a secret (docs/operations.md).
 
 Schemas only grow: a new field always has a default, so older events still read.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -24,14 +25,27 @@ from eventstore.codec import JsonRecord, envelope_to_record, event_data
 from eventstore.events import EVENT_TYPES, BaseEvent
 from projections.base import Projection
 
-# Fields that hold a hash of a secret: never shown through the API (the log and exports keep
-# them: they are what logins are checked against).
+# Fields that hold a hash of a secret: never shown through the API (the log keeps them, and so
+# does `broker export` without --redact: they are what logins are checked against).
 SECRET_FIELDS = frozenset({"password_hash", "token_hash", "key_hash"})
 REDACTED = "[redacted]"
 _SECRET_FIELDS_OF: dict[type[BaseEvent], tuple[str, ...]] = {
     cls: tuple(f for f in cls.__struct_fields__ if f in SECRET_FIELDS)
     for cls in EVENT_TYPES.values()
 }
+
+# `broker export --redact` goes further, for an export that leaves the operators' hands: it also
+# drops key material (a node's public key) and every field named like a secret, at any depth
+# (node metadata, message content, telemetry included).
+_EXPORT_SECRET = re.compile(
+    r"_hash$|password|passwd|secret|token|private_key|public_key|api_key|credential",
+    re.IGNORECASE,
+)
+
+
+def is_export_secret(name: str) -> bool:
+    """Whether `broker export --redact` replaces a field of this name (at any depth)."""
+    return name in SECRET_FIELDS or _EXPORT_SECRET.search(name) is not None
 
 
 EventRecord = JsonRecord  # one event as the API shows it (secrets redacted)
@@ -72,6 +86,24 @@ def redacted_data(event: BaseEvent) -> dict[str, Any]:
 
 def to_record(env: Envelope) -> EventRecord:
     return envelope_to_record(env, redacted_data)
+
+
+def export_redacted_data(event: BaseEvent) -> dict[str, Any]:
+    """The event's fields for `broker export --redact`: every field `is_export_secret` names,
+    at any depth, replaced by `[redacted]`."""
+    return _redact(event_data(event), is_export_secret)
+
+
+def holds_redacted(data: Any) -> bool:
+    """Whether exported event data went through `--redact`: a field named like a secret reads
+    `[redacted]` (such an export cannot be imported: the hashes logins need are gone)."""
+    if isinstance(data, dict):
+        return any(
+            (v == REDACTED and is_export_secret(k)) or holds_redacted(v) for k, v in data.items()
+        )
+    if isinstance(data, list):
+        return any(holds_redacted(v) for v in data)
+    return False
 
 
 # --- pages ---
@@ -353,16 +385,17 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _redact(obj: Any) -> Any:
+def _redact(obj: Any, secret: Callable[[str], bool] = SECRET_FIELDS.__contains__) -> Any:
+    """`obj` (JSON-able builtins) with the value of every key `secret` names replaced, in place."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in SECRET_FIELDS and v is not None:
+            if isinstance(k, str) and secret(k) and v is not None:
                 obj[k] = REDACTED
             else:
-                _redact(v)
+                _redact(v, secret)
     elif isinstance(obj, list):
         for v in obj:
-            _redact(v)
+            _redact(v, secret)
     return obj
 
 

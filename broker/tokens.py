@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from broker.config import AuthConfig
+from broker.config import AuthConfig, ConfigError
 from broker.errors import AuthenticationFailed, Unavailable
 from broker.keys import AUTHENTICATOR, CONFIG, RUNTIME, TOKENS
 from broker.principal import Principal
@@ -156,7 +156,14 @@ class TokenService:
     async def start(self, runtime: Runtime) -> None:
         """Load (or create) the signing key and serve tokens from `runtime`'s projections."""
         if self._private is None:
-            self.use_key(await asyncio.to_thread(load_or_create_key, self.key_path))
+            try:
+                key = await asyncio.to_thread(load_or_create_key, self.key_path)
+            except (OSError, ValueError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not an Ed25519 key in PEM"
+                raise ConfigError(
+                    f"cannot use the token signing key {self.key_path} ([auth] key_file): {reason}"
+                ) from None
+            self.use_key(key)
         self._runtime = runtime
 
     def stop(self) -> None:

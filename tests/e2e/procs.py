@@ -41,6 +41,16 @@ def run_broker(
     )
 
 
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    """The command failed with exit status 1 and said why in one line, without a traceback."""
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("broker: ")
+    return lines[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
