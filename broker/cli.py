@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import gc
 import getpass
@@ -76,6 +77,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         for stale in stale_compiled_modules():
             write_line(sys.stderr, f"warning: {stale}")
         tune_gc()
+        _raise_fd_limit()
         app = create_app(config)
         app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
         asyncio.run(_serve(app, sockets, config.server.shutdown_timeout))
@@ -198,6 +200,17 @@ def _check_server_paths(config: Config) -> None:
         usable_dir(key_file.absolute().parent, "the signing key's directory")
     elif not key_file.is_file():
         raise CommandError(f"the token signing key {key_file} is not a file")
+
+
+def _raise_fd_limit() -> None:
+    """Take the hard descriptor limit as the soft one: every node WebSocket holds a descriptor
+    (docs/operations.md: LimitNOFILE)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:

@@ -96,6 +96,10 @@ class DeliveryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ws_auth_timeout: float = 5.0  # seconds to send the auth frame when not authed at upgrade
     ws_send_timeout: float = 10.0  # a consumer that does not read for this long is dropped
     ws_max_pending_ops: int = 256  # ops of one connection being processed at once
+    # Node WebSockets open at once; past it a new one is closed with 1013 (try again later).
+    # 0: the process's descriptor limit less `fd_reserve` (kept for the log, files, HTTP).
+    ws_max_connections: int = 0
+    fd_reserve: int = 1024
     allowed_origins: list[str] = []  # browser Origins allowed on the node WebSocket
     expiry_batch: int = 1000  # expired messages recorded per sweep
 

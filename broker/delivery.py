@@ -34,6 +34,7 @@ SLACK = 0.25  # seconds housekeeping may run after a deadline
 SAFE_BUFFER = 256 * 1024  # bytes a socket may have queued before sends are timed
 CLOSE_REPLACED = 4000  # a newer connection of the same node took over
 CLOSE_DEREGISTERED = 4003  # the node was deregistered
+CLOSE_TRY_AGAIN = 1013  # RFC 6455 registry: the server is at capacity, reconnect later
 CLOSE_REVOKED = 4401  # the login of the connection's token was revoked (logout, reuse, superseded)
 
 

@@ -49,6 +49,7 @@ TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 HEARTBEATS: web.AppKey[HeartbeatBatch] = web.AppKey("heartbeats")
+WS_CAP = web.AppKey("ws_cap", int)  # node WebSockets open at once (broker.ws_nodes)
 TAKEOVER: web.AppKey[Takeover] = web.AppKey("takeover")  # one connection per node, all instances
 
 # The operators' window on the log (broker.eventlog, broker.openapi, broker.snapshots).

@@ -106,6 +106,15 @@ class Metrics:
             ["method", "route", "status"],
             registry=r,
         )
+        self.ws_refused = Counter(
+            "broker_ws_refused",
+            "Node WebSocket connections refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.node_connections = Gauge(
+            "broker_node_connections", "Node WebSockets connected to this instance", registry=r
+        )
         _DroppedLogLines(r)
 
     def render(self) -> bytes:

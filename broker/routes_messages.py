@@ -11,7 +11,7 @@ from aiohttp import web
 from broker.auth import Authenticated, Permission, principal_of
 from broker.delivery import Dispatcher
 from broker.http import decode_body, json_response
-from broker.keys import CONFIG, DISPATCHER, MESSAGING, RUNTIME
+from broker.keys import CONFIG, DISPATCHER, MESSAGING, METRICS, RUNTIME
 from broker.messaging import (
     DeadLetterView,
     MessageView,
@@ -137,6 +137,7 @@ async def _messaging_ctx(app: web.Application) -> AsyncIterator[None]:
     dispatcher = Dispatcher(app[RUNTIME], messaging, config)
     app[MESSAGING] = messaging
     app[DISPATCHER] = dispatcher
+    app[METRICS].node_connections.set_function(lambda: len(dispatcher.connections))
     await dispatcher.start()
     try:
         yield

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -23,8 +24,17 @@ from aiohttp import WSMsgType, web
 from broker import connections, errors, jsonlimits
 from broker.auth import Public, authenticate
 from broker.config import DeliveryConfig
-from broker.delivery import CLOSE_REPLACED, Dispatcher, NodeConnection
-from broker.keys import CONFIG, DISPATCHER, HEARTBEATS, MESSAGING, NODES, RUNTIME
+from broker.delivery import CLOSE_REPLACED, CLOSE_TRY_AGAIN, Dispatcher, NodeConnection
+from broker.keys import (
+    CONFIG,
+    DISPATCHER,
+    HEARTBEATS,
+    MESSAGING,
+    METRICS,
+    NODES,
+    RUNTIME,
+    WS_CAP,
+)
 from broker.messaging import (
     MessageType,
     Messaging,
@@ -442,6 +452,11 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
             await ws.close(code=CLOSE_POLICY, message=b"nodes only")
             return ws
     dispatcher: Dispatcher = app[DISPATCHER]
+    if len(dispatcher.connections) >= app[WS_CAP] and principal.id not in dispatcher.connections:
+        # At capacity: refused cleanly (a node's reconnection replaces its old one: let it in).
+        app[METRICS].ws_refused.labels("capacity").inc()
+        await ws.close(code=CLOSE_TRY_AGAIN, message=b"server at capacity, try again later")
+        return ws
     # Not an isinstance check: uvloop's transports (0.22+) are no asyncio.Transport subclasses,
     # and every push then went the slow way (aiohttp's writer, one awaited call per frame).
     conn = NodeConnection(
@@ -481,7 +496,18 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _heartbeats_ctx(app: web.Application) -> AsyncIterator[None]:
+def connection_cap(config: DeliveryConfig) -> int:
+    """How many node WebSockets may be open at once (see DeliveryConfig.ws_max_connections)."""
+    if config.ws_max_connections > 0:
+        return config.ws_max_connections
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, soft - config.fd_reserve)
+
+
+async def _node_sockets_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[WS_CAP] = connection_cap(app[CONFIG].delivery)
     batch = app[HEARTBEATS] = HeartbeatBatch(app[RUNTIME])
     try:
         yield
@@ -490,6 +516,6 @@ async def _heartbeats_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
-    """Routes, and the heartbeat batch (its context needs the runtime's)."""
+    """Routes, the heartbeat batch and the connection cap (its context needs the runtime's)."""
     routes.install(app)
-    app.cleanup_ctx.append(_heartbeats_ctx)
+    app.cleanup_ctx.append(_node_sockets_ctx)
