@@ -30,6 +30,7 @@ from eventstore import integrity
 from eventstore.base import (
     ConcurrencyError,
     Envelope,
+    EventNotEncodable,
     ExpectedVersion,
     IntegrityError,
     Listener,
@@ -39,7 +40,7 @@ from eventstore.base import (
     subscribe_via_listener,
     type_matcher,
 )
-from eventstore.codec import decode_event, encode_event
+from eventstore.codec import decode_event, encode_event, encode_events
 from eventstore.events import BaseEvent
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,11 @@ T = TypeVar("T")
 
 class _StreamExists(Exception):
     """A stream taken to be new already existed in the file: the transaction was rolled back."""
+
+
+class _Unencodable(Exception):
+    """An event of the batch could not be encoded: nothing was recorded; the batch is decided
+    again without the appends holding such an event (they get EventNotEncodable)."""
 
 
 class StoredEvent(msgspec.Struct, array_like=True, gc=False):
@@ -373,6 +379,21 @@ class _WriterThread:
         self._calls.put(None)
 
 
+def _refuse_unencodable(batch: list[_Pending]) -> bool:
+    """Fail, with EventNotEncodable, every waiting append of `batch` holding an event that
+    cannot be encoded; False if there is none."""
+    found = False
+    for events, _expected, fut in batch:
+        if fut.done():
+            continue
+        try:
+            encode_events(events)
+        except EventNotEncodable as exc:
+            fut.set_exception(exc)
+            found = True
+    return found
+
+
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
     if not fut.done():
         fut.set_result(result)
@@ -628,6 +649,11 @@ class SqliteStore:
                 raise
             await self._commit_batch(batch, optimistic=False)
             return
+        except _Unencodable as exc:  # nothing was recorded: decide again without the culprits
+            if not _refuse_unencodable(batch):
+                raise StoreUnavailable(f"the log could not be written: {exc}") from None
+            await self._commit_batch(batch, optimistic)
+            return
         for fut, start, end in accepted:
             if not fut.done():
                 fut.set_result(envelopes[start:end])
@@ -647,30 +673,36 @@ class SqliteStore:
         sha256, header, encode = hashlib.sha256, integrity.header, encode_event
         records: list[tuple[int, str, str, int, float, str, bytes, bytes]] = []
         append = records.append
-        for env in envelopes:
-            event, seq, stream, version, ts, event_id = (
-                env.event,
-                env.seq,
-                env.stream,
-                env.stream_version,
-                env.ts,
-                env.id,
-            )
-            data = encode(event)
-            prev = sha256(
-                b"".join(
-                    (
-                        prev,
-                        header(seq, version, ts),
-                        event_id.encode(),
-                        b"\0",
-                        stream.encode(),
-                        b"\0",
-                        data,
-                    )
+        # Each event is encoded here, once: one that cannot be encoded fails the batch before
+        # anything is written, and the batch is decided again without the appends holding one
+        # (_commit_batch); the happy path pays only for the `try`.
+        try:
+            for env in envelopes:
+                event, seq, stream, version, ts, event_id = (
+                    env.event,
+                    env.seq,
+                    env.stream,
+                    env.stream_version,
+                    env.ts,
+                    env.id,
                 )
-            ).digest()
-            append((seq, event_id, stream, version, ts, event.event_type, data, prev))
+                data = encode(event)
+                prev = sha256(
+                    b"".join(
+                        (
+                            prev,
+                            header(seq, version, ts),
+                            event_id.encode(),
+                            b"\0",
+                            stream.encode(),
+                            b"\0",
+                            data,
+                        )
+                    )
+                ).digest()
+                append((seq, event_id, stream, version, ts, event.event_type, data, prev))
+        except (OverflowError, TypeError, ValueError, RecursionError, msgspec.EncodeError) as exc:
+            raise _Unencodable(str(exc)) from None
         rows: list[ChunkRow] = []
         for i in range(0, len(records), _CHUNK_EVENTS):
             part = records[i : i + _CHUNK_EVENTS]
@@ -736,7 +768,11 @@ class SqliteStore:
                     f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
                 )
             overlay[env.stream] = version
-        await self._write(list(envelopes), overlay)
+        try:
+            await self._write(list(envelopes), overlay)
+        except _Unencodable as exc:
+            encode_events([env.event for env in envelopes])  # raises EventNotEncodable
+            raise StoreUnavailable(f"the log could not be written: {exc}") from None
 
     # --- reading ---
 
