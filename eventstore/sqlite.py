@@ -330,6 +330,7 @@ class _Checkpointer:
             if self._conn is None:
                 self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=0.1)
                 self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                self._conn.execute("PRAGMA temp_store=MEMORY")
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self._over_limit = self.wal.stat().st_size > self.limit_bytes
             self.done += 1
@@ -482,6 +483,10 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
+        # Temporary tables and indices of a statement (e.g. a commit touching many streams)
+        # stay in memory: a temporary file needs a file descriptor, which a busy server may
+        # not have to spare at that moment (issue 14).
+        conn.execute("PRAGMA temp_store=MEMORY")
         conn.executescript(SCHEMA)
         conn.commit()
         self._checkpointer = _Checkpointer(
@@ -493,6 +498,7 @@ class SqliteStore:
         try:
             conn = await aiosqlite.connect(target, uri=target.startswith("file:"))
             await conn.execute("PRAGMA query_only=1" if "mode=ro" in target else "SELECT 1")
+            await conn.execute("PRAGMA temp_store=MEMORY")  # no temporary files (see the writer)
             return conn
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(1, f"the log file {self.path} is damaged: {exc}") from None

@@ -319,3 +319,31 @@ async def test_a_failing_checkpoint_does_not_fail_the_append(
     finally:
         await store.close()
     assert await verify(tmp_path / "log.db") == 1
+
+
+async def test_every_connection_keeps_temporary_data_in_memory(tmp_path: Path) -> None:
+    """A temporary file needs a free file descriptor: a commit must not depend on one."""
+    store = SqliteStore(tmp_path / "log.db")
+    store.checkpoint_every = 1  # the background checkpointer opens its connection at once
+    await store.open()
+    try:
+        await store.append([LogNote(stream_id=f"s{i}") for i in range(20)])
+        assert store._wconn is not None and store._rconn is not None
+        wconn, ckpt = store._wconn, store._checkpointer
+        assert await store._run(lambda: wconn.execute("PRAGMA temp_store").fetchone()[0]) == 2
+        async with store._rconn.execute("PRAGMA temp_store") as cur:
+            assert (await cur.fetchone()) == (2,)  # 2 = MEMORY
+        assert ckpt is not None
+        await asyncio.to_thread(ckpt._executor.submit(lambda: None).result)
+        assert ckpt._conn is not None
+        ckpt_conn = ckpt._conn
+        assert (
+            await asyncio.to_thread(
+                ckpt._executor.submit(
+                    lambda: ckpt_conn.execute("PRAGMA temp_store").fetchone()[0]
+                ).result
+            )
+            == 2
+        )
+    finally:
+        await store.close()
