@@ -34,6 +34,7 @@ from eventstore.base import (
     ExpectedVersion,
     IntegrityError,
     Listener,
+    StoreError,
     StoreLocked,
     StoreUnavailable,
     resolve_expected,
@@ -67,6 +68,10 @@ _UPSERT_STREAMS = (
     f"INSERT INTO streams (stream, version) {_NEW_STREAMS} WHERE true "
     "ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
 )
+# Our logs say so in their header (PRAGMA application_id, "BRKL"); logs made before it was set
+# have 0 there and exactly our tables.
+APPLICATION_ID = 0x42524B4C
+_TABLES = frozenset({"chunks", "streams"})
 _json_encode = msgspec.json.Encoder().encode
 _CHUNK_EVENTS = 4096  # at most this many events per stored chunk
 _PAGE = 64  # chunks fetched per read query
@@ -178,9 +183,49 @@ def verify_file(
     except sqlite3.Error as exc:
         raise IntegrityError(1, f"cannot open the log: {exc}") from None
     try:
+        with contextlib.suppress(sqlite3.DatabaseError):  # damage: _verify_chunks names it
+            _check_identity(conn, Path(path))
         return _verify_chunks(conn, progress, trusted)
     finally:
         conn.close()
+
+
+def check_before_writing(path: Path) -> None:
+    """Refuse, before anything is written, a file that is not one of our logs: another
+    application's database is left as it is. Blocking; read-only."""
+    try:
+        if path.stat().st_size == 0:
+            return  # a new log
+    except FileNotFoundError:
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            _check_identity(conn, path)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(1, f"the log file {path} is damaged: {exc}") from None
+
+
+def _check_identity(conn: sqlite3.Connection, path: Path) -> set[str]:
+    """Our tables' names; StoreError if the database is not one of our logs (nor empty)."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    names = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+        )
+    }
+    ours = app_id == APPLICATION_ID or (app_id == 0 and names in (set(), _TABLES))
+    if ours and names <= _TABLES:
+        return names
+    shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+    raise StoreError(
+        f"{path} is not an event log of this broker (another application's database: "
+        f"application_id {app_id:#x}, tables {shown or 'none'}); it was left untouched: "
+        "point [store] path at the broker's log or at a new file"
+    )
 
 
 def hash_at_file(path: str | os.PathLike[str], seq: int) -> bytes | None:
@@ -459,6 +504,9 @@ class SqliteStore:
         await asyncio.to_thread(self._lock.acquire)  # creates the directory too
         self._thread = _WriterThread("sqlite-writer")
         try:
+            # Read-only, before the writer's connection (which would change the file's header
+            # to WAL mode and add our tables): a refused file is left as it is.
+            await asyncio.to_thread(check_before_writing, self.path)
             self._wconn = await self._run(self._open_writer)
             if self.verify_on_open:
                 await asyncio.to_thread(verify_file, self.path, trusted=self.trusted_prefix)
@@ -488,6 +536,8 @@ class SqliteStore:
         # not have to spare at that moment (issue 14).
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.executescript(SCHEMA)
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.commit()
         self._checkpointer = _Checkpointer(
             self.path, self.synchronous, self.checkpoint_every, self.wal_limit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import zlib
@@ -11,7 +12,7 @@ import msgspec
 import pytest
 
 from eventstore.sqlite import StoredEvent
-from tests.e2e.procs import run_broker, served
+from tests.e2e.procs import free_port, run_broker, served
 
 
 @pytest.fixture
@@ -135,3 +136,19 @@ def test_serve_refuses_a_corrupted_log(data: Path) -> None:
     r = run_broker(["serve"], data)
     assert r.returncode == 1
     assert "seq 1" in r.stderr and "integrity" in r.stderr
+
+
+def test_another_applications_database_is_refused_by_every_command(data: Path) -> None:
+    path = data / "events.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL);")
+    conn.execute("INSERT INTO invoices VALUES (1, 9.5)")
+    conn.commit()
+    conn.close()
+    before = hashlib.sha256(path.read_bytes()).digest()
+    for command in (["serve"], ["verify"]):
+        r = run_broker(command, data, BROKER_SERVER__PORT=str(free_port()))
+        assert r.returncode == 1, (command, r.stderr)
+        assert "not an event log of this broker" in r.stderr, (command, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert hashlib.sha256(path.read_bytes()).digest() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sqlite3
 import zlib
@@ -12,9 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from eventstore.base import ConcurrencyError, Envelope, IntegrityError, StoreLocked
+from eventstore.base import ConcurrencyError, Envelope, IntegrityError, StoreError, StoreLocked
 from eventstore.events import LogNote
-from eventstore.sqlite import SqliteStore, StoredEvent, verify_file
+from eventstore.sqlite import APPLICATION_ID, SqliteStore, StoredEvent, verify_file
 
 
 async def make_log(path: Path, n: int = 50) -> list[Envelope]:
@@ -347,3 +348,51 @@ async def test_every_connection_keeps_temporary_data_in_memory(tmp_path: Path) -
         )
     finally:
         await store.close()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO users VALUES (1, 'a')",
+        # our tables' names, another application's id
+        "CREATE TABLE chunks (x); CREATE TABLE streams (y); PRAGMA application_id = 7",
+        # our tables and one more
+        "CREATE TABLE chunks (x); CREATE TABLE streams (y); CREATE TABLE extra (z)",
+    ],
+)
+async def test_another_applications_database_is_refused_and_left_untouched(
+    tmp_path: Path, schema: str
+) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(schema)
+    conn.commit()
+    conn.close()
+    before = _digest(path)
+    with pytest.raises(StoreError, match="not an event log of this broker") as info:
+        await SqliteStore(path).open()
+    assert not isinstance(info.value, IntegrityError)
+    with pytest.raises(StoreError, match="not an event log of this broker"):
+        await verify(path)
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "app.db.lock"]
+
+
+async def test_new_logs_carry_our_application_id_and_older_logs_still_open(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path, 10)
+    assert await sql(path, "PRAGMA application_id") == [(APPLICATION_ID,)]
+    await sql(path, "PRAGMA application_id = 0")  # a log made before the id was set
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.head() == 10
+        await store.append([LogNote(text="more")])
+    finally:
+        await store.close()
+    assert await sql(path, "PRAGMA application_id") == [(APPLICATION_ID,)]
+    assert await verify(path) == 11
