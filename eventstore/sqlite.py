@@ -43,6 +43,7 @@ from eventstore.base import (
 )
 from eventstore.codec import decode_event, encode_event, encode_events
 from eventstore.events import BaseEvent
+from eventstore.sqlite_head import HeadWriter, check_head, read_head
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,11 @@ def verify_file(
 ) -> int:
     """Check the whole log at `path`: contiguous seqs, chunk checksums, every event's chain hash,
     and that every event decodes. Returns the number of events; raises IntegrityError naming the
-    first bad seq.
+    first bad seq. A log behind its recorded committed head (`eventstore.sqlite_head`) fails.
 
     `trusted=(seq, hash)` verifies from seq + 1 only: the prefix up to `seq` was verified when
     `hash` was read from the log (a snapshot's position); the stored hash at `seq` must equal it."""
+    record = read_head(path)  # before the log, which only grows after it
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as exc:
@@ -185,23 +187,46 @@ def verify_file(
     try:
         with contextlib.suppress(sqlite3.DatabaseError):  # damage: _verify_chunks names it
             _check_identity(conn, Path(path))
-        return _verify_chunks(conn, progress, trusted)
+        n = _verify_chunks(conn, progress, trusted)
+        _check_recorded_head(conn, path, record, n)
+        return n
     finally:
         conn.close()
 
 
-def check_before_writing(path: Path) -> None:
-    """Refuse, before anything is written, a file that is not one of our logs: another
-    application's database is left as it is. Blocking; read-only."""
+def _check_recorded_head(
+    conn: sqlite3.Connection,
+    path: str | os.PathLike[str],
+    record: tuple[int, bytes] | None,
+    log_head: int,
+) -> None:
+    if record is None:
+        return
     try:
-        if path.stat().st_size == 0:
-            return  # a new log
+        row = conn.execute(_CHUNK_OF, (record[0],)).fetchone() if log_head >= record[0] else None
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(record[0], f"the log file is damaged: {exc}") from None
+    check_head(path, record, log_head, _hash_in(row, record[0]) if row is not None else None)
+
+
+def check_before_writing(path: Path) -> None:
+    """Refuse, before anything is written, a file that is not one of our logs (another
+    application's database is left as it is) and a log behind its recorded committed head
+    (`eventstore.sqlite_head`: acknowledged events were lost). Blocking; read-only."""
+    record = read_head(path)  # before the log
+    try:
+        empty = path.stat().st_size == 0
     except FileNotFoundError:
+        empty = True
+    if empty:  # a new log; or, with a recorded head, a log that was lost
+        check_head(path, record, 0, None)
         return
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            _check_identity(conn, path)
+            names = _check_identity(conn, path)
+            row = conn.execute(_CHUNK_OF, (2**62,)).fetchone() if "chunks" in names else None
+            _check_recorded_head(conn, path, record, 0 if row is None else int(row[1]))
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
@@ -481,6 +506,10 @@ class SqliteStore:
         self._wconn: sqlite3.Connection | None = None
         self._thread: _WriterThread | None = None
         self._checkpointer: _Checkpointer | None = None
+        # The committed head recorded outside the log (eventstore/sqlite_head.py) after each
+        # commit, and synced in the background when the log's commits are (FULL or EXTRA).
+        self._head_writer: HeadWriter | None = None
+        self._head_sync = sync in ("FULL", "EXTRA")
         self._rconn: aiosqlite.Connection | None = None
         self._listeners: list[Listener] = []
         self._pending: list[_Pending] = []
@@ -505,13 +534,15 @@ class SqliteStore:
         self._thread = _WriterThread("sqlite-writer")
         try:
             # Read-only, before the writer's connection (which would change the file's header
-            # to WAL mode and add our tables): a refused file is left as it is.
+            # to WAL mode and add our tables, or fold a damaged WAL's readable part into the
+            # file): a refused file is left as it is.
             await asyncio.to_thread(check_before_writing, self.path)
             self._wconn = await self._run(self._open_writer)
             if self.verify_on_open:
                 await asyncio.to_thread(verify_file, self.path, trusted=self.trusted_prefix)
             self._rconn = await self._connect(f"file:{self.path}?mode=ro")
             await self._load_tail(self._rconn)
+            await self._run(self._record_head, self._head, self._last_hash, self._head_sync)
         except BaseException as exc:
             await self._close_connections()
             self._lock.release()
@@ -539,6 +570,8 @@ class SqliteStore:
         if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.commit()
+        self._head_writer = HeadWriter(self.path)
+        self._head_writer.open()
         self._checkpointer = _Checkpointer(
             self.path, self.synchronous, self.checkpoint_every, self.wal_limit
         )
@@ -584,6 +617,10 @@ class SqliteStore:
         if self._wconn is not None:
             with contextlib.suppress(Exception):
                 await self._run(self._wconn.close)
+        if self._head_writer is not None:
+            with contextlib.suppress(Exception):
+                await self._run(self._head_writer.close)
+            self._head_writer = None
         if self._thread is not None:
             self._thread.stop()
         self._wconn = self._rconn = None
@@ -767,7 +804,7 @@ class SqliteStore:
         inserts = [(s, v) for s, v in versions.items() if s in new]
         upserts = [(s, v) for s, v in versions.items() if s not in new]
         try:
-            await self._run(self._commit_rows, rows, inserts, upserts)
+            await self._run(self._commit_rows, rows, inserts, upserts, envelopes[-1].seq, prev)
         except sqlite3.IntegrityError:
             raise _StreamExists from None
         last = envelopes[-1]
@@ -780,9 +817,15 @@ class SqliteStore:
                 log.exception("log listener failed")
 
     def _commit_rows(
-        self, rows: list[ChunkRow], inserts: list[tuple[str, int]], upserts: list[tuple[str, int]]
+        self,
+        rows: list[ChunkRow],
+        inserts: list[tuple[str, int]],
+        upserts: list[tuple[str, int]],
+        head: int,
+        head_hash: bytes,
     ) -> None:
-        """One transaction on the writer thread: chunks, stream versions, COMMIT (the fsync)."""
+        """One transaction on the writer thread: chunks, stream versions, COMMIT (the fsync);
+        then the record of the new head (`head`, `head_hash`), before the append returns."""
         conn = self._wconn
         assert conn is not None
         try:
@@ -795,11 +838,25 @@ class SqliteStore:
         except BaseException:
             conn.rollback()
             raise
+        self._record_head(head, head_hash, self._head_sync)
         if self._checkpointer is not None:  # after the commit: its errors are not the append's
             try:
                 self._checkpointer.wrote(conn, sum(len(row[2]) for row in rows))
             except (sqlite3.Error, RuntimeError):
                 log.warning("WAL checkpoint failed", exc_info=True)
+
+    def _record_head(self, seq: int, chain: bytes, sync: bool) -> None:
+        """Record the committed head (writer thread). A failure does not fail the append, whose
+        events are committed: the record lags behind the log, which is allowed."""
+        writer = self._head_writer
+        if writer is None or seq <= writer.seq:
+            return
+        try:
+            writer.write(seq, chain)
+            if sync:
+                writer.sync_soon()
+        except OSError:
+            log.warning("the log's head record could not be written", exc_info=True)
 
     async def restore(self, envelopes: Sequence[Envelope]) -> None:
         """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.
