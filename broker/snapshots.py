@@ -44,7 +44,7 @@ from broker.config import Config
 from broker.keys import CONFIG, RUNTIME, SNAPSHOTS
 from broker.runtime import Runtime, build_projections
 from eventstore import open_store
-from eventstore.base import EventStore
+from eventstore.base import EventStore, IntegrityError
 from projections.base import Projection, Projections
 from projections.snapshots import Unsupported, encoder, fingerprint
 
@@ -133,6 +133,28 @@ def read_header(path: Path) -> Header:
     if header.format != FORMAT:
         raise SnapshotError(f"format {header.format}, this broker reads {FORMAT}")
     return header
+
+
+def snapshot_directory(config: Config) -> Path:
+    return Path(config.snapshots.directory or Path(config.server.data_dir) / "snapshots")
+
+
+def check_log_against_snapshots(directory: Path, log_head: int) -> None:
+    """Raise IntegrityError when the newest readable snapshot covers events past the log's
+    head: the log was lost, truncated or replaced, and starting would serve an empty or older
+    state as if it were healthy (the snapshot could not even be used). Blocking."""
+    for _seq, path in snapshot_paths(directory):
+        try:
+            header = read_header(path)
+        except (SnapshotError, OSError):
+            continue  # not a snapshot: says nothing about the log
+        if header.seq > log_head:
+            raise IntegrityError(
+                log_head + 1,
+                f"the log ends at seq {log_head} but snapshot {path} covers up to seq "
+                f"{header.seq}: the log was lost or replaced; restore it from backup",
+            )
+        return
 
 
 def read_body(path: Path, header: Header) -> Body:
@@ -246,7 +268,7 @@ class Snapshotter:
         self.enabled = cfg.enabled and config.store.backend != "memory"
         self.every = cfg.every
         self.keep = cfg.keep
-        self.directory = Path(cfg.directory or Path(config.server.data_dir) / "snapshots")
+        self.directory = snapshot_directory(config)
         self.boot = Boot()
         self.last_seq = 0
         self.runtime: Runtime | None = None
@@ -266,11 +288,23 @@ class Snapshotter:
         # The SQLite log is checked against the snapshot before it is opened, so that opening
         # verifies its chain from the snapshot on; another backend with `hash_at` after.
         early = hasattr(store, "trusted_prefix")
+        if self.enabled and early:  # before the log is opened: a lost one is not created anew
+            from eventstore.sqlite import head_of_file
+
+            head = await asyncio.to_thread(head_of_file, store.path)  # type: ignore[attr-defined]
+            if head is not None:
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
         chosen = await self._choose(store) if self.enabled and early else None
         if chosen is not None and getattr(store, "verify_on_open", False):
             store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
         await store.open()
         if self.enabled and not early and hasattr(store, "hash_at"):
+            try:
+                head = await store.head()
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
+            except BaseException:
+                await store.close()
+                raise
             chosen = await self._choose(store)
         if chosen is not None:
             path, header, body = chosen

@@ -271,6 +271,28 @@ def hash_at_file(path: str | os.PathLike[str], seq: int) -> bytes | None:
     return _hash_in(row, seq)
 
 
+def head_of_file(path: str | os.PathLike[str]) -> int | None:
+    """The last seq of the log at `path`: 0 when there is no log or it is empty, None when the
+    file cannot be read as a log (opening it says why); blocking, read-only."""
+    p = Path(path)
+    try:
+        if p.stat().st_size == 0:
+            return 0
+    except FileNotFoundError:
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute(_CHUNK_OF, (2**62,)).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return 0 if row is None else int(row[1])
+
+
 _CHUNK_OF = (
     "SELECT first_seq, last_seq, body, crc FROM chunks WHERE first_seq <= ? "
     "ORDER BY first_seq DESC LIMIT 1"

@@ -207,13 +207,29 @@ async def test_garbage_and_foreign_snapshots_are_ignored(tmp_path: Path) -> None
     reasons = " ".join(r for _, r in boot.ignored)
     assert "bad magic" in reasons and "differs" in reasons
     assert second["at_start"] == first_b["final"] != first_a["final"]
-    # a snapshot past the end of the log (the log was replaced by a shorter one)
-    c = config_in(tmp_path / "c")
-    await run_app(c, history(10, seed=3))
-    shutil.rmtree(Snapshotter(c).directory)
-    shutil.copytree(dir_a, Snapshotter(c).directory)
-    third = await run_app(c)
-    assert third["boot"].seq == 0 and "has no event" in third["boot"].ignored[0][1]
+
+
+async def test_a_log_behind_the_newest_snapshot_is_refused(tmp_path: Path) -> None:
+    """The log was lost, emptied or replaced by a shorter one: starting would serve an empty
+    or older state as if healthy. It is refused, and a lost log is not created anew."""
+    a = config_in(tmp_path / "a")
+    first = await run_app(a, history(300, seed=1))
+    directory = Snapshotter(a).directory
+    newest = (await asyncio.to_thread(snapshot_paths, directory))[0][0]
+    assert newest == first["head"]
+    c = config_in(tmp_path / "c")  # a shorter log beside A's snapshots
+    short = (await run_app(c, history(10, seed=3)))["head"]
+    await asyncio.to_thread(shutil.rmtree, Snapshotter(c).directory)
+    await asyncio.to_thread(shutil.copytree, directory, Snapshotter(c).directory)
+    expected = rf"the log ends at seq {short} but snapshot \S+ covers up to seq {newest}: the log "
+    with pytest.raises(IntegrityError, match=expected + "was lost or replaced"):
+        await run_app(c)
+    log = Path(a.store.path)
+    for name in (log.name, log.name + "-wal", log.name + "-shm", log.name + ".head"):
+        await asyncio.to_thread(log.with_name(name).unlink, True)  # the log is lost
+    with pytest.raises(IntegrityError, match=rf"the log ends at seq 0 but .* up to seq {newest}"):
+        await run_app(a)
+    assert not await asyncio.to_thread(log.exists)
 
 
 async def test_disabled_snapshots_write_nothing(tmp_path: Path) -> None:
