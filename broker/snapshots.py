@@ -57,6 +57,9 @@ _PREFIX = "snapshot-"
 _SUFFIX = ".msgpack"
 WINDOW = 4096  # seqs per window of the replay index
 _TMP_MAX_AGE = 3600.0  # seconds before a leftover temporary file (a crash mid-write) is removed
+# After a failed periodic snapshot, the next waits for `every` more events and for this delay,
+# doubled at each failure in a row up to the cap (a full disk must not cost a CPU).
+RETRY_DELAY, RETRY_DELAY_MAX = 1.0, 300.0
 
 
 class Header(msgspec.Struct, kw_only=True):
@@ -276,6 +279,10 @@ class Snapshotter:
         self._tracked_by_type: dict[type, list[set[int]]] = {}
         self._task: asyncio.Task[Path | None] | None = None
         self._reported: set[str] = set()
+        self.now = time.monotonic  # the back-off's clock
+        self.failures = 0  # periodic snapshots failed in a row
+        self._retry_seq = 0  # after a failure: no periodic attempt before this seq...
+        self._retry_at = 0.0  # ... nor before this time
 
     # --- start-up ---
 
@@ -450,15 +457,30 @@ class Snapshotter:
         runtime = self.runtime
         if runtime is None or runtime.projections.seq - self.last_seq < self.every:
             return
+        if self.failures and (
+            runtime.projections.seq < self._retry_seq or self.now() < self._retry_at
+        ):
+            return  # backing off
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._periodic())
 
     async def _periodic(self) -> Path | None:
+        seq = self.runtime.projections.seq if self.runtime is not None else 0
         try:
-            return await self.take()
+            path = await self.take()
         except Exception:  # a failed snapshot costs a longer start-up, nothing else
-            log.exception("snapshot_failed")
+            self.failures += 1
+            delay = min(RETRY_DELAY * 2 ** (self.failures - 1), RETRY_DELAY_MAX)
+            self._retry_seq, self._retry_at = seq + self.every, self.now() + delay
+            log.exception(  # once per back-off, not once per append
+                "snapshot_failed",
+                failures=self.failures,
+                retry_after_events=self.every,
+                retry_after_seconds=delay,
+            )
             return None
+        self.failures = 0
+        return path
 
     async def take(self) -> Path | None:
         """Save the projections as they are now; None if there is nothing new to save."""

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker import snapshots
 from broker.app import create_app
 from broker.config import Config, SnapshotsConfig
 from broker.keys import RUNTIME, SNAPSHOTS
@@ -260,3 +261,71 @@ async def test_verify_from_a_trusted_position(tmp_path: Path) -> None:
         await asyncio.to_thread(verify_file, path, trusted=(20_000, h))
     assert await asyncio.to_thread(hash_at_file, path, 20_000) is None
     assert await asyncio.to_thread(hash_at_file, tmp_path / "nope.db", 1) is None
+
+
+class _Log:
+    """Records what the snapshotter logs."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    info = warning = exception = _record
+
+
+async def test_a_failing_snapshot_backs_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that cannot be written is retried after `every` more events and a delay
+    doubling from 1 s, logged once per failure: not on every append (it was, at 100% CPU)."""
+    config = config_in(tmp_path, every=10)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a regular file where the snapshot directory should be")
+    config.snapshots.directory = str(blocker)
+    attempts: list[int] = []
+    write = snapshots.write_file
+
+    def counting(directory: Path, seq: int, *args: Any) -> tuple[Path, int]:
+        attempts.append(seq)
+        return write(directory, seq, *args)
+
+    monkeypatch.setattr(snapshots, "write_file", counting)
+    logged = _Log()
+    monkeypatch.setattr(snapshots, "log", logged)
+    clock = [1000.0]
+    async with TestClient(TestServer(create_app(config))) as client:
+        snap, runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
+        snap.now = lambda: clock[0]
+
+        async def append(n: int) -> None:
+            for i in range(n):
+                await runtime.record([LogNote(stream_id="s", text=str(i))])
+                await snap.wait()  # a snapshot it started has finished
+
+        def failures() -> list[dict[str, Any]]:
+            return [f for e, f in logged.events if e == "snapshot_failed"]
+
+        await append(200)
+        assert len(attempts) == 1 and snap.failures == 1
+        assert failures() == [{"failures": 1, "retry_after_events": 10, "retry_after_seconds": 1.0}]
+        clock[0] += 1.5  # past the delay, and more than `every` events since: one more try
+        await append(1)
+        assert len(attempts) == 2 and failures()[-1]["retry_after_seconds"] == 2.0
+        clock[0] += 1.5  # not yet past the doubled delay
+        await append(30)
+        assert len(attempts) == 2
+        clock[0] += 1.0
+        await append(1)
+        assert len(attempts) == 3 and failures()[-1]["retry_after_seconds"] == 4.0
+        clock[0] += 10.0
+        await append(5)  # past the delay, but fewer than `every` events since the failure
+        assert len(attempts) == 3
+        await append(5)
+        assert len(attempts) == 4 and len(failures()) == 4
+        blocker.unlink()  # the directory can be made again: the next try succeeds
+        clock[0] += 100.0
+        await append(10)
+        assert len(attempts) == 5 and snap.failures == 0
+        assert await asyncio.to_thread(snapshot_paths, blocker)
