@@ -6,18 +6,19 @@
 Prints one line per scenario: group commit with many concurrent single-event appenders,
 batched appends (one call records `--batch` events), and single-event commits (one appender,
 one event per call, so every event is a commit of its own: the fsync-bound latency). Each line
-gives the CPU time of this process per event (user + system, all threads).
+gives the CPU time of this process per event (user + system, all threads, from /proc).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, own_cpu_seconds, run
+from bench.common import cpu_seconds, machine, run
 from eventstore.events import LogNote
 from eventstore.sqlite import SqliteStore
 
@@ -63,6 +64,10 @@ async def single(path: Path, commits: int, sync: str) -> float:
     elapsed = time.perf_counter() - t0
     await store.close()
     return commits / elapsed
+
+
+def own_cpu_seconds() -> float:
+    return cpu_seconds(os.getpid()) or 0.0
 
 
 def main() -> None:
