@@ -211,7 +211,7 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
 def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
     from broker.snapshots import check_log_against_snapshots, snapshot_directory
     from eventstore.base import IntegrityError
-    from eventstore.sqlite import head_of_file, verify_file
+    from eventstore.sqlite_verify import head_of_file, verify_file
 
     if config.store.backend == "nats":
         return _verify_nats(config)

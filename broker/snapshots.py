@@ -296,7 +296,7 @@ class Snapshotter:
         # verifies its chain from the snapshot on; another backend with `hash_at` after.
         early = hasattr(store, "trusted_prefix")
         if self.enabled and early:  # before the log is opened: a lost one is not created anew
-            from eventstore.sqlite import head_of_file
+            from eventstore.sqlite_verify import head_of_file
 
             head = await asyncio.to_thread(head_of_file, store.path)  # type: ignore[attr-defined]
             if head is not None:
@@ -351,7 +351,8 @@ class Snapshotter:
 
     async def _choose(self, store: EventStore) -> tuple[Path, Header, Body] | None:
         """The newest snapshot that matches the log, read and checked (files in a thread)."""
-        from eventstore.sqlite import SqliteStore, hash_at_file
+        from eventstore.sqlite import SqliteStore
+        from eventstore.sqlite_verify import hash_at_file
 
         for _seq, path in await asyncio.to_thread(snapshot_paths, self.directory):
             try:
