@@ -394,17 +394,21 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
+    from broker.snapshots import check_log_against_snapshots, snapshot_directory
     from eventstore.base import IntegrityError
-    from eventstore.sqlite import verify_file
+    from eventstore.sqlite_verify import head_of_file, verify_file
 
     if config.store.backend == "nats":
         return _verify_nats(config)
     if config.store.backend != "sqlite":
         raise CommandError(f"verify checks the sqlite log; the backend is {config.store.backend}")
-    if not Path(config.store.path).exists():
-        raise CommandError(f"no log at {config.store.path}")
     t0 = time.perf_counter()
     try:
+        head = head_of_file(config.store.path)  # None: unreadable, verify_file says why
+        if head is not None:  # a log lost, emptied or replaced by a shorter one
+            check_log_against_snapshots(snapshot_directory(config), head)
+        if not Path(config.store.path).exists():
+            raise CommandError(f"no log at {config.store.path}")
         n = verify_file(config.store.path, progress_bar("verify"))
     except IntegrityError as exc:
         print(f"FAILED: {config.store.path}: first bad seq {exc.seq}: {exc.reason}")

@@ -44,7 +44,7 @@ from broker.config import Config
 from broker.keys import CONFIG, RUNTIME, SNAPSHOTS
 from broker.runtime import Runtime, build_projections
 from eventstore import open_store
-from eventstore.base import EventStore
+from eventstore.base import EventStore, IntegrityError
 from projections.base import Projection, Projections
 from projections.snapshots import Unsupported, encoder, fingerprint
 
@@ -57,6 +57,9 @@ _PREFIX = "snapshot-"
 _SUFFIX = ".msgpack"
 WINDOW = 4096  # seqs per window of the replay index
 _TMP_MAX_AGE = 3600.0  # seconds before a leftover temporary file (a crash mid-write) is removed
+# After a failed periodic snapshot, the next waits for `every` more events and for this delay,
+# doubled at each failure in a row up to the cap (a full disk must not cost a CPU).
+RETRY_DELAY, RETRY_DELAY_MAX = 1.0, 300.0
 
 
 class Header(msgspec.Struct, kw_only=True):
@@ -133,6 +136,28 @@ def read_header(path: Path) -> Header:
     if header.format != FORMAT:
         raise SnapshotError(f"format {header.format}, this broker reads {FORMAT}")
     return header
+
+
+def snapshot_directory(config: Config) -> Path:
+    return Path(config.snapshots.directory or Path(config.server.data_dir) / "snapshots")
+
+
+def check_log_against_snapshots(directory: Path, log_head: int) -> None:
+    """Raise IntegrityError when the newest readable snapshot covers events past the log's
+    head: the log was lost, truncated or replaced, and starting would serve an empty or older
+    state as if it were healthy (the snapshot could not even be used). Blocking."""
+    for _seq, path in snapshot_paths(directory):
+        try:
+            header = read_header(path)
+        except (SnapshotError, OSError):
+            continue  # not a snapshot: says nothing about the log
+        if header.seq > log_head:
+            raise IntegrityError(
+                log_head + 1,
+                f"the log ends at seq {log_head} but snapshot {path} covers up to seq "
+                f"{header.seq}: the log was lost or replaced; restore it from backup",
+            )
+        return
 
 
 def read_body(path: Path, header: Header) -> Body:
@@ -246,7 +271,7 @@ class Snapshotter:
         self.enabled = cfg.enabled and config.store.backend != "memory"
         self.every = cfg.every
         self.keep = cfg.keep
-        self.directory = Path(cfg.directory or Path(config.server.data_dir) / "snapshots")
+        self.directory = snapshot_directory(config)
         self.boot = Boot()
         self.last_seq = 0
         self.runtime: Runtime | None = None
@@ -254,6 +279,10 @@ class Snapshotter:
         self._tracked_by_type: dict[type, list[set[int]]] = {}
         self._task: asyncio.Task[Path | None] | None = None
         self._reported: set[str] = set()
+        self.now = time.monotonic  # the back-off's clock
+        self.failures = 0  # periodic snapshots failed in a row
+        self._retry_seq = 0  # after a failure: no periodic attempt before this seq...
+        self._retry_at = 0.0  # ... nor before this time
 
     # --- start-up ---
 
@@ -266,11 +295,23 @@ class Snapshotter:
         # The SQLite log is checked against the snapshot before it is opened, so that opening
         # verifies its chain from the snapshot on; another backend with `hash_at` after.
         early = hasattr(store, "trusted_prefix")
+        if self.enabled and early:  # before the log is opened: a lost one is not created anew
+            from eventstore.sqlite_verify import head_of_file
+
+            head = await asyncio.to_thread(head_of_file, store.path)  # type: ignore[attr-defined]
+            if head is not None:
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
         chosen = await self._choose(store) if self.enabled and early else None
         if chosen is not None and getattr(store, "verify_on_open", False):
             store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
         await store.open()
         if self.enabled and not early and hasattr(store, "hash_at"):
+            try:
+                head = await store.head()
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
+            except BaseException:
+                await store.close()
+                raise
             chosen = await self._choose(store)
         if chosen is not None:
             path, header, body = chosen
@@ -310,7 +351,8 @@ class Snapshotter:
 
     async def _choose(self, store: EventStore) -> tuple[Path, Header, Body] | None:
         """The newest snapshot that matches the log, read and checked (files in a thread)."""
-        from eventstore.sqlite import SqliteStore, hash_at_file
+        from eventstore.sqlite import SqliteStore
+        from eventstore.sqlite_verify import hash_at_file
 
         for _seq, path in await asyncio.to_thread(snapshot_paths, self.directory):
             try:
@@ -416,15 +458,30 @@ class Snapshotter:
         runtime = self.runtime
         if runtime is None or runtime.projections.seq - self.last_seq < self.every:
             return
+        if self.failures and (
+            runtime.projections.seq < self._retry_seq or self.now() < self._retry_at
+        ):
+            return  # backing off
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._periodic())
 
     async def _periodic(self) -> Path | None:
+        seq = self.runtime.projections.seq if self.runtime is not None else 0
         try:
-            return await self.take()
+            path = await self.take()
         except Exception:  # a failed snapshot costs a longer start-up, nothing else
-            log.exception("snapshot_failed")
+            self.failures += 1
+            delay = min(RETRY_DELAY * 2 ** (self.failures - 1), RETRY_DELAY_MAX)
+            self._retry_seq, self._retry_at = seq + self.every, self.now() + delay
+            log.exception(  # once per back-off, not once per append
+                "snapshot_failed",
+                failures=self.failures,
+                retry_after_events=self.every,
+                retry_after_seconds=delay,
+            )
             return None
+        self.failures = 0
+        return path
 
     async def take(self) -> Path | None:
         """Save the projections as they are now; None if there is nothing new to save."""

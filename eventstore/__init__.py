@@ -5,6 +5,7 @@ from __future__ import annotations
 from eventstore.base import (
     ConcurrencyError,
     Envelope,
+    EventNotEncodable,
     EventStore,
     IntegrityError,
     StoreConfig,
@@ -17,6 +18,7 @@ from eventstore.base import (
 __all__ = [
     "ConcurrencyError",
     "Envelope",
+    "EventNotEncodable",
     "EventStore",
     "IntegrityError",
     "StoreConfig",

@@ -65,6 +65,18 @@ class IntegrityError(StoreError):
         self.reason = reason
 
 
+class EventNotEncodable(StoreError):
+    """An event holds a value the log cannot encode (e.g. an integer outside msgpack's range);
+    nothing of its append was recorded, and no other append is affected."""
+
+    def __init__(self, event_type: str, reason: str, path: str = "") -> None:
+        where = f" at {path}" if path else ""
+        super().__init__(f"{event_type}: {reason}{where}")
+        self.event_type = event_type
+        self.reason = reason
+        self.path = path
+
+
 class SubscriberTooSlow(StoreError):
     """A live subscriber fell further behind than its buffer allows."""
 

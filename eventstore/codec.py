@@ -5,12 +5,12 @@ This is the one place where stored shapes of old events would be upgraded (STYLE
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
-from eventstore.base import Envelope
+from eventstore.base import Envelope, EventNotEncodable
 from eventstore.events import BaseEvent, Event
 
 _encoder = msgspec.msgpack.Encoder()
@@ -34,6 +34,53 @@ _record_decoder = msgspec.json.Decoder(JsonRecord)
 
 
 encode_event: Callable[[BaseEvent], bytes] = _encoder.encode  # no wrapper: it is on the hot path
+
+
+def encode_events(events: Sequence[BaseEvent]) -> list[bytes]:
+    """Each event's msgpack bytes; an event that cannot be encoded raises EventNotEncodable
+    (naming the value's path, found only then: the happy path is one encode per event)."""
+    try:
+        return [_encoder.encode(event) for event in events]
+    except Exception:  # msgspec raises OverflowError, TypeError, ValueError, EncodeError...
+        for event in events:
+            try:
+                _encoder.encode(event)
+            except Exception as exc:
+                raise not_encodable(event, exc) from None
+        raise
+
+
+def not_encodable(event: BaseEvent, exc: BaseException) -> EventNotEncodable:
+    """The error for `event`, whose encoding raised `exc`: the path of the offending value."""
+    path, cause = _culprit(event, exc, [], 0)
+    return EventNotEncodable(event.event_type, _reason(cause), path)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OverflowError):
+        return "integer out of range"
+    return str(exc) or type(exc).__name__
+
+
+def _culprit(value: Any, exc: BaseException, path: list[str], depth: int) -> tuple[str, Any]:
+    """The path of the innermost part of `value` that does not encode, and why (blocking, but
+    only ever run on a value known not to encode)."""
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, msgspec.Struct):
+        children = [(f, getattr(value, f)) for f in value.__struct_fields__]
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            children.append((str(key), key))  # a key may be the culprit too
+            children.append((str(key), item))
+    elif isinstance(value, list | tuple | set | frozenset):
+        children = [(f"[{i}]", item) for i, item in enumerate(value)]
+    if depth < 64:
+        for name, child in children:
+            try:
+                _encoder.encode(child)
+            except Exception as inner:
+                return _culprit(child, inner, [*path, name], depth + 1)
+    return "".join(p if p.startswith("[") else "." + p for p in path).lstrip("."), exc
 
 
 def decode_event(data: bytes) -> BaseEvent:

@@ -16,6 +16,7 @@ from eventstore.base import (
     subscribe_via_listener,
     type_matcher,
 )
+from eventstore.codec import encode_events
 from eventstore.events import BaseEvent
 
 
@@ -40,6 +41,7 @@ class MemoryStore:
             raise StoreUnavailable("store is closed")
         if not events:
             return []
+        encode_events(events)  # the durable stores' check: raises EventNotEncodable
         for stream, expected in resolve_expected(events, expected_version).items():
             actual = self._versions.get(stream, 0)
             if actual != expected:

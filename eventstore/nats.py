@@ -68,7 +68,7 @@ from eventstore.base import (
     subscribe_via_listener,
     type_matcher,
 )
-from eventstore.codec import decode_event, encode_event
+from eventstore.codec import decode_event, encode_events
 from eventstore.events import BaseEvent
 from eventstore.nats_index import FeedStats, LogIndex
 from eventstore.nats_wire import (
@@ -288,11 +288,11 @@ class NatsStore:
             have = self._index.versions.get(stream, 0)
             if have > want:  # versions only grow: refused whatever happened since
                 raise ConcurrencyError(stream, want, have)
+        encoded = encode_events(events)  # raises EventNotEncodable: nothing sent
         ids = os.urandom(16 * len(events)).hex()
         wire: list[WireEvent] = []
         size = 64 + sum(len(s) + 12 for s in expect)
-        for i, event in enumerate(events):
-            data = encode_event(event)
+        for i, (event, data) in enumerate(zip(events, encoded, strict=True)):
             stream = event.stream
             size += len(data) + len(stream) + 48
             wire.append(WireEvent(ids[32 * i : 32 * i + 32], stream, event.event_type, Raw(data)))
@@ -452,8 +452,9 @@ class NatsStore:
                 )
             overlay[env.stream] = version
         batches: list[WireBatch] = []
-        for env in envelopes:  # one batch per run of events sharing a ts, as they were appended
-            event = WireEvent(env.id, env.stream, env.type, Raw(encode_event(env.event)))
+        encoded = encode_events([env.event for env in envelopes])
+        for env, data in zip(envelopes, encoded, strict=True):  # a batch per run sharing a ts
+            event = WireEvent(env.id, env.stream, env.type, Raw(data))
             if batches and batches[-1].ts == env.ts and len(batches[-1].events) < 1000:
                 batches[-1].events.append(event)
             else:

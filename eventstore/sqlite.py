@@ -4,6 +4,10 @@ One writer task drains every pending append into a single transaction, commits (
 `synchronous=FULL`), calls the listeners, then resolves every waiter. Reads use a second
 connection, so they only ever see committed events. Each row carries a CRC-32 of its body and a
 SHA-256 hash chained to the previous row (`eventstore.integrity`).
+
+Beside it: `eventstore.sqlite_verify` reads a log file without the store (`broker verify`, the
+checks made before the writer opens a file), `eventstore.sqlite_head` keeps the record of the
+committed head that a log found behind it fails.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from eventstore import integrity
 from eventstore.base import (
     ConcurrencyError,
     Envelope,
+    EventNotEncodable,
     ExpectedVersion,
     IntegrityError,
     Listener,
@@ -39,8 +44,25 @@ from eventstore.base import (
     subscribe_via_listener,
     type_matcher,
 )
-from eventstore.codec import decode_event, encode_event
+from eventstore.codec import encode_event, encode_events
 from eventstore.events import BaseEvent
+from eventstore.sqlite_head import HeadWriter
+from eventstore.sqlite_verify import (
+    APPLICATION_ID,
+    CHUNK_OF,
+    PAGE,
+    ChunkRow,
+    check_before_writing,
+    decode_chunk,
+    hash_in,
+    to_envelope,
+    verify_file,
+)
+from eventstore.sqlite_verify import StoredEvent as StoredEvent  # re-exported
+from eventstore.sqlite_verify import hash_at_file as hash_at_file  # re-exported
+from eventstore.sqlite_verify import (
+    head_of_file as head_of_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +90,6 @@ _UPSERT_STREAMS = (
 )
 _json_encode = msgspec.json.Encoder().encode
 _CHUNK_EVENTS = 4096  # at most this many events per stored chunk
-_PAGE = 64  # chunks fetched per read query
 _VERSION_CACHE_LIMIT = 200_000
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -80,23 +101,12 @@ class _StreamExists(Exception):
     """A stream taken to be new already existed in the file: the transaction was rolled back."""
 
 
-class StoredEvent(msgspec.Struct, array_like=True, gc=False):
-    """One event as stored inside a chunk: the envelope fields, the event's msgpack bytes and
-    its chain hash."""
-
-    seq: int
-    id: str
-    stream: str
-    stream_version: int
-    ts: float
-    type: str
-    data: bytes
-    hash: bytes
+class _Unencodable(Exception):
+    """An event of the batch could not be encoded: nothing was recorded; the batch is decided
+    again without the appends holding such an event (they get EventNotEncodable)."""
 
 
 _chunk_encoder = msgspec.msgpack.Encoder()
-_chunk_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
-ChunkRow = tuple[int, int, bytes, int]
 _Pending = tuple[Sequence[BaseEvent], ExpectedVersion, "asyncio.Future[list[Envelope]]"]
 
 
@@ -132,144 +142,6 @@ class WriterLock:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-
-
-def _decode_chunk(row: ChunkRow) -> list[StoredEvent]:
-    first, last, body, crc = row
-    if integrity.checksum(body) != crc:
-        raise IntegrityError(first, f"checksum mismatch in events {first}..{last}")
-    try:
-        records = _chunk_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise IntegrityError(first, f"undecodable events {first}..{last}: {exc}") from None
-    if not records or records[0].seq != first or records[-1].seq != last:
-        raise IntegrityError(first, f"events {first}..{last} do not match their chunk")
-    return records
-
-
-def _to_envelope(rec: StoredEvent) -> Envelope:
-    try:
-        event = decode_event(rec.data)
-    except Exception as exc:  # msgspec.DecodeError, ValidationError
-        raise IntegrityError(rec.seq, f"undecodable event: {exc}") from None
-    return Envelope(rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, event)
-
-
-def verify_file(
-    path: str | os.PathLike[str],
-    progress: Callable[[int, int], None] | None = None,
-    *,
-    trusted: tuple[int, bytes] | None = None,
-) -> int:
-    """Check the whole log at `path`: contiguous seqs, chunk checksums, every event's chain hash,
-    and that every event decodes. Returns the number of events; raises IntegrityError naming the
-    first bad seq.
-
-    `trusted=(seq, hash)` verifies from seq + 1 only: the prefix up to `seq` was verified when
-    `hash` was read from the log (a snapshot's position); the stored hash at `seq` must equal it."""
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise IntegrityError(1, f"cannot open the log: {exc}") from None
-    try:
-        return _verify_chunks(conn, progress, trusted)
-    finally:
-        conn.close()
-
-
-def hash_at_file(path: str | os.PathLike[str], seq: int) -> bytes | None:
-    """The chain hash stored with event `seq` in the log at `path` (None if there is no such
-    event or no log); blocking, read-only."""
-    if seq < 1:
-        return integrity.GENESIS if seq == 0 else None
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return None
-    try:
-        row = conn.execute(_CHUNK_OF, (seq,)).fetchone()
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
-    return _hash_in(row, seq)
-
-
-_CHUNK_OF = (
-    "SELECT first_seq, last_seq, body, crc FROM chunks WHERE first_seq <= ? "
-    "ORDER BY first_seq DESC LIMIT 1"
-)
-
-
-def _hash_in(row: ChunkRow | None, seq: int) -> bytes | None:
-    if row is None or not row[0] <= seq <= row[1]:
-        return None
-    rec = _decode_chunk(row)[seq - row[0]]
-    return rec.hash if rec.seq == seq else None
-
-
-def _verify_chunks(
-    conn: sqlite3.Connection,
-    progress: Callable[[int, int], None] | None,
-    trusted: tuple[int, bytes] | None = None,
-) -> int:
-    expected = 1
-    prev = integrity.GENESIS
-    trusted_seq, trusted_hash = trusted or (0, integrity.GENESIS)
-    try:
-        total = conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM chunks").fetchone()[0]
-        if trusted_seq > 0:
-            row = conn.execute(_CHUNK_OF, (trusted_seq,)).fetchone()
-            expected = row[0] if row is not None else 1
-        cur = conn.execute(
-            "SELECT first_seq, last_seq, body, crc FROM chunks WHERE first_seq >= ? "
-            "ORDER BY first_seq",
-            (expected,),
-        )
-        while rows := cur.fetchmany(_PAGE):
-            for first, last, body, crc in rows:
-                if first != expected:
-                    raise IntegrityError(
-                        expected, f"event missing (next stored event is seq {first})"
-                    )
-                try:
-                    records = _chunk_decoder.decode(body)
-                except msgspec.DecodeError as exc:
-                    raise IntegrityError(
-                        first, f"undecodable events {first}..{last}: {exc}"
-                    ) from None
-                for rec in records:
-                    if rec.seq != expected:
-                        raise IntegrityError(
-                            expected, f"event missing or out of order (found seq {rec.seq})"
-                        )
-                    if rec.seq <= trusted_seq:  # verified before: take its hash as it is
-                        if rec.seq == trusted_seq and rec.hash != trusted_hash:
-                            raise IntegrityError(rec.seq, "hash differs from the trusted one")
-                        prev = rec.hash
-                        expected += 1
-                        continue
-                    h = integrity.chain_hash(
-                        prev, rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, rec.data
-                    )
-                    if h != rec.hash:
-                        raise IntegrityError(
-                            rec.seq, "hash chain broken (event altered, removed or reordered)"
-                        )
-                    _to_envelope(rec)
-                    prev = h
-                    expected += 1
-                if expected - 1 != last:
-                    raise IntegrityError(expected, f"event missing (chunk {first}..{last})")
-                if integrity.checksum(body) != crc:
-                    raise IntegrityError(first, f"checksum mismatch in events {first}..{last}")
-            if progress is not None:
-                progress(expected - 1, total)
-        if expected - 1 < trusted_seq:
-            raise IntegrityError(expected, f"event missing (the log ends before {trusted_seq})")
-        return expected - 1
-    except sqlite3.DatabaseError as exc:
-        raise IntegrityError(expected, f"the log file is damaged: {exc}") from None
 
 
 class _Checkpointer:
@@ -324,6 +196,7 @@ class _Checkpointer:
             if self._conn is None:
                 self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=0.1)
                 self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                self._conn.execute("PRAGMA temp_store=MEMORY")
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self._over_limit = self.wal.stat().st_size > self.limit_bytes
             self.done += 1
@@ -373,6 +246,21 @@ class _WriterThread:
         self._calls.put(None)
 
 
+def _refuse_unencodable(batch: list[_Pending]) -> bool:
+    """Fail, with EventNotEncodable, every waiting append of `batch` holding an event that
+    cannot be encoded; False if there is none."""
+    found = False
+    for events, _expected, fut in batch:
+        if fut.done():
+            continue
+        try:
+            encode_events(events)
+        except EventNotEncodable as exc:
+            fut.set_exception(exc)
+            found = True
+    return found
+
+
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
     if not fut.done():
         fut.set_result(result)
@@ -414,6 +302,10 @@ class SqliteStore:
         self._wconn: sqlite3.Connection | None = None
         self._thread: _WriterThread | None = None
         self._checkpointer: _Checkpointer | None = None
+        # The committed head recorded outside the log (eventstore/sqlite_head.py) after each
+        # commit, and synced in the background when the log's commits are (FULL or EXTRA).
+        self._head_writer: HeadWriter | None = None
+        self._head_sync = sync in ("FULL", "EXTRA")
         self._rconn: aiosqlite.Connection | None = None
         self._listeners: list[Listener] = []
         self._pending: list[_Pending] = []
@@ -437,11 +329,16 @@ class SqliteStore:
         await asyncio.to_thread(self._lock.acquire)  # creates the directory too
         self._thread = _WriterThread("sqlite-writer")
         try:
+            # Read-only, before the writer's connection (which would change the file's header
+            # to WAL mode and add our tables, or fold a damaged WAL's readable part into the
+            # file): a refused file is left as it is.
+            await asyncio.to_thread(check_before_writing, self.path)
             self._wconn = await self._run(self._open_writer)
             if self.verify_on_open:
                 await asyncio.to_thread(verify_file, self.path, trusted=self.trusted_prefix)
             self._rconn = await self._connect(f"file:{self.path}?mode=ro")
             await self._load_tail(self._rconn)
+            await self._run(self._record_head, self._head, self._last_hash, self._head_sync)
         except BaseException as exc:
             await self._close_connections()
             self._lock.release()
@@ -461,8 +358,16 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
+        # Temporary tables and indices of a statement (e.g. a commit touching many streams)
+        # stay in memory: a temporary file needs a file descriptor, which a busy server may
+        # not have to spare at that moment (issue 14).
+        conn.execute("PRAGMA temp_store=MEMORY")
         conn.executescript(SCHEMA)
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.commit()
+        self._head_writer = HeadWriter(self.path)
+        self._head_writer.open()
         self._checkpointer = _Checkpointer(
             self.path, self.synchronous, self.checkpoint_every, self.wal_limit
         )
@@ -472,6 +377,7 @@ class SqliteStore:
         try:
             conn = await aiosqlite.connect(target, uri=target.startswith("file:"))
             await conn.execute("PRAGMA query_only=1" if "mode=ro" in target else "SELECT 1")
+            await conn.execute("PRAGMA temp_store=MEMORY")  # no temporary files (see the writer)
             return conn
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(1, f"the log file {self.path} is damaged: {exc}") from None
@@ -485,7 +391,7 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(1, f"the log file {self.path} is damaged: {exc}") from None
         if row is not None:
-            last = _decode_chunk(tuple(row))[-1]  # type: ignore[arg-type]
+            last = decode_chunk(tuple(row))[-1]  # type: ignore[arg-type]
             self._head, self._last_ts, self._last_hash = last.seq, last.ts, last.hash
 
     async def close(self) -> None:
@@ -507,6 +413,10 @@ class SqliteStore:
         if self._wconn is not None:
             with contextlib.suppress(Exception):
                 await self._run(self._wconn.close)
+        if self._head_writer is not None:
+            with contextlib.suppress(Exception):
+                await self._run(self._head_writer.close)
+            self._head_writer = None
         if self._thread is not None:
             self._thread.stop()
         self._wconn = self._rconn = None
@@ -628,6 +538,11 @@ class SqliteStore:
                 raise
             await self._commit_batch(batch, optimistic=False)
             return
+        except _Unencodable as exc:  # nothing was recorded: decide again without the culprits
+            if not _refuse_unencodable(batch):
+                raise StoreUnavailable(f"the log could not be written: {exc}") from None
+            await self._commit_batch(batch, optimistic)
+            return
         for fut, start, end in accepted:
             if not fut.done():
                 fut.set_result(envelopes[start:end])
@@ -647,30 +562,36 @@ class SqliteStore:
         sha256, header, encode = hashlib.sha256, integrity.header, encode_event
         records: list[tuple[int, str, str, int, float, str, bytes, bytes]] = []
         append = records.append
-        for env in envelopes:
-            event, seq, stream, version, ts, event_id = (
-                env.event,
-                env.seq,
-                env.stream,
-                env.stream_version,
-                env.ts,
-                env.id,
-            )
-            data = encode(event)
-            prev = sha256(
-                b"".join(
-                    (
-                        prev,
-                        header(seq, version, ts),
-                        event_id.encode(),
-                        b"\0",
-                        stream.encode(),
-                        b"\0",
-                        data,
-                    )
+        # Each event is encoded here, once: one that cannot be encoded fails the batch before
+        # anything is written, and the batch is decided again without the appends holding one
+        # (_commit_batch); the happy path pays only for the `try`.
+        try:
+            for env in envelopes:
+                event, seq, stream, version, ts, event_id = (
+                    env.event,
+                    env.seq,
+                    env.stream,
+                    env.stream_version,
+                    env.ts,
+                    env.id,
                 )
-            ).digest()
-            append((seq, event_id, stream, version, ts, event.event_type, data, prev))
+                data = encode(event)
+                prev = sha256(
+                    b"".join(
+                        (
+                            prev,
+                            header(seq, version, ts),
+                            event_id.encode(),
+                            b"\0",
+                            stream.encode(),
+                            b"\0",
+                            data,
+                        )
+                    )
+                ).digest()
+                append((seq, event_id, stream, version, ts, event.event_type, data, prev))
+        except (OverflowError, TypeError, ValueError, RecursionError, msgspec.EncodeError) as exc:
+            raise _Unencodable(str(exc)) from None
         rows: list[ChunkRow] = []
         for i in range(0, len(records), _CHUNK_EVENTS):
             part = records[i : i + _CHUNK_EVENTS]
@@ -679,7 +600,7 @@ class SqliteStore:
         inserts = [(s, v) for s, v in versions.items() if s in new]
         upserts = [(s, v) for s, v in versions.items() if s not in new]
         try:
-            await self._run(self._commit_rows, rows, inserts, upserts)
+            await self._run(self._commit_rows, rows, inserts, upserts, envelopes[-1].seq, prev)
         except sqlite3.IntegrityError:
             raise _StreamExists from None
         last = envelopes[-1]
@@ -692,9 +613,15 @@ class SqliteStore:
                 log.exception("log listener failed")
 
     def _commit_rows(
-        self, rows: list[ChunkRow], inserts: list[tuple[str, int]], upserts: list[tuple[str, int]]
+        self,
+        rows: list[ChunkRow],
+        inserts: list[tuple[str, int]],
+        upserts: list[tuple[str, int]],
+        head: int,
+        head_hash: bytes,
     ) -> None:
-        """One transaction on the writer thread: chunks, stream versions, COMMIT (the fsync)."""
+        """One transaction on the writer thread: chunks, stream versions, COMMIT (the fsync);
+        then the record of the new head (`head`, `head_hash`), before the append returns."""
         conn = self._wconn
         assert conn is not None
         try:
@@ -707,11 +634,25 @@ class SqliteStore:
         except BaseException:
             conn.rollback()
             raise
+        self._record_head(head, head_hash, self._head_sync)
         if self._checkpointer is not None:  # after the commit: its errors are not the append's
             try:
                 self._checkpointer.wrote(conn, sum(len(row[2]) for row in rows))
             except (sqlite3.Error, RuntimeError):
                 log.warning("WAL checkpoint failed", exc_info=True)
+
+    def _record_head(self, seq: int, chain: bytes, sync: bool) -> None:
+        """Record the committed head (writer thread). A failure does not fail the append, whose
+        events are committed: the record lags behind the log, which is allowed."""
+        writer = self._head_writer
+        if writer is None or seq <= writer.seq:
+            return
+        try:
+            writer.write(seq, chain)
+            if sync:
+                writer.sync_soon()
+        except OSError:
+            log.warning("the log's head record could not be written", exc_info=True)
 
     async def restore(self, envelopes: Sequence[Envelope]) -> None:
         """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.
@@ -736,7 +677,11 @@ class SqliteStore:
                     f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
                 )
             overlay[env.stream] = version
-        await self._write(list(envelopes), overlay)
+        try:
+            await self._write(list(envelopes), overlay)
+        except _Unencodable as exc:
+            encode_events([env.event for env in envelopes])  # raises EventNotEncodable
+            raise StoreUnavailable(f"the log could not be written: {exc}") from None
 
     # --- reading ---
 
@@ -764,7 +709,7 @@ class SqliteStore:
                 async with conn.execute(
                     "SELECT first_seq, last_seq, body, crc FROM chunks "
                     "WHERE first_seq >= ? AND first_seq <= ? ORDER BY first_seq LIMIT ?",
-                    (chunk_from, end, _PAGE),
+                    (chunk_from, end, PAGE),
                 ) as cur:
                     rows: list[Any] = list(await cur.fetchall())
             except sqlite3.DatabaseError as exc:
@@ -776,7 +721,7 @@ class SqliteStore:
                     continue
                 if row[0] > next_seq:
                     raise IntegrityError(next_seq, f"event missing (next stored is {row[0]})")
-                for rec in _decode_chunk(row):
+                for rec in decode_chunk(row):
                     if rec.seq < next_seq:
                         continue
                     if rec.seq > end:
@@ -785,7 +730,7 @@ class SqliteStore:
                         raise IntegrityError(next_seq, "event missing or out of order")
                     next_seq += 1
                     if match is None or match(rec.type):
-                        yield _to_envelope(rec)
+                        yield to_envelope(rec)
             chunk_from = rows[-1][0] + 1
 
     def subscribe(
@@ -805,9 +750,9 @@ class SqliteStore:
         conn = self._rconn
         if conn is None:
             raise StoreUnavailable("the log is not open")
-        async with conn.execute(_CHUNK_OF, (seq,)) as cur:
+        async with conn.execute(CHUNK_OF, (seq,)) as cur:
             row = await cur.fetchone()
-        return _hash_in(row, seq)  # type: ignore[arg-type]
+        return hash_in(row, seq)  # type: ignore[arg-type]
 
     async def stream_version(self, stream: str) -> int:
         if stream in self._versions:

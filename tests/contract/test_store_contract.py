@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from eventstore import open_store
-from eventstore.base import ConcurrencyError, Envelope, EventStore, StoreConfig, SubscriberTooSlow
-from eventstore.events import LogNote, UserActivated
+from eventstore.base import (
+    ConcurrencyError,
+    Envelope,
+    EventNotEncodable,
+    EventStore,
+    StoreConfig,
+    SubscriberTooSlow,
+)
+from eventstore.events import LogNote, NodeHeartbeat, UserActivated
 from tests.nats_server import delete_stream, require_nats, unique_stream
 
 BACKENDS = ["memory", "sqlite", "nats"]  # nats: skipped without a server, failed in CI
@@ -102,6 +109,30 @@ async def test_concurrent_appenders_all_resolved_gap_free(store: EventStore) -> 
     assert [e.seq for e in logged] == seqs
     by_seq = {env.seq: env for envs in results for env in envs}
     assert all(by_seq[e.seq] == e for e in logged)
+
+
+async def test_an_unencodable_event_fails_its_own_append_only(store: EventStore) -> None:
+    """An integer outside msgpack's range (a free-form field) is refused with EventNotEncodable
+    naming the event and the value's path; the appends beside it, in the same group commit,
+    are recorded."""
+    too_big = NodeHeartbeat(node_id="n1", metrics={"cpu": 2**64})
+    too_small = LogNote(stream_id="c", data={"x": [1, {"y": -(2**63) - 1}]})
+    results = await asyncio.gather(
+        store.append([note("a", "before")]),
+        store.append([note("b", "same append"), too_big]),
+        store.append([too_small]),
+        store.append([note("d", "after")]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], EventNotEncodable)
+    assert str(results[1]) == "node.heartbeat: integer out of range at metrics.cpu"
+    assert isinstance(results[2], EventNotEncodable)
+    assert str(results[2]) == "system.note: integer out of range at data.x[1].y"
+    good = [env for r in (results[0], results[3]) if isinstance(r, list) for env in r]
+    assert [e.seq for e in good] == [1, 2]
+    assert await collect(store.read()) == good
+    assert await store.stream_version("b") == 0 and await store.stream_version("n1") == 0
+    assert [e.seq for e in await store.append([note("a", "next")])] == [3]
 
 
 async def test_listeners_see_every_batch_in_order_before_append_returns(store: EventStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import zlib
@@ -11,7 +12,7 @@ import msgspec
 import pytest
 
 from eventstore.sqlite import StoredEvent
-from tests.e2e.procs import run_broker, served
+from tests.e2e.procs import free_port, run_broker, served
 
 
 @pytest.fixture
@@ -135,3 +136,58 @@ def test_serve_refuses_a_corrupted_log(data: Path) -> None:
     r = run_broker(["serve"], data)
     assert r.returncode == 1
     assert "seq 1" in r.stderr and "integrity" in r.stderr
+
+
+def test_another_applications_database_is_refused_by_every_command(data: Path) -> None:
+    path = data / "events.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL);")
+    conn.execute("INSERT INTO invoices VALUES (1, 9.5)")
+    conn.commit()
+    conn.close()
+    before = hashlib.sha256(path.read_bytes()).digest()
+    for command in (["serve"], ["verify"]):
+        r = run_broker(command, data, BROKER_SERVER__PORT=str(free_port()))
+        assert r.returncode == 1, (command, r.stderr)
+        assert "not an event log of this broker" in r.stderr, (command, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert hashlib.sha256(path.read_bytes()).digest() == before
+
+
+@pytest.mark.parametrize("loss", ["missing", "emptied", "shorter"])
+def test_a_log_behind_its_snapshots_is_refused_with_one_clear_line(
+    data: Path, tmp_path: Path, loss: str
+) -> None:
+    for name in ("usr1", "usr2", "usr3"):
+        create_user(data, name)
+    with served(data):
+        pass  # stopping it writes a snapshot of the log's head
+    snapshots = sorted((data / "snapshots").glob("snapshot-*.msgpack"))
+    assert snapshots, "no snapshot written at shutdown"
+    covered = int(snapshots[-1].name.split("-")[1].split(".")[0])
+    log = data / "events.db"
+    for extra in ("-wal", "-shm", ".head"):  # everything of the log goes
+        log.with_name(log.name + extra).unlink(missing_ok=True)
+    if loss == "missing":
+        log.unlink()
+        head = 0
+    elif loss == "emptied":
+        log.write_bytes(b"")
+        head = 0
+    else:  # replaced by an older copy
+        other = tmp_path / "other"
+        other.mkdir()
+        create_user(other, "usr1")
+        log.write_bytes((other / "events.db").read_bytes())
+        head = 1
+    before = log.read_bytes() if log.exists() else None
+    expected = f"the log ends at seq {head} but snapshot {snapshots[-1]} covers up to seq {covered}"
+    r = run_broker(["serve"], data, BROKER_SERVER__PORT=str(free_port()))
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert "restore it from backup" in lines[0]
+    assert (log.read_bytes() if log.exists() else None) == before  # not created, not changed
+    r = run_broker(["verify"], data)
+    assert r.returncode == 1
+    assert expected in r.stdout and "the log was lost or replaced" in r.stdout, r.stdout

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import shutil
 import sqlite3
 import zlib
 from collections.abc import Callable
@@ -12,9 +14,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from eventstore.base import ConcurrencyError, Envelope, IntegrityError, StoreLocked
+from eventstore.base import ConcurrencyError, Envelope, IntegrityError, StoreError, StoreLocked
 from eventstore.events import LogNote
-from eventstore.sqlite import SqliteStore, StoredEvent, verify_file
+from eventstore.sqlite import APPLICATION_ID, SqliteStore, StoredEvent, verify_file
+from eventstore.sqlite_head import read_head
 
 
 async def make_log(path: Path, n: int = 50) -> list[Envelope]:
@@ -143,12 +146,20 @@ async def test_reordered_events_are_found(tmp_path: Path) -> None:
     assert info.value.seq == 12
 
 
-async def test_removed_tail_continues_from_what_is_there(tmp_path: Path) -> None:
-    # Dropping the last chunk leaves a valid prefix: verify passes, and the next append
-    # chains onto what is really there.
+async def test_removed_tail_continues_from_what_is_there_once_the_loss_is_accepted(
+    tmp_path: Path,
+) -> None:
+    # Dropping the last chunk leaves a valid prefix, but acknowledged events are gone: the
+    # recorded head (log.db.head) refuses it. Once the operator accepts the loss (removes the
+    # record), the next append chains onto what is really there.
     path = tmp_path / "log.db"
     await make_log(path)
     await sql(path, "DELETE FROM chunks WHERE first_seq = 41")
+    with pytest.raises(IntegrityError, match=r"events 41\.\.50 missing"):
+        await verify(path)
+    with pytest.raises(IntegrityError, match=r"events 41\.\.50 missing"):
+        await SqliteStore(path).open()
+    (tmp_path / "log.db.head").unlink()
     assert await verify(path) == 40
     store = SqliteStore(path)
     await store.open()
@@ -319,3 +330,168 @@ async def test_a_failing_checkpoint_does_not_fail_the_append(
     finally:
         await store.close()
     assert await verify(tmp_path / "log.db") == 1
+
+
+async def test_every_connection_keeps_temporary_data_in_memory(tmp_path: Path) -> None:
+    """A temporary file needs a free file descriptor: a commit must not depend on one."""
+    store = SqliteStore(tmp_path / "log.db")
+    store.checkpoint_every = 1  # the background checkpointer opens its connection at once
+    await store.open()
+    try:
+        await store.append([LogNote(stream_id=f"s{i}") for i in range(20)])
+        assert store._wconn is not None and store._rconn is not None
+        wconn, ckpt = store._wconn, store._checkpointer
+        assert await store._run(lambda: wconn.execute("PRAGMA temp_store").fetchone()[0]) == 2
+        async with store._rconn.execute("PRAGMA temp_store") as cur:
+            assert (await cur.fetchone()) == (2,)  # 2 = MEMORY
+        assert ckpt is not None
+        await asyncio.to_thread(ckpt._executor.submit(lambda: None).result)
+        assert ckpt._conn is not None
+        ckpt_conn = ckpt._conn
+        assert (
+            await asyncio.to_thread(
+                ckpt._executor.submit(
+                    lambda: ckpt_conn.execute("PRAGMA temp_store").fetchone()[0]
+                ).result
+            )
+            == 2
+        )
+    finally:
+        await store.close()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO users VALUES (1, 'a')",
+        # our tables' names, another application's id
+        "CREATE TABLE chunks (x); CREATE TABLE streams (y); PRAGMA application_id = 7",
+        # our tables and one more
+        "CREATE TABLE chunks (x); CREATE TABLE streams (y); CREATE TABLE extra (z)",
+    ],
+)
+async def test_another_applications_database_is_refused_and_left_untouched(
+    tmp_path: Path, schema: str
+) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(schema)
+    conn.commit()
+    conn.close()
+    before = _digest(path)
+    with pytest.raises(StoreError, match="not an event log of this broker") as info:
+        await SqliteStore(path).open()
+    assert not isinstance(info.value, IntegrityError)
+    with pytest.raises(StoreError, match="not an event log of this broker"):
+        await verify(path)
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "app.db.lock"]
+
+
+async def test_new_logs_carry_our_application_id_and_older_logs_still_open(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path, 10)
+    assert await sql(path, "PRAGMA application_id") == [(APPLICATION_ID,)]
+    await sql(path, "PRAGMA application_id = 0")  # a log made before the id was set
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.head() == 10
+        await store.append([LogNote(text="more")])
+    finally:
+        await store.close()
+    assert await sql(path, "PRAGMA application_id") == [(APPLICATION_ID,)]
+    assert await verify(path) == 11
+
+
+# --- the recorded head: a log behind it lost acknowledged events ---
+
+
+async def copy_while_open(path: Path, dest: Path, commits: int) -> None:
+    """Write `commits` commits of 5 events, then copy the log, its WAL (not checkpointed: the
+    store checkpoints only every 32 MiB, and closing would fold it in) and its head record
+    while the store is still open: the state a crash would leave."""
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        for i in range(commits):
+            await store.append([LogNote(stream_id=f"s{i % 3}", text=f"{i}-{j}") for j in range(5)])
+        dest.mkdir()
+        for name in ("log.db", "log.db-wal", "log.db.head"):
+            if path.with_name(name).exists():
+                await asyncio.to_thread(shutil.copyfile, path.with_name(name), dest / name)
+    finally:
+        await store.close()
+
+
+def _last_seq_read_only(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # never checkpoints the WAL
+    try:
+        return int(conn.execute("SELECT MAX(last_seq) FROM chunks").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_flipped_byte_in_the_wal_is_found_at_open_and_by_verify(tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    await copy_while_open(tmp_path / "log.db", copy, commits=10)
+    path, wal = copy / "log.db", copy / "log.db-wal"
+    data = bytearray(wal.read_bytes())
+    assert len(data) > 4096 * 10  # the commits are in the WAL, frame after frame
+    data[len(data) * 2 // 3] ^= 0x01  # in a frame of a later commit: SQLite stops there
+    wal.write_bytes(bytes(data))
+    damaged = hashlib.sha256(bytes(data)).digest()
+    # SQLite alone sees a shorter log, valid to the last event: the lost tail is invisible
+    head = await asyncio.to_thread(_last_seq_read_only, path)
+    assert 0 < head < 50
+    with pytest.raises(IntegrityError) as info:
+        await SqliteStore(path).open()
+    assert info.value.seq == head + 1
+    assert f"events {head + 1}..50 missing: {50 - head} acknowledged events lost" in str(info.value)
+    with pytest.raises(IntegrityError, match=rf"events {head + 1}\.\.50 missing"):
+        await verify(path)
+    with pytest.raises(IntegrityError, match=rf"events {head + 1}\.\.50 missing"):
+        await SqliteStore(path).open()  # refused again: the WAL was left as it was
+    assert hashlib.sha256(wal.read_bytes()).digest() == damaged
+
+
+async def test_a_record_behind_the_log_is_fine_and_moves_on(tmp_path: Path) -> None:
+    # The record is written after the commit: a crash in between leaves it behind the log.
+    path = tmp_path / "log.db"
+    await copy_while_open(path, tmp_path / "early", commits=4)  # record at seq 20
+    store = SqliteStore(path)
+    await store.open()
+    await store.append([LogNote(text="21")])
+    await store.close()
+    early = tmp_path / "early" / "log.db.head"
+    await asyncio.to_thread(shutil.copyfile, early, tmp_path / "log.db.head")
+    assert (await asyncio.to_thread(read_head, path) or (0,))[0] == 20
+    assert await verify(path) == 21
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    assert (await asyncio.to_thread(read_head, path) or (0,))[0] == 21
+
+
+async def test_a_replaced_log_is_refused_by_the_hash_at_the_recorded_head(tmp_path: Path) -> None:
+    await make_log(tmp_path / "a.db", 20)
+    await make_log(tmp_path / "b.db", 30)  # another history, longer
+    await asyncio.to_thread(shutil.copyfile, tmp_path / "b.db", tmp_path / "a.db")
+    with pytest.raises(IntegrityError, match="chain hash differs") as info:
+        await SqliteStore(tmp_path / "a.db").open()
+    assert info.value.seq == 20
+    with pytest.raises(IntegrityError, match="chain hash differs"):
+        await verify(tmp_path / "a.db")
+
+
+async def test_a_lost_log_file_is_refused_and_not_created_again(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    await make_log(path, 10)
+    path.unlink()
+    with pytest.raises(IntegrityError, match=r"events 1\.\.10 missing"):
+        await SqliteStore(path).open()
+    assert not path.exists()

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker import snapshots
 from broker.app import create_app
 from broker.config import Config, SnapshotsConfig
 from broker.keys import RUNTIME, SNAPSHOTS
@@ -207,13 +208,29 @@ async def test_garbage_and_foreign_snapshots_are_ignored(tmp_path: Path) -> None
     reasons = " ".join(r for _, r in boot.ignored)
     assert "bad magic" in reasons and "differs" in reasons
     assert second["at_start"] == first_b["final"] != first_a["final"]
-    # a snapshot past the end of the log (the log was replaced by a shorter one)
-    c = config_in(tmp_path / "c")
-    await run_app(c, history(10, seed=3))
-    shutil.rmtree(Snapshotter(c).directory)
-    shutil.copytree(dir_a, Snapshotter(c).directory)
-    third = await run_app(c)
-    assert third["boot"].seq == 0 and "has no event" in third["boot"].ignored[0][1]
+
+
+async def test_a_log_behind_the_newest_snapshot_is_refused(tmp_path: Path) -> None:
+    """The log was lost, emptied or replaced by a shorter one: starting would serve an empty
+    or older state as if healthy. It is refused, and a lost log is not created anew."""
+    a = config_in(tmp_path / "a")
+    first = await run_app(a, history(300, seed=1))
+    directory = Snapshotter(a).directory
+    newest = (await asyncio.to_thread(snapshot_paths, directory))[0][0]
+    assert newest == first["head"]
+    c = config_in(tmp_path / "c")  # a shorter log beside A's snapshots
+    short = (await run_app(c, history(10, seed=3)))["head"]
+    await asyncio.to_thread(shutil.rmtree, Snapshotter(c).directory)
+    await asyncio.to_thread(shutil.copytree, directory, Snapshotter(c).directory)
+    expected = rf"the log ends at seq {short} but snapshot \S+ covers up to seq {newest}: the log "
+    with pytest.raises(IntegrityError, match=expected + "was lost or replaced"):
+        await run_app(c)
+    log = Path(a.store.path)
+    for name in (log.name, log.name + "-wal", log.name + "-shm", log.name + ".head"):
+        await asyncio.to_thread(log.with_name(name).unlink, True)  # the log is lost
+    with pytest.raises(IntegrityError, match=rf"the log ends at seq 0 but .* up to seq {newest}"):
+        await run_app(a)
+    assert not await asyncio.to_thread(log.exists)
 
 
 async def test_disabled_snapshots_write_nothing(tmp_path: Path) -> None:
@@ -244,3 +261,71 @@ async def test_verify_from_a_trusted_position(tmp_path: Path) -> None:
         await asyncio.to_thread(verify_file, path, trusted=(20_000, h))
     assert await asyncio.to_thread(hash_at_file, path, 20_000) is None
     assert await asyncio.to_thread(hash_at_file, tmp_path / "nope.db", 1) is None
+
+
+class _Log:
+    """Records what the snapshotter logs."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    info = warning = exception = _record
+
+
+async def test_a_failing_snapshot_backs_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that cannot be written is retried after `every` more events and a delay
+    doubling from 1 s, logged once per failure: not on every append (it was, at 100% CPU)."""
+    config = config_in(tmp_path, every=10)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a regular file where the snapshot directory should be")
+    config.snapshots.directory = str(blocker)
+    attempts: list[int] = []
+    write = snapshots.write_file
+
+    def counting(directory: Path, seq: int, *args: Any) -> tuple[Path, int]:
+        attempts.append(seq)
+        return write(directory, seq, *args)
+
+    monkeypatch.setattr(snapshots, "write_file", counting)
+    logged = _Log()
+    monkeypatch.setattr(snapshots, "log", logged)
+    clock = [1000.0]
+    async with TestClient(TestServer(create_app(config))) as client:
+        snap, runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
+        snap.now = lambda: clock[0]
+
+        async def append(n: int) -> None:
+            for i in range(n):
+                await runtime.record([LogNote(stream_id="s", text=str(i))])
+                await snap.wait()  # a snapshot it started has finished
+
+        def failures() -> list[dict[str, Any]]:
+            return [f for e, f in logged.events if e == "snapshot_failed"]
+
+        await append(200)
+        assert len(attempts) == 1 and snap.failures == 1
+        assert failures() == [{"failures": 1, "retry_after_events": 10, "retry_after_seconds": 1.0}]
+        clock[0] += 1.5  # past the delay, and more than `every` events since: one more try
+        await append(1)
+        assert len(attempts) == 2 and failures()[-1]["retry_after_seconds"] == 2.0
+        clock[0] += 1.5  # not yet past the doubled delay
+        await append(30)
+        assert len(attempts) == 2
+        clock[0] += 1.0
+        await append(1)
+        assert len(attempts) == 3 and failures()[-1]["retry_after_seconds"] == 4.0
+        clock[0] += 10.0
+        await append(5)  # past the delay, but fewer than `every` events since the failure
+        assert len(attempts) == 3
+        await append(5)
+        assert len(attempts) == 4 and len(failures()) == 4
+        blocker.unlink()  # the directory can be made again: the next try succeeds
+        clock[0] += 100.0
+        await append(10)
+        assert len(attempts) == 5 and snap.failures == 0
+        assert await asyncio.to_thread(snapshot_paths, blocker)

@@ -1,0 +1,270 @@
+"""The log file read without the store (blocking, read-only): `broker verify`, the hash and
+the head at a seq, and the checks made before the writer touches a file.
+
+A log is a SQLite database with two tables (`SCHEMA` in eventstore.sqlite): `chunks`, the events
+in msgpack chunks (`StoredEvent`s) with a CRC-32 each, and `streams`, each stream's version.
+Its header carries `APPLICATION_ID`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from eventstore import integrity
+from eventstore.base import Envelope, IntegrityError, StoreError
+from eventstore.codec import decode_event
+from eventstore.sqlite_head import check_head, read_head
+
+# Our logs say so in their header (PRAGMA application_id, "BRKL"); logs made before it was set
+# have 0 there and exactly our tables.
+APPLICATION_ID = 0x42524B4C
+_TABLES = frozenset({"chunks", "streams"})
+PAGE = 64  # chunks fetched per read query
+
+
+class StoredEvent(msgspec.Struct, array_like=True, gc=False):
+    """One event as stored inside a chunk: the envelope fields, the event's msgpack bytes and
+    its chain hash."""
+
+    seq: int
+    id: str
+    stream: str
+    stream_version: int
+    ts: float
+    type: str
+    data: bytes
+    hash: bytes
+
+
+_chunk_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
+ChunkRow = tuple[int, int, bytes, int]
+
+
+def decode_chunk(row: ChunkRow) -> list[StoredEvent]:
+    first, last, body, crc = row
+    if integrity.checksum(body) != crc:
+        raise IntegrityError(first, f"checksum mismatch in events {first}..{last}")
+    try:
+        records = _chunk_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise IntegrityError(first, f"undecodable events {first}..{last}: {exc}") from None
+    if not records or records[0].seq != first or records[-1].seq != last:
+        raise IntegrityError(first, f"events {first}..{last} do not match their chunk")
+    return records
+
+
+def to_envelope(rec: StoredEvent) -> Envelope:
+    try:
+        event = decode_event(rec.data)
+    except Exception as exc:  # msgspec.DecodeError, ValidationError
+        raise IntegrityError(rec.seq, f"undecodable event: {exc}") from None
+    return Envelope(rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, event)
+
+
+def verify_file(
+    path: str | os.PathLike[str],
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    trusted: tuple[int, bytes] | None = None,
+) -> int:
+    """Check the whole log at `path`: contiguous seqs, chunk checksums, every event's chain hash,
+    and that every event decodes. Returns the number of events; raises IntegrityError naming the
+    first bad seq. A log behind its recorded committed head (`eventstore.sqlite_head`) fails.
+
+    `trusted=(seq, hash)` verifies from seq + 1 only: the prefix up to `seq` was verified when
+    `hash` was read from the log (a snapshot's position); the stored hash at `seq` must equal it."""
+    record = read_head(path)  # before the log, which only grows after it
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise IntegrityError(1, f"cannot open the log: {exc}") from None
+    try:
+        with contextlib.suppress(sqlite3.DatabaseError):  # damage: _verify_chunks names it
+            _check_identity(conn, Path(path))
+        n = _verify_chunks(conn, progress, trusted)
+        _check_recorded_head(conn, path, record, n)
+        return n
+    finally:
+        conn.close()
+
+
+def _check_recorded_head(
+    conn: sqlite3.Connection,
+    path: str | os.PathLike[str],
+    record: tuple[int, bytes] | None,
+    log_head: int,
+) -> None:
+    if record is None:
+        return
+    try:
+        row = conn.execute(CHUNK_OF, (record[0],)).fetchone() if log_head >= record[0] else None
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(record[0], f"the log file is damaged: {exc}") from None
+    check_head(path, record, log_head, hash_in(row, record[0]) if row is not None else None)
+
+
+def check_before_writing(path: Path) -> None:
+    """Refuse, before anything is written, a file that is not one of our logs (another
+    application's database is left as it is) and a log behind its recorded committed head
+    (`eventstore.sqlite_head`: acknowledged events were lost). Blocking; read-only."""
+    record = read_head(path)  # before the log
+    try:
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        empty = True
+    if empty:  # a new log; or, with a recorded head, a log that was lost
+        check_head(path, record, 0, None)
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            names = _check_identity(conn, path)
+            row = conn.execute(CHUNK_OF, (2**62,)).fetchone() if "chunks" in names else None
+            _check_recorded_head(conn, path, record, 0 if row is None else int(row[1]))
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(1, f"the log file {path} is damaged: {exc}") from None
+
+
+def _check_identity(conn: sqlite3.Connection, path: Path) -> set[str]:
+    """Our tables' names; StoreError if the database is not one of our logs (nor empty)."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    names = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+        )
+    }
+    ours = app_id == APPLICATION_ID or (app_id == 0 and names in (set(), _TABLES))
+    if ours and names <= _TABLES:
+        return names
+    shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+    raise StoreError(
+        f"{path} is not an event log of this broker (another application's database: "
+        f"application_id {app_id:#x}, tables {shown or 'none'}); it was left untouched: "
+        "point [store] path at the broker's log or at a new file"
+    )
+
+
+def hash_at_file(path: str | os.PathLike[str], seq: int) -> bytes | None:
+    """The chain hash stored with event `seq` in the log at `path` (None if there is no such
+    event or no log); blocking, read-only."""
+    if seq < 1:
+        return integrity.GENESIS if seq == 0 else None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute(CHUNK_OF, (seq,)).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return hash_in(row, seq)
+
+
+def head_of_file(path: str | os.PathLike[str]) -> int | None:
+    """The last seq of the log at `path`: 0 when there is no log or it is empty, None when the
+    file cannot be read as a log (opening it says why); blocking, read-only."""
+    p = Path(path)
+    try:
+        if p.stat().st_size == 0:
+            return 0
+    except FileNotFoundError:
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute(CHUNK_OF, (2**62,)).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return 0 if row is None else int(row[1])
+
+
+CHUNK_OF = (
+    "SELECT first_seq, last_seq, body, crc FROM chunks WHERE first_seq <= ? "
+    "ORDER BY first_seq DESC LIMIT 1"
+)
+
+
+def hash_in(row: ChunkRow | None, seq: int) -> bytes | None:
+    if row is None or not row[0] <= seq <= row[1]:
+        return None
+    rec = decode_chunk(row)[seq - row[0]]
+    return rec.hash if rec.seq == seq else None
+
+
+def _verify_chunks(
+    conn: sqlite3.Connection,
+    progress: Callable[[int, int], None] | None,
+    trusted: tuple[int, bytes] | None = None,
+) -> int:
+    expected = 1
+    prev = integrity.GENESIS
+    trusted_seq, trusted_hash = trusted or (0, integrity.GENESIS)
+    try:
+        total = conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM chunks").fetchone()[0]
+        if trusted_seq > 0:
+            row = conn.execute(CHUNK_OF, (trusted_seq,)).fetchone()
+            expected = row[0] if row is not None else 1
+        cur = conn.execute(
+            "SELECT first_seq, last_seq, body, crc FROM chunks WHERE first_seq >= ? "
+            "ORDER BY first_seq",
+            (expected,),
+        )
+        while rows := cur.fetchmany(PAGE):
+            for first, last, body, crc in rows:
+                if first != expected:
+                    raise IntegrityError(
+                        expected, f"event missing (next stored event is seq {first})"
+                    )
+                try:
+                    records = _chunk_decoder.decode(body)
+                except msgspec.DecodeError as exc:
+                    raise IntegrityError(
+                        first, f"undecodable events {first}..{last}: {exc}"
+                    ) from None
+                for rec in records:
+                    if rec.seq != expected:
+                        raise IntegrityError(
+                            expected, f"event missing or out of order (found seq {rec.seq})"
+                        )
+                    if rec.seq <= trusted_seq:  # verified before: take its hash as it is
+                        if rec.seq == trusted_seq and rec.hash != trusted_hash:
+                            raise IntegrityError(rec.seq, "hash differs from the trusted one")
+                        prev = rec.hash
+                        expected += 1
+                        continue
+                    h = integrity.chain_hash(
+                        prev, rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, rec.data
+                    )
+                    if h != rec.hash:
+                        raise IntegrityError(
+                            rec.seq, "hash chain broken (event altered, removed or reordered)"
+                        )
+                    to_envelope(rec)
+                    prev = h
+                    expected += 1
+                if expected - 1 != last:
+                    raise IntegrityError(expected, f"event missing (chunk {first}..{last})")
+                if integrity.checksum(body) != crc:
+                    raise IntegrityError(first, f"checksum mismatch in events {first}..{last}")
+            if progress is not None:
+                progress(expected - 1, total)
+        if expected - 1 < trusted_seq:
+            raise IntegrityError(expected, f"event missing (the log ends before {trusted_seq})")
+        return expected - 1
+    except sqlite3.DatabaseError as exc:
+        raise IntegrityError(expected, f"the log file is damaged: {exc}") from None
