@@ -47,7 +47,7 @@ from broker.nodes import Label, Timestamp
 from broker.principal import Principal
 from broker.routing import Routes
 from broker.ws_heartbeats import HeartbeatBatch
-from eventstore.base import ConcurrencyError, StoreUnavailable
+from eventstore.base import ConcurrencyError, EventNotEncodable, StoreUnavailable
 from eventstore.events import (
     BaseEvent,
     MessageRead,
@@ -301,7 +301,8 @@ class NodeSession:
                     envs = await self.messaging.runtime.record(
                         events, {m: 0 for m in claimed} or None
                     )
-            except ConcurrencyError:  # a racing retry elsewhere: settle each op on its own
+            except (ConcurrencyError, EventNotEncodable):  # settle each op on its own
+                # (a racing retry elsewhere, or one op the log cannot store: it fails alone)
                 slow.extend((i, op) for i, op, _ in sends)
                 slow.extend(acks)
             except StoreUnavailable:
@@ -344,6 +345,8 @@ class NodeSession:
             return _error(ref, exc.code, exc.message)
         except ConcurrencyError:
             return _error(ref, "CONFLICT", "changed concurrently; retry")
+        except EventNotEncodable as exc:
+            return _error(ref, "VALIDATION_ERROR", str(exc))
         except StoreUnavailable:
             return _error(ref, "SERVICE_UNAVAILABLE", "the event log is unavailable; retry later")
         except Exception:

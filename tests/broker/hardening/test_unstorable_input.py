@@ -10,9 +10,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, make_mocked_request
 
 from broker.jsonlimits import INT_MAX, INT_MIN, find_out_of_range
+from broker.keys import METRICS
+from broker.metrics import Metrics
+from broker.middleware import request_context
+from eventstore.base import EventNotEncodable
 from tests.broker.identity.helpers import bearer, node_body, node_session, rsa_key
 from tests.broker.tenancy.conftest import Admin, auth
 
@@ -174,3 +179,19 @@ def test_find_out_of_range_walks_iteratively() -> None:
         value = [value]
     assert find_out_of_range(value) == "$" + "[0]" * 5000
     assert find_out_of_range({"a": [True, 1.5, INT_MIN, "9" * 40]}) is None
+
+
+async def test_an_event_the_log_refuses_is_a_422_naming_the_field() -> None:
+    """Behind the edge's check, the store's own refusal (EventNotEncodable) is the sender's
+    422 too, never a 500 or a 503."""
+    app = web.Application()
+    app[METRICS] = Metrics()
+    request = make_mocked_request("POST", "/api/v1/nodes/n/heartbeat", app=app)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise EventNotEncodable("node.heartbeat", "integer out of range", "metrics.cpu")
+
+    resp = await request_context(request, handler)
+    assert resp.status == 422
+    body = json.loads(resp.body)  # type: ignore[arg-type]
+    assert body["error"]["code"] == "VALIDATION_ERROR" and "metrics.cpu" in body["message"]
