@@ -7,25 +7,22 @@ SHA-256 hash chained to the previous row (`eventstore.integrity`).
 
 Beside it: `eventstore.sqlite_verify` reads a log file without the store (`broker verify`, the
 checks made before the writer opens a file), `eventstore.sqlite_head` keeps the record of the
-committed head that a log found behind it fails.
+committed head that a log found behind it fails, `eventstore.sqlite_threads` holds the writer
+lock, the writer thread and the background checkpointer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 import msgspec
@@ -38,7 +35,6 @@ from eventstore.base import (
     ExpectedVersion,
     IntegrityError,
     Listener,
-    StoreLocked,
     StoreUnavailable,
     resolve_expected,
     subscribe_via_listener,
@@ -47,6 +43,7 @@ from eventstore.base import (
 from eventstore.codec import encode_event, encode_events
 from eventstore.events import BaseEvent
 from eventstore.sqlite_head import HeadWriter
+from eventstore.sqlite_threads import Checkpointer, WriterLock, WriterThread
 from eventstore.sqlite_verify import (
     APPLICATION_ID,
     CHUNK_OF,
@@ -110,142 +107,6 @@ _chunk_encoder = msgspec.msgpack.Encoder()
 _Pending = tuple[Sequence[BaseEvent], ExpectedVersion, "asyncio.Future[list[Envelope]]"]
 
 
-class WriterLock:
-    """An exclusive advisory lock on `<log>.lock`: only one process writes a log."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.path = db_path.with_name(db_path.name + ".lock")
-        self._file: IO[str] | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 - held for the store's lifetime
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise StoreLocked(
-                f"the log {self.path.with_suffix('')} is held for writing by another process "
-                f"(pid {holder}); stop it first (read-only commands such as verify, replay and "
-                "export work beside it)"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-
-class _Checkpointer:
-    """Copies the WAL back into the database file in a thread of its own.
-
-    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold (every
-    4 MiB), so that commit (and every append waiting on the group commit) stalls while
-    megabytes are copied and fsynced. Here the writer turns it off and, every ``every_bytes``
-    written, hands a PASSIVE checkpoint (which never blocks the writer) to this thread. Under
-    steady writes a passive checkpoint never catches up with the head, so SQLite never starts
-    the WAL over and it would only grow: when the passive checkpoint is done and the WAL is
-    past ``limit_bytes``, the writer restarts it at its next commit (a RESTART checkpoint, which
-    copies only what came in while the passive checkpoint ran; the next commits then overwrite
-    the file from its start, so it stays at its size and needs no new blocks). That pause is the
-    price of a bounded WAL, paid once per ``limit_bytes`` written.
-    """
-
-    def __init__(self, path: Path, synchronous: str, every_bytes: int, limit_bytes: int) -> None:
-        self.path = path
-        self.wal = path.with_name(path.name + "-wal")
-        self.synchronous = synchronous
-        self.every_bytes = every_bytes
-        self.limit_bytes = limit_bytes
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
-        self._conn: sqlite3.Connection | None = None
-        self._written = 0
-        self._running = threading.Event()
-        self._over_limit = False
-        self.done = 0  # background checkpoints completed (for tests)
-        self.restarts = 0  # WAL restarts by the writer
-
-    def wrote(self, conn: sqlite3.Connection, nbytes: int) -> None:
-        """Called by the writer thread after each commit, with the bytes it committed."""
-        self._written += nbytes
-        if self._over_limit and not self._running.is_set():
-            self._over_limit = False
-            # A reader in the middle of a long read makes RESTART wait: give up quickly
-            # instead (the next background checkpoint asks again).
-            conn.execute("PRAGMA busy_timeout=20")
-            try:
-                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                self.restarts += 0 if busy else 1
-            finally:
-                conn.execute("PRAGMA busy_timeout=5000")
-        elif self._written >= self.every_bytes and not self._running.is_set():
-            self._written = 0
-            self._running.set()
-            self._executor.submit(self._checkpoint)
-
-    def _checkpoint(self) -> None:
-        try:
-            if self._conn is None:
-                self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=0.1)
-                self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
-                self._conn.execute("PRAGMA temp_store=MEMORY")
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self._over_limit = self.wal.stat().st_size > self.limit_bytes
-            self.done += 1
-        except (sqlite3.Error, OSError):
-            log.warning("background checkpoint failed", exc_info=True)
-        finally:
-            self._running.clear()
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)  # a running checkpoint finishes first
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-class _WriterThread:
-    """One thread that runs the writer's calls in order, each result handed back to the event
-    loop with call_soon_threadsafe. Lighter than an executor's round trip (no
-    concurrent.futures.Future chained to an asyncio one, no executor locks): a group commit
-    makes one per transaction, and on a VM each wake-up of a thread is dear (docs/performance.md).
-    """
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-
-    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._calls.put((loop, fut, fn, args))
-        return fut
-
-    def _main(self) -> None:
-        while (item := self._calls.get()) is not None:
-            loop, fut, fn, args = item
-            outcome: tuple[Callable[[asyncio.Future[Any], Any], None], Any]
-            try:
-                outcome = (_resolve, fn(*args))
-            except BaseException as exc:  # handed to the caller, whatever it is
-                outcome = (_reject, exc)
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(outcome[0], fut, outcome[1])
-
-    def stop(self) -> None:
-        """No calls after this one; the thread ends once it has run what it was given."""
-        self._calls.put(None)
-
-
 def _refuse_unencodable(batch: list[_Pending]) -> bool:
     """Fail, with EventNotEncodable, every waiting append of `batch` holding an event that
     cannot be encoded; False if there is none."""
@@ -259,16 +120,6 @@ def _refuse_unencodable(batch: list[_Pending]) -> bool:
             fut.set_exception(exc)
             found = True
     return found
-
-
-def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
-    if not fut.done():
-        fut.set_result(result)
-
-
-def _reject(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
 
 
 class SqliteStore:
@@ -300,8 +151,8 @@ class SqliteStore:
         # commit (chunks, stream versions, COMMIT) is a single hop to that thread; reads use
         # aiosqlite on a second, read-only connection and only ever see committed events.
         self._wconn: sqlite3.Connection | None = None
-        self._thread: _WriterThread | None = None
-        self._checkpointer: _Checkpointer | None = None
+        self._thread: WriterThread | None = None
+        self._checkpointer: Checkpointer | None = None
         # The committed head recorded outside the log (eventstore/sqlite_head.py) after each
         # commit, and synced in the background when the log's commits are (FULL or EXTRA).
         self._head_writer: HeadWriter | None = None
@@ -327,7 +178,7 @@ class SqliteStore:
             await self._load_tail(self._rconn)
             return
         await asyncio.to_thread(self._lock.acquire)  # creates the directory too
-        self._thread = _WriterThread("sqlite-writer")
+        self._thread = WriterThread("sqlite-writer")
         try:
             # Read-only, before the writer's connection (which would change the file's header
             # to WAL mode and add our tables, or fold a damaged WAL's readable part into the
@@ -357,7 +208,7 @@ class SqliteStore:
         conn = sqlite3.connect(self.path, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # see _Checkpointer
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # see Checkpointer
         # Temporary tables and indices of a statement (e.g. a commit touching many streams)
         # stay in memory: a temporary file needs a file descriptor, which a busy server may
         # not have to spare at that moment (issue 14).
@@ -368,7 +219,7 @@ class SqliteStore:
         conn.commit()
         self._head_writer = HeadWriter(self.path)
         self._head_writer.open()
-        self._checkpointer = _Checkpointer(
+        self._checkpointer = Checkpointer(
             self.path, self.synchronous, self.checkpoint_every, self.wal_limit
         )
         return conn
