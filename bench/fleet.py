@@ -534,7 +534,9 @@ def main_sync(args: argparse.Namespace) -> None:
     beaters_n = min(n, 20 if quick else 300)
     t_all = time.perf_counter()
     say(f"# {machine()}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     say(f"# bench.fleet --nodes {n:,}{' --quick' if quick else ''}, phases {args.phases}")
+    say(f"# load average before the run: {load} (others' work on the same cores skews figures)")
     key, pem = shared_key()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp)
@@ -558,17 +560,15 @@ def main_sync(args: argparse.Namespace) -> None:
             f"(log {size / 2**20:,.0f} MiB)"
         )
         export.unlink()
-        start_goal_n = 1_000_000 if n >= 1_000_000 else 200_000
 
         # 1. the first start: no snapshot; RSS per node
         with serve(data) as s:
             cold = s.started
             rss = settle(s)
         if "start" in phases:
-            ok = cold <= 3.0 if n <= start_goal_n else True
             say(
                 f"cold start without a snapshot: {cold:.2f} s to /health 200 on {n:,} nodes "
-                f"(goal <= 3 s on 200k): {goal(ok)}"
+                f"(goal <= 3 s, set for 200k): {goal(cold <= 3.0)}"
             )
             per_node = (rss - empty_rss) / n
             say(
@@ -582,7 +582,7 @@ def main_sync(args: argparse.Namespace) -> None:
             if "start" in phases:
                 say(
                     f"cold start with a snapshot: {s.started:.2f} s to /health 200 on {n:,} nodes "
-                    f"(goal <= 3 s on 1M): {goal(s.started <= 3.0)}"
+                    f"(goal <= 3 s, set for 1M): {goal(s.started <= 3.0)}"
                 )
 
             async def middle(session: aiohttp.ClientSession, fleet: Fleet) -> None:
