@@ -309,12 +309,28 @@ def discovery_queries(n: int) -> list[tuple[str, str]]:
     ]
 
 
+async def beat_each_once(beaters: list[Beater]) -> None:
+    """One heartbeat from every beater, answered: they are all online for a minute."""
+    answered = sum(b.answered for b in beaters)
+    for b in beaters:
+        b.beat(next(_refs))
+    await wait_answered(beaters, answered + len(beaters))
+
+
 async def discovery(
-    session: aiohttp.ClientSession, base: str, token: str, n: int, budget: float, most: int
+    session: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    n: int,
+    budget: float,
+    most: int,
+    beaters: list[Beater],
 ) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     limit_ms = 5.0 if n >= 1_000_000 else 2.0
     for name, query in discovery_queries(n):
+        if "online" in query:  # the earlier queries may have taken more than a minute
+            await beat_each_once(beaters)
         times: list[float] = []
         total = None
         stop = time.perf_counter() + budget
@@ -330,7 +346,7 @@ async def discovery(
         p99 = pct(times, 0.99)
         say(
             f"discovery {name}: p50 {pct(times, 0.5):.2f} ms, p99 {p99:.2f} ms over "
-            f"{len(times)} requests ({total:,} matching of {n:,}; goal p99 <= {limit_ms:g} ms): "
+            f"{len(times)} requests ({total:,} match of {n:,}; goal p99 <= {limit_ms:g} ms): "
             f"{goal(p99 <= limit_ms)}"
         )
 
@@ -384,7 +400,8 @@ async def ws_heartbeats(beaters: list[Beater], rate: int, seconds: float, pid: i
     )
     say(
         f"ws heartbeats durable rate: {durable:,.0f}/s, send->ok p50 {pct(lat, 0.5):.2f} ms "
-        f"p99 {pct(lat, 0.99):.2f} ms (goal 20,000/s): {goal(durable >= 19_000)}"
+        f"p99 {pct(lat, 0.99):.2f} ms (goal 20,000/s offered and kept up with, 5 % slack for the "
+        f"last answers): {goal(durable >= 19_000)}"
     )
 
 
@@ -590,11 +607,8 @@ def main_sync(args: argparse.Namespace) -> None:
                 tokens = await fleet.login_many(nodes)
                 beaters, readers = await open_beaters(session, s.base, tokens)
                 if "discovery" in phases:
-                    # a few nodes online for online=true
-                    sent = await beat_at(beaters, 1000, time.perf_counter() + 0.5)
-                    await wait_answered(beaters, sent)
                     budget, most = (1.0, 20) if quick else (args.discovery_seconds, 200)
-                    await discovery(session, s.base, tokens[0], n, budget, most)
+                    await discovery(session, s.base, tokens[0], n, budget, most, beaters)
                 if "heartbeats" in phases:
                     await http_heartbeats(
                         session, s.base, list(zip(nodes, tokens, strict=True)), seconds, s.pid
