@@ -485,6 +485,7 @@ async def snapshot_pause(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    answered = sum(b.answered for b in beaters)
     beating = asyncio.ensure_future(beat_at(beaters, rate, stop))
     gaps: list[float] = []
     written_at = None
@@ -504,7 +505,7 @@ async def snapshot_pause(
             break
     stop.set()
     sent = await beating
-    await wait_answered(beaters, sum(b.answered for b in beaters) + 0, 5.0)
+    await wait_answered(beaters, answered + sent, 30.0)  # the peak may come after the stream
     sampling = False
     sampler.join()
     worst = max(gaps) * 1000
