@@ -59,6 +59,7 @@ def progress_bar(label: str, stream: TextIO = sys.stderr) -> Callable[[int, int]
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from broker.app import create_app
+    from broker.keys import SNAPSHOTS
     from broker.runtime import tune_gc
 
     _check_server_paths(config)
@@ -79,6 +80,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         tune_gc()
         _raise_fd_limit()
         app = create_app(config)
+        app[SNAPSHOTS].freeze_on_load = True
         app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
         asyncio.run(_serve(app, sockets, config.server.shutdown_timeout))
     finally:

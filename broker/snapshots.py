@@ -273,6 +273,10 @@ class Snapshotter:
         self.keep = cfg.keep
         self.directory = snapshot_directory(config)
         self.boot = Boot()
+        # A serving process (`broker serve`) keeps what start-up built for its whole life: it is
+        # frozen out of the collector's generations as soon as it is built. Not in tests, which
+        # build and drop many applications in one process.
+        self.freeze_on_load = False
         self.last_seq = 0
         self.runtime: Runtime | None = None
         self.windows: dict[str, set[int]] = {}  # projection -> windows holding its events
@@ -329,6 +333,8 @@ class Snapshotter:
             raise
         finally:
             if collecting:
+                if self.freeze_on_load:  # else the next young collection walks all of it
+                    gc.freeze()
                 gc.enable()
         self.boot.seconds = time.perf_counter() - t0
         if chosen is not None:
