@@ -14,11 +14,12 @@ in-flight window, never by a queue of the SDK's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -365,19 +366,20 @@ class Node:
 
     async def messages(
         self, *, transport: Literal["websocket", "poll"] = "websocket", poll_interval: float = 2.0
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Messages for this node, for ever: over the WebSocket (reconnecting with back-off)
         or by polling `GET /api/v1/messages/pending/{id}`. Each is acknowledged when the loop
         body that received it returns (or at `await msg.ack()`). Raises `SessionRevoked`,
         `NodeDeregistered`, `ConnectionReplaced`, or `AuthorizationError`."""
         await self.start()
         source = self._websocket() if transport == "websocket" else self._poll(poll_interval)
-        async for msg in source:
-            yield msg
+        async with contextlib.aclosing(source):  # a consumer's break closes the socket now
+            async for msg in source:
+                yield msg
 
     async def _handed(
         self, msg: Message, ack: Callable[[str], Awaitable[None]]
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Hand `msg` to the consumer once; acknowledge it after (or when it asks)."""
         if msg.id in self._seen:
             await ack(msg.id)  # a redelivery of what was handled already
@@ -393,7 +395,7 @@ class Node:
         yield msg
         await acker(msg)
 
-    async def _poll(self, interval: float) -> AsyncIterator[Message]:
+    async def _poll(self, interval: float) -> AsyncGenerator[Message, None]:
         failures = 0
         while True:
             try:
@@ -442,7 +444,7 @@ class Node:
                 raise TransportError(f"WebSocket connect: {exc!r}") from exc
         raise TransportError("WebSocket handshake refused twice with 401")
 
-    async def _websocket(self) -> AsyncIterator[Message]:
+    async def _websocket(self) -> AsyncGenerator[Message, None]:
         failures = 0
 
         def welcomed() -> None:
@@ -458,8 +460,9 @@ class Node:
                 failures += 1
                 continue
             try:
-                async for msg in self._session(ws, welcomed):
-                    yield msg
+                async with contextlib.aclosing(self._session(ws, welcomed)) as frames:
+                    async for msg in frames:
+                        yield msg
             finally:
                 await ws.close()
             code = ws.close_code
@@ -478,7 +481,7 @@ class Node:
 
     async def _session(
         self, ws: aiohttp.ClientWebSocketResponse, welcomed: Callable[[], None]
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         async def ack(message_id: str) -> None:
             if ws.closed:
                 return  # redelivered on the next connection, then acknowledged unhanded
