@@ -1,4 +1,5 @@
-"""The fleet broker's node SDK: `Node` (asyncio), its typed results and its errors.
+"""The fleet broker's node SDK: `Node` and `LicensedNode` (asyncio), their blocking twins
+`SyncNode` and `SyncLicensedNode`, typed results and one error hierarchy.
 
 No dependency on the server: aiohttp, cryptography and msgspec only."""
 
@@ -27,6 +28,7 @@ from fleet_broker_client.errors import (
     TransportError,
     ValidationError,
 )
+from fleet_broker_client.licensing import LicensedNode
 from fleet_broker_client.models import (
     HeartbeatResult,
     LicenseInfo,
@@ -39,6 +41,7 @@ from fleet_broker_client.models import (
     UpdateInfo,
 )
 from fleet_broker_client.node import Node
+from fleet_broker_client.sync import SyncLicensedNode, SyncNode
 from fleet_broker_client.transport import Backoff
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "LicenseError",
     "LicenseExpired",
     "LicenseInfo",
+    "LicensedNode",
     "LicenseLimitReached",
     "LicenseRevoked",
     "Message",
@@ -69,6 +73,8 @@ __all__ = [
     "RateLimited",
     "SendResult",
     "ServiceUnavailable",
+    "SyncLicensedNode",
+    "SyncNode",
     "SessionRevoked",
     "TelemetryResult",
     "TenantInactive",
