@@ -422,17 +422,19 @@ class Node:
             # Unacknowledged: it comes back, and is then acknowledged without being handed.
             log.warning("ack of %s failed: %s", message_id, exc)
 
-    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+    async def _connect(self) -> tuple[aiohttp.ClientWebSocketResponse, str]:
+        """A socket authenticated at the upgrade, and the access token it used."""
         url = self._http.url("/api/v1/ws")
         for _ in range(2):
             token = await self.auth.access_token()
             try:
-                return await self._http.session.ws_connect(
+                ws = await self._http.session.ws_connect(
                     url,
                     headers={"Authorization": f"Bearer {token}"},
                     heartbeat=self.ws_heartbeat,
                     autoping=True,
                 )
+                return ws, token
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status == 401:
                     await self.auth.renew(token)
@@ -453,8 +455,10 @@ class Node:
 
         while True:
             try:
-                ws = await self._connect()
-            except TransportError as exc:
+                ws, token = await self._connect()
+            except (TransportError, ApiError) as exc:
+                if isinstance(exc, ApiError) and not exc.retryable:
+                    raise
                 log.info("WebSocket connect failed (%s); retrying", exc)
                 await asyncio.sleep(self.reconnect.delay(failures))
                 failures += 1
@@ -473,8 +477,12 @@ class Node:
                 raise self.auth.revoked
             if code == CLOSE_REPLACED:
                 raise ConnectionReplaced(f"another connection of node {self.node_id} took over")
-            if code == CLOSE_POLICY:
-                await self.auth.renew(None)
+            if code == CLOSE_POLICY:  # the token was refused after the upgrade: renew it
+                try:
+                    await self.auth.renew(token)
+                except (TransportError, ApiError) as exc:
+                    if isinstance(exc, ApiError) and not exc.retryable:
+                        raise
             log.info("WebSocket closed (%s); reconnecting", code)
             await asyncio.sleep(self.reconnect.delay(failures))
             failures += 1
