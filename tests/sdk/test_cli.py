@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from fleet_broker_client import Node
 
@@ -112,3 +113,35 @@ def test_broker_node_without_the_sdk(monkeypatch: pytest.MonkeyPatch, capsys: An
     assert main(["node", "status"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("broker: `broker node` needs the node SDK") and "pip install" in err
+
+
+async def test_concurrent_commands_share_one_login_across_expiry(tmp_path: Path) -> None:
+    """Commands run at once on one state directory renew its login under a file lock: none
+    presents a refresh token another one already rotated (which would revoke the login)."""
+    (tmp_path / "data").mkdir()
+    broker = Broker(tmp_path / "data", BROKER_AUTH__ACCESS_TTL="2", BROKER_AUTH__LEEWAY="0")
+    await broker.start()
+    state = tmp_path / "s"
+    try:
+        code, _out, err = await run(
+            FLEET_NODE, "init", "--server", broker.url, "--id", "shared", "--state", str(state)
+        )
+        assert code == 0, err
+        for _round in range(3):
+            session = json.loads((state / "session.json").read_text())
+            async with aiohttp.ClientSession() as http:
+
+                async def expired(token: str = session["access_token"]) -> bool:
+                    async with http.get(
+                        f"{broker.url}/api/v1/nodes/shared",
+                        headers={"Authorization": f"Bearer {token}"},
+                    ) as r:
+                        return r.status == 401
+
+                await eventually(expired)
+            results = await asyncio.gather(
+                *(run(FLEET_NODE, "heartbeat", "--state", str(state)) for _ in range(4))
+            )
+            assert [code for code, _, _ in results] == [0, 0, 0, 0], results
+    finally:
+        await broker.stop()
