@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fleet_broker_client import NodeIdTaken, NotFound, ValidationError
+from fleet_broker_client import (
+    HeartbeatResult,
+    NodeIdTaken,
+    NotFound,
+    SessionRevoked,
+    ValidationError,
+)
 
-from tests.sdk.served_broker import Broker, node
+from tests.sdk.served_broker import Broker, cancel, node
 
 
 @pytest.fixture
@@ -62,3 +69,27 @@ async def test_heartbeat_status_discovery_and_errors(broker: Broker, tmp_path: P
         assert nf.value.status == 404 and nf.value.code == "NOT_FOUND"
         with pytest.raises(ValidationError):
             await gw.send("st", "ping", {}, ttl=-1)
+
+
+async def test_heartbeat_loop_and_logout(broker: Broker, tmp_path: Path) -> None:
+    beats: list[HeartbeatResult] = []
+    three = asyncio.Event()
+
+    def on_beat(beat: HeartbeatResult) -> None:
+        beats.append(beat)
+        if len(beats) == 3:
+            three.set()
+
+    async with node(broker, tmp_path, "hb") as n:
+        await n.register()
+        loop = asyncio.create_task(n.run_heartbeats(0.05, jitter=0.5, on_beat=on_beat))
+        try:
+            await asyncio.wait_for(three.wait(), 30)
+        finally:
+            await cancel(loop)
+        assert all(b.node_id == "hb" and b.presence == "online" for b in beats)
+        await n.logout()  # the login ends on the server: its tokens stop working
+        with pytest.raises(SessionRevoked):
+            await n.heartbeat()
+        await n.login()  # an explicit new login clears it
+        assert (await n.heartbeat()).status == "ok"
