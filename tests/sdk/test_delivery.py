@@ -9,9 +9,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from fleet_broker_client import Node, SessionRevoked, Tokens
 
-from tests.sdk.served_broker import Broker, Received, cancel, eventually, node
+from tests.sdk.served_broker import FAST, Broker, Received, cancel, eventually, node
 
 
 async def started(tmp_path: Path, **env: str) -> Broker:
@@ -206,3 +208,41 @@ async def test_revoked_login_stops_the_node(tmp_path: Path) -> None:
             assert rx.auth.logins == 1  # it did not log in again behind the operator's back
     finally:
         await broker.stop()
+
+
+async def test_auto_falls_back_to_polling_when_the_upgrade_is_refused(tmp_path: Path) -> None:
+    """Behind a proxy that forwards HTTP but refuses WebSocket upgrades, `messages()` polls."""
+    broker = await started(tmp_path)
+    proxy = web.Application()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        if request.path == "/api/v1/ws":
+            raise web.HTTPNotFound()
+        async with aiohttp.ClientSession() as http, http.request(
+            request.method,
+            broker.url + request.path_qs,
+            headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+            data=await request.read(),
+        ) as r:
+            return web.Response(
+                status=r.status, body=await r.read(), content_type=r.content_type
+            )
+
+    proxy.router.add_route("*", "/{tail:.*}", forward)
+    async with TestServer(proxy) as front:
+        url = str(front.make_url("")).rstrip("/")
+        try:
+            async with (
+                node(broker, tmp_path, "tx") as tx,
+                Node(url, "rx", key_file=tmp_path / "rx.pem", retry=FAST, reconnect=FAST) as rx,
+            ):
+                await tx.register()
+                await rx.register()
+                sent = (await tx.send("rx", "n", {"via": "poll"})).message_id
+                async for msg in rx.messages(poll_interval=0.1):  # transport="auto"
+                    assert msg.id == sent
+                    await msg.ack()
+                    break
+                assert await rx.pending() == []
+        finally:
+            await broker.stop()

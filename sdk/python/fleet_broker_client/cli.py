@@ -124,7 +124,7 @@ async def cmd_listen(args: argparse.Namespace) -> int:
         backoff = node.reconnect
         while True:  # for ever: the receiver reconnects; this restarts it after worse
             try:
-                async for msg in node.messages(transport="poll" if args.poll else "websocket"):
+                async for msg in node.messages(transport="poll" if args.poll else "auto"):
                     failures = 0
                     _print(
                         {

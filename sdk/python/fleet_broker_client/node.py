@@ -58,9 +58,14 @@ CLOSE_REPLACED = 4000
 CLOSE_DEREGISTERED = 4003
 CLOSE_REVOKED = 4401
 CLOSE_POLICY = 1008  # authentication failed: renew the token and reconnect
+NO_UPGRADE = frozenset({400, 404, 405, 426})  # no WebSocket on this path (a proxy): poll
 
 _push_decoder = msgspec.json.Decoder()
 _json = msgspec.json.Encoder()
+
+
+class _NoWebSocket(TransportError):
+    """The upgrade was refused outright: nothing answers WebSockets at this address."""
 
 
 class Node:
@@ -365,14 +370,23 @@ class Node:
             self._seen.popitem(last=False)
 
     async def messages(
-        self, *, transport: Literal["websocket", "poll"] = "websocket", poll_interval: float = 2.0
+        self,
+        *,
+        transport: Literal["auto", "websocket", "poll"] = "auto",
+        poll_interval: float = 2.0,
     ) -> AsyncGenerator[Message, None]:
         """Messages for this node, for ever: over the WebSocket (reconnecting with back-off)
-        or by polling `GET /api/v1/messages/pending/{id}`. Each is acknowledged when the loop
-        body that received it returns (or at `await msg.ack()`). Raises `SessionRevoked`,
-        `NodeDeregistered`, `ConnectionReplaced`, or `AuthorizationError`."""
+        or by polling `GET /api/v1/messages/pending/{id}` ("poll"; "auto" polls when the
+        WebSocket upgrade is refused outright, by a proxy say: 400, 404, 405, 426). Each is
+        acknowledged when the loop body that received it returns (or at `await msg.ack()`).
+        Raises `SessionRevoked`, `NodeDeregistered`, `ConnectionReplaced`, or
+        `AuthorizationError`."""
         await self.start()
-        source = self._websocket() if transport == "websocket" else self._poll(poll_interval)
+        source = (
+            self._poll(poll_interval)
+            if transport == "poll"
+            else self._websocket(poll_interval if transport == "auto" else None)
+        )
         async with contextlib.aclosing(source):  # a consumer's break closes the socket now
             async for msg in source:
                 yield msg
@@ -441,12 +455,16 @@ class Node:
                     continue
                 if exc.status == 403:
                     raise AuthorizationError(403, "AUTHORIZATION_ERROR", str(exc)) from exc
+                if exc.status in NO_UPGRADE:
+                    raise _NoWebSocket(f"WebSocket upgrade refused: {exc.status}") from exc
                 raise TransportError(f"WebSocket handshake: {exc.status}") from exc
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise TransportError(f"WebSocket connect: {exc!r}") from exc
         raise TransportError("WebSocket handshake refused twice with 401")
 
-    async def _websocket(self) -> AsyncGenerator[Message, None]:
+    async def _websocket(self, fallback: float | None) -> AsyncGenerator[Message, None]:
+        """Pushes, reconnecting; with `fallback` (a poll interval), polling instead when the
+        upgrade is refused outright."""
         failures = 0
 
         def welcomed() -> None:
@@ -456,6 +474,17 @@ class Node:
         while True:
             try:
                 ws, token = await self._connect()
+            except _NoWebSocket as exc:
+                if fallback is None:
+                    log.info("%s; retrying", exc)
+                    await asyncio.sleep(self.reconnect.delay(failures))
+                    failures += 1
+                    continue
+                log.warning("%s: polling over HTTP instead", exc)
+                async with contextlib.aclosing(self._poll(fallback)) as polled:
+                    async for msg in polled:
+                        yield msg
+                return
             except (TransportError, ApiError) as exc:
                 if isinstance(exc, ApiError) and not exc.retryable:
                     raise
