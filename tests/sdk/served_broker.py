@@ -1,4 +1,5 @@
-"""A real `broker serve` process the SDK tests can kill -9 and start again on the same port."""
+"""A real `broker serve` process the SDK tests can kill -9 and start again on the same port,
+and an operator for the tests that need one."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from fleet_broker_client import Backoff, Node
 
-from tests.e2e.procs import free_port, served
+from tests.e2e.procs import free_port, run_broker, served
 
 # Quick retries so that a restart of the server costs the tests a second, not half a minute.
 FAST = Backoff(initial=0.05, factor=2.0, cap=0.5, attempts=200)
@@ -77,3 +79,24 @@ async def cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+PASSWORD = "correct horse battery"
+
+
+async def create_operator(data: Path) -> None:
+    """An admin `ops` in the log of `data` (before the server starts: it holds the log)."""
+    r = await asyncio.to_thread(
+        run_broker,
+        ["users", "create", "--username", "ops", "--role", "admin", "--password-stdin"],
+        data,
+        PASSWORD + "\n",
+    )
+    assert r.returncode == 0, r.stderr
+
+
+async def operator(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    """The headers of a logged-in `ops`."""
+    async with http.post(f"{url}/auth/login", data={"username": "ops", "password": PASSWORD}) as r:
+        assert r.status == 200, await r.text()
+        return {"Authorization": f"Bearer {(await r.json())['access_token']}"}

@@ -21,10 +21,7 @@ from fleet_broker_client import (
     SyncNode,
 )
 
-from tests.e2e.procs import run_broker
-from tests.sdk.served_broker import Broker
-
-PASSWORD = "correct horse battery"
+from tests.sdk.served_broker import Broker, create_operator, operator
 
 
 def a_zip() -> bytes:
@@ -32,12 +29,6 @@ def a_zip() -> bytes:
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("payload.bin", bytes(range(256)) * 4096)  # 1 MiB
     return buf.getvalue()
-
-
-async def operator(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
-    async with http.post(f"{url}/auth/login", data={"username": "ops", "password": PASSWORD}) as r:
-        assert r.status == 200, await r.text()
-        return {"Authorization": f"Bearer {(await r.json())['access_token']}"}
 
 
 async def post(
@@ -52,13 +43,7 @@ async def post(
 async def test_seed_002_flows(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    r = await asyncio.to_thread(
-        run_broker,
-        ["users", "create", "--username", "ops", "--role", "admin", "--password-stdin"],
-        data,
-        PASSWORD + "\n",
-    )
-    assert r.returncode == 0, r.stderr
+    await create_operator(data)
     broker = Broker(data)
     await broker.start()
     try:
