@@ -10,10 +10,11 @@ COMPILED := projections/.delivery.compiled
 
 .PHONY: serve test lint bench clean compile
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e sdk/python
 	touch $(STAMP)
 
 $(COMPILED): projections/delivery.py $(STAMP)

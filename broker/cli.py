@@ -1,4 +1,5 @@
-"""The `broker` command: serve, replay, export, import, verify, users create."""
+"""The `broker` command: serve, replay, export, import, verify, users create; `node` hands over
+to the node SDK's CLI."""
 
 from __future__ import annotations
 
@@ -520,7 +521,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email")
     p.add_argument("--full-name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+    sub.add_parser(
+        "node",
+        help="a node's side (the SDK's fleet-node CLI): init, send, listen, heartbeat, status, "
+        "nodes",
+        add_help=False,
+    )
     return parser
+
+
+def node_cli(argv: Sequence[str]) -> int:
+    """`broker node …`: the node CLI of the SDK distribution, when it is installed."""
+    try:
+        from fleet_broker_client.cli import main as fleet_node
+    except ImportError:
+        print(
+            "broker: `broker node` needs the node SDK: pip install fleet-broker-client "
+            "(from this repository: pip install -e sdk/python)",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    return fleet_node(list(argv), prog="broker node")
 
 
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
@@ -534,6 +556,9 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["node"]:  # its arguments are the node CLI's, not the server's
+        return node_cli(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)

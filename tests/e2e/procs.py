@@ -58,9 +58,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(data: Path, **extra: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """Start `broker serve` on a free port; yield (base_url, process) once it accepts requests."""
-    port = free_port()
+def served(
+    data: Path, port: int | None = None, **extra: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Start `broker serve` on `port` (default: a free one); yield (base_url, process) once it
+    accepts requests."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve"],
         env=broker_env(data, BROKER_SERVER__PORT=str(port), BROKER_LOG__LEVEL="info", **extra),

@@ -1,0 +1,85 @@
+"""The fleet broker's node SDK: `Node` and `LicensedNode` (asyncio), their blocking twins
+`SyncNode` and `SyncLicensedNode`, typed results and one error hierarchy.
+
+No dependency on the server: aiohttp, cryptography and msgspec only."""
+
+from fleet_broker_client.errors import (
+    ApiError,
+    AuthenticationError,
+    AuthorizationError,
+    BadRequest,
+    BrokerClientError,
+    ChecksumMismatch,
+    Conflict,
+    ConnectionReplaced,
+    InternalError,
+    LicenseError,
+    LicenseExpired,
+    LicenseLimitReached,
+    LicenseRevoked,
+    NodeDeregistered,
+    NodeIdTaken,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    SessionRevoked,
+    TenantInactive,
+    TransportError,
+    ValidationError,
+)
+from fleet_broker_client.licensing import LicensedNode
+from fleet_broker_client.models import (
+    HeartbeatResult,
+    LicenseInfo,
+    Message,
+    NodeInfo,
+    NodePage,
+    SendResult,
+    TelemetryResult,
+    Tokens,
+    UpdateInfo,
+)
+from fleet_broker_client.node import Node
+from fleet_broker_client.sync import SyncLicensedNode, SyncNode
+from fleet_broker_client.transport import Backoff
+
+__all__ = [
+    "ApiError",
+    "AuthenticationError",
+    "AuthorizationError",
+    "Backoff",
+    "BadRequest",
+    "BrokerClientError",
+    "ChecksumMismatch",
+    "Conflict",
+    "ConnectionReplaced",
+    "HeartbeatResult",
+    "InternalError",
+    "LicenseError",
+    "LicenseExpired",
+    "LicenseInfo",
+    "LicensedNode",
+    "LicenseLimitReached",
+    "LicenseRevoked",
+    "Message",
+    "Node",
+    "NodeDeregistered",
+    "NodeIdTaken",
+    "NodeInfo",
+    "NodePage",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "SendResult",
+    "ServiceUnavailable",
+    "SyncLicensedNode",
+    "SyncNode",
+    "SessionRevoked",
+    "TelemetryResult",
+    "TenantInactive",
+    "Tokens",
+    "TransportError",
+    "UpdateInfo",
+    "ValidationError",
+]
