@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -37,6 +37,7 @@ from broker.errors import (
     Unavailable,
     ValidationFailed,
 )
+from broker.pagination import PageQuery, paginate
 from broker.runtime import Runtime
 from broker.tokens import TokenPair, TokenService
 from eventstore.base import ConcurrencyError
@@ -81,6 +82,38 @@ class NodeView(msgspec.Struct, kw_only=True):
     heartbeat: dict[str, Any] | None
     last_login_at: str | None
     public_key: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class NodesQuery(PageQuery, kw_only=True):
+    sort_by: (
+        Literal["registered_at", "node_id", "name", "type", "status", "load", "last_heartbeat_at"]
+        | None
+    ) = None
+    type: str | None = None
+    capabilities: str | None = None  # comma-separated: every one is required
+    region: str | None = None
+    status: str | None = None
+    online: bool | None = None
+    presence: Literal["online", "stale", "offline"] | None = None
+
+
+class NodeList(msgspec.Struct):
+    nodes: list[NodeView]
+    total: int
+    skip: int
+    limit: int
+    has_more: bool
+
+
+_SORT_KEYS: dict[str, Any] = {
+    "registered_at": lambda n: n.generation,
+    "node_id": lambda n: n.node_id,
+    "name": lambda n: n.name.lower(),
+    "type": lambda n: n.type,
+    "status": lambda n: n.status,
+    "load": lambda n: (n.load is None, n.load or 0.0),
+    "last_heartbeat_at": lambda n: n.last_heartbeat_at or 0.0,
+}
 
 
 def iso(ts: float | None) -> str | None:
@@ -360,6 +393,24 @@ class NodeService:
         if online is not None:
             found = [n for n in found if (self.presence(n, now) == "online") is online]
         return found
+
+    def list_nodes(self, query: NodesQuery, now: float | None = None) -> NodeList:
+        """One page of `GET /api/v1/nodes`: the filters, the sort and the window of `query`,
+        presence at `now` (the service clock when not given)."""
+        if now is None:
+            now = self.clock()
+        caps = [c.strip() for c in (query.capabilities or "").split(",") if c.strip()]
+        found = self.discover(
+            now,
+            type=query.type,
+            capabilities=caps,
+            region=query.region,
+            status=query.status,
+            online=query.online,
+            presence=query.presence,
+        )
+        page = paginate(found, query, _SORT_KEYS, "registered_at", lambda n: self.view(n, now))
+        return NodeList(page.items, page.total, page.skip, page.limit, page.has_more)
 
     def view(self, node: Node, now: float, *, with_key: bool = False) -> NodeView:
         presence = self.presence(node, now)
