@@ -37,7 +37,7 @@ from broker.errors import (
     Unavailable,
     ValidationFailed,
 )
-from broker.pagination import PageQuery, paginate
+from broker.pagination import PageQuery
 from broker.runtime import Runtime
 from broker.tokens import TokenPair, TokenService
 from eventstore.base import ConcurrencyError
@@ -103,17 +103,6 @@ class NodeList(msgspec.Struct):
     skip: int
     limit: int
     has_more: bool
-
-
-_SORT_KEYS: dict[str, Any] = {
-    "registered_at": lambda n: n.generation,
-    "node_id": lambda n: n.node_id,
-    "name": lambda n: n.name.lower(),
-    "type": lambda n: n.type,
-    "status": lambda n: n.status,
-    "load": lambda n: (n.load is None, n.load or 0.0),
-    "last_heartbeat_at": lambda n: n.last_heartbeat_at or 0.0,
-}
 
 
 def iso(ts: float | None) -> str | None:
@@ -368,49 +357,30 @@ class NodeService:
     def presence(self, node: Node, now: float) -> Presence:
         return node.presence(now, self.online_within, self.stale_within)
 
-    def discover(
-        self,
-        now: float,
-        *,
-        type: str | None = None,
-        capabilities: Sequence[str] = (),
-        region: str | None = None,
-        status: str | None = None,
-        online: bool | None = None,
-        presence: Presence | None = None,
-    ) -> list[Node]:
-        """Nodes matching every filter (capabilities: all of them), in registration order."""
-        found = self.runtime.nodes.discover(
-            type=type,
-            capabilities=capabilities,
-            region=region,
-            status=status,
-            presence=presence,
-            now=now,
-            online_within=self.online_within,
-            stale_within=self.stale_within,
-        )
-        if online is not None:
-            found = [n for n in found if (self.presence(n, now) == "online") is online]
-        return found
-
     def list_nodes(self, query: NodesQuery, now: float | None = None) -> NodeList:
         """One page of `GET /api/v1/nodes`: the filters, the sort and the window of `query`,
         presence at `now` (the service clock when not given)."""
         if now is None:
             now = self.clock()
         caps = [c.strip() for c in (query.capabilities or "").split(",") if c.strip()]
-        found = self.discover(
-            now,
+        skip, limit = query.window()
+        found, total = self.runtime.nodes.page(
             type=query.type,
             capabilities=caps,
             region=query.region,
             status=query.status,
-            online=query.online,
             presence=query.presence,
+            online=query.online,
+            now=now,
+            online_within=self.online_within,
+            stale_within=self.stale_within,
+            sort_by=query.sort_by or "registered_at",
+            descending=query.sort_order == "desc",
+            skip=skip,
+            limit=limit,
         )
-        page = paginate(found, query, _SORT_KEYS, "registered_at", lambda n: self.view(n, now))
-        return NodeList(page.items, page.total, page.skip, page.limit, page.has_more)
+        items = [self.view(n, now) for n in found]
+        return NodeList(items, total, skip, limit, skip + len(items) < total)
 
     def view(self, node: Node, now: float, *, with_key: bool = False) -> NodeView:
         presence = self.presence(node, now)
