@@ -1,6 +1,6 @@
 """Discovery on a large registry (issue 15): `GET /api/v1/nodes` per query shape.
 
-    python -m bench.discovery [--nodes 1000000,200000] [--reps 200] [--http]
+    python -m bench.discovery [--nodes 1000000,200000] [--reps 200] [--only SHAPE]
 
 Builds a registry in-process through the nodes projection's own apply path (one envelope at a
 time): 20 types, 50 capabilities (1 to 5 per node), 30 regions, half the nodes with a status
@@ -10,8 +10,7 @@ shape, it runs `NodeService.list_nodes` (filters, sort, window, rendering the pa
 handler calls) plus the JSON encoding of the page, and prints p50/p99 wall time and the CPU
 time per query (from /proc/self/stat). Also the build time, the RSS per registered node and
 the size of the discovery indices per node (containers and ints, not the strings and nodes
-they share with the registry). `--http` adds a few shapes through aiohttp on loopback
-(200k nodes only).
+they share with the registry).
 """
 
 from __future__ import annotations
@@ -179,9 +178,8 @@ def index_size(p: NodesProjection) -> int:
     return sum(deep_size(v, seen) for v in parts)
 
 
-def build(n: int) -> tuple[NodesProjection, float, float, int]:
+def build(n: int, before: int) -> tuple[NodesProjection, float, float, int]:
     gc.collect()
-    before = rss_bytes()
     p = NodesProjection()
     all_ = Projections([p])
     started = time.perf_counter()
@@ -225,11 +223,12 @@ def main() -> None:
     parser.add_argument("--nodes", default="1000000,200000")
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--only", default="", help="substring of the shapes to run")
-    parser.add_argument("--http", action="store_true")
     args = parser.parse_args()
     print(f"# {machine()}")
     for n in [int(x) for x in args.nodes.split(",")]:
-        p, took, last, grown = build(n)
+        gc.collect()
+        base = rss_bytes()
+        p, took, last, grown = build(n, base)
         now = last + 1.0
         print(
             f"## {n} nodes: built in {took:.1f} s ({took / n * 1e6:.1f} µs per node, "
@@ -241,10 +240,11 @@ def main() -> None:
             if args.only and args.only not in name:
                 continue
             print(f"{name:38s} {measure(service, now, params, args.reps)}", flush=True)
-        if args.http and n <= 200_000:
-            from bench.discovery_http import http_shapes
-
-            http_shapes(p, now)
+        gc.collect()
+        print(
+            f"## {n} nodes after the queries: RSS {(rss_bytes() - base) / n:.0f} B per node; "
+            f"indices {index_size(p) / n:.0f} B per node (with every order and window built)"
+        )
         del p, service
         gc.collect()
 

@@ -44,6 +44,7 @@ MAX_WINDOWS = 4  # presence windows kept (one per distinct `within` asked)
 SORT_COST = 4.0  # sorting one match costs about this many walk steps (measured)
 
 Bitmap = dict[int, int]  # block number -> bits of the slots of that block (never 0)
+Token = tuple[str, str]  # ("type" | "capability" | "region" | "status", value)
 Blocks = list[tuple[int, int]]  # (block number, bits), ascending, bits != 0
 
 
@@ -153,47 +154,80 @@ class SortedSlots:
     O(log n + BLOCK_LEN), position lookups in O(n / BLOCK_LEN). `key` must give the key an
     entry was inserted with until it is removed (remove before changing the attribute)."""
 
-    def __init__(self, key: Callable[[int], Any]) -> None:
+    def __init__(
+        self, key: Callable[[int], Any], tokens: Callable[[int], Iterable[Token]] = lambda s: ()
+    ) -> None:
         self.key = key
+        self.tokens = tokens  # what each block counts of its entries (see `skip_walk`)
         self.blocks: list[list[int]] = []
+        self.maxes: list[tuple[Any, int]] = []  # (key, slot) of each block's last entry
+        self.counts: list[dict[Token, int]] = []  # per block: token -> entries with it
         self.size = 0
         self._starts: list[int] | None = None  # position of each block's first entry
 
+    def _count(self, block: list[int]) -> dict[Token, int]:
+        counts: dict[Token, int] = {}
+        for s in block:
+            for t in self.tokens(s):
+                counts[t] = counts.get(t, 0) + 1
+        return counts
+
+    def _add_tokens(self, i: int, tokens: Iterable[Token], delta: int) -> None:
+        counts = self.counts[i]
+        for t in tokens:
+            n = counts.get(t, 0) + delta
+            if n:
+                counts[t] = n
+            else:
+                del counts[t]
+
+    def retoken(self, s: int, old: Iterable[Token], new: Iterable[Token]) -> None:
+        """Entry `s` now has the tokens `new` instead of `old`."""
+        i, _ = self._find(self._full(s))
+        self._add_tokens(i, old, -1)
+        self._add_tokens(i, new, 1)
+
     def _full(self, s: int) -> tuple[Any, int]:
         return self.key(s), s
-
-    def _last(self, block: list[int]) -> tuple[Any, int]:
-        return self.key(block[-1]), block[-1]
 
     def load(self, slots: list[int]) -> None:
         """Replace the content with `slots` (any order)."""
         slots = sorted(slots, key=self._full)
         self.blocks = [slots[i : i + BLOCK_LEN] for i in range(0, len(slots), BLOCK_LEN)]
+        self.maxes = [self._full(block[-1]) for block in self.blocks]
+        self.counts = [self._count(block) for block in self.blocks]
         self.size = len(slots)
         self._starts = None
 
     def _find(self, k: tuple[Any, int]) -> tuple[int, int]:
         """(block index, index in the block) of the first entry >= k (block may be len)."""
-        blocks = self.blocks
-        i = bisect_left(blocks, k, key=self._last)
-        if i == len(blocks):
+        i = bisect_left(self.maxes, k)
+        if i == len(self.blocks):
             return i, 0
-        return i, bisect_left(blocks[i], k, key=self._full)
+        return i, bisect_left(self.blocks[i], k, key=self._full)
 
     def insert(self, s: int) -> None:
         self._starts = None
         self.size += 1
+        k = self._full(s)
         if not self.blocks:
             self.blocks.append([s])
+            self.maxes.append(k)
+            self.counts.append(self._count([s]))
             return
-        i, j = self._find(self._full(s))
+        i, j = self._find(k)
         if i == len(self.blocks):
             i -= 1
             j = len(self.blocks[i])
+            self.maxes[i] = k
         block = self.blocks[i]
         block.insert(j, s)
+        self._add_tokens(i, self.tokens(s), 1)
         if len(block) > 2 * BLOCK_LEN:
-            self.blocks[i : i + 1] = [block[:BLOCK_LEN], block[BLOCK_LEN:]]
+            halves = [block[:BLOCK_LEN], block[BLOCK_LEN:]]
+            self.blocks[i : i + 1] = halves
+            self.maxes[i : i + 1] = [self._full(block[BLOCK_LEN - 1]), self.maxes[i]]
+            self.counts[i : i + 1] = [self._count(half) for half in halves]
 
     def remove(self, s: int) -> None:
         i, j = self._find(self._full(s))
@@ -201,8 +235,13 @@ class SortedSlots:
         if block[j] != s:
             raise KeyError(s)
         del block[j]
+        self._add_tokens(i, self.tokens(s), -1)
         if not block:
             del self.blocks[i]
+            del self.maxes[i]
+            del self.counts[i]
+        elif j == len(block):
+            self.maxes[i] = self._full(block[-1])
         self.size -= 1
         self._starts = None
 
@@ -224,7 +263,7 @@ class SortedSlots:
     def first_true(self, pred: Callable[[Any], bool]) -> int:
         """The first position whose key satisfies `pred`, monotone (False then True) in key."""
         blocks = self.blocks
-        i = bisect_left(blocks, True, key=lambda block: pred(self.key(block[-1])))
+        i = bisect_left(self.maxes, True, key=lambda m: pred(m[0]))
         if i == len(blocks):
             return self.size
         j = bisect_left(blocks[i], True, key=lambda s: pred(self.key(s)))
@@ -268,6 +307,33 @@ class SortedSlots:
         yield from self.ascending(start + skip - (hi - end), end)
         yield from self.descending(lo, start)
 
+    def skip_walk(
+        self, token: Token, matches: Bitmap, skip: int, limit: int, descending: bool
+    ) -> list[int]:
+        """`_walk` over the whole order when the matches are the entries with `token`: whole
+        blocks are skipped by their counts (descending: to the end of the tie group the first
+        walked block starts in, so the skipped part is a suffix of whole groups)."""
+        counts, starts = self.counts, self.starts()
+        if not descending:
+            for i in range(len(self.blocks)):
+                c = counts[i].get(token, 0)
+                if skip < c:
+                    return _walk(self.ascending(starts[i], self.size), matches, skip, limit)
+                skip -= c
+            return []
+        i, counted = len(self.blocks), 0
+        while i > 0 and counted + counts[i - 1].get(token, 0) <= skip:
+            counted += counts[i - 1].get(token, 0)
+            i -= 1
+        hi = starts[i] if i < len(self.blocks) else self.size
+        if 0 < hi < self.size:
+            k = self.key(self.at(hi))
+            if self.position(k) < hi:  # a tie group straddles: move to its end
+                end = self.position(k, right=True)
+                counted -= len(_walk(self.ascending(hi, end), matches, 0, end - hi))
+                hi = end
+        return _walk(self.descending(0, hi), matches, skip - counted, limit)
+
 
 class Window:
     """The slots of the nodes whose last heartbeat is within `within` seconds of `now`."""
@@ -303,13 +369,23 @@ class NodeIndex:
         self.by_region: dict[str, Bitmap] = {}
         self.by_status: dict[str, Bitmap] = {}
         nodes = self.slots
-        self.orders: dict[str, SortedSlots] = {
-            "node_id": SortedSlots(lambda s: nodes[s].node_id),  # type: ignore[union-attr]
-            "name": SortedSlots(lambda s: nodes[s].name.lower()),  # type: ignore[union-attr]
-            "load": SortedSlots(lambda s: _load_key(nodes[s])),  # type: ignore[arg-type]
-            "last_heartbeat_at": SortedSlots(lambda s: _hb_key(nodes[s])),  # type: ignore[arg-type]
+        self.keys: dict[str, Callable[[int], Any]] = {
+            "node_id": lambda s: nodes[s].node_id,  # type: ignore[union-attr]
+            "name": lambda s: nodes[s].name.lower(),  # type: ignore[union-attr]
+            "load": lambda s: _load_key(nodes[s]),  # type: ignore[arg-type]
+            "last_heartbeat_at": lambda s: _hb_key(nodes[s]),  # type: ignore[arg-type]
         }
+        self.orders: dict[str, SortedSlots] = {}  # built by the first query that needs them
         self.windows: dict[float, Window] = {}
+
+    def order(self, name: str) -> SortedSlots:
+        """The order of the live slots by `self.keys[name]`, built on first use (one sort; a
+        replay does not pay for orders no query asks for), kept up to date from then on."""
+        order = self.orders.get(name)
+        if order is None:
+            order = self.orders[name] = SortedSlots(self.keys[name], self._tokens)
+            order.load([n.slot for n in self.slots if n is not None])
+        return order
 
     # --- changes (called by the projection's handlers) ---
 
@@ -349,6 +425,16 @@ class NodeIndex:
                 if not index.get(key, True):
                     del index[key]
 
+    def _tokens(self, slot: int) -> Iterator[Token]:
+        node = self.slots[slot]
+        assert node is not None
+        yield "type", node.type
+        for cap in node.capabilities:
+            yield "capability", cap
+        if node.region is not None:
+            yield "region", node.region
+        yield "status", node.status
+
     def _keys(self, node: Node) -> Iterator[tuple[dict[str, Bitmap], str]]:
         yield self.by_type, node.type
         for cap in node.capabilities:
@@ -367,25 +453,36 @@ class NodeIndex:
 
     def set_status(self, node: Node, status: str) -> None:
         self._move(self.by_status, node.status, status, node.slot)
+        for order in self.orders.values():
+            order.retoken(node.slot, [("status", node.status)], [("status", status)])
         node.status = status
 
     def set_metadata(self, node: Node, metadata: dict[str, Any]) -> None:
         old = node.region
         node.metadata.update(metadata)
-        if node.region != old:
-            self._move(self.by_region, old, node.region, node.slot)
+        new = node.region
+        if new != old:
+            self._move(self.by_region, old, new, node.slot)
+            before = [("region", old)] if old is not None else []
+            after = [("region", new)] if new is not None else []
+            for order in self.orders.values():
+                order.retoken(node.slot, before, after)
 
     def set_load(self, node: Node, load: float) -> None:
-        order = self.orders["load"]
-        order.remove(node.slot)
+        order = self.orders.get("load")
+        if order is not None:
+            order.remove(node.slot)
         node.load = load
-        order.insert(node.slot)
+        if order is not None:
+            order.insert(node.slot)
 
     def set_heartbeat(self, node: Node, at: float) -> None:
-        order = self.orders["last_heartbeat_at"]
-        order.remove(node.slot)
+        order = self.orders.get("last_heartbeat_at")
+        if order is not None:
+            order.remove(node.slot)
         old, node.last_heartbeat_at = node.last_heartbeat_at, at
-        order.insert(node.slot)
+        if order is not None:
+            order.insert(node.slot)
         for w in self.windows.values():
             was, now = w.holds(old), w.holds(at)
             if was != now:
@@ -399,15 +496,13 @@ class NodeIndex:
             node.slot = slot
             self._bitmaps(node, bm_add)
         self.slots.extend(ordered)
-        for order in self.orders.values():
-            order.load(list(range(len(ordered))))
 
     # --- queries ---
 
     def window(self, within: float, now: float) -> Bitmap:
         """The bitmap of the nodes with a heartbeat at most `within` seconds before `now`."""
         w = self.windows.get(within)
-        order = self.orders["last_heartbeat_at"]
+        order = self.order("last_heartbeat_at")
         if w is None:
             if len(self.windows) >= MAX_WINDOWS:
                 del self.windows[next(iter(self.windows))]
@@ -429,7 +524,7 @@ class NodeIndex:
 
     def _cut(self, within: float, now: float) -> int:
         """First position in heartbeat order whose key is within `within` of `now`."""
-        return self.orders["last_heartbeat_at"].first_true(lambda k: now - k <= within)
+        return self.order("last_heartbeat_at").first_true(lambda k: now - k <= within)
 
     def page(
         self,
@@ -452,13 +547,19 @@ class NodeIndex:
         many match. Orders are those of a stable sort of the matches in registration order."""
         pos: list[Bitmap] = []
         neg: list[Bitmap] = []
+        tokens: list[Token] = []
         if type is not None:
             pos.append(self.by_type.get(type, {}))
-        pos.extend(self.by_capability.get(cap, {}) for cap in capabilities)
+            tokens.append(("type", type))
+        for cap in capabilities:
+            pos.append(self.by_capability.get(cap, {}))
+            tokens.append(("capability", cap))
         if region is not None:
             pos.append(self.by_region.get(region, {}))
+            tokens.append(("region", region))
         if status is not None:
             pos.append(self.by_status.get(status, {}))
+            tokens.append(("status", status))
         if presence is not None or online is not None:
             on = self.window(online_within, now)
             if presence == "online" or online is True:
@@ -485,7 +586,7 @@ class NodeIndex:
             groups = self.by_type if sort_by == "type" else self.by_status
             slots = self._by_group(groups, blocks, descending, skip, limit)
         else:
-            order = self.orders[sort_by]
+            order = self.order(sort_by)
             lo, hi = 0, order.size
             if sort_by == "last_heartbeat_at":
                 lo, hi = self._heartbeat_range(presence, online, now, online_within, stale_within)
@@ -494,13 +595,21 @@ class NodeIndex:
                     slots = list(islice(order.descending_from(skip, lo, hi), limit))
                 else:
                     slots = list(order.ascending(skip, min(hi, skip + limit)))
-            elif total * SORT_COST < (skip + limit) * (hi - lo) / total:
-                found = slots_of(blocks, 0, total)
-                found.sort(key=order.key, reverse=descending)  # stable: ties stay by slot
-                slots = found[skip : skip + limit]
             else:
-                it = order.descending(lo, hi) if descending else order.ascending(lo, hi)
-                slots = _walk(it, dict(blocks), skip, limit)
+                # Walking visits about (skip + limit) / density entries (only limit / density
+                # when whole blocks can be skipped by their counts); sorting the matches costs
+                # about SORT_COST walk steps each. Take the cheaper.
+                single = len(set(tokens)) == 1 and len(tokens) == len(pos) and not neg
+                walk = ((limit if single else skip + limit) * (hi - lo)) / total
+                if total * SORT_COST < walk:
+                    found = slots_of(blocks, 0, total)
+                    found.sort(key=order.key, reverse=descending)  # stable: ties stay by slot
+                    slots = found[skip : skip + limit]
+                elif single:
+                    slots = order.skip_walk(tokens[0], dict(blocks), skip, limit, descending)
+                else:
+                    it = order.descending(lo, hi) if descending else order.ascending(lo, hi)
+                    slots = _walk(it, dict(blocks), skip, limit)
         nodes = self.slots
         return [nodes[s] for s in slots], total  # type: ignore[misc]
 
@@ -534,7 +643,7 @@ class NodeIndex:
         """Positions of the heartbeat order that can hold the presence asked: nodes within a
         window have a key past its cut, nodes out of it a key before (also the nodes that never
         sent a heartbeat, keyed 0.0, unless 0.0 itself is within the window)."""
-        lo, hi = 0, self.orders["last_heartbeat_at"].size
+        lo, hi = 0, self.order("last_heartbeat_at").size
         if presence == "online" or online is True:
             lo = max(lo, self._cut(online_within, now))
         if presence == "stale":
