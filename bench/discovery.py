@@ -192,6 +192,40 @@ def build(n: int, before: int) -> tuple[NodesProjection, float, float, int]:
     return p, took, last, rss_bytes() - before
 
 
+def one_off_costs(p: NodesProjection, last: float) -> None:
+    """What the first query of a kind pays, an apply with everything built, and a restore."""
+    index = p.index
+    for name in index.keys:
+        t = time.perf_counter()
+        index.order(name)
+        print(f"first query sorting by {name}: builds its order in {time.perf_counter() - t:.2f} s")
+    t = time.perf_counter()
+    index.window(60.0, last + 1.0)
+    print(f"first presence query: builds a window in {time.perf_counter() - t:.2f} s")
+    t = time.perf_counter()
+    index.window(60.0, last + 31.0)
+    print(f"a window moved by 30 s: {(time.perf_counter() - t) * 1e3:.1f} ms")
+    all_ = Projections([p])
+    all_.seq = seq = max(n.generation for n in p.nodes.values()) + 10**7
+    ids = list(p.nodes)[:100_000]
+    for kind, make in (
+        ("heartbeat", lambda i: NodeHeartbeat(node_id=i)),
+        ("status update with a load", lambda i: NodeStatusUpdated(node_id=i, load=0.3)),
+        ("status change", lambda i: NodeStatusUpdated(node_id=i, status="busy")),
+    ):
+        envs = []
+        for i in ids:
+            seq += 1
+            envs.append(Envelope(seq, i, 9, last + 40.0, f"x{seq}", make(i)))
+        t = time.perf_counter()
+        all_.apply_many(envs)
+        took = (time.perf_counter() - t) / len(envs) * 1e6
+        print(f"apply one {kind}, every order and 1 window built: {took:.1f} µs")
+    t = time.perf_counter()
+    index.rebuild(p.nodes.values())
+    print(f"indices rebuilt (restore from a snapshot): {time.perf_counter() - t:.2f} s")
+
+
 def service_for(p: NodesProjection) -> NodeService:
     config = AuthConfig()
     service = NodeService(config, TokenService(config, "/nonexistent"))
@@ -223,6 +257,7 @@ def main() -> None:
     parser.add_argument("--nodes", default="1000000,200000")
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--only", default="", help="substring of the shapes to run")
+    parser.add_argument("--costs", action="store_true", help="one-off costs instead of queries")
     args = parser.parse_args()
     print(f"# {machine()}")
     for n in [int(x) for x in args.nodes.split(",")]:
@@ -235,6 +270,9 @@ def main() -> None:
             f"{len(p.nodes)} live); RSS {grown / n:.0f} B per node; "
             f"indices {index_size(p) / n:.0f} B per node"
         )
+        if args.costs:
+            one_off_costs(p, last)
+            continue
         service = service_for(p)
         for name, params in shapes(n):
             if args.only and args.only not in name:

@@ -584,7 +584,8 @@ class NodeIndex:
             slots = slots_of(blocks, skip, limit, descending)
         elif sort_by in ("type", "status"):
             groups = self.by_type if sort_by == "type" else self.by_status
-            slots = self._by_group(groups, blocks, descending, skip, limit)
+            matches = dict(blocks) if filtered else None
+            slots = self._by_group(groups, matches, descending, skip, limit)
         else:
             order = self.order(sort_by)
             lo, hi = 0, order.size
@@ -614,19 +615,31 @@ class NodeIndex:
         return [nodes[s] for s in slots], total  # type: ignore[misc]
 
     def _by_group(
-        self, groups: dict[str, Bitmap], blocks: Blocks, descending: bool, skip: int, limit: int
+        self,
+        groups: dict[str, Bitmap],
+        matches: Bitmap | None,
+        descending: bool,
+        skip: int,
+        limit: int,
     ) -> list[int]:
-        """Group by group in key order, each in slot order (a stable sort by the group key)."""
-        matches = dict(blocks)
+        """Group by group in key order, each in slot order (a stable sort by the group key);
+        `matches` None when there is no filter."""
         out: list[int] = []
         for key in sorted(groups, reverse=descending):
-            group = [(b, x & y) for b, x in sorted(groups[key].items()) if (y := matches.get(b))]
-            group = [(b, x) for b, x in group if x]
-            n = count(group)
+            group = groups[key]
+            # Count first (no lists): only the group the page lands in is cut into blocks.
+            if matches is None:  # no filter: every node of the group
+                n = sum(map(int.bit_count, group.values()))
+            else:
+                n = sum((x & matches.get(b, 0)).bit_count() for b, x in group.items())
             if skip >= n:
                 skip -= n
                 continue
-            out += slots_of(group, skip, limit - len(out))
+            if matches is None:
+                cut = sorted(group.items())
+            else:
+                cut = [(b, x & y) for b, x in sorted(group.items()) if (y := matches.get(b))]
+            out += slots_of([(b, x) for b, x in cut if x], skip, limit - len(out))
             skip = 0
             if len(out) >= limit:
                 break
