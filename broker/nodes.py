@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -37,6 +37,7 @@ from broker.errors import (
     Unavailable,
     ValidationFailed,
 )
+from broker.pagination import PageQuery
 from broker.runtime import Runtime
 from broker.tokens import TokenPair, TokenService
 from eventstore.base import ConcurrencyError
@@ -81,6 +82,27 @@ class NodeView(msgspec.Struct, kw_only=True):
     heartbeat: dict[str, Any] | None
     last_login_at: str | None
     public_key: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class NodesQuery(PageQuery, kw_only=True):
+    sort_by: (
+        Literal["registered_at", "node_id", "name", "type", "status", "load", "last_heartbeat_at"]
+        | None
+    ) = None
+    type: str | None = None
+    capabilities: str | None = None  # comma-separated: every one is required
+    region: str | None = None
+    status: str | None = None
+    online: bool | None = None
+    presence: Literal["online", "stale", "offline"] | None = None
+
+
+class NodeList(msgspec.Struct):
+    nodes: list[NodeView]
+    total: int
+    skip: int
+    limit: int
+    has_more: bool
 
 
 def iso(ts: float | None) -> str | None:
@@ -335,31 +357,30 @@ class NodeService:
     def presence(self, node: Node, now: float) -> Presence:
         return node.presence(now, self.online_within, self.stale_within)
 
-    def discover(
-        self,
-        now: float,
-        *,
-        type: str | None = None,
-        capabilities: Sequence[str] = (),
-        region: str | None = None,
-        status: str | None = None,
-        online: bool | None = None,
-        presence: Presence | None = None,
-    ) -> list[Node]:
-        """Nodes matching every filter (capabilities: all of them), in registration order."""
-        found = self.runtime.nodes.discover(
-            type=type,
-            capabilities=capabilities,
-            region=region,
-            status=status,
-            presence=presence,
+    def list_nodes(self, query: NodesQuery, now: float | None = None) -> NodeList:
+        """One page of `GET /api/v1/nodes`: the filters, the sort and the window of `query`,
+        presence at `now` (the service clock when not given)."""
+        if now is None:
+            now = self.clock()
+        caps = [c.strip() for c in (query.capabilities or "").split(",") if c.strip()]
+        skip, limit = query.window()
+        found, total = self.runtime.nodes.page(
+            type=query.type,
+            capabilities=caps,
+            region=query.region,
+            status=query.status,
+            presence=query.presence,
+            online=query.online,
             now=now,
             online_within=self.online_within,
             stale_within=self.stale_within,
+            sort_by=query.sort_by or "registered_at",
+            descending=query.sort_order == "desc",
+            skip=skip,
+            limit=limit,
         )
-        if online is not None:
-            found = [n for n in found if (self.presence(n, now) == "online") is online]
-        return found
+        items = [self.view(n, now) for n in found]
+        return NodeList(items, total, skip, limit, skip + len(items) < total)
 
     def view(self, node: Node, now: float, *, with_key: bool = False) -> NodeView:
         presence = self.presence(node, now)

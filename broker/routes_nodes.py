@@ -6,7 +6,7 @@ Thin handlers: decode, call one `NodeService`/`TokenService` function, encode.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -15,13 +15,21 @@ from broker.auth import Authenticated, Permission, Public, bearer_token, princip
 from broker.errors import AuthenticationFailed, Forbidden
 from broker.http import decode_body, json_response
 from broker.keys import CONFIG, NODES, RUNTIME, TOKENS
-from broker.nodes import NODE_ID_PATTERN, Label, NodeService, NodeView, Timestamp, iso
-from broker.pagination import PageQuery, decode_query, paginate
+from broker.nodes import (
+    NODE_ID_PATTERN,
+    Label,
+    NodeList,
+    NodeService,
+    NodesQuery,
+    NodeView,
+    Timestamp,
+    iso,
+)
+from broker.pagination import decode_query
 from broker.principal import Principal
 from broker.ratelimit import LOGIN, charge_subject
 from broker.routing import Routes
 from broker.tokens import TokenPair
-from projections.nodes import Node
 
 routes = Routes("nodes")
 
@@ -84,40 +92,8 @@ class HeartbeatResponse(msgspec.Struct):
     next_heartbeat_in: float
 
 
-class NodesQuery(PageQuery, kw_only=True):
-    sort_by: (
-        Literal["registered_at", "node_id", "name", "type", "status", "load", "last_heartbeat_at"]
-        | None
-    ) = None
-    type: str | None = None
-    capabilities: str | None = None  # comma-separated: every one is required
-    region: str | None = None
-    status: str | None = None
-    online: bool | None = None
-    presence: Literal["online", "stale", "offline"] | None = None
-
-
-class NodeList(msgspec.Struct):
-    nodes: list[NodeView]
-    total: int
-    skip: int
-    limit: int
-    has_more: bool
-
-
 class Jwks(msgspec.Struct):
     keys: list[dict[str, Any]]
-
-
-_SORT_KEYS: dict[str, Any] = {
-    "registered_at": lambda n: n.generation,
-    "node_id": lambda n: n.node_id,
-    "name": lambda n: n.name.lower(),
-    "type": lambda n: n.type,
-    "status": lambda n: n.status,
-    "load": lambda n: (n.load is None, n.load or 0.0),
-    "last_heartbeat_at": lambda n: n.last_heartbeat_at or 0.0,
-}
 
 
 def _who(principal: Principal) -> str:
@@ -235,24 +211,7 @@ async def jwks(request: web.Request) -> web.Response:
 async def list_nodes(request: web.Request) -> web.Response:
     _require_read(principal_of(request))
     query = decode_query(request, NodesQuery)
-    service = request.app[NODES]
-    now = service.clock()
-    caps = [c.strip() for c in (query.capabilities or "").split(",") if c.strip()]
-    found = service.discover(
-        now,
-        type=query.type,
-        capabilities=caps,
-        region=query.region,
-        status=query.status,
-        online=query.online,
-        presence=query.presence,
-    )
-
-    def render(node: Node) -> NodeView:
-        return service.view(node, now)
-
-    page = paginate(found, query, _SORT_KEYS, "registered_at", render)
-    return json_response(NodeList(page.items, page.total, page.skip, page.limit, page.has_more))
+    return json_response(request.app[NODES].list_nodes(query))
 
 
 @routes.get(

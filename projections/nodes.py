@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+import msgspec
 
 from eventstore.base import Envelope
 from eventstore.events import (
@@ -19,6 +21,7 @@ from eventstore.events import (
     NodeStatusUpdated,
 )
 from projections.base import Projection, handles
+from projections.node_index import NodeIndex
 
 Presence = Literal["online", "stale", "offline"]
 
@@ -45,6 +48,7 @@ class Node:
     metrics: dict[str, Any] = field(default_factory=dict)
     last_login_at: float | None = None
     heartbeats: int = 0
+    slot: int = field(default=-1, compare=False, repr=False)  # in the discovery indices
 
     @property
     def region(self) -> str | None:
@@ -63,30 +67,26 @@ class Node:
         return "offline"
 
 
-def _index_add(index: dict[str, set[str]], key: str | None, node_id: str) -> None:
-    if key is not None:
-        index.setdefault(key, set()).add(node_id)
-
-
-def _index_remove(index: dict[str, set[str]], key: str | None, node_id: str) -> None:
-    if key is None:
-        return
-    members = index.get(key)
-    if members is not None:
-        members.discard(node_id)
-        if not members:
-            del index[key]
-
-
 @dataclass
 class NodesProjection(Projection):
     name = "nodes"
     nodes: dict[str, Node] = field(default_factory=dict)
     retired: dict[str, float] = field(default_factory=dict)  # deregistered node id -> when
-    by_type: dict[str, set[str]] = field(default_factory=dict)
-    by_capability: dict[str, set[str]] = field(default_factory=dict)
-    by_region: dict[str, set[str]] = field(default_factory=dict)
-    by_status: dict[str, set[str]] = field(default_factory=dict)
+    index: NodeIndex = field(default_factory=NodeIndex, compare=False, repr=False)
+
+    # The indices are derived from the registry: snapshots save the registry and rebuild them.
+    snapshot_version: ClassVar[int] = 1
+
+    def state(self) -> object:
+        return {"nodes": self.nodes, "retired": self.retired}
+
+    def snapshot(self) -> Any:
+        return {"nodes": self.nodes, "retired": self.retired}
+
+    def restore(self, raw: bytes) -> None:
+        saved = _snapshot_decoder.decode(raw)
+        self.nodes, self.retired = saved.nodes, saved.retired
+        self.index.rebuild(self.nodes.values())
 
     # --- apply ---
 
@@ -94,7 +94,7 @@ class NodesProjection(Projection):
     def _registered(self, env: Envelope) -> None:
         e: NodeRegistered = env.event  # type: ignore[assignment]
         if e.node_id in self.nodes:  # refused by the log in practice (expected version 0)
-            self._unindex(self.nodes[e.node_id])
+            self.index.remove(self.nodes.pop(e.node_id))
         node = Node(
             node_id=e.node_id,
             name=e.name,
@@ -110,7 +110,7 @@ class NodesProjection(Projection):
         )
         self.nodes[e.node_id] = node
         self.retired.pop(e.node_id, None)
-        self._index(node)
+        self.index.add(node)
 
     @handles(NodeStatusUpdated)
     def _status(self, env: Envelope) -> None:
@@ -119,19 +119,13 @@ class NodesProjection(Projection):
         if node is None:
             return
         if e.status is not None and e.status != node.status:
-            _index_remove(self.by_status, node.status, node.node_id)
-            node.status = e.status
-            _index_add(self.by_status, node.status, node.node_id)
-        if e.load is not None:
-            node.load = e.load
+            self.index.set_status(node, e.status)
+        if e.load is not None and e.load != node.load:
+            self.index.set_load(node, e.load)
         if e.available_resources is not None:
             node.available_resources = dict(e.available_resources)
         if e.metadata:
-            old_region = node.region
-            node.metadata.update(e.metadata)
-            if node.region != old_region:
-                _index_remove(self.by_region, old_region, node.node_id)
-                _index_add(self.by_region, node.region, node.node_id)
+            self.index.set_metadata(node, e.metadata)
         if e.last_seen is not None:
             node.last_seen = e.last_seen
         node.updated_at = env.ts
@@ -142,7 +136,7 @@ class NodesProjection(Projection):
         node = self.nodes.get(e.node_id)
         if node is None:
             return
-        node.last_heartbeat_at = env.ts
+        self.index.set_heartbeat(node, env.ts)
         node.heartbeat_timestamp = e.timestamp
         node.health = e.status
         if e.metrics:
@@ -160,27 +154,17 @@ class NodesProjection(Projection):
         e: NodeDeregistered = env.event  # type: ignore[assignment]
         node = self.nodes.pop(e.node_id, None)
         if node is not None:
-            self._unindex(node)
+            self.index.remove(node)
             self.retired[e.node_id] = env.ts
-
-    def _index(self, node: Node) -> None:
-        _index_add(self.by_type, node.type, node.node_id)
-        for cap in node.capabilities:
-            _index_add(self.by_capability, cap, node.node_id)
-        _index_add(self.by_region, node.region, node.node_id)
-        _index_add(self.by_status, node.status, node.node_id)
-
-    def _unindex(self, node: Node) -> None:
-        _index_remove(self.by_type, node.type, node.node_id)
-        for cap in node.capabilities:
-            _index_remove(self.by_capability, cap, node.node_id)
-        _index_remove(self.by_region, node.region, node.node_id)
-        _index_remove(self.by_status, node.status, node.node_id)
 
     # --- queries ---
 
     def get(self, node_id: str) -> Node | None:
         return self.nodes.get(node_id)
+
+    def page(self, **query: Any) -> tuple[list[Node], int]:
+        """One page of discovery and the number of matches: see `NodeIndex.page`."""
+        return self.index.page(**query)
 
     def discover(
         self,
@@ -197,26 +181,23 @@ class NodesProjection(Projection):
         """Nodes matching every given filter (capabilities: all of them), in registration order.
 
         `presence` filters on the presence at `now` (the caller's clock)."""
-        sets: list[set[str]] = []
-        if type is not None:
-            sets.append(self.by_type.get(type, set()))
-        for cap in capabilities:
-            sets.append(self.by_capability.get(cap, set()))
-        if region is not None:
-            sets.append(self.by_region.get(region, set()))
-        if status is not None:
-            sets.append(self.by_status.get(status, set()))
-        if sets:
-            sets.sort(key=len)
-            ids = set(sets[0])
-            for other in sets[1:]:
-                ids &= other
-                if not ids:
-                    return []
-            found = [self.nodes[i] for i in ids]
-            found.sort(key=lambda n: n.generation)
-        else:
-            found = list(self.nodes.values())
-        if presence is not None:
-            found = [n for n in found if n.presence(now, online_within, stale_within) == presence]
+        found, _ = self.index.page(
+            type=type,
+            capabilities=capabilities,
+            region=region,
+            status=status,
+            presence=presence,
+            now=now,
+            online_within=online_within,
+            stale_within=stale_within,
+            limit=len(self.nodes),
+        )
         return found
+
+
+class _Snapshot(msgspec.Struct):
+    nodes: dict[str, Node]
+    retired: dict[str, float]
+
+
+_snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
