@@ -90,8 +90,8 @@ async def ws_phase(beaters: list[Beater], rate: int, seconds: float, pid: int | 
     lat = sorted(x for b in beaters for x in b.latencies)
     return (
         f"ws heartbeats, one op a frame, offered {rate:,}/s: {answered / elapsed:,.0f}/s durable, "
-        f"server {cpu:.1f} us CPU each, send->ok p50 {pct(lat, 0.5) :.2f} ms "
-        f"p99 {pct(lat, 0.99) :.2f} ms"
+        f"server {cpu:.1f} us CPU each, send->ok p50 {pct(lat, 0.5):.2f} ms "
+        f"p99 {pct(lat, 0.99):.2f} ms"
     )
 
 

@@ -40,41 +40,75 @@ async def test_init_send_listen(tmp_path: Path) -> None:
     try:
         for state, node_id in ((a, "cli-a"), (b, "cli-b")):
             code, out, err = await run(
-                BROKER_NODE, "init", "--server", broker.url, "--id", node_id,
-                "--type", "sensor", "--capabilities", "temp,humidity", "--region", "eu",
-                "--state", str(state),
+                BROKER_NODE,
+                "init",
+                "--server",
+                broker.url,
+                "--id",
+                node_id,
+                "--type",
+                "sensor",
+                "--capabilities",
+                "temp,humidity",
+                "--region",
+                "eu",
+                "--state",
+                str(state),
             )
             assert code == 0, err
             assert json.loads(out)["node_id"] == node_id
             for name in ("key.pem", "session.json", "node.json"):
                 assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
-        code, out, err = await run(BROKER_NODE, "init", "--server", broker.url, "--id", "cli-a",
-                                   "--state", str(a))  # again: the same key, it proceeds
+        code, out, err = await run(
+            BROKER_NODE, "init", "--server", broker.url, "--id", "cli-a", "--state", str(a)
+        )  # again: the same key, it proceeds
         assert code == 0, err
 
         listener = await asyncio.create_subprocess_exec(
-            *FLEET_NODE, "listen", "--state", str(b), cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *FLEET_NODE,
+            "listen",
+            "--state",
+            str(b),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         sent = []
         for i, priority in enumerate(("normal", "critical")):
             code, out, err = await run(
-                BROKER_NODE, "send", "--state", str(a), "--to", "cli-b", "--type", "reading",
-                "--content", json.dumps({"i": i}), "--priority", priority, "--ttl", "600",
+                BROKER_NODE,
+                "send",
+                "--state",
+                str(a),
+                "--to",
+                "cli-b",
+                "--type",
+                "reading",
+                "--content",
+                json.dumps({"i": i}),
+                "--priority",
+                priority,
+                "--ttl",
+                "600",
             )
             assert code == 0, err
             sent.append(out.strip())
         assert listener.stdout is not None
-        lines = [json.loads(await asyncio.wait_for(listener.stdout.readline(), 60))
-                 for _ in sent]
+        lines = [json.loads(await asyncio.wait_for(listener.stdout.readline(), 60)) for _ in sent]
         assert sorted(line["id"] for line in lines) == sorted(sent)
         first = next(line for line in lines if line["id"] == sent[0])
-        assert first == {"id": sent[0], "from_node": "cli-a", "message_type": "reading",
-                         "priority": "normal", "content": {"i": 0}}
+        assert first == {
+            "id": sent[0],
+            "from_node": "cli-a",
+            "message_type": "reading",
+            "priority": "normal",
+            "content": {"i": 0},
+        }
 
         # Printed, then acknowledged: b's mailbox empties (read with b's shared login).
-        async with Node(broker.url, "cli-b", key_file=b / "key.pem",
-                        session_file=b / "session.json") as rx:
+        async with Node(
+            broker.url, "cli-b", key_file=b / "key.pem", session_file=b / "session.json"
+        ) as rx:
 
             async def empty() -> bool:
                 return await rx.pending() == []
@@ -85,8 +119,9 @@ async def test_init_send_listen(tmp_path: Path) -> None:
         assert code == 0 and json.loads(out)["presence"] == "online", err
         code, out, err = await run(FLEET_NODE, "status", "--state", str(b), "--set", "busy")
         assert code == 0 and json.loads(out)["status"] == "busy", err
-        code, out, err = await run(FLEET_NODE, "nodes", "--state", str(a), "--capabilities",
-                                   "temp", "--online")
+        code, out, err = await run(
+            FLEET_NODE, "nodes", "--state", str(a), "--capabilities", "temp", "--online"
+        )
         assert code == 0, err
         assert [json.loads(line)["node_id"] for line in out.splitlines()] == ["cli-b"]
 

@@ -48,8 +48,9 @@ async def test_listener_across_kill_9_and_restart(tmp_path: Path) -> None:
                 await got.wait_for(sent)
                 # One message is being handled, others wait behind it, when the server dies.
                 held = (await tx.send("rx", "n", {"hold": "a"})).message_id
-                sent += [held] + [(await tx.send("rx", "n", {"i": i})).message_id
-                                  for i in range(5, 8)]
+                sent += [held] + [
+                    (await tx.send("rx", "n", {"i": i})).message_id for i in range(5, 8)
+                ]
                 await asyncio.wait_for(hold["a:held"].wait(), 30)
                 await broker.kill()
                 hold["a"].set()  # handled while the server is down: its ack cannot arrive
@@ -218,15 +219,16 @@ async def test_auto_falls_back_to_polling_when_the_upgrade_is_refused(tmp_path: 
     async def forward(request: web.Request) -> web.StreamResponse:
         if request.path == "/api/v1/ws":
             raise web.HTTPNotFound()
-        async with aiohttp.ClientSession() as http, http.request(
-            request.method,
-            broker.url + request.path_qs,
-            headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
-            data=await request.read(),
-        ) as r:
-            return web.Response(
-                status=r.status, body=await r.read(), content_type=r.content_type
-            )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(
+                request.method,
+                broker.url + request.path_qs,
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+                data=await request.read(),
+            ) as r,
+        ):
+            return web.Response(status=r.status, body=await r.read(), content_type=r.content_type)
 
     proxy.router.add_route("*", "/{tail:.*}", forward)
     async with TestServer(proxy) as front:

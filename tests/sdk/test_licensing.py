@@ -49,12 +49,21 @@ async def test_seed_002_flows(tmp_path: Path) -> None:
     try:
         async with aiohttp.ClientSession() as http:
             auth = await operator(http, broker.url)
-            tenant = await post(http, f"{broker.url}/api/v1/admin/tenants", auth,
-                                json={"name": "Acme"})
-            lic = await post(http, f"{broker.url}/api/v1/admin/licenses", auth,
-                             json={"tenant_id": tenant["id"], "expires_at": "2999-01-01"})
-            old = await post(http, f"{broker.url}/api/v1/admin/licenses", auth,
-                             json={"tenant_id": tenant["id"], "expires_at": "2001-01-01"})
+            tenant = await post(
+                http, f"{broker.url}/api/v1/admin/tenants", auth, json={"name": "Acme"}
+            )
+            lic = await post(
+                http,
+                f"{broker.url}/api/v1/admin/licenses",
+                auth,
+                json={"tenant_id": tenant["id"], "expires_at": "2999-01-01"},
+            )
+            old = await post(
+                http,
+                f"{broker.url}/api/v1/admin/licenses",
+                auth,
+                json={"tenant_id": tenant["id"], "expires_at": "2001-01-01"},
+            )
             zipped = a_zip()
             form = aiohttp.FormData()
             form.add_field("version", "1.2.0")
@@ -84,8 +93,9 @@ async def test_seed_002_flows(tmp_path: Path) -> None:
             with pytest.raises(ChecksumMismatch):
                 await client.download_update(check.update_id, tmp_path / "again.zip")
             assert not (tmp_path / "again.zip").exists() and not damaged.exists()
-            sent = await client.send_telemetry(uptime=86400, active_users=42,
-                                               exercises_completed_today=156, ai_latency=247.5)
+            sent = await client.send_telemetry(
+                uptime=86400, active_users=42, exercises_completed_today=156, ai_latency=247.5
+            )
             assert sent.success
         async with LicensedNode(broker.url, old["key"]) as expired:
             with pytest.raises(LicenseExpired) as exc:

@@ -51,8 +51,14 @@ async def test_key_created_0600_and_register_idempotent(broker: Broker, tmp_path
 async def test_heartbeat_status_discovery_and_errors(broker: Broker, tmp_path: Path) -> None:
     async with (
         node(broker, tmp_path, "gw", type="gateway", capabilities=["routing"]) as gw,
-        node(broker, tmp_path, "st", type="storage", capabilities=["storage", "compute"],
-             region="eu-west-1") as st,
+        node(
+            broker,
+            tmp_path,
+            "st",
+            type="storage",
+            capabilities=["storage", "compute"],
+            region="eu-west-1",
+        ) as st,
     ):
         await gw.register()
         await st.register()
@@ -60,8 +66,9 @@ async def test_heartbeat_status_discovery_and_errors(broker: Broker, tmp_path: P
         assert beat.node_id == "st" and beat.presence == "online"
         updated = await st.update_status(status="active", load=0.5, metadata={"version": "2"})
         assert updated.status == "active" and updated.metadata["region"] == "eu-west-1"
-        page = await gw.discover(type="storage", capabilities=["storage", "compute"],
-                                 region="eu-west-1")
+        page = await gw.discover(
+            type="storage", capabilities=["storage", "compute"], region="eu-west-1"
+        )
         assert [n.node_id for n in page.nodes] == ["st"] and page.total == 1
         assert (await gw.discover(capabilities=["storage", "routing"])).nodes == []
         with pytest.raises(NotFound) as nf:

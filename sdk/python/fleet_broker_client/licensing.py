@@ -181,6 +181,3 @@ def _sha256(path: Path) -> str:
 def _remove(*paths: Path) -> None:
     for p in paths:
         p.unlink(missing_ok=True)
-
-
-

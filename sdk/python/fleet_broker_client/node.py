@@ -550,6 +550,3 @@ class Node:
                     welcomed()
                 elif kind == "error":
                     log.warning("server error frame: %s", item.get("error"))
-
-
-
