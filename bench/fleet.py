@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench.common import cpu_seconds, machine, per_item_us, run
 from bench.e2e import PSS, pct
-from bench.heartbeats import Beater
+from bench.heartbeats import Beater, http_load
 from bench.scale import free_port
 from eventstore.codec import JsonRecord
 
@@ -59,7 +59,6 @@ TYPES = [f"type-{i:02d}" for i in range(20)]
 CAPABILITIES = [f"cap-{i:02d}" for i in range(16)]
 REGIONS = [f"region-{i}" for i in range(10)]
 T0 = 1_780_000_000.0  # the registrations' server time
-_encode = msgspec.json.Encoder().encode
 
 
 class Goal:
@@ -358,27 +357,9 @@ async def http_heartbeats(
     seconds: float,
     pid: int,
 ) -> None:
-    done = 0
-    stop = time.perf_counter() + seconds
-    body = _encode({"status": "healthy", "metrics": {"cpu": 12.5, "mem": 40}})
-
-    async def worker(k: int) -> None:
-        nonlocal done
-        node, token = nodes[k % len(nodes)]
-        url = f"{base}/api/v1/nodes/{node}/heartbeat"
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        while time.perf_counter() < stop:
-            async with session.post(url, data=body, headers=headers) as r:
-                assert r.status == 200, await r.text()
-                await r.read()
-            done += 1
-
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(32)))
-    elapsed = time.perf_counter() - t0
-    cpu = per_item_us(cpu0, cpu_seconds(pid), done)
+    rate, cpu = await http_load(session, base, nodes, seconds, pid)
     say(
-        f"http heartbeats, 32 in flight: {done / elapsed:,.0f}/s, server {cpu:.1f} us CPU each "
+        f"http heartbeats, 32 in flight: {rate:,.0f}/s, server {cpu:.1f} us CPU each "
         f"(goal <= 100 us): {goal(cpu <= 100)}"
     )
 

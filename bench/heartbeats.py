@@ -95,26 +95,26 @@ async def ws_phase(beaters: list[Beater], rate: int, seconds: float, pid: int | 
     )
 
 
-async def http_phase(
+async def http_load(
     session: aiohttp.ClientSession,
     base: str,
     nodes: list[tuple[str, str]],
     seconds: float,
     pid: int | None,
-) -> str:
+) -> tuple[float, float]:
+    """`POST /api/v1/nodes/{id}/heartbeat` with 32 requests in flight for `seconds`:
+    (requests/s, the server's CPU µs per request)."""
     done = 0
     stop = time.perf_counter() + seconds
+    body = _encode({"status": "healthy", "metrics": {"cpu": 12.5, "mem": 40}})
 
     async def worker(k: int) -> None:
         nonlocal done
         node, token = nodes[k % len(nodes)]
         url = f"{base}/api/v1/nodes/{node}/heartbeat"
-        headers = {"Authorization": f"Bearer {token}"}
-        body = _encode({"status": "healthy", "metrics": {"cpu": 12.5, "mem": 40}})
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         while time.perf_counter() < stop:
-            async with session.post(
-                url, data=body, headers={**headers, "Content-Type": "application/json"}
-            ) as r:
+            async with session.post(url, data=body, headers=headers) as r:
                 assert r.status == 200, await r.text()
                 await r.read()
             done += 1
@@ -122,11 +122,18 @@ async def http_phase(
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(32)))
     elapsed = time.perf_counter() - t0
-    cpu = per_item_us(cpu0, cpu_seconds(pid), done)
-    return (
-        f"http heartbeats, 32 in flight: {done / elapsed:,.0f} requests/s, "
-        f"server {cpu:.1f} us CPU each"
-    )
+    return done / elapsed, per_item_us(cpu0, cpu_seconds(pid), done)
+
+
+async def http_phase(
+    session: aiohttp.ClientSession,
+    base: str,
+    nodes: list[tuple[str, str]],
+    seconds: float,
+    pid: int | None,
+) -> str:
+    rate, cpu = await http_load(session, base, nodes, seconds, pid)
+    return f"http heartbeats, 32 in flight: {rate:,.0f} requests/s, server {cpu:.1f} us CPU each"
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -39,27 +39,29 @@ class _Loop:
         self.loop.close()
 
 
-class SyncNode:
-    """`Node`'s calls, blocking. Arguments are those of `Node`."""
+class _Blocking:
+    """Runs an async client's calls on its own loop thread: a coroutine a call returns is
+    awaited there; attributes named in `_unwrapped` are handed over as they are."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    _unwrapped: tuple[str, ...] = ()
+
+    def __init__(self, target: Any) -> None:
         self._loop = _Loop()
-        self.node = Node(*args, **kwargs)
-        self._loop.run(self.node.start())
+        self._target = target
 
-    def __enter__(self) -> SyncNode:
+    def __enter__(self: T) -> T:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        self._loop.run(self.node.close())
+        self._loop.run(self._target.close())
         self._loop.stop()
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.node, name)
-        if not callable(attr) or name in ("messages", "run_heartbeats"):
+        attr = getattr(self._target, name)
+        if not callable(attr) or name in self._unwrapped:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -69,6 +71,17 @@ class SyncNode:
             return result
 
         return call
+
+
+class SyncNode(_Blocking):
+    """`Node`'s calls, blocking. Arguments are those of `Node`."""
+
+    _unwrapped = ("messages", "run_heartbeats")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.node = Node(*args, **kwargs)
+        super().__init__(self.node)
+        self._loop.run(self.node.start())
 
     def messages(self, **kwargs: Any) -> Iterator[Message]:
         """`Node.messages()` as a blocking iterator (same acknowledgement rule)."""
@@ -83,32 +96,9 @@ class SyncNode:
             self._loop.run(agen.aclose())
 
 
-class SyncLicensedNode:
+class SyncLicensedNode(_Blocking):
     """`LicensedNode`'s calls, blocking."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._loop = _Loop()
         self.client = LicensedNode(*args, **kwargs)
-
-    def __enter__(self) -> SyncLicensedNode:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._loop.run(self.client.close())
-        self._loop.stop()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            result = attr(*args, **kwargs)
-            if asyncio.iscoroutine(result):
-                return self._loop.run(result)
-            return result
-
-        return call
+        super().__init__(self.client)
