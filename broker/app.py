@@ -10,6 +10,7 @@ from broker import (
     connections,
     openapi,
     ratelimit,
+    routes_apikeys,
     routes_events,
     routes_licensing,
     routes_messages,
@@ -44,6 +45,7 @@ def create_app(config: Config) -> web.Application:
     system.setup(app)
     routes_nodes.setup(app)
     routes_operators.setup(app)
+    routes_apikeys.setup(app)  # API keys wherever tokens are accepted: after tokens.setup
     routes_licensing.setup(app)
     routes_updates.setup(app)
     routes_telemetry.setup(app)

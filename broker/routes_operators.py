@@ -12,7 +12,7 @@ from aiohttp import web
 
 from broker import operators
 from broker.auth import Authenticated, Permission, Public, bearer_token, principal_of
-from broker.errors import ValidationFailed
+from broker.errors import Forbidden, ValidationFailed
 from broker.http import decode_body, json_response, read_form
 from broker.keys import RUNTIME, TOKENS
 from broker.nodes import iso
@@ -252,6 +252,9 @@ async def refresh(request: web.Request) -> web.Response:
     summary="End the session of this access token (its refresh token too)",
 )
 async def logout(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    if not principal.session:
+        raise Forbidden("an API key has no session to end: revoke the key instead")
     service = request.app[TOKENS]
     token = bearer_token(request.headers.get("Authorization")) or ""
     await service.revoke(service.family_of(token), "logout")

@@ -146,6 +146,8 @@ class SqliteStore:
         self.verify_on_open = verify_on_open
         # (seq, hash) a snapshot proved: open() verifies the chain after seq only (see verify_file)
         self.trusted_prefix: tuple[int, bytes] | None = None
+        # Told (seconds, events) after each group commit: the commit latency metric.
+        self.commit_observer: Callable[[float, int], None] | None = None
         self._lock = WriterLock(self.path)
         # Writes go through one plain sqlite3 connection owned by one worker thread, so a group
         # commit (chunks, stream versions, COMMIT) is a single hop to that thread; reads use
@@ -450,10 +452,13 @@ class SqliteStore:
             rows.append((part[0][0], part[-1][0], body, integrity.checksum(body)))
         inserts = [(s, v) for s, v in versions.items() if s in new]
         upserts = [(s, v) for s, v in versions.items() if s not in new]
+        t0 = time.perf_counter()
         try:
             await self._run(self._commit_rows, rows, inserts, upserts, envelopes[-1].seq, prev)
         except sqlite3.IntegrityError:
             raise _StreamExists from None
+        if self.commit_observer is not None:
+            self.commit_observer(time.perf_counter() - t0, len(envelopes))
         last = envelopes[-1]
         self._head, self._last_hash, self._last_ts = last.seq, prev, max(self._last_ts, last.ts)
         self._versions.update(versions)

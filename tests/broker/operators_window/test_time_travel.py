@@ -12,6 +12,8 @@ from broker.eventlog import jsonable
 from broker.keys import CONFIG, REBUILDER, RUNTIME
 from broker.runtime import build_projections
 from eventstore.events import (
+    ApiKeyCreated,
+    ApiKeyUsed,
     BaseEvent,
     LicenseIssued,
     LicenseUsed,
@@ -75,6 +77,14 @@ def history(n: int, seed: int = 7) -> list[BaseEvent]:
             password_hash="scrypt$secret",
         ),
         lambda: UserRoleGranted(user_id=f"usr_{rnd.randrange(5)}", role="viewer"),
+        lambda: ApiKeyCreated(
+            key_id=f"apk_{rnd.randrange(4)}",
+            name="k",
+            owner_id=f"usr_{rnd.randrange(5)}",
+            scopes=["nodes:read"],
+            key_hash=f"h{rnd.randrange(99)}",
+        ),
+        lambda: ApiKeyUsed(key_id=f"apk_{rnd.randrange(4)}"),
         lambda: TelemetryRecorded(
             tenant_id=f"t{rnd.randrange(4)}",
             uptime=1.0,
