@@ -159,6 +159,17 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        self.append_failures = LoopCounter(
+            "broker_append_failures",
+            "Appends the log refused (full disk, read-only, unreachable); not conflicts",
+            registry=r,
+        )
+        self.log_writable = True  # False from a failed append until the next successful one
+        Gauge(
+            "broker_log_writable",
+            "1 while the last append succeeded, 0 after a failed one",
+            registry=r,
+        ).set_function(lambda: 1.0 if self.log_writable else 0.0)
         self.heartbeats = LoopCounter(
             "broker_heartbeats", "Node heartbeats recorded in the log", registry=r
         )
@@ -175,6 +186,10 @@ class Metrics:
         self.process = _Cached(r)
         for collector in (PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)
+
+    def append_failed(self) -> None:
+        self.append_failures.inc()
+        self.log_writable = False
 
     async def refresh_process(self) -> None:
         self.process.families = await asyncio.to_thread(lambda: list(PROCESS_COLLECTOR.collect()))

@@ -17,7 +17,7 @@ import structlog
 
 from broker.config import DeliveryConfig
 from broker.metrics import Metrics
-from eventstore.base import Envelope, EventStore, ExpectedVersion
+from eventstore.base import ConcurrencyError, Envelope, EventStore, ExpectedVersion, StoreError
 from eventstore.events import BaseEvent
 from projections.apikeys import ApiKeysProjection
 from projections.base import Projection, Projections
@@ -152,7 +152,14 @@ class Runtime:
         self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None
     ) -> list[Envelope]:
         t0 = time.perf_counter()
-        envs = await self.store.append(events, expected_version)
+        try:
+            envs = await self.store.append(events, expected_version)
+        except ConcurrencyError:
+            raise
+        except StoreError:
+            self.metrics.append_failed()
+            raise
+        self.metrics.log_writable = True
         self.metrics.append_seconds.observe(time.perf_counter() - t0)
         return envs
 

@@ -226,9 +226,7 @@ class TokenService:
         )
         return TokenPair(access, refresh, "bearer", access_ttl), hash_token(refresh), refresh_exp
 
-    def open_session(
-        self, kind: str, subject: str, gen: int, now: float, key: str = ""
-    ) -> Session:
+    def open_session(self, kind: str, subject: str, gen: int, now: float, key: str = "") -> Session:
         """Tokens for a new login and the events recording it (the caller records them, with
         expected version 0 on `family_id`, together with its own login events). Past
         `max_sessions` live logins, the subject's oldest are revoked in the same append."""
