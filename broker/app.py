@@ -16,6 +16,7 @@ from broker import (
     routes_messages,
     routes_nodes,
     routes_operators,
+    routes_passwords,
     routes_telemetry,
     routes_updates,
     snapshots,
@@ -45,6 +46,7 @@ def create_app(config: Config) -> web.Application:
     system.setup(app)
     routes_nodes.setup(app)
     routes_operators.setup(app)
+    routes_passwords.setup(app)
     routes_apikeys.setup(app)  # API keys wherever tokens are accepted: after tokens.setup
     routes_licensing.setup(app)
     routes_updates.setup(app)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 
+from broker import cli_users
 from broker.config import Config, ConfigError, load_config
 from broker.logs import configure_logging, write_line
 from eventstore import open_store
@@ -521,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email")
     p.add_argument("--full-name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    cli_users.add_parsers(users)
 
     sub.add_parser(
         "node",
@@ -551,7 +553,9 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
     "export": cmd_export,
     "import": cmd_import,
     "verify": cmd_verify,
-    "users": cmd_users_create,
+    "users": lambda config, args: (
+        cli_users.cmd_passwd if args.users_command == "passwd" else cmd_users_create
+    )(config, args),
 }
 
 

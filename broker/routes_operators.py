@@ -46,6 +46,7 @@ class Me(msgspec.Struct):
     is_active: bool
     roles: list[str]
     permissions: list[str]
+    must_change_password: bool = False  # only POST /auth/password is allowed until it is done
 
 
 class UserView(msgspec.Struct):
@@ -229,6 +230,7 @@ async def me(request: web.Request) -> web.Response:
             user.is_active,
             list(user.roles),
             sorted(principal.permissions),
+            user.must_change_password,
         )
     )
 
