@@ -525,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli_users.add_parsers(users)
 
     sub.add_parser(
+        "ctl",
+        help="a client of a running server, by API key: nodes, send, tail, dead-letters, users, "
+        "licenses, api-keys (broker ctl --help)",
+        add_help=False,
+    )
+    sub.add_parser(
         "node",
         help="a node's side (the SDK's fleet-node CLI): init, send, listen, heartbeat, status, "
         "nodes",
@@ -563,6 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["node"]:  # its arguments are the node CLI's, not the server's
         return node_cli(argv[1:])
+    if argv[:1] == ["ctl"]:  # a client of a running server (broker.ctl)
+        from broker.ctl import main as ctl
+
+        return ctl(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
