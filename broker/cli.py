@@ -441,31 +441,20 @@ async def _verify_nats(config: Config) -> int:
 
 
 async def cmd_users_create(config: Config, args: argparse.Namespace) -> int:
-    from broker.errors import BrokerError
     from broker.operators import create_user
-    from broker.runtime import Runtime
 
     password = _read_password(args)
-    _check_log_path(config)
-    store = open_store(config.store)
-    await store.open()
-    try:
-        runtime = Runtime(store)
-        await runtime.start()
-        try:
-            user = await create_user(
-                runtime,
-                username=args.username,
-                password=password,
-                roles=args.role or ["admin"],
-                email=args.email,
-                full_name=args.full_name,
-            )
-        except BrokerError as exc:
-            raise CommandError(exc.message) from None
-        await runtime.stop()
-    finally:
-        await store.close()
+    user = await cli_users.on_log(
+        config,
+        lambda runtime: create_user(
+            runtime,
+            username=args.username,
+            password=password,
+            roles=args.role or ["admin"],
+            email=args.email,
+            full_name=args.full_name,
+        ),
+    )
     print(f"created user {user.username} ({user.id}) with roles {', '.join(user.roles)}")
     return EXIT_OK
 

@@ -5,9 +5,15 @@ directly: on the embedded log, stop the server first (the log takes one writer).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.config import Config
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
+
+T = TypeVar("T")
 
 
 def add_parsers(users: Any) -> None:
@@ -24,14 +30,14 @@ def add_parsers(users: Any) -> None:
     )
 
 
-async def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
-    from broker.cli import EXIT_OK, CommandError, _check_log_path, _read_password
+async def on_log(config: Config, action: Callable[[Runtime], Awaitable[T]]) -> T:
+    """Open the log for writing, build the projections, run `action`, close it all. An error
+    the API would answer becomes a CommandError (one line, no traceback)."""
+    from broker.cli import CommandError, _check_log_path
     from broker.errors import BrokerError
-    from broker.operators import reset_password
     from broker.runtime import Runtime
     from eventstore import open_store
 
-    password = _read_password(args)
     _check_log_path(config)
     store = open_store(config.store)
     await store.open()
@@ -39,16 +45,28 @@ async def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
         runtime = Runtime(store)
         await runtime.start()
         try:
-            user = runtime.users.find_by_username(args.username)
-            if user is None:
-                raise CommandError(f"no operator named {args.username}")
-            user = await reset_password(runtime, user.id, password, args.force_change)
+            return await action(runtime)
         except BrokerError as exc:
             raise CommandError(exc.message) from None
         finally:
             await runtime.stop()
     finally:
         await store.close()
+
+
+async def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
+    from broker.cli import EXIT_OK, CommandError, _read_password
+    from broker.operators import reset_password
+
+    password = _read_password(args)
+
+    async def reset(runtime: Runtime) -> Any:
+        user = runtime.users.find_by_username(args.username)
+        if user is None:
+            raise CommandError(f"no operator named {args.username}")
+        return await reset_password(runtime, user.id, password, args.force_change)
+
+    user = await on_log(config, reset)
     then = " (to be changed at next login)" if user.must_change_password else ""
     print(f"password of {user.username} set{then}; every session of theirs is ended")
     return EXIT_OK

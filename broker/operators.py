@@ -96,13 +96,19 @@ async def login(runtime: Runtime, tokens: TokenService, login: str, password: st
     if needs_rehash(user.password_hash):  # an older kind of hash: replaced now that it is proved
         new_hash = await hash_password_async(password)
         rehash = [UserPasswordChanged(user_id=user.id, password_hash=new_hash, reason="rehash")]
-    return await _open_session(runtime, tokens, user, rehash)
+    return await open_session(runtime, tokens, user, rehash)
 
 
-async def _open_session(
-    runtime: Runtime, tokens: TokenService, user: User, events: list[BaseEvent]
+async def open_session(
+    runtime: Runtime,
+    tokens: TokenService,
+    user: User,
+    events: list[BaseEvent] | None = None,
+    key: str = "",
 ) -> TokenPair:
-    session = tokens.open_session("user", user.id, 0, tokens.clock())
+    """A new login of `user`, recorded with `events` (with `key`: limited to that API key)."""
+    session = tokens.open_session("user", user.id, 0, tokens.clock(), key=key)
+    events = events or []
     events = [*events, UserLoggedIn(user_id=user.id, family_id=session.family_id)]
     await runtime.record([*events, *session.events], expected_version={session.family_id: 0})
     return session.tokens
@@ -148,7 +154,7 @@ async def change_password(
             details=[{"field": "new_password"}],
         )
     events = await _password_events(runtime, user, new, "change", False)
-    return await _open_session(runtime, tokens, user, events)
+    return await open_session(runtime, tokens, user, events)
 
 
 async def reset_password(runtime: Runtime, user_id: str, new: str, must_change: bool) -> User:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
-from broker import apikeys
+from broker import apikeys, operators
 from broker.auth import Authenticated, Public, principal_of
 from broker.errors import AuthenticationFailed
 from broker.http import decode_body, json_response
@@ -20,7 +20,6 @@ from broker.nodes import iso
 from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.ratelimit import LOGIN
 from broker.routing import Routes
-from eventstore.events import UserLoggedIn
 from projections.apikeys import ApiKey
 
 routes = Routes("api-keys")
@@ -181,15 +180,10 @@ async def login_key(request: web.Request) -> web.Response:
         raise AuthenticationFailed("send the API key in the api-key header")
     keys, tokens, runtime = request.app[API_KEYS], request.app[TOKENS], request.app[RUNTIME]
     record, principal = keys.check(key)
-    session = tokens.open_session("user", principal.id, 0, tokens.clock(), key=record.id)
-    events = [UserLoggedIn(user_id=principal.id, family_id=session.family_id), *session.events]
-    await runtime.record(events, expected_version={session.family_id: 0})
+    user = operators.get_user(runtime, principal.id)
+    pair = await operators.open_session(runtime, tokens, user, key=record.id)
     await keys.note_use(record)
-    user = runtime.users.get(principal.id)
-    pair = session.tokens
-    info = UserInfo(
-        principal.id, principal.name, user.email if user else None, principal.can("users:admin"), []
-    )
+    info = UserInfo(user.id, user.username, user.email, principal.can("users:admin"), [])
     return json_response(
         KeyLogin(pair.access_token, pair.refresh_token, pair.token_type, pair.expires_in, info)
     )
