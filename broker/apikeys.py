@@ -172,6 +172,7 @@ class KeyAuthenticator:
         self._runtime = runtime
         self.clock = clock
         self._recording: set[str] = set()
+        self._tried: dict[str, float] = {}  # key id -> when this instance last tried to record
 
     def check(self, key: str) -> tuple[ApiKey, Principal]:
         """The key's record and principal, without recording the use."""
@@ -208,9 +209,12 @@ class KeyAuthenticator:
         """Record a use of the key unless one was recorded within the last minute. A log that
         cannot take it (full disk, read-only) does not refuse the request: it is a read."""
         now = self.clock()
-        last = record.last_used_at
-        if (last is not None and now - last < USE_RECORD_INTERVAL) or record.id in self._recording:
+        last = max(record.last_used_at or 0.0, self._tried.get(record.id, 0.0))
+        if now - last < USE_RECORD_INTERVAL or record.id in self._recording:
             return
+        if len(self._tried) > 10_000:  # keys used once long ago: forget them
+            self._tried = {k: t for k, t in self._tried.items() if now - t < USE_RECORD_INTERVAL}
+        self._tried[record.id] = now  # a failed attempt is not retried at once either
         self._recording.add(record.id)
         try:
             await self._runtime().record([ApiKeyUsed(key_id=record.id)])
