@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from broker.keys import RUNTIME
+from broker.keys import CONFIG, RUNTIME
 from eventstore.codec import envelope_to_json
 from tests.broker.identity.helpers import (
     assert_error,
@@ -216,6 +216,7 @@ async def test_an_expired_key_is_refused(client: Client) -> None:
 async def test_a_revoked_key_closes_its_open_operator_socket(client: Client) -> None:
     admin = await operator_token(client, "alice", ["admin"])
     created = await create_key(client, admin, ["events:read"])
+    client.app[CONFIG].events.ws_heartbeat = 3600.0  # only the revocation can end it in time
     async with client.ws_connect("/ws", headers=key_header(created["key"])) as ws:
         await ws.send_json({"type": "subscribe", "from_seq": 1, "ref": 1})
         resp = await client.delete(f"/api/v1/admin/api-keys/{created['id']}", headers=bearer(admin))
@@ -282,3 +283,18 @@ async def test_bad_input_is_refused_clearly(client: Client) -> None:
         assert_error(await resp.json(), 422, "VALIDATION_ERROR")
     resp = await client.delete("/api/v1/admin/api-keys/apk_missing", headers=bearer(admin))
     assert resp.status == 404
+
+
+async def test_a_revoked_key_ends_its_open_event_stream(client: Client) -> None:
+    admin = await operator_token(client, "alice", ["admin"])
+    created = await create_key(client, admin, ["events:read"])
+    client.app[CONFIG].events.sse_ping = 3600.0  # only the revocation can end it in time
+    async with client.get(
+        "/api/v1/events/stream?from_seq=1", headers=key_header(created["key"])
+    ) as sse:
+        assert sse.status == 200
+        assert await sse.content.readline() == b"retry: 3000\n"
+        resp = await client.delete(f"/api/v1/admin/api-keys/{created['id']}", headers=bearer(admin))
+        assert resp.status == 204
+        rest = await sse.content.read()  # the stream ends
+    assert b'"code":"AUTHENTICATION_ERROR"' in rest and b"API key revoked" in rest
