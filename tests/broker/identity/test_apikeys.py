@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from broker.keys import CONFIG, RUNTIME
 from eventstore.codec import envelope_to_json
+from projections.users import PERMISSIONS
 from tests.broker.identity.helpers import (
     assert_error,
     bearer,
@@ -21,17 +22,7 @@ from tests.broker.identity.helpers import (
 )
 
 Client = TestClient  # type: ignore[type-arg]
-ALL_SCOPES = [
-    "nodes:read",
-    "nodes:write",
-    "messages:send",
-    "messages:read_any",
-    "events:read",
-    "licenses:admin",
-    "updates:admin",
-    "users:admin",
-    "metrics:read",
-]
+ALL_SCOPES = list(PERMISSIONS)  # every built-in permission
 
 
 async def create_key(
