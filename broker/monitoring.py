@@ -178,11 +178,15 @@ class StateCollector(Collector):
 # --- wiring ---
 
 
-async def _monitoring_ctx(app: web.Application) -> AsyncIterator[None]:
-    metrics, runtime = app[METRICS], app[RUNTIME]
+async def _scrape_token_ctx(app: web.Application) -> AsyncIterator[None]:
     path = app[CONFIG].auth.metrics_token_file
     if path:
         app[SCRAPE_TOKEN] = await asyncio.to_thread(load_scrape_token, Path(path))
+    yield
+
+
+async def _monitoring_ctx(app: web.Application) -> AsyncIterator[None]:
+    metrics, runtime = app[METRICS], app[RUNTIME]
 
     def on_append(envs: Sequence[Envelope]) -> None:
         count_outcomes(metrics, envs)
@@ -202,4 +206,5 @@ async def _monitoring_ctx(app: web.Application) -> AsyncIterator[None]:
 def setup(app: web.Application) -> None:
     """Call after the runtime's context is registered."""
     app[METRICS].registry.register(StateCollector(app))
+    app.cleanup_ctx.insert(0, _scrape_token_ctx)  # a bad token file fails before the log opens
     app.cleanup_ctx.append(_monitoring_ctx)

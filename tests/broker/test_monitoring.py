@@ -123,9 +123,13 @@ async def test_a_world_readable_scrape_token_refuses_the_start(tmp_path: Path) -
     config = make_config(tmp_path)
     path, _ = _token_file(tmp_path, 0o644)
     config.auth.metrics_token_file = str(path)
-    with pytest.raises(ConfigError, match="readable by everyone"):
-        async with TestClient(TestServer(create_app(config))):
-            pass
+    server = TestServer(create_app(config))
+    try:
+        with pytest.raises(ConfigError, match="readable by everyone"):
+            await server.start_server()
+    finally:
+        await server.close()
+    assert not (tmp_path / "data" / "events.db").exists()  # refused before the log is opened
 
 
 async def test_promtool_finds_the_exposition_clean(client: Client) -> None:
