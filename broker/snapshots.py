@@ -196,7 +196,7 @@ async def write_snapshot(
         fingerprints = {name: fingerprint(part) for name, part in parts_sliced.items()}
         await write(FINGERPRINTS, "", encoder.encode(fingerprints))
         for part in parts_sliced.values():
-            part.dirty = set()
+            part.dirty = {}
         try:
             todo = {name: list(part.records()) for name, part in parts_sliced.items()}
             while True:
@@ -211,7 +211,7 @@ async def write_snapshot(
                 rounds += 1
                 todo = {}
                 for name, part in parts_sliced.items():
-                    todo[name], part.dirty = list(part.dirty or ()), set()
+                    todo[name], part.dirty = list(part.dirty or ()), {}
             # The cut: nothing below awaits, so nothing is applied until `seq` is read.
             t0 = time.perf_counter()
             last = [
@@ -304,51 +304,17 @@ class Snapshotter:
         """Open the log and bring the projections to its head: from the newest valid snapshot
         plus the tail when there is one, from the whole log otherwise."""
         t0 = time.perf_counter()
-        store = open_store(self.config.store)
-        projections = build_projections(self.config.delivery)
-        # The SQLite log is checked against the snapshot before it is opened, so that opening
-        # verifies its chain from the snapshot on; another backend with `hash_at` after.
-        early = hasattr(store, "trusted_prefix")
-        if self.enabled and early:  # before the log is opened: a lost one is not created anew
-            from eventstore.sqlite_verify import head_of_file
-
-            head = await asyncio.to_thread(head_of_file, store.path)  # type: ignore[attr-defined]
-            if head is not None:
-                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
-        wanted = slice_decoders(projections)
-        chosen = await self._choose(store, wanted) if self.enabled and early else None
-        if chosen is not None and getattr(store, "verify_on_open", False):
-            store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
-        await store.open()
-        if self.enabled and not early and hasattr(store, "hash_at"):
-            try:
-                head = await store.head()
-                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
-            except BaseException:
-                await store.close()
-                raise
-            chosen = await self._choose(store, wanted)
-        if chosen is not None:
-            path, header, body = chosen
         collecting = gc.isenabled()
-        gc.disable()  # building millions of objects: collections would double the time
+        gc.disable()  # decoding or replaying millions of objects: collections would double it
         try:
-            if chosen is not None:
-                projections = await self._restore(store, projections, header.seq, body)
-                self.last_seq = header.seq
-                self.boot.seq, self.boot.path = header.seq, str(path)
-            self._track(projections, chosen[2] if chosen is not None else None)
-            await self._apply_tail(store, projections)
-        except BaseException:
-            await store.close()
-            raise
+            store, projections, chosen = await self._open()
         finally:
             if collecting:
                 if self.freeze_on_load:  # else the next young collection walks all of it
                     gc.freeze()
                 gc.enable()
         self.boot.seconds = time.perf_counter() - t0
-        if chosen is not None:
+        if chosen:
             log.info(
                 "snapshot_loaded",
                 seq=self.boot.seq,
@@ -365,6 +331,41 @@ class Snapshotter:
                 snapshots="disabled" if not self.enabled else "none valid",
             )
         return store, projections
+
+    async def _open(self) -> tuple[EventStore, Projections, bool]:
+        """`open_log`'s work; also says whether a snapshot was loaded."""
+        store = open_store(self.config.store)
+        projections = build_projections(self.config.delivery)
+        # The SQLite log is checked against the snapshot before it is opened, so that opening
+        # verifies its chain from the snapshot on; another backend with `hash_at` after.
+        early = hasattr(store, "trusted_prefix")
+        if self.enabled and early:  # before the log is opened: a lost one is not created anew
+            from eventstore.sqlite_verify import head_of_file
+
+            head = await asyncio.to_thread(head_of_file, store.path)  # type: ignore[attr-defined]
+            if head is not None:
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
+        wanted = slice_decoders(projections)
+        chosen = await self._choose(store, wanted) if self.enabled and early else None
+        if chosen is not None and getattr(store, "verify_on_open", False):
+            store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
+        await store.open()
+        try:
+            if self.enabled and not early and hasattr(store, "hash_at"):
+                head = await store.head()
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
+                chosen = await self._choose(store, wanted)
+            if chosen is not None:
+                path, header, body = chosen
+                projections = await self._restore(store, projections, header.seq, body)
+                self.last_seq = header.seq
+                self.boot.seq, self.boot.path = header.seq, str(path)
+            self._track(projections, chosen[2] if chosen is not None else None)
+            await self._apply_tail(store, projections)
+        except BaseException:
+            await store.close()
+            raise
+        return store, projections, chosen is not None
 
     async def _choose(
         self, store: EventStore, wanted: dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]]
