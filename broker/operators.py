@@ -43,6 +43,7 @@ async def create_user(
     roles: list[str],
     email: str | None = None,
     full_name: str | None = None,
+    is_active: bool = True,
 ) -> User:
     if not USERNAME.match(username):
         raise ValidationFailed(
@@ -68,6 +69,7 @@ async def create_user(
         email=email,
         full_name=full_name,
         roles=list(roles),
+        is_active=is_active,
     )
     try:
         await runtime.record([event], expected_version=0)
