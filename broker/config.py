@@ -30,8 +30,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shutdown_timeout: float = 10.0
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 class LogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    level: str = "info"
+    level: str = "info"  # one of LOG_LEVELS, any case
     format: str = "json"  # json | console
 
 
@@ -185,6 +188,10 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"[store] synchronous must be OFF, NORMAL, FULL or EXTRA, not "
             f"{config.store.synchronous!r}"
+        )
+    if config.log.level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"[log] level must be one of {', '.join(LOG_LEVELS)}, not {config.log.level!r}"
         )
     if config.log.format not in ("json", "console"):
         raise ConfigError(f"[log] format must be json or console, not {config.log.format!r}")
