@@ -10,6 +10,7 @@ import errno
 import gc
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ import msgspec
 import structlog
 
 from broker.cli import EXIT_OK, CommandError, _check_log_path, usable_dir
-from broker.config import Config
+from broker.config import Config, ServerConfig
 from broker.logs import write_line
 
 if TYPE_CHECKING:
@@ -38,9 +39,14 @@ def serve(config: Config, args: argparse.Namespace) -> int:
     from broker.app import create_app
     from broker.keys import SNAPSHOTS
     from broker.runtime import tune_gc
+    from broker.tls import TlsError, server_context
 
     config = _with_overrides(config, args)
     _check_server_paths(config)
+    try:
+        tls = server_context(config.server)
+    except TlsError as exc:
+        raise CommandError(str(exc)) from None
     # Listen before the log is opened: a port already taken fails the start at once, not after
     # a replay of the whole log.
     sockets = listen(config.server.host, config.server.port)
@@ -62,7 +68,7 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         app = create_app(config)
         app[SNAPSHOTS].freeze_on_load = True
         app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
-        asyncio.run(_serve(app, sockets, config.server.shutdown_timeout))
+        asyncio.run(_serve(app, sockets, config.server, tls))
     finally:
         for sock in sockets:
             sock.close()
@@ -81,12 +87,18 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 
 async def _serve(
-    app: web.Application, sockets: list[socket.socket], shutdown_timeout: float
+    app: web.Application,
+    sockets: list[socket.socket],
+    server: ServerConfig,
+    tls: ssl.SSLContext | None,
 ) -> None:
     """Start `app` on `sockets`, serve until SIGINT or SIGTERM, then stop it. Unlike
     `web.run_app`, a start that fails half-way (or is interrupted) still closes what had started
-    (the log and its threads), so the process exits instead of hanging."""
+    (the log and its threads), so the process exits instead of hanging. SIGHUP loads the TLS
+    files again (broker.tls)."""
     from aiohttp import web
+
+    from broker import tls as tls_files
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -99,15 +111,24 @@ async def _serve(
             stopping = True
             task.cancel()
 
+    def reload() -> None:
+        if tls is None:
+            log.info("sighup", tls="off: nothing to reload")
+        else:
+            tls_files.reload(tls, server)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     runner = web.AppRunner(
-        app, access_log=None, keepalive_timeout=75.0, shutdown_timeout=shutdown_timeout
+        app, access_log=None, keepalive_timeout=75.0, shutdown_timeout=server.shutdown_timeout
     )
     try:
         await runner.setup()  # every cleanup context's start: the log is opened and replayed
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, ssl_context=tls).start()
+        if tls is not None:
+            log.info("tls", client_ca=server.tls_client_ca or None, **tls_files.describe(server))
         names = ", ".join(sorted(str(site.name) for site in runner.sites))
         # never fails the start (stderr may be on a full device: broker.logs)
         write_line(sys.stderr, f"======== Running on {names} ========\n(Press CTRL+C to quit)")
@@ -117,7 +138,7 @@ async def _serve(
             raise
         task.uncancel()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)  # a second Ctrl-C interrupts the cleanup
         await runner.cleanup()  # after a failed start too: closes the contexts that started
 

@@ -28,6 +28,10 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./data"  # keys and other files beside the log
     max_body_bytes: int = 1024 * 1024  # request bodies larger than this get 413
     shutdown_timeout: float = 10.0
+    # TLS (docs/deployment.md): PEM files, read again on SIGHUP. Empty tls_cert: plain HTTP.
+    tls_cert: str = ""  # the certificate chain (may hold the key too)
+    tls_key: str = ""  # the private key, unless in tls_cert
+    tls_client_ca: str = ""  # mutual TLS: clients must present a certificate signed by this CA
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -84,7 +88,7 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     per_ip: int = 300  # requests per window per IP on routes without a valid token
     login_per_ip: int = 60  # login, challenge and verify requests per window per IP
     login_per_subject: int = 10  # the same, per node id or username
-    trust_forwarded_for: bool = False  # key on X-Forwarded-For (behind a trusted proxy only)
+    trust_forwarded_for: bool = False  # key on X-Forwarded-For's last entry (behind a proxy only)
     max_tracked: int = 100_000  # buckets kept in memory before idle ones are dropped
 
 
@@ -180,6 +184,8 @@ def load_config(
 def _check(config: Config) -> None:
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"[server] port must be 0..65535, not {config.server.port}")
+    if (config.server.tls_key or config.server.tls_client_ca) and not config.server.tls_cert:
+        raise ConfigError("[server] tls_key and tls_client_ca need tls_cert")
     if config.store.backend not in ("sqlite", "memory", "nats"):
         raise ConfigError(
             f"[store] backend must be sqlite, memory or nats, not {config.store.backend!r}"
