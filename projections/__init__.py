@@ -13,6 +13,8 @@ def stale_compiled_modules() -> list[str]:
 
     compiled = Path(delivery.__file__ or "")
     source = compiled.with_name("delivery.py")
+    if {"site-packages", "dist-packages"} & set(compiled.parts):
+        return []  # installed from a wheel: file times are the installer's, not the build's
     if compiled.suffix == ".so" and source.stat().st_mtime > compiled.stat().st_mtime:
         return [f"{source} changed since it was compiled ({compiled.name}): run `make compile`"]
     return []
