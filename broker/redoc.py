@@ -5,6 +5,7 @@ loads nothing from a CDN."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -30,36 +31,20 @@ _PAGE = """<!doctype html>
 """
 
 
-@routes.get(
-    "/api/redoc",
-    policy=Public(),
-    summary="ReDoc API reference (served from local files)",
-    response_content_type="text/html",
-)
-@routes.get(
-    "/core-docs",
-    policy=Public(),
-    summary="ReDoc API reference (seed 004's path)",
-    response_content_type="text/html",
-)
+def _public(path: str, summary: str, content_type: str = "text/html") -> Any:
+    return routes.get(path, policy=Public(), summary=summary, response_content_type=content_type)
+
+
+@_public("/api/redoc", "ReDoc API reference (served from local files)")
+@_public("/core-docs", "ReDoc API reference (seed 004's path)")
 async def redoc_page(request: web.Request) -> web.Response:
     return web.Response(text=_PAGE, content_type="text/html")
 
 
-@routes.get(
-    "/api/redoc/redoc.standalone.js",
-    policy=Public(),
-    summary="ReDoc's standalone bundle",
-    response_content_type="application/javascript",
-)
+@_public("/api/redoc/redoc.standalone.js", "ReDoc's standalone bundle", "application/javascript")
 async def redoc_bundle(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(
-        BUNDLE,
-        headers={
-            "Cache-Control": "public, max-age=86400",
-            "Content-Type": "application/javascript",
-        },
-    )
+    cache = {"Cache-Control": "public, max-age=86400", "Content-Type": "application/javascript"}
+    return web.FileResponse(BUNDLE, headers=cache)
 
 
 def setup(app: web.Application) -> None:

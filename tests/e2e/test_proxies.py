@@ -19,10 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from fleet_broker_client import Node
 
-from tests.e2e.procs import ROOT, free_port, served
-from tests.sdk.served_broker import FAST, Received, cancel
+from tests.e2e.procs import ROOT, free_port, served, stop
+from tests.sdk.served_broker import websocket_exchange
 from tests.tlscerts import TestCA
 
 DOC = ROOT / "docs" / "deployment.md"
@@ -69,22 +68,28 @@ def running(argv: list[str], port: int, log: Path, **env: str) -> Iterator[None]
         wait_listening(port, proc, log)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def site(lang: str, tmp: Path, upstream: int, ca: TestCA, **more: str) -> str:
+    """The page's configuration with the test's certificate, upstream port and `more`."""
+    issued = ca.issue("localhost")
+    text = snippet(lang)
+    replacements = {
+        "127.0.0.1:8000": f"127.0.0.1:{upstream}",
+        "/etc/ssl/fleet-broker/fullchain.pem": str(issued.cert),
+        "/etc/ssl/fleet-broker/privkey.pem": str(issued.key),
+        **more,
+    }
+    for old, new in replacements.items():
+        assert old in text, f"docs/deployment.md's {lang} block lacks {old!r}"
+        text = text.replace(old, new)
+    return text
 
 
 def nginx_conf(tmp: Path, port: int, upstream: int, ca: TestCA) -> Path:
-    issued = ca.issue("localhost")
-    site = (
-        snippet("nginx")
-        .replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
-        .replace("127.0.0.1:8000", f"127.0.0.1:{upstream}")
-        .replace("/etc/ssl/fleet-broker/fullchain.pem", str(issued.cert))
-        .replace("/etc/ssl/fleet-broker/privkey.pem", str(issued.key))
+    server = site(
+        "nginx", tmp, upstream, ca, **{"listen 443 ssl;": f"listen 127.0.0.1:{port} ssl;"}
     )
     temp = "\n".join(
         f"  {kind}_temp_path {tmp / kind};"
@@ -95,22 +100,17 @@ def nginx_conf(tmp: Path, port: int, upstream: int, ca: TestCA) -> Path:
         ("user root;\n" if os.geteuid() == 0 else "")
         + f"daemon off;\npid {tmp / 'nginx.pid'};\nerror_log {tmp / 'error.log'} info;\n"
         + "events { worker_connections 1024; }\n"
-        + f"http {{\n  access_log off;\n{temp}\n{site}\n}}\n"
+        + f"http {{\n  access_log off;\n{temp}\n{server}\n}}\n"
     )
     return conf
 
 
 def caddy_conf(tmp: Path, port: int, upstream: int, ca: TestCA) -> Path:
-    issued = ca.issue("localhost")
-    site = (
-        snippet("caddyfile")
-        .replace("broker.example.com {", f"https://localhost:{port} {{")
-        .replace("127.0.0.1:8000", f"127.0.0.1:{upstream}")
-        .replace("/etc/ssl/fleet-broker/fullchain.pem", str(issued.cert))
-        .replace("/etc/ssl/fleet-broker/privkey.pem", str(issued.key))
+    server = site(
+        "caddyfile", tmp, upstream, ca, **{"broker.example.com {": f"https://localhost:{port} {{"}
     )
     conf = tmp / "Caddyfile"
-    conf.write_text("{\n  admin off\n  auto_https disable_redirects\n}\n\n" + site)
+    conf.write_text("{\n  admin off\n  auto_https disable_redirects\n}\n\n" + server)
     return conf
 
 
@@ -133,25 +133,7 @@ async def through_the_proxy(base: str, ca: TestCA, tmp: Path) -> None:
     async with aiohttp.ClientSession(connector=connector) as http:
         async with http.get(f"{base}/health") as resp:
             assert resp.status == 200 and (await resp.json())["status"] == "healthy"
-        kw = {"retry": FAST, "reconnect": FAST, "http": http}
-        async with (
-            Node(base, "tx", key_file=tmp / "tx.pem", **kw) as tx,
-            Node(base, "rx", key_file=tmp / "rx.pem", **kw) as rx,
-        ):
-            await tx.register()
-            await rx.register()
-            got = Received()
-
-            async def listen() -> None:
-                async for msg in rx.messages(transport="websocket"):  # the upgrade passes
-                    await got.add(msg.id)
-
-            task = asyncio.create_task(listen())
-            try:
-                sent = [(await tx.send("rx", "n", {"i": i})).message_id for i in range(3)]
-                await got.wait_for(sent)
-            finally:
-                await cancel(task)
+        await websocket_exchange(base, http, tmp)  # the upgrade passes the proxy
         # a client naming another address each time is still one address to the limits
         statuses = []
         for i in range(LOGIN_PER_IP + 1):

@@ -24,7 +24,7 @@ import pytest
 from fleet_broker_client import Node
 
 from tests.e2e.procs import ROOT, free_port, run_broker, served
-from tests.sdk.served_broker import FAST, Received, cancel
+from tests.sdk.served_broker import FAST, websocket_exchange
 from tests.tlscerts import Issued, TestCA
 
 
@@ -53,6 +53,12 @@ def trusting(ca: TestCA, client: Issued | None = None) -> ssl.SSLContext:
     if client is not None:
         context.load_cert_chain(client.cert, client.key)
     return context
+
+
+def install(issued: Issued, live: Issued) -> None:
+    """Write a certificate and its key over the files the server reads (a renewal)."""
+    live.cert.write_bytes(issued.cert.read_bytes())
+    live.key.write_bytes(issued.key.read_bytes())
 
 
 def get_json(url: str, context: ssl.SSLContext) -> dict[str, object]:
@@ -116,26 +122,7 @@ async def test_sdk_over_wss(tmp_path: Path, ca: TestCA) -> None:
     with tls_served(tmp_path, tls_env(ca.issue("server"))) as (base, _proc):
         connector = aiohttp.TCPConnector(ssl=trusting(ca))
         async with aiohttp.ClientSession(connector=connector) as http:
-            kw = {"retry": FAST, "reconnect": FAST, "http": http}
-            async with (
-                Node(base, "tx", key_file=tmp_path / "tx.pem", **kw) as tx,
-                Node(base, "rx", key_file=tmp_path / "rx.pem", **kw) as rx,
-            ):
-                await tx.register()
-                await rx.register()
-                got = Received()
-
-                async def listen() -> None:
-                    async for msg in rx.messages(transport="websocket"):  # wss://, no polling
-                        await got.add(msg.id)
-
-                task = asyncio.create_task(listen())
-                try:
-                    sent = [(await tx.send("rx", "n", {"i": i})).message_id for i in range(3)]
-                    await got.wait_for(sent)
-                finally:
-                    await cancel(task)
-                assert got.ids == sent
+            await websocket_exchange(base, http, tmp_path)  # wss://
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path: Path, ca: TestCA) -> None:
@@ -151,10 +138,8 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path: Path, ca: T
 
 
 async def test_certificate_reload_keeps_open_websockets(tmp_path: Path, ca: TestCA) -> None:
-    first = ca.issue("first")
     live = Issued(tmp_path / "live.pem", tmp_path / "live.key")
-    live.cert.write_bytes(first.cert.read_bytes())
-    live.key.write_bytes(first.key.read_bytes())
+    install(ca.issue("first"), live)
     with tls_served(tmp_path, tls_env(live)) as (base, proc):
         port = int(base.rsplit(":", 1)[1])
         context = trusting(ca)
@@ -171,9 +156,7 @@ async def test_certificate_reload_keeps_open_websockets(tmp_path: Path, ca: Test
                 try:
                     assert (await ws.receive_json(timeout=30))["type"] == "welcome"
                     # renew: the new certificate is written over the files, then SIGHUP
-                    second = ca.issue("second")
-                    live.cert.write_bytes(second.cert.read_bytes())
-                    live.key.write_bytes(second.key.read_bytes())
+                    install(ca.issue("second"), live)
                     proc.send_signal(signal.SIGHUP)
                     await asyncio.to_thread(wait_for_log, proc, "tls_reloaded")
                     assert await asyncio.to_thread(peer_subject, port, context) == "second"
@@ -187,10 +170,8 @@ async def test_certificate_reload_keeps_open_websockets(tmp_path: Path, ca: Test
 
 
 def test_a_bad_renewal_keeps_the_old_certificate(tmp_path: Path, ca: TestCA) -> None:
-    first = ca.issue("first")
     live = Issued(tmp_path / "live.pem", tmp_path / "live.key")
-    live.cert.write_bytes(first.cert.read_bytes())
-    live.key.write_bytes(first.key.read_bytes())
+    install(ca.issue("first"), live)
     with tls_served(tmp_path, tls_env(live)) as (base, proc):
         port = int(base.rsplit(":", 1)[1])
         live.cert.write_bytes(ca.issue("second").cert.read_bytes())  # the key does not match
