@@ -191,7 +191,8 @@ def build_document(app: web.Application) -> dict[str, Any]:
         op["description"] = f"Access: {info.policy.description}."
         if info.deprecated is not None:
             op["deprecated"] = True
-            op["description"] += f" {info.deprecated.message().capitalize()}."
+            message = info.deprecated.message()
+            op["description"] += f" {message[0].upper()}{message[1:]}."
         if info.extra.get("websocket"):
             op["description"] += " WebSocket: see docs/websocket.md."
         op["security"] = _security(info.policy)
