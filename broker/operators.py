@@ -56,8 +56,9 @@ async def create_user(
         )
     unknown = [r for r in roles if r not in runtime.users.roles]
     if unknown:
+        known = ", ".join(sorted(runtime.users.roles))
         raise ValidationFailed(
-            f"unknown role(s): {', '.join(unknown)}", details=[{"field": "roles"}]
+            f"unknown role(s): {', '.join(unknown)}; roles: {known}", details=[{"field": "roles"}]
         )
     if runtime.users.find_by_username(username) is not None:
         raise Conflict(f"User already exists: {username}")

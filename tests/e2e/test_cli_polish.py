@@ -81,3 +81,11 @@ def test_serve_host_and_port_override_the_configuration(tmp_path: Path) -> None:
 def test_serve_refuses_a_bad_port(tmp_path: Path) -> None:
     r = run_broker(["serve", "--port", "70000"], tmp_path / "data")
     assert r.returncode == 1 and r.stderr.strip() == "broker: --port must be 0..65535, not 70000"
+
+
+def test_an_unknown_role_is_refused_with_the_roles(tmp_path: Path) -> None:
+    args = ["users", "create", "--username", "ann", "--role", "wizard", "--password-stdin"]
+    r = run_broker(args, tmp_path / "data", "correct horse battery\n")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "unknown role(s): wizard; roles: " in r.stderr
+    assert all(role in r.stderr for role in ("admin", "viewer"))

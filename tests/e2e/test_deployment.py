@@ -106,3 +106,24 @@ def test_a_stop_by_the_units_signal_writes_a_snapshot(tmp_path: Path) -> None:
     after_stop = [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
     written = [e for e in after_stop if e["event"] == "snapshot_written"]
     assert [e["seq"] for e in written] == [head], after_stop  # written by the stop
+
+
+def test_make_serve_installs_only_what_serving_needs(tmp_path: Path) -> None:
+    """`make -n` on a fresh tree: what `make serve` and `make test` would install."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "pyproject.toml", "setup.py", "sdk/python/pyproject.toml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "projections").mkdir()
+    shutil.copy(ROOT / "projections" / "delivery.py", tmp_path / "projections")
+
+    def installs(target: str) -> list[str]:
+        r = subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return [line for line in r.stdout.splitlines() if "pip install" in line]
+
+    serve = installs("serve")
+    assert any(line.endswith("install --quiet -e .") for line in serve), serve
+    assert not [line for line in serve if "[dev" in line or "sdk/python" in line], serve
+    assert [line for line in installs("test") if "-e '.[dev]'" in line]
