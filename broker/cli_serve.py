@@ -128,7 +128,7 @@ async def _serve(
         for sock in sockets:
             await web.SockSite(runner, sock, ssl_context=tls).start()
         if tls is not None:
-            log.info("tls", client_ca=server.tls_client_ca or None, **tls_files.describe(server))
+            tls_files.log_certificate("tls", server)
         names = ", ".join(sorted(str(site.name) for site in runner.sites))
         # never fails the start (stderr may be on a full device: broker.logs)
         write_line(sys.stderr, f"======== Running on {names} ========\n(Press CTRL+C to quit)")

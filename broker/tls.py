@@ -19,6 +19,7 @@ from cryptography import x509
 from broker.config import ServerConfig
 
 log = structlog.get_logger("broker.tls")
+EXPIRY_WARNING_DAYS = 14
 
 
 class TlsError(Exception):
@@ -46,24 +47,27 @@ def reload(context: ssl.SSLContext, server: ServerConfig) -> bool:
     except TlsError as exc:
         log.error("tls_reload_failed", reason=str(exc))
         return False
-    log.info("tls_reloaded", **describe(server))
+    log_certificate("tls_reloaded", server)
     return True
 
 
-def describe(server: ServerConfig) -> dict[str, str]:
-    """The certificate's subject and expiry, for the log."""
+def log_certificate(event: str, server: ServerConfig) -> None:
+    """Log `event` with the certificate's subject and expiry; warn when it expires within
+    EXPIRY_WARNING_DAYS (a renewal that did not happen)."""
+    fields: dict[str, object] = {"cert": server.tls_cert, "client_ca": server.tls_client_ca or None}
     try:
         cert = x509.load_pem_x509_certificate(Path(server.tls_cert).read_bytes())
     except (OSError, ValueError):
-        return {"cert": server.tls_cert}
+        log.info(event, **fields)
+        return
     expires = cert.not_valid_after_utc
     days = (expires - datetime.now(UTC)).days
-    return {
-        "cert": server.tls_cert,
-        "subject": cert.subject.rfc4514_string(),
-        "expires": expires.isoformat(),
-        "days_left": str(days),
-    }
+    fields.update(
+        subject=cert.subject.rfc4514_string(), expires=expires.isoformat(), days_left=days
+    )
+    log.info(event, **fields)
+    if days < EXPIRY_WARNING_DAYS:
+        log.warning("tls_expires_soon", cert=server.tls_cert, days_left=days)
 
 
 def _load(context: ssl.SSLContext, server: ServerConfig) -> None:

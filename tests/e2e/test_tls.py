@@ -89,6 +89,9 @@ def test_https_with_the_test_ca(tmp_path: Path, ca: TestCA) -> None:
         started = [json.loads(line) for line in proc.log if line.startswith("{")]  # type: ignore[attr-defined]
         tls_line = next(e for e in started if e["event"] == "tls")
         assert tls_line["subject"] == "CN=server" and tls_line["client_ca"] is None
+        # the test certificate lives 7 days: the start warns that it expires soon
+        soon = next(e for e in started if e["event"] == "tls_expires_soon")
+        assert soon["level"] == "warning" and soon["days_left"] in (6, 7)
 
 
 def http_errors() -> type[Exception]:
