@@ -122,10 +122,12 @@ class RateLimiter:
 
     def client_ip(self, request: web.Request) -> str:
         if self.config.trust_forwarded_for:
+            # The last entry: the address the trusted proxy saw. Earlier ones come from the
+            # client (or proxies before it) and can be anything (docs/deployment.md).
             forwarded = request.headers.get("X-Forwarded-For", "")
-            first = forwarded.split(",", 1)[0].strip()
-            if first:
-                return first
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last
         return request.remote or "unknown"
 
     def __len__(self) -> int:
