@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker import (
+    compaction,
     connections,
     openapi,
     ratelimit,
@@ -54,6 +55,7 @@ def create_app(config: Config) -> web.Application:
     ws_operators.setup(app)
     openapi.setup(app)
     snapshots.setup(app)
+    compaction.setup(app)  # after snapshots: a compaction takes one first
     return app
 
 
