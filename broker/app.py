@@ -13,6 +13,7 @@ from broker import (
     ratelimit,
     routes_events,
     routes_licensing,
+    routes_log,
     routes_messages,
     routes_nodes,
     routes_operators,
@@ -52,6 +53,7 @@ def create_app(config: Config) -> web.Application:
     ws_nodes.setup(app)
     connections.setup(app)  # across instances, a node's newest WebSocket wins (nats backend)
     routes_events.setup(app)
+    routes_log.setup(app)
     ws_operators.setup(app)
     openapi.setup(app)
     snapshots.setup(app)

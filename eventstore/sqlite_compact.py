@@ -348,3 +348,16 @@ async def finish(
         pass
     await store.on_writer(truncate_wal)
     return removed
+
+
+def last_compaction(path: Path) -> int | None:
+    """The seq of the newest `log.compacted` event whose gaps were recorded; blocking."""
+    conn = _connect(path)
+    try:
+        try:
+            row = conn.execute("SELECT MAX(seq) FROM compactions").fetchone()
+        except sqlite3.OperationalError:  # a log from before compaction
+            return None
+        return int(row[0]) if row and row[0] is not None else None
+    finally:
+        conn.close()
