@@ -328,3 +328,79 @@ async def test_verify_reports_a_gap_record_changed(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError) as info:
         await asyncio.to_thread(verify_file, config.store.path)
     assert info.value.seq == widen.seq  # type: ignore[attr-defined]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _load_in_small_chunks(config: Config, items: list[tuple[float, BaseEvent]]) -> None:
+    store = open_store(config.store)
+    await store.open()
+    try:
+        envs = envelopes(items)
+        for i in range(0, len(envs), 20):  # many small chunks: many transactions to kill
+            await store.restore(envs[i : i + 20])  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
+async def _check_after_kill(config: Config, acked: list[int]) -> None:
+    await asyncio.to_thread(verify_file, config.store.path)
+    state, head = await states(config)
+    assert head >= max(acked, default=0)
+    store = open_store(config.store, readonly=True)
+    await store.open()
+    try:
+        live = [env.seq async for env in store.read(1) if env.stream == "live"]
+    finally:
+        await store.close()
+    assert set(acked) <= set(live)  # every acknowledged append is there
+    # the next compaction finishes what was left, and the state holds
+    await compact(config, T0 + 30 * DAY)
+    assert (await states(config))[0]["nodes"] == state["nodes"]
+    await asyncio.to_thread(verify_file, config.store.path)
+
+
+def test_kill_9_at_any_moment_of_a_compaction_leaves_a_log_that_starts_and_verifies(
+    tmp_path: Path,
+) -> None:
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    rng = random.Random(16)
+    items = registrations()
+    for hour in range(20 * 24):
+        items += [(T0 + hour * 3600, NodeHeartbeat(node_id=n)) for n in NODES]
+    for round_no in range(6):
+        tmp = tmp_path / f"r{round_no}"
+        config = make_config(tmp)
+        asyncio.run(_load_in_small_chunks(config, items))
+        kill_at = rng.randint(0, 60)  # progress lines seen before the kill (0: at the start)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("compaction_child.py")),
+                str(tmp / "data"),
+            ],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            text=True,
+        )
+        assert child.stdout is not None
+        acked: list[int] = []
+        seen = 0
+        for line in child.stdout:
+            word, _, value = line.partition(" ")
+            if word == "acked":
+                acked.append(int(value))
+            elif word == "progress":
+                seen += 1
+            if seen >= kill_at or word == "done":
+                break
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        asyncio.run(_check_after_kill(config, acked))
