@@ -158,6 +158,10 @@ class SqliteStore(GroupCommit):
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False)
+        # A new log gives back to the filesystem the pages a compaction frees (incremental
+        # vacuum after it): set before anything is written, WAL mode included. An existing log
+        # keeps its mode (a no-op there) and reuses the freed pages for new events instead.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # see Checkpointer
@@ -165,10 +169,6 @@ class SqliteStore(GroupCommit):
         # stay in memory: a temporary file needs a file descriptor, which a busy server may
         # not have to spare at that moment (issue 14).
         conn.execute("PRAGMA temp_store=MEMORY")
-        # A new log gives back to the filesystem the pages a compaction frees (incremental
-        # vacuum after it); an existing log is left in its mode (this is a no-op there) and
-        # reuses the freed pages for new events instead.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.executescript(SCHEMA + COMPACTION_SCHEMA)
         if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
