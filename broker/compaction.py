@@ -105,6 +105,7 @@ class Compactor:
         self.snapshotter = snapshotter
         self.last: Report | None = None
         self.clock: Callable[[], float] = time.time
+        self.completed = asyncio.Event()  # set after each compaction (tests wait on it)
         self._lock = asyncio.Lock()
 
     @property
@@ -123,6 +124,7 @@ class Compactor:
             report = await self._compact(dry_run, progress)
         if not dry_run:
             self.last = report
+            self.completed.set()
         return report
 
     async def _compact(self, dry_run: bool, progress: Callable[[int, int], None] | None) -> Report:

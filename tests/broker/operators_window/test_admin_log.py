@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 from broker.keys import COMPACTOR
 from eventstore.events import NodeHeartbeat
@@ -41,3 +43,25 @@ async def test_operators_see_the_policy_sizes_and_the_last_compaction(
     last = view["last_compaction"]
     assert last["seq"] == done["compaction_seq"] and last["removed"] == {"node.heartbeat": 6}
     assert last["seconds"] is not None and view["removed_events"] == 6
+
+
+async def test_broker_serve_compacts_on_its_schedule(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from broker.app import create_app
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path)
+    config.retention.every = 0.05  # seconds
+    async with TestClient(TestServer(create_app(config))) as c:
+        compactor = c.app[COMPACTOR]
+        compactor.clock = lambda: time.time() + 10 * DAY
+        # the snapshot taken first covers the three: the first goes (the last before it stays)
+        await append(c, [NodeHeartbeat(node_id="a") for _ in range(3)])
+        for _ in range(100):  # compactions run before the appends removed nothing
+            compactor.completed.clear()
+            await asyncio.wait_for(compactor.completed.wait(), timeout=30)
+            if compactor.last is not None and compactor.last.removed_total:
+                break
+        assert compactor.last is not None
+        assert compactor.last.removed == {"node.heartbeat": 1}
