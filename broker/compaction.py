@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -87,13 +87,8 @@ def covered_by_snapshot(part: Projection) -> bool:
 
 
 def log_bytes(path: str) -> int:
-    total = 0
-    for suffix in ("", "-wal"):
-        try:
-            total += os.stat(path + suffix).st_size
-        except FileNotFoundError:
-            pass
-    return total
+    """Bytes the log occupies (eventstore.sqlite_compact.used_bytes)."""
+    return sqlite_compact.used_bytes(Path(path))
 
 
 class Compactor:

@@ -55,7 +55,7 @@ class Policy(msgspec.Struct, kw_only=True):
 class LogView(msgspec.Struct, kw_only=True):
     backend: str
     head: int
-    log_bytes: int | None  # the file and its WAL (sqlite)
+    log_bytes: int | None  # sqlite: its pages in use and its WAL (free pages are reused)
     policy: Policy
     by_type: dict[str, TypeSize] | None  # sqlite: every event stored, by type
     gaps: int

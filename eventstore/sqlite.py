@@ -158,10 +158,6 @@ class SqliteStore(GroupCommit):
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False)
-        # A new log gives back to the filesystem the pages a compaction frees (incremental
-        # vacuum after it): set before anything is written, WAL mode included. An existing log
-        # keeps its mode (a no-op there) and reuses the freed pages for new events instead.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # see Checkpointer

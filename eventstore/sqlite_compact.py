@@ -285,14 +285,27 @@ def gap_summary(path: Path) -> tuple[int, int]:
 __all__ = ["StoredEvent", "Scan", "Gap", "scan", "runs", "anchor_runs"]
 
 
-def vacuum_step(conn: sqlite3.Connection, pages: int) -> tuple[int, int, int]:
-    """Give up to `pages` free pages back to the filesystem (a log made with incremental
-    auto-vacuum; elsewhere a no-op: freed pages are reused by new events). Returns the free
-    pages left."""
-    conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
-    left = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-    mode = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
-    return (left if mode == 2 else 0), 0, pages * 4096
+def used_bytes(path: Path) -> int:
+    """Bytes the log occupies: its file's pages less the free ones (a compaction frees pages,
+    which new events reuse; the file itself does not shrink), plus the WAL. Blocking."""
+    try:
+        conn = _connect(path)
+    except sqlite3.Error:
+        return 0
+    try:
+        pages, free, size = (
+            int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+            for name in ("page_count", "freelist_count", "page_size")
+        )
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+    try:
+        wal = Path(f"{path}-wal").stat().st_size
+    except FileNotFoundError:
+        wal = 0
+    return (pages - free) * size + wal
 
 
 def truncate_wal(conn: sqlite3.Connection) -> None:
@@ -325,8 +338,10 @@ async def finish(
     batch_chunks: int = 16,
 ) -> int:
     """Remove the events still stored inside recorded gaps (every unfinished compaction), a few
-    chunks per transaction on the writer thread, then give the freed pages back. Returns the
-    number of events removed."""
+    chunks per transaction on the writer thread, then start the WAL over. The pages freed stay
+    in the file for new events (giving them back to the filesystem, an incremental vacuum,
+    moves every page behind them: minutes of writes for a large log, with appends waiting).
+    Returns the number of events removed."""
     pending = await store.on_writer(unfinished)
     if not pending:
         return 0
@@ -344,8 +359,6 @@ async def finish(
     if progress is not None:
         progress(total, total)
     await store.on_writer(mark_done, pending)
-    while (await store.on_writer(vacuum_step, 2048))[0] > 0:
-        pass
     await store.on_writer(truncate_wal)
     return removed
 

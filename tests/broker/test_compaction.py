@@ -19,7 +19,7 @@ from broker.compaction import offline
 from broker.config import Config, LogConfig, ServerConfig
 from broker.snapshots import Snapshotter
 from eventstore import open_store
-from eventstore.base import Envelope, IntegrityError, StoreConfig
+from eventstore.base import IntegrityError, StoreConfig
 from eventstore.events import (
     BaseEvent,
     ChallengeUsed,
@@ -34,6 +34,7 @@ from eventstore.events import (
     TelemetryRecorded,
 )
 from eventstore.sqlite_verify import verify_file
+from tests.helpers.history import envelopes
 
 DAY = 86400.0
 T0 = 1_700_000_000.0
@@ -62,15 +63,6 @@ def small_window(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for module in (runtime_module, snapshots_module, compaction_module):
         monkeypatch.setattr(module, "build_projections", build)
-
-
-def envelopes(items: list[tuple[float, BaseEvent]]) -> list[Envelope]:
-    versions: dict[str, int] = {}
-    out = []
-    for seq, (ts, event) in enumerate(items, 1):
-        versions[event.stream] = versions.get(event.stream, 0) + 1
-        out.append(Envelope(seq, event.stream, versions[event.stream], ts, f"{seq:032x}", event))
-    return out
 
 
 async def load(config: Config, items: list[tuple[float, BaseEvent]]) -> None:

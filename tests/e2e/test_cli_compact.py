@@ -14,6 +14,7 @@ from eventstore.codec import envelope_to_json
 from eventstore.events import BaseEvent, NodeHeartbeat, NodeRegistered
 from tests.e2e.procs import run_broker, served
 from tests.e2e.test_cli import tamper
+from tests.helpers.history import envelopes
 
 DAY = 86400.0
 KEY = "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----"
@@ -28,12 +29,7 @@ def history(days: int = 20) -> list[Envelope]:
     for hour in range(days * 24):
         for n in ("n1", "n2"):
             items.append((start + hour * 3600, NodeHeartbeat(node_id=n, status="ok")))
-    versions: dict[str, int] = {}
-    out = []
-    for seq, (ts, event) in enumerate(items, 1):
-        versions[event.stream] = versions.get(event.stream, 0) + 1
-        out.append(Envelope(seq, event.stream, versions[event.stream], ts, f"{seq:032x}", event))
-    return out
+    return envelopes(items)
 
 
 @pytest.fixture
