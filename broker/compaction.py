@@ -274,7 +274,7 @@ class Compactor:
                 else:
                     handlers[type(env.event)](env)
                 n += 1
-                if n % 20_000 == 0:
+                if n % 1000 == 0:
                     await asyncio.sleep(0)  # let appends and requests through
         return part, skipped
 

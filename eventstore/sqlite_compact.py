@@ -29,7 +29,14 @@ import msgspec
 
 from eventstore import integrity
 from eventstore.codec import decode_event
-from eventstore.sqlite_verify import PAGE, ChunkRow, StoredEvent, decode_chunk
+from eventstore.sqlite_verify import (
+    LIVE_GAPS,
+    PAGE,
+    RECORDING,
+    ChunkRow,
+    StoredEvent,
+    decode_chunk,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gaps (
@@ -179,10 +186,19 @@ def anchor_runs(path: Path, spans: list[tuple[int, int]]) -> list[Gap]:
 # --- writer thread (on the store's writing connection) ---
 
 
-def record_gaps(conn: sqlite3.Connection, compaction: int, gaps: list[Gap]) -> None:
-    """Record a compaction's gaps, in one transaction, before anything is removed."""
+RECORDED, DONE = 0, 1  # compactions.done, after RECORDING (eventstore.sqlite_verify)
+GAP_BATCH = 2000  # gap records per transaction: appends wait for one at most
+
+
+def start_recording(conn: sqlite3.Connection, compaction: int) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO compactions (seq, done) VALUES (?, ?)", (compaction, RECORDING)
+    )
+    conn.commit()
+
+
+def record_batch(conn: sqlite3.Connection, compaction: int, gaps: list[Gap]) -> None:
     try:
-        conn.execute("INSERT INTO compactions (seq, done) VALUES (?, 0)", (compaction,))
         conn.executemany(
             "INSERT INTO gaps (first_seq, last_seq, anchor, compaction) VALUES (?, ?, ?, ?)",
             [(f, last, a, compaction) for f, last, a in gaps],
@@ -193,8 +209,32 @@ def record_gaps(conn: sqlite3.Connection, compaction: int, gaps: list[Gap]) -> N
         raise
 
 
+def set_state(conn: sqlite3.Connection, compactions: list[int], state: int) -> None:
+    conn.executemany(
+        "UPDATE compactions SET done = ? WHERE seq = ?", [(state, c) for c in compactions]
+    )
+    conn.commit()
+
+
+def abandon_partial(conn: sqlite3.Connection) -> None:
+    """Forget the gaps of a compaction whose recording a crash interrupted: nothing of it was
+    removed (removal starts once every gap is recorded); its `log.compacted` event stays, a
+    compaction that removed nothing."""
+    conn.execute(
+        "DELETE FROM gaps WHERE compaction IN (SELECT seq FROM compactions WHERE done = ?)",
+        (RECORDING,),
+    )
+    conn.execute("DELETE FROM compactions WHERE done = ?", (RECORDING,))
+    conn.commit()
+
+
 def unfinished(conn: sqlite3.Connection) -> list[int]:
-    return [s for (s,) in conn.execute("SELECT seq FROM compactions WHERE done = 0 ORDER BY seq")]
+    return [
+        s
+        for (s,) in conn.execute(
+            "SELECT seq FROM compactions WHERE done = ? ORDER BY seq", (RECORDED,)
+        )
+    ]
 
 
 def purge_page(
@@ -213,7 +253,7 @@ def purge_page(
     lo, hi = rows[0][0], max(r[1] for r in rows)
     gaps = conn.execute(
         "SELECT first_seq, last_seq FROM gaps WHERE last_seq >= ? AND first_seq <= ? "
-        "ORDER BY first_seq",
+        f"AND {LIVE_GAPS} ORDER BY first_seq",
         (lo, hi),
     ).fetchall()
     removed = written = 0
@@ -250,14 +290,9 @@ def _in_gaps(seq: int, starts: list[int], gaps: list[tuple[int, int]]) -> bool:
     return i >= 0 and gaps[i][1] >= seq
 
 
-def mark_done(conn: sqlite3.Connection, compactions: list[int]) -> None:
-    conn.executemany("UPDATE compactions SET done = 1 WHERE seq = ?", [(c,) for c in compactions])
-    conn.commit()
-
-
 def purge_bound(conn: sqlite3.Connection) -> int:
     """One past the last seq inside a recorded gap (0 without gaps)."""
-    row = conn.execute("SELECT MAX(last_seq) FROM gaps").fetchone()
+    row = conn.execute(f"SELECT MAX(last_seq) FROM gaps WHERE {LIVE_GAPS}").fetchone()
     return int(row[0]) + 1 if row and row[0] is not None else 0
 
 
@@ -273,7 +308,8 @@ def gap_summary(path: Path) -> tuple[int, int]:
     try:
         try:
             row = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(last_seq - first_seq + 1), 0) FROM gaps"
+                "SELECT COUNT(*), COALESCE(SUM(last_seq - first_seq + 1), 0) FROM gaps "
+                f"WHERE {LIVE_GAPS}"
             ).fetchone()
         except sqlite3.OperationalError:  # a log from before compaction: no such table
             return 0, 0
@@ -308,14 +344,6 @@ def used_bytes(path: Path) -> int:
     return (pages - free) * size + wal
 
 
-def truncate_wal(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA busy_timeout=200")
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    finally:
-        conn.execute("PRAGMA busy_timeout=5000")
-
-
 class Writer(Protocol):
     async def on_writer(self, fn: Callable[..., T], *args: Any) -> T: ...
 
@@ -327,8 +355,12 @@ async def apply(
     progress: Callable[[int, int], None] | None = None,
     batch_chunks: int = 16,
 ) -> int:
-    """Record `gaps` for the `log.compacted` event at seq `compaction`, then remove them."""
-    await store.on_writer(record_gaps, compaction, gaps)
+    """Record `gaps` for the `log.compacted` event at seq `compaction` (a few thousand per
+    transaction; a crash meanwhile leaves them ignored, then forgotten), then remove them."""
+    await store.on_writer(start_recording, compaction)
+    for i in range(0, len(gaps), GAP_BATCH):
+        await store.on_writer(record_batch, compaction, gaps[i : i + GAP_BATCH])
+    await store.on_writer(set_state, [compaction], RECORDED)
     return await finish(store, progress, batch_chunks)
 
 
@@ -342,6 +374,7 @@ async def finish(
     in the file for new events (giving them back to the filesystem, an incremental vacuum,
     moves every page behind them: minutes of writes for a large log, with appends waiting).
     Returns the number of events removed."""
+    await store.on_writer(abandon_partial)
     pending = await store.on_writer(unfinished)
     if not pending:
         return 0
@@ -358,8 +391,7 @@ async def finish(
             progress(seen, total)
     if progress is not None:
         progress(total, total)
-    await store.on_writer(mark_done, pending)
-    await store.on_writer(truncate_wal)
+    await store.on_writer(set_state, pending, DONE)
     return removed
 
 
