@@ -121,7 +121,9 @@ class SnapshotsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """`[snapshots]`: projection snapshots that make start-up replay only the log's tail."""
 
     enabled: bool = True
-    every: int = 100_000  # events between two snapshots (one is also written at shutdown)
+    every: int = 100_000  # events between two snapshots (one is also written at shutdown)...
+    interval: float = 600.0  # ... or seconds, when anything was appended meanwhile...
+    min_interval: float = 60.0  # ... but never two within this many seconds
     keep: int = 2  # newest snapshots kept on disk
     directory: str = ""  # default <data_dir>/snapshots
 
@@ -224,7 +226,11 @@ def _check(config: Config) -> None:
             raise ConfigError(f"[limits] {name} must be positive")
     for section in ("events", "snapshots"):
         for name, value in msgspec.structs.asdict(getattr(config, section)).items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if name == "min_interval" and value < 0:
+                raise ConfigError(f"[{section}] {name} must be 0 or more")
+            if name != "min_interval" and value <= 0:
                 raise ConfigError(f"[{section}] {name} must be positive")
 
 
