@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 
 from broker.compaction import offline
 from broker.config import Config, LogConfig, RetentionConfig, ServerConfig
 from eventstore.base import StoreConfig
 from eventstore.events import NodeHeartbeat
+
+
+_out = threading.Lock()  # progress comes from the scanning thread too
+
+
+def say(line: str) -> None:
+    with _out:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 async def main(data: str) -> None:
@@ -27,15 +37,15 @@ async def main(data: str) -> None:
         async def appends() -> None:
             while True:
                 [env] = await store.append([NodeHeartbeat(node_id="live")])
-                print(f"acked {env.seq}", flush=True)
+                say(f"acked {env.seq}")
 
         def progress(done: int, total: int) -> None:
-            print(f"progress {done}", flush=True)
+            say(f"progress {done}")
 
         task = asyncio.create_task(appends())
         compactor.clock = lambda: time.time() + 30 * 86400
         await compactor.compact(progress=progress)
-        print("done", flush=True)
+        say("done")
         task.cancel()
     await asyncio.sleep(3600)  # the parent kills us
 
