@@ -101,6 +101,7 @@ class Compactor:
         self.last: Report | None = None
         self.clock: Callable[[], float] = time.time
         self.completed = asyncio.Event()  # set after each compaction (tests wait on it)
+        self.sizes: tuple[float, Any] | None = None  # GET /api/v1/admin/log's last scan
         self._lock = asyncio.Lock()
 
     @property
@@ -177,18 +178,18 @@ class Compactor:
             report.seconds = time.perf_counter() - t0
             return report
         gaps = await asyncio.to_thread(sqlite_compact.anchor_runs, store.path, spans)
-        up_to_hash = await store.hash_at(cut)
+        up_to_anchor = await store.hash_at(cut)
         [env] = await store.append(
             [
                 LogCompacted(
                     up_to=cut,
-                    up_to_hash=up_to_hash.hex(),
+                    up_to_anchor=up_to_anchor.hex(),
                     policy=dict(days),
                     removed=report.removed,
                     first_removed=report.first_removed,
                     last_removed=report.last_removed,
                     gaps=len(gaps),
-                    anchors_sha256=anchors_digest(gaps),
+                    anchors_digest=anchors_digest(gaps),
                     snapshot_seq=cut,
                 )
             ]

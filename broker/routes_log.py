@@ -67,18 +67,21 @@ class CompactQuery(msgspec.Struct, kw_only=True):
     dry_run: bool = False
 
 
-_sizes_cache: dict[str, tuple[float, dict[str, TypeSize]]] = {}
-
-
 def _sizes(path: str, head: int) -> dict[str, TypeSize]:
     from eventstore.sqlite_compact import scan
 
-    cached = _sizes_cache.get(path)
-    if cached is not None and time.monotonic() - cached[0] < SIZES_TTL:
-        return cached[1]
     found = scan(Path(path), head + 1, {}, {}, None).sizes
-    sizes = {t: TypeSize(n, b) for t, (n, b) in sorted(found.items())}
-    _sizes_cache[path] = (time.monotonic(), sizes)
+    return {t: TypeSize(n, b) for t, (n, b) in sorted(found.items())}
+
+
+async def _cached_sizes(request: web.Request, path: str, head: int) -> dict[str, TypeSize]:
+    """The sizes by type, scanned at most once a minute (kept on the compactor)."""
+    compactor = request.app[COMPACTOR]
+    cached = compactor.sizes
+    if cached is not None and time.monotonic() - cached[0] < SIZES_TTL:
+        return cached[1]  # type: ignore[no-any-return]
+    sizes = await asyncio.to_thread(_sizes, path, head)
+    compactor.sizes = (time.monotonic(), sizes)
     return sizes
 
 
@@ -138,7 +141,7 @@ async def log_view(request: web.Request) -> web.Response:
 
         path = config.store.path
         view.log_bytes = await asyncio.to_thread(log_bytes, path)
-        view.by_type = await asyncio.to_thread(_sizes, path, head)
+        view.by_type = await _cached_sizes(request, path, head)
         view.gaps, view.removed_events = await asyncio.to_thread(gap_summary, Path(path))
         view.last_compaction = await _last_compaction(request, path)
     return json_response(view)

@@ -385,7 +385,7 @@ def _check_compaction(
     for lo, hi, _anchor in gaps:
         if hi >= event.up_to:
             raise IntegrityError(lo, f"gap {lo}..{hi} is past what compaction {seq} could remove")
-    if len(gaps) != event.gaps or integrity.anchors_digest(gaps) != event.anchors_sha256:
+    if len(gaps) != event.gaps or integrity.anchors_digest(gaps) != event.anchors_digest:
         raise IntegrityError(
             first, f"the gaps of compaction {seq} differ from the ones its event recorded"
         )

@@ -14,7 +14,6 @@ from broker.config import Config, LogConfig, RetentionConfig, ServerConfig
 from eventstore.base import StoreConfig
 from eventstore.events import NodeHeartbeat
 
-
 _out = threading.Lock()  # progress comes from the scanning thread too
 
 
