@@ -6,8 +6,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from broker.keys import COMPACTOR
+from broker.keys import COMPACTOR, CONFIG
 from eventstore.events import NodeHeartbeat
+from eventstore.sqlite_verify import verify_file
 from tests.broker.identity.helpers import assert_error, operator_token
 from tests.broker.operators_window.conftest import Client, append, bearer
 
@@ -43,6 +44,9 @@ async def test_operators_see_the_policy_sizes_and_the_last_compaction(
     last = view["last_compaction"]
     assert last["seq"] == done["compaction_seq"] and last["removed"] == {"node.heartbeat": 6}
     assert last["seconds"] is not None and view["removed_events"] == 6
+    # the log the running server compacted verifies, its gaps included
+    path = client.app[CONFIG].store.path
+    assert await asyncio.to_thread(verify_file, path) == view["head"]
 
 
 async def test_broker_serve_compacts_on_its_schedule(tmp_path: Path) -> None:
