@@ -14,8 +14,9 @@ before it.
   finished messages, no dead letter left). So that even a start without any snapshot (which
   rebuilds the messages projection by replay) finds the same state, the compaction checks its
   choice: it replays the message events before `up_to` twice, with and without the ones it
-  would remove, and removes none of them unless both give the same state. (`tests/broker/test_compaction.py` checks the whole rule with
-  hypothesis: random histories, compact, replay equals before.)
+  would remove, and removes none of them unless both give the same state.
+  (`tests/broker/test_compaction.py` checks the whole rule with hypothesis: random histories,
+  compact, replay equals before.)
 - Challenges (`auth.challenge_used`) and `node.connected` go once old: no projection reads them
   (a used challenge's stream keeps its version, which is what refuses a second use).
 
