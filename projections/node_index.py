@@ -36,117 +36,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from projections.nodes import Node
 
-SHIFT = 12
-BLOCK = 1 << SHIFT
-MASK = BLOCK - 1
+from projections.bitmaps import (
+    BLOCK,
+    Bitmap,
+    bm_add,
+    bm_discard,
+    count,
+    intersect,
+    slots_of,
+    walk,
+)
+from projections.heartbeat_order import HeartbeatOrder, Token
+
 BLOCK_LEN = 1024  # entries per block of a SortedSlots (split at twice that)
 MAX_WINDOWS = 4  # presence windows kept (one per distinct `within` asked)
 SORT_COST = 4.0  # sorting one match costs about this many walk steps (measured)
-
-Bitmap = dict[int, int]  # block number -> bits of the slots of that block (never 0)
-Token = tuple[str, str]  # ("type" | "capability" | "region" | "status", value)
-Blocks = list[tuple[int, int]]  # (block number, bits), ascending, bits != 0
-
-
-def bm_add(bm: Bitmap, slot: int) -> None:
-    b = slot >> SHIFT
-    bm[b] = bm.get(b, 0) | (1 << (slot & MASK))
-
-
-def bm_discard(bm: Bitmap, slot: int) -> None:
-    b = slot >> SHIFT
-    x = bm.get(b)
-    if x is not None:
-        x &= ~(1 << (slot & MASK))
-        if x:
-            bm[b] = x
-        else:
-            del bm[b]
-
-
-def bm_has(bm: Bitmap, slot: int) -> bool:
-    return bool((bm.get(slot >> SHIFT, 0) >> (slot & MASK)) & 1)
-
-
-def intersect(pos: list[Bitmap], neg: Iterable[Bitmap] = ()) -> Blocks:
-    """The blocks of (AND of `pos`) AND NOT (each of `neg`); `pos` must not be empty."""
-    pos = sorted(pos, key=len)
-    first, rest = pos[0], pos[1:]
-    neg = [n for n in neg if n]
-    out: Blocks = []
-    for b in sorted(first):
-        x = first[b]
-        for other in rest:
-            x &= other.get(b, 0)
-            if not x:
-                break
-        else:
-            for other in neg:
-                y = other.get(b)
-                if y:
-                    x &= ~y
-            if x:
-                out.append((b, x))
-    return out
-
-
-def count(blocks: Blocks) -> int:
-    return sum(x.bit_count() for _, x in blocks)
-
-
-def _drop_low(x: int, k: int) -> int:
-    """`x` without its `k` lowest set bits (0 < k < x.bit_count())."""
-    lo, hi = 0, x.bit_length()  # smallest m with popcount(x mod 2^m) >= k
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if (x & ((1 << mid) - 1)).bit_count() >= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return (x >> lo) << lo
-
-
-def _drop_high(x: int, k: int) -> int:
-    """`x` without its `k` highest set bits (0 < k < x.bit_count())."""
-    lo, hi = 0, x.bit_length()  # largest m with popcount(x >> m) >= k
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if (x >> mid).bit_count() >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return x & ((1 << lo) - 1)
-
-
-def slots_of(blocks: Blocks, skip: int, limit: int, descending: bool = False) -> list[int]:
-    """The slots at ranks [skip, skip + limit) of `blocks`, ascending or descending."""
-    out: list[int] = []
-    if limit <= 0:
-        return out
-    for b, x in reversed(blocks) if descending else blocks:
-        c = x.bit_count()
-        if skip >= c:
-            skip -= c
-            continue
-        base = b << SHIFT
-        if descending:
-            if skip:
-                x = _drop_high(x, skip)
-            while x and len(out) < limit:
-                i = x.bit_length() - 1
-                out.append(base + i)
-                x ^= 1 << i
-        else:
-            if skip:
-                x = _drop_low(x, skip)
-            while x and len(out) < limit:
-                low = x & -x
-                out.append(base + low.bit_length() - 1)
-                x ^= low
-        skip = 0
-        if len(out) >= limit:
-            break
-    return out
 
 
 class SortedSlots:
@@ -318,7 +222,7 @@ class SortedSlots:
             for i in range(len(self.blocks)):
                 c = counts[i].get(token, 0)
                 if skip < c:
-                    return _walk(self.ascending(starts[i], self.size), matches, skip, limit)
+                    return walk(self.ascending(starts[i], self.size), matches, skip, limit)
                 skip -= c
             return []
         i, counted = len(self.blocks), 0
@@ -330,9 +234,9 @@ class SortedSlots:
             k = self.key(self.at(hi))
             if self.position(k) < hi:  # a tie group straddles: move to its end
                 end = self.position(k, right=True)
-                counted -= len(_walk(self.ascending(hi, end), matches, 0, end - hi))
+                counted -= len(walk(self.ascending(hi, end), matches, 0, end - hi))
                 hi = end
-        return _walk(self.descending(0, hi), matches, skip - counted, limit)
+        return walk(self.descending(0, hi), matches, skip - counted, limit)
 
 
 class Window:
@@ -376,11 +280,14 @@ class NodeIndex:
             "last_heartbeat_at": lambda s: _hb_key(nodes[s]),  # type: ignore[arg-type]
         }
         self.orders: dict[str, SortedSlots] = {}  # built by the first query that needs them
+        self.heartbeats = HeartbeatOrder(nodes)  # always kept: a heartbeat is an append
         self.windows: dict[float, Window] = {}
 
-    def order(self, name: str) -> SortedSlots:
+    def order(self, name: str) -> SortedSlots | HeartbeatOrder:
         """The order of the live slots by `self.keys[name]`, built on first use (one sort; a
         replay does not pay for orders no query asks for), kept up to date from then on."""
+        if name == "last_heartbeat_at":
+            return self.heartbeats
         order = self.orders.get(name)
         if order is None:
             order = self.orders[name] = SortedSlots(self.keys[name], self._tokens)
@@ -393,6 +300,7 @@ class NodeIndex:
         slot = node.slot = len(self.slots)
         self.slots.append(node)
         self._bitmaps(node, bm_add)
+        self.heartbeats.insert(slot)
         for order in self.orders.values():
             order.insert(slot)
         for w in self.windows.values():
@@ -402,6 +310,7 @@ class NodeIndex:
     def remove(self, node: Node) -> None:
         slot = node.slot
         self._bitmaps(node, bm_discard)
+        self.heartbeats.remove(slot)
         for order in self.orders.values():
             order.remove(slot)
         for w in self.windows.values():
@@ -453,7 +362,7 @@ class NodeIndex:
 
     def set_status(self, node: Node, status: str) -> None:
         self._move(self.by_status, node.status, status, node.slot)
-        for order in self.orders.values():
+        for order in (*self.orders.values(), self.heartbeats):
             order.retoken(node.slot, [("status", node.status)], [("status", status)])
         node.status = status
 
@@ -465,7 +374,7 @@ class NodeIndex:
             self._move(self.by_region, old, new, node.slot)
             before = [("region", old)] if old is not None else []
             after = [("region", new)] if new is not None else []
-            for order in self.orders.values():
+            for order in (*self.orders.values(), self.heartbeats):
                 order.retoken(node.slot, before, after)
 
     def set_load(self, node: Node, load: float) -> None:
@@ -477,12 +386,8 @@ class NodeIndex:
             order.insert(node.slot)
 
     def set_heartbeat(self, node: Node, at: float) -> None:
-        order = self.orders.get("last_heartbeat_at")
-        if order is not None:
-            order.remove(node.slot)
+        self.heartbeats.move(node, at)
         old, node.last_heartbeat_at = node.last_heartbeat_at, at
-        if order is not None:
-            order.insert(node.slot)
         for w in self.windows.values():
             was, now = w.holds(old), w.holds(at)
             if was != now:
@@ -496,6 +401,7 @@ class NodeIndex:
             node.slot = slot
             self._bitmaps(node, bm_add)
         self.slots.extend(ordered)
+        self.heartbeats.load(range(len(ordered)))
 
     # --- queries ---
 
@@ -601,8 +507,8 @@ class NodeIndex:
                 # when whole blocks can be skipped by their counts); sorting the matches costs
                 # about SORT_COST walk steps each. Take the cheaper.
                 single = len(set(tokens)) == 1 and len(tokens) == len(pos) and not neg
-                walk = ((limit if single else skip + limit) * (hi - lo)) / total
-                if total * SORT_COST < walk:
+                steps = ((limit if single else skip + limit) * (hi - lo)) / total
+                if total * SORT_COST < steps:
                     found = slots_of(blocks, 0, total)
                     found.sort(key=order.key, reverse=descending)  # stable: ties stay by slot
                     slots = found[skip : skip + limit]
@@ -610,7 +516,7 @@ class NodeIndex:
                     slots = order.skip_walk(tokens[0], dict(blocks), skip, limit, descending)
                 else:
                     it = order.descending(lo, hi) if descending else order.ascending(lo, hi)
-                    slots = _walk(it, dict(blocks), skip, limit)
+                    slots = walk(it, dict(blocks), skip, limit)
         nodes = self.slots
         return [nodes[s] for s in slots], total  # type: ignore[misc]
 
@@ -668,17 +574,3 @@ class NodeIndex:
             if not now - 0.0 <= within:
                 hi = min(hi, self._cut(within, now))
         return lo, max(lo, hi)
-
-
-def _walk(slots: Iterable[int], matches: Bitmap, skip: int, limit: int) -> list[int]:
-    """The matching slots of `slots` at match ranks [skip, skip + limit)."""
-    out: list[int] = []
-    for s in slots:
-        if (matches.get(s >> SHIFT, 0) >> (s & MASK)) & 1:
-            if skip:
-                skip -= 1
-            else:
-                out.append(s)
-                if len(out) >= limit:
-                    break
-    return out
