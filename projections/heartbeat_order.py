@@ -25,7 +25,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import accumulate, chain
+from itertools import accumulate, chain, islice
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +102,7 @@ class Run:
         if self._pairs is None:
             self._pairs = sorted(
                 (t, x)
-                for i, (t, x) in enumerate(zip(self.ts, self.sl))
+                for i, (t, x) in enumerate(zip(self.ts, self.sl, strict=True))
                 if where[x] is self and off[x] == i
             )
         return self._pairs
@@ -298,17 +298,19 @@ class HeartbeatOrder:
                 return
         where, off = self.where, self.off
         live = [
-            (t, x) for i, (t, x) in enumerate(zip(ts, run.sl)) if where[x] is run and off[x] == i
+            (t, x)
+            for i, (t, x) in enumerate(zip(ts, run.sl, strict=True))
+            if where[x] is run and off[x] == i
         ]
         cut = bisect_left(live, (ts[m], -1))
-        parts = []
-        for part in (live[:cut], live[cut:]):
-            sl = array("q", [x for _, x in part])
-            parts.append(
-                Run(array("d", [t for t, _ in part]), sl, len(sl), count_slots(self.nodes, sl))
+        parts: list[Run] = []
+        for entries in (live[:cut], live[cut:]):
+            sl = array("q", [x for _, x in entries])
+            part = Run(
+                array("d", [t for t, _ in entries]), sl, len(sl), count_slots(self.nodes, sl)
             )
-        for part in parts:
-            for i, x in enumerate(part.sl):
+            parts.append(part)
+            for i, x in enumerate(sl):
                 where[x] = part
                 off[x] = i
         i = L.index(run)
@@ -410,8 +412,7 @@ class HeartbeatOrder:
             else:
                 it = self._desc(segs[i], a - starts[i], hi - starts[i])
                 if skip:
-                    for _ in zip(range(skip), it):
-                        pass
+                    it = islice(it, skip, None)
                     skip = 0
                 yield from it
             hi = a

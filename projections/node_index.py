@@ -294,6 +294,9 @@ class NodeIndex:
             order.load([n.slot for n in self.slots if n is not None])
         return order
 
+    def _all_orders(self) -> list[SortedSlots | HeartbeatOrder]:
+        return [*self.orders.values(), self.heartbeats]
+
     # --- changes (called by the projection's handlers) ---
 
     def add(self, node: Node) -> None:
@@ -362,7 +365,7 @@ class NodeIndex:
 
     def set_status(self, node: Node, status: str) -> None:
         self._move(self.by_status, node.status, status, node.slot)
-        for order in (*self.orders.values(), self.heartbeats):
+        for order in self._all_orders():
             order.retoken(node.slot, [("status", node.status)], [("status", status)])
         node.status = status
 
@@ -374,7 +377,7 @@ class NodeIndex:
             self._move(self.by_region, old, new, node.slot)
             before = [("region", old)] if old is not None else []
             after = [("region", new)] if new is not None else []
-            for order in (*self.orders.values(), self.heartbeats):
+            for order in self._all_orders():
                 order.retoken(node.slot, before, after)
 
     def set_load(self, node: Node, load: float) -> None:
