@@ -28,7 +28,7 @@ Invariant: every structure holds exactly the live nodes, keyed by their current 
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+import heapq
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -47,196 +47,11 @@ from projections.bitmaps import (
     walk,
 )
 from projections.heartbeat_order import HeartbeatOrder, Token
+from projections.sorted_slots import SortedSlots
 
-BLOCK_LEN = 1024  # entries per block of a SortedSlots (split at twice that)
+ORDERS = ("node_id", "name", "load")  # the SortedSlots (by last heartbeat: HeartbeatOrder)
 MAX_WINDOWS = 4  # presence windows kept (one per distinct `within` asked)
 SORT_COST = 4.0  # sorting one match costs about this many walk steps (measured)
-
-
-class SortedSlots:
-    """Slots sorted by (key(slot), slot), in blocks of about BLOCK_LEN: insert and remove in
-    O(log n + BLOCK_LEN), position lookups in O(n / BLOCK_LEN). `key` must give the key an
-    entry was inserted with until it is removed (remove before changing the attribute)."""
-
-    def __init__(
-        self, key: Callable[[int], Any], tokens: Callable[[int], Iterable[Token]] = lambda s: ()
-    ) -> None:
-        self.key = key
-        self.tokens = tokens  # what each block counts of its entries (see `skip_walk`)
-        self.blocks: list[list[int]] = []
-        self.maxes: list[tuple[Any, int]] = []  # (key, slot) of each block's last entry
-        self.counts: list[dict[Token, int]] = []  # per block: token -> entries with it
-        self.size = 0
-        self._starts: list[int] | None = None  # position of each block's first entry
-
-    def _count(self, block: list[int]) -> dict[Token, int]:
-        counts: dict[Token, int] = {}
-        for s in block:
-            for t in self.tokens(s):
-                counts[t] = counts.get(t, 0) + 1
-        return counts
-
-    def _add_tokens(self, i: int, tokens: Iterable[Token], delta: int) -> None:
-        counts = self.counts[i]
-        for t in tokens:
-            n = counts.get(t, 0) + delta
-            if n:
-                counts[t] = n
-            else:
-                del counts[t]
-
-    def retoken(self, s: int, old: Iterable[Token], new: Iterable[Token]) -> None:
-        """Entry `s` now has the tokens `new` instead of `old`."""
-        i, _ = self._find(self._full(s))
-        self._add_tokens(i, old, -1)
-        self._add_tokens(i, new, 1)
-
-    def _full(self, s: int) -> tuple[Any, int]:
-        return self.key(s), s
-
-    def load(self, slots: list[int]) -> None:
-        """Replace the content with `slots` (any order)."""
-        slots = sorted(slots, key=self._full)
-        self.blocks = [slots[i : i + BLOCK_LEN] for i in range(0, len(slots), BLOCK_LEN)]
-        self.maxes = [self._full(block[-1]) for block in self.blocks]
-        self.counts = [self._count(block) for block in self.blocks]
-        self.size = len(slots)
-        self._starts = None
-
-    def _find(self, k: tuple[Any, int]) -> tuple[int, int]:
-        """(block index, index in the block) of the first entry >= k (block may be len)."""
-        i = bisect_left(self.maxes, k)
-        if i == len(self.blocks):
-            return i, 0
-        return i, bisect_left(self.blocks[i], k, key=self._full)
-
-    def insert(self, s: int) -> None:
-        self._starts = None
-        self.size += 1
-        k = self._full(s)
-        if not self.blocks:
-            self.blocks.append([s])
-            self.maxes.append(k)
-            self.counts.append(self._count([s]))
-            return
-        i, j = self._find(k)
-        if i == len(self.blocks):
-            i -= 1
-            j = len(self.blocks[i])
-            self.maxes[i] = k
-        block = self.blocks[i]
-        block.insert(j, s)
-        self._add_tokens(i, self.tokens(s), 1)
-        if len(block) > 2 * BLOCK_LEN:
-            halves = [block[:BLOCK_LEN], block[BLOCK_LEN:]]
-            self.blocks[i : i + 1] = halves
-            self.maxes[i : i + 1] = [self._full(block[BLOCK_LEN - 1]), self.maxes[i]]
-            self.counts[i : i + 1] = [self._count(half) for half in halves]
-
-    def remove(self, s: int) -> None:
-        i, j = self._find(self._full(s))
-        block = self.blocks[i]
-        if block[j] != s:
-            raise KeyError(s)
-        del block[j]
-        self._add_tokens(i, self.tokens(s), -1)
-        if not block:
-            del self.blocks[i]
-            del self.maxes[i]
-            del self.counts[i]
-        elif j == len(block):
-            self.maxes[i] = self._full(block[-1])
-        self.size -= 1
-        self._starts = None
-
-    def starts(self) -> list[int]:
-        if self._starts is None:
-            starts, at = [], 0
-            for block in self.blocks:
-                starts.append(at)
-                at += len(block)
-            self._starts = starts
-        return self._starts
-
-    def position(self, key: Any, right: bool = False) -> int:
-        """How many entries have a key < `key` (<= `key` when `right`)."""
-        k = (key, 1 << 62 if right else -1)
-        i, j = self._find(k)
-        return self.size if i == len(self.blocks) else self.starts()[i] + j
-
-    def first_true(self, pred: Callable[[Any], bool]) -> int:
-        """The first position whose key satisfies `pred`, monotone (False then True) in key."""
-        blocks = self.blocks
-        i = bisect_left(self.maxes, True, key=lambda m: pred(m[0]))
-        if i == len(blocks):
-            return self.size
-        j = bisect_left(blocks[i], True, key=lambda s: pred(self.key(s)))
-        return self.starts()[i] + j
-
-    def at(self, pos: int) -> int:
-        starts = self.starts()
-        i = bisect_right(starts, pos) - 1
-        return self.blocks[i][pos - starts[i]]
-
-    def ascending(self, lo: int, hi: int) -> Iterator[int]:
-        """The slots at positions [lo, hi)."""
-        if lo >= hi:
-            return
-        starts = self.starts()
-        i = bisect_right(starts, lo) - 1
-        off = lo - starts[i]
-        left = hi - lo
-        while left > 0 and i < len(self.blocks):
-            part = self.blocks[i][off : off + left]
-            yield from part
-            left -= len(part)
-            i += 1
-            off = 0
-
-    def descending(self, lo: int, hi: int) -> Iterator[int]:
-        """The slots at positions [lo, hi) by key descending, slots ascending among equal keys
-        (what a stable sort with reverse=True gives). `lo` and `hi` must be group boundaries."""
-        while hi > lo:
-            k = self.key(self.at(hi - 1))
-            start = max(lo, self.position(k))
-            yield from self.ascending(start, hi)
-            hi = start
-
-    def descending_from(self, skip: int, lo: int, hi: int) -> Iterator[int]:
-        """`descending(lo, hi)` without its first `skip` entries, found without visiting them."""
-        if skip >= hi - lo:
-            return
-        k = self.key(self.at(hi - 1 - skip))
-        start, end = max(lo, self.position(k)), min(hi, self.position(k, right=True))
-        yield from self.ascending(start + skip - (hi - end), end)
-        yield from self.descending(lo, start)
-
-    def skip_walk(
-        self, token: Token, matches: Bitmap, skip: int, limit: int, descending: bool
-    ) -> list[int]:
-        """`_walk` over the whole order when the matches are the entries with `token`: whole
-        blocks are skipped by their counts (descending: to the end of the tie group the first
-        walked block starts in, so the skipped part is a suffix of whole groups)."""
-        counts, starts = self.counts, self.starts()
-        if not descending:
-            for i in range(len(self.blocks)):
-                c = counts[i].get(token, 0)
-                if skip < c:
-                    return walk(self.ascending(starts[i], self.size), matches, skip, limit)
-                skip -= c
-            return []
-        i, counted = len(self.blocks), 0
-        while i > 0 and counted + counts[i - 1].get(token, 0) <= skip:
-            counted += counts[i - 1].get(token, 0)
-            i -= 1
-        hi = starts[i] if i < len(self.blocks) else self.size
-        if 0 < hi < self.size:
-            k = self.key(self.at(hi))
-            if self.position(k) < hi:  # a tie group straddles: move to its end
-                end = self.position(k, right=True)
-                counted -= len(walk(self.ascending(hi, end), matches, 0, end - hi))
-                hi = end
-        return walk(self.descending(0, hi), matches, skip - counted, limit)
 
 
 class Window:
@@ -283,16 +98,27 @@ class NodeIndex:
         self.heartbeats = HeartbeatOrder(nodes)  # always kept: a heartbeat is an append
         self.windows: dict[float, Window] = {}
 
-    def order(self, name: str) -> SortedSlots | HeartbeatOrder:
-        """The order of the live slots by `self.keys[name]`, built on first use (one sort; a
-        replay does not pay for orders no query asks for), kept up to date from then on."""
+    def order(self, name: str) -> SortedSlots | HeartbeatOrder | None:
+        """The order of the live slots by `self.keys[name]` once it is ready, kept up to date
+        from then on; None while it is built (its build starts on first use, or with
+        `build_orders`, and moves one slice per `build_step`)."""
         if name == "last_heartbeat_at":
             return self.heartbeats
         order = self.orders.get(name)
         if order is None:
             order = self.orders[name] = SortedSlots(self.keys[name], self._tokens)
-            order.load([n.slot for n in self.slots if n is not None])
-        return order
+            order.start(self.slots)
+        return order if order.ready else None
+
+    def build_orders(self) -> None:
+        """Start building every order no query has asked for yet (a replay does not pay for
+        them: a server calls this once it is up, then `build_step` between other work)."""
+        for name in ORDERS:
+            self.order(name)
+
+    def build_step(self) -> bool:
+        """One bounded slice of an order's build; False when none is being built."""
+        return any(order.step() for order in self.orders.values())
 
     def _all_orders(self) -> list[SortedSlots | HeartbeatOrder]:
         return [*self.orders.values(), self.heartbeats]
@@ -411,7 +237,7 @@ class NodeIndex:
     def window(self, within: float, now: float) -> Bitmap:
         """The bitmap of the nodes with a heartbeat at most `within` seconds before `now`."""
         w = self.windows.get(within)
-        order = self.order("last_heartbeat_at")
+        order = self.heartbeats
         if w is None:
             if len(self.windows) >= MAX_WINDOWS:
                 del self.windows[next(iter(self.windows))]
@@ -433,7 +259,7 @@ class NodeIndex:
 
     def _cut(self, within: float, now: float) -> int:
         """First position in heartbeat order whose key is within `within` of `now`."""
-        return self.order("last_heartbeat_at").first_true(lambda k: now - k <= within)
+        return self.heartbeats.first_true(lambda k: now - k <= within)
 
     def page(
         self,
@@ -495,8 +321,14 @@ class NodeIndex:
             groups = self.by_type if sort_by == "type" else self.by_status
             matches = dict(blocks) if filtered else None
             slots = self._by_group(groups, matches, descending, skip, limit)
+        elif (order := self.order(sort_by)) is None:
+            # Its order is being built: one more slice of it, then the page from the matches
+            # (the same result as a stable sort of them, in O(matches)).
+            self.build_step()
+            pick = heapq.nlargest if descending else heapq.nsmallest
+            found = slots_of(blocks, 0, total)
+            slots = pick(skip + limit, found, key=self.keys[sort_by])[skip:]
         else:
-            order = self.order(sort_by)
             lo, hi = 0, order.size
             if sort_by == "last_heartbeat_at":
                 lo, hi = self._heartbeat_range(presence, online, now, online_within, stale_within)
@@ -565,7 +397,7 @@ class NodeIndex:
         """Positions of the heartbeat order that can hold the presence asked: nodes within a
         window have a key past its cut, nodes out of it a key before (also the nodes that never
         sent a heartbeat, keyed 0.0, unless 0.0 itself is within the window)."""
-        lo, hi = 0, self.order("last_heartbeat_at").size
+        lo, hi = 0, self.heartbeats.size
         if presence == "online" or online is True:
             lo = max(lo, self._cut(online_within, now))
         if presence == "stale":
