@@ -5,6 +5,8 @@ Thin handlers: decode, call one `NodeService`/`TokenService` function, encode.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -29,9 +31,11 @@ from broker.pagination import decode_query
 from broker.principal import Principal
 from broker.ratelimit import LOGIN, charge_subject
 from broker.routing import Routes
+from broker.runtime import Runtime
 from broker.tokens import TokenPair
 
 routes = Routes("nodes")
+ORDERS_CHECK = 10.0  # seconds between two looks for discovery orders to build
 
 NodeId = Annotated[str, msgspec.Meta(pattern=NODE_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -295,8 +299,23 @@ async def deregister(request: web.Request) -> web.Response:
 
 async def _nodes_ctx(app: web.Application) -> AsyncIterator[None]:
     app[NODES].start(app[RUNTIME])
+    builder = asyncio.create_task(_build_discovery_orders(app[RUNTIME]), name="discovery-orders")
     yield
+    builder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await builder
     app[NODES].stop()
+
+
+async def _build_discovery_orders(runtime: Runtime) -> None:
+    """The discovery orders built in the background once the server is up, one bounded slice
+    per turn of the loop (again after the indices are rebuilt)."""
+    while True:
+        index = runtime.nodes.index
+        index.build_orders()
+        while index.build_step():
+            await asyncio.sleep(0)
+        await asyncio.sleep(ORDERS_CHECK)
 
 
 def setup(app: web.Application) -> None:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import accumulate, chain, islice
-from operator import itemgetter
+from itertools import accumulate, chain, compress, count, islice, repeat
+from operator import and_, eq, is_, itemgetter
 from typing import TYPE_CHECKING, Any
 
-from projections.bitmaps import bm_add, bm_discard, slots_of, walk
+from projections import bitmaps
+from projections.bitmaps import Bitmap, bm_add, bm_discard, slots_of, walk
 
 if TYPE_CHECKING:
     from projections.nodes import Node
@@ -38,6 +39,7 @@ RUN_LEN = 1024  # entries per run of the log (more only while a tie group goes o
 
 Token = tuple[str, str]  # ("type" | "capability" | "region" | "status", value)
 Counts = tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, int]]
+_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 KIND = {"type": 0, "capability": 1, "region": 2, "status": 3}
 
 
@@ -377,6 +379,38 @@ class HeartbeatOrder:
         else:
             part = sorted(pairs[lo:hi], key=itemgetter(0), reverse=True)
         return map(itemgetter(1), part)
+
+    def bitmap_from(self, lo: int) -> Bitmap:
+        """The bitmap of the slots at positions >= `lo`, less the nodes without a heartbeat:
+        a presence window built in C loops (a bytearray flag per slot, read back in blocks)."""
+        segs, starts = self.layout()
+        i = bisect_right(starts, lo) - 1
+        flags = bytearray(len(self.where))
+        mark = flags.__setitem__
+        where, off, nodes = self.where, self.off, self.nodes
+        while i < len(segs):
+            g = segs[i]
+            if type(g) is Zero:
+                for s in g.slots(lo - starts[i], g.live):
+                    if nodes[s].last_heartbeat_at is not None:  # type: ignore[union-attr]
+                        flags[s] = 1
+            elif lo > starts[i]:
+                for _, s in g.pairs(where, off)[lo - starts[i] :]:  # type: ignore[union-attr]
+                    flags[s] = 1
+            else:
+                sl = g.sl  # type: ignore[union-attr]
+                here = map(is_, map(where.__getitem__, sl), repeat(g))
+                current = map(eq, map(off.__getitem__, sl), count())
+                deque(map(mark, compress(sl, map(and_, here, current)), repeat(1)), maxlen=0)
+            lo = starts[i + 1]
+            i += 1
+        size = bitmaps.BLOCK
+        out: Bitmap = {}
+        for b in range(0, (len(flags) + size - 1) // size):
+            part = flags[b * size : (b + 1) * size]
+            if part.count(1):
+                out[b] = int(part[::-1].translate(_DIGITS), 2)
+        return out
 
     def first_true(self, pred: Callable[[float], bool]) -> int:
         """The first position whose key satisfies `pred`, monotone (False then True) in key."""

@@ -51,6 +51,7 @@ from projections.sorted_slots import SortedSlots
 
 ORDERS = ("node_id", "name", "load")  # the SortedSlots (by last heartbeat: HeartbeatOrder)
 MAX_WINDOWS = 4  # presence windows kept (one per distinct `within` asked)
+REBUILD_WINDOW = 8  # a window moved past more than 1/8 of the nodes is built anew
 SORT_COST = 4.0  # sorting one match costs about this many walk steps (measured)
 
 
@@ -106,7 +107,7 @@ class NodeIndex:
             return self.heartbeats
         order = self.orders.get(name)
         if order is None:
-            order = self.orders[name] = SortedSlots(self.keys[name], self._tokens)
+            order = self.orders[name] = SortedSlots(self.keys[name], self.slots)
             order.start(self.slots)
         return order if order.ready else None
 
@@ -162,16 +163,6 @@ class NodeIndex:
             for index, key in self._keys(node):
                 if not index.get(key, True):
                     del index[key]
-
-    def _tokens(self, slot: int) -> Iterator[Token]:
-        node = self.slots[slot]
-        assert node is not None
-        yield "type", node.type
-        for cap in node.capabilities:
-            yield "capability", cap
-        if node.region is not None:
-            yield "region", node.region
-        yield "status", node.status
 
     def _keys(self, node: Node) -> Iterator[tuple[dict[str, Bitmap], str]]:
         yield self.by_type, node.type
@@ -242,10 +233,14 @@ class NodeIndex:
             if len(self.windows) >= MAX_WINDOWS:
                 del self.windows[next(iter(self.windows))]
             w = self.windows[within] = Window(within, now)
-            changed = order.ascending(self._cut(within, now), order.size)
+            w.bits = order.bitmap_from(self._cut(within, now))
+            return w.bits
         elif w.now != now:
             old, new = self._cut(within, w.now), self._cut(within, now)
             w.now = now
+            if abs(new - old) * REBUILD_WINDOW > order.size:  # cheaper built anew
+                w.bits = order.bitmap_from(new)
+                return w.bits
             changed = order.ascending(min(old, new), max(old, new))
         else:
             return w.bits

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from random import Random
 from typing import TYPE_CHECKING, Any
 
 from projections.bitmaps import Bitmap, walk
+from projections.heartbeat_order import KIND, Counts, count_node, count_slots, count_tokens
 
 if TYPE_CHECKING:
     from projections.nodes import Node
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 Token = tuple[str, str]  # ("type" | "capability" | "region" | "status", value)
 
 BLOCK_LEN = 1024  # entries per block (split at twice that)
-BUILD_STEP = 16_384  # slots dealt, or block entries sorted and counted, per build step
+BUILD_STEP = 16_384  # slots dealt per build step (~10 ms here)
+SORT_STEP = 4_096  # block entries sorted and counted per build step (~20 ms here)
 SAMPLE = 8  # keys sampled per block to come
 
 
@@ -32,14 +35,12 @@ class SortedSlots:
     O(log n + BLOCK_LEN), position lookups in O(n / BLOCK_LEN). `key` must give the key an
     entry was inserted with until it is removed (remove before changing the attribute)."""
 
-    def __init__(
-        self, key: Callable[[int], Any], tokens: Callable[[int], Iterable[Token]] = lambda s: ()
-    ) -> None:
+    def __init__(self, key: Callable[[int], Any], nodes: Sequence[Node | None]) -> None:
         self.key = key
-        self.tokens = tokens  # what each block counts of its entries (see `skip_walk`)
+        self.nodes = nodes  # by slot: whose tokens each block counts (see `skip_walk`)
         self.blocks: list[list[int]] = []
         self.maxes: list[tuple[Any, int]] = []  # (key, slot) of each block's last entry
-        self.counts: list[dict[Token, int]] = []  # per block: token -> entries with it
+        self.counts: list[Counts] = []  # per block: its entries per token
         self.size = 0
         self._starts: list[int] | None = None  # position of each block's first entry
         self.build: Build | None = None  # while built in slices
@@ -56,32 +57,19 @@ class SortedSlots:
         """One bounded slice of the build; False once the order is ready."""
         return self.build is not None and self.build.step()
 
-    def _count(self, block: list[int]) -> dict[Token, int]:
-        counts: dict[Token, int] = {}
-        for s in block:
-            for t in self.tokens(s):
-                counts[t] = counts.get(t, 0) + 1
-        return counts
+    def _count(self, block: list[int]) -> Counts:
+        return count_slots(self.nodes, block)
 
-    def _add_tokens(self, i: int, tokens: Iterable[Token], delta: int) -> None:
-        self._add_to(self.counts[i], tokens, delta)
-
-    @staticmethod
-    def _add_to(counts: dict[Token, int], tokens: Iterable[Token], delta: int) -> None:
-        for t in tokens:
-            n = counts.get(t, 0) + delta
-            if n:
-                counts[t] = n
-            else:
-                del counts[t]
+    def _add(self, counts: Counts, s: int, delta: int) -> None:
+        count_node(counts, self.nodes[s], delta)  # type: ignore[arg-type]
 
     def retoken(self, s: int, old: Iterable[Token], new: Iterable[Token]) -> None:
         """Entry `s` now has the tokens `new` instead of `old`."""
         if self.build is not None:
             return self.build.retoken(s, old, new)
         i, _ = self._find(self._full(s))
-        self._add_tokens(i, old, -1)
-        self._add_tokens(i, new, 1)
+        count_tokens(self.counts[i], old, -1)
+        count_tokens(self.counts[i], new, 1)
 
     def _full(self, s: int) -> tuple[Any, int]:
         return self.key(s), s
@@ -111,7 +99,7 @@ class SortedSlots:
             self.maxes[i] = k
         block = self.blocks[i]
         block.insert(j, s)
-        self._add_tokens(i, self.tokens(s), 1)
+        self._add(self.counts[i], s, 1)
         if len(block) > 2 * BLOCK_LEN:
             halves = [block[:BLOCK_LEN], block[BLOCK_LEN:]]
             self.blocks[i : i + 1] = halves
@@ -126,7 +114,7 @@ class SortedSlots:
         if block[j] != s:
             raise KeyError(s)
         del block[j]
-        self._add_tokens(i, self.tokens(s), -1)
+        self._add(self.counts[i], s, -1)
         if not block:
             del self.blocks[i]
             del self.maxes[i]
@@ -195,17 +183,18 @@ class SortedSlots:
         """`_walk` over the whole order when the matches are the entries with `token`: whole
         blocks are skipped by their counts (descending: to the end of the tie group the first
         walked block starts in, so the skipped part is a suffix of whole groups)."""
-        counts, starts = self.counts, self.starts()
+        kind, value = KIND[token[0]], token[1]
+        counts, starts = [c[kind] for c in self.counts], self.starts()
         if not descending:
             for i in range(len(self.blocks)):
-                c = counts[i].get(token, 0)
+                c = counts[i].get(value, 0)
                 if skip < c:
                     return walk(self.ascending(starts[i], self.size), matches, skip, limit)
                 skip -= c
             return []
         i, counted = len(self.blocks), 0
-        while i > 0 and counted + counts[i - 1].get(token, 0) <= skip:
-            counted += counts[i - 1].get(token, 0)
+        while i > 0 and counted + counts[i - 1].get(value, 0) <= skip:
+            counted += counts[i - 1].get(value, 0)
             i -= 1
         hi = starts[i] if i < len(self.blocks) else self.size
         if 0 < hi < self.size:
@@ -227,10 +216,11 @@ class Build:
         n = len(slots)
         stride = max(1, BLOCK_LEN // SAMPLE)
         full = order._full
-        sample = sorted(full(s) for s in range(0, n, stride) if slots[s] is not None)
+        picks = Random(n).sample(range(n), n // stride) if n > stride else range(n)
+        sample = sorted(full(s) for s in picks if slots[s] is not None)
         self.splitters = sample[SAMPLE - 1 :: SAMPLE]  # block i: keys <= splitters[i]
         self.blocks: list[list[int]] = [[] for _ in range(len(self.splitters) + 1)]
-        self.counts: list[dict[Token, int]] = []  # of the blocks sorted so far
+        self.counts: list[Counts] = []  # of the blocks sorted so far
         self.cursor = 0  # slots below it are dealt (all of them once dealing is done)
 
     def _at(self, s: int) -> int:
@@ -242,7 +232,7 @@ class Build:
         i = self._at(s)
         if i < len(self.counts):
             insort(self.blocks[i], s, key=self.order._full)
-            self.order._add_to(self.counts[i], self.order.tokens(s), 1)
+            self.order._add(self.counts[i], s, 1)
         else:
             self.blocks[i].append(s)
 
@@ -253,14 +243,14 @@ class Build:
         block = self.blocks[i]
         if i < len(self.counts):
             del block[bisect_left(block, self.order._full(s), key=self.order._full)]
-            self.order._add_to(self.counts[i], self.order.tokens(s), -1)
+            self.order._add(self.counts[i], s, -1)
         else:
             block.remove(s)
 
     def retoken(self, s: int, old: Iterable[Token], new: Iterable[Token]) -> None:
         if s < self.cursor and (i := self._at(s)) < len(self.counts):
-            self.order._add_to(self.counts[i], old, -1)
-            self.order._add_to(self.counts[i], new, 1)
+            count_tokens(self.counts[i], old, -1)
+            count_tokens(self.counts[i], new, 1)
 
     def step(self) -> bool:
         slots, order = self.slots, self.order
@@ -279,7 +269,7 @@ class Build:
             block.sort(key=order._full)
             self.counts.append(order._count(block))
             done += len(block)
-            if done >= BUILD_STEP:
+            if done >= SORT_STEP:
                 return True
         order.blocks, order.maxes, order.counts = [], [], []
         for block, counts in zip(self.blocks, self.counts, strict=True):

@@ -55,6 +55,7 @@ TINY = [
     (node_index, "BLOCK", 4),
     (sorted_slots, "BLOCK_LEN", 2),
     (sorted_slots, "BUILD_STEP", 3),
+    (sorted_slots, "SORT_STEP", 3),
     (node_index, "SORT_COST", 1e9),
     (heartbeat_order, "RUN_LEN", 4),
 ]
@@ -475,6 +476,8 @@ def test_the_heartbeat_log_reads_like_a_sort(
         for k in {*keys, -5.0, 0.0, 100.0}:
             assert order.first_true(lambda x, k=k: x >= k) == sum(1 for x in keys if x < k)
         for a in bounds:
+            window = bitmaps.slots_of(sorted(order.bitmap_from(a).items()), 0, len(nodes))
+            assert window == sorted(s for s in model[a:] if nodes[s].last_heartbeat_at is not None)  # type: ignore[union-attr]
             for b in bounds:
                 if a > b:
                     continue
