@@ -31,7 +31,6 @@ from broker.pagination import decode_query
 from broker.principal import Principal
 from broker.ratelimit import LOGIN, charge_subject
 from broker.routing import Routes
-from broker.runtime import Runtime
 from broker.tokens import TokenPair
 
 routes = Routes("nodes")
@@ -299,7 +298,7 @@ async def deregister(request: web.Request) -> web.Response:
 
 async def _nodes_ctx(app: web.Application) -> AsyncIterator[None]:
     app[NODES].start(app[RUNTIME])
-    builder = asyncio.create_task(_build_discovery_orders(app[RUNTIME]), name="discovery-orders")
+    builder = asyncio.create_task(_build_discovery_indices(app[NODES]), name="discovery-indices")
     yield
     builder.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -307,12 +306,14 @@ async def _nodes_ctx(app: web.Application) -> AsyncIterator[None]:
     app[NODES].stop()
 
 
-async def _build_discovery_orders(runtime: Runtime) -> None:
-    """The discovery orders built in the background once the server is up, one bounded slice
-    per turn of the loop (again after the indices are rebuilt)."""
+async def _build_discovery_indices(service: NodeService) -> None:
+    """The discovery orders and presence windows built in the background once the server is
+    up, one bounded slice per turn of the loop (again after the indices are rebuilt)."""
     while True:
-        index = runtime.nodes.index
+        index = service.runtime.nodes.index
         index.build_orders()
+        for within in (service.online_within, service.stale_within):
+            index.prepare_window(within, service.clock())
         while index.build_step():
             await asyncio.sleep(0)
         await asyncio.sleep(ORDERS_CHECK)

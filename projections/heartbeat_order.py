@@ -25,7 +25,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import accumulate, chain, compress, count, islice, repeat
+from itertools import accumulate, chain, compress, count, repeat
 from operator import and_, eq, is_, itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -122,8 +122,16 @@ class Zero:
         self.counts = new_counts()
 
     def slots(self, lo: int, hi: int) -> Iterator[int]:
-        """The slots at ranks [lo, hi)."""
-        yield from slots_of(sorted(self.bits.items()), lo, hi - lo)
+        """The slots at ranks [lo, hi), cut from one block at a time (walks stop early)."""
+        for b, x in sorted(self.bits.items()):
+            if hi <= 0:
+                return
+            c = x.bit_count()
+            if lo < c:
+                yield from slots_of([(b, x)], lo, min(c, hi) - lo)
+                lo = c
+            lo -= c
+            hi -= c
 
 
 Segment = Run | Zero
@@ -367,10 +375,11 @@ class HeartbeatOrder:
             return g.slots(lo, hi)
         return map(itemgetter(1), g.pairs(self.where, self.off)[lo:hi])  # type: ignore[union-attr]
 
-    def _desc(self, g: Segment, lo: int, hi: int) -> Iterator[int]:
-        """Ranks [lo, hi) of `g` (whole tie groups) by key descending, slots ascending in a tie."""
-        if type(g) is Zero:
-            return g.slots(lo, hi)
+    def _desc(self, g: Segment, lo: int, hi: int, skip: int) -> Iterator[int]:
+        """Ranks [lo, hi) of `g` (whole tie groups) by key descending, slots ascending in a tie,
+        less the first `skip`."""
+        if type(g) is Zero:  # one tie group
+            return g.slots(lo + skip, hi)
         pairs = g.pairs(self.where, self.off)  # type: ignore[union-attr]
         if lo == 0 and hi == len(pairs):
             if g._desc is None:  # type: ignore[union-attr]
@@ -378,31 +387,31 @@ class HeartbeatOrder:
             part = g._desc  # type: ignore[union-attr]
         else:
             part = sorted(pairs[lo:hi], key=itemgetter(0), reverse=True)
-        return map(itemgetter(1), part)
+        return map(itemgetter(1), part[skip:] if skip else part)
 
-    def bitmap_from(self, lo: int) -> Bitmap:
-        """The bitmap of the slots at positions >= `lo`, less the nodes without a heartbeat:
-        a presence window built in C loops (a bytearray flag per slot, read back in blocks)."""
+    def bitmap_of(self, lo: int, hi: int) -> Bitmap:
+        """The bitmap of the slots at positions [lo, hi), less the nodes without a heartbeat:
+        a slice of a presence window, built in C loops (a flag per slot, read in blocks)."""
         segs, starts = self.layout()
         i = bisect_right(starts, lo) - 1
         flags = bytearray(len(self.where))
         mark = flags.__setitem__
         where, off, nodes = self.where, self.off, self.nodes
-        while i < len(segs):
-            g = segs[i]
+        while lo < hi and i < len(segs):
+            g, a, end = segs[i], starts[i], min(hi, starts[i + 1])
             if type(g) is Zero:
-                for s in g.slots(lo - starts[i], g.live):
+                for s in g.slots(lo - a, end - a):
                     if nodes[s].last_heartbeat_at is not None:  # type: ignore[union-attr]
                         flags[s] = 1
-            elif lo > starts[i]:
-                for _, s in g.pairs(where, off)[lo - starts[i] :]:  # type: ignore[union-attr]
+            elif lo > a or end < starts[i + 1]:
+                for _, s in g.pairs(where, off)[lo - a : end - a]:  # type: ignore[union-attr]
                     flags[s] = 1
             else:
                 sl = g.sl  # type: ignore[union-attr]
                 here = map(is_, map(where.__getitem__, sl), repeat(g))
                 current = map(eq, map(off.__getitem__, sl), count())
                 deque(map(mark, compress(sl, map(and_, here, current)), repeat(1)), maxlen=0)
-            lo = starts[i + 1]
+            lo = end
             i += 1
         size = bitmaps.BLOCK
         out: Bitmap = {}
@@ -444,11 +453,8 @@ class HeartbeatOrder:
             if skip >= hi - a:
                 skip -= hi - a
             else:
-                it = self._desc(segs[i], a - starts[i], hi - starts[i])
-                if skip:
-                    it = islice(it, skip, None)
-                    skip = 0
-                yield from it
+                yield from self._desc(segs[i], a - starts[i], hi - starts[i], skip)
+                skip = 0
             hi = a
             i -= 1
 

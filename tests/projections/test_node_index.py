@@ -58,6 +58,7 @@ TINY = [
     (sorted_slots, "SORT_STEP", 3),
     (node_index, "SORT_COST", 1e9),
     (heartbeat_order, "RUN_LEN", 4),
+    (node_index, "WINDOW_STEP", 2),
 ]
 
 
@@ -286,11 +287,17 @@ class DiscoveryMachine(RuleBasedStateMachine):
             self.record(NodeHeartbeat(node_id=node_id), 0.0)
         self.ts = now
 
-    @rule(steps=st.integers(1, 4), start=st.booleans())
-    def build_orders(self, steps: int, start: bool) -> None:
-        """Orders are built in slices while events keep coming."""
+    @rule(
+        steps=st.integers(1, 4),
+        start=st.booleans(),
+        window=st.none() | st.tuples(st.sampled_from([60.0, 300.0]), steps),
+    )
+    def build_in_slices(self, steps: int, start: bool, window: tuple[float, float] | None) -> None:
+        """Orders and presence windows are built in slices while events keep coming."""
         if start:
             self.p.index.build_orders()
+        if window is not None:
+            self.p.index.prepare_window(window[0], self.ts + window[1])
         for _ in range(steps):
             self.p.index.build_step()
 
@@ -476,14 +483,49 @@ def test_the_heartbeat_log_reads_like_a_sort(
         for k in {*keys, -5.0, 0.0, 100.0}:
             assert order.first_true(lambda x, k=k: x >= k) == sum(1 for x in keys if x < k)
         for a in bounds:
-            window = bitmaps.slots_of(sorted(order.bitmap_from(a).items()), 0, len(nodes))
-            assert window == sorted(s for s in model[a:] if nodes[s].last_heartbeat_at is not None)  # type: ignore[union-attr]
             for b in bounds:
                 if a > b:
                     continue
                 assert list(order.ascending(a, b)) == model[a:b]
+                window = bitmaps.slots_of(sorted(order.bitmap_of(a, b).items()), 0, len(nodes))
+                beat = [s for s in model[a:b] if nodes[s].last_heartbeat_at is not None]  # type: ignore[union-attr]
+                assert window == sorted(beat)
                 part = sorted(model[a:b], key=lambda s: key(nodes[s]), reverse=True)
                 for skip in (0, 1, 3):
                     assert list(order.descending_from(skip, a, b)) == part[skip:]
     finally:
         heartbeat_order.RUN_LEN = saved
+
+
+def test_a_window_built_in_slices_takes_in_what_changes_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node not yet visited whose heartbeat lands (older timestamp) in the part already
+    visited, one that leaves the window, one deregistered: the finished window is exact."""
+    monkeypatch.setattr(node_index, "WINDOW_STEP", 2)
+    events: list[tuple[float, BaseEvent]] = [
+        (float(i), NodeRegistered(node_id=f"n{i}", name="n", node_type="t", public_key="k"))
+        for i in range(8)
+    ]
+    events += [(100.0 + i, NodeHeartbeat(node_id=f"n{i}")) for i in range(8)]
+    p = fold(events)
+    everything = Projections([p])
+    everything.seq = len(events)
+    index = p.index
+    w = index.prepare_window(60.0, 150.0)  # n0..n7 within (heartbeats 100..107)
+    assert index.build_step() and w.todo is not None  # visited n0, n1
+    versions = {n.node_id: n.heartbeats + 1 for n in p.nodes.values()}
+    later: list[tuple[float, BaseEvent]] = [
+        (100.5, NodeHeartbeat(node_id="n6")),  # not visited yet, now among the visited keys
+        (80.0, NodeHeartbeat(node_id="n5")),  # out of the window
+        (0.0, NodeDeregistered(node_id="n7")),
+    ]
+    for seq, (ts, event) in enumerate(later, len(events) + 1):
+        stream = event.stream
+        versions[stream] += 1
+        everything.apply(Envelope(seq, stream, versions[stream], ts, f"x{seq}", event))
+    while index.build_step():
+        pass
+    assert w.todo is None
+    found, total = index.page(online=True, now=150.0, limit=10)
+    assert [n.node_id for n in found] == ["n0", "n1", "n2", "n3", "n4", "n6"] and total == 6
