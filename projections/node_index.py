@@ -11,16 +11,23 @@ Sort orders:
 - registration order: the slots themselves (descending: from the last block down);
 - `type`, `status`: the groups of that index in key order, slots ascending in each group (what
   a stable sort of registration order gives, ascending or descending);
-- `node_id`, `name`, `load`, `last_heartbeat_at`: a `SortedSlots` (a list of blocks of slots
-  sorted by (key, slot)), kept up to date by every event that changes the key; a filtered page
-  walks it and tests each slot in the filter's bitmap, or sorts the matches when there are so
-  few that sorting costs less than the walk.
+- `last_heartbeat_at`: a `HeartbeatOrder` (`projections.heartbeat_order`), an append-only log
+  with lazy deletion, kept from the first event on (a heartbeat is an append);
+- `node_id`, `name`, `load`: a `SortedSlots` (`projections.sorted_slots`: blocks of slots sorted
+  by (key, slot)), built in bounded slices (`build_step`: a server runs them in the background
+  once it is up; a query that needs an order still building takes one slice and picks its page
+  from the matches with `heapq`), then kept up to date by every event that changes the key.
+A filtered page walks the order and tests each slot in the filter's bitmap (skipping whole
+blocks by their token counts under a single filter), or sorts the matches when there are so few
+that sorting costs less than the walk.
 
 Presence is never stored (see `projections.nodes`): a `Window` is the bitmap of the nodes whose
-last heartbeat is within `within` seconds of a given `now`. It is built on the first query that
-asks for it, kept right by every heartbeat, and moved to the `now` of each later query by
-visiting only the nodes whose heartbeat crossed the boundary in between (in heartbeat order).
-Windows are a cache: they are not part of the state, and queries at any `now` are exact.
+last heartbeat is within `within` seconds of a given `now`. It is built in slices from the
+heartbeat order (by the server's background task for its thresholds, or finished by the first
+query that asks for it), kept right by every heartbeat, and moved to the `now` of each later
+query by visiting only the nodes whose heartbeat crossed the boundary in between (built anew
+when that would visit more than 1/REBUILD_WINDOW of the nodes). Windows are a cache: they are
+not part of the state, and queries at any `now` are exact.
 
 Invariant: every structure holds exactly the live nodes, keyed by their current attributes.
 `NodesProjection` changes an attribute that a structure is keyed on only through this class.
