@@ -110,6 +110,9 @@ class NodeIndex:
         self.orders: dict[str, SortedSlots] = {}  # built by the first query that needs them
         self.heartbeats = HeartbeatOrder(nodes)  # always kept: a heartbeat is an append
         self.windows: dict[float, Window] = {}
+        self.regrouped = 0  # changes to the bitmaps so far (what `_size` caches are valid for)
+        self._sizes: dict[int, int] = {}  # id of a group's bitmap -> its size
+        self._sizes_at = 0
 
     def order(self, name: str) -> SortedSlots | HeartbeatOrder | None:
         """The order of the live slots by `self.keys[name]` once it is ready, kept up to date
@@ -166,6 +169,7 @@ class NodeIndex:
             self.rebuild([n for n in self.slots if n is not None])
 
     def _bitmaps(self, node: Node, op: Callable[[Bitmap, int], None]) -> None:
+        self.regrouped += 1
         slot = node.slot
         op(self.live, slot)
         op(self.by_type.setdefault(node.type, {}), slot)
@@ -188,6 +192,7 @@ class NodeIndex:
         yield self.by_status, node.status
 
     def _move(self, index: dict[str, Bitmap], old: str | None, new: str | None, slot: int) -> None:
+        self.regrouped += 1
         if old is not None:
             bm_discard(index[old], slot)
             if not index[old]:
@@ -383,6 +388,16 @@ class NodeIndex:
         nodes = self.slots
         return [nodes[s] for s in slots], total  # type: ignore[misc]
 
+    def _size(self, group: Bitmap) -> int:
+        """How many nodes `group` holds: cached until a node is added, removed or regrouped."""
+        if self._sizes_at != self.regrouped:
+            self._sizes.clear()
+            self._sizes_at = self.regrouped
+        n = self._sizes.get(id(group))
+        if n is None:
+            n = self._sizes[id(group)] = sum(map(int.bit_count, group.values()))
+        return n
+
     def _by_group(
         self,
         groups: dict[str, Bitmap],
@@ -397,8 +412,8 @@ class NodeIndex:
         for key in sorted(groups, reverse=descending):
             group = groups[key]
             # Count first (no lists): only the group the page lands in is cut into blocks.
-            if matches is None:  # no filter: every node of the group
-                n = sum(map(int.bit_count, group.values()))
+            if matches is None:  # no filter: every node of the group (counted once per change)
+                n = self._size(group)
             else:
                 n = sum((x & matches.get(b, 0)).bit_count() for b, x in group.items())
             if skip >= n:
