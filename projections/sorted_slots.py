@@ -271,15 +271,10 @@ class Build:
             done += len(block)
             if done >= SORT_STEP:
                 return True
-        order.blocks, order.maxes, order.counts = [], [], []
-        for block, counts in zip(self.blocks, self.counts, strict=True):
-            if len(block) > 2 * BLOCK_LEN:  # the sample missed a crowd: cut it
-                parts = [block[i : i + BLOCK_LEN] for i in range(0, len(block), BLOCK_LEN)]
-                order.blocks += parts
-                order.counts += map(order._count, parts)
-            elif block:
-                order.blocks.append(block)
-                order.counts.append(counts)
+        # A block the sample made large stays so until an insert splits it (no recount here).
+        kept = [i for i, block in enumerate(self.blocks) if block]
+        order.blocks = [self.blocks[i] for i in kept]
+        order.counts = [self.counts[i] for i in kept]
         order.maxes = [order._full(block[-1]) for block in order.blocks]
         order.size = sum(map(len, order.blocks))
         order._starts = None
