@@ -26,7 +26,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate, chain, compress, count, repeat
-from operator import and_, eq, is_, itemgetter
+from operator import and_, attrgetter, eq, is_, itemgetter, methodcaller
 from typing import TYPE_CHECKING, Any
 
 from projections import bitmaps
@@ -68,15 +68,22 @@ def count_tokens(counts: Counts, tokens: Iterable[Token], delta: int) -> None:
 
 
 def count_slots(nodes: Sequence[Node | None], slots: Iterable[int]) -> Counts:
-    """The counts of the tokens of `slots`."""
-    of = [nodes[s] for s in slots]
-    regions = (n.metadata.get("region") for n in of)  # type: ignore[union-attr]
+    """The counts of the tokens of `slots`, in C loops."""
+    of = list(map(nodes.__getitem__, slots))
+    try:
+        by_region = Counter(map(_region, map(_metadata, of)))
+    except TypeError:  # a region that is not hashable (a list, an object): not a region
+        by_region = Counter(r for r in map(_region, map(_metadata, of)) if type(r) is str)
     return (
-        dict(Counter(n.type for n in of)),  # type: ignore[union-attr]
-        dict(Counter(chain.from_iterable(n.capabilities for n in of))),  # type: ignore[union-attr]
-        dict(Counter(r for r in regions if type(r) is str)),
-        dict(Counter(n.status for n in of)),  # type: ignore[union-attr]
+        dict(Counter(map(_type, of))),
+        dict(Counter(chain.from_iterable(map(_capabilities, of)))),
+        {r: c for r, c in by_region.items() if type(r) is str},
+        dict(Counter(map(_status, of))),
     )
+
+
+_type, _capabilities, _status = attrgetter("type"), attrgetter("capabilities"), attrgetter("status")
+_metadata, _region = attrgetter("metadata"), methodcaller("get", "region")
 
 
 class Run:
@@ -339,11 +346,12 @@ class HeartbeatOrder:
         z = self.zero
         for s in zero:
             bm_add(z.bits, s)
-            self.where[s] = z
+        where, off = self.where, self.off
+        deque(map(where.__setitem__, zero, repeat(z)), maxlen=0)
         z.live, z.counts = len(zero), count_slots(nodes, zero)
         order = sorted(range(len(slots)), key=keys.__getitem__)  # stable: ties by slot
-        ordered_keys = [keys[i] for i in order]
-        ordered = [slots[i] for i in order]
+        ordered_keys = list(map(keys.__getitem__, order))
+        ordered = list(map(slots.__getitem__, order))
         lo = bisect_left(ordered_keys, 0.0)
         hi = bisect_right(ordered_keys, 0.0)
         for L, a, b in ((self.neg, 0, lo), (self.pos, hi, len(ordered))):
@@ -353,10 +361,8 @@ class HeartbeatOrder:
                     end = bisect_right(ordered_keys, ordered_keys[end - 1], end, b)
                 sl = array("q", ordered[a:end])
                 run = Run(array("d", ordered_keys[a:end]), sl, len(sl), count_slots(nodes, sl))
-                where, off = self.where, self.off
-                for i, x in enumerate(sl):
-                    where[x] = run
-                    off[x] = i
+                deque(map(where.__setitem__, sl, repeat(run)), maxlen=0)
+                deque(map(off.__setitem__, sl, range(len(sl))), maxlen=0)
                 L.append(run)
                 a = end
         self.size = len(slots)

@@ -529,3 +529,12 @@ def test_a_window_built_in_slices_takes_in_what_changes_meanwhile(
     assert w.todo is None
     found, total = index.page(online=True, now=150.0, limit=10)
     assert [n.node_id for n in found] == ["n0", "n1", "n2", "n3", "n4", "n6"] and total == 6
+
+
+def test_counts_leave_out_regions_that_are_not_strings() -> None:
+    nodes: list[Node | None] = [make_node(i) for i in range(4)]
+    nodes[0].metadata["region"] = ["eu"]  # type: ignore[union-attr]
+    nodes[2].metadata["region"] = 7  # type: ignore[union-attr]
+    counts = heartbeat_order.count_slots(nodes, range(4))
+    assert counts[heartbeat_order.KIND["region"]] == {"eu": 2}  # nodes 1 and 3
+    assert counts == counts_of([n for n in nodes if n is not None])
