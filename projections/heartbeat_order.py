@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from projections.nodes import Node
 
 RUN_LEN = 1024  # entries per run of the log (more only while a tie group goes on)
+COUNT_STEP = 4096  # entries whose tokens a slice of `count_step` counts
 
 Token = tuple[str, str]  # ("type" | "capability" | "region" | "status", value)
 Counts = tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, int]]
@@ -91,7 +92,7 @@ class Run:
 
     __slots__ = ("ts", "sl", "live", "counts", "_pairs", "_desc")
 
-    def __init__(self, ts: array[float], sl: array[int], live: int, counts: Counts) -> None:
+    def __init__(self, ts: array[float], sl: array[int], live: int, counts: Counts | None) -> None:
         self.ts = ts
         self.sl = sl
         self.live = live
@@ -156,6 +157,7 @@ class HeartbeatOrder:
         self.pos: list[Run] = []
         self.zero = Zero()
         self.size = 0
+        self.uncounted = 0  # runs whose token counts are still to be made (after a load)
         self._layout: tuple[list[Segment], list[int]] | None = None
 
     def key(self, s: int) -> float:
@@ -200,7 +202,8 @@ class HeartbeatOrder:
                     sl.append(s)
                     self.where[s] = last
                     last.live += 1
-                    count_node(last.counts, node, 1)
+                    if last.counts is not None:
+                        count_node(last.counts, node, 1)
                     last._pairs = last._desc = None
                     self.size += 1
                     return
@@ -209,7 +212,7 @@ class HeartbeatOrder:
 
     def retoken(self, s: int, old: Iterable[Token], new: Iterable[Token]) -> None:
         seg = self.where[s]
-        if seg is not None:
+        if seg is not None and seg.counts is not None:
             count_tokens(seg.counts, old, -1)
             count_tokens(seg.counts, new, 1)
 
@@ -248,7 +251,8 @@ class HeartbeatOrder:
         self.where[s] = run
         self.off[s] = j
         run.live += 1
-        count_node(run.counts, node, 1)
+        if run.counts is not None:
+            count_node(run.counts, node, 1)
         run.changed()
         self._layout = None
         if len(run.sl) > 2 * RUN_LEN:
@@ -273,13 +277,15 @@ class HeartbeatOrder:
         self.size -= 1
         self._layout = None
         run.live -= 1
-        count_node(run.counts, node, -1)
+        if run.counts is not None:
+            count_node(run.counts, node, -1)
         run._pairs = run._desc = None
         if run.live * 2 >= len(run.sl):
             return
         L = self.pos if run.ts[0] > 0.0 else self.neg
         if not run.live:
             L.remove(run)
+            self.uncounted -= run.counts is None
             return
         where, off = self.where, self.off
         self.where[s] = None  # so that the compaction drops it
@@ -299,9 +305,13 @@ class HeartbeatOrder:
                     where[x] = prev
                     off[x] = j
                 prev.live += run.live
-                for mine, theirs in zip(prev.counts, run.counts, strict=True):
-                    for v, c in theirs.items():
-                        mine[v] = mine.get(v, 0) + c
+                if prev.counts is None or run.counts is None:
+                    self.uncounted += 1 - (prev.counts is None) - (run.counts is None)
+                    prev.counts = None
+                else:
+                    for mine, theirs in zip(prev.counts, run.counts, strict=True):
+                        for v, c in theirs.items():
+                            mine[v] = mine.get(v, 0) + c
                 prev.changed()
                 del L[i]
 
@@ -332,6 +342,7 @@ class HeartbeatOrder:
                 off[x] = i
         i = L.index(run)
         L[i : i + 1] = [p for p in parts if p.live]
+        self.uncounted -= run.counts is None
         self._layout = None
 
     def load(self, slots: Iterable[int]) -> None:
@@ -360,12 +371,28 @@ class HeartbeatOrder:
                 if end < b:
                     end = bisect_right(ordered_keys, ordered_keys[end - 1], end, b)
                 sl = array("q", ordered[a:end])
-                run = Run(array("d", ordered_keys[a:end]), sl, len(sl), count_slots(nodes, sl))
+                run = Run(array("d", ordered_keys[a:end]), sl, len(sl), None)  # see count_step
                 deque(map(where.__setitem__, sl, repeat(run)), maxlen=0)
                 deque(map(off.__setitem__, sl, range(len(sl))), maxlen=0)
                 L.append(run)
                 a = end
         self.size = len(slots)
+        self.uncounted = len(self.neg) + len(self.pos)
+
+    def count_step(self) -> bool:
+        """Count the tokens of runs a load left uncounted, about COUNT_STEP entries' worth (their
+        nodes, in heartbeat order, lie scattered in memory: ~1 µs an entry, so a load leaves it
+        to slices); False once every run is counted."""
+        done = 0
+        for run in chain(self.neg, self.pos):
+            if done >= COUNT_STEP:
+                break
+            if run.counts is None:
+                live = [x for _, x in run.pairs(self.where, self.off)]
+                run.counts = count_slots(self.nodes, live)
+                self.uncounted -= 1
+                done += len(live)
+        return self.uncounted > 0
 
     # --- queries (positions are ranks among the live entries) ---
 
@@ -472,17 +499,20 @@ class HeartbeatOrder:
     ) -> list[int]:
         """`walk` over the whole order when the matches are the entries with `token`: whole
         segments are skipped by their counts."""
+        if self.uncounted:  # not all counted yet: walk the whole order
+            it = self.descending(0, self.size) if descending else self.ascending(0, self.size)
+            return walk(it, matches, skip, limit)
         segs, starts = self.layout()
         kind, value = KIND[token[0]], token[1]
         if not descending:
             for i, g in enumerate(segs):
-                c = g.counts[kind].get(value, 0)
+                c = g.counts[kind].get(value, 0)  # type: ignore[index]
                 if skip < c:
                     return walk(self.ascending(starts[i], self.size), matches, skip, limit)
                 skip -= c
             return []
         i = len(segs)
-        while i > 0 and (c := segs[i - 1].counts[kind].get(value, 0)) <= skip:
+        while i > 0 and (c := segs[i - 1].counts[kind].get(value, 0)) <= skip:  # type: ignore[index]
             skip -= c
             i -= 1
         return walk(self.descending(0, starts[i]), matches, skip, limit)

@@ -140,6 +140,8 @@ class NodeIndex:
         for w in self.windows.values():
             if w.todo is not None:
                 return self._window_step(w) or True
+        if self.heartbeats.uncounted:
+            return self.heartbeats.count_step() or True
         return any(order.step() for order in self.orders.values())
 
     def _all_orders(self) -> list[SortedSlots | HeartbeatOrder]:
