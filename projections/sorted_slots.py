@@ -17,7 +17,7 @@ from random import Random
 from typing import TYPE_CHECKING, Any
 
 from projections.bitmaps import Bitmap, walk
-from projections.heartbeat_order import KIND, Counts, count_node, count_slots, count_tokens
+from projections.token_counts import KIND, Counts, count_node, count_slots, count_tokens
 
 if TYPE_CHECKING:
     from projections.nodes import Node

@@ -16,6 +16,7 @@ import projections.bitmaps as bitmaps
 import projections.heartbeat_order as heartbeat_order
 import projections.node_index as node_index
 import projections.sorted_slots as sorted_slots
+import projections.token_counts as token_counts
 from eventstore.base import Envelope
 from eventstore.events import (
     BaseEvent,
@@ -154,9 +155,9 @@ def check_heartbeat_order(order: heartbeat_order.HeartbeatOrder, live: dict[int,
 
 
 def counts_of(nodes: list[Node]) -> tuple[dict[str, int], ...]:
-    counts = heartbeat_order.new_counts()
+    counts = token_counts.new_counts()
     for n in nodes:
-        heartbeat_order.count_node(counts, n, 1)
+        token_counts.count_node(counts, n, 1)
     return nonzero(counts)
 
 
@@ -548,6 +549,6 @@ def test_counts_leave_out_regions_that_are_not_strings() -> None:
     nodes: list[Node | None] = [make_node(i) for i in range(4)]
     nodes[0].metadata["region"] = ["eu"]  # type: ignore[union-attr]
     nodes[2].metadata["region"] = 7  # type: ignore[union-attr]
-    counts = heartbeat_order.count_slots(nodes, range(4))
-    assert counts[heartbeat_order.KIND["region"]] == {"eu": 2}  # nodes 1 and 3
+    counts = token_counts.count_slots(nodes, range(4))
+    assert counts[token_counts.KIND["region"]] == {"eu": 2}  # nodes 1 and 3
     assert counts == counts_of([n for n in nodes if n is not None])
