@@ -7,16 +7,20 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker import (
+    compaction,
     connections,
     openapi,
     ratelimit,
+    redoc,
     routes_apikeys,
     routes_events,
     routes_licensing,
+    routes_log,
     routes_messages,
     routes_nodes,
     routes_operators,
     routes_passwords,
+    routes_register,
     routes_telemetry,
     routes_updates,
     snapshots,
@@ -48,6 +52,7 @@ def create_app(config: Config) -> web.Application:
     routes_operators.setup(app)
     routes_passwords.setup(app)
     routes_apikeys.setup(app)  # API keys wherever tokens are accepted: after tokens.setup
+    routes_register.setup(app)  # POST /auth/register, off unless [auth] self_registration
     routes_licensing.setup(app)
     routes_updates.setup(app)
     routes_telemetry.setup(app)
@@ -55,9 +60,12 @@ def create_app(config: Config) -> web.Application:
     ws_nodes.setup(app)
     connections.setup(app)  # across instances, a node's newest WebSocket wins (nats backend)
     routes_events.setup(app)
+    routes_log.setup(app)
     ws_operators.setup(app)
     openapi.setup(app)
+    redoc.setup(app)
     snapshots.setup(app)
+    compaction.setup(app)  # after snapshots: a compaction takes one first
     return app
 
 

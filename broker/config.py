@@ -28,10 +28,17 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./data"  # keys and other files beside the log
     max_body_bytes: int = 1024 * 1024  # request bodies larger than this get 413
     shutdown_timeout: float = 10.0
+    # TLS (docs/deployment.md): PEM files, read again on SIGHUP. Empty tls_cert: plain HTTP.
+    tls_cert: str = ""  # the certificate chain (may hold the key too)
+    tls_key: str = ""  # the private key, unless in tls_cert
+    tls_client_ca: str = ""  # mutual TLS: clients must present a certificate signed by this CA
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class LogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    level: str = "info"
+    level: str = "info"  # one of LOG_LEVELS, any case
     format: str = "json"  # json | console
 
 
@@ -67,6 +74,10 @@ class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     online_after_missed: float = 2.0  # online while the last heartbeat is < this many intervals old
     stale_after_missed: float = 10.0  # then stale until this many intervals; offline after
     metrics_token_file: str = ""  # a file holding a token that may read /metrics (and only that)
+    # POST /auth/register (seed 004): off unless enabled. A new account is inactive until an
+    # admin activates it, or active with `registration_role` when that names a role.
+    self_registration: bool = False
+    registration_role: str = ""
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -78,7 +89,7 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     per_ip: int = 300  # requests per window per IP on routes without a valid token
     login_per_ip: int = 60  # login, challenge and verify requests per window per IP
     login_per_subject: int = 10  # the same, per node id or username
-    trust_forwarded_for: bool = False  # key on X-Forwarded-For (behind a trusted proxy only)
+    trust_forwarded_for: bool = False  # key on X-Forwarded-For's last entry (behind a proxy only)
     max_tracked: int = 100_000  # buckets kept in memory before idle ones are dropped
 
 
@@ -122,9 +133,35 @@ class SnapshotsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """`[snapshots]`: projection snapshots that make start-up replay only the log's tail."""
 
     enabled: bool = True
-    every: int = 100_000  # events between two snapshots (one is also written at shutdown)
+    every: int = 100_000  # events between two snapshots (one is also written at shutdown)...
+    interval: float = 600.0  # ... or seconds, when anything was appended meanwhile...
+    min_interval: float = 60.0  # ... but never two within this many seconds
     keep: int = 2  # newest snapshots kept on disk
     directory: str = ""  # default <data_dir>/snapshots
+
+
+# Event types a compaction may remove, and how (broker/compaction.py, docs/operations.md). Any
+# other type is an audit event, kept for ever. "message.*" counts from a message's close.
+KEEP_NEWEST = ("node.heartbeat", "node.telemetry", "telemetry.recorded", "token.rotated")
+RETAINABLE = (*KEEP_NEWEST, "node.connected", "auth.challenge_used", "message.*")
+DEFAULT_DAYS: dict[str, float] = {
+    "node.heartbeat": 7.0,
+    "node.telemetry": 7.0,
+    "telemetry.recorded": 7.0,
+    "message.*": 7.0,
+    "node.connected": 7.0,
+    "auth.challenge_used": 1.0,  # a challenge lives [auth] challenge_ttl (a minute)
+    "token.rotated": 31.0,  # a refresh token lives [auth] refresh_ttl (30 days)
+}
+
+
+class RetentionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[retention]`: what compaction may remove (days kept per event type, 0 = for ever) and
+    when `broker serve` compacts by itself."""
+
+    days: dict[str, float] = msgspec.field(default_factory=lambda: dict(DEFAULT_DAYS))
+    every: float = 86400.0  # seconds between background compactions in broker serve; 0 = never
+    batch_chunks: int = 2  # chunks rewritten per transaction (appends wait at most that long)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -138,6 +175,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     snapshots: SnapshotsConfig = msgspec.field(default_factory=SnapshotsConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
 
 
 def load_config(
@@ -172,8 +210,11 @@ def load_config(
 
 
 def _check(config: Config) -> None:
+    _check_retention(config.retention)
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"[server] port must be 0..65535, not {config.server.port}")
+    if (config.server.tls_key or config.server.tls_client_ca) and not config.server.tls_cert:
+        raise ConfigError("[server] tls_key and tls_client_ca need tls_cert")
     if config.store.backend not in ("sqlite", "memory", "nats"):
         raise ConfigError(
             f"[store] backend must be sqlite, memory or nats, not {config.store.backend!r}"
@@ -182,6 +223,10 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"[store] synchronous must be OFF, NORMAL, FULL or EXTRA, not "
             f"{config.store.synchronous!r}"
+        )
+    if config.log.level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"[log] level must be one of {', '.join(LOG_LEVELS)}, not {config.log.level!r}"
         )
     if config.log.format not in ("json", "console"):
         raise ConfigError(f"[log] format must be json or console, not {config.log.format!r}")
@@ -199,5 +244,24 @@ def _check(config: Config) -> None:
             raise ConfigError(f"[limits] {name} must be positive")
     for section in ("events", "snapshots"):
         for name, value in msgspec.structs.asdict(getattr(config, section)).items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if name == "min_interval" and value < 0:
+                raise ConfigError(f"[{section}] {name} must be 0 or more")
+            if name != "min_interval" and value <= 0:
                 raise ConfigError(f"[{section}] {name} must be positive")
+
+
+def _check_retention(retention: RetentionConfig) -> None:
+    days = {**DEFAULT_DAYS, **retention.days}  # a type left out keeps its default
+    for name, value in days.items():
+        if name not in RETAINABLE:
+            raise ConfigError(
+                f"[retention] days: {name!r} cannot be removed (an audit event, kept for ever); "
+                f"configurable: {', '.join(RETAINABLE)}"
+            )
+        if value < 0:
+            raise ConfigError(f"[retention] days.{name!r} must be >= 0 (0 = for ever), not {value}")
+    retention.days = days
+    if retention.every < 0 or retention.batch_chunks < 1:
+        raise ConfigError("[retention] every must be >= 0 and batch_chunks >= 1")

@@ -14,6 +14,7 @@ from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
     from broker.apikeys import KeyAuthenticator
+    from broker.compaction import Compactor
     from broker.connections import Takeover
     from broker.delivery import Dispatcher
     from broker.eventlog import Feeds, Rebuilder
@@ -60,6 +61,7 @@ REBUILDER: web.AppKey[Rebuilder] = web.AppKey("rebuilder")
 FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
 SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
+COMPACTOR: web.AppKey[Compactor] = web.AppKey("compactor")
 
 # Per-request keys (request[...]).
 REQUEST_ID = web.RequestKey("request_id", str)

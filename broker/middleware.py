@@ -16,6 +16,7 @@ from broker import errors
 from broker.http import error_response
 from broker.ids import random_hex8
 from broker.keys import LIMITER, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME
+from broker.routing import route_info
 from eventstore.base import ConcurrencyError, EventNotEncodable, StoreUnavailable
 
 log = structlog.get_logger("broker.http")
@@ -76,6 +77,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = _error(exc, request)
         if not response.prepared:
             response.headers["X-Request-ID"] = request_id
+            info = route_info(request.match_info.handler)
+            if info is not None and info.deprecated is not None:
+                response.headers.update(info.deprecated.headers())
             runtime = request.app.get(RUNTIME)
             if runtime is not None:  # what this answer reflects: wait for it elsewhere
                 response.headers["X-Log-Seq"] = str(runtime.projections.seq)
@@ -99,8 +103,8 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
 
 def _who(request: web.Request, response: web.StreamResponse) -> dict[str, Any]:
-    """The access log's answer to "who": the client's address (X-Forwarded-For's first one
-    when `[limits] trust_forwarded_for`), the principal (node, user, or API key), the user
+    """The access log's answer to "who": the client's address (as the rate limiter sees it:
+    the trusted proxy's last X-Forwarded-For entry when `[limits] trust_forwarded_for`), the principal (node, user, or API key), the user
     agent, the bytes of the body, and a W3C `traceparent` when the client sent a valid one."""
     limiter = request.app.get(LIMITER)
     principal = request.get(PRINCIPAL)

@@ -22,7 +22,7 @@ routes = Routes("telemetry")
 ADMIN = Permission("licenses:admin")
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # declared, so no client sends more
 
 
 class TelemetryIn(msgspec.Struct, kw_only=True):
@@ -82,6 +82,7 @@ class TelemetrySummaryOut(msgspec.Struct, kw_only=True):
     body=TelemetryIn,
     response=TelemetryAck,
     status=201,
+    errors=(400,),  # TENANT_INACTIVE: a sample for a deactivated tenant
     summary="Record a telemetry sample from a node",
     tags=("nodes: telemetry",),
 )

@@ -59,7 +59,7 @@ async def test_access_log_says_who(tmp_path: Path, logs: Recorder) -> None:
             "X-API-Key": key["key"],
             "User-Agent": "probe/1.0",
             "traceparent": TRACE,
-            "X-Forwarded-For": "203.0.113.7, 10.0.0.1",
+            "X-Forwarded-For": "192.0.2.1, 203.0.113.7",
         }
         logs.entries.clear()
         resp = await client.get("/api/v1/nodes", headers=headers)

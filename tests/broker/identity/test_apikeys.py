@@ -97,6 +97,7 @@ FAMILIES: list[tuple[str, str, str, dict[str, Any] | None]] = [
     ("updates:admin", "GET", "/api/v1/admin/updates", None),
     ("users:admin", "GET", "/admin/users", None),
     ("metrics:read", "GET", "/metrics", None),
+    ("log:admin", "POST", "/api/v1/admin/log/compact?dry_run=true", None),
 ]
 
 

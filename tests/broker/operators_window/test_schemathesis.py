@@ -167,6 +167,7 @@ NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
     # seed 002's contract: an inactive tenant or an expired, revoked or used-up license is a 400
     "GET /update/check": ("positive_data_acceptance",),
     "GET /api/license/validate": ("positive_data_acceptance",),
+    # the same contract: telemetry for a tenant another call of the run deactivated is a 400
     "POST /telemetry": ("positive_data_acceptance",),
     # a credential in a header: a generated one is not a key that exists
     "POST /api/v1/auth/login-key": ("positive_data_acceptance",),
