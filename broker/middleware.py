@@ -104,8 +104,9 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
 def _who(request: web.Request, response: web.StreamResponse) -> dict[str, Any]:
     """The access log's answer to "who": the client's address (as the rate limiter sees it:
-    the trusted proxy's last X-Forwarded-For entry when `[limits] trust_forwarded_for`), the principal (node, user, or API key), the user
-    agent, the bytes of the body, and a W3C `traceparent` when the client sent a valid one."""
+    the trusted proxy's last X-Forwarded-For entry when `[limits] trust_forwarded_for`), the
+    principal (node, user, or API key), the user agent, the bytes of the body, and a W3C
+    `traceparent` when the client sent a valid one."""
     limiter = request.app.get(LIMITER)
     principal = request.get(PRINCIPAL)
     who: dict[str, Any] = {
