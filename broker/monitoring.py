@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from broker.auth import authenticate, bearer_token, credential
 from broker.config import ConfigError
 from broker.errors import Forbidden
-from broker.keys import CONFIG, FEEDS, METRICS, RUNTIME, SCRAPE_TOKEN, SNAPSHOTS
+from broker.keys import COMPACTOR, CONFIG, FEEDS, METRICS, RUNTIME, SCRAPE_TOKEN, SNAPSHOTS
 from broker.metrics import Metrics
 from eventstore.base import Envelope
 from eventstore.events import (
@@ -155,6 +155,25 @@ class StateCollector(Collector):
             "broker_api_keys_active",
             "API keys neither revoked nor expired",
             value=sum(1 for k in runtime.apikeys.keys.values() if k.live(now)),
+        )
+        compactor = app.get(COMPACTOR)
+        last = compactor.last if compactor is not None else None
+        if last is not None and last.dry_run:
+            last = None
+        yield GaugeMetricFamily(
+            "broker_compaction_removed_events",
+            "Events the last compaction removed from the log (0: none ran since the start)",
+            value=last.removed_total if last else 0,
+        )
+        yield GaugeMetricFamily(
+            "broker_compaction_seconds",
+            "How long the last compaction took",
+            value=last.seconds if last else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "broker_compaction_finished_timestamp_seconds",
+            "When the last compaction of this instance finished (0: none since the start)",
+            value=last.finished_at if last else 0.0,
         )
         snapshots = app.get(SNAPSHOTS)
         if snapshots is not None:
