@@ -21,7 +21,7 @@ def add_parsers(users: Any) -> None:
     p = users.add_parser(
         "passwd", help="set an operator's password offline (ends every session of theirs)"
     )
-    p.add_argument("--username", required=True)
+    p.add_argument("--username", required=True, help="the operator whose password is set")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.add_argument(
         "--force-change",
