@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # whenever its source changes; if the compiler fails, the pure-Python module is used instead.
 COMPILED := projections/.delivery.compiled
 
-.PHONY: serve test lint bench clean compile
+.PHONY: serve test lint bench clean compile console-assets
 
 $(STAMP): pyproject.toml sdk/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP) $(COMPILED)
 	$(BIN)/python -m bench.peers
+
+# The operator console's libraries (htm+Preact, uPlot), fetched again from the npm registry into
+# broker/console_static/vendor (committed: `make serve` needs neither npm nor the network).
+console-assets:
+	broker/console_static/vendor/fetch.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from broker import (
     connections,
+    console,
     openapi,
     ratelimit,
     routes_events,
@@ -54,6 +55,7 @@ def create_app(config: Config) -> web.Application:
     ws_operators.setup(app)
     openapi.setup(app)
     snapshots.setup(app)
+    console.setup(app)  # the operator console's page and files (docs/console.md)
     return app
 
 

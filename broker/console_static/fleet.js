@@ -1,0 +1,96 @@
+// Fleet: a page of nodes from GET /api/v1/nodes (server-side filters, sort and paging over the
+// discovery indices), counts by presence, and live refreshes from the event feed.
+import * as API from "./api.js";
+import { html, useState, useEffect, useRef, Table, Pager, Presence, Status, Notice, Field, fmtTime, ago, nav, throttle } from "./ui.js";
+
+const LIMIT = 50;
+const LIVE_TYPES = ["node.registered", "node.deregistered", "node.status_updated"];
+const SORTS = [
+  ["registered_at", "registration"], ["node_id", "node id"], ["name", "name"], ["type", "type"],
+  ["status", "status"], ["load", "load"], ["last_heartbeat_at", "last heartbeat"],
+];
+
+export function FleetPage() {
+  const [filters, setFilters] = useState({ type: "", capabilities: "", region: "", status: "", presence: "" });
+  const [sort, setSort] = useState({ sort_by: "registered_at", sort_order: "desc" });
+  const [skip, setSkip] = useState(0);
+  const [page, setPage] = useState(null);
+  const [counts, setCounts] = useState(null);
+  const [error, setError] = useState(null);
+  const [live, setLive] = useState("connecting");
+  const [goto, setGoto] = useState("");
+  const args = useRef();
+  args.current = { ...filters, ...sort, skip, limit: LIMIT };
+
+  async function load() {
+    try {
+      setPage(await API.get("/api/v1/nodes", args.current));
+      const each = await Promise.all(["online", "stale", "offline"].map((p) =>
+        API.get("/api/v1/nodes", { presence: p, limit: 1 }).then((r) => [p, r.total])));
+      setCounts(Object.fromEntries(each));
+      setError(null);
+    } catch (err) { setError(err); }
+  }
+  useEffect(() => { load(); }, [filters, sort, skip]);
+  useEffect(() => {
+    const poke = throttle(load, 1000);
+    const stop = API.subscribe({ types: LIVE_TYPES }, poke, (state) => { setLive(state); if (state === "live") poke(); });
+    const timer = setInterval(poke, 15000); // presence moves with time alone (stale, offline)
+    return () => { stop(); clearInterval(timer); };
+  }, []);
+
+  function onFilter(e) {
+    e.preventDefault();
+    const f = Object.fromEntries(new FormData(e.target));
+    setSkip(0);
+    setFilters({ type: f.type.trim(), capabilities: f.capabilities.trim(), region: f.region.trim(), status: f.status.trim(), presence: f.presence });
+  }
+
+  const columns = [
+    { label: "Node", cell: (n) => html`<a href=${`#/node/${encodeURIComponent(n.node_id)}`}>${n.node_id}</a><br/><small>${n.name}</small>` },
+    { label: "Presence", cell: (n) => html`<${Presence} value=${n.presence} />` },
+    { label: "Status", cell: (n) => html`<${Status} value=${n.status} />` },
+    { label: "Type", cell: (n) => n.type },
+    { label: "Capabilities", cell: (n) => n.capabilities.join(", ") || "—" },
+    { label: "Region", cell: (n) => (n.metadata && n.metadata.region) || "—" },
+    { label: "Load", cell: (n) => (n.load === null ? "—" : n.load) },
+    { label: "Last heartbeat", cell: (n) => html`<span title=${fmtTime(n.last_heartbeat_at)}>${ago(n.last_heartbeat_at)}</span>` },
+  ];
+
+  return html`<section aria-labelledby="fleet-title">
+    <div class="head">
+      <h1 id="fleet-title">Fleet</h1>
+      <span class=${`live ${live}`} role="status">${live === "live" ? "● live" : live}</span>
+    </div>
+    <div class="cards" aria-label="nodes by presence">
+      ${["online", "stale", "offline"].map((p) => html`<button class=${`card ${filters.presence === p ? "on" : ""}`}
+        aria-pressed=${filters.presence === p}
+        onClick=${() => { setSkip(0); setFilters({ ...filters, presence: filters.presence === p ? "" : p }); }}>
+        <span class="n" data-presence=${p}>${counts ? counts[p] : "…"}</span><span>${p}</span></button>`)}
+      <div class="card static"><span class="n" data-total>${page ? page.total : "…"}</span><span>matching</span></div>
+    </div>
+    <form class="filters" onSubmit=${onFilter} aria-label="filter nodes">
+      <${Field} label="Type"><input name="type" value=${filters.type} placeholder="gateway" /><//>
+      <${Field} label="Capabilities"><input name="capabilities" value=${filters.capabilities} placeholder="gpu,storage" /><//>
+      <${Field} label="Region"><input name="region" value=${filters.region} placeholder="eu-west-1" /><//>
+      <${Field} label="Status"><input name="status" value=${filters.status} placeholder="active" /><//>
+      <${Field} label="Presence"><select name="presence" value=${filters.presence}>
+        <option value="">any</option><option>online</option><option>stale</option><option>offline</option></select><//>
+      <button class="btn primary" type="submit">Filter</button>
+    </form>
+    <div class="row">
+      <form class="inline" onSubmit=${(e) => { e.preventDefault(); if (goto.trim()) nav(`#/node/${encodeURIComponent(goto.trim())}`); }}>
+        <${Field} label="Open node by id"><input value=${goto} onInput=${(e) => setGoto(e.target.value)} placeholder="node-001" /><//>
+        <button class="btn" type="submit">Open</button>
+      </form>
+      <${Field} label="Sort by"><select value=${sort.sort_by} onChange=${(e) => { setSkip(0); setSort({ ...sort, sort_by: e.target.value }); }}>
+        ${SORTS.map(([v, l]) => html`<option value=${v}>${l}</option>`)}</select><//>
+      <${Field} label="Order"><select value=${sort.sort_order} onChange=${(e) => { setSkip(0); setSort({ ...sort, sort_order: e.target.value }); }}>
+        <option value="desc">descending</option><option value="asc">ascending</option></select><//>
+    </div>
+    <${Notice} error=${error} />
+    ${page && html`<${Table} caption="Nodes" columns=${columns} rows=${page.nodes} rowKey=${(n) => n.node_id}
+      empty="No node matches." />
+      <${Pager} skip=${skip} limit=${LIMIT} total=${page.total} onPage=${setSkip} label="nodes" />`}
+  </section>`;
+}

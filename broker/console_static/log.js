@@ -1,0 +1,133 @@
+// Live log: the event feed (GET /ws) with type filters, pause and jump to a seq; time travel:
+// the fleet as it was at a seq (GET /api/v1/admin/state/nodes?at_seq=N).
+import * as API from "./api.js";
+import { html, useState, useEffect, useRef, Notice, Field, Table, fmtTime } from "./ui.js";
+
+const KEEP = 500; // events kept on the page
+const SHOW_NODES = 200; // nodes listed from a past state
+
+function Feed() {
+  const [filter, setFilter] = useState({ types: "", from_seq: "" });
+  const [events, setEvents] = useState([]);
+  const [paused, setPaused] = useState(false);
+  const [held, setHeld] = useState(0);
+  const [state, setState] = useState("connecting");
+  const [open, setOpen] = useState(null);
+  const pausedRef = useRef(false);
+  const buffer = useRef([]);
+  pausedRef.current = paused;
+
+  useEffect(() => {
+    setEvents([]);
+    buffer.current = [];
+    const types = filter.types.split(",").map((s) => s.trim()).filter(Boolean);
+    const sub = { types: types.length ? types : null };
+    if (filter.from_seq) sub.from_seq = Number(filter.from_seq);
+    let frame = 0;
+    const flush = () => {
+      frame = 0;
+      if (pausedRef.current) { setHeld(buffer.current.length); return; }
+      const fresh = buffer.current.reverse();
+      buffer.current = [];
+      setEvents((old) => fresh.concat(old).slice(0, KEEP));
+    };
+    return API.subscribe(sub, (e) => {
+      buffer.current.push(e);
+      if (buffer.current.length > KEEP) buffer.current.shift();
+      if (!frame) frame = requestAnimationFrame(flush);
+    }, setState);
+  }, [filter]);
+
+  function resume() {
+    setPaused(false);
+    pausedRef.current = false;
+    const fresh = buffer.current.reverse();
+    buffer.current = [];
+    setHeld(0);
+    setEvents((old) => fresh.concat(old).slice(0, KEEP));
+  }
+
+  return html`<div class="panel">
+    <div class="head">
+      <h2>Event feed</h2>
+      <span class=${`live ${state}`} role="status">${state === "live" ? "● live" : state}</span>
+      <span class="spacer"></span>
+      <span>last seq <strong data-last-seq>${events.length ? events[0].seq : "—"}</strong></span>
+      ${paused
+        ? html`<button class="btn primary" onClick=${resume}>Resume (${held} held)</button>`
+        : html`<button class="btn" onClick=${() => setPaused(true)}>Pause</button>`}
+    </div>
+    <form class="filters" aria-label="feed filter" onSubmit=${(e) => {
+      e.preventDefault();
+      const f = Object.fromEntries(new FormData(e.target));
+      setFilter({ types: f.types, from_seq: f.from_seq });
+    }}>
+      <${Field} label="Event types" hint="comma-separated; patterns such as node.* work"><input name="types" value=${filter.types} placeholder="node.*, message.sent" /><//>
+      <${Field} label="Jump to seq" hint="history from this seq, then live"><input name="from_seq" type="number" min="1" value=${filter.from_seq} /><//>
+      <button class="btn primary" type="submit">Apply</button>
+    </form>
+    <ol class="events" aria-label="events, newest first">
+      ${events.map((e) => html`<li key=${e.seq}>
+        <button class="event" aria-expanded=${open === e.seq} onClick=${() => setOpen(open === e.seq ? null : e.seq)}>
+          <span class="seq">#${e.seq}</span> <span class="type">${e.type}</span>
+          <span class="stream">${e.stream}</span> <span class="ts">${fmtTime(e.ts)}</span>
+        </button>
+        ${open === e.seq ? html`<pre class="json">${JSON.stringify(e.data, null, 2)}</pre>` : null}
+      </li>`)}
+    </ol>
+    ${events.length === 0 ? html`<p class="empty">Waiting for events…</p>` : null}
+  </div>`;
+}
+
+function TimeTravel() {
+  const [head, setHead] = useState(null);
+  const [seq, setSeq] = useState("");
+  const [result, setResult] = useState(null);
+  const [error, setError] = useState(null);
+  const [busy, setBusy] = useState(false);
+  useEffect(() => { API.get("/api/v1/admin/state").then((r) => { setHead(r.head); setSeq(String(r.head)); }, setError); }, []);
+  async function show(e) {
+    e.preventDefault();
+    setBusy(true);
+    setError(null);
+    try {
+      const r = await API.get("/api/v1/admin/state/nodes", { at_seq: seq });
+      const nodes = Object.values(r.state.nodes).sort((a, b) => a.registered_at - b.registered_at);
+      setResult({ at: r.at_seq, head: r.head, nodes, retired: Object.keys(r.state.retired || {}).length });
+      setHead(r.head);
+    } catch (err) { setError(err); }
+    setBusy(false);
+  }
+  return html`<div class="panel">
+    <h2>Time travel: the fleet as it was</h2>
+    <form class="filters" onSubmit=${show} aria-label="time travel">
+      <${Field} label=${`Seq (0 to ${head ?? "…"})`}>
+        <input type="range" min="0" max=${head || 0} value=${seq || 0} onInput=${(e) => setSeq(e.target.value)} aria-label="seq slider" />
+      <//>
+      <${Field} label="At seq"><input type="number" min="0" max=${head || undefined} value=${seq} onInput=${(e) => setSeq(e.target.value)} required /><//>
+      <button class="btn primary" type="submit" disabled=${busy}>${busy ? "Replaying…" : "Show the fleet"}</button>
+    </form>
+    <${Notice} error=${error} />
+    ${result && html`<p role="status">At seq <strong>${result.at}</strong> (head ${result.head}):
+      <strong data-past-count>${result.nodes.length}</strong> registered nodes, ${result.retired} deregistered.
+      ${result.nodes.length > SHOW_NODES ? ` The first ${SHOW_NODES} by registration are listed.` : ""}</p>
+      <${Table} caption=${`Nodes at seq ${result.at}`} rows=${result.nodes.slice(0, SHOW_NODES)} rowKey=${(n) => n.node_id}
+        empty="No node was registered yet."
+        columns=${[
+          { label: "Node", cell: (n) => html`${n.node_id}<br/><small>${n.name}</small>` },
+          { label: "Type", cell: (n) => n.type },
+          { label: "Status", cell: (n) => n.status },
+          { label: "Registered", cell: (n) => fmtTime(n.registered_at) },
+          { label: "Last heartbeat", cell: (n) => fmtTime(n.last_heartbeat_at) },
+          { label: "Heartbeats", cell: (n) => n.heartbeats },
+        ]} />`}
+  </div>`;
+}
+
+export function LogPage() {
+  return html`<section aria-labelledby="log-title">
+    <h1 id="log-title">Live log</h1>
+    <${Feed} />
+    <${TimeTravel} />
+  </section>`;
+}

@@ -1,0 +1,74 @@
+// System: health (GET /health), the metrics that matter (GET /api/v1/metrics), refreshed.
+import * as API from "./api.js";
+import { html, useState, useEffect, Notice, Json, Table } from "./ui.js";
+
+const REFRESH = 5000;
+const WANTED = [
+  ["broker_log_head_seq", "log head seq"],
+  ["broker_projection_seq", "projections at seq"],
+  ["broker_projection_lag_events", "projection lag (events)"],
+  ["broker_events_appended_total", "events appended since start"],
+  ["broker_node_connections", "node WebSockets open"],
+  ["broker_ws_refused_total", "WebSockets refused"],
+  ["broker_append_seconds_count", "appends (durable writes)"],
+  ["broker_append_seconds_sum", "seconds spent appending"],
+  ["broker_http_requests_total", "HTTP requests"],
+  ["broker_log_lines_dropped_total", "log lines dropped"],
+  ["process_resident_memory_bytes", "resident memory (bytes)"],
+  ["process_cpu_seconds_total", "CPU seconds"],
+  ["process_open_fds", "open file descriptors"],
+];
+
+// Sum each wanted metric over its labels, from the Prometheus text format.
+function parseMetrics(text) {
+  const sums = {};
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const m = line.match(/^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)/);
+    if (m) sums[m[1]] = (sums[m[1]] || 0) + Number(m[3]);
+  }
+  return sums;
+}
+
+export function SystemPage() {
+  const [health, setHealth] = useState(null);
+  const [metrics, setMetrics] = useState(null);
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    const load = async () => {
+      try {
+        const resp = await fetch("/health", { credentials: "omit" });
+        setHealth(await resp.json());
+        setMetrics(parseMetrics(await API.api("GET", "/api/v1/metrics", undefined, { headers: { Accept: "text/plain" } })));
+        setError(null);
+      } catch (err) { setError(err); }
+    };
+    load();
+    const timer = setInterval(load, REFRESH);
+    return () => clearInterval(timer);
+  }, []);
+  const store = health && health.checks.store;
+  return html`<section aria-labelledby="system-title">
+    <h1 id="system-title">System</h1>
+    <${Notice} error=${error} />
+    ${health && html`<div class="cards">
+      <div class="card static"><span class=${`n h-${health.status}`} data-health>${health.status}</span><span>health</span></div>
+      <div class="card static"><span class="n">${store.head_seq ?? "—"}</span><span>log head seq</span></div>
+      <div class="card static"><span class="n">${health.checks.projections.lag}</span><span>projection lag</span></div>
+      <div class="card static"><span class="n">${Math.round(health.uptime / 60)} min</span><span>uptime</span></div>
+      <div class="card static"><span class="n">${health.version}</span><span>version</span></div>
+    </div>
+    <div class="grid2">
+      <div class="panel"><h2>Health checks</h2><${Json} value=${health.checks} /></div>
+      <div class="panel"><h2>Metrics</h2>
+        ${metrics && html`<${Table} caption="Metrics (summed over labels)" rows=${WANTED.filter(([k]) => k in metrics)} rowKey=${(r) => r[0]}
+          columns=${[
+            { label: "Metric", cell: ([k, label]) => html`${label}<br/><small>${k}</small>` },
+            { label: "Value", cell: ([k]) => Number(metrics[k].toFixed(3)).toLocaleString("en") },
+          ]} />`}
+        <p><small>The log's integrity is checked with <code>broker verify</code> on the server
+          (docs/operations.md); every figure is at <code>/api/v1/metrics</code>.</small></p>
+      </div>
+    </div>`}
+  </section>`;
+}
