@@ -75,7 +75,7 @@ export function FleetPage() {
       <${Field} label="Region"><input name="region" value=${filters.region} placeholder="eu-west-1" /><//>
       <${Field} label="Status"><input name="status" value=${filters.status} placeholder="active" /><//>
       <${Field} label="Presence"><select name="presence" value=${filters.presence}>
-        <option value="">any</option><option>online</option><option>stale</option><option>offline</option></select><//>
+        <option value="">any</option><option value="online">online</option><option value="stale">stale</option><option value="offline">offline</option></select><//>
       <button class="btn primary" type="submit">Filter</button>
     </form>
     <div class="row">

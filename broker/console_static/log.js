@@ -69,7 +69,7 @@ function Feed() {
     <ol class="events" aria-label="events, newest first">
       ${events.map((e) => html`<li key=${e.seq}>
         <button class="event" aria-expanded=${open === e.seq} onClick=${() => setOpen(open === e.seq ? null : e.seq)}>
-          <span class="seq">#${e.seq}</span> <span class="type">${e.type}</span>
+          <span class="seq">#${e.seq}</span> <span class="type">${e.event}</span>
           <span class="stream">${e.stream}</span> <span class="ts">${fmtTime(e.ts)}</span>
         </button>
         ${open === e.seq ? html`<pre class="json">${JSON.stringify(e.data, null, 2)}</pre>` : null}

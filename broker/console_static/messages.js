@@ -32,7 +32,7 @@ export function SendForm({ to, onSent }) {
     <${Field} label="Content (JSON)"><textarea name="content" rows="3">{"action": "ping"}</textarea><//>
     <div class="row">
       <${Field} label="Priority"><select name="priority">
-        <option>low</option><option selected>normal</option><option>high</option><option>critical</option></select><//>
+        <option value="low">low</option><option value="normal" selected>normal</option><option value="high">high</option><option value="critical">critical</option></select><//>
       <${Field} label="TTL (seconds)"><input name="ttl" type="number" min="1" step="any" placeholder="default" /><//>
     </div>
     <${Notice} error=${error} />
@@ -51,7 +51,7 @@ export function Ledger({ messageId }) {
     const poke = throttle(load, 500);
     load();
     const stop = API.subscribe({ types: ["message.*"] }, (e) => {
-      if (e.stream === messageId || e.type === "message.read_batch") poke();
+      if (e.stream === messageId || e.event === "message.read_batch") poke();
     });
     const timer = setInterval(poke, 5000);
     return () => { stop(); clearInterval(timer); };

@@ -45,7 +45,7 @@ export function OperatorsPage() {
           <${Field} label="Username"><input name="username" required autocomplete="off" /><//>
           <${Field} label="Email"><input name="email" type="email" autocomplete="off" /><//>
           <${Field} label="Password"><input name="password" type="password" required minlength="8" autocomplete="new-password" /><//>
-          <${Field} label="Role"><select name="role">${Object.keys(roleByName).map((n) => html`<option selected=${n === "viewer"}>${n}</option>`)}</select><//>
+          <${Field} label="Role"><select name="role">${Object.keys(roleByName).map((n) => html`<option value=${n} selected=${n === "viewer"}>${n}</option>`)}</select><//>
           <${Action} perm="users:admin" type="submit" kind="primary">Create<//>
         </form>
         <${Field} label="Search"><input type="search" value=${search} onInput=${(e) => { setSkip(0); setSearch(e.target.value); }} /><//>
@@ -58,7 +58,7 @@ export function OperatorsPage() {
               <button class="x" aria-label=${`Revoke ${r} from ${u.username}`} disabled=${!roleByName[r]}
                 onClick=${() => act(() => API.api("DELETE", `/admin/users/${u.id}/roles/${roleByName[r].id}`), `Revoked ${r} from ${u.username}.`)}>×</button></span>`)}
             <form class="inline tight" onSubmit=${(e) => grant(u, e)}>
-              <select name="role" aria-label=${`Role to grant ${u.username}`}>${Object.keys(roleByName).filter((n) => !u.roles.includes(n)).map((n) => html`<option>${n}</option>`)}</select>
+              <select name="role" aria-label=${`Role to grant ${u.username}`}>${Object.keys(roleByName).filter((n) => !u.roles.includes(n)).map((n) => html`<option value=${n}>${n}</option>`)}</select>
               <button class="btn" type="submit">Grant</button></form>` },
           { label: "Last login", cell: (u) => fmtTime(u.last_login) },
           { label: "", cell: (u) => (u.is_active

@@ -78,8 +78,19 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def page(browser: Any, server: str) -> Iterator[Any]:
+def page(browser: Any, server: str, request: pytest.FixtureRequest) -> Iterator[Any]:
     context = browser.new_context(viewport=VIEWPORT, base_url=server)
     context.set_default_timeout(20_000)
     p = context.new_page()
@@ -87,6 +98,8 @@ def page(browser: Any, server: str) -> Iterator[Any]:
     p.on("pageerror", lambda exc: errors.append(str(exc)))
     try:
         yield p
+        if request.node.stash.get(_FAILED, False):  # what the page showed when it failed
+            shot(p, f"FAILED-{request.node.name}")
     finally:
         context.close()
     assert not errors, errors  # no script error on any page

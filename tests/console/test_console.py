@@ -15,6 +15,7 @@ import requests
 from tests.console.conftest import PASSWORDS, shot, sign_in
 
 pytestmark = pytest.mark.slow
+expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
 _nodes = itertools.count(1)
 
 
@@ -94,3 +95,149 @@ def test_fleet_shows_a_registering_node_live_then_its_page(page: Any, node: Any)
     page.get_by_role("heading", name=re.compile(node.node.node_id)).wait_for()
     page.get_by_text("Heartbeat metrics").wait_for()  # the chart of cpu and mem
     shot(page, "03-node")
+
+
+def test_send_a_message_and_watch_its_ledger_reach_read(page: Any, node: Any) -> None:
+    node.register()
+    sign_in(page, "admin")
+    page.goto(f"/console#/node/{node.node.node_id}")
+    page.get_by_role("heading", name="Send a message").wait_for()
+    page.get_by_label("Message type").fill("reboot")
+    page.get_by_role("button", name="Send", exact=True).click()
+    state = page.locator(f'[data-ledger="{node.node.node_id}"]')
+    state.wait_for()
+    assert state.inner_text() in ("queued", "delivered")
+    # The node reads its mailbox and acks: the ledger moves to read, live.
+    pending = node.pending()
+    assert [m.message_type for m in pending] == ["reboot"]
+    node.mark_read(pending[0].id)
+    page.locator(f'[data-ledger="{node.node.node_id}"]', has_text="read").wait_for()
+    shot(page, "04-message-ledger")
+
+
+def test_a_dead_letter_is_redriven(page: Any, node: Any) -> None:
+    node.register()
+    sign_in(page, "admin")
+    page.get_by_role("link", name="Messages").click()
+    page.get_by_label("To nodes").fill(node.node.node_id)
+    page.get_by_label("Message type").fill("short-lived")
+    page.get_by_label("TTL (seconds)").fill("1")
+    page.get_by_role("button", name="Send", exact=True).click()
+    page.get_by_role("heading", name=re.compile("Ledger of")).wait_for()
+    # Unread for its second of life, it expires into the dead letters (listed live).
+    redrive = page.get_by_role("button", name=re.compile(f"Redrive .* to {node.node.node_id}"))
+    redrive.wait_for()
+    shot(page, "05-dead-letters")
+    redrive.click()
+    page.get_by_role("status").filter(has_text="is queued again").wait_for()
+    assert [m.message_type for m in node.pending()] == ["short-lived"]
+    redrive.wait_for(state="detached")
+
+
+def test_create_a_licence(page: Any) -> None:
+    sign_in(page, "admin")
+    page.get_by_role("link", name="Tenants & updates").click()
+    page.get_by_label("New tenant name").fill("Acme Robotics")
+    page.get_by_role("button", name="Create tenant").click()
+    page.get_by_role("button", name="Acme Robotics").wait_for()
+    page.get_by_label("Usage limit").fill("5")
+    page.get_by_role("button", name="Create licence").click()
+    key = page.locator("[data-licence-key]")
+    key.wait_for()
+    text = key.inner_text()
+    assert re.fullmatch(r"[A-Z0-9]+(-[A-Z0-9]+)+", text), text
+    row = page.get_by_role("row").filter(has_text=f"…{text[-4:]}")
+    row.wait_for()
+    assert "0 / 5" in row.inner_text() and "active" in row.inner_text()
+    shot(page, "06-licences")
+
+
+def test_live_log_ticks_and_time_travel_shows_the_past_fleet(
+    page: Any, node: Any, server: str
+) -> None:
+    sign_in(page, "admin")
+    page.get_by_role("link", name="Live log").click()
+    page.locator(".live.live").wait_for()
+    at_seq = page.get_by_label("At seq")
+    expect(at_seq).not_to_have_value("")  # the head, once known
+    head = int(at_seq.input_value())
+    node.register()  # new events arrive while we watch
+    page.locator("ol.events").get_by_text("node.registered").first.wait_for()
+    last = int(page.locator("[data-last-seq]").inner_text())
+    assert last > head
+    shot(page, "07-live-log")
+    # Pause holds new events back; resume shows them.
+    page.get_by_role("button", name="Pause").click()
+    node.heartbeat()  # (logging in first: several events)
+    resume = page.get_by_role("button", name=re.compile(r"Resume \(\d+ held\)"))
+    resume.wait_for()
+    assert page.locator("ol.events").get_by_text("node.heartbeat").count() == 0
+    resume.click()
+    page.locator("ol.events").get_by_text("node.heartbeat").first.wait_for()
+    # Time travel: before the node registered it is absent; at the head it is there.
+    page.get_by_label("At seq").fill(str(head))
+    page.get_by_role("button", name="Show the fleet").click()
+    page.get_by_role("status").filter(has_text=f"At seq {head}").wait_for()
+    assert page.get_by_role("cell", name=node.node.node_id).count() == 0
+    page.get_by_label("At seq").fill(str(last))
+    page.get_by_role("button", name="Show the fleet").click()
+    page.get_by_role("status").filter(has_text=f"At seq {last}").wait_for()
+    page.get_by_role("cell", name=re.compile(node.node.node_id)).wait_for()
+    shot(page, "08-time-travel")
+
+
+def test_a_viewer_cannot_press_what_they_may_not_do(page: Any, node: Any, server: str) -> None:
+    node.register()
+    sign_in(page, "viewer")
+    page.goto(f"/console#/node/{node.node.node_id}")
+    deregister = page.get_by_role("button", name="Deregister")
+    deregister.wait_for()
+    assert deregister.is_disabled()
+    assert deregister.get_attribute("title") == "needs the nodes:write permission"
+    assert page.get_by_role("button", name="Send", exact=True).is_disabled()
+    shot(page, "09-viewer-node")
+    page.get_by_role("link", name="Operators").click()
+    page.get_by_text("Needs the users:admin permission.").wait_for()
+    # The server refuses it anyway.
+    token = operator_token(server, "viewer")
+    r = requests.delete(
+        f"{server}/api/v1/nodes/{node.node.node_id}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "AUTHORIZATION_ERROR"
+
+
+def test_a_write_without_the_token_is_refused(page: Any, node: Any) -> None:
+    """The console's CSRF defence: its credential is the bearer token it holds in memory, and
+    the server reads no cookie. A write that does not carry the token, as a forged cross-site
+    request could not, is refused, even from the signed-in console's own page."""
+    node.register()
+    sign_in(page, "admin")
+    assert page.context.cookies() == []
+    status = page.evaluate(
+        """async (to) => (await fetch("/api/v1/messages/send", {
+            method: "POST", credentials: "include", headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({to_nodes: [to], message_type: "forged"})})).status""",
+        node.node.node_id,
+    )
+    assert status == 401
+    form_status = page.evaluate(
+        """async () => (await fetch("/api/v1/admin/tenants", {method: "POST",
+            credentials: "include", body: new URLSearchParams({name: "forged"})})).status"""
+    )
+    assert form_status == 401
+    assert node.pending() == []
+
+
+def test_operators_and_system_pages(page: Any) -> None:
+    sign_in(page, "admin")
+    page.get_by_role("link", name="Operators").click()
+    row = page.get_by_role("row").filter(has_text="viewer-password")
+    assert row.count() == 0  # no password is ever shown
+    page.get_by_role("row").filter(has=page.get_by_text("viewer", exact=True)).first.wait_for()
+    shot(page, "10-operators")
+    page.get_by_role("link", name="System").click()
+    page.locator("[data-health]", has_text="healthy").wait_for()
+    page.get_by_role("cell", name=re.compile("log head seq")).wait_for()
+    shot(page, "11-system")
