@@ -2,6 +2,9 @@
 
 - `GET /console`: the page (one HTML shell; the app routes by the URL's fragment).
 - `GET /console/{asset}`: its scripts, styles and the vendored libraries (no CDN).
+- `GET /api/v1/console/node-stats?ids=a,b`: what the fleet and node pages show beside
+  GET /api/v1/nodes: each node's queue depth, in-flight and dead-letter counts and its WebSocket
+  on this instance (O(1) per node from the delivery queue, at most MAX_IDS nodes a call).
 - `GET /`: a browser (`Accept: text/html`) is sent to `/console`; anything else gets the usual
   404 error body, as before.
 
@@ -14,12 +17,20 @@ scripts, styles and connections from this origin only.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
-from broker.auth import Public
-from broker.errors import NotFound
+from broker.auth import Permission, Public
+from broker.connections import SHARED_BACKENDS
+from broker.errors import NotFound, ValidationFailed
+from broker.eventlog import split_list
+from broker.http import json_response
+from broker.keys import CONFIG, DISPATCHER, RUNTIME, TAKEOVER
+from broker.nodes import iso
+from broker.pagination import decode_query
 from broker.routing import Routes
 
 routes = Routes("console")
@@ -52,6 +63,26 @@ def _list_assets() -> dict[str, Path]:
         for p in STATIC.rglob("*")
         if p.is_file() and p.suffix in _TYPES
     }
+
+
+MAX_IDS = 200
+
+
+class NodeStatsQuery(msgspec.Struct, kw_only=True):
+    ids: str  # comma-separated node ids
+
+
+class NodeStats(msgspec.Struct, kw_only=True):
+    queued: int  # messages waiting for the node, in flight included
+    in_flight: int  # pushed and not yet acknowledged
+    dead_letters: int
+    connected: bool  # a node WebSocket open on this instance
+    connected_since: str | None
+    instance: str | None  # this instance's id (several share a log with the nats backend)
+
+
+class NodeStatsList(msgspec.Struct, kw_only=True):
+    items: dict[str, NodeStats]
 
 
 _ASSETS: web.AppKey[dict[str, Path]] = web.AppKey("console_assets", dict)
@@ -88,6 +119,42 @@ async def console_page(request: web.Request) -> web.FileResponse:
 async def console_asset(request: web.Request) -> web.FileResponse:
     # no-cache: revalidated (ETag / Last-Modified) so an upgraded server is seen at once
     return await _file(request, request.match_info["asset"], "no-cache")
+
+
+@routes.get(
+    "/api/v1/console/node-stats",
+    policy=Permission("nodes:read"),
+    query=NodeStatsQuery,
+    response=NodeStatsList,
+    summary=f"Queue depth, dead letters and connection of up to {MAX_IDS} nodes (the console's)",
+)
+async def node_stats(request: web.Request) -> web.Response:
+    ids = split_list(decode_query(request, NodeStatsQuery).ids) or []
+    if len(ids) > MAX_IDS:
+        raise ValidationFailed(
+            f"at most {MAX_IDS} node ids a call", details=[{"field": "ids", "max": MAX_IDS}]
+        )
+    app = request.app
+    messages = app[RUNTIME].messages
+    queue = messages.queue
+    wanted = set(ids)
+    dead = Counter(node for _msg, node in messages.dead_letters if node in wanted)
+    connections = app[DISPATCHER].connections
+    shared = app[CONFIG].store.backend in SHARED_BACKENDS
+    instance = app[TAKEOVER].instance if shared else None
+    items = {}
+    for node_id in ids:
+        conn = connections.get(node_id)
+        live = conn is not None and not conn.closed
+        items[node_id] = NodeStats(
+            queued=queue.pending_count(node_id),
+            in_flight=queue.in_flight(node_id),
+            dead_letters=dead[node_id],
+            connected=live,
+            connected_since=iso(conn.opened_at) if live and conn is not None else None,
+            instance=instance if live else None,
+        )
+    return json_response(NodeStatsList(items=items))
 
 
 @routes.get(

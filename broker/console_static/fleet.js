@@ -10,12 +10,21 @@ const SORTS = [
   ["status", "status"], ["load", "load"], ["last_heartbeat_at", "last heartbeat"],
 ];
 
+// "3 (1 in flight), 2 dead" from a node's stats.
+export function queue(s) {
+  if (!s) return "…";
+  const parts = [`${s.queued}${s.in_flight ? ` (${s.in_flight} in flight)` : ""}`];
+  if (s.dead_letters) parts.push(html`<span class="pill st-dead">${s.dead_letters} dead</span>`);
+  return html`<span data-queue>${parts[0]}</span>${parts.length > 1 ? html` ${parts[1]}` : null}`;
+}
+
 export function FleetPage() {
   const [filters, setFilters] = useState({ type: "", capabilities: "", region: "", status: "", presence: "" });
   const [sort, setSort] = useState({ sort_by: "registered_at", sort_order: "desc" });
   const [skip, setSkip] = useState(0);
   const [page, setPage] = useState(null);
   const [counts, setCounts] = useState(null);
+  const [stats, setStats] = useState({});
   const [error, setError] = useState(null);
   const [live, setLive] = useState("connecting");
   const [goto, setGoto] = useState("");
@@ -24,7 +33,10 @@ export function FleetPage() {
 
   async function load() {
     try {
-      setPage(await API.get("/api/v1/nodes", args.current));
+      const nodes = await API.get("/api/v1/nodes", args.current);
+      const ids = nodes.nodes.map((n) => n.node_id).join(",");
+      setStats(ids ? (await API.get("/api/v1/console/node-stats", { ids })).items : {});
+      setPage(nodes);
       const each = await Promise.all(["online", "stale", "offline"].map((p) =>
         API.get("/api/v1/nodes", { presence: p, limit: 1 }).then((r) => [p, r.total])));
       setCounts(Object.fromEntries(each));
@@ -54,6 +66,8 @@ export function FleetPage() {
     { label: "Capabilities", cell: (n) => n.capabilities.join(", ") || "—" },
     { label: "Region", cell: (n) => (n.metadata && n.metadata.region) || "—" },
     { label: "Load", cell: (n) => (n.load === null ? "—" : n.load) },
+    { label: "Queue", cell: (n) => queue(stats[n.node_id]) },
+    { label: "Socket", cell: (n) => (stats[n.node_id] && stats[n.node_id].connected ? html`<span title=${`since ${fmtTime(stats[n.node_id].connected_since)}`}>connected</span>` : "—") },
     { label: "Last heartbeat", cell: (n) => html`<span title=${fmtTime(n.last_heartbeat_at)}>${ago(n.last_heartbeat_at)}</span>` },
   ];
 

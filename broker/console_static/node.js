@@ -4,6 +4,7 @@ import * as API from "./api.js";
 import { html, useState, useEffect, useRef, useMe, can, Action, Notice, Presence, Status, Json, Table, fmtTime, ago, throttle } from "./ui.js";
 import { SendForm, Ledger } from "./messages.js";
 import { Chart } from "./chart.js";
+import { queue } from "./fleet.js";
 
 const HOURS = 6;
 
@@ -33,6 +34,7 @@ export function NodePage({ arg: nodeId }) {
   const [node, setNode] = useState(null);
   const [pending, setPending] = useState(null);
   const [dead, setDead] = useState(null);
+  const [stats, setStats] = useState(null);
   const [error, setError] = useState(null);
   const [note, setNote] = useState(null);
   const [sent, setSent] = useState(null);
@@ -44,6 +46,7 @@ export function NodePage({ arg: nodeId }) {
       setNode(await API.get(`/api/v1/nodes/${encodeURIComponent(nodeId)}`));
       setError(null);
     } catch (err) { setError(err); if (err.status === 404) gone.current = true; return; }
+    API.get("/api/v1/console/node-stats", { ids: nodeId }).then((r) => setStats(r.items[nodeId]), () => {});
     if (can(me, "messages:read_any")) {
       API.get(`/api/v1/messages/pending/${encodeURIComponent(nodeId)}`, { limit: 50 }).then(setPending, () => {});
       API.get("/api/v1/messages/dead-letters").then((r) => setDead(r.items.filter((d) => d.node_id === nodeId)), () => {});
@@ -88,6 +91,13 @@ export function NodePage({ arg: nodeId }) {
           <dt>Last login</dt><dd>${fmtTime(node.last_login_at)}</dd>
           <dt>Last heartbeat</dt><dd>${fmtTime(node.last_heartbeat_at)} (${ago(node.last_heartbeat_at)})</dd>
           <dt>Load</dt><dd>${node.load ?? "—"}</dd>
+        </dl>
+        <h3>Connection and queue</h3>
+        <dl class="kv">
+          <dt>WebSocket</dt><dd data-socket>${!stats ? "…" : stats.connected
+            ? `connected since ${fmtTime(stats.connected_since)}${stats.instance ? ` on instance ${stats.instance}` : ""}`
+            : "not connected (to this instance)"}</dd>
+          <dt>Queue</dt><dd>${stats ? queue(stats) : "…"}</dd>
         </dl>
         <h3>Metadata</h3><${Json} value=${node.metadata} />
         ${node.heartbeat ? html`<h3>Last heartbeat</h3><${Json} value=${node.heartbeat} />` : null}

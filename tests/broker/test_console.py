@@ -1,0 +1,101 @@
+"""The console's server side: its page and files (nothing else), the redirect of /, and the
+node stats it shows beside the node list."""
+
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient
+
+from tests.broker.identity.helpers import assert_error, node_session, operator_token
+
+
+async def test_page_and_assets_are_served_with_a_strict_policy(client: TestClient) -> None:  # type: ignore[type-arg]
+    page = await client.get("/console")
+    assert page.status == 200
+    assert page.content_type == "text/html"
+    assert "/console/app.js" in await page.text()
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    for asset, kind in [
+        ("app.js", "text/javascript"),
+        ("console.css", "text/css"),
+        ("vendor/preact-htm.js", "text/javascript"),
+        ("vendor/uplot.js", "text/javascript"),
+    ]:
+        resp = await client.get(f"/console/{asset}")
+        assert resp.status == 200, asset
+        assert resp.content_type == kind
+        assert resp.headers["Content-Security-Policy"] == csp
+
+
+async def test_only_the_console_files_are_served(client: TestClient) -> None:  # type: ignore[type-arg]
+    for path in [
+        "/console/vendor/fetch.sh",  # the script that fetches the libraries
+        "/console/vendor/VERSIONS",
+        "/console/../console.py",
+        "/console/..%2Fconsole.py",
+        "/console/%2e%2e/app.py",
+        "/console/nope.js",
+    ]:
+        resp = await client.get(path)
+        assert resp.status == 404, path
+
+
+async def test_a_browser_asking_for_root_is_sent_to_the_console(client: TestClient) -> None:  # type: ignore[type-arg]
+    resp = await client.get("/", headers={"Accept": "text/html,*/*"}, allow_redirects=False)
+    assert resp.status == 302
+    assert resp.headers["Location"] == "/console"
+    api = await client.get("/", headers={"Accept": "application/json"})
+    assert_error(await api.json(), 404, "NOT_FOUND")
+
+
+async def test_node_stats_count_the_queue_of_each_node(client: TestClient) -> None:  # type: ignore[type-arg]
+    node = (await node_session(client, "stats-node"))["access_token"]
+    sender = await operator_token(client, "sender", ["operator"])
+    viewer = await operator_token(client, "watcher", ["viewer"])
+    sent = await client.post(
+        "/api/v1/messages/send",
+        json={"to_nodes": ["stats-node"], "message_type": "t", "content": {}},
+        headers={"Authorization": f"Bearer {sender}"},
+    )
+    assert sent.status == 200, await sent.text()
+    resp = await client.get(
+        "/api/v1/console/node-stats?ids=stats-node,unknown",
+        headers={"Authorization": f"Bearer {viewer}"},
+    )
+    assert resp.status == 200, await resp.text()
+    items = (await resp.json())["items"]
+    assert items["stats-node"] == {
+        "queued": 1,
+        "in_flight": 0,
+        "dead_letters": 0,
+        "connected": False,
+        "connected_since": None,
+        "instance": None,
+    }
+    assert items["unknown"]["queued"] == 0
+    # Connected over the node WebSocket: pushed, in flight, connected since.
+    ws = await client.ws_connect("/api/v1/ws", headers={"Authorization": f"Bearer {node}"})
+    try:
+        assert (await ws.receive_json())["type"] == "welcome"
+        assert (await ws.receive_json())["type"] == "message"
+        resp = await client.get(
+            "/api/v1/console/node-stats?ids=stats-node",
+            headers={"Authorization": f"Bearer {viewer}"},
+        )
+        stats = (await resp.json())["items"]["stats-node"]
+        assert (stats["queued"], stats["in_flight"], stats["connected"]) == (1, 1, True)
+        assert stats["connected_since"].endswith("Z")
+    finally:
+        await ws.close()
+
+
+async def test_node_stats_refuse_bad_calls(client: TestClient) -> None:  # type: ignore[type-arg]
+    assert (await client.get("/api/v1/console/node-stats?ids=a")).status == 401
+    viewer = await operator_token(client, "watcher", ["viewer"])
+    auth = {"Authorization": f"Bearer {viewer}"}
+    many = ",".join(f"n{i}" for i in range(201))
+    resp = await client.get(f"/api/v1/console/node-stats?ids={many}", headers=auth)
+    assert_error(await resp.json(), 422, "VALIDATION_ERROR")
+    resp = await client.get("/api/v1/console/node-stats", headers=auth)
+    assert_error(await resp.json(), 422, "VALIDATION_ERROR")
