@@ -56,8 +56,12 @@ export function NodePage({ arg: nodeId }) {
   useEffect(() => {
     load();
     const poke = throttle(load, 1000);
-    const stop = API.subscribe({ streams: [nodeId] }, poke);
-    return stop;
+    const stopNode = API.subscribe({ streams: [nodeId] }, poke);
+    // Its mailbox: messages to it, read, expired, dead-lettered or redriven (throttled).
+    const stopMail = API.subscribe({ types: ["message.*"] }, (e) => {
+      if (e.stream === nodeId || JSON.stringify(e.data).includes(JSON.stringify(nodeId))) poke();
+    });
+    return () => { stopNode(); stopMail(); };
   }, [nodeId]);
 
   async function deregister() {

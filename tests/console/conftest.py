@@ -69,6 +69,8 @@ def browser() -> Iterator[Any]:
     except ImportError:
         _missing("playwright is not installed (pip install -e '.[dev]')")
     SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):  # this run's pictures only
+        old.unlink()
     with sync_playwright() as pw:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []  # root (CI) needs it
         b = pw.chromium.launch(executable_path=executable, args=args)

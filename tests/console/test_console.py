@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,13 @@ def test_send_a_message_and_watch_its_ledger_reach_read(page: Any, node: Any) ->
     state = page.locator(f'[data-ledger="{node.node.node_id}"]')
     state.wait_for()
     assert state.inner_text() in ("queued", "delivered")
+    page.get_by_role("heading", name="Pending messages (1)").wait_for()
     # The node reads its mailbox and acks: the ledger moves to read, live.
     pending = node.pending()
     assert [m.message_type for m in pending] == ["reboot"]
     node.mark_read(pending[0].id)
     page.locator(f'[data-ledger="{node.node.node_id}"]', has_text="read").wait_for()
+    page.get_by_role("heading", name="Pending messages (0)").wait_for()  # its mailbox, live
     shot(page, "04-message-ledger")
 
 
@@ -150,6 +153,25 @@ def test_create_a_licence(page: Any) -> None:
     row.wait_for()
     assert "0 / 5" in row.inner_text() and "active" in row.inner_text()
     shot(page, "06-licences")
+
+
+def test_publish_an_update_with_progress_then_withdraw_it(page: Any, tmp_path: Path) -> None:
+    archive = tmp_path / "app-2.0.0.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("app/readme.txt", "version 2.0.0\n" * 1000)
+    sign_in(page, "admin")
+    page.get_by_role("link", name="Tenants & updates").click()
+    page.get_by_label("Version").fill("2.0.0")
+    page.get_by_label("ZIP file").set_input_files(str(archive))
+    page.get_by_label("Changelog").fill("Faster start")
+    page.get_by_role("button", name="Publish").click()
+    page.get_by_role("status").filter(has_text="Published 2.0.0").wait_for()
+    row = page.get_by_role("row").filter(has_text="app-2.0.0.zip")
+    assert "available" in row.inner_text()
+    page.once("dialog", lambda d: d.accept("superseded"))
+    page.get_by_role("button", name="Withdraw 2.0.0").click()
+    row.filter(has_text="withdrawn").wait_for()
+    shot(page, "12-updates")
 
 
 def test_live_log_ticks_and_time_travel_shows_the_past_fleet(
@@ -241,3 +263,21 @@ def test_operators_and_system_pages(page: Any) -> None:
     page.locator("[data-health]", has_text="healthy").wait_for()
     page.get_by_role("cell", name=re.compile("log head seq")).wait_for()
     shot(page, "11-system")
+
+
+def test_keyboard_alone_signs_in_and_moves_between_pages(page: Any) -> None:
+    page.goto("/console")
+    page.get_by_role("button", name="Sign in").wait_for()
+    page.keyboard.type("admin")  # the username field has the focus
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORDS["admin"])
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name="Sign out").wait_for()
+    page.keyboard.press("Tab")  # first stop: the skip link
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    for _ in range(3):  # Fleet, Messages, Live log
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Live log"
+    page.keyboard.press("Enter")
+    page.get_by_role("heading", name="Live log", exact=True).wait_for()
+    assert page.get_by_role("link", name="Live log").get_attribute("aria-current") == "page"
