@@ -5,6 +5,8 @@
 - `GET /api/v1/console/node-stats?ids=a,b`: what the fleet and node pages show beside
   GET /api/v1/nodes: each node's queue depth, in-flight and dead-letter counts and its WebSocket
   on this instance (O(1) per node from the delivery queue, at most MAX_IDS nodes a call).
+- `GET /api/v1/console/node-search?q=PREFIX`: nodes whose id, then name, starts with PREFIX
+  (the search box; O(log n + limit) on the discovery indices' sorted orders).
 - `GET /`: a browser (`Accept: text/html`) is sent to `/console`; anything else gets the usual
   404 error body, as before.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
@@ -28,8 +31,8 @@ from broker.connections import SHARED_BACKENDS
 from broker.errors import NotFound, ValidationFailed
 from broker.eventlog import split_list
 from broker.http import json_response
-from broker.keys import CONFIG, DISPATCHER, RUNTIME, TAKEOVER
-from broker.nodes import iso
+from broker.keys import CONFIG, DISPATCHER, NODES, RUNTIME, TAKEOVER
+from broker.nodes import NodeView, iso
 from broker.pagination import decode_query
 from broker.routing import Routes
 
@@ -83,6 +86,15 @@ class NodeStats(msgspec.Struct, kw_only=True):
 
 class NodeStatsList(msgspec.Struct, kw_only=True):
     items: dict[str, NodeStats]
+
+
+class NodeSearchQuery(msgspec.Struct, kw_only=True):
+    q: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
+
+
+class NodeSearchResult(msgspec.Struct, kw_only=True):
+    nodes: list[NodeView]
 
 
 _ASSETS: web.AppKey[dict[str, Path]] = web.AppKey("console_assets", dict)
@@ -155,6 +167,21 @@ async def node_stats(request: web.Request) -> web.Response:
             instance=instance if live else None,
         )
     return json_response(NodeStatsList(items=items))
+
+
+@routes.get(
+    "/api/v1/console/node-search",
+    policy=Permission("nodes:read"),
+    query=NodeSearchQuery,
+    response=NodeSearchResult,
+    summary="Nodes whose id, then name (any case), starts with q (the console's search box)",
+)
+async def node_search(request: web.Request) -> web.Response:
+    q = decode_query(request, NodeSearchQuery)
+    service = request.app[NODES]
+    found = request.app[RUNTIME].nodes.by_prefix(q.q, q.limit)
+    now = service.clock()
+    return json_response(NodeSearchResult(nodes=[service.view(n, now) for n in found]))
 
 
 @routes.get(

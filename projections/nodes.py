@@ -183,6 +183,21 @@ class NodesProjection(Projection):
     def get(self, node_id: str) -> Node | None:
         return self.nodes.get(node_id)
 
+    def by_prefix(self, prefix: str, limit: int) -> list[Node]:
+        """Up to `limit` nodes whose id starts with `prefix` (in id order), then nodes whose
+        name does, case-insensitively (in name order): O(log n + limit) on the sorted orders."""
+        found: dict[str, Node] = {}
+        slots = self.index.slots
+        for key, wanted in (("node_id", prefix), ("name", prefix.lower())):
+            order = self.index.order(key)
+            for slot in order.ascending(order.position(wanted), order.size):
+                if len(found) >= limit or not order.key(slot).startswith(wanted):
+                    break
+                node = slots[slot]
+                if node is not None:
+                    found.setdefault(node.node_id, node)
+        return list(found.values())
+
     def page(self, **query: Any) -> tuple[list[Node], int]:
         """One page of discovery and the number of matches: see `NodeIndex.page`."""
         return self.index.page(**query)

@@ -18,6 +18,37 @@ export function queue(s) {
   return html`<span data-queue>${parts[0]}</span>${parts.length > 1 ? html` ${parts[1]}` : null}`;
 }
 
+// Search by id or name prefix (GET /api/v1/console/node-search): matches as links; Enter opens
+// the first.
+function Search() {
+  const [text, setText] = useState("");
+  const [found, setFound] = useState(null);
+  const timer = useRef(null);
+  function onInput(e) {
+    const q = e.target.value;
+    setText(q);
+    clearTimeout(timer.current);
+    if (!q.trim()) { setFound(null); return; }
+    timer.current = setTimeout(() => {
+      API.get("/api/v1/console/node-search", { q: q.trim(), limit: 10 }).then((r) => setFound(r.nodes), () => setFound([]));
+    }, 200);
+  }
+  function open(e) {
+    e.preventDefault();
+    const first = found && found[0];
+    if (first) nav(`#/node/${encodeURIComponent(first.node_id)}`);
+    else if (text.trim()) nav(`#/node/${encodeURIComponent(text.trim())}`);
+  }
+  return html`<form class="inline search" onSubmit=${open} role="search">
+    <${Field} label="Search nodes" hint="id or name, from the start"><input type="search" value=${text} onInput=${onInput} placeholder="node-00" /><//>
+    <button class="btn" type="submit">Open</button>
+    ${found && html`<ul class="found" aria-live="polite" aria-label="matching nodes">
+      ${found.length === 0 ? html`<li class="empty">No node starts so.</li>`
+        : found.map((n) => html`<li><a href=${`#/node/${encodeURIComponent(n.node_id)}`}>${n.node_id}</a> <small>${n.name}</small> <${Presence} value=${n.presence} /></li>`)}
+    </ul>`}
+  </form>`;
+}
+
 export function FleetPage() {
   const [filters, setFilters] = useState({ type: "", capabilities: "", region: "", status: "", presence: "" });
   const [sort, setSort] = useState({ sort_by: "registered_at", sort_order: "desc" });
@@ -27,7 +58,6 @@ export function FleetPage() {
   const [stats, setStats] = useState({});
   const [error, setError] = useState(null);
   const [live, setLive] = useState("connecting");
-  const [goto, setGoto] = useState("");
   const args = useRef();
   args.current = { ...filters, ...sort, skip, limit: LIMIT };
 
@@ -93,10 +123,7 @@ export function FleetPage() {
       <button class="btn primary" type="submit">Filter</button>
     </form>
     <div class="row">
-      <form class="inline" onSubmit=${(e) => { e.preventDefault(); if (goto.trim()) nav(`#/node/${encodeURIComponent(goto.trim())}`); }}>
-        <${Field} label="Open node by id"><input value=${goto} onInput=${(e) => setGoto(e.target.value)} placeholder="node-001" /><//>
-        <button class="btn" type="submit">Open</button>
-      </form>
+      <${Search} />
       <${Field} label="Sort by"><select value=${sort.sort_by} onChange=${(e) => { setSkip(0); setSort({ ...sort, sort_by: e.target.value }); }}>
         ${SORTS.map(([v, l]) => html`<option value=${v}>${l}</option>`)}</select><//>
       <${Field} label="Order"><select value=${sort.sort_order} onChange=${(e) => { setSkip(0); setSort({ ...sort, sort_order: e.target.value }); }}>

@@ -99,3 +99,18 @@ async def test_node_stats_refuse_bad_calls(client: TestClient) -> None:  # type:
     assert_error(await resp.json(), 422, "VALIDATION_ERROR")
     resp = await client.get("/api/v1/console/node-stats", headers=auth)
     assert_error(await resp.json(), 422, "VALIDATION_ERROR")
+
+
+async def test_node_search_finds_ids_then_names_by_prefix(client: TestClient) -> None:  # type: ignore[type-arg]
+    await node_session(client, "edge-1", name="Alpha")
+    await node_session(client, "core-1", key_index=1, name="Edge box")
+    viewer = await operator_token(client, "watcher", ["viewer"])
+    auth = {"Authorization": f"Bearer {viewer}"}
+    resp = await client.get("/api/v1/console/node-search?q=edge", headers=auth)
+    assert resp.status == 200, await resp.text()
+    assert [n["node_id"] for n in (await resp.json())["nodes"]] == ["edge-1", "core-1"]
+    resp = await client.get("/api/v1/console/node-search?q=edge&limit=1", headers=auth)
+    assert [n["node_id"] for n in (await resp.json())["nodes"]] == ["edge-1"]
+    resp = await client.get("/api/v1/console/node-search?q=", headers=auth)
+    assert_error(await resp.json(), 422, "VALIDATION_ERROR")
+    assert (await client.get("/api/v1/console/node-search?q=e")).status == 401

@@ -92,7 +92,11 @@ def test_fleet_shows_a_registering_node_live_then_its_page(page: Any, node: Any)
     page.get_by_text("No node matches.").wait_for()
     page.get_by_label("Type", exact=True).fill("gateway")
     page.get_by_role("button", name="Filter").click()
-    page.get_by_role("link", name=node.node.node_id).click()
+    # The search box finds it by the start of its name, any case.
+    page.get_by_label("Search nodes").fill("console NODE")
+    page.get_by_role("list", name="matching nodes").get_by_role(
+        "link", name=node.node.node_id
+    ).click()
     page.get_by_role("heading", name=re.compile(node.node.node_id)).wait_for()
     page.get_by_text("Heartbeat metrics").wait_for()  # the chart of cpu and mem
     shot(page, "03-node")
