@@ -104,33 +104,25 @@ async def _load_assets(app: web.Application) -> None:
     app[_ASSETS] = await asyncio.to_thread(_list_assets)
 
 
-async def _file(request: web.Request, name: str, cache: str) -> web.FileResponse:
-    path = request.app[_ASSETS].get(name)
-    if path is None:
-        raise NotFound(f"Not found: {request.path}")
-    headers = {**HEADERS, "Cache-Control": cache, "Content-Type": _TYPES[path.suffix]}
-    return web.FileResponse(path, headers=headers)
-
-
 @routes.get(
     "/console",
     policy=Public(),
     summary="The operator console (a browser page; it signs in with /auth/login)",
     response_content_type="text/html",
 )
-async def console_page(request: web.Request) -> web.FileResponse:
-    return await _file(request, "index.html", "no-cache")
-
-
 @routes.get(
     "/console/{asset:.+}",
     policy=Public(),
     summary="The operator console's scripts, styles and libraries",
     response_content_type="application/octet-stream",
 )
-async def console_asset(request: web.Request) -> web.FileResponse:
-    # no-cache: revalidated (ETag / Last-Modified) so an upgraded server is seen at once
-    return await _file(request, request.match_info["asset"], "no-cache")
+async def console_file(request: web.Request) -> web.FileResponse:
+    path = request.app[_ASSETS].get(request.match_info.get("asset", "index.html"))
+    if path is None:
+        raise NotFound(f"Not found: {request.path}")
+    # no-cache: revalidated (ETag / Last-Modified), so an upgraded server is seen at once
+    headers = {**HEADERS, "Cache-Control": "no-cache", "Content-Type": _TYPES[path.suffix]}
+    return web.FileResponse(path, headers=headers)
 
 
 @routes.get(
