@@ -31,7 +31,7 @@ from broker.connections import SHARED_BACKENDS
 from broker.errors import NotFound, ValidationFailed
 from broker.eventlog import split_list
 from broker.http import json_response
-from broker.keys import CONFIG, DISPATCHER, NODES, RUNTIME, TAKEOVER
+from broker.keys import CONFIG, CONSOLE_FILES, DISPATCHER, NODES, RUNTIME, TAKEOVER
 from broker.nodes import NodeView, iso
 from broker.pagination import decode_query
 from broker.routing import Routes
@@ -97,11 +97,8 @@ class NodeSearchResult(msgspec.Struct, kw_only=True):
     nodes: list[NodeView]
 
 
-_ASSETS: web.AppKey[dict[str, Path]] = web.AppKey("console_assets", dict)
-
-
 async def _load_assets(app: web.Application) -> None:
-    app[_ASSETS] = await asyncio.to_thread(_list_assets)
+    app[CONSOLE_FILES] = await asyncio.to_thread(_list_assets)
 
 
 @routes.get(
@@ -117,7 +114,7 @@ async def _load_assets(app: web.Application) -> None:
     response_content_type="application/octet-stream",
 )
 async def console_file(request: web.Request) -> web.FileResponse:
-    path = request.app[_ASSETS].get(request.match_info.get("asset", "index.html"))
+    path = request.app[CONSOLE_FILES].get(request.match_info.get("asset", "index.html"))
     if path is None:
         raise NotFound(f"Not found: {request.path}")
     # no-cache: revalidated (ETag / Last-Modified), so an upgraded server is seen at once
@@ -134,11 +131,16 @@ async def console_file(request: web.Request) -> web.FileResponse:
 )
 async def node_stats(request: web.Request) -> web.Response:
     ids = split_list(decode_query(request, NodeStatsQuery).ids) or []
+    return json_response(NodeStatsList(items=stats_of(request.app, ids)))
+
+
+def stats_of(app: web.Application, ids: list[str]) -> dict[str, NodeStats]:
+    """Each node's queue counters (O(1) from the delivery queue), dead letters (one pass over
+    them) and WebSocket on this instance."""
     if len(ids) > MAX_IDS:
         raise ValidationFailed(
             f"at most {MAX_IDS} node ids a call", details=[{"field": "ids", "max": MAX_IDS}]
         )
-    app = request.app
     messages = app[RUNTIME].messages
     queue = messages.queue
     wanted = set(ids)
@@ -158,7 +160,7 @@ async def node_stats(request: web.Request) -> web.Response:
             connected_since=iso(conn.opened_at) if live and conn is not None else None,
             instance=instance if live else None,
         )
-    return json_response(NodeStatsList(items=items))
+    return items
 
 
 @routes.get(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -57,6 +58,7 @@ REBUILDER: web.AppKey[Rebuilder] = web.AppKey("rebuilder")
 FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
 SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
+CONSOLE_FILES: web.AppKey[dict[str, Path]] = web.AppKey("console_files")  # name -> file
 
 # Per-request keys (request[...]).
 REQUEST_ID = web.RequestKey("request_id", str)
