@@ -7,6 +7,8 @@
   on this instance (O(1) per node from the delivery queue, at most MAX_IDS nodes a call).
 - `GET /api/v1/console/node-search?q=PREFIX`: nodes whose id, then name, starts with PREFIX
   (the search box; O(log n + limit) on the discovery indices' sorted orders).
+- `GET /api/v1/console/system`: what the System page shows beside health and metrics: the log's
+  files and sizes, whether its hash chain was verified at start, the snapshots on disk.
 - `GET /`: a browser (`Accept: text/html`) is sent to `/console`; anything else gets the usual
   404 error body, as before.
 
@@ -31,10 +33,11 @@ from broker.connections import SHARED_BACKENDS
 from broker.errors import NotFound, ValidationFailed
 from broker.eventlog import split_list
 from broker.http import json_response
-from broker.keys import CONFIG, CONSOLE_FILES, DISPATCHER, NODES, RUNTIME, TAKEOVER
+from broker.keys import CONFIG, CONSOLE_FILES, DISPATCHER, NODES, RUNTIME, SNAPSHOTS, TAKEOVER
 from broker.nodes import NodeView, iso
 from broker.pagination import decode_query
 from broker.routing import Routes
+from broker.snapshots import snapshot_paths
 
 routes = Routes("console")
 STATIC = Path(__file__).with_name("console_static")
@@ -95,6 +98,30 @@ class NodeSearchQuery(msgspec.Struct, kw_only=True):
 
 class NodeSearchResult(msgspec.Struct, kw_only=True):
     nodes: list[NodeView]
+
+
+class FileInfo(msgspec.Struct, kw_only=True):
+    name: str
+    bytes: int
+    modified_at: str | None
+
+
+class SnapshotsInfo(msgspec.Struct, kw_only=True):
+    enabled: bool
+    every: int  # events between two snapshots
+    keep: int
+    last_seq: int  # of the newest snapshot this process loaded or wrote (0: none)
+    failures: int  # periodic snapshots failed in a row
+    files: list[FileInfo]
+
+
+class SystemInfo(msgspec.Struct, kw_only=True):
+    backend: str
+    instance: str | None  # this instance's id on a shared (nats) log
+    started_at: str | None
+    verified_at_start: bool  # the log's whole hash chain was checked before serving
+    log_files: list[FileInfo]  # the SQLite log's files (none for nats or memory)
+    snapshots: SnapshotsInfo
 
 
 async def _load_assets(app: web.Application) -> None:
@@ -176,6 +203,53 @@ async def node_search(request: web.Request) -> web.Response:
     found = request.app[RUNTIME].nodes.by_prefix(q.q, q.limit)
     now = service.clock()
     return json_response(NodeSearchResult(nodes=[service.view(n, now) for n in found]))
+
+
+@routes.get(
+    "/api/v1/console/system",
+    policy=Permission("metrics:read"),
+    response=SystemInfo,
+    summary="The log's files, its verification at start and the snapshots (the console's)",
+)
+async def system_info(request: web.Request) -> web.Response:
+    return json_response(await asyncio.to_thread(system_of, request.app))
+
+
+def _file_info(path: Path, name: str | None = None) -> FileInfo | None:
+    try:
+        st = path.stat()
+    except OSError:  # gone meanwhile (a rotated snapshot, no WAL file)
+        return None
+    return FileInfo(name=name or path.name, bytes=st.st_size, modified_at=iso(st.st_mtime))
+
+
+def system_of(app: web.Application) -> SystemInfo:
+    """Blocking (file sizes): run in a thread."""
+    config = app[CONFIG]
+    store = config.store
+    snap = app[SNAPSHOTS]
+    log_files = []
+    if store.backend == "sqlite":
+        base = Path(store.path)
+        for path in (base, base.with_name(base.name + "-wal")):
+            if (info := _file_info(path)) is not None:
+                log_files.append(info)
+    files = [f for _seq, p in snapshot_paths(snap.directory) if (f := _file_info(p)) is not None]
+    return SystemInfo(
+        backend=store.backend,
+        instance=app[TAKEOVER].instance if store.backend in SHARED_BACKENDS else None,
+        started_at=iso(app[RUNTIME].started_at),
+        verified_at_start=store.backend == "sqlite" and store.verify_on_open,
+        log_files=log_files,
+        snapshots=SnapshotsInfo(
+            enabled=snap.enabled,
+            every=snap.every,
+            keep=snap.keep,
+            last_seq=snap.last_seq,
+            failures=snap.failures,
+            files=files,
+        ),
+    )
 
 
 @routes.get(

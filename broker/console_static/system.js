@@ -1,6 +1,8 @@
 // System: health (GET /health), the metrics that matter (GET /api/v1/metrics), refreshed.
 import * as API from "./api.js";
-import { html, useState, useEffect, Notice, Json, Table } from "./ui.js";
+import { html, useState, useEffect, Notice, Json, Table, fmtTime } from "./ui.js";
+
+const size = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
 
 const REFRESH = 5000;
 const WANTED = [
@@ -33,12 +35,14 @@ function parseMetrics(text) {
 export function SystemPage() {
   const [health, setHealth] = useState(null);
   const [metrics, setMetrics] = useState(null);
+  const [info, setInfo] = useState(null);
   const [error, setError] = useState(null);
   useEffect(() => {
     const load = async () => {
       try {
         const resp = await fetch("/health", { credentials: "omit" });
         setHealth(await resp.json());
+        setInfo(await API.get("/api/v1/console/system"));
         setMetrics(parseMetrics(await API.api("GET", "/api/v1/metrics", undefined, { headers: { Accept: "text/plain" } })));
         setError(null);
       } catch (err) { setError(err); }
@@ -59,15 +63,29 @@ export function SystemPage() {
       <div class="card static"><span class="n">${health.version}</span><span>version</span></div>
     </div>
     <div class="grid2">
+      <div>
+      ${info && html`<div class="panel"><h2>Log and snapshots</h2>
+        <dl class="kv">
+          <dt>Backend</dt><dd>${info.backend}${info.instance ? ` (instance ${info.instance})` : ""}</dd>
+          <dt>Started</dt><dd>${fmtTime(info.started_at)}</dd>
+          <dt>Integrity</dt><dd data-integrity>${info.verified_at_start
+            ? `hash chain verified at start (${fmtTime(info.started_at)})`
+            : "not verified at start: run broker verify"}</dd>
+          <dt>Log files</dt><dd>${info.log_files.length ? info.log_files.map((f) => html`<div>${f.name}: ${size(f.bytes)}</div>`) : "—"}</dd>
+          <dt>Snapshots</dt><dd>${info.snapshots.enabled
+            ? `every ${info.snapshots.every.toLocaleString("en")} events, ${info.snapshots.keep} kept; ${info.snapshots.last_seq ? `newest at seq ${info.snapshots.last_seq}` : "none yet"}${info.snapshots.failures ? `; ${info.snapshots.failures} failed in a row` : ""}`
+            : "disabled"}</dd>
+          ${info.snapshots.files.map((f) => html`<dt></dt><dd>${f.name}: ${size(f.bytes)}, ${fmtTime(f.modified_at)}</dd>`)}
+        </dl></div>`}
       <div class="panel"><h2>Health checks</h2><${Json} value=${health.checks} /></div>
+      </div>
       <div class="panel"><h2>Metrics</h2>
         ${metrics && html`<${Table} caption="Metrics (summed over labels)" rows=${WANTED.filter(([k]) => k in metrics)} rowKey=${(r) => r[0]}
           columns=${[
             { label: "Metric", cell: ([k, label]) => html`${label}<br/><small>${k}</small>` },
             { label: "Value", cell: ([k]) => Number(metrics[k].toFixed(3)).toLocaleString("en") },
           ]} />`}
-        <p><small>The log's integrity is checked with <code>broker verify</code> on the server
-          (docs/operations.md); every figure is at <code>/api/v1/metrics</code>.</small></p>
+        <p><small>Every figure is at <code>/api/v1/metrics</code>; <code>broker verify</code> checks the log again on the server (docs/operations.md).</small></p>
       </div>
     </div>`}
   </section>`;

@@ -114,3 +114,16 @@ async def test_node_search_finds_ids_then_names_by_prefix(client: TestClient) ->
     resp = await client.get("/api/v1/console/node-search?q=", headers=auth)
     assert_error(await resp.json(), 422, "VALIDATION_ERROR")
     assert (await client.get("/api/v1/console/node-search?q=e")).status == 401
+
+
+async def test_system_info_shows_the_log_files_and_snapshots(client: TestClient) -> None:  # type: ignore[type-arg]
+    viewer = await operator_token(client, "watcher", ["viewer"])  # viewers hold metrics:read
+    resp = await client.get("/api/v1/console/system", headers={"Authorization": f"Bearer {viewer}"})
+    assert resp.status == 200, await resp.text()
+    info = await resp.json()
+    assert info["backend"] == "sqlite" and info["instance"] is None
+    assert info["verified_at_start"] is True
+    assert "events.db" in [f["name"] for f in info["log_files"]]
+    assert all(f["bytes"] > 0 for f in info["log_files"] if f["name"] == "events.db")
+    assert set(info["snapshots"]) == {"enabled", "every", "keep", "last_seq", "failures", "files"}
+    assert (await client.get("/api/v1/console/system")).status == 401

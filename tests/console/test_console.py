@@ -266,6 +266,7 @@ def test_operators_and_system_pages(page: Any) -> None:
     page.get_by_role("link", name="System").click()
     page.locator("[data-health]", has_text="healthy").wait_for()
     page.get_by_role("cell", name=re.compile("log head seq")).wait_for()
+    page.locator("[data-integrity]", has_text="hash chain verified at start").wait_for()
     shot(page, "11-system")
 
 
