@@ -9,6 +9,9 @@
   (the search box; O(log n + limit) on the discovery indices' sorted orders).
 - `GET /api/v1/console/system`: what the System page shows beside health and metrics: the log's
   files and sizes, whether its hash chain was verified at start, the snapshots on disk.
+- `GET /api/v1/console/fleet-at?at_seq=N`: time travel by pages: the nodes projection rebuilt
+  as of seq N (the rebuilder of GET /api/v1/admin/state: one at a time, in windows), then one
+  page of it with GET /api/v1/nodes's filters and sort, presence as of that event's time.
 - `GET /`: a browser (`Accept: text/html`) is sent to `/console`; anything else gets the usual
   404 error body, as before.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from contextlib import aclosing
 from pathlib import Path
 from typing import Annotated
 
@@ -33,11 +37,21 @@ from broker.connections import SHARED_BACKENDS
 from broker.errors import NotFound, ValidationFailed
 from broker.eventlog import split_list
 from broker.http import json_response
-from broker.keys import CONFIG, CONSOLE_FILES, DISPATCHER, NODES, RUNTIME, SNAPSHOTS, TAKEOVER
-from broker.nodes import NodeView, iso
+from broker.keys import (
+    CONFIG,
+    CONSOLE_FILES,
+    DISPATCHER,
+    NODES,
+    REBUILDER,
+    RUNTIME,
+    SNAPSHOTS,
+    TAKEOVER,
+)
+from broker.nodes import NodeList, NodesQuery, NodeView, iso
 from broker.pagination import decode_query
 from broker.routing import Routes
 from broker.snapshots import snapshot_paths
+from projections.nodes import NodesProjection
 
 routes = Routes("console")
 STATIC = Path(__file__).with_name("console_static")
@@ -98,6 +112,19 @@ class NodeSearchQuery(msgspec.Struct, kw_only=True):
 
 class NodeSearchResult(msgspec.Struct, kw_only=True):
     nodes: list[NodeView]
+
+
+class FleetAtQuery(NodesQuery, kw_only=True):
+    at_seq: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class FleetAt(msgspec.Struct, kw_only=True):
+    at_seq: int
+    head: int
+    events_applied: int
+    as_of: str | None  # the time of event at_seq: presence is computed at it
+    retired: int  # nodes deregistered by then
+    page: NodeList
 
 
 class FileInfo(msgspec.Struct, kw_only=True):
@@ -203,6 +230,36 @@ async def node_search(request: web.Request) -> web.Response:
     found = request.app[RUNTIME].nodes.by_prefix(q.q, q.limit)
     now = service.clock()
     return json_response(NodeSearchResult(nodes=[service.view(n, now) for n in found]))
+
+
+@routes.get(
+    "/api/v1/console/fleet-at",
+    policy=Permission("events:read"),
+    query=FleetAtQuery,
+    response=FleetAt,
+    summary="The fleet as it was at a seq, one page of it (time travel; one rebuild at a time)",
+)
+async def fleet_at(request: web.Request) -> web.Response:
+    return json_response(await fleet_as_of(request.app, decode_query(request, FleetAtQuery)))
+
+
+async def fleet_as_of(app: web.Application, query: FleetAtQuery) -> FleetAt:
+    store = app[RUNTIME].store
+    rebuilt = await app[REBUILDER].rebuild(store, "nodes", query.at_seq)
+    nodes: NodesProjection = rebuilt.part  # type: ignore[assignment]
+    ts = None
+    async with aclosing(store.read(rebuilt.at_seq, rebuilt.at_seq)) as events:
+        async for env in events:
+            ts = env.ts
+    page = app[NODES].list_nodes(query, now=ts or 0.0, nodes=nodes)
+    return FleetAt(
+        at_seq=rebuilt.at_seq,
+        head=rebuilt.head,
+        events_applied=rebuilt.applied,
+        as_of=iso(ts),
+        retired=len(nodes.retired),
+        page=page,
+    )
 
 
 @routes.get(

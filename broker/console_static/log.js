@@ -1,10 +1,10 @@
 // Live log: the event feed (GET /ws) with type filters, pause and jump to a seq; time travel:
-// the fleet as it was at a seq (GET /api/v1/admin/state/nodes?at_seq=N).
+// the fleet as it was at a seq, by pages (GET /api/v1/console/fleet-at?at_seq=N).
 import * as API from "./api.js";
-import { html, useState, useEffect, useRef, Notice, Field, Table, fmtTime } from "./ui.js";
+import { html, useState, useEffect, useRef, Notice, Field, Table, Pager, Presence, fmtTime } from "./ui.js";
 
 const KEEP = 500; // events kept on the page
-const SHOW_NODES = 200; // nodes listed from a past state
+const PAGE = 50; // nodes a page of a past fleet
 
 function Feed() {
   const [filter, setFilter] = useState({ types: "", from_seq: "" });
@@ -82,25 +82,23 @@ function Feed() {
 function TimeTravel() {
   const [head, setHead] = useState(null);
   const [seq, setSeq] = useState("");
+  const [shown, setShown] = useState(null); // {at, skip}
   const [result, setResult] = useState(null);
   const [error, setError] = useState(null);
   const [busy, setBusy] = useState(false);
   useEffect(() => { API.get("/api/v1/admin/state").then((r) => { setHead(r.head); setSeq(String(r.head)); }, setError); }, []);
-  async function show(e) {
-    e.preventDefault();
+  useEffect(() => {
+    if (!shown) return;
     setBusy(true);
     setError(null);
-    try {
-      const r = await API.get("/api/v1/admin/state/nodes", { at_seq: seq });
-      const nodes = Object.values(r.state.nodes).sort((a, b) => a.registered_at - b.registered_at);
-      setResult({ at: r.at_seq, head: r.head, nodes, retired: Object.keys(r.state.retired || {}).length });
-      setHead(r.head);
-    } catch (err) { setError(err); }
-    setBusy(false);
-  }
+    API.get("/api/v1/console/fleet-at", { at_seq: shown.at, skip: shown.skip, limit: PAGE, sort_by: "registered_at", sort_order: "asc" })
+      .then((r) => { setResult(r); setHead(r.head); }, setError)
+      .finally(() => setBusy(false));
+  }, [shown]);
+  const page = result && result.page;
   return html`<div class="panel">
     <h2>Time travel: the fleet as it was</h2>
-    <form class="filters" onSubmit=${show} aria-label="time travel">
+    <form class="filters" onSubmit=${(e) => { e.preventDefault(); setShown({ at: Number(seq), skip: 0 }); }} aria-label="time travel">
       <${Field} label=${`Seq (0 to ${head ?? "…"})`}>
         <input type="range" min="0" max=${head || 0} value=${seq || 0} onInput=${(e) => setSeq(e.target.value)} aria-label="seq slider" />
       <//>
@@ -108,19 +106,20 @@ function TimeTravel() {
       <button class="btn primary" type="submit" disabled=${busy}>${busy ? "Replaying…" : "Show the fleet"}</button>
     </form>
     <${Notice} error=${error} />
-    ${result && html`<p role="status">At seq <strong>${result.at}</strong> (head ${result.head}):
-      <strong data-past-count>${result.nodes.length}</strong> registered nodes, ${result.retired} deregistered.
-      ${result.nodes.length > SHOW_NODES ? ` The first ${SHOW_NODES} by registration are listed.` : ""}</p>
-      <${Table} caption=${`Nodes at seq ${result.at}`} rows=${result.nodes.slice(0, SHOW_NODES)} rowKey=${(n) => n.node_id}
+    ${result && html`<p role="status">At seq <strong>${result.at_seq}</strong> (${fmtTime(result.as_of)}; head ${result.head}):
+      <strong data-past-count>${page.total}</strong> registered nodes, ${result.retired} deregistered; presence as of then.</p>
+      <${Table} caption=${`Nodes at seq ${result.at_seq}`} rows=${page.nodes} rowKey=${(n) => n.node_id}
         empty="No node was registered yet."
         columns=${[
           { label: "Node", cell: (n) => html`${n.node_id}<br/><small>${n.name}</small>` },
+          { label: "Presence", cell: (n) => html`<${Presence} value=${n.presence} />` },
           { label: "Type", cell: (n) => n.type },
           { label: "Status", cell: (n) => n.status },
           { label: "Registered", cell: (n) => fmtTime(n.registered_at) },
           { label: "Last heartbeat", cell: (n) => fmtTime(n.last_heartbeat_at) },
-          { label: "Heartbeats", cell: (n) => n.heartbeats },
-        ]} />`}
+        ]} />
+      <${Pager} skip=${page.skip} limit=${PAGE} total=${page.total} label="nodes"
+        onPage=${(skip) => setShown({ at: result.at_seq, skip })} />`}
   </div>`;
 }
 

@@ -127,3 +127,38 @@ async def test_system_info_shows_the_log_files_and_snapshots(client: TestClient)
     assert all(f["bytes"] > 0 for f in info["log_files"] if f["name"] == "events.db")
     assert set(info["snapshots"]) == {"enabled", "every", "keep", "last_seq", "failures", "files"}
     assert (await client.get("/api/v1/console/system")).status == 401
+
+
+async def test_fleet_at_pages_the_fleet_as_it_was(client: TestClient) -> None:  # type: ignore[type-arg]
+    first = (await node_session(client, "past-1"))["access_token"]
+    await node_session(client, "past-2", key_index=1, type="sensor")
+    beat = await client.post(
+        "/api/v1/nodes/past-1/heartbeat", json={}, headers={"Authorization": f"Bearer {first}"}
+    )
+    assert beat.status == 200, await beat.text()
+    viewer = await operator_token(client, "watcher", ["viewer"])
+    auth = {"Authorization": f"Bearer {viewer}"}
+    admin = await operator_token(client, "boss", ["admin"])
+    before = (await (await client.get("/api/v1/admin/state", headers=auth)).json())["head"]
+    gone = await client.delete("/api/v1/nodes/past-1", headers={"Authorization": f"Bearer {admin}"})
+    assert gone.status == 204
+
+    async def fleet(query: str) -> dict:  # type: ignore[type-arg]
+        resp = await client.get(f"/api/v1/console/fleet-at?{query}", headers=auth)
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]
+
+    then = await fleet(f"at_seq={before}&sort_by=node_id")
+    assert [n["node_id"] for n in then["page"]["nodes"]] == ["past-1", "past-2"]
+    assert then["retired"] == 0 and then["as_of"].endswith("Z")
+    # presence as of then: past-1 had just sent a heartbeat, past-2 never did
+    assert [n["presence"] for n in then["page"]["nodes"]] == ["online", "offline"]
+    now = (await (await client.get("/api/v1/admin/state", headers=auth)).json())["head"]
+    after = await fleet(f"at_seq={now}")
+    assert [n["node_id"] for n in after["page"]["nodes"]] == ["past-2"]
+    assert after["retired"] == 1
+    sensors = await fleet(f"at_seq={before}&type=sensor&limit=1")
+    assert [n["node_id"] for n in sensors["page"]["nodes"]] == ["past-2"]
+    assert (await fleet("at_seq=0"))["page"]["total"] == 0
+    resp = await client.get(f"/api/v1/console/fleet-at?at_seq={now + 10}", headers=auth)
+    assert_error(await resp.json(), 422, "VALIDATION_ERROR")
