@@ -70,6 +70,7 @@ function Shell({ me, onSignOut }) {
     title = p.title;
   }
   useEffect(() => { document.title = `${title} · Fleet broker console`; }, [title]);
+  useEffect(() => { document.getElementById("main")?.focus(); }, []); // after sign-in: the page
   const current = where.name === "node" ? "fleet" : where.name;
   return html`<${Me.Provider} value=${me}>
     <a class="skip" href="#main" onClick=${(e) => { e.preventDefault(); document.getElementById("main").focus(); }}>Skip to content</a>

@@ -72,6 +72,14 @@ export function Ledger({ messageId }) {
 }
 
 function DeadLetters() {
+  const me = useMe();
+  if (!can(me, "messages:read_any")) {
+    return html`<div class="panel"><h2>Dead letters</h2><p>Needs the messages:read_any permission.</p></div>`;
+  }
+  return html`<${DeadLetterList} />`;
+}
+
+function DeadLetterList() {
   const [items, setItems] = useState(null);
   const [error, setError] = useState(null);
   const [note, setNote] = useState(null);

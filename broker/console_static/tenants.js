@@ -91,7 +91,8 @@ function Telemetry({ tenantId }) {
 function Updates() {
   const me = useMe();
   const [skip, setSkip] = useState(0);
-  const [page, error, reload] = useLoad(() => API.get("/api/v1/admin/updates", { skip, limit: LIMIT, sort_by: "created_at", sort_order: "desc" }), [skip]);
+  const allowed = can(me, "updates:admin");
+  const [page, error, reload] = useLoad(() => (allowed ? API.get("/api/v1/admin/updates", { skip, limit: LIMIT, sort_by: "created_at", sort_order: "desc" }) : Promise.resolve(null)), [skip]);
   const [progress, setProgress] = useState(null);
   const [err, setErr] = useState(null);
   const [note, setNote] = useState(null);
@@ -125,7 +126,7 @@ function Updates() {
     </form>
     ${progress !== null ? html`<progress max="1" value=${progress} aria-label="upload progress">${Math.round(progress * 100)}%</progress>` : null}
     <${Notice} error=${error || err} ok=${note} />
-    ${!can(me, "updates:admin") ? html`<p>Needs the updates:admin permission.</p>` : page && html`<${Table} caption="Updates" rows=${page.items} rowKey=${(u) => u.id} empty="No update published."
+    ${!allowed ? html`<p>Needs the updates:admin permission.</p>` : page && html`<${Table} caption="Updates" rows=${page.items} rowKey=${(u) => u.id} empty="No update published."
       columns=${[
         { label: "Version", cell: (u) => u.version },
         { label: "File", cell: (u) => html`${u.filename}<br/><small>${u.file_size} bytes</small>` },

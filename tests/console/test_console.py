@@ -222,6 +222,9 @@ def test_a_viewer_cannot_press_what_they_may_not_do(page: Any, node: Any, server
     assert deregister.get_attribute("title") == "needs the nodes:write permission"
     assert page.get_by_role("button", name="Send", exact=True).is_disabled()
     shot(page, "09-viewer-node")
+    page.get_by_role("link", name="Messages").click()
+    page.get_by_text("Needs the messages:read_any permission.").wait_for()
+    assert page.get_by_role("button", name="Send", exact=True).is_disabled()
     page.get_by_role("link", name="Operators").click()
     page.get_by_text("Needs the users:admin permission.").wait_for()
     # The server refuses it anyway.
@@ -278,10 +281,12 @@ def test_keyboard_alone_signs_in_and_moves_between_pages(page: Any) -> None:
     page.keyboard.type(PASSWORDS["admin"])
     page.keyboard.press("Enter")
     page.get_by_role("button", name="Sign out").wait_for()
-    page.keyboard.press("Tab")  # first stop: the skip link
-    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
-    for _ in range(3):  # Fleet, Messages, Live log
-        page.keyboard.press("Tab")
+    page.wait_for_function("document.activeElement.id === 'main'")  # focus moves to the page
+    for _ in range(2):  # back through Sign out to the last page link
+        page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.textContent") == "System"
+    for _ in range(3):  # Operators, Tenants & updates, Live log
+        page.keyboard.press("Shift+Tab")
     assert page.evaluate("document.activeElement.textContent") == "Live log"
     page.keyboard.press("Enter")
     page.get_by_role("heading", name="Live log", exact=True).wait_for()
