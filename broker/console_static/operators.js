@@ -28,6 +28,12 @@ export function OperatorsPage() {
     if (f.email.trim()) body.email = f.email.trim();
     act(() => API.api("POST", "/admin/users", body).then(() => e.target.reset()), `Created ${body.username}.`);
   }
+  function createRole(e) {
+    e.preventDefault();
+    const form = new FormData(e.target);
+    const body = { name: form.get("name").trim(), description: form.get("description").trim() || null, permissions: form.getAll("permissions") };
+    act(() => API.api("POST", "/admin/roles", body).then(() => e.target.reset()), `Created the role ${body.name}.`);
+  }
   const roleByName = Object.fromEntries(((roles && roles.items) || []).map((r) => [r.name, r]));
   function grant(u, e) {
     e.preventDefault();
@@ -59,7 +65,7 @@ export function OperatorsPage() {
                 onClick=${() => act(() => API.api("DELETE", `/admin/users/${u.id}/roles/${roleByName[r].id}`), `Revoked ${r} from ${u.username}.`)}>×</button></span>`)}
             <form class="inline tight" onSubmit=${(e) => grant(u, e)}>
               <select name="role" aria-label=${`Role to grant ${u.username}`}>${Object.keys(roleByName).filter((n) => !u.roles.includes(n)).map((n) => html`<option value=${n}>${n}</option>`)}</select>
-              <button class="btn" type="submit">Grant</button></form>` },
+              <button class="btn" type="submit" aria-label=${`Grant the chosen role to ${u.username}`}>Grant</button></form>` },
           { label: "Last login", cell: (u) => fmtTime(u.last_login) },
           { label: "", cell: (u) => (u.is_active
             ? html`<${Action} perm="users:admin" kind="danger" label=${`Deactivate ${u.username}`} onClick=${() => act(() => API.api("POST", `/admin/users/${u.id}/deactivate`), `Deactivated ${u.username}.`)}>Deactivate<//>`
@@ -69,10 +75,22 @@ export function OperatorsPage() {
     </div>
     <div class="grid2">
       <div class="panel"><h2>Roles</h2>
+        <form class="stack" onSubmit=${createRole} aria-label="create a role">
+          <div class="row">
+            <${Field} label="New role name"><input name="name" required maxlength="64" /><//>
+            <${Field} label="Description"><input name="description" /><//>
+          </div>
+          <fieldset class="perms"><legend>Permissions of the new role</legend>
+            ${((perms && perms.items) || []).map((p) => html`<label class="check"><input type="checkbox" name="permissions" value=${p.name} /> ${p.name}</label>`)}
+          </fieldset>
+          <${Action} perm="users:admin" type="submit" kind="primary">Create role<//>
+        </form>
         ${roles && html`<${Table} caption="Roles" rows=${roles.items} rowKey=${(r) => r.id}
           columns=${[
             { label: "Role", cell: (r) => html`${r.name}${r.builtin ? html` <small>(built in)</small>` : null}` },
             { label: "Permissions", cell: (r) => r.permissions.join(", ") },
+            { label: "", cell: (r) => (r.builtin ? "" : html`<${Action} perm="users:admin" kind="danger" label=${`Delete the role ${r.name}`}
+                onClick=${() => confirm(`Delete the role ${r.name}?`) && act(() => API.api("DELETE", `/admin/roles/${r.id}`), `Deleted the role ${r.name}.`)}>Delete<//>`) },
           ]} />`}
       </div>
       <div class="panel"><h2>Permissions</h2>

@@ -262,10 +262,25 @@ def test_a_write_without_the_token_is_refused(page: Any, node: Any) -> None:
 def test_operators_and_system_pages(page: Any) -> None:
     sign_in(page, "admin")
     page.get_by_role("link", name="Operators").click()
-    row = page.get_by_role("row").filter(has_text="viewer-password")
-    assert row.count() == 0  # no password is ever shown
-    page.get_by_role("row").filter(has=page.get_by_text("viewer", exact=True)).first.wait_for()
+    assert page.get_by_text(PASSWORDS["viewer"]).count() == 0  # no password is ever shown
+    page.get_by_role("cell", name="viewer", exact=True).wait_for()
+    # A role of its own: created with its permissions, granted, then deleted.
+    page.get_by_label("New role name").fill("auditors")
+    page.get_by_role("group", name="Permissions of the new role").get_by_label(
+        "events:read"
+    ).check()
+    page.get_by_role("button", name="Create role").click()
+    page.get_by_role("status").filter(has_text="Created the role auditors.").wait_for()
+    page.get_by_role("row").filter(has_text="auditors").filter(has_text="events:read").wait_for()
+    page.get_by_label("Role to grant viewer").select_option("auditors")
+    page.get_by_role("button", name="Grant the chosen role to viewer").click()
+    page.get_by_role("status").filter(has_text="Granted auditors to viewer.").wait_for()
     shot(page, "10-operators")
+    page.get_by_role("button", name="Revoke auditors from viewer").click()
+    page.get_by_role("status").filter(has_text="Revoked auditors from viewer.").wait_for()
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Delete the role auditors").click()
+    page.get_by_role("status").filter(has_text="Deleted the role auditors.").wait_for()
     page.get_by_role("link", name="System").click()
     page.locator("[data-health]", has_text="healthy").wait_for()
     page.get_by_role("cell", name=re.compile("log head seq")).wait_for()
