@@ -1,7 +1,8 @@
 // Tenants and licences (create, revoke, usage against the limit, expiry), telemetry per tenant,
 // and software updates (publish with upload progress, withdraw).
 import * as API from "./api.js";
-import { html, useState, useEffect, useMe, can, Action, Notice, Field, Table, Pager, Json, fmtTime, useLoad } from "./ui.js";
+import { html, useState, useMe, can, Action, Notice, Field, Table, Pager, fmtTime, useLoad } from "./ui.js";
+import { Chart } from "./chart.js";
 
 const LIMIT = 20;
 
@@ -66,7 +67,7 @@ function Licences({ tenantId, version, bump }) {
     <${Notice} error=${error || err} />
     ${page && html`<${Table} caption="Licences" rows=${page.items} rowKey=${(l) => l.id} empty="No licence."
       columns=${[
-        { label: "Key", cell: (l) => html`…${l.key_last4}` },
+        { label: "Key", cell: (l) => html`<span class="nowrap">…${l.key_last4}</span>` },
         { label: "Tenant", cell: (l) => l.tenant_name || l.tenant_id },
         { label: "Status", cell: (l) => html`<span class=${`pill st-${l.status}`}>${l.status}</span>` },
         { label: "Usage", cell: (l) => html`<span>${l.usage_count} / ${l.max_usage_count ?? "∞"}</span>
@@ -80,11 +81,30 @@ function Licences({ tenantId, version, bump }) {
 }
 
 function Telemetry({ tenantId }) {
+  const me = useMe();
   const [summary, error] = useLoad(() => API.get(`/api/v1/admin/tenants/${encodeURIComponent(tenantId)}/telemetry/summary`), [tenantId]);
+  const [series] = useLoad(() => (can(me, "events:read")
+    ? API.get("/api/v1/events", { stream: tenantId, types: "telemetry.recorded", sort_order: "desc", limit: 1000 }).then((page) => {
+      const since = Date.now() / 1000 - 86400;
+      const samples = page.items.filter((e) => e.ts >= since).reverse();
+      return { range: [since, Date.now() / 1000], x: samples.map((e) => e.ts), users: samples.map((e) => e.data.active_users), latency: samples.map((e) => e.data.ai_latency) };
+    })
+    : Promise.resolve(null)), [tenantId]);
+  const windows = summary ? [["last hour", summary.last_hour], ["last day", summary.last_day]] : [];
   return html`<div class="panel">
     <h2>Telemetry of the tenant</h2>
     <${Notice} error=${error} />
-    ${summary && html`<${Json} value=${summary} />`}
+    ${summary && html`<p><small>Last sample ${fmtTime(summary.last_sample_at)}</small></p>
+      <${Table} caption="Telemetry aggregates" rows=${windows} rowKey=${(w) => w[0]}
+        columns=${[
+          { label: "Window", cell: ([name]) => name },
+          { label: "Samples", cell: ([, w]) => w.samples },
+          { label: "Active users (max)", cell: ([, w]) => w.active_users_max ?? "—" },
+          { label: "AI latency mean / max", cell: ([, w]) => (w.ai_latency_mean === null ? "—" : `${w.ai_latency_mean.toFixed(1)} / ${w.ai_latency_max.toFixed(1)}`) },
+          { label: "Versions", cell: ([, w]) => Object.entries(w.versions).map(([v, n]) => `${v} (${n})`).join(", ") || "—" },
+        ]} />`}
+    ${series && series.x.length > 0 && html`<${Chart} title="Active users and AI latency, last 24 hours" x=${series.x}
+      range=${series.range} names=${["active users", "AI latency"]} ys=${[series.users, series.latency]} />`}
   </div>`;
 }
 

@@ -141,7 +141,7 @@ def test_a_dead_letter_is_redriven(page: Any, node: Any) -> None:
     redrive.wait_for(state="detached")
 
 
-def test_create_a_licence(page: Any) -> None:
+def test_create_a_licence_and_see_the_tenants_telemetry(page: Any, server: str) -> None:
     sign_in(page, "admin")
     page.get_by_role("link", name="Tenants & updates").click()
     page.get_by_label("New tenant name").fill("Acme Robotics")
@@ -156,6 +156,27 @@ def test_create_a_licence(page: Any) -> None:
     row = page.get_by_role("row").filter(has_text=f"…{text[-4:]}")
     row.wait_for()
     assert "0 / 5" in row.inner_text() and "active" in row.inner_text()
+    # The tenant's telemetry (seed 002's POST /telemetry): its aggregates and chart.
+    tenant_id = (
+        page.get_by_role("row").filter(has_text="Acme Robotics").locator("small").inner_text()
+    )
+    for users, latency in ((3, 120.0), (5, 80.0)):
+        sample = {
+            "tenantId": tenant_id,
+            "uptime": 60,
+            "activeUsers": users,
+            "exercisesCompletedToday": 1,
+            "aiLatency": latency,
+            "version": "1.2.0",
+        }
+        assert requests.post(f"{server}/telemetry", json=sample, timeout=30).status_code == 201
+    page.get_by_role("link", name="Fleet").click()
+    page.get_by_role("link", name="Tenants & updates").click()
+    page.get_by_role("button", name="Acme Robotics").click()
+    hour = page.get_by_role("row").filter(has_text="last hour")
+    hour.filter(has_text="1.2.0 (2)").wait_for()
+    assert "100.0 / 120.0" in hour.inner_text()
+    page.get_by_text("Active users and AI latency, last 24 hours").wait_for()
     shot(page, "06-licences")
 
 
