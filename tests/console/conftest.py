@@ -98,13 +98,23 @@ def page(browser: Any, server: str, request: pytest.FixtureRequest) -> Iterator[
     p = context.new_page()
     errors: list[str] = []
     p.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Content-Security-Policy refusals and other console errors; a refused request's own line
+    # ("Failed to load resource: … 401") is what some tests provoke.
+    p.on(
+        "console",
+        lambda m: (
+            m.type == "error"
+            and not m.text.startswith("Failed to load resource")
+            and errors.append(m.text)
+        ),
+    )
     try:
         yield p
         if request.node.stash.get(_FAILED, False):  # what the page showed when it failed
             shot(p, f"FAILED-{request.node.name}")
     finally:
         context.close()
-    assert not errors, errors  # no script error on any page
+    assert not errors, errors  # no script error, no CSP refusal, on any page
 
 
 def sign_in(page: Any, who: str) -> None:
