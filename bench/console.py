@@ -14,14 +14,13 @@ operation (from /proc/self/stat).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from bench.common import cpu_seconds, machine
+from bench.common import machine, timings
 from bench.discovery import build, rss_bytes, service_for
 from broker.nodes import NodeService, NodesQuery
 
@@ -51,18 +50,7 @@ def search(service: NodeService, now: float, prefix: str) -> Callable[[], Any]:
 
 def measure(op: Callable[[], Any], reps: int) -> str:
     op()  # warm: builds the orders and presence windows a first query builds
-    times = []
-    pid = os.getpid()
-    cpu0 = cpu_seconds(pid)
-    for _ in range(reps):
-        t = time.perf_counter()
-        op()
-        times.append(time.perf_counter() - t)
-    cpu1 = cpu_seconds(pid)
-    times.sort()
-    p50 = times[len(times) // 2] * 1e3
-    p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3
-    cpu = ((cpu1 or 0) - (cpu0 or 0)) / reps * 1e3
+    p50, p99, cpu = timings(op, reps)
     return f"p50 {p50:7.3f} ms  p99 {p99:7.3f} ms  cpu {cpu:7.3f} ms"
 
 
