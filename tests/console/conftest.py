@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,9 @@ def blockbuster() -> Iterator[None]:
     yield
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def broker_with_operators(tmp_path_factory: pytest.TempPathFactory, **env: str) -> Iterator[str]:
+    """`broker serve` on a fresh log with an admin and a viewer; its base URL."""
     data = tmp_path_factory.mktemp("console") / "data"
     data.mkdir()
     for name, password in PASSWORDS.items():
@@ -55,7 +57,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stdin=password + "\n",
         )
         assert r.returncode == 0, r.stderr
-    with served(data) as (url, _proc):
+    with served(data, **env) as (url, _proc):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with broker_with_operators(tmp_path_factory) as url:
         yield url
 
 
