@@ -36,16 +36,21 @@ export function NodePage({ arg: nodeId }) {
   const [dead, setDead] = useState(null);
   const [stats, setStats] = useState(null);
   const [error, setError] = useState(null);
-  const [note, setNote] = useState(null);
   const [sent, setSent] = useState(null);
   const [tick, setTick] = useState(0);
-  const gone = useRef(false);
+  const [gone, setGone] = useState(false); // deregistered while shown
+  const shown = useRef(false);
 
   async function load() {
     try {
       setNode(await API.get(`/api/v1/nodes/${encodeURIComponent(nodeId)}`));
+      shown.current = true;
       setError(null);
-    } catch (err) { setError(err); if (err.status === 404) gone.current = true; return; }
+    } catch (err) {
+      if (err.status === 404 && shown.current) setGone(true); // it went away while shown
+      else setError(err);
+      return;
+    }
     API.get("/api/v1/console/node-stats", { ids: nodeId }).then((r) => setStats(r.items[nodeId]), () => {});
     if (can(me, "messages:read_any")) {
       API.get(`/api/v1/messages/pending/${encodeURIComponent(nodeId)}`, { limit: 50 }).then(setPending, () => {});
@@ -68,7 +73,7 @@ export function NodePage({ arg: nodeId }) {
     if (!confirm(`Deregister ${nodeId}? Its tokens are revoked and it must register again.`)) return;
     try {
       await API.api("DELETE", `/api/v1/nodes/${encodeURIComponent(nodeId)}`);
-      setNote(`${nodeId} was deregistered.`);
+      setGone(true);
     } catch (err) { setError(err); }
   }
 
@@ -80,9 +85,9 @@ export function NodePage({ arg: nodeId }) {
       <h1 id="node-title">${node.name} <small>${node.node_id}</small></h1>
       <${Presence} value=${node.presence} /> <${Status} value=${node.status} />
       <span class="spacer"></span>
-      <${Action} perm="nodes:write" kind="danger" onClick=${deregister} label="Deregister this node">Deregister<//>
+      ${gone ? null : html`<${Action} perm="nodes:write" kind="danger" onClick=${deregister} label="Deregister this node">Deregister<//>`}
     </div>
-    <${Notice} error=${error} ok=${note} />
+    <${Notice} error=${error} ok=${gone ? `${nodeId} was deregistered: what is shown is as it was.` : null} />
     <div class="grid2">
       <div class="panel">
         <h2>Registration</h2>
@@ -110,7 +115,7 @@ export function NodePage({ arg: nodeId }) {
         <h2>Heartbeats</h2>
         <${HeartbeatChart} nodeId=${nodeId} tick=${tick} />
         <h2>Send a message</h2>
-        <${SendForm} to=${nodeId} onSent=${setSent} />
+        ${gone ? html`<p>A deregistered node cannot be sent messages.</p>` : html`<${SendForm} to=${nodeId} onSent=${setSent} />`}
         ${sent && html`<${Ledger} messageId=${sent} />`}
       </div>
     </div>

@@ -233,6 +233,26 @@ def test_live_log_ticks_and_time_travel_shows_the_past_fleet(
     shot(page, "08-time-travel")
 
 
+def test_deregister_a_node(page: Any, node: Any, server: str) -> None:
+    node.register()
+    sign_in(page, "admin")
+    page.goto(f"/console#/node/{node.node.node_id}")
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Deregister").click()
+    page.get_by_role("status").filter(has_text=f"{node.node.node_id} was deregistered").wait_for()
+    token = operator_token(server, "admin")
+    r = requests.get(
+        f"{server}/api/v1/nodes/{node.node.node_id}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert r.status_code == 404
+    page.get_by_role("link", name="Fleet").click()
+    page.get_by_role("heading", name="Fleet").wait_for()
+    page.get_by_role("button", name="Filter").click()
+    expect(page.get_by_role("link", name=node.node.node_id)).to_have_count(0)
+
+
 def test_a_viewer_cannot_press_what_they_may_not_do(page: Any, node: Any, server: str) -> None:
     node.register()
     sign_in(page, "viewer")
