@@ -121,7 +121,7 @@ export function NodePage({ arg: nodeId }) {
     </div>
     <div class="panel">
       <h2>Pending messages ${pending ? html`<small>(${pending.total})</small>` : null}</h2>
-      ${!can(me, "messages:read_any") ? html`<p>Needs the messages:read_any permission.</p>`
+      ${!can(me, "messages:read_any") ? html`<p>Its pending messages and dead letters need the messages:read_any permission.</p>`
         : pending && html`<${Table} caption="Pending messages" rows=${pending.messages} rowKey=${(m) => m.id}
           empty="No pending message."
           columns=${[
@@ -131,7 +131,7 @@ export function NodePage({ arg: nodeId }) {
             { label: "From", cell: (m) => m.from_node },
             { label: "Expires", cell: (m) => fmtTime(m.expires_at) },
           ]} />`}
-      <h2>Dead letters ${dead ? html`<small>(${dead.length})</small>` : null}</h2>
+      ${dead && html`<h2>Dead letters <small>(${dead.length})</small></h2>`}
       ${dead && html`<${Table} caption="Dead letters of this node" rows=${dead} rowKey=${(d) => d.message_id}
         empty="No dead letter."
         columns=${[

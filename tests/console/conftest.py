@@ -67,8 +67,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def shots() -> Path:
+    """The screenshot folder, emptied once per run (this run's pictures only)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):
+        old.unlink()
+    return SHOTS
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(shots: Path) -> Iterator[Any]:
     executable = _chromium()
     if executable is None:
         _missing("chromium is not installed (apt-get install chromium)")
@@ -76,9 +85,6 @@ def browser() -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _missing("playwright is not installed (pip install -e '.[dev]')")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    for old in SHOTS.glob("*.png"):  # this run's pictures only
-        old.unlink()
     with sync_playwright() as pw:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []  # root (CI) needs it
         b = pw.chromium.launch(executable_path=executable, args=args)
