@@ -1,7 +1,7 @@
 // Fleet: a page of nodes from GET /api/v1/nodes (server-side filters, sort and paging over the
 // discovery indices), counts by presence, and live refreshes from the event feed.
 import * as API from "./api.js";
-import { html, useState, useEffect, useRef, Table, Pager, Presence, Status, Notice, Field, fmtTime, ago, nav, throttle } from "./ui.js";
+import { html, useState, useEffect, useRef, Table, Pager, Presence, Status, Notice, Field, bind, fmtTime, ago, nav, throttle } from "./ui.js";
 
 const LIMIT = 50;
 const LIVE_TYPES = ["node.registered", "node.deregistered", "node.status_updated"];
@@ -51,6 +51,7 @@ function Search() {
 
 export function FleetPage() {
   const [filters, setFilters] = useState({ type: "", capabilities: "", region: "", status: "", presence: "" });
+  const [draft, setDraft] = useState(filters); // the form, applied by Filter
   const [sort, setSort] = useState({ sort_by: "registered_at", sort_order: "desc" });
   const [skip, setSkip] = useState(0);
   const [page, setPage] = useState(null);
@@ -83,9 +84,14 @@ export function FleetPage() {
 
   function onFilter(e) {
     e.preventDefault();
-    const f = Object.fromEntries(new FormData(e.target));
     setSkip(0);
-    setFilters({ type: f.type.trim(), capabilities: f.capabilities.trim(), region: f.region.trim(), status: f.status.trim(), presence: f.presence });
+    setFilters(Object.fromEntries(Object.entries(draft).map(([k, v]) => [k, v.trim()])));
+  }
+  function byPresence(p) {
+    const next = { ...filters, presence: filters.presence === p ? "" : p };
+    setSkip(0);
+    setFilters(next);
+    setDraft({ ...draft, presence: next.presence });
   }
 
   const columns = [
@@ -109,16 +115,16 @@ export function FleetPage() {
     <div class="cards" aria-label="nodes by presence">
       ${["online", "stale", "offline"].map((p) => html`<button class=${`card ${filters.presence === p ? "on" : ""}`}
         aria-pressed=${filters.presence === p}
-        onClick=${() => { setSkip(0); setFilters({ ...filters, presence: filters.presence === p ? "" : p }); }}>
+        onClick=${() => byPresence(p)}>
         <span class="n" data-presence=${p}>${counts ? counts[p] : "…"}</span><span>${p}</span></button>`)}
       <div class="card static"><span class="n" data-total>${page ? page.total : "…"}</span><span>matching</span></div>
     </div>
     <form class="filters" onSubmit=${onFilter} aria-label="filter nodes">
-      <${Field} label="Type"><input name="type" value=${filters.type} placeholder="gateway" /><//>
-      <${Field} label="Capabilities"><input name="capabilities" value=${filters.capabilities} placeholder="gpu,storage" /><//>
-      <${Field} label="Region"><input name="region" value=${filters.region} placeholder="eu-west-1" /><//>
-      <${Field} label="Status"><input name="status" value=${filters.status} placeholder="active" /><//>
-      <${Field} label="Presence"><select name="presence" value=${filters.presence}>
+      <${Field} label="Type"><input ...${bind(draft, setDraft, "type")} placeholder="gateway" /><//>
+      <${Field} label="Capabilities"><input ...${bind(draft, setDraft, "capabilities")} placeholder="gpu,storage" /><//>
+      <${Field} label="Region"><input ...${bind(draft, setDraft, "region")} placeholder="eu-west-1" /><//>
+      <${Field} label="Status"><input ...${bind(draft, setDraft, "status")} placeholder="active" /><//>
+      <${Field} label="Presence"><select ...${bind(draft, setDraft, "presence")}>
         <option value="">any</option><option value="online">online</option><option value="stale">stale</option><option value="offline">offline</option></select><//>
       <button class="btn primary" type="submit">Filter</button>
     </form>

@@ -1,13 +1,14 @@
 // Live log: the event feed (GET /ws) with type filters, pause and jump to a seq; time travel:
 // the fleet as it was at a seq, by pages (GET /api/v1/console/fleet-at?at_seq=N).
 import * as API from "./api.js";
-import { html, useState, useEffect, useRef, Notice, Field, Table, Pager, Presence, fmtTime } from "./ui.js";
+import { html, useState, useEffect, useRef, Notice, Field, Table, Pager, Presence, bind, fmtTime } from "./ui.js";
 
 const KEEP = 500; // events kept on the page
 const PAGE = 50; // nodes a page of a past fleet
 
 function Feed() {
   const [filter, setFilter] = useState({ types: "", from_seq: "" });
+  const [draft, setDraft] = useState(filter); // the form, applied by Apply
   const [events, setEvents] = useState([]);
   const [paused, setPaused] = useState(false);
   const [held, setHeld] = useState(0);
@@ -57,13 +58,9 @@ function Feed() {
         ? html`<button class="btn primary" onClick=${resume}>Resume (${held} held)</button>`
         : html`<button class="btn" onClick=${() => setPaused(true)}>Pause</button>`}
     </div>
-    <form class="filters" aria-label="feed filter" onSubmit=${(e) => {
-      e.preventDefault();
-      const f = Object.fromEntries(new FormData(e.target));
-      setFilter({ types: f.types, from_seq: f.from_seq });
-    }}>
-      <${Field} label="Event types" hint="comma-separated; patterns such as node.* work"><input name="types" value=${filter.types} placeholder="node.*, message.sent" /><//>
-      <${Field} label="Jump to seq" hint="history from this seq, then live"><input name="from_seq" type="number" min="1" value=${filter.from_seq} /><//>
+    <form class="filters" aria-label="feed filter" onSubmit=${(e) => { e.preventDefault(); setFilter({ ...draft }); }}>
+      <${Field} label="Event types" hint="comma-separated; patterns such as node.* work"><input ...${bind(draft, setDraft, "types")} placeholder="node.*, message.sent" /><//>
+      <${Field} label="Jump to seq" hint="history from this seq, then live"><input type="number" min="1" ...${bind(draft, setDraft, "from_seq")} /><//>
       <button class="btn primary" type="submit">Apply</button>
     </form>
     <ol class="events" aria-label="events, newest first">

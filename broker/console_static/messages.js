@@ -28,11 +28,11 @@ export function SendForm({ to, onSent }) {
   const allowed = can(me, "messages:send");
   return html`<form class="stack" onSubmit=${submit} aria-label="send a message">
     ${to ? null : html`<${Field} label="To nodes" hint="comma-separated node ids"><input name="to_nodes" required /><//>`}
-    <${Field} label="Message type"><input name="message_type" required value="command" /><//>
+    <${Field} label="Message type"><input name="message_type" required defaultValue="command" /><//>
     <${Field} label="Content (JSON)"><textarea name="content" rows="3">{"action": "ping"}</textarea><//>
     <div class="row">
       <${Field} label="Priority"><select name="priority">
-        <option value="low">low</option><option value="normal" selected>normal</option><option value="high">high</option><option value="critical">critical</option></select><//>
+        <option value="low">low</option><option value="normal" defaultSelected>normal</option><option value="high">high</option><option value="critical">critical</option></select><//>
       <${Field} label="TTL (seconds)"><input name="ttl" type="number" min="1" step="any" placeholder="default" /><//>
     </div>
     <${Notice} error=${error} />

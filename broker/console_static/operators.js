@@ -51,7 +51,7 @@ export function OperatorsPage() {
           <${Field} label="Username"><input name="username" required autocomplete="off" /><//>
           <${Field} label="Email"><input name="email" type="email" autocomplete="off" /><//>
           <${Field} label="Password"><input name="password" type="password" required minlength="8" autocomplete="new-password" /><//>
-          <${Field} label="Role"><select name="role">${Object.keys(roleByName).map((n) => html`<option value=${n} selected=${n === "viewer"}>${n}</option>`)}</select><//>
+          <${Field} label="Role"><select name="role">${Object.keys(roleByName).map((n) => html`<option value=${n} defaultSelected=${n === "viewer"}>${n}</option>`)}</select><//>
           <${Action} perm="users:admin" type="submit" kind="primary">Create<//>
         </form>
         <${Field} label="Search"><input type="search" value=${search} onInput=${(e) => { setSkip(0); setSearch(e.target.value); }} /><//>

@@ -58,7 +58,7 @@ function Licences({ tenantId, version, bump }) {
   return html`<div class="panel">
     <h2>Licences ${tenantId ? null : html`<small>(all tenants; pick one to create)</small>`}</h2>
     ${tenantId && html`<form class="inline" onSubmit=${create} aria-label="create a licence">
-      <${Field} label="Expires on"><input name="expires_at" type="date" required value=${inYear} /><//>
+      <${Field} label="Expires on"><input name="expires_at" type="date" required defaultValue=${inYear} /><//>
       <${Field} label="Usage limit" hint="empty: unlimited"><input name="max_usage_count" type="number" min="1" /><//>
       <${Action} perm="licenses:admin" type="submit" kind="primary">Create licence<//>
     </form>`}

@@ -101,6 +101,13 @@ export function throttle(fn, ms) {
   };
 }
 
+// The props binding a form input to one key of a draft object (a controlled input: a re-render,
+// live ones included, keeps what the operator is typing).
+export const bind = (draft, setDraft, key) => ({
+  value: draft[key],
+  onInput: (e) => setDraft({ ...draft, [key]: e.target.value }),
+});
+
 export function Field({ label, children, hint }) {
   return html`<label class="field"><span>${label}</span>${children}${hint ? html`<small>${hint}</small>` : null}</label>`;
 }

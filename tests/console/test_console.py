@@ -208,8 +208,10 @@ def test_live_log_ticks_and_time_travel_shows_the_past_fleet(
     at_seq = page.get_by_label("At seq")
     expect(at_seq).not_to_have_value("")  # the head, once known
     head = int(at_seq.input_value())
+    page.get_by_label("Event types").fill("node.*")  # being typed, not applied yet
     node.register()  # new events arrive while we watch
     page.locator("ol.events").get_by_text("node.registered").first.wait_for()
+    expect(page.get_by_label("Event types")).to_have_value("node.*")  # kept across re-renders
     last = int(page.locator("[data-last-seq]").inner_text())
     assert last > head
     shot(page, "07-live-log")
