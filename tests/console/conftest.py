@@ -57,7 +57,7 @@ def broker_with_operators(tmp_path_factory: pytest.TempPathFactory, **env: str) 
             stdin=password + "\n",
         )
         assert r.returncode == 0, r.stderr
-    with served(data, **env) as (url, _proc):
+    with served(data, None, **env) as (url, _proc):
         yield url
 
 
@@ -112,16 +112,14 @@ def page(browser: Any, server: str, request: pytest.FixtureRequest) -> Iterator[
     p = context.new_page()
     errors: list[str] = []
     p.on("pageerror", lambda exc: errors.append(str(exc)))
+
     # Content-Security-Policy refusals and other console errors; a refused request's own line
     # ("Failed to load resource: … 401") is what some tests provoke.
-    p.on(
-        "console",
-        lambda m: (
-            m.type == "error"
-            and not m.text.startswith("Failed to load resource")
-            and errors.append(m.text)
-        ),
-    )
+    def on_console(m: Any) -> None:
+        if m.type == "error" and not m.text.startswith("Failed to load resource"):
+            errors.append(m.text)
+
+    p.on("console", on_console)
     try:
         yield p
         if request.node.stash.get(_FAILED, False):  # what the page showed when it failed

@@ -25,10 +25,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def bearer_tokens(page: Any) -> list[str]:
     seen: list[str] = []
-    page.on(
-        "request",
-        lambda r: (auth := r.headers.get("authorization")) and seen.append(auth.split()[-1]),
-    )
+
+    def on_request(r: Any) -> None:
+        if auth := r.headers.get("authorization"):
+            seen.append(auth.split()[-1])
+
+    page.on("request", on_request)
     return seen
 
 
