@@ -2,6 +2,8 @@
 import * as API from "./api.js";
 import { html, useState, useEffect, useMe, can, Action, Notice, Field, Table, fmtTime, nav, throttle } from "./ui.js";
 
+const RECENT = 20;
+
 export function SendForm({ to, onSent }) {
   const me = useMe();
   const [error, setError] = useState(null);
@@ -87,7 +89,9 @@ function DeadLetterList() {
   useEffect(() => {
     load();
     const poke = throttle(load, 1000);
-    return API.subscribe({ types: ["message.dead_lettered", "message.expired", "message.redriven"] }, poke);
+    // (loaded again once the feed is live: nothing between the first load and the feed is missed)
+    return API.subscribe({ types: ["message.dead_lettered", "message.expired", "message.redriven"] }, poke,
+      (state) => state === "live" && poke());
   }, []);
   async function redrive(d) {
     try {
@@ -114,6 +118,41 @@ function DeadLetterList() {
   </div>`;
 }
 
+// The latest messages sent (their message.sent events), live: a way to a ledger without its id.
+function Recent() {
+  const me = useMe();
+  const [items, setItems] = useState(null);
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    if (!can(me, "events:read")) return undefined;
+    let stop = null;
+    let gone = false;
+    API.get("/api/v1/events", { types: "message.sent", sort_order: "desc", limit: RECENT }).then((page) => {
+      if (gone) return;
+      setItems(page.items);
+      // then what follows the page's head: no gap, no duplicate
+      stop = API.subscribe({ types: ["message.sent"], from_seq: page.head + 1 },
+        (e) => setItems((old) => [e, ...old].slice(0, RECENT)));
+    }, setError);
+    return () => { gone = true; if (stop) stop(); };
+  }, []);
+  if (!can(me, "events:read")) return null;
+  return html`<div class="panel">
+    <h2>Recent messages</h2>
+    <${Notice} error=${error} />
+    ${items && html`<${Table} caption="Recent messages, newest first" rows=${items} rowKey=${(e) => e.seq}
+      empty="No message sent yet."
+      columns=${[
+        { label: "Message", cell: (e) => html`<a href=${`#/messages/${e.data.message_id}`}>${e.data.message_id}</a>` },
+        { label: "Type", cell: (e) => e.data.message_type },
+        { label: "From", cell: (e) => e.data.from_node },
+        { label: "To", cell: (e) => e.data.to_nodes.slice(0, 3).join(", ") + (e.data.to_nodes.length > 3 ? ` and ${e.data.to_nodes.length - 3} more` : "") },
+        { label: "Priority", cell: (e) => e.data.priority },
+        { label: "Sent", cell: (e) => fmtTime(e.ts) },
+      ]} />`}
+  </div>`;
+}
+
 export function MessagesPage({ arg }) {
   const [lookup, setLookup] = useState(arg || "");
   return html`<section aria-labelledby="messages-title">
@@ -133,5 +172,6 @@ export function MessagesPage({ arg }) {
       </div>
     </div>
     <${DeadLetters} />
+    <${Recent} />
   </section>`;
 }

@@ -61,7 +61,7 @@ export function NodePage({ arg: nodeId }) {
   useEffect(() => {
     load();
     const poke = throttle(load, 1000);
-    const stopNode = API.subscribe({ streams: [nodeId] }, poke);
+    const stopNode = API.subscribe({ streams: [nodeId] }, poke, (state) => state === "live" && poke());
     // Its mailbox: messages to it, read, expired, dead-lettered or redriven (throttled).
     const stopMail = API.subscribe({ types: ["message.*"] }, (e) => {
       if (e.stream === nodeId || JSON.stringify(e.data).includes(JSON.stringify(nodeId))) poke();

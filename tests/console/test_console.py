@@ -140,6 +140,8 @@ def test_a_dead_letter_is_redriven(page: Any, node: Any) -> None:
     page.get_by_label("TTL (seconds)").fill("1")
     page.get_by_role("button", name="Send", exact=True).click()
     page.get_by_role("heading", name=re.compile("Ledger of")).wait_for()
+    recent = page.get_by_role("table", name="Recent messages, newest first")
+    recent.get_by_role("row").filter(has_text="short-lived").wait_for()  # listed live
     # Unread for its second of life, it expires into the dead letters (listed live).
     redrive = page.get_by_role("button", name=re.compile(f"Redrive .* to {node.node.node_id}"))
     redrive.wait_for()
