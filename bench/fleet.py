@@ -609,7 +609,9 @@ def main_sync(args: argparse.Namespace) -> None:
         # 3. a snapshot taken under load
         if "snapshot" in phases:
             every = str(max(100, args.rate * 2 if not quick else 500))
-            with serve(data, BROKER_SNAPSHOTS__EVERY=every) as s:
+            with serve(
+                data, BROKER_SNAPSHOTS__EVERY=every, BROKER_SNAPSHOTS__MIN_INTERVAL="0"
+            ) as s:
                 settle(s)
 
                 async def pause(session: aiohttp.ClientSession, fleet: Fleet) -> None:

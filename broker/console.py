@@ -54,7 +54,7 @@ from broker.snapshots import snapshot_paths
 from projections.nodes import NodesProjection
 
 routes = Routes("console")
-STATIC = Path(__file__).with_name("console_static")
+STATIC = Path(__file__).parent / "assets" / "console"
 _TYPES = {
     ".html": "text/html",
     ".js": "text/javascript",
@@ -75,7 +75,7 @@ HEADERS = {
 
 
 def _list_assets() -> dict[str, Path]:
-    """Every file under console_static by its path relative to it (blocking: in a thread)."""
+    """Every file under assets/console by its path relative to it (blocking: in a thread)."""
     if not STATIC.is_dir():
         return {}
     return {

@@ -1,35 +1,39 @@
 """Projection snapshots: start-up loads the newest valid one and replays only the log's tail.
 
-A snapshot is written every `[snapshots] every` events and at shutdown, as one file
-`<dir>/snapshot-<seq>.msgpack`:
+A snapshot is written every `[snapshots] every` events or `interval` seconds (never twice within
+`min_interval`) and at shutdown, as one file `<dir>/snapshot-<seq>.msgpack` (the format is in
+`broker.snapshot_file`). Taking one never stalls the event loop for long (`write_snapshot`):
 
-    MAGIC | header length (4 bytes, big-endian) | header (msgpack) | body (msgpack)
+- a projection that is mostly one large dict of records (the nodes registry: a million entries
+  and ~800 MB encoded) is saved a slice of `SLICE` records at a time, each slice encoded in the
+  loop and written by a thread, while events keep being applied; the projection notes the keys
+  it changes meanwhile (`Projection.dirty`), and those are saved again, in rounds, until few are
+  left;
+- then, in one step of the loop (the cut: nothing is applied meanwhile), the last changed records
+  and every other projection's state are encoded: the snapshot is the state at that step's seq,
+  since a record saved in a slice and not changed after it is as it was at the cut;
+- the thread writes the last frames and the header, fsyncs and renames the file into place.
 
-The header holds the format version, the seq, the log's chain hash at that seq, and the body's
-length and SHA-256; the body maps each projection's name to its fingerprint (its shape) and its
-saved state (`Projection.snapshot()`). The state is encoded in the event loop (a consistent
-cut: nothing is applied meanwhile); hashing, writing, fsync and the atomic rename happen in a
-thread.
+No whole body is held in memory: a snapshot costs a slice's worth of memory, not a copy of the
+state.
 
 A snapshot is never trusted: at start-up it is used only if its format is known, its body is
 intact, and the log holds an event at its seq whose chain hash is the one recorded (otherwise
 it is ignored, with a warning, and the next older one is tried). Its hash also lets the SQLite
 log verify its chain from that seq on (the prefix was verified when the snapshot was taken).
-A projection missing from the snapshot, of another shape, or that cannot be saved field by field
-(e.g. the messages projection around its delivery queue) is rebuilt by replaying, from the
-start, only the event types it handles; the others load from the snapshot.
+A projection missing from the snapshot, of another shape, or that cannot be saved (none today)
+is rebuilt by replaying, from the start, only the event types it handles; the others load from
+the snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
-import hashlib
-import os
-import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,57 +43,38 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from broker import __version__
 from broker.config import Config
 from broker.keys import CONFIG, RUNTIME, SNAPSHOTS
 from broker.runtime import Runtime, build_projections
+from broker.snapshot_file import (
+    FINGERPRINTS,
+    RECORDS,
+    Body,
+    Final,
+    Header,
+    Part,
+    SnapshotError,
+    Writer,
+    read_body,
+    read_header,
+    snapshot_paths,
+)
 from eventstore import open_store
 from eventstore.base import EventStore, IntegrityError
 from projections.base import Projection, Projections
-from projections.snapshots import Unsupported, encoder, fingerprint
+from projections.snapshots import Unsupported, dec_hook, encoder, fingerprint
 
 log = structlog.get_logger(__name__)
 
-FORMAT = 1
-MAGIC = b"BRKSNAP\x01"
-_HEADER_LEN = 4
-_PREFIX = "snapshot-"
-_SUFFIX = ".msgpack"
+__all__ = ["Body", "Boot", "Snapshotter", "SnapshotError", "snapshot_paths", "write_snapshot"]
+
 WINDOW = 4096  # seqs per window of the replay index
-_TMP_MAX_AGE = 3600.0  # seconds before a leftover temporary file (a crash mid-write) is removed
+SLICE = 2048  # records encoded in one step of the event loop (nodes: ~5-10 ms)
+FINAL_MAX = 4096  # changed records saved again in the cut itself, at most (when rounds allow)
+ROUNDS = 6  # rounds of saving changed records again before the cut
 # After a failed periodic snapshot, the next waits for `every` more events and for this delay,
 # doubled at each failure in a row up to the cap (a full disk must not cost a CPU).
 RETRY_DELAY, RETRY_DELAY_MAX = 1.0, 300.0
-
-
-class Header(msgspec.Struct, kw_only=True):
-    format: int
-    seq: int
-    log_hash: bytes  # the chain hash of event `seq`
-    created_at: float
-    broker_version: str
-    body_length: int
-    body_sha256: bytes
-
-
-class Part(msgspec.Struct):
-    fingerprint: str
-    data: msgspec.Raw
-
-
-class Body(msgspec.Struct):
-    parts: dict[str, Part]
-    # Per projection: the windows (seq // WINDOW) holding events it handles, up to the seq.
-    windows: dict[str, list[int]] = {}
-
-
-_header_decoder = msgspec.msgpack.Decoder(Header)
-_body_decoder = msgspec.msgpack.Decoder(Body)
-_plain = msgspec.msgpack.Encoder()
-
-
-class SnapshotError(Exception):
-    """A snapshot file that cannot be used; the message says why."""
 
 
 @dataclass
@@ -104,38 +89,17 @@ class Boot:
     seconds: float = 0.0
 
 
-# --- files (blocking: run in a thread) ---
+@dataclass
+class Taken:
+    """A snapshot written: where, its seq and size, and what it cost the event loop."""
 
-
-def snapshot_paths(directory: Path) -> list[tuple[int, Path]]:
-    """The snapshot files in `directory`, newest (highest seq) first."""
-    if not directory.is_dir():
-        return []
-    found: list[tuple[int, Path]] = []
-    for p in directory.iterdir():
-        name = p.name
-        if name.startswith(_PREFIX) and name.endswith(_SUFFIX):
-            digits = name[len(_PREFIX) : -len(_SUFFIX)]
-            if digits.isdigit():
-                found.append((int(digits), p))
-    found.sort(reverse=True)
-    return found
-
-
-def read_header(path: Path) -> Header:
-    with open(path, "rb") as f:
-        prefix = f.read(len(MAGIC) + _HEADER_LEN)
-        if len(prefix) < len(MAGIC) + _HEADER_LEN or not prefix.startswith(MAGIC):
-            raise SnapshotError("not a snapshot file (bad magic)")
-        size = int.from_bytes(prefix[len(MAGIC) :], "big")
-        raw = f.read(size)
-    try:
-        header = _header_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise SnapshotError(f"unreadable header: {exc}") from None
-    if header.format != FORMAT:
-        raise SnapshotError(f"format {header.format}, this broker reads {FORMAT}")
-    return header
+    path: Path
+    seq: int
+    size: int
+    records: int  # records saved in slices, changed ones counted again
+    rounds: int
+    cut_ms: float  # the one step that encoded the rest (the longest pause it caused)
+    skipped: dict[str, str]
 
 
 def snapshot_directory(config: Config) -> Path:
@@ -160,68 +124,37 @@ def check_log_against_snapshots(directory: Path, log_head: int) -> None:
         return
 
 
-def read_body(path: Path, header: Header) -> Body:
-    with open(path, "rb") as f:
-        f.seek(len(MAGIC))
-        size = int.from_bytes(f.read(_HEADER_LEN), "big")
-        f.seek(len(MAGIC) + _HEADER_LEN + size)
-        body = f.read()
-    if len(body) != header.body_length or hashlib.sha256(body).digest() != header.body_sha256:
-        raise SnapshotError("the body is damaged (length or SHA-256 mismatch)")
-    try:
-        return _body_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise SnapshotError(f"unreadable body: {exc}") from None
-
-
-def write_file(
-    directory: Path, seq: int, log_hash: bytes, body_parts: Body, keep: int
-) -> tuple[Path, int]:
-    """Write a snapshot atomically (temporary file, fsync, rename, fsync of the directory), then
-    keep only the newest `keep`. Returns the path and its size."""
-    directory.mkdir(parents=True, exist_ok=True)
-    body = _plain.encode(body_parts)
-    header = _plain.encode(
-        Header(
-            format=FORMAT,
-            seq=seq,
-            log_hash=log_hash,
-            created_at=time.time(),
-            broker_version=__version__,
-            body_length=len(body),
-            body_sha256=hashlib.sha256(body).digest(),
-        )
-    )
-    final = directory / f"{_PREFIX}{seq:012d}{_SUFFIX}"
-    tmp = directory / f".{final.name}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + len(header).to_bytes(_HEADER_LEN, "big") + header)
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    for _seq, old in snapshot_paths(directory)[keep:]:
-        with contextlib.suppress(OSError):
-            old.unlink()
-    now = time.time()
-    for p in directory.glob(f".{_PREFIX}*.tmp"):
-        with contextlib.suppress(OSError):
-            if now - p.stat().st_mtime > _TMP_MAX_AGE:
-                p.unlink()
-    return final, len(header) + len(body) + len(MAGIC) + _HEADER_LEN
-
-
 # --- saving ---
 
 
+def sliced(projections: Projections) -> dict[str, Projection]:
+    """The projections saved in slices (see the module)."""
+    return {
+        name: part
+        for name, part in projections.parts.items()
+        if part.snapshottable and part.record_type is not None
+    }
+
+
+@functools.cache
+def _records_decoder(record_type: type) -> msgspec.msgpack.Decoder[Any]:
+    return msgspec.msgpack.Decoder(list[tuple[str, record_type | None]], dec_hook=dec_hook)  # type: ignore[valid-type]
+
+
+def slice_decoders(
+    projections: Projections,
+) -> dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]]:
+    """What `read_body` needs to decode the slices of these projections."""
+    return {
+        name: (fingerprint(part), _records_decoder(part.record_type))  # type: ignore[arg-type]
+        for name, part in sliced(projections).items()
+    }
+
+
 def encode_parts(projections: Projections) -> tuple[dict[str, Part], dict[str, str]]:
-    """Each projection's saved state, and the ones left out with the reason. Synchronous: call
-    it where nothing is applied meanwhile (the event loop), so the cut is consistent."""
+    """Each projection's saved state (a sliced one's: what is not in its records), and the ones
+    left out with the reason. Synchronous: call it where nothing is applied meanwhile (the
+    event loop), so the cut is consistent."""
     parts: dict[str, Part] = {}
     skipped: dict[str, str] = {}
     for name, part in projections.parts.items():
@@ -235,6 +168,78 @@ def encode_parts(projections: Projections) -> tuple[dict[str, Part], dict[str, s
             continue
         parts[name] = Part(fingerprint(part), msgspec.Raw(data))
     return parts, skipped
+
+
+def _encode_records(part: Projection, keys: list[str]) -> bytes:
+    records = part.records()
+    return encoder.encode([(key, records.get(key)) for key in keys])
+
+
+async def write_snapshot(
+    projections: Projections,
+    directory: Path,
+    hash_at: Callable[[int], Awaitable[bytes | None]],
+    windows: Callable[[], dict[str, list[int]]],
+    keep: int,
+) -> Taken | None:
+    """Save `projections` as a snapshot file in `directory` without stalling the loop (see the
+    module); None if the log has no hash at the seq of the cut."""
+    parts_sliced = sliced(projections)
+    writer = Writer(directory)
+
+    async def write(kind: bytes, name: str, data: bytes) -> None:
+        await asyncio.to_thread(writer.frame, kind, name, data)
+
+    records = rounds = 0
+    try:
+        await asyncio.to_thread(writer.open)
+        fingerprints = {name: fingerprint(part) for name, part in parts_sliced.items()}
+        await write(FINGERPRINTS, "", encoder.encode(fingerprints))
+        for part in parts_sliced.values():
+            part.dirty = {}
+        try:
+            todo = {name: list(part.records()) for name, part in parts_sliced.items()}
+            while True:
+                for name, keys in todo.items():
+                    part = parts_sliced[name]
+                    for i in range(0, len(keys), SLICE):
+                        await write(RECORDS, name, _encode_records(part, keys[i : i + SLICE]))
+                    records += len(keys)
+                changed = sum(len(part.dirty or ()) for part in parts_sliced.values())
+                if changed <= FINAL_MAX or rounds >= ROUNDS:
+                    break
+                rounds += 1
+                todo = {}
+                for name, part in parts_sliced.items():
+                    todo[name], part.dirty = list(part.dirty or ()), {}
+            # The cut: nothing below awaits, so nothing is applied until `seq` is read.
+            t0 = time.perf_counter()
+            last = [
+                (name, _encode_records(part, list(part.dirty or ())))
+                for name, part in parts_sliced.items()
+            ]
+            parts, skipped = encode_parts(projections)
+            final = Final(parts, windows())
+            seq = projections.seq
+            cut_ms = (time.perf_counter() - t0) * 1000
+        finally:
+            for part in parts_sliced.values():
+                part.dirty = None
+        log_hash = await hash_at(seq)
+        if log_hash is None:
+            await asyncio.to_thread(writer.abort)
+            return None
+
+        def finish() -> tuple[Path, int]:
+            for name, data in last:
+                writer.frame(RECORDS, name, data)
+            return writer.finish(seq, log_hash, final, keep)
+
+        path, size = await asyncio.to_thread(finish)
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(writer.abort))
+        raise
+    return Taken(path, seq, size, records, rounds, cut_ms, skipped)
 
 
 def _handled_types(parts: list[Projection]) -> list[str]:
@@ -258,7 +263,8 @@ def window_ranges(windows: list[int], to_seq: int) -> list[tuple[int, int]]:
 
 class Snapshotter:
     """Loads the newest valid snapshot at start-up (`open_log`) and writes new ones every
-    `every` events and at shutdown.
+    `every` events or `interval` seconds (not within `min_interval` of the last) and at
+    shutdown, one at a time.
 
     It also tracks, per projection, which windows of `WINDOW` seqs hold events the projection
     handles, and saves that with each snapshot: a projection that is rebuilt by replay rather
@@ -270,6 +276,7 @@ class Snapshotter:
         cfg = config.snapshots
         self.enabled = cfg.enabled and config.store.backend != "memory"
         self.every = cfg.every
+        self.interval, self.min_interval = cfg.interval, cfg.min_interval
         self.keep = cfg.keep
         self.directory = snapshot_directory(config)
         self.boot = Boot()
@@ -282,8 +289,11 @@ class Snapshotter:
         self.windows: dict[str, set[int]] = {}  # projection -> windows holding its events
         self._tracked_by_type: dict[type, list[set[int]]] = {}
         self._task: asyncio.Task[Path | None] | None = None
+        self._lock = asyncio.Lock()  # one snapshot at a time (periodic, shutdown, compaction)
         self._reported: set[str] = set()
-        self.now = time.monotonic  # the back-off's clock
+        self.now = time.monotonic  # the clock of the intervals and the back-off
+        self.last_at = self.now()  # when the last snapshot was taken (or start-up)
+        self.last: Taken | None = None
         self.failures = 0  # periodic snapshots failed in a row
         self._retry_seq = 0  # after a failure: no periodic attempt before this seq...
         self._retry_at = 0.0  # ... nor before this time
@@ -294,50 +304,17 @@ class Snapshotter:
         """Open the log and bring the projections to its head: from the newest valid snapshot
         plus the tail when there is one, from the whole log otherwise."""
         t0 = time.perf_counter()
-        store = open_store(self.config.store)
-        projections = build_projections(self.config.delivery)
-        # The SQLite log is checked against the snapshot before it is opened, so that opening
-        # verifies its chain from the snapshot on; another backend with `hash_at` after.
-        early = hasattr(store, "trusted_prefix")
-        if self.enabled and early:  # before the log is opened: a lost one is not created anew
-            from eventstore.sqlite_verify import head_of_file
-
-            head = await asyncio.to_thread(head_of_file, store.path)  # type: ignore[attr-defined]
-            if head is not None:
-                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
-        chosen = await self._choose(store) if self.enabled and early else None
-        if chosen is not None and getattr(store, "verify_on_open", False):
-            store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
-        await store.open()
-        if self.enabled and not early and hasattr(store, "hash_at"):
-            try:
-                head = await store.head()
-                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
-            except BaseException:
-                await store.close()
-                raise
-            chosen = await self._choose(store)
-        if chosen is not None:
-            path, header, body = chosen
         collecting = gc.isenabled()
-        gc.disable()  # building millions of objects: collections would double the time
+        gc.disable()  # decoding or replaying millions of objects: collections would double it
         try:
-            if chosen is not None:
-                projections = await self._restore(store, projections, header.seq, body)
-                self.last_seq = header.seq
-                self.boot.seq, self.boot.path = header.seq, str(path)
-            self._track(projections, chosen[2] if chosen is not None else None)
-            await self._apply_tail(store, projections)
-        except BaseException:
-            await store.close()
-            raise
+            store, projections, chosen = await self._open()
         finally:
             if collecting:
                 if self.freeze_on_load:  # else the next young collection walks all of it
                     gc.freeze()
                 gc.enable()
         self.boot.seconds = time.perf_counter() - t0
-        if chosen is not None:
+        if chosen:
             log.info(
                 "snapshot_loaded",
                 seq=self.boot.seq,
@@ -355,8 +332,45 @@ class Snapshotter:
             )
         return store, projections
 
-    async def _choose(self, store: EventStore) -> tuple[Path, Header, Body] | None:
-        """The newest snapshot that matches the log, read and checked (files in a thread)."""
+    async def _open(self) -> tuple[EventStore, Projections, bool]:
+        """`open_log`'s work; also says whether a snapshot was loaded."""
+        store = open_store(self.config.store)
+        projections = build_projections(self.config.delivery)
+        # The SQLite log is checked against the snapshot before it is opened, so that opening
+        # verifies its chain from the snapshot on; another backend with `hash_at` after.
+        early = hasattr(store, "trusted_prefix")
+        if self.enabled and early:  # before the log is opened: a lost one is not created anew
+            from eventstore.sqlite_verify import head_of_file
+
+            head = await asyncio.to_thread(head_of_file, store.path)  # type: ignore[attr-defined]
+            if head is not None:
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
+        wanted = slice_decoders(projections)
+        chosen = await self._choose(store, wanted) if self.enabled and early else None
+        if chosen is not None and getattr(store, "verify_on_open", False):
+            store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
+        await store.open()
+        try:
+            if self.enabled and not early and hasattr(store, "hash_at"):
+                head = await store.head()
+                await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
+                chosen = await self._choose(store, wanted)
+            if chosen is not None:
+                path, header, body = chosen
+                projections = await self._restore(store, projections, header.seq, body)
+                self.last_seq = header.seq
+                self.boot.seq, self.boot.path = header.seq, str(path)
+            self._track(projections, chosen[2] if chosen is not None else None)
+            await self._apply_tail(store, projections)
+        except BaseException:
+            await store.close()
+            raise
+        return store, projections, chosen is not None
+
+    async def _choose(
+        self, store: EventStore, wanted: dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]]
+    ) -> tuple[Path, Header, Body] | None:
+        """The newest snapshot that matches the log, read, checked and decoded (in a thread)."""
         from eventstore.sqlite import SqliteStore
         from eventstore.sqlite_verify import hash_at_file
 
@@ -371,7 +385,7 @@ class Snapshotter:
                     raise SnapshotError(f"the log has no event {header.seq} (a different log?)")
                 if stored != header.log_hash:
                     raise SnapshotError(f"the log's hash at seq {header.seq} differs")
-                body = await asyncio.to_thread(read_body, path, header)
+                body = await asyncio.to_thread(read_body, path, header, wanted)
             except Exception as exc:  # unreadable, damaged, or not this log's
                 self.boot.ignored.append((str(path), str(exc)))
                 log.warning("snapshot_ignored", path=str(path), reason=str(exc))
@@ -387,8 +401,14 @@ class Snapshotter:
             saved = body.parts.get(name)
             if saved is None or not part.snapshottable or saved.fingerprint != fingerprint(part):
                 continue
+            records = body.records.get(name)
+            if part.record_type is not None and records is None:
+                continue  # its slices were not read (of another shape)
             try:
-                part.restore(saved.data)  # type: ignore[arg-type]
+                if records is not None:
+                    part.restore_sliced(records, saved.data)  # type: ignore[arg-type]
+                else:
+                    part.restore(saved.data)  # type: ignore[arg-type]
             except Exception as exc:
                 log.warning("snapshot_part_ignored", projection=name, reason=str(exc))
                 continue
@@ -452,8 +472,8 @@ class Snapshotter:
     # --- saving ---
 
     def on_append(self, envs: Any) -> None:
-        """Store listener: mark the windows of tracked events; start a snapshot every `every`
-        events (one at a time)."""
+        """Store listener: mark the windows of tracked events; start a snapshot when one is due
+        (one at a time)."""
         tracked = self._tracked_by_type
         if tracked:
             for env in envs:
@@ -462,11 +482,15 @@ class Snapshotter:
                     for windows in marks:
                         windows.add(env.seq // WINDOW)
         runtime = self.runtime
-        if runtime is None or runtime.projections.seq - self.last_seq < self.every:
+        if runtime is None:
             return
-        if self.failures and (
-            runtime.projections.seq < self._retry_seq or self.now() < self._retry_at
+        seq, now = runtime.projections.seq, self.now()
+        since = now - self.last_at
+        if since < self.min_interval or (
+            seq - self.last_seq < self.every and (seq == self.last_seq or since < self.interval)
         ):
+            return
+        if self.failures and (seq < self._retry_seq or now < self._retry_at):
             return  # backing off
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._periodic())
@@ -494,33 +518,39 @@ class Snapshotter:
         runtime = self.runtime
         if runtime is None or not self.enabled:
             return None
-        projections = runtime.projections
-        seq = projections.seq
-        if seq == 0 or seq == self.last_seq:
-            return None
-        t0 = time.perf_counter()
-        parts, skipped = encode_parts(projections)  # in the loop: a consistent cut at `seq`
-        windows = {n: sorted(w) for n, w in self.windows.items()}
-        encoded = time.perf_counter() - t0
-        for name, reason in skipped.items():
+        async with self._lock:
+            projections = runtime.projections
+            if projections.seq in (0, self.last_seq):
+                return None
+            t0 = time.perf_counter()
+            taken = await write_snapshot(
+                projections,
+                self.directory,
+                runtime.store.hash_at,  # type: ignore[attr-defined]
+                lambda: {n: sorted(w) for n, w in self.windows.items()},
+                self.keep,
+            )
+            if taken is None:
+                return None
+            self.last_seq, self.last_at, self.last = (
+                max(self.last_seq, taken.seq),
+                self.now(),
+                taken,
+            )
+        for name, reason in taken.skipped.items():
             if name not in self._reported:
                 self._reported.add(name)
                 log.info("snapshot_skips_projection", projection=name, reason=reason)
-        log_hash = await runtime.store.hash_at(seq)  # type: ignore[attr-defined]
-        if log_hash is None:
-            return None
-        path, size = await asyncio.to_thread(
-            write_file, self.directory, seq, log_hash, Body(parts, windows), self.keep
-        )
-        self.last_seq = max(self.last_seq, seq)
         log.info(
             "snapshot_written",
-            seq=seq,
-            bytes=size,
-            encode_ms=round(encoded * 1000, 1),
+            seq=taken.seq,
+            bytes=taken.size,
+            records=taken.records,
+            rounds=taken.rounds,
+            cut_ms=round(taken.cut_ms, 1),
             total_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
-        return path
+        return taken.path
 
     async def wait(self) -> None:
         """Let a snapshot being written finish."""
@@ -534,7 +564,7 @@ async def _snapshots_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     supported = hasattr(runtime.store, "hash_at")
     if snapshotter.enabled and supported:
-        snapshotter.runtime = runtime
+        snapshotter.runtime, snapshotter.last_at = runtime, snapshotter.now()
         runtime.store.add_listener(snapshotter.on_append)
     try:
         yield

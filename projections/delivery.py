@@ -533,6 +533,17 @@ class DeliveryQueue:
                 return True
         return False
 
+    def queued(self) -> list[tuple[str, QueuedMessage]]:
+        """Every (node, message) still pending, in flight and out of attempts included: what a
+        snapshot saves, to enqueue again at load (O(copies))."""
+        out: list[tuple[str, QueuedMessage]] = []
+        for node, box in self._boxes.items():
+            for entry in box.state.values():
+                out.append((node, entry.message if isinstance(entry, Delivery) else entry))
+            for d in box.held.values():
+                out.append((node, d.message))
+        return out
+
     def held(self) -> list[Delivery]:
         """Deliveries out of attempts and not yet dropped (O(nodes)): what ``timed_out``
         reported as exhausted, to record again if recording the dead letters failed."""

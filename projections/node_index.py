@@ -28,9 +28,11 @@ Invariant: every structure holds exactly the live nodes, keyed by their current 
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -489,12 +491,40 @@ class NodeIndex:
                 (bm_add if now else bm_discard)(w.bits, node.slot)
 
     def rebuild(self, nodes: Iterable[Node]) -> None:
-        """Index `nodes` from scratch, in generation order, with dense slots."""
+        """Index `nodes` from scratch, in generation order, with dense slots; the key strings
+        they hold are interned on the way (decoded anew from a snapshot, each node has its own
+        copies: one shared string each saves ~300 bytes a node).
+
+        One pass a block: the slots of each key collected as offsets, each key's bits made once
+        per block (`_bits`) rather than a big int or'ed per node."""
         self.__init__()  # type: ignore[misc]
-        ordered = sorted(nodes, key=lambda n: n.generation)
-        for slot, node in enumerate(ordered):
-            node.slot = slot
-            self._bitmaps(node, bm_add)
+        ordered = sorted(nodes, key=attrgetter("generation"))
+        indices = (self.by_type, self.by_capability, self.by_region, self.by_status)
+        intern = sys.intern
+        for first in range(0, len(ordered), BLOCK):
+            found: tuple[dict[str, list[int]], ...] = ({}, {}, {}, {})
+            types, capabilities, regions, statuses = found
+            offset = 0
+            for node in ordered[first : first + BLOCK]:
+                node.slot = first + offset
+                key = node.type = intern(node.type)
+                types.setdefault(key, []).append(offset)
+                caps = node.capabilities
+                for i, cap in enumerate(caps):
+                    caps[i] = key = intern(cap)
+                    capabilities.setdefault(key, []).append(offset)
+                region = node.metadata.get("region")
+                if type(region) is str:
+                    node.metadata["region"] = key = intern(region)
+                    regions.setdefault(key, []).append(offset)
+                key = node.status = intern(node.status)
+                statuses.setdefault(key, []).append(offset)
+                offset += 1
+            block = first >> SHIFT
+            self.live[block] = (1 << offset) - 1
+            for index, keys in zip(indices, found, strict=True):
+                for key, offsets in keys.items():
+                    index.setdefault(key, {})[block] = _bits(offsets)
         self.slots.extend(ordered)
 
     # --- queries ---
@@ -668,6 +698,17 @@ class NodeIndex:
             if not now - 0.0 <= within:
                 hi = min(hi, self._cut(within, now))
         return lo, max(lo, hi)
+
+
+_ZEROS = b"0" * BLOCK
+
+
+def _bits(offsets: list[int]) -> int:
+    """The int whose bits `offsets` are set (offsets < BLOCK): as binary digits, parsed once."""
+    digits = bytearray(_ZEROS)
+    for offset in offsets:
+        digits[offset] = 49  # "1"
+    return int(digits[::-1], 2)
 
 
 def _walk(slots: Iterable[int], matches: Bitmap, skip: int, limit: int) -> list[int]:

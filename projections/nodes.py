@@ -88,26 +88,23 @@ class NodesProjection(Projection):
     retired: dict[str, float] = field(default_factory=dict)  # deregistered node id -> when
     index: NodeIndex = field(default_factory=NodeIndex, compare=False, repr=False)
 
-    # The indices are derived from the registry: snapshots save the registry and rebuild them.
-    snapshot_version: ClassVar[int] = 1
+    # Snapshots save the registry in slices (`records`), the rest whole; the indices are derived
+    # from the registry and rebuilt at load.
+    snapshot_version: ClassVar[int] = 2
+    record_type: ClassVar[type] = Node
 
     def state(self) -> object:
         return {"nodes": self.nodes, "retired": self.retired}
 
-    def snapshot(self) -> Any:
-        return {"nodes": self.nodes, "retired": self.retired}
+    def records(self) -> dict[str, Node]:
+        return self.nodes
 
-    def restore(self, raw: bytes) -> None:
-        saved = _snapshot_decoder.decode(raw)
-        self.nodes, self.retired = saved.nodes, saved.retired
-        intern = _intern
-        for node in self.nodes.values():  # decoded anew for every node: share them again
-            node.type, node.status = intern(node.type), intern(node.status)
-            node.capabilities = list(map(intern, node.capabilities))
-            region = node.metadata.get("region")
-            if type(region) is str:
-                node.metadata["region"] = intern(region)
-        self.index.rebuild(self.nodes.values())
+    def snapshot(self) -> Any:
+        return {"retired": self.retired}
+
+    def restore_sliced(self, records: dict[str, Any], raw: bytes) -> None:
+        self.nodes, self.retired = records, _snapshot_decoder.decode(raw).retired
+        self.index.rebuild(self.nodes.values())  # (which shares the key strings again)
 
     # --- apply ---
 
@@ -132,6 +129,8 @@ class NodesProjection(Projection):
         self.nodes[e.node_id] = node
         self.retired.pop(e.node_id, None)
         self.index.add(node)
+        if self.dirty is not None:
+            self.dirty[e.node_id] = None
 
     @handles(NodeStatusUpdated)
     def _status(self, env: Envelope) -> None:
@@ -139,6 +138,8 @@ class NodesProjection(Projection):
         node = self.nodes.get(e.node_id)
         if node is None:
             return
+        if self.dirty is not None:
+            self.dirty[e.node_id] = None
         if e.status is not None and e.status != node.status:
             self.index.set_status(node, _intern(e.status))
         if e.load is not None and e.load != node.load:
@@ -157,6 +158,8 @@ class NodesProjection(Projection):
         node = self.nodes.get(e.node_id)
         if node is None:
             return
+        if self.dirty is not None:
+            self.dirty[e.node_id] = None
         self.index.set_heartbeat(node, env.ts)
         node.heartbeat_timestamp = e.timestamp
         node.health = e.status
@@ -169,6 +172,8 @@ class NodesProjection(Projection):
         e: NodeLoggedIn = env.event  # type: ignore[assignment]
         if (node := self.nodes.get(e.node_id)) is not None:
             node.last_login_at = env.ts
+            if self.dirty is not None:
+                self.dirty[e.node_id] = None
 
     @handles(NodeDeregistered)
     def _deregistered(self, env: Envelope) -> None:
@@ -177,6 +182,8 @@ class NodesProjection(Projection):
         if node is not None:
             self.index.remove(node)
             self.retired[e.node_id] = env.ts
+            if self.dirty is not None:
+                self.dirty[e.node_id] = None
 
     # --- queries ---
 
@@ -232,7 +239,6 @@ class NodesProjection(Projection):
 
 
 class _Snapshot(msgspec.Struct):
-    nodes: dict[str, Node]
     retired: dict[str, float]
 
 

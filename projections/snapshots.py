@@ -36,16 +36,16 @@ def _enc_hook(obj: Any) -> Any:
     raise NotImplementedError(f"objects of type {type(obj).__name__} cannot be saved")
 
 
-def _dec_hook(tp: Any, obj: Any) -> Any:
+def dec_hook(tp: Any, obj: Any) -> Any:
     origin = typing.get_origin(tp) or tp
     if origin is deque:
         args = typing.get_args(tp)
         kind: Any = list[args[0]] if args else list  # type: ignore[valid-type]
-        return deque(msgspec.convert(obj, kind, dec_hook=_dec_hook))
+        return deque(msgspec.convert(obj, kind, dec_hook=dec_hook))
     if origin is OrderedDict:
         args = typing.get_args(tp)
         kind = dict[args[0], args[1]] if args else dict  # type: ignore[valid-type]
-        return OrderedDict(msgspec.convert(obj, kind, dec_hook=_dec_hook))
+        return OrderedDict(msgspec.convert(obj, kind, dec_hook=dec_hook))
     raise NotImplementedError(f"cannot load objects of type {tp!r}")
 
 
@@ -92,7 +92,7 @@ def _decoder(cls: type) -> msgspec.msgpack.Decoder[Any]:
     hints = typing.get_type_hints(cls)
     spec = [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
     state = msgspec.defstruct(f"{cls.__name__}Snapshot", spec)
-    return msgspec.msgpack.Decoder(state, dec_hook=_dec_hook)
+    return msgspec.msgpack.Decoder(state, dec_hook=dec_hook)
 
 
 def restore_fields(obj: Any, raw: bytes | msgspec.Raw) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
 
 from eventstore.base import Envelope
 from eventstore.events import UpdatePublished, UpdateWithdrawn
@@ -63,6 +66,21 @@ class UpdatesProjection(Projection):
     # Not withdrawn, newest version first (then newest publication): `latest_for` walks it.
     available: list[Update] = field(default_factory=list)
 
+    # Snapshots save `updates`; `available` holds the same objects and is derived from them.
+    snapshot_version: ClassVar[int] = 1
+
+    def snapshot(self) -> Any:
+        return {"updates": self.updates}
+
+    def restore(self, raw: bytes) -> None:
+        self.updates = _snapshot_decoder.decode(raw).updates
+        self.available = [u for u in self.updates.values() if not u.withdrawn]
+        self._sort_available()
+
+    def _sort_available(self) -> None:
+        # stable: equal keys keep publication order, as the live list does
+        self.available.sort(key=lambda u: (u.key, u.created_at), reverse=True)
+
     @handles(UpdatePublished)
     def _published(self, env: Envelope) -> None:
         e: UpdatePublished = env.event  # type: ignore[assignment]
@@ -80,9 +98,12 @@ class UpdatesProjection(Projection):
             list(e.tenant_ids) if e.tenant_ids is not None else None,
             env.ts,
         )
+        old = self.updates.get(e.update_id)  # an id is never reused in practice; if it were,
+        if old is not None and not old.withdrawn:  # the newer publication replaces the older
+            self.available.remove(old)
         self.updates[e.update_id] = upd
         self.available.append(upd)
-        self.available.sort(key=lambda u: (u.key, u.created_at), reverse=True)
+        self._sort_available()
 
     @handles(UpdateWithdrawn)
     def _withdrawn(self, env: Envelope) -> None:
@@ -129,3 +150,10 @@ class UpdatesProjection(Projection):
             and (tenant_id is None or u.visible_to(tenant_id))
             and (withdrawn is None or u.withdrawn == withdrawn)
         ]
+
+
+class _Snapshot(msgspec.Struct):
+    updates: dict[str, Update]
+
+
+_snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)

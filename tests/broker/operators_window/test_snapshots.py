@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
@@ -19,19 +20,21 @@ from broker.app import create_app
 from broker.config import Config, SnapshotsConfig
 from broker.keys import RUNTIME, SNAPSHOTS
 from broker.runtime import build_projections
+from broker.snapshot_file import read_body, read_header
 from broker.snapshots import (
     WINDOW,
-    Body,
     Snapshotter,
     encode_parts,
+    slice_decoders,
     snapshot_paths,
     window_ranges,
+    write_snapshot,
 )
 from eventstore.base import IntegrityError
 from eventstore.events import BaseEvent, LogNote, UpdatePublished, UpdateWithdrawn
 from eventstore.memory import MemoryStore
 from eventstore.sqlite import SqliteStore, hash_at_file, verify_file
-from projections.base import Projections
+from projections.base import Projection, Projections
 from projections.snapshots import Unsupported, check_fields
 from projections.tenants import TenantsProjection
 from projections.updates import UpdatesProjection
@@ -46,7 +49,7 @@ def state(projections: Projections) -> dict[str, Any]:
 
 def config_in(tmp_path: Path, every: int = 100_000) -> Config:
     config = make_config(tmp_path)
-    config.snapshots = SnapshotsConfig(every=every, keep=2)
+    config.snapshots = SnapshotsConfig(every=every, keep=2, min_interval=0)
     return config
 
 
@@ -68,11 +71,10 @@ def test_snapshot_plus_tail_equals_full_replay(events: list[BaseEvent], cut: flo
         k = int(len(envs) * cut)
         full = build_projections()
         full.apply_many(envs)
-        # the snapshot at k, through its bytes, as start-up reads it
+        # the snapshot at k, through its file, as start-up reads it
         at_k = build_projections()
         at_k.apply_many(envs[:k])
-        parts, _skipped = encode_parts(at_k)  # (messages: its delivery queue is replayed)
-        body = msgspec.msgpack.decode(msgspec.msgpack.encode(Body(parts)), type=Body)
+        body = await through_a_file(at_k)  # (messages: its delivery queue is replayed)
         loaded = await Snapshotter(Config())._restore(store, build_projections(), k, body)
         assert loaded.seq == k
         assert state(loaded) == state(at_k)
@@ -82,22 +84,60 @@ def test_snapshot_plus_tail_equals_full_replay(events: list[BaseEvent], cut: flo
     asyncio.run(scenario())
 
 
+async def through_a_file(projections: Projections) -> Any:
+    """Write `projections` as a snapshot file and read it back as start-up does."""
+
+    async def hash_at(seq: int) -> bytes:
+        return seq.to_bytes(32, "big")
+
+    with tempfile.TemporaryDirectory() as directory:
+        taken = await write_snapshot(projections, Path(directory), hash_at, dict, keep=1)
+        assert taken is not None and taken.seq == projections.seq
+        header = await asyncio.to_thread(read_header, taken.path)
+        assert header.log_hash == await hash_at(projections.seq)
+        wanted = slice_decoders(build_projections())
+        return await asyncio.to_thread(read_body, taken.path, header, wanted)
+
+
+@dataclass
+class _Sharing(Projection):
+    """Two fields holding the same objects (a dict and a list of its values)."""
+
+    name = "sharing"
+    by_id: dict[str, list[int]] = field(default_factory=dict)
+    ordered: list[list[int]] = field(default_factory=list)
+
+
 def test_shared_objects_are_not_saved_field_by_field() -> None:
-    updates = UpdatesProjection()
-    updates.handlers()[UpdatePublished](
-        _env(
-            1,
-            UpdatePublished(
-                update_id="u1", version="1.0.0", changelog="", sha256="0" * 64, file_size=1
-            ),
-        )
-    )
+    sharing = _Sharing()
+    sharing.by_id["a"] = [1]
+    sharing.ordered.append(sharing.by_id["a"])
     with pytest.raises(Unsupported, match="share objects"):
-        check_fields(updates)  # `available` holds the very objects of `updates`
-    # restored field by field, a withdrawal would then miss its copy in `available`
+        check_fields(sharing)  # loaded back field by field, the two copies would part ways
+    parts, skipped = encode_parts(Projections([sharing]))
+    assert "sharing" in skipped and not parts
+
+
+def test_the_updates_projection_rebuilds_its_shared_list_at_load() -> None:
+    updates = UpdatesProjection()
+    for seq, version in enumerate(["1.0.0", "1.1.0", "1.0.1"], 1):
+        updates.handlers()[UpdatePublished](
+            _env(
+                seq,
+                UpdatePublished(
+                    update_id=f"u{seq}", version=version, changelog="", sha256="0" * 64, file_size=1
+                ),
+            )
+        )
     parts, skipped = encode_parts(Projections([updates]))
-    assert "updates" in skipped and not parts
-    updates.handlers()[UpdateWithdrawn](_env(2, UpdateWithdrawn(update_id="u1")))
+    assert not skipped
+    restored = UpdatesProjection()
+    restored.restore(parts["updates"].data)
+    assert restored.state() == updates.state()
+    assert [u.version for u in restored.available] == ["1.1.0", "1.0.1", "1.0.0"]
+    # a withdrawal then finds the very object in `available`, as in the live projection
+    restored.handlers()[UpdateWithdrawn](_env(4, UpdateWithdrawn(update_id="u2")))
+    assert [u.version for u in restored.available] == ["1.0.1", "1.0.0"]
 
 
 def _env(seq: int, event: BaseEvent) -> Any:
@@ -285,19 +325,20 @@ async def test_a_failing_snapshot_backs_off(
     blocker.write_text("a regular file where the snapshot directory should be")
     config.snapshots.directory = str(blocker)
     attempts: list[int] = []
-    write = snapshots.write_file
+    write = snapshots.write_snapshot
 
-    def counting(directory: Path, seq: int, *args: Any) -> tuple[Path, int]:
-        attempts.append(seq)
-        return write(directory, seq, *args)
+    async def counting(projections: Projections, *args: Any) -> Any:
+        attempts.append(projections.seq)
+        return await write(projections, *args)
 
-    monkeypatch.setattr(snapshots, "write_file", counting)
+    monkeypatch.setattr(snapshots, "write_snapshot", counting)
     logged = _Log()
     monkeypatch.setattr(snapshots, "log", logged)
     clock = [1000.0]
     async with TestClient(TestServer(create_app(config))) as client:
         snap, runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
         snap.now = lambda: clock[0]
+        snap.last_at = clock[0]
 
         async def append(n: int) -> None:
             for i in range(n):
@@ -329,3 +370,32 @@ async def test_a_failing_snapshot_backs_off(
         await append(10)
         assert len(attempts) == 5 and snap.failures == 0
         assert await asyncio.to_thread(snapshot_paths, blocker)
+
+
+async def test_snapshots_are_due_by_events_or_time_but_never_too_often(tmp_path: Path) -> None:
+    """`every` events or `interval` seconds with something new, never within `min_interval`."""
+    config = config_in(tmp_path, every=50)
+    config.snapshots.interval, config.snapshots.min_interval = 100.0, 10.0
+    clock = [1000.0]
+    async with TestClient(TestServer(create_app(config))) as client:
+        snap, runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
+        snap.now = lambda: clock[0]
+        snap.last_at = clock[0]
+
+        async def append(n: int) -> None:
+            for i in range(n):
+                await runtime.record([LogNote(stream_id="s", text=str(i))])
+                await snap.wait()
+
+        await append(60)  # past `every`, but within min_interval of the start
+        assert snap.last_seq == 0
+        clock[0] += 10.0
+        await append(1)  # now due by events
+        first = snap.last_seq
+        assert first == await runtime.store.head()
+        clock[0] += 50.0
+        await append(5)  # few events, before `interval`: not due
+        assert snap.last_seq == first
+        clock[0] += 50.0
+        await append(1)  # `interval` passed with something new: due by time
+        assert snap.last_seq == await runtime.store.head() > first
