@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker import (
+    compaction,
     connections,
     console,
     openapi,
@@ -14,6 +15,7 @@ from broker import (
     redoc,
     routes_events,
     routes_licensing,
+    routes_log,
     routes_messages,
     routes_nodes,
     routes_operators,
@@ -55,10 +57,12 @@ def create_app(config: Config) -> web.Application:
     ws_nodes.setup(app)
     connections.setup(app)  # across instances, a node's newest WebSocket wins (nats backend)
     routes_events.setup(app)
+    routes_log.setup(app)
     ws_operators.setup(app)
     openapi.setup(app)
     redoc.setup(app)
     snapshots.setup(app)
+    compaction.setup(app)  # after snapshots: a compaction takes one first
     console.setup(app)  # the operator console's page and files (docs/console.md)
     return app
 

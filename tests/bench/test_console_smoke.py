@@ -20,7 +20,7 @@ def test_bench_console_prints_its_figures() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
-    assert any(x.startswith("first search: builds the id and name orders") for x in lines)
+    assert any(x.startswith("first search, its orders not built yet") for x in lines)
     figures = [x for x in lines if "p50" in x and "cpu" in x]
     assert len(figures) == 8, out.stdout
     assert figures[0].startswith("fleet refresh (page of 50 + 3 counts)")
