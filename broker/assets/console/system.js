@@ -36,6 +36,7 @@ export function SystemPage() {
   const [health, setHealth] = useState(null);
   const [metrics, setMetrics] = useState(null);
   const [info, setInfo] = useState(null);
+  const [log, setLog] = useState(null);
   const [error, setError] = useState(null);
   useEffect(() => {
     const load = async () => {
@@ -43,6 +44,7 @@ export function SystemPage() {
         const resp = await fetch("/health", { credentials: "omit" });
         setHealth(await resp.json());
         setInfo(await API.get("/api/v1/console/system"));
+        setLog(await API.get("/api/v1/admin/log").catch(() => null)); // events:read
         setMetrics(parseMetrics(await API.api("GET", "/api/v1/metrics", undefined, { headers: { Accept: "text/plain" } })));
         setError(null);
       } catch (err) { setError(err); }
@@ -77,6 +79,24 @@ export function SystemPage() {
             : "disabled"}</dd>
           ${info.snapshots.files.map((f) => html`<dt></dt><dd>${f.name}: ${size(f.bytes)}, ${fmtTime(f.modified_at)}</dd>`)}
         </dl></div>`}
+      ${log && html`<div class="panel"><h2>Retention and compaction</h2>
+        <dl class="kv">
+          <dt>Log size</dt><dd data-log-bytes>${log.log_bytes === null ? "—" : size(log.log_bytes)}</dd>
+          <dt>Removed so far</dt><dd>${log.removed_events.toLocaleString("en")} events, ${log.gaps} gaps</dd>
+          <dt>Last compaction</dt><dd>${log.last_compaction
+            ? `${fmtTime(log.last_compaction.at)}, up to seq ${log.last_compaction.up_to}`
+            : "none"}</dd>
+          <dt>Kept</dt><dd>${Object.keys(log.policy.days).length
+            ? `${Object.entries(log.policy.days).map(([t, d]) => `${t}: ${d} days`).join(", ")}; the rest forever`
+            : "every event, forever"}</dd>
+        </dl>
+        ${log.by_type && html`<${Table} caption="Size by event type" rows=${Object.entries(log.by_type).sort((a, b) => b[1].bytes - a[1].bytes).slice(0, 8)}
+          rowKey=${(r) => r[0]} columns=${[
+            { label: "Event type", cell: ([t]) => t },
+            { label: "Events", cell: ([, v]) => v.events.toLocaleString("en") },
+            { label: "Size", cell: ([, v]) => size(v.bytes) },
+          ]} />`}
+      </div>`}
       <div class="panel"><h2>Health checks</h2><${Json} value=${health.checks} /></div>
       </div>
       <div class="panel"><h2>Metrics</h2>
