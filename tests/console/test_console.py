@@ -340,7 +340,7 @@ def test_operators_and_system_pages(page: Any) -> None:
     page.get_by_role("cell", name=re.compile("log head seq")).wait_for()
     page.locator("[data-integrity]", has_text="hash chain verified at start").wait_for()
     page.get_by_role("heading", name="Retention and compaction").wait_for()  # GET /api/v1/admin/log
-    page.get_by_role("table", name="Size by event type").get_by_text("node.registered").wait_for()
+    page.get_by_role("table", name="Size by event type").get_by_text("user.created").wait_for()
     shot(page, "11-system")
 
 
