@@ -142,11 +142,27 @@ class SnapshotsInfo(msgspec.Struct, kw_only=True):
     files: list[FileInfo]
 
 
+class VerifiedCheckpoint(msgspec.Struct):
+    """What `broker verify` leaves beside the log after a full pass (broker/cli_log.py)."""
+
+    seq: int
+    at: float
+
+
+_checkpoint = msgspec.json.Decoder(VerifiedCheckpoint)
+
+
+class LastVerify(msgspec.Struct, kw_only=True):
+    up_to_seq: int
+    at: str | None
+
+
 class SystemInfo(msgspec.Struct, kw_only=True):
     backend: str
     instance: str | None  # this instance's id on a shared (nats) log
     started_at: str | None
     verified_at_start: bool  # the log's whole hash chain was checked before serving
+    last_verify: LastVerify | None  # the last `broker verify` (its checkpoint), if any
     log_files: list[FileInfo]  # the SQLite log's files (none for nats or memory)
     snapshots: SnapshotsInfo
 
@@ -292,11 +308,19 @@ def system_of(app: web.Application) -> SystemInfo:
             if (info := _file_info(path)) is not None:
                 log_files.append(info)
     files = [f for _seq, p in snapshot_paths(snap.directory) if (f := _file_info(p)) is not None]
+    last_verify = None
+    if store.backend == "sqlite":
+        try:  # <log>.verified, as broker verify writes it
+            cp = _checkpoint.decode(Path(store.path + ".verified").read_bytes())
+            last_verify = LastVerify(up_to_seq=cp.seq, at=iso(cp.at))
+        except (OSError, msgspec.DecodeError):
+            pass
     return SystemInfo(
         backend=store.backend,
         instance=app[TAKEOVER].instance if store.backend in SHARED_BACKENDS else None,
         started_at=iso(app[RUNTIME].started_at),
         verified_at_start=store.backend == "sqlite" and store.verify_on_open,
+        last_verify=last_verify,
         log_files=log_files,
         snapshots=SnapshotsInfo(
             enabled=snap.enabled,

@@ -3,8 +3,12 @@ node stats it shows beside the node list."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp.test_utils import TestClient
 
+from broker.cli_log import write_checkpoint
+from broker.config import Config
 from tests.broker.identity.helpers import assert_error, node_session, operator_token
 
 
@@ -116,7 +120,10 @@ async def test_node_search_finds_ids_then_names_by_prefix(client: TestClient) ->
     assert (await client.get("/api/v1/console/node-search?q=e")).status == 401
 
 
-async def test_system_info_shows_the_log_files_and_snapshots(client: TestClient) -> None:  # type: ignore[type-arg]
+async def test_system_info_shows_the_log_files_and_snapshots(
+    client: TestClient,  # type: ignore[type-arg]
+    config: Config,
+) -> None:
     viewer = await operator_token(client, "watcher", ["viewer"])  # viewers hold metrics:read
     resp = await client.get("/api/v1/console/system", headers={"Authorization": f"Bearer {viewer}"})
     assert resp.status == 200, await resp.text()
@@ -126,6 +133,13 @@ async def test_system_info_shows_the_log_files_and_snapshots(client: TestClient)
     assert "events.db" in [f["name"] for f in info["log_files"]]
     assert all(f["bytes"] > 0 for f in info["log_files"] if f["name"] == "events.db")
     assert set(info["snapshots"]) == {"enabled", "every", "keep", "last_seq", "failures", "files"}
+    assert info["last_verify"] is None
+    # `broker verify` leaves its checkpoint beside the log: the page shows it.
+    head = (await (await client.get("/health")).json())["checks"]["store"]["head_seq"]
+    await asyncio.to_thread(write_checkpoint, config.store.path, head)
+    resp = await client.get("/api/v1/console/system", headers={"Authorization": f"Bearer {viewer}"})
+    last = (await resp.json())["last_verify"]
+    assert last["up_to_seq"] == head and last["at"].endswith("Z")
     assert (await client.get("/api/v1/console/system")).status == 401
 
 

@@ -72,7 +72,10 @@ export function SystemPage() {
           <dt>Started</dt><dd>${fmtTime(info.started_at)}</dd>
           <dt>Integrity</dt><dd data-integrity>${info.verified_at_start
             ? `hash chain verified at start (${fmtTime(info.started_at)})`
-            : "not verified at start: run broker verify"}</dd>
+            : "not verified at start"}</dd>
+          <dt>Last verify</dt><dd data-last-verify>${info.last_verify
+            ? `broker verify checked up to seq ${info.last_verify.up_to_seq}, ${fmtTime(info.last_verify.at)}`
+            : "broker verify has not run on this log"}</dd>
           <dt>Log files</dt><dd>${info.log_files.length ? info.log_files.map((f) => html`<div>${f.name}: ${size(f.bytes)}</div>`) : "—"}</dd>
           <dt>Snapshots</dt><dd>${info.snapshots.enabled
             ? `every ${info.snapshots.every.toLocaleString("en")} events, ${info.snapshots.keep} kept; ${info.snapshots.last_seq ? `newest at seq ${info.snapshots.last_seq}` : "none yet"}${info.snapshots.failures ? `; ${info.snapshots.failures} failed in a row` : ""}`
