@@ -12,7 +12,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 COMPILED := projections/.delivery.compiled
 PURE := FLEET_BROKER_PURE=1
 
-.PHONY: serve test lint bench clean compile
+.PHONY: serve test lint bench clean compile console-assets
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ $(BENCH_STAMP): $(DEV_STAMP)
 
 bench: $(BENCH_STAMP) $(COMPILED)
 	$(BIN)/python -m bench.peers
+
+# The operator console's libraries (htm+Preact, uPlot), fetched again from the npm registry into
+# broker/assets/console/vendor (committed: `make serve` needs neither npm nor the network).
+console-assets:
+	broker/assets/console/vendor/fetch.sh
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

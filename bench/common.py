@@ -6,7 +6,8 @@ import asyncio
 import os
 import platform
 import resource
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -59,3 +60,19 @@ def per_item_us(before: float | None, after: float | None, n: int) -> float:
     if before is None or after is None or n <= 0:
         return float("nan")
     return (after - before) / n * 1e6
+
+
+def timings(op: Callable[[], Any], reps: int) -> tuple[float, float, float]:
+    """Run `op` `reps` times: p50 and p99 wall milliseconds, and CPU milliseconds per run."""
+    times = []
+    pid = os.getpid()
+    cpu0 = cpu_seconds(pid)
+    for _ in range(reps):
+        t = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - t)
+    cpu1 = cpu_seconds(pid)
+    times.sort()
+    p50 = times[len(times) // 2] * 1e3
+    p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3
+    return p50, p99, ((cpu1 or 0) - (cpu0 or 0)) / reps * 1e3

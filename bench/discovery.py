@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any, cast
 
 import msgspec
 
-from bench.common import cpu_seconds, machine
+from bench.common import machine, timings
 from broker.config import AuthConfig
 from broker.nodes import NodeService, NodesQuery
 from broker.runtime import Runtime
@@ -269,20 +268,14 @@ def service_for(p: NodesProjection) -> NodeService:
 def measure(service: NodeService, now: float, params: dict[str, Any], reps: int) -> str:
     query = msgspec.convert(params, NodesQuery, strict=False)
     service.list_nodes(query, now)  # warm
-    times = []
-    pid = os.getpid()
-    cpu0 = cpu_seconds(pid)
-    for _ in range(reps):
-        t = time.perf_counter()
-        page = service.list_nodes(query, now)
-        _json.encode(page)
-        times.append(time.perf_counter() - t)
-    cpu1 = cpu_seconds(pid)
-    times.sort()
-    p50 = times[len(times) // 2] * 1e3
-    p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3
-    cpu = ((cpu1 or 0) - (cpu0 or 0)) / reps * 1e3
-    return f"p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  cpu {cpu:8.3f} ms  total {page.total:>7}"
+    last: list[Any] = [None]
+
+    def once() -> None:
+        last[0] = service.list_nodes(query, now)
+        _json.encode(last[0])
+
+    p50, p99, cpu = timings(once, reps)
+    return f"p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  cpu {cpu:8.3f} ms  total {last[0].total:>7}"
 
 
 def main() -> None:

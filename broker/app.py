@@ -9,6 +9,7 @@ from aiohttp import web
 from broker import (
     compaction,
     connections,
+    console,
     openapi,
     ratelimit,
     redoc,
@@ -66,6 +67,7 @@ def create_app(config: Config) -> web.Application:
     redoc.setup(app)
     snapshots.setup(app)
     compaction.setup(app)  # after snapshots: a compaction takes one first
+    console.setup(app)  # the operator console's page and files (docs/console.md)
     return app
 
 

@@ -102,6 +102,7 @@ class NodeConnection:
         self.transport = transport
         self.wake = asyncio.Event()
         self.closed = False
+        self.opened_at = time.time()  # shown by the console (connected since)
         # Pushes the node has acked whose reads are still being made durable: they no longer
         # count against its window (see Dispatcher.acking).
         self.acking: set[str] = set()

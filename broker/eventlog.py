@@ -292,6 +292,13 @@ class ProjectionState(msgspec.Struct, kw_only=True):
     state: Any
 
 
+class Rebuilt(NamedTuple):
+    part: Projection
+    at_seq: int
+    head: int
+    applied: int  # events fed to it
+
+
 class Rebuilder:
     """Rebuilds projections as they were at a seq, one at a time, off the serving path: it
     reads the log in windows and yields to the event loop between them."""
@@ -317,6 +324,18 @@ class Rebuilder:
     async def state_at(self, store: EventStore, name: str, at_seq: int | None) -> ProjectionState:
         """Projection `name` after the events 1..at_seq (default: the head), as JSON-able data.
         429 while another rebuild runs."""
+        rebuilt = await self.rebuild(store, name, at_seq)
+        return ProjectionState(
+            projection=name,
+            at_seq=rebuilt.at_seq,
+            head=rebuilt.head,
+            events_applied=rebuilt.applied,
+            state=jsonable(rebuilt.part.state()),
+        )
+
+    async def rebuild(self, store: EventStore, name: str, at_seq: int | None) -> Rebuilt:
+        """A fresh projection `name` fed the events 1..at_seq (default: the head). 404 for an
+        unknown name, 422 past the head, 429 while another rebuild runs."""
         parts = self.build()
         part = parts.get(name)
         if part is None:
@@ -339,12 +358,9 @@ class Rebuilder:
         self.running = True
         try:
             applied = await self._replay(store, part, at_seq)
-            state = jsonable(part.state())
         finally:
             self.running = False
-        return ProjectionState(
-            projection=name, at_seq=at_seq, head=head, events_applied=applied, state=state
-        )
+        return Rebuilt(part=part, at_seq=at_seq, head=head, applied=applied)
 
     async def _replay(self, store: EventStore, part: Projection, at_seq: int) -> int:
         handlers = part.handlers()

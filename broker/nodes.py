@@ -49,7 +49,7 @@ from eventstore.events import (
     NodeRegistered,
     NodeStatusUpdated,
 )
-from projections.nodes import Node, Presence
+from projections.nodes import Node, NodesProjection, Presence
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no ":": other streams use it
 # Field types of heartbeats and status updates, shared by the HTTP bodies and the WebSocket ops.
@@ -357,14 +357,17 @@ class NodeService:
     def presence(self, node: Node, now: float) -> Presence:
         return node.presence(now, self.online_within, self.stale_within)
 
-    def list_nodes(self, query: NodesQuery, now: float | None = None) -> NodeList:
+    def list_nodes(
+        self, query: NodesQuery, now: float | None = None, nodes: NodesProjection | None = None
+    ) -> NodeList:
         """One page of `GET /api/v1/nodes`: the filters, the sort and the window of `query`,
-        presence at `now` (the service clock when not given)."""
+        presence at `now` (the service clock when not given), from `nodes` (default: the live
+        projection; time travel passes one rebuilt as of a seq)."""
         if now is None:
             now = self.clock()
         caps = [c.strip() for c in (query.capabilities or "").split(",") if c.strip()]
         skip, limit = query.window()
-        found, total = self.runtime.nodes.page(
+        found, total = (nodes or self.runtime.nodes).page(
             type=query.type,
             capabilities=caps,
             region=query.region,

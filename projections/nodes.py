@@ -6,6 +6,7 @@ Presence is never stored: the projection keeps the server time of each node's la
 
 from __future__ import annotations
 
+import heapq
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from eventstore.events import (
 )
 from projections.base import Projection, handles
 from projections.node_index import NodeIndex
+from projections.sorted_slots import SortedSlots
 
 Presence = Literal["online", "stale", "offline"]
 
@@ -189,6 +191,37 @@ class NodesProjection(Projection):
 
     def get(self, node_id: str) -> Node | None:
         return self.nodes.get(node_id)
+
+    def by_prefix(self, prefix: str, limit: int) -> list[Node]:
+        """Up to `limit` nodes whose id starts with `prefix` (in id order), then nodes whose
+        name does, case-insensitively (in name order): O(log n + limit) on the sorted orders;
+        while an order is still being built, one more slice of it and a scan of the nodes."""
+        found: dict[str, Node] = {}
+        index = self.index
+        slots = index.slots
+        for name, wanted in (("node_id", prefix), ("name", prefix.lower())):
+            left = limit - len(found)
+            if left <= 0:
+                break
+            key = index.keys[name]
+            order = index.order(name)
+            if not isinstance(order, SortedSlots):  # being built: as NodeIndex.page does, O(n)
+                index.build_step()
+                matches = (
+                    n.slot for n in slots if n is not None and key(n.slot).startswith(wanted)
+                )
+                picked = heapq.nsmallest(left + len(found), matches, key=lambda s: (key(s), s))
+            else:
+                picked = []
+                for slot in order.ascending(order.position(wanted), order.size):
+                    if len(picked) >= left + len(found) or not key(slot).startswith(wanted):
+                        break
+                    picked.append(slot)
+            for slot in picked:
+                node = slots[slot]
+                if node is not None and len(found) < limit:
+                    found.setdefault(node.node_id, node)
+        return list(found.values())
 
     def page(self, **query: Any) -> tuple[list[Node], int]:
         """One page of discovery and the number of matches: see `NodeIndex.page`."""

@@ -1,5 +1,5 @@
 """A plain `pip install .` (no extras) in a fresh virtualenv serves on the NATS backend with the
-command docs/scale-out.md shows.
+command docs/scale-out.md shows, the operator console's files included.
 
 Slow (a virtualenv and an install from the package index every run, nothing reused from an earlier
 run, so a dependency missing from pyproject.toml cannot hide): marked `slow`, still part of every
@@ -122,6 +122,10 @@ def test_a_plain_pip_install_serves_on_nats(tmp_path: Path) -> None:
         proc = subprocess.Popen(argv, env=env, cwd=run, stdout=out, stderr=subprocess.STDOUT)
     try:
         assert get_health(port, proc, log) == 200, log.read_text()
+        for asset in ("console", "console/app.js", "console/vendor/preact-htm.js"):
+            # the operator console's files are package data: a plain install serves them
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{asset}", timeout=60) as resp:
+                assert resp.status == 200, asset
         proc.terminate()
         assert proc.wait(30) == 0, log.read_text()
         assert "Traceback" not in log.read_text()

@@ -55,6 +55,7 @@ def test_the_wheel_carries_and_runs_the_compiled_queue(tmp_path: Path) -> None:
     assert compiled, sorted(n for n in names if n.startswith("projections/"))
     assert "projections/delivery.py" in names  # the fallback ships too
     assert "broker/assets/redoc/redoc.standalone.js" in names
+    assert "broker/assets/console/vendor/preact-htm.js" in names  # the operator console's
 
     venv = tmp_path / "venv-installed"
     run([sys.executable, "-m", "venv", str(venv)], tmp_path)

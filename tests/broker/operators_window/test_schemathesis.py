@@ -164,6 +164,7 @@ NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
     "POST /api/v1/admin/updates": ("positive_data_acceptance",),
     # at_seq must not be past the head of the log, which moves as the run goes
     "GET /api/v1/admin/state/{projection}": ("positive_data_acceptance",),
+    "GET /api/v1/console/fleet-at": ("positive_data_acceptance",),
     # seed 002's contract: an inactive tenant or an expired, revoked or used-up license is a 400
     "GET /update/check": ("positive_data_acceptance",),
     "GET /api/license/validate": ("positive_data_acceptance",),
