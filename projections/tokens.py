@@ -82,6 +82,9 @@ class TokensProjection(Projection):
         e: TokenFamilyStarted = env.event  # type: ignore[assignment]
         subject = (e.subject_kind, e.subject_id)
         self._prune(subject, env.ts)
+        old = self.families.get(e.family_id)  # an id is never started twice in practice (its
+        if old is not None:  # stream starts at version 0); if it were, the newer start wins
+            self._unindex(old)
         self.families[e.family_id] = Family(
             family_id=e.family_id,
             subject_kind=e.subject_kind,
@@ -145,9 +148,18 @@ class TokensProjection(Projection):
         if not ids:
             return
         for family_id in [f for f in ids if self.families[f].expires_at <= ts]:
-            del ids[family_id]
-            del self.families[family_id]
+            self._unindex(self.families.pop(family_id))
             self._touch(family_id)
+
+    def _unindex(self, fam: Family) -> None:
+        """Take `fam` out of its subject's families; a subject with none left goes (so the
+        index is exactly what `restore_sliced` derives from the families)."""
+        subject = (fam.subject_kind, fam.subject_id)
+        ids = self.by_subject.get(subject)
+        if ids is not None:
+            ids.pop(fam.family_id, None)
+            if not ids:
+                del self.by_subject[subject]
 
     # --- queries ---
 
