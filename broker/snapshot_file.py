@@ -10,9 +10,11 @@ A frame is `kind (1 byte) | name length (1) | name | data length (4, big-endian)
   `nil` record: the key is gone). Later slices override earlier ones: a record changed while the
   snapshot was written is saved again after it (`broker.snapshots.Snapshotter.take`);
 - `E`, last: `Final`, every other projection's saved state (`Part`: fingerprint and data), the
-  sliced projections' remaining state, and the replay index's windows.
+  sliced projections' remaining state, the replay index's windows, and on the NATS backend the
+  log's index (`eventstore.nats_index.SavedIndex`).
 
-The header holds the format, the seq, the log's chain hash at that seq, and the length and SHA-256
+The header holds the format, the seq, the log's chain hash at that seq (on NATS: the anchor of the
+stream message the log's index was saved at), and the length and SHA-256
 of everything after the header space; it is written last, into the space kept for it, so the
 frames stream to disk as they are made and no whole body is ever held in memory. The file is
 written under a temporary name and renamed into place after an fsync (atomic). A file whose
@@ -67,6 +69,8 @@ class Final(msgspec.Struct):
     parts: dict[str, Part]
     # Per projection: the windows (seq // WINDOW) holding events it handles, up to the seq.
     windows: dict[str, list[int]] = {}
+    # On the NATS backend: the log's index as of the snapshot (`eventstore.nats_index`).
+    index: bytes | None = None
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Body:
     parts: dict[str, Part]
     windows: dict[str, list[int]] = field(default_factory=dict)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    index: bytes | None = None
 
 
 class SnapshotError(Exception):
@@ -183,7 +188,7 @@ def read_body(
             raise SnapshotError("the body is damaged (data after its end)")
     if reader.length != header.body_length or reader.digest.digest() != header.body_sha256:
         raise SnapshotError("the body is damaged (length or SHA-256 mismatch)")
-    return Body(final.parts, final.windows, records)
+    return Body(final.parts, final.windows, records, final.index)
 
 
 class Writer:

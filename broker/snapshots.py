@@ -59,6 +59,7 @@ from broker.snapshot_file import (
     read_header,
     snapshot_paths,
 )
+from broker.snapshot_store import RemoteSnapshots, cut_hooks
 from eventstore import open_store
 from eventstore.base import EventStore, IntegrityError
 from projections.base import Projection, Projections
@@ -84,6 +85,7 @@ class Boot:
 
     seq: int = 0
     path: str = ""
+    log_from: int = 0  # NATS: the stream message the log's index was loaded at (0: none)
     replayed: list[str] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     seconds: float = 0.0
@@ -181,9 +183,11 @@ async def write_snapshot(
     hash_at: Callable[[int], Awaitable[bytes | None]],
     windows: Callable[[], dict[str, list[int]]],
     keep: int,
+    index: Callable[[], bytes] | None = None,
 ) -> Taken | None:
     """Save `projections` as a snapshot file in `directory` without stalling the loop (see the
-    module); None if the log has no hash at the seq of the cut."""
+    module); None if the log has no hash at the seq of the cut. `index`, called in the cut: the
+    log's own index to save with it (NATS)."""
     parts_sliced = sliced(projections)
     writer = Writer(directory)
 
@@ -219,7 +223,7 @@ async def write_snapshot(
                 for name, part in parts_sliced.items()
             ]
             parts, skipped = encode_parts(projections)
-            final = Final(parts, windows())
+            final = Final(parts, windows(), index() if index is not None else None)
             seq = projections.seq
             cut_ms = (time.perf_counter() - t0) * 1000
         finally:
@@ -279,6 +283,11 @@ class Snapshotter:
         self.interval, self.min_interval = cfg.interval, cfg.min_interval
         self.keep = cfg.keep
         self.directory = snapshot_directory(config)
+        self.remote = (  # NATS: snapshots kept in JetStream (`broker.snapshot_store`)
+            RemoteSnapshots(config, self.directory / "nats")
+            if self.enabled and config.store.backend == "nats"
+            else None
+        )
         self.boot = Boot()
         # A serving process (`broker serve`) keeps what start-up built for its whole life: it is
         # frozen out of the collector's generations as soon as it is built. Not in tests, which
@@ -316,10 +325,23 @@ class Snapshotter:
             if head is not None:
                 await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
         wanted = slice_decoders(projections)
-        chosen = await self._choose(store, wanted) if self.enabled and early else None
+        chosen: tuple[Path | str, Header, Body] | None = None
+        if self.enabled and early:
+            chosen = await self._choose(store, wanted)
         if chosen is not None and getattr(store, "verify_on_open", False):
             store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
+        remote = None
+        if self.remote is not None:  # the log's index comes with it: handed to the store
+            remote = await self.remote.choose(wanted, self.boot.ignored)
+            if remote is not None:
+                store.start_from = (remote[2].index, remote[1].log_hash, remote[1].seq)  # type: ignore[attr-defined]
         await store.open()
+        if remote is not None:
+            refused = store.start_refused  # type: ignore[attr-defined]
+            if refused:
+                self.boot.ignored.append((remote[0], refused))
+            else:
+                chosen, self.boot.log_from = remote, store.started_at  # type: ignore[attr-defined]
         if self.enabled and not early and hasattr(store, "hash_at"):
             try:
                 head = await store.head()
@@ -353,6 +375,7 @@ class Snapshotter:
                 "snapshot_loaded",
                 seq=self.boot.seq,
                 path=self.boot.path,
+                log_from=self.boot.log_from or None,
                 replayed=self.boot.replayed,
                 tail=projections.seq - self.boot.seq,
                 seconds=round(self.boot.seconds, 3),
@@ -522,15 +545,25 @@ class Snapshotter:
             if projections.seq in (0, self.last_seq):
                 return None
             t0 = time.perf_counter()
+            remote, store = self.remote, runtime.store
+            hash_at, index = getattr(store, "hash_at", None), None
+            if remote is not None:
+                index, hash_at = cut_hooks(store)
             taken = await write_snapshot(
                 projections,
-                self.directory,
-                runtime.store.hash_at,  # type: ignore[attr-defined]
+                self.directory if remote is None else remote.staging,
+                hash_at,  # type: ignore[arg-type]
                 lambda: {n: sorted(w) for n, w in self.windows.items()},
-                self.keep,
+                self.keep if remote is None else 1,
+                index,
             )
             if taken is None:
                 return None
+            if remote is not None:  # uploaded, then the local copy goes
+                try:
+                    await remote.upload(taken.path, taken.seq)
+                finally:
+                    await asyncio.to_thread(taken.path.unlink, missing_ok=True)
             self.last_seq, self.last_at, self.last = (
                 max(self.last_seq, taken.seq),
                 self.now(),
@@ -561,7 +594,7 @@ class Snapshotter:
 async def _snapshots_ctx(app: web.Application) -> AsyncIterator[None]:
     snapshotter = app[SNAPSHOTS]
     runtime = app[RUNTIME]
-    supported = hasattr(runtime.store, "hash_at")
+    supported = hasattr(runtime.store, "hash_at") or snapshotter.remote is not None
     if snapshotter.enabled and supported:
         snapshotter.runtime, snapshotter.last_at = runtime, snapshotter.now()
         runtime.store.add_listener(snapshotter.on_append)

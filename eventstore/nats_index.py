@@ -8,12 +8,16 @@ same envelopes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import sys
 from array import array
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from eventstore.base import ConcurrencyError, Envelope
 from eventstore.codec import decode_event
@@ -43,6 +47,40 @@ class FeedStats:
         log.error("nats log: %s (at event seq %d)", reason, seq)
         if len(self.problems) < 20:
             self.problems.append((seq, reason))
+
+
+class SavedIndex(msgspec.Struct, kw_only=True):
+    """A LogIndex as of stream message `applied`, as a snapshot carries it (`LogIndex.save`)."""
+
+    layout: str  # byte order and item sizes of the arrays
+    applied: int
+    head: int
+    last_ts: float
+    versions: dict[str, int]
+    subject_seq: dict[str, int]
+    refused_batches: int
+    bad_messages: int
+    missing_messages: int
+    problems: list[tuple[int, str]]
+    key: bytes
+    first: bytes
+    ts: bytes
+    version: bytes
+
+
+_saved_decoder = msgspec.msgpack.Decoder(SavedIndex)
+_saved_encoder = msgspec.msgpack.Encoder()
+
+
+def _layout() -> str:
+    sizes = "".join(f"{t}{array(t).itemsize}" for t in "qdI")  # type: ignore[call-overload]
+    return f"{sys.byteorder}:{sizes}"
+
+
+def anchor_of(subject: str, data: bytes) -> bytes:
+    """What identifies a stream message: SHA-256 of its subject and data (a chunk's events carry
+    random ids, so another stream's message at the same seq does not match)."""
+    return hashlib.sha256(subject.encode() + b"\0" + data).digest()
 
 
 class LogIndex:
@@ -121,6 +159,69 @@ class LogIndex:
         if len(results) > self.stats.refused_batches - refused_before:  # holds events
             self._remember(sseq, data)
         return cid, out, results
+
+    # --- saved with a snapshot ---
+
+    def save(self) -> bytes:
+        """The index as of `applied` (the cache is not saved). Synchronous: call it where
+        nothing is applied meanwhile."""
+        stats = self.stats
+        return _saved_encoder.encode(
+            SavedIndex(
+                layout=_layout(),
+                applied=self.applied,
+                head=self.head,
+                last_ts=self.last_ts,
+                versions=self.versions,
+                subject_seq=self.subject_seq,
+                refused_batches=stats.refused_batches,
+                bad_messages=stats.bad_messages,
+                missing_messages=stats.missing_messages,
+                problems=stats.problems,
+                key=self._key.tobytes(),
+                first=self._first.tobytes(),
+                ts=self._ts.tobytes(),
+                version=self._version.tobytes(),
+            )
+        )
+
+    @classmethod
+    def load(cls, data: bytes, cache_bytes: int = CACHE_BYTES) -> LogIndex:
+        """An index saved by `save`; ValueError if it is not one this build can use."""
+        try:
+            saved = _saved_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"the saved log index is unreadable: {exc}") from None
+        if saved.layout != _layout():
+            raise ValueError(f"the saved log index has layout {saved.layout}, not {_layout()}")
+        index = cls(cache_bytes)
+        index.applied, index.head, index.last_ts = saved.applied, saved.head, saved.last_ts
+        index.versions, index.subject_seq = saved.versions, saved.subject_seq
+        index.stats = FeedStats(
+            saved.refused_batches,
+            saved.bad_messages,
+            saved.missing_messages,
+            [(seq, reason) for seq, reason in saved.problems],
+        )
+        for arr, raw in (
+            (index._key, saved.key),
+            (index._first, saved.first),
+            (index._ts, saved.ts),
+            (index._version, saved.version),
+        ):
+            if len(raw) % arr.itemsize:
+                raise ValueError("the saved log index is damaged (array length)")
+            arr.frombytes(raw)
+        batches = len(index._key)
+        if len(index._first) != batches or len(index._ts) != batches:
+            raise ValueError("the saved log index is damaged (batch arrays differ)")
+        if len(index._version) != index.head or index.applied < 0:
+            raise ValueError("the saved log index is damaged (events and head differ)")
+        if batches and (
+            index._first[-1] > index.head or index._key[-1] >> _SUB_BITS > saved.applied
+        ):
+            raise ValueError("the saved log index is damaged (past its head)")
+        return index
 
     # --- the index: event seq -> (stream message, batch) ---
 
