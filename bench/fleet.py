@@ -153,8 +153,11 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], base: str, started: float) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], base: str, started: float, log: list[str]
+    ) -> None:
         self.proc = proc
+        self.log = log  # its stderr lines so far
         self.pid = proc.pid
         self.base = base
         self.started = started  # seconds from launch to /health 200
@@ -192,7 +195,7 @@ def serve(data: Path, **env: str) -> Iterator[Server]:
             time.sleep(0.01)
     started = time.perf_counter() - t0
     try:
-        yield Server(proc, base, started)
+        yield Server(proc, base, started, errors)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

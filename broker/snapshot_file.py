@@ -38,6 +38,8 @@ from typing import IO, Any
 import msgspec
 
 from broker import __version__
+from broker.config import Config
+from eventstore.base import IntegrityError
 
 FORMAT = 2
 MAGIC = b"BRKSNAP\x02"
@@ -189,6 +191,28 @@ def read_body(
     if reader.length != header.body_length or reader.digest.digest() != header.body_sha256:
         raise SnapshotError("the body is damaged (length or SHA-256 mismatch)")
     return Body(final.parts, final.windows, records, final.index)
+
+
+def snapshot_directory(config: Config) -> Path:
+    return Path(config.snapshots.directory or Path(config.server.data_dir) / "snapshots")
+
+
+def check_log_against_snapshots(directory: Path, log_head: int) -> None:
+    """Raise IntegrityError when the newest readable snapshot covers events past the log's
+    head: the log was lost, truncated or replaced, and starting would serve an empty or older
+    state as if it were healthy (the snapshot could not even be used). Blocking."""
+    for _seq, path in snapshot_paths(directory):
+        try:
+            header = read_header(path)
+        except (SnapshotError, OSError):
+            continue  # not a snapshot: says nothing about the log
+        if header.seq > log_head:
+            raise IntegrityError(
+                log_head + 1,
+                f"the log ends at seq {log_head} but snapshot {path} covers up to seq "
+                f"{header.seq}: the log was lost or replaced; restore it from backup",
+            )
+        return
 
 
 class Writer:

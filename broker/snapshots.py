@@ -2,7 +2,8 @@
 
 A snapshot is written every `[snapshots] every` events or `interval` seconds (never twice within
 `min_interval`) and at shutdown, as one file `<dir>/snapshot-<seq>.msgpack` (the format is in
-`broker.snapshot_file`). Taking one never stalls the event loop for long (`write_snapshot`):
+`broker.snapshot_file`; on NATS it is kept in JetStream with the log's index instead, see
+`broker.snapshot_store`). Taking one never stalls the event loop for long (`write_snapshot`):
 
 - a projection that is mostly one large dict of records (the nodes registry: a million entries
   and ~800 MB encoded) is saved a slice of `SLICE` records at a time, each slice encoded in the
@@ -55,13 +56,15 @@ from broker.snapshot_file import (
     Part,
     SnapshotError,
     Writer,
+    check_log_against_snapshots,
     read_body,
     read_header,
+    snapshot_directory,
     snapshot_paths,
 )
 from broker.snapshot_store import RemoteSnapshots, cut_hooks
 from eventstore import open_store
-from eventstore.base import EventStore, IntegrityError
+from eventstore.base import EventStore
 from projections.base import Projection, Projections
 from projections.snapshots import Unsupported, dec_hook, encoder, fingerprint
 
@@ -102,28 +105,6 @@ class Taken:
     rounds: int
     cut_ms: float  # the one step that encoded the rest (the longest pause it caused)
     skipped: dict[str, str]
-
-
-def snapshot_directory(config: Config) -> Path:
-    return Path(config.snapshots.directory or Path(config.server.data_dir) / "snapshots")
-
-
-def check_log_against_snapshots(directory: Path, log_head: int) -> None:
-    """Raise IntegrityError when the newest readable snapshot covers events past the log's
-    head: the log was lost, truncated or replaced, and starting would serve an empty or older
-    state as if it were healthy (the snapshot could not even be used). Blocking."""
-    for _seq, path in snapshot_paths(directory):
-        try:
-            header = read_header(path)
-        except (SnapshotError, OSError):
-            continue  # not a snapshot: says nothing about the log
-        if header.seq > log_head:
-            raise IntegrityError(
-                log_head + 1,
-                f"the log ends at seq {log_head} but snapshot {path} covers up to seq "
-                f"{header.seq}: the log was lost or replaced; restore it from backup",
-            )
-        return
 
 
 # --- saving ---
