@@ -181,7 +181,7 @@ async def write_snapshot(
         fingerprints = {name: fingerprint(part) for name, part in parts_sliced.items()}
         await write(FINGERPRINTS, "", encoder.encode(fingerprints))
         for part in parts_sliced.values():
-            part.dirty = set()
+            part.dirty = {}
         try:
             todo = {name: list(part.records()) for name, part in parts_sliced.items()}
             while True:
@@ -196,7 +196,7 @@ async def write_snapshot(
                 rounds += 1
                 todo = {}
                 for name, part in parts_sliced.items():
-                    todo[name], part.dirty = list(part.dirty or ()), set()
+                    todo[name], part.dirty = list(part.dirty or ()), {}
             # The cut: nothing below awaits, so nothing is applied until `seq` is read.
             t0 = time.perf_counter()
             last = [
@@ -294,6 +294,37 @@ class Snapshotter:
         """Open the log and bring the projections to its head: from the newest valid snapshot
         plus the tail when there is one, from the whole log otherwise."""
         t0 = time.perf_counter()
+        collecting = gc.isenabled()
+        gc.disable()  # decoding or replaying millions of objects: collections would double it
+        try:
+            store, projections, chosen = await self._open()
+        finally:
+            if collecting:
+                if self.freeze_on_load:  # else the next young collection walks all of it
+                    gc.freeze()
+                gc.enable()
+        self.boot.seconds = time.perf_counter() - t0
+        if chosen:
+            log.info(
+                "snapshot_loaded",
+                seq=self.boot.seq,
+                path=self.boot.path,
+                log_from=self.boot.log_from or None,
+                replayed=self.boot.replayed,
+                tail=projections.seq - self.boot.seq,
+                seconds=round(self.boot.seconds, 3),
+            )
+        else:
+            log.info(
+                "log_replayed",
+                events=projections.seq,
+                seconds=round(self.boot.seconds, 3),
+                snapshots="disabled" if not self.enabled else "none valid",
+            )
+        return store, projections
+
+    async def _open(self) -> tuple[EventStore, Projections, bool]:
+        """`open_log`'s work; also says whether a snapshot was loaded."""
         store = open_store(self.config.store)
         projections = build_projections(self.config.delivery)
         # The SQLite log is checked against the snapshot before it is opened, so that opening
@@ -323,20 +354,13 @@ class Snapshotter:
                 self.boot.ignored.append((remote[0], refused))
             else:
                 chosen, self.boot.log_from = remote, store.started_at  # type: ignore[attr-defined]
-        if self.enabled and not early and hasattr(store, "hash_at"):
-            try:
+        try:
+            if self.enabled and not early and hasattr(store, "hash_at"):
                 head = await store.head()
                 await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
-            except BaseException:
-                await store.close()
-                raise
-            chosen = await self._choose(store, wanted)
-        if chosen is not None:
-            path, header, body = chosen
-        collecting = gc.isenabled()
-        gc.disable()  # building millions of objects: collections would double the time
-        try:
+                chosen = await self._choose(store, wanted)
             if chosen is not None:
+                path, header, body = chosen
                 projections = await self._restore(store, projections, header.seq, body)
                 self.last_seq = header.seq
                 self.boot.seq, self.boot.path = header.seq, str(path)
@@ -345,30 +369,7 @@ class Snapshotter:
         except BaseException:
             await store.close()
             raise
-        finally:
-            if collecting:
-                if self.freeze_on_load:  # else the next young collection walks all of it
-                    gc.freeze()
-                gc.enable()
-        self.boot.seconds = time.perf_counter() - t0
-        if chosen is not None:
-            log.info(
-                "snapshot_loaded",
-                seq=self.boot.seq,
-                path=self.boot.path,
-                log_from=self.boot.log_from or None,
-                replayed=self.boot.replayed,
-                tail=projections.seq - self.boot.seq,
-                seconds=round(self.boot.seconds, 3),
-            )
-        else:
-            log.info(
-                "log_replayed",
-                events=projections.seq,
-                seconds=round(self.boot.seconds, 3),
-                snapshots="disabled" if not self.enabled else "none valid",
-            )
-        return store, projections
+        return store, projections, chosen is not None
 
     async def _choose(
         self, store: EventStore, wanted: dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]]

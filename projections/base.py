@@ -45,7 +45,7 @@ class Projection:
 
         The default is the instance's attributes; override when they hold anything that is not
         plain comparable data (callables, caches, indices derivable from the rest)."""
-        return {k: v for k, v in vars(self).items() if not callable(v)}
+        return {k: v for k, v in vars(self).items() if not callable(v) and k != "dirty"}
 
     # --- snapshots (broker.snapshots; the defaults are in projections.snapshots) ---
 
@@ -72,10 +72,11 @@ class Projection:
     # A projection whose state is mostly one large dict of records (the nodes registry) names
     # their type here and returns the dict from `records()`: the records are then saved a slice
     # at a time while events keep being applied, `snapshot()` saves the rest, and start-up calls
-    # `restore_sliced` instead of `restore`. While a snapshot is being taken `dirty` is a set,
-    # and the handlers add to it the key of every record they add, change or remove.
+    # `restore_sliced` instead of `restore`. While a snapshot is being taken `dirty` is a dict
+    # (an ordered set), and the handlers add to it the key of every record they add, change or
+    # remove: saved again in that order, new records keep their order at load.
     record_type: ClassVar[type | None] = None
-    dirty: set[str] | None = None
+    dirty: dict[str, None] | None = None
 
     def records(self) -> Mapping[str, Any]:
         raise NotImplementedError

@@ -130,7 +130,7 @@ class NodesProjection(Projection):
         self.retired.pop(e.node_id, None)
         self.index.add(node)
         if self.dirty is not None:
-            self.dirty.add(e.node_id)
+            self.dirty[e.node_id] = None
 
     @handles(NodeStatusUpdated)
     def _status(self, env: Envelope) -> None:
@@ -139,7 +139,7 @@ class NodesProjection(Projection):
         if node is None:
             return
         if self.dirty is not None:
-            self.dirty.add(e.node_id)
+            self.dirty[e.node_id] = None
         if e.status is not None and e.status != node.status:
             self.index.set_status(node, _intern(e.status))
         if e.load is not None and e.load != node.load:
@@ -159,7 +159,7 @@ class NodesProjection(Projection):
         if node is None:
             return
         if self.dirty is not None:
-            self.dirty.add(e.node_id)
+            self.dirty[e.node_id] = None
         self.index.set_heartbeat(node, env.ts)
         node.heartbeat_timestamp = e.timestamp
         node.health = e.status
@@ -173,7 +173,7 @@ class NodesProjection(Projection):
         if (node := self.nodes.get(e.node_id)) is not None:
             node.last_login_at = env.ts
             if self.dirty is not None:
-                self.dirty.add(e.node_id)
+                self.dirty[e.node_id] = None
 
     @handles(NodeDeregistered)
     def _deregistered(self, env: Envelope) -> None:
@@ -183,7 +183,7 @@ class NodesProjection(Projection):
             self.index.remove(node)
             self.retired[e.node_id] = env.ts
             if self.dirty is not None:
-                self.dirty.add(e.node_id)
+                self.dirty[e.node_id] = None
 
     # --- queries ---
 

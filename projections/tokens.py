@@ -10,6 +10,7 @@ failing; expired families are dropped when their subject starts a new one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from eventstore.base import Envelope
 from eventstore.events import (
@@ -53,6 +54,27 @@ class TokensProjection(Projection):
     # subject -> its family ids, oldest first (a dict used as an ordered set)
     by_subject: dict[Subject, dict[str, None]] = field(default_factory=dict)
 
+    # Snapshots save the families in slices (one per login: a million in a big fleet); the
+    # index by subject is derived from them, in their order, at load.
+    snapshot_version: ClassVar[int] = 1
+    record_type: ClassVar[type] = Family
+
+    def records(self) -> dict[str, Family]:
+        return self.families
+
+    def snapshot(self) -> Any:
+        return {}
+
+    def restore_sliced(self, records: dict[str, Any], raw: bytes) -> None:
+        self.families, self.by_subject = records, {}
+        for family_id, fam in records.items():
+            subject = (fam.subject_kind, fam.subject_id)
+            self.by_subject.setdefault(subject, {})[family_id] = None
+
+    def _touch(self, family_id: str) -> None:
+        if self.dirty is not None:
+            self.dirty[family_id] = None
+
     # --- apply ---
 
     @handles(TokenFamilyStarted)
@@ -70,6 +92,7 @@ class TokensProjection(Projection):
             version=env.stream_version,
         )
         self.by_subject.setdefault(subject, {})[e.family_id] = None
+        self._touch(e.family_id)
 
     @handles(TokenRotated)
     def _rotated(self, env: Envelope) -> None:
@@ -77,6 +100,7 @@ class TokensProjection(Projection):
         fam = self.families.get(e.family_id)
         if fam is None:
             return
+        self._touch(e.family_id)
         fam.version = env.stream_version
         if fam.revoked:
             return
@@ -91,6 +115,7 @@ class TokensProjection(Projection):
         fam = self.families.get(e.family_id)
         if fam is None:
             return
+        self._touch(e.family_id)
         fam.version = env.stream_version
         self._revoke(fam, env.ts, e.reason)
 
@@ -108,6 +133,7 @@ class TokensProjection(Projection):
         if fam.revoked_at is None:
             fam.revoked_at = ts
             fam.revoked_reason = reason
+            self._touch(fam.family_id)
 
     def _revoke_subject(self, subject: Subject, ts: float, reason: str) -> None:
         for family_id in self.by_subject.get(subject, ()):
@@ -121,6 +147,7 @@ class TokensProjection(Projection):
         for family_id in [f for f in ids if self.families[f].expires_at <= ts]:
             del ids[family_id]
             del self.families[family_id]
+            self._touch(family_id)
 
     # --- queries ---
 
