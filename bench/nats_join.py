@@ -29,12 +29,11 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
-
 from bench.common import cpu_seconds, machine, run
-from bench.fleet import T0, broker_env, generate, node_id, serve, shared_key
+from bench.fleet import T0, broker_env, generate, node_id, serve, shared_key, write_records
 from bench.scale import nats_server
 from eventstore.codec import JsonRecord
 from eventstore.events import NodeHeartbeat
@@ -46,10 +45,9 @@ GOAL = 5.0  # seconds (issue 16)
 
 def add_heartbeats(path: Path, nodes: int, events: int) -> None:
     """Append heartbeats to the export at `path` (which holds `nodes` registrations)."""
-    encode = msgspec.json.Encoder().encode
     versions = [1] * nodes
-    with open(path, "ab") as f:
-        lines = []
+
+    def records() -> Iterator[JsonRecord]:
         for seq in range(nodes + 1, events + 1):
             i = seq % nodes
             versions[i] += 1
@@ -59,7 +57,7 @@ def add_heartbeats(path: Path, nodes: int, events: int) -> None:
                 "status": "online",
                 "metrics": {"cpu": seq % 100, "mem": (seq * 7) % 100, "uptime": seq},
             }
-            rec = JsonRecord(
+            yield JsonRecord(
                 seq=seq,
                 stream=node_id(i),
                 stream_version=versions[i],
@@ -68,12 +66,8 @@ def add_heartbeats(path: Path, nodes: int, events: int) -> None:
                 type="node.heartbeat",
                 data=data,
             )
-            lines.append(encode(rec))
-            if len(lines) >= 10_000:
-                f.write(b"\n".join(lines) + b"\n")
-                lines = []
-        if lines:
-            f.write(b"\n".join(lines) + b"\n")
+
+    write_records(path, records(), "ab")
 
 
 def nats_env(url: str, **extra: str) -> dict[str, str]:
@@ -111,25 +105,33 @@ async def append_tail(url: str, nodes: int, count: int) -> None:
         await store.close()
 
 
-def start(data: Path, url: str, label: str, **extra: str) -> dict[str, object]:
-    """`broker serve` on the stream: seconds to /health 200, CPU seconds, its start-up log."""
-    env = nats_env(url, BROKER_LOG__LEVEL="info", BROKER_LOG__FORMAT="json", **extra)
-    with serve(data, **env) as server:
-        cpu = cpu_seconds(server.pid) or 0.0
-        started = server.started
-        lines = list(server.log)
-    booted = {}
+def records(lines: list[str]) -> dict[str, dict[str, object]]:
+    """The server's JSON log lines, the last of each event name."""
+    out = {}
     for line in lines:
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if rec.get("event") in ("snapshot_loaded", "log_replayed"):
-            booted = rec
+        if isinstance(rec, dict) and "event" in rec:
+            out[str(rec["event"])] = rec
+    return out
+
+
+def start(data: Path, url: str, label: str, **extra: str) -> dict[str, dict[str, object]]:
+    """`broker serve` on the stream, stopped with SIGTERM: prints seconds to /health 200 and CPU
+    seconds over them; returns its log (start-up, and the snapshot its shutdown wrote)."""
+    env = nats_env(url, BROKER_LOG__LEVEL="info", BROKER_LOG__FORMAT="json", **extra)
+    with serve(data, **env) as server:
+        cpu = cpu_seconds(server.pid) or 0.0
+        started = server.started
+    deadline = time.monotonic() + 10  # the reader thread drains the rest of its stderr
+    while time.monotonic() < deadline and not any("snapshot_" in x for x in server.log[-5:]):
+        time.sleep(0.05)
     verdict = "goal met" if started <= GOAL else "goal missed"
     goal = f"  (goal <= {GOAL:g} s: {verdict})" if "snapshot" in label else ""
     print(f"{label:<26} {started:7.2f} s   cpu {cpu:6.2f} s{goal}", flush=True)
-    return booted
+    return records(server.log)
 
 
 def main() -> None:
@@ -150,13 +152,18 @@ def main() -> None:
             broker_import(tmp / "import", export, url)
             took = time.perf_counter() - t0
             print(f"stream built: {args.events:,} events by `broker import` in {took:.1f} s")
-            start(tmp / "a", url, "first instance")
+            written = start(tmp / "a", url, "first instance").get("snapshot_written", {})
+            print(
+                f"  its shutdown snapshot: {written.get('bytes', 0):,} bytes, cut "
+                f"{written.get('cut_ms')} ms, written and uploaded in {written.get('total_ms')} ms"
+            )
             run(append_tail(url, args.nodes, args.tail))
             print(f"tail: {args.tail:,} heartbeats appended after the snapshot")
-            booted = start(tmp / "b", url, "join from snapshot")
+            booted = start(tmp / "b", url, "join from snapshot").get("snapshot_loaded", {})
             print(
                 f"  its start-up: snapshot at seq {booted.get('seq')}, log index at stream "
-                f"message {booted.get('log_from')}, tail of {booted.get('tail')} events applied"
+                f"message {booted.get('log_from')}, tail of {booted.get('tail')} events applied, "
+                f"open_log {booted.get('seconds')} s (download, load, tail)"
             )
             start(tmp / "c", url, "join from scratch", BROKER_SNAPSHOTS__ENABLED="false")
 
