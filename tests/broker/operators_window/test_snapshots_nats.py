@@ -75,7 +75,8 @@ async def with_snapshots(config: Config, events: list[Any], every: int) -> dict[
         for i in range(0, len(events), every):
             await runtime.record(events[i : i + every])
             assert await snapshotter.take() is not None
-        return {"head": await runtime.store.head(), "final": state(runtime.projections)}
+        head, final = await runtime.store.head(), state(runtime.projections)
+        return {"head": head, "final": final, "boot": snapshotter.boot}
 
 
 async def test_a_new_instance_starts_from_the_snapshot_plus_the_tail(
@@ -83,6 +84,7 @@ async def test_a_new_instance_starts_from_the_snapshot_plus_the_tail(
 ) -> None:
     url, name = stream
     first = await with_snapshots(nats_config(tmp_path / "a", url, name), history(300), 100)
+    assert first["boot"].seq == 0 and not first["boot"].ignored  # no bucket yet: nothing to say
     saved = await objects(url, name)
     assert sorted(saved) == ["snapshot-000000000200.msgpack", "snapshot-000000000300.msgpack"]
     # another instance appends a tail and writes no snapshot
