@@ -9,6 +9,7 @@ A frame is `kind (1 byte) | name length (1) | name | data length (4, big-endian)
 - `R`: a slice of the records of projection `name` (msgpack array of `[key, record]` pairs; a
   `nil` record: the key is gone). Later slices override earlier ones: a record changed while the
   snapshot was written is saved again after it (`broker.snapshots.Snapshotter.take`);
+- `I` (NATS): a slice of the log index's array `name` (raw bytes; slices of a name in order);
 - `E`, last: `Final`, every other projection's saved state (`Part`: fingerprint and data), the
   sliced projections' remaining state, the replay index's windows, and on the NATS backend the
   log's index (`eventstore.nats_index.SavedIndex`).
@@ -49,7 +50,7 @@ PREFIX = "snapshot-"
 SUFFIX = ".msgpack"
 TMP_MAX_AGE = 3600.0  # seconds before a leftover temporary file (a crash mid-write) is removed
 
-FINGERPRINTS, RECORDS, END = b"F", b"R", b"E"
+FINGERPRINTS, RECORDS, INDEX, END = b"F", b"R", b"I", b"E"
 
 
 class Header(msgspec.Struct, kw_only=True):
@@ -84,6 +85,7 @@ class Body:
     windows: dict[str, list[int]] = field(default_factory=dict)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     index: bytes | None = None
+    index_arrays: dict[str, bytearray] = field(default_factory=dict)
 
 
 class SnapshotError(Exception):
@@ -170,11 +172,15 @@ def read_body(
                 if saved.get(name) == fp  # of this shape: decode its slices
             }
             records = {name: {} for name in decoders}
+            arrays: dict[str, bytearray] = {}
             while True:
                 kind, name, data = reader.frame()
                 if kind == END:
                     final = _final_decoder.decode(data)
                     break
+                if kind == INDEX:
+                    arrays.setdefault(name, bytearray()).extend(data)
+                    continue
                 decoder = decoders.get(name)
                 if kind != RECORDS or decoder is None:
                     continue
@@ -190,7 +196,7 @@ def read_body(
             raise SnapshotError("the body is damaged (data after its end)")
     if reader.length != header.body_length or reader.digest.digest() != header.body_sha256:
         raise SnapshotError("the body is damaged (length or SHA-256 mismatch)")
-    return Body(final.parts, final.windows, records, final.index)
+    return Body(final.parts, final.windows, records, final.index, arrays)
 
 
 def snapshot_directory(config: Config) -> Path:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ CONNECT_TIMEOUT = 5.0
 CHUNK_BYTES = 512 * 1024  # object store chunk (NATS' max_payload, 1 MiB by default, bounds it)
 
 Chosen = tuple[str, Header, Body]
+IndexHook = Callable[[], tuple[bytes, Iterator[tuple[str, bytes]]]]
 
 
 def bucket_name(stream: str) -> str:
@@ -108,11 +109,13 @@ class RemoteSnapshots:
 
     async def choose(
         self,
+        store: Any,
         wanted: dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]],
         ignored: list[tuple[str, str]],
     ) -> Chosen | None:
         """The newest snapshot in the bucket that reads back whole and carries a log index,
-        read and decoded; those passed over are added to `ignored` with the reason."""
+        read and decoded, its index handed to `store` (a NatsStore, not yet open); those passed
+        over are added to `ignored` with the reason."""
         try:
             async with self._bucket(create=False) as obs:
                 if obs is None:
@@ -133,12 +136,22 @@ class RemoteSnapshots:
                         continue
                     finally:
                         await asyncio.to_thread(path.unlink, missing_ok=True)
+                    store.start_from = (body.index, body.index_arrays, header.log_hash, header.seq)
                     return where, header, body
         except Exception as exc:  # NATS or the bucket unreachable: a full replay instead
             reason = f"the snapshot bucket {self.bucket} is unreadable: {exc or type(exc).__name__}"
             ignored.append((f"nats:{self.bucket}", reason))
             log.warning("snapshot_ignored", path=f"nats:{self.bucket}", reason=reason)
         return None
+
+    @staticmethod
+    def taken(store: Any, chosen: Chosen, ignored: list[tuple[str, str]]) -> bool:
+        """Whether `store`, now open, started from `chosen`'s index (else: why not, in
+        `ignored`, and it consumed the whole stream)."""
+        if store.start_refused:
+            ignored.append((chosen[0], store.start_refused))
+            return False
+        return True
 
     async def _download(self, obs: Any, name: str, path: Path) -> None:
         await asyncio.to_thread(self.staging.mkdir, parents=True, exist_ok=True)
@@ -167,17 +180,16 @@ class RemoteSnapshots:
                     await obs.delete(old)
 
 
-def cut_hooks(
-    store: Any,
-) -> tuple[Callable[[], bytes], Callable[[int], Awaitable[bytes | None]]]:
-    """For `write_snapshot` on a NatsStore: the log's index saved in the cut, and the header's
-    hash, the anchor of the stream message the index was saved at (None, no snapshot, if the
-    projections were not at the index's head: they are the store's listeners, so they are)."""
+def cut_hooks(store: Any) -> tuple[IndexHook, Callable[[int], Awaitable[bytes | None]]]:
+    """For `write_snapshot` on a NatsStore: the log's index saved in the cut (its arrays' slices
+    after it), and the header's hash, the anchor of the stream message the index was saved at
+    (None, no snapshot, if the projections were not at the index's head: they are the store's
+    listeners, so they are)."""
     at: dict[str, int] = {}
 
-    def index() -> bytes:
-        data, at["applied"], at["head"] = store.save_index()
-        return data  # type: ignore[no-any-return]
+    def index() -> tuple[bytes, Iterator[tuple[str, bytes]]]:
+        data, slices, at["applied"], at["head"] = store.save_index()
+        return data, slices
 
     async def anchor(seq: int) -> bytes | None:
         if at.get("head") != seq:

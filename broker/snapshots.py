@@ -49,6 +49,7 @@ from broker.keys import CONFIG, RUNTIME, SNAPSHOTS
 from broker.runtime import Runtime, build_projections
 from broker.snapshot_file import (
     FINGERPRINTS,
+    INDEX,
     RECORDS,
     Body,
     Final,
@@ -62,7 +63,7 @@ from broker.snapshot_file import (
     snapshot_directory,
     snapshot_paths,
 )
-from broker.snapshot_store import RemoteSnapshots, cut_hooks
+from broker.snapshot_store import IndexHook, RemoteSnapshots, cut_hooks
 from eventstore import open_store
 from eventstore.base import EventStore
 from projections.base import Projection, Projections
@@ -164,7 +165,7 @@ async def write_snapshot(
     hash_at: Callable[[int], Awaitable[bytes | None]],
     windows: Callable[[], dict[str, list[int]]],
     keep: int,
-    index: Callable[[], bytes] | None = None,
+    index: IndexHook | None = None,
 ) -> Taken | None:
     """Save `projections` as a snapshot file in `directory` without stalling the loop (see the
     module); None if the log has no hash at the seq of the cut. `index`, called in the cut: the
@@ -204,7 +205,8 @@ async def write_snapshot(
                 for name, part in parts_sliced.items()
             ]
             parts, skipped = encode_parts(projections)
-            final = Final(parts, windows(), index() if index is not None else None)
+            saved_index, index_slices = index() if index is not None else (None, iter(()))
+            final = Final(parts, windows(), saved_index)
             seq = projections.seq
             cut_ms = (time.perf_counter() - t0) * 1000
         finally:
@@ -214,6 +216,9 @@ async def write_snapshot(
         if log_hash is None:
             await asyncio.to_thread(writer.abort)
             return None
+
+        for name, data in index_slices:  # after the cut: the index's arrays only grow
+            await write(INDEX, name, data)
 
         def finish() -> tuple[Path, int]:
             for name, data in last:
@@ -343,17 +348,11 @@ class Snapshotter:
         if chosen is not None and getattr(store, "verify_on_open", False):
             store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
         remote = None
-        if self.remote is not None:  # the log's index comes with it: handed to the store
-            remote = await self.remote.choose(wanted, self.boot.ignored)
-            if remote is not None:
-                store.start_from = (remote[2].index, remote[1].log_hash, remote[1].seq)  # type: ignore[attr-defined]
+        if self.remote is not None:  # its log index is handed to the store
+            remote = await self.remote.choose(store, wanted, self.boot.ignored)
         await store.open()
-        if remote is not None:
-            refused = store.start_refused  # type: ignore[attr-defined]
-            if refused:
-                self.boot.ignored.append((remote[0], refused))
-            else:
-                chosen, self.boot.log_from = remote, store.started_at  # type: ignore[attr-defined]
+        if remote is not None and RemoteSnapshots.taken(store, remote, self.boot.ignored):
+            chosen, self.boot.log_from = remote, store.started_at  # type: ignore[attr-defined]
         try:
             if self.enabled and not early and hasattr(store, "hash_at"):
                 head = await store.head()

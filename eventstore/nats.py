@@ -46,7 +46,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,9 +141,9 @@ class NatsStore:
         self._failure: BaseException | None = None
         self._index = LogIndex()  # the log as derived from the stream, as of `_index.applied`
         # Set before open() to start from a saved index (a snapshot's) instead of stream message
-        # 1: (the saved index, the anchor of its last message, its head). open() checks it
-        # against the stream; when it cannot be used, `start_refused` says why (full replay).
-        self.start_from: tuple[bytes, bytes, int] | None = None
+        # 1: (the saved index, its arrays, the anchor of its last message, its head). open()
+        # checks it against the stream; when it cannot be used, `start_refused` says why.
+        self.start_from: tuple[bytes, Mapping[str, bytes], bytes, int] | None = None
         self.start_refused = ""
         self.started_at = 0  # the stream message the saved index was at, once used
         # our consumer
@@ -197,10 +197,10 @@ class NatsStore:
     async def _load_index(self, last_seq: int) -> None:
         """Start from `start_from` if it is this stream's: its last message must still be the
         one it was saved at (same subject and data: not another stream, nor a replaced one)."""
-        data, anchor, head = self.start_from  # type: ignore[misc]
+        data, arrays, anchor, head = self.start_from  # type: ignore[misc]
         self.start_from = None
         try:
-            index = await asyncio.to_thread(LogIndex.load, data)
+            index = await asyncio.to_thread(LogIndex.load, data, arrays)
             if index.head != head:
                 raise ValueError(f"its log index ends at seq {index.head}, the snapshot at {head}")
             if index.applied > last_seq:
@@ -218,10 +218,12 @@ class NatsStore:
             return
         self._index, self.started_at = index, index.applied
 
-    def save_index(self) -> tuple[bytes, int, int]:
-        """The index as of now (for a snapshot), with the stream message and the event seq it
-        is at. Synchronous: the cut of a snapshot."""
-        return self._index.save(), self._index.applied, self._index.head
+    def save_index(self) -> tuple[bytes, Iterator[tuple[str, bytes]], int, int]:
+        """The index as of now, for a snapshot (`LogIndex.save`: its scalars and maps, and its
+        arrays' slices to take after), with the stream message and the event seq it is at.
+        Synchronous: the cut of a snapshot."""
+        saved, slices = self._index.save()
+        return saved, slices, self._index.applied, self._index.head
 
     async def anchor(self, sseq: int) -> bytes | None:
         """What identifies stream message `sseq` (`nats_index.anchor_of`); None if it is gone."""

@@ -14,7 +14,7 @@ import sys
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -26,6 +26,7 @@ from eventstore.nats_wire import BadChunk, chunk_id, decode_chunk
 log = logging.getLogger("eventstore.nats")
 
 CACHE_BYTES = 16 * 1024 * 1024  # recent chunk messages kept for reads
+SAVE_SLICE = 128 * 1024  # array items copied in one step when saving (1 MiB of int64)
 _SUB_BITS = 16  # index key = stream seq << 16 | batch position in its chunk
 _SUB_MASK = (1 << _SUB_BITS) - 1
 
@@ -50,7 +51,9 @@ class FeedStats:
 
 
 class SavedIndex(msgspec.Struct, kw_only=True):
-    """A LogIndex as of stream message `applied`, as a snapshot carries it (`LogIndex.save`)."""
+    """A LogIndex as of stream message `applied`, as a snapshot carries it (`LogIndex.save`):
+    everything but its arrays, which are saved apart, in slices (`LogIndex.slices`), up to
+    their `lengths` at that point."""
 
     layout: str  # byte order and item sizes of the arrays
     applied: int
@@ -62,10 +65,7 @@ class SavedIndex(msgspec.Struct, kw_only=True):
     bad_messages: int
     missing_messages: int
     problems: list[tuple[int, str]]
-    key: bytes
-    first: bytes
-    ts: bytes
-    version: bytes
+    lengths: dict[str, int]  # array name -> items
 
 
 _saved_decoder = msgspec.msgpack.Decoder(SavedIndex)
@@ -162,32 +162,43 @@ class LogIndex:
 
     # --- saved with a snapshot ---
 
-    def save(self) -> bytes:
-        """The index as of `applied` (the cache is not saved). Synchronous: call it where
-        nothing is applied meanwhile."""
+    def _arrays(self) -> dict[str, array]:  # type: ignore[type-arg]
+        return {"key": self._key, "first": self._first, "ts": self._ts, "version": self._version}
+
+    def save(self) -> tuple[bytes, Iterator[tuple[str, bytes]]]:
+        """The index as of `applied` (the cache is not saved), and the slices of its arrays up
+        to there. Call it where nothing is applied meanwhile; the slices may be taken later, a
+        few at a time, while the index grows: the arrays only ever grow."""
         stats = self.stats
-        return _saved_encoder.encode(
-            SavedIndex(
-                layout=_layout(),
-                applied=self.applied,
-                head=self.head,
-                last_ts=self.last_ts,
-                versions=self.versions,
-                subject_seq=self.subject_seq,
-                refused_batches=stats.refused_batches,
-                bad_messages=stats.bad_messages,
-                missing_messages=stats.missing_messages,
-                problems=stats.problems,
-                key=self._key.tobytes(),
-                first=self._first.tobytes(),
-                ts=self._ts.tobytes(),
-                version=self._version.tobytes(),
-            )
+        arrays = self._arrays()
+        lengths = {name: len(arr) for name, arr in arrays.items()}
+        saved = SavedIndex(
+            layout=_layout(),
+            applied=self.applied,
+            head=self.head,
+            last_ts=self.last_ts,
+            versions=self.versions,
+            subject_seq=self.subject_seq,
+            refused_batches=stats.refused_batches,
+            bad_messages=stats.bad_messages,
+            missing_messages=stats.missing_messages,
+            problems=stats.problems,
+            lengths=lengths,
         )
 
+        def slices() -> Iterator[tuple[str, bytes]]:
+            for name, arr in arrays.items():
+                for i in range(0, lengths[name], SAVE_SLICE):
+                    yield name, arr[i : min(i + SAVE_SLICE, lengths[name])].tobytes()
+
+        return _saved_encoder.encode(saved), slices()
+
     @classmethod
-    def load(cls, data: bytes, cache_bytes: int = CACHE_BYTES) -> LogIndex:
-        """An index saved by `save`; ValueError if it is not one this build can use."""
+    def load(
+        cls, data: bytes, arrays: Mapping[str, bytes], cache_bytes: int = CACHE_BYTES
+    ) -> LogIndex:
+        """An index saved by `save` (`arrays`: its slices joined, by name); ValueError if it is
+        not one this build can use."""
         try:
             saved = _saved_decoder.decode(data)
         except msgspec.DecodeError as exc:
@@ -203,14 +214,10 @@ class LogIndex:
             saved.missing_messages,
             [(seq, reason) for seq, reason in saved.problems],
         )
-        for arr, raw in (
-            (index._key, saved.key),
-            (index._first, saved.first),
-            (index._ts, saved.ts),
-            (index._version, saved.version),
-        ):
-            if len(raw) % arr.itemsize:
-                raise ValueError("the saved log index is damaged (array length)")
+        for name, arr in index._arrays().items():
+            raw = arrays.get(name, b"")
+            if len(raw) != saved.lengths.get(name, -1) * arr.itemsize:
+                raise ValueError(f"the saved log index is damaged (array {name})")
             arr.frombytes(raw)
         batches = len(index._key)
         if len(index._first) != batches or len(index._ts) != batches:
