@@ -19,7 +19,9 @@ for it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -64,7 +66,8 @@ class RemoteSnapshots:
 
     @contextlib.asynccontextmanager
     async def _bucket(self, create: bool) -> AsyncIterator[Any]:
-        """The bucket on a connection of its own (None if it does not exist and not `create`)."""
+        """(JetStream, the bucket) on a connection of its own; the bucket is None if it does not
+        exist and not `create`."""
         import nats
         import nats.js.errors
         from nats.js import api
@@ -81,7 +84,7 @@ class RemoteSnapshots:
                 obs = await js.object_store(self.bucket)
             except nats.js.errors.BucketNotFoundError:
                 if not create:
-                    yield None
+                    yield js, None
                     return
                 config = api.ObjectStoreConfig(
                     bucket=self.bucket,
@@ -90,7 +93,7 @@ class RemoteSnapshots:
                     replicas=self.replicas,
                 )
                 obs = await js.create_object_store(self.bucket, config=config)
-            yield obs
+            yield js, obs
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -117,14 +120,14 @@ class RemoteSnapshots:
         read and decoded, its index handed to `store` (a NatsStore, not yet open); those passed
         over are added to `ignored` with the reason."""
         try:
-            async with self._bucket(create=False) as obs:
+            async with self._bucket(create=False) as (js, obs):
                 if obs is None:
                     return None
                 for _seq, name in await self._names(obs):
                     where = f"nats:{self.bucket}/{name}"
                     path = self.staging / f".download-{name}"
                     try:
-                        await self._download(obs, name, path)
+                        await self._download(js, obs, name, path)
                         header = await asyncio.to_thread(read_header, path)
                         body = await asyncio.to_thread(read_body, path, header, wanted)
                         if body.index is None:
@@ -153,20 +156,36 @@ class RemoteSnapshots:
             return False
         return True
 
-    async def _download(self, obs: Any, name: str, path: Path) -> None:
+    async def _download(self, js: Any, obs: Any, name: str, path: Path) -> None:
+        """Object `name` into `path`, its chunks fetched one by one with direct gets (the
+        bucket's stream allows them): ~10x faster than `obs.get`'s push consumer, whose flow
+        control paces it at ~20 MB/s. Its size and digest are checked as `obs.get` does."""
+        info = await obs.get_info(name)
+        subject = f"$O.{self.bucket}.C.{info.nuid}"
+        digest, size, seq = hashlib.sha256(), 0, 0
         await asyncio.to_thread(self.staging.mkdir, parents=True, exist_ok=True)
         f = await asyncio.to_thread(open, path, "wb")
         try:
-            await obs.get(name, writeinto=f)  # checks the object's own digest
+            for _ in range(info.chunks or 0):
+                msg = await js.get_msg(
+                    f"OBJ_{self.bucket}", seq=seq + 1, subject=subject, next=True, direct=True
+                )
+                data, seq = msg.data or b"", msg.seq
+                digest.update(data)
+                size += len(data)
+                await asyncio.to_thread(f.write, data)
         finally:
             await asyncio.to_thread(f.close)
+        expected = (info.digest or "").partition("=")[2]
+        if size != info.size or base64.urlsafe_b64encode(digest.digest()).decode() != expected:
+            raise ValueError("the object is damaged (size or digest mismatch)")
 
     async def upload(self, path: Path, seq: int) -> None:
         """Put the snapshot file `path` (at `seq`) in the bucket, then keep the newest `keep`."""
         from nats.js import api
 
         name = f"{PREFIX}{seq:012d}{SUFFIX}"
-        async with self._bucket(create=True) as obs:
+        async with self._bucket(create=True) as (_js, obs):
             f = await asyncio.to_thread(open, path, "rb")
             try:
                 meta = api.ObjectMeta(
