@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,19 @@ def send_frame(to: str, count: int, start: int) -> str:
     return _encode(ops).decode()
 
 
-async def one_run(args: argparse.Namespace, data: Path) -> float:
+@dataclass
+class Run:
+    cpu_us: float  # CPU time per message
+    sent: int  # messages the producer's frames carried, each answered `ok`
+    pushed: int  # pushes the consumer received
+    acked: int  # acks answered `ok`
+
+
+class BrokenRun(Exception):
+    """The server did not answer as the run expects: its figure would mean nothing."""
+
+
+async def one_run(args: argparse.Namespace, data: Path) -> Run:
     config = Config(
         server=ServerConfig(data_dir=str(data)),
         store=StoreConfig(path=str(data / "events.db"), synchronous=args.sync),
@@ -110,17 +123,21 @@ async def one_run(args: argparse.Namespace, data: Path) -> float:
         pump = asyncio.create_task(dispatcher.pump(inbox))  # type: ignore[arg-type]
         gc.collect()
         t0 = time.process_time()
-        sent = acked = 0
+        sent = acked = pushes = 0
         while acked < args.messages:
             if sent < args.messages:
                 k = min(args.batch, args.messages - sent)
                 await producer._frame(send_frame("consumer", k, sent))
                 sent += k
                 answers = out.take()
-                assert len(answers) == 1 and len(answers[0]) == k, answers[:1]
+                if len(answers) != 1 or len(answers[0]) != k:
+                    raise BrokenRun(f"a frame of {k} sends got {answers[:1]!r}")
+                if any(a.get("type") != "ok" for a in answers[0]):
+                    raise BrokenRun(f"a send was refused: {answers[0]!r}")
             while not inbox.frames:
                 await inbox.arrived.wait()
             pushed = [f["id"] for f in inbox.take() if f.get("type") == "message"]
+            pushes += len(pushed)
             await consumer._frame(
                 _encode([{"type": "ack", "message_id": m} for m in pushed]).decode()
             )
@@ -130,7 +147,7 @@ async def one_run(args: argparse.Namespace, data: Path) -> float:
             inbox.frames.extend(_encode(a) for a in acks if a.get("type") == "message")
         elapsed = time.process_time() - t0
         pump.cancel()
-        return elapsed / args.messages * 1e6
+        return Run(elapsed / args.messages * 1e6, sent, pushes, acked)
     finally:
         await runner.cleanup()
 
@@ -139,7 +156,7 @@ async def main_async(args: argparse.Namespace) -> None:
     figures = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as d:
-            figures.append(await one_run(args, Path(d)))
+            figures.append((await one_run(args, Path(d))).cpu_us)
     print(
         f"hot path: {statistics.median(figures):.1f} µs of CPU per message "
         f"(min {min(figures):.1f}, max {max(figures):.1f}; {args.messages:,} messages sent in "

@@ -10,11 +10,13 @@ from broker import (
     connections,
     openapi,
     ratelimit,
+    redoc,
     routes_events,
     routes_licensing,
     routes_messages,
     routes_nodes,
     routes_operators,
+    routes_register,
     routes_telemetry,
     routes_updates,
     snapshots,
@@ -44,6 +46,7 @@ def create_app(config: Config) -> web.Application:
     system.setup(app)
     routes_nodes.setup(app)
     routes_operators.setup(app)
+    routes_register.setup(app)  # POST /auth/register, off unless [auth] self_registration
     routes_licensing.setup(app)
     routes_updates.setup(app)
     routes_telemetry.setup(app)
@@ -53,6 +56,7 @@ def create_app(config: Config) -> web.Application:
     routes_events.setup(app)
     ws_operators.setup(app)
     openapi.setup(app)
+    redoc.setup(app)
     snapshots.setup(app)
     return app
 

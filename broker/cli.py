@@ -5,30 +5,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import errno
-import gc
 import getpass
 import os
-import signal
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import msgspec
 
 from broker.config import Config, ConfigError, load_config
-from broker.logs import configure_logging, write_line
+from broker.logs import configure_logging
 from eventstore import open_store
 from eventstore.base import Envelope, StoreError
 from eventstore.codec import envelope_to_json, event_from_record, record_from_json
-
-if TYPE_CHECKING:
-    from aiohttp import web
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -59,110 +51,9 @@ def progress_bar(label: str, stream: TextIO = sys.stderr) -> Callable[[int, int]
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from broker.app import create_app
-    from broker.keys import SNAPSHOTS
-    from broker.runtime import tune_gc
+    from broker.cli_serve import serve  # the server's own module (TLS, sockets, signals)
 
-    _check_server_paths(config)
-    # Listen before the log is opened: a port already taken fails the start at once, not after
-    # a replay of the whole log.
-    sockets = listen(config.server.host, config.server.port)
-    try:
-        try:
-            import uvloop
-
-            uvloop.install()
-        except ImportError:
-            pass
-        from projections import stale_compiled_modules
-
-        for stale in stale_compiled_modules():
-            write_line(sys.stderr, f"warning: {stale}")
-        tune_gc()
-        _raise_fd_limit()
-        app = create_app(config)
-        app[SNAPSHOTS].freeze_on_load = True
-        app.on_startup.append(_freeze_startup_objects)  # after every cleanup context's start
-        asyncio.run(_serve(app, sockets, config.server.shutdown_timeout))
-    finally:
-        for sock in sockets:
-            sock.close()
-    return EXIT_OK
-
-
-async def _serve(
-    app: web.Application, sockets: list[socket.socket], shutdown_timeout: float
-) -> None:
-    """Start `app` on `sockets`, serve until SIGINT or SIGTERM, then stop it. Unlike
-    `web.run_app`, a start that fails half-way (or is interrupted) still closes what had started
-    (the log and its threads), so the process exits instead of hanging."""
-    from aiohttp import web
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    stopping = False
-
-    def stop() -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            task.cancel()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop)
-    runner = web.AppRunner(
-        app, access_log=None, keepalive_timeout=75.0, shutdown_timeout=shutdown_timeout
-    )
-    try:
-        await runner.setup()  # every cleanup context's start: the log is opened and replayed
-        for sock in sockets:
-            await web.SockSite(runner, sock).start()
-        names = ", ".join(sorted(str(site.name) for site in runner.sites))
-        # never fails the start (stderr may be on a full device: broker.logs)
-        write_line(sys.stderr, f"======== Running on {names} ========\n(Press CTRL+C to quit)")
-        await asyncio.Event().wait()  # until a signal cancels this task
-    except asyncio.CancelledError:
-        if not stopping:
-            raise
-        task.uncancel()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)  # a second Ctrl-C interrupts the cleanup
-        await runner.cleanup()  # after a failed start too: closes the contexts that started
-
-
-def listen(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address `host` resolves to, as asyncio's `create_server`
-    makes them (SO_REUSEADDR, IPv6 sockets IPv6-only); a CommandError when one cannot listen."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise CommandError(f"cannot listen on {where}: {exc.strerror}") from None
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            try:
-                sock = socket.socket(family, kind, proto)
-            except OSError:
-                continue  # an address family this machine lacks (IPv6 disabled)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)  # at once: under SO_REUSEADDR two merely bound sockets share a port
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise CommandError(f"cannot listen on {where}: {reason}") from None
-    if not sockets:
-        raise CommandError(f"cannot listen on {where}: no usable address")
-    return sockets
+    return serve(config, args)
 
 
 def usable_dir(path: Path, what: str) -> None:
@@ -194,34 +85,6 @@ def _check_log_path(config: Config) -> None:
     usable_dir(path.absolute().parent, "the log's directory")
 
 
-def _check_server_paths(config: Config) -> None:
-    data_dir = Path(config.server.data_dir)
-    usable_dir(data_dir, "the data directory")
-    _check_log_path(config)
-    key_file = Path(config.auth.key_file) if config.auth.key_file else data_dir / "jwt_ed25519.pem"
-    if not key_file.exists():  # created at the first start
-        usable_dir(key_file.absolute().parent, "the signing key's directory")
-    elif not key_file.is_file():
-        raise CommandError(f"the token signing key {key_file} is not a file")
-
-
-def _raise_fd_limit() -> None:
-    """Take the hard descriptor limit as the soft one: every node WebSocket holds a descriptor
-    (docs/operations.md: LimitNOFILE)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def _freeze_startup_objects(app: web.Application) -> None:
-    """What start-up built (the projections replayed from the log: possibly millions of
-    objects) lives as long as the process: keep it out of every later full collection."""
-    gc.freeze()
-
-
 def _readonly_store(config: Config) -> Any:
     if config.store.backend == "sqlite" and not Path(config.store.path).exists():
         raise CommandError(f"no log at {config.store.path}")
@@ -234,7 +97,7 @@ async def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.rebuild:
             return await _rebuild(store)
-        types = [t for spec in args.type or [] for t in spec.split(",")] or None
+        types = [t for specs in args.type or [] for t in specs] or None
         count = 0
         out = sys.stdout
         if args.format == "table":
@@ -484,22 +347,37 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from broker import __version__
+    from broker.cli_args import event_types
+    from broker.cli_serve import add_arguments as serve_arguments
+
     parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
     parser.add_argument("--config", help="config file (default: ./config.toml when present)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("serve", help="serve the HTTP and WebSocket API")
+    serve_arguments(sub.add_parser("serve", help="serve the HTTP and WebSocket API"))
 
     p = sub.add_parser("replay", help="print the log, or rebuild the projections from it")
-    p.add_argument("--from-seq", type=int, default=1)
-    p.add_argument("--to-seq", type=int, default=None)
-    p.add_argument("--type", action="append", help="event type or pattern (node.*); repeatable")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    p.add_argument("--from-seq", type=int, default=1, help="first seq to print (default 1)")
+    p.add_argument("--to-seq", type=int, default=None, help="last seq to print (default: head)")
+    p.add_argument(
+        "--type",
+        action="append",
+        type=event_types,
+        help="event type or pattern (node.*), comma-separated; repeatable",
+    )
+    p.add_argument("--limit", type=int, default=None, help="print at most this many events")
+    p.add_argument(
+        "--format",
+        choices=("jsonl", "table"),
+        default="jsonl",
+        help="jsonl: one envelope per line (default); table: seq, time, type, stream, version",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild every projection, print counts")
 
     p = sub.add_parser("export", help="write the whole log as JSON Lines (a file of mode 0600)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the file to write (replaced whole)")
     p.add_argument(
         "--redact",
         action="store_true",
@@ -508,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("import", help="load a JSON Lines export into an empty log")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="a file written by `broker export` (without --redact)")
 
     sub.add_parser("verify", help="check checksums and the hash chain of the log")
 
@@ -516,10 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="users_command", required=True
     )
     p = users.add_parser("create", help="create an operator (the first admin, typically)")
-    p.add_argument("--username", required=True)
+    p.add_argument("--username", required=True, help="login name: 3-64 letters, digits, . _ @ -")
     p.add_argument("--role", action="append", help="role name (repeatable; default admin)")
-    p.add_argument("--email")
-    p.add_argument("--full-name")
+    p.add_argument("--email", help="the operator's email (also accepted as login name)")
+    p.add_argument("--full-name", help="the operator's name as shown to others")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
 
     sub.add_parser(

@@ -28,10 +28,17 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./data"  # keys and other files beside the log
     max_body_bytes: int = 1024 * 1024  # request bodies larger than this get 413
     shutdown_timeout: float = 10.0
+    # TLS (docs/deployment.md): PEM files, read again on SIGHUP. Empty tls_cert: plain HTTP.
+    tls_cert: str = ""  # the certificate chain (may hold the key too)
+    tls_key: str = ""  # the private key, unless in tls_cert
+    tls_client_ca: str = ""  # mutual TLS: clients must present a certificate signed by this CA
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class LogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    level: str = "info"
+    level: str = "info"  # one of LOG_LEVELS, any case
     format: str = "json"  # json | console
 
 
@@ -66,6 +73,10 @@ class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_interval: float = 30.0  # seconds between a node's heartbeats
     online_after_missed: float = 2.0  # online while the last heartbeat is < this many intervals old
     stale_after_missed: float = 10.0  # then stale until this many intervals; offline after
+    # POST /auth/register (seed 004): off unless enabled. A new account is inactive until an
+    # admin activates it, or active with `registration_role` when that names a role.
+    self_registration: bool = False
+    registration_role: str = ""
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -77,7 +88,7 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     per_ip: int = 300  # requests per window per IP on routes without a valid token
     login_per_ip: int = 60  # login, challenge and verify requests per window per IP
     login_per_subject: int = 10  # the same, per node id or username
-    trust_forwarded_for: bool = False  # key on X-Forwarded-For (behind a trusted proxy only)
+    trust_forwarded_for: bool = False  # key on X-Forwarded-For's last entry (behind a proxy only)
     max_tracked: int = 100_000  # buckets kept in memory before idle ones are dropped
 
 
@@ -175,6 +186,8 @@ def load_config(
 def _check(config: Config) -> None:
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"[server] port must be 0..65535, not {config.server.port}")
+    if (config.server.tls_key or config.server.tls_client_ca) and not config.server.tls_cert:
+        raise ConfigError("[server] tls_key and tls_client_ca need tls_cert")
     if config.store.backend not in ("sqlite", "memory", "nats"):
         raise ConfigError(
             f"[store] backend must be sqlite, memory or nats, not {config.store.backend!r}"
@@ -183,6 +196,10 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"[store] synchronous must be OFF, NORMAL, FULL or EXTRA, not "
             f"{config.store.synchronous!r}"
+        )
+    if config.log.level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"[log] level must be one of {', '.join(LOG_LEVELS)}, not {config.log.level!r}"
         )
     if config.log.format not in ("json", "console"):
         raise ConfigError(f"[log] format must be json or console, not {config.log.format!r}")

@@ -15,6 +15,7 @@ from broker import errors
 from broker.http import error_response
 from broker.ids import random_hex8
 from broker.keys import METRICS, REQUEST_ID, RUNTIME
+from broker.routing import route_info
 from eventstore.base import ConcurrencyError, EventNotEncodable, StoreUnavailable
 
 log = structlog.get_logger("broker.http")
@@ -75,6 +76,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = _error(exc, request)
         if not response.prepared:
             response.headers["X-Request-ID"] = request_id
+            info = route_info(request.match_info.handler)
+            if info is not None and info.deprecated is not None:
+                response.headers.update(info.deprecated.headers())
             runtime = request.app.get(RUNTIME)
             if runtime is not None:  # what this answer reflects: wait for it elsewhere
                 response.headers["X-Log-Seq"] = str(runtime.projections.seq)

@@ -189,6 +189,10 @@ def build_document(app: web.Application) -> dict[str, Any]:
             op["tags"] = list(info.tags)
             tags.update(dict.fromkeys(info.tags))
         op["description"] = f"Access: {info.policy.description}."
+        if info.deprecated is not None:
+            op["deprecated"] = True
+            message = info.deprecated.message()
+            op["description"] += f" {message[0].upper()}{message[1:]}."
         if info.extra.get("websocket"):
             op["description"] += " WebSocket: see docs/websocket.md."
         op["security"] = _security(info.policy)
@@ -326,6 +330,12 @@ async def _assets(app: web.Application) -> dict[str, Path]:
     "/api/docs",
     policy=Public(),
     summary="Swagger UI (served from local files)",
+    response_content_type="text/html",
+)
+@routes.get(
+    "/api/docs/",
+    policy=Public(),
+    summary="Swagger UI (the same page, with a trailing slash)",
     response_content_type="text/html",
 )
 async def docs_page(request: web.Request) -> web.Response:

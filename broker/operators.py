@@ -43,6 +43,7 @@ async def create_user(
     roles: list[str],
     email: str | None = None,
     full_name: str | None = None,
+    is_active: bool = True,
 ) -> User:
     if not USERNAME.match(username):
         raise ValidationFailed(
@@ -55,8 +56,9 @@ async def create_user(
         )
     unknown = [r for r in roles if r not in runtime.users.roles]
     if unknown:
+        known = ", ".join(sorted(runtime.users.roles))
         raise ValidationFailed(
-            f"unknown role(s): {', '.join(unknown)}", details=[{"field": "roles"}]
+            f"unknown role(s): {', '.join(unknown)}; roles: {known}", details=[{"field": "roles"}]
         )
     if runtime.users.find_by_username(username) is not None:
         raise Conflict(f"User already exists: {username}")
@@ -68,6 +70,7 @@ async def create_user(
         email=email,
         full_name=full_name,
         roles=list(roles),
+        is_active=is_active,
     )
     try:
         await runtime.record([event], expected_version=0)

@@ -60,11 +60,14 @@ class Decision:
     def allowed(self) -> bool:
         return self.retry_after == 0
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, now: float | None = None) -> dict[str, str]:
+        """The X-RateLimit-* headers (and Retry-After when refused); `now`: the wall clock's
+        epoch seconds that the reset time counts from (the current time by default)."""
+        reset = (time.time() if now is None else now) + self.reset_after
         headers = {
             "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": str(self.remaining),
-            "X-RateLimit-Reset": str(math.ceil(time.time() + self.reset_after)),
+            "X-RateLimit-Reset": str(math.ceil(reset)),
         }
         if not self.allowed:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
@@ -119,10 +122,12 @@ class RateLimiter:
 
     def client_ip(self, request: web.Request) -> str:
         if self.config.trust_forwarded_for:
+            # The last entry: the address the trusted proxy saw. Earlier ones come from the
+            # client (or proxies before it) and can be anything (docs/deployment.md).
             forwarded = request.headers.get("X-Forwarded-For", "")
-            first = forwarded.split(",", 1)[0].strip()
-            if first:
-                return first
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last
         return request.remote or "unknown"
 
     def __len__(self) -> int:

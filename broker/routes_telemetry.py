@@ -22,7 +22,7 @@ routes = Routes("telemetry")
 ADMIN = Permission("licenses:admin")
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # declared, so no client sends more
 
 
 class TelemetryIn(msgspec.Struct, kw_only=True):

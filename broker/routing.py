@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from email.utils import format_datetime
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +30,27 @@ class Policy:
     """Who may call a route. Subclasses live in `broker.auth`."""
 
     description = "declared"
+
+
+@dataclass(frozen=True, slots=True)
+class Deprecation:
+    """A route being retired: answered as usual until `sunset` (an ISO date), with the headers
+    of `headers()` on every answer, and marked deprecated in the OpenAPI document."""
+
+    sunset: str
+    successor: str = ""  # the path to use instead, if any
+
+    def message(self) -> str:
+        instead = f"; use {self.successor} instead" if self.successor else ""
+        return f"deprecated: this route will be removed on {self.sunset}{instead}"
+
+    def headers(self) -> dict[str, str]:
+        day = date.fromisoformat(self.sunset)
+        when = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        headers = {"X-API-Deprecated": self.message(), "Sunset": format_datetime(when, True)}
+        if self.successor:
+            headers["Link"] = f'<{self.successor}>; rel="successor-version"'
+        return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +68,7 @@ class RouteInfo:
     response_content_type: str = "application/json"
     errors: tuple[int, ...] = ()  # error statuses beyond those the policy, path and body imply
     responses: dict[int, Any] = field(default_factory=dict)  # other answers: status -> body type
+    deprecated: Deprecation | None = None  # X-API-Deprecated and Sunset on every answer
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -58,6 +58,7 @@ class RemoteSnapshots:
     """The snapshots of one NATS stream in its object store bucket."""
 
     def __init__(self, config: Config, staging: Path) -> None:
+        self.store_config = config.store
         self.url = config.store.url
         self.bucket = bucket_name(config.store.stream)
         self.replicas = config.store.replicas
@@ -66,19 +67,25 @@ class RemoteSnapshots:
 
     @contextlib.asynccontextmanager
     async def _bucket(self, create: bool) -> AsyncIterator[Any]:
-        """(JetStream, the bucket) on a connection of its own; the bucket is None if it does not
-        exist and not `create`."""
+        """(JetStream, the bucket) on a connection of its own, with the log's TLS settings; the
+        bucket is None if it does not exist and not `create`."""
         import nats
         import nats.js.errors
         from nats.js import api
 
+        from eventstore.nats_tls import client_context, require_tls
+
+        tls = client_context(self.store_config)
         nc = await nats.connect(
             self.url,
             connect_timeout=CONNECT_TIMEOUT,
             max_reconnect_attempts=0,
             allow_reconnect=False,
+            **({"tls": tls} if tls is not None else {}),
         )
         try:
+            if tls is not None:
+                require_tls(nc, self.url)
             js = nc.jetstream(timeout=CONNECT_TIMEOUT)
             try:
                 obs = await js.object_store(self.bucket)

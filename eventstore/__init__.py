@@ -47,6 +47,7 @@ def open_store(config: StoreConfig, *, readonly: bool = False) -> EventStore:
         )
     if config.backend == "nats":
         from eventstore.nats import NatsStore
+        from eventstore.nats_tls import client_context
 
         return NatsStore(
             config.url,
@@ -55,5 +56,6 @@ def open_store(config: StoreConfig, *, readonly: bool = False) -> EventStore:
             replicas=config.replicas,
             max_age=config.max_age,
             readonly=readonly,
+            tls=client_context(config),
         )
     raise ValueError(f"unknown store backend {config.backend!r} (sqlite, memory or nats)")

@@ -230,3 +230,7 @@ class StoreConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     replicas: int = 1
     max_age: float = 0  # seconds; 0 keeps events forever
     subject_prefix: str = ""  # nats: the stream captures `<prefix>.*`; "" = the stream name
+    # nats over TLS (eventstore.nats_tls): a tls:// url, the CA, a client certificate
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""

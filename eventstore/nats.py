@@ -45,6 +45,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ from eventstore.base import (
 from eventstore.codec import decode_event, encode_events
 from eventstore.events import BaseEvent
 from eventstore.nats_index import FeedStats, LogIndex, anchor_of
+from eventstore.nats_tls import require_tls
 from eventstore.nats_wire import (
     EXPECTED_LAST_SEQ,
     EXPECTED_LAST_SUBJECT_SEQ,
@@ -126,8 +128,10 @@ class NatsStore:
         replicas: int = 1,
         max_age: float = 0.0,
         readonly: bool = False,
+        tls: ssl.SSLContext | None = None,  # eventstore.nats_tls: TLS or no connection
     ) -> None:
         self.url = url
+        self.tls = tls
         self.stream = stream
         self.prefix = subject_prefix or stream
         self.replicas = replicas
@@ -139,6 +143,7 @@ class NatsStore:
         self._listeners: list[Listener] = []
         self._closing = False
         self._failure: BaseException | None = None
+        self._connect_error: Exception | None = None
         self._index = LogIndex()  # the log as derived from the stream, as of `_index.applied`
         # Set before open() to start from a saved index (a snapshot's) instead of stream message
         # 1: (the saved index, its arrays, the anchor of its last message, its head). open()
@@ -171,7 +176,15 @@ class NatsStore:
             self._nc = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             reason = str(exc) or f"no connection within {CONNECT_TIMEOUT:g} s"
+            if self._connect_error is not None:  # e.g. a certificate that does not verify
+                reason += f" (last error: {self._connect_error})"
             raise StoreUnavailable(f"cannot reach NATS at {self.url}: {reason}") from None
+        if self.tls is not None:
+            try:
+                require_tls(self._nc, self.url)
+            except StoreUnavailable:
+                await self._nc.close()
+                raise
         self._js = self._nc.jetstream(timeout=PUBLISH_TIMEOUT)
         try:
             info = await self._ensure_stream()
@@ -244,6 +257,7 @@ class NatsStore:
             self._request_reset("reconnected")
 
         async def error(exc: Exception) -> None:
+            self._connect_error = exc
             log.debug("nats log: connection error: %s", exc)
 
         name = f"broker {socket.gethostname()}:{os.getpid()} {self.stream}"
@@ -256,6 +270,7 @@ class NatsStore:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
+            **({"tls": self.tls} if self.tls is not None else {}),
         )
 
     async def _ensure_stream(self) -> Any:

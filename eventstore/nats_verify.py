@@ -26,6 +26,7 @@ from eventstore import integrity
 from eventstore.base import IntegrityError, StoreConfig
 from eventstore.codec import decode_event
 from eventstore.nats import NatsStore
+from eventstore.nats_tls import client_context
 
 
 class NatsVerifyReport(msgspec.Struct, kw_only=True):
@@ -53,7 +54,11 @@ async def verify_stream(
     """Check the whole stream named by `config`; IntegrityError names the first bad seq."""
     t0 = time.perf_counter()
     store = NatsStore(
-        config.url, config.stream, subject_prefix=config.subject_prefix, readonly=True
+        config.url,
+        config.stream,
+        subject_prefix=config.subject_prefix,
+        readonly=True,
+        tls=client_context(config),
     )
     await store.open()  # consumes every message: derives seqs, checks each chunk's CRC
     try:

@@ -87,16 +87,20 @@ def free_port() -> int:
 class NatsServer:
     """A private nats-server with JetStream on a free port and its own store directory."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.binary = nats_server_binary()
         self.store_dir = store_dir
         self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.extra_args = extra_args  # e.g. --tls --tlscert … (tests/eventstore/test_nats_tls.py)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        args += self.extra_args
         self.proc = subprocess.Popen(
             [self.binary, *args],
             stdout=subprocess.DEVNULL,

@@ -1,5 +1,5 @@
 """bench.hotpath drives the server's per-message code through fake sockets: a short run must
-still send, push and ack every message (the benchmark breaks silently otherwise)."""
+still send, push and ack every message exactly once (the benchmark breaks silently otherwise)."""
 
 from __future__ import annotations
 
@@ -11,4 +11,6 @@ from bench.hotpath import one_run
 
 async def test_a_short_run_sends_pushes_and_acks_everything(tmp_path: Path) -> None:
     args = argparse.Namespace(messages=230, batch=50, repeat=1, sync="OFF")
-    assert await one_run(args, tmp_path) > 0  # CPU µs per message; it asserts every answer
+    run = await one_run(args, tmp_path)
+    assert (run.sent, run.pushed, run.acked) == (230, 230, 230)
+    assert run.cpu_us > 0

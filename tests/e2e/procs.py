@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,14 +59,19 @@ def free_port() -> int:
 
 @contextmanager
 def served(
-    data: Path, port: int | None = None, **extra: str
+    data: Path,
+    port: int | None = None,
+    args: Sequence[str] = (),
+    scheme: str = "http",
+    **extra: str,
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """Start `broker serve` on `port` (default: a free one); yield (base_url, process) once it
-    accepts requests."""
+    """Start `broker serve [args]` on `port` (default: a free one); yield (base_url, process) once
+    it accepts requests. `extra` environment variables override the defaults set here."""
     port = port or free_port()
+    settings = {"BROKER_SERVER__PORT": str(port), "BROKER_LOG__LEVEL": "info", **extra}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve"],
-        env=broker_env(data, BROKER_SERVER__PORT=str(port), BROKER_LOG__LEVEL="info", **extra),
+        [sys.executable, "-m", "broker", "serve", *args],
+        env=broker_env(data, **settings),
         cwd=data.parent,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -83,17 +88,23 @@ def served(
         raise RuntimeError("broker serve exited:\n" + "".join(output))
     # Keep reading its log (the last lines are kept): a full pipe would block the server.
     tail: deque[str] = deque(output, maxlen=200)
+    proc.log = tail  # type: ignore[attr-defined]  # what it logged (start-up, the last lines)
     drain = threading.Thread(target=tail.extend, args=(proc.stderr,), daemon=True)
     drain.start()
     try:
-        yield f"http://127.0.0.1:{port}", proc
+        yield f"{scheme}://127.0.0.1:{port}", proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         drain.join(10)
         proc.stderr.close()
+
+
+def stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -100,3 +100,28 @@ async def operator(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
     async with http.post(f"{url}/auth/login", data={"username": "ops", "password": PASSWORD}) as r:
         assert r.status == 200, await r.text()
         return {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+
+
+async def websocket_exchange(base: str, http: aiohttp.ClientSession, tmp: Path) -> None:
+    """Two SDK nodes at `base` (over `http`): three messages from one reach the other over its
+    WebSocket (no polling), in order."""
+    kw: dict[str, Any] = {"retry": FAST, "reconnect": FAST, "http": http}
+    async with (
+        Node(base, "tx", key_file=tmp / "tx.pem", **kw) as tx,
+        Node(base, "rx", key_file=tmp / "rx.pem", **kw) as rx,
+    ):
+        await tx.register()
+        await rx.register()
+        got = Received()
+
+        async def listen() -> None:
+            async for msg in rx.messages(transport="websocket"):
+                await got.add(msg.id)
+
+        task = asyncio.create_task(listen())
+        try:
+            sent = [(await tx.send("rx", "n", {"i": i})).message_id for i in range(3)]
+            await got.wait_for(sent)
+        finally:
+            await cancel(task)
+        assert got.ids == sent

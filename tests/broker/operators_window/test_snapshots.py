@@ -370,3 +370,32 @@ async def test_a_failing_snapshot_backs_off(
         await append(10)
         assert len(attempts) == 5 and snap.failures == 0
         assert await asyncio.to_thread(snapshot_paths, blocker)
+
+
+async def test_snapshots_are_due_by_events_or_time_but_never_too_often(tmp_path: Path) -> None:
+    """`every` events or `interval` seconds with something new, never within `min_interval`."""
+    config = config_in(tmp_path, every=50)
+    config.snapshots.interval, config.snapshots.min_interval = 100.0, 10.0
+    clock = [1000.0]
+    async with TestClient(TestServer(create_app(config))) as client:
+        snap, runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
+        snap.now = lambda: clock[0]
+        snap.last_at = clock[0]
+
+        async def append(n: int) -> None:
+            for i in range(n):
+                await runtime.record([LogNote(stream_id="s", text=str(i))])
+                await snap.wait()
+
+        await append(60)  # past `every`, but within min_interval of the start
+        assert snap.last_seq == 0
+        clock[0] += 10.0
+        await append(1)  # now due by events
+        first = snap.last_seq
+        assert first == await runtime.store.head()
+        clock[0] += 50.0
+        await append(5)  # few events, before `interval`: not due
+        assert snap.last_seq == first
+        clock[0] += 50.0
+        await append(1)  # `interval` passed with something new: due by time
+        assert snap.last_seq == await runtime.store.head() > first

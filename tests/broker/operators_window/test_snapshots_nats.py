@@ -163,3 +163,24 @@ async def test_concurrency_holds_after_joining_from_a_snapshot(
         assert envs[0].stream_version == 6
     finally:
         await store.close()
+
+
+async def test_snapshots_go_over_the_logs_tls(tmp_path: Path) -> None:
+    """The snapshot bucket is reached with the log's TLS settings (a tls:// URL and its CA)."""
+    from tests.eventstore.test_nats_tls import tls_args
+    from tests.nats_server import NatsServer
+    from tests.tlscerts import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    with NatsServer(tmp_path / "nats", extra_args=tls_args(ca.issue("nats"))) as server:
+        url = server.url.replace("nats://", "tls://")
+
+        def cfg(where: str) -> Config:
+            config = nats_config(tmp_path / where, url, "TLS_SNAP")
+            config.store.tls_ca = str(ca.path)
+            return config
+
+        first = await with_snapshots(cfg("a"), history(100), 100)
+        joined = await run_app(cfg("b"))
+    assert joined["boot"].seq == first["head"] == 100 and not joined["boot"].ignored
+    assert joined["at_start"] == first["final"]
