@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker import (
+    compaction,
     connections,
     openapi,
     ratelimit,
     redoc,
     routes_events,
     routes_licensing,
+    routes_log,
     routes_messages,
     routes_nodes,
     routes_operators,
@@ -54,10 +56,12 @@ def create_app(config: Config) -> web.Application:
     ws_nodes.setup(app)
     connections.setup(app)  # across instances, a node's newest WebSocket wins (nats backend)
     routes_events.setup(app)
+    routes_log.setup(app)
     ws_operators.setup(app)
     openapi.setup(app)
     redoc.setup(app)
     snapshots.setup(app)
+    compaction.setup(app)  # after snapshots: a compaction takes one first
     return app
 
 

@@ -1,5 +1,5 @@
-"""The `broker` command: serve, replay, export, import, verify, users create; `node` hands over
-to the node SDK's CLI."""
+"""The `broker` command: serve, replay, export, import, verify, compact, users create; `node`
+hands over to the node SDK's CLI. verify and compact live in broker.cli_log."""
 
 from __future__ import annotations
 
@@ -259,49 +259,6 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
-    from broker.snapshots import check_log_against_snapshots, snapshot_directory
-    from eventstore.base import IntegrityError
-    from eventstore.sqlite_verify import head_of_file, verify_file
-
-    if config.store.backend == "nats":
-        return _verify_nats(config)
-    if config.store.backend != "sqlite":
-        raise CommandError(f"verify checks the sqlite log; the backend is {config.store.backend}")
-    t0 = time.perf_counter()
-    try:
-        head = head_of_file(config.store.path)  # None: unreadable, verify_file says why
-        if head is not None:  # a log lost, emptied or replaced by a shorter one
-            check_log_against_snapshots(snapshot_directory(config), head)
-        if not Path(config.store.path).exists():
-            raise CommandError(f"no log at {config.store.path}")
-        n = verify_file(config.store.path, progress_bar("verify"))
-    except IntegrityError as exc:
-        print(f"FAILED: {config.store.path}: first bad seq {exc.seq}: {exc.reason}")
-        return EXIT_FAIL
-    print(
-        f"ok: {config.store.path}: {n:,} events, checksums and hash chain intact "
-        f"({time.perf_counter() - t0:.2f} s)"
-    )
-    return EXIT_OK
-
-
-async def _verify_nats(config: Config) -> int:
-    """verify on the NATS backend (what it checks: eventstore/nats_verify.py)."""
-    from eventstore.base import IntegrityError
-    from eventstore.nats_verify import verify_stream
-
-    try:
-        report = await verify_stream(config.store, progress_bar("verify"))
-    except IntegrityError as exc:
-        print(f"FAILED: NATS stream {config.store.stream}: first bad seq {exc.seq}: {exc.reason}")
-        return EXIT_FAIL
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(report.summary())
-    return EXIT_OK
-
-
 async def cmd_users_create(config: Config, args: argparse.Namespace) -> int:
     from broker.errors import BrokerError
     from broker.operators import create_user
@@ -388,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="load a JSON Lines export into an empty log")
     p.add_argument("file", type=Path, help="a file written by `broker export` (without --redact)")
 
-    sub.add_parser("verify", help="check checksums and the hash chain of the log")
+    from broker import cli_log
+
+    cli_log.add_parsers(sub)
 
     users = sub.add_parser("users", help="operator accounts").add_subparsers(
         dest="users_command", required=True
@@ -407,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return parser
+
+
+def _log_command(name: str, config: Config, args: argparse.Namespace) -> Any:
+    from broker import cli_log
+
+    return cli_log.COMMANDS[name](config, args)
 
 
 def node_cli(argv: Sequence[str]) -> int:
@@ -428,7 +393,8 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
     "replay": cmd_replay,
     "export": cmd_export,
     "import": cmd_import,
-    "verify": cmd_verify,
+    "verify": lambda config, args: _log_command("verify", config, args),
+    "compact": lambda config, args: _log_command("compact", config, args),
     "users": cmd_users_create,
 }
 

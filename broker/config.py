@@ -139,6 +139,30 @@ class SnapshotsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     directory: str = ""  # default <data_dir>/snapshots
 
 
+# Event types a compaction may remove, and how (broker/compaction.py, docs/operations.md). Any
+# other type is an audit event, kept for ever. "message.*" counts from a message's close.
+KEEP_NEWEST = ("node.heartbeat", "node.telemetry", "telemetry.recorded", "token.rotated")
+RETAINABLE = (*KEEP_NEWEST, "node.connected", "auth.challenge_used", "message.*")
+DEFAULT_DAYS: dict[str, float] = {
+    "node.heartbeat": 7.0,
+    "node.telemetry": 7.0,
+    "telemetry.recorded": 7.0,
+    "message.*": 7.0,
+    "node.connected": 7.0,
+    "auth.challenge_used": 1.0,  # a challenge lives [auth] challenge_ttl (a minute)
+    "token.rotated": 31.0,  # a refresh token lives [auth] refresh_ttl (30 days)
+}
+
+
+class RetentionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[retention]`: what compaction may remove (days kept per event type, 0 = for ever) and
+    when `broker serve` compacts by itself."""
+
+    days: dict[str, float] = msgspec.field(default_factory=lambda: dict(DEFAULT_DAYS))
+    every: float = 86400.0  # seconds between background compactions in broker serve; 0 = never
+    batch_chunks: int = 2  # chunks rewritten per transaction (appends wait at most that long)
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -150,6 +174,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     snapshots: SnapshotsConfig = msgspec.field(default_factory=SnapshotsConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
 
 
 def load_config(
@@ -184,6 +209,7 @@ def load_config(
 
 
 def _check(config: Config) -> None:
+    _check_retention(config.retention)
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"[server] port must be 0..65535, not {config.server.port}")
     if (config.server.tls_key or config.server.tls_client_ca) and not config.server.tls_cert:
@@ -223,3 +249,18 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"[{section}] {name} must be 0 or more")
             if name != "min_interval" and value <= 0:
                 raise ConfigError(f"[{section}] {name} must be positive")
+
+
+def _check_retention(retention: RetentionConfig) -> None:
+    days = {**DEFAULT_DAYS, **retention.days}  # a type left out keeps its default
+    for name, value in days.items():
+        if name not in RETAINABLE:
+            raise ConfigError(
+                f"[retention] days: {name!r} cannot be removed (an audit event, kept for ever); "
+                f"configurable: {', '.join(RETAINABLE)}"
+            )
+        if value < 0:
+            raise ConfigError(f"[retention] days.{name!r} must be >= 0 (0 = for ever), not {value}")
+    retention.days = days
+    if retention.every < 0 or retention.batch_chunks < 1:
+        raise ConfigError("[retention] every must be >= 0 and batch_chunks >= 1")

@@ -66,6 +66,12 @@ class Unavailable(BrokerError):
     code, status = "SERVICE_UNAVAILABLE", 503
 
 
+class CompactionUnavailable(BrokerError):
+    """The log cannot be compacted as configured (no snapshots; a backend without it)."""
+
+    code, status = "COMPACTION_UNAVAILABLE", 409
+
+
 # Licensing (seed 002): 400s with the seed's French messages; an unknown key is NOT_FOUND.
 
 
@@ -100,6 +106,7 @@ CATALOG: dict[str, int] = {
         PayloadTooLarge,
         RateLimited,
         Unavailable,
+        CompactionUnavailable,
         LicenseExpired,
         LicenseRevoked,
         LicenseLimitReached,

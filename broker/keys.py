@@ -13,6 +13,7 @@ from broker.principal import Principal
 from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
+    from broker.compaction import Compactor
     from broker.connections import Takeover
     from broker.delivery import Dispatcher
     from broker.eventlog import Feeds, Rebuilder
@@ -57,6 +58,7 @@ REBUILDER: web.AppKey[Rebuilder] = web.AppKey("rebuilder")
 FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
 SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
+COMPACTOR: web.AppKey[Compactor] = web.AppKey("compactor")
 
 # Per-request keys (request[...]).
 REQUEST_ID = web.RequestKey("request_id", str)

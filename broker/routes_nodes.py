@@ -5,6 +5,8 @@ Thin handlers: decode, call one `NodeService`/`TokenService` function, encode.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -32,6 +34,7 @@ from broker.routing import Routes
 from broker.tokens import TokenPair
 
 routes = Routes("nodes")
+ORDERS_CHECK = 10.0  # seconds between two looks for discovery orders to build
 
 NodeId = Annotated[str, msgspec.Meta(pattern=NODE_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -295,8 +298,25 @@ async def deregister(request: web.Request) -> web.Response:
 
 async def _nodes_ctx(app: web.Application) -> AsyncIterator[None]:
     app[NODES].start(app[RUNTIME])
+    builder = asyncio.create_task(_build_discovery_indices(app[NODES]), name="discovery-indices")
     yield
+    builder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await builder
     app[NODES].stop()
+
+
+async def _build_discovery_indices(service: NodeService) -> None:
+    """The discovery orders and presence windows built in the background once the server is
+    up, one bounded slice per turn of the loop (again after the indices are rebuilt)."""
+    while True:
+        index = service.runtime.nodes.index
+        index.build_orders()
+        for within in (service.online_within, service.stale_within):
+            index.prepare_window(within, service.clock())
+        while index.build_step():
+            await asyncio.sleep(0)
+        await asyncio.sleep(ORDERS_CHECK)
 
 
 def setup(app: web.Application) -> None:

@@ -82,6 +82,7 @@ class TelemetrySummaryOut(msgspec.Struct, kw_only=True):
     body=TelemetryIn,
     response=TelemetryAck,
     status=201,
+    errors=(400,),  # TENANT_INACTIVE: a sample for a deactivated tenant
     summary="Record a telemetry sample from a node",
     tags=("nodes: telemetry",),
 )

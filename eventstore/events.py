@@ -391,6 +391,26 @@ class LogNote(BaseEvent, frozen=True, tag="system.note"):
     data: dict[str, Any] = {}
 
 
+class LogCompacted(BaseEvent, frozen=True, kw_only=True, tag="log.compacted"):
+    """A compaction removed what the retention policy allowed from events before `up_to`
+    (docs/operations.md). The removed seqs form `gaps` runs, each recorded in the log with the
+    chain hash of its last removed event (its anchor: the kept event after the run chains from
+    it); `anchors_digest` is the SHA-256 of those records in order, so `broker verify` proves the
+    gaps it finds are exactly the ones this event recorded."""
+
+    stream_field: ClassVar[str] = "stream_id"
+    stream_id: str = "log"
+    up_to: int  # only events with a seq below this were considered
+    up_to_anchor: str  # the chain hash (hex) of event `up_to`: the head that anchors the cut
+    policy: dict[str, float] = {}  # event type (or pattern) -> days kept; 0 = for ever
+    removed: dict[str, int] = {}  # events removed, by type
+    first_removed: int = 0
+    last_removed: int = 0
+    gaps: int = 0
+    anchors_digest: str = ""  # hex
+    snapshot_seq: int = 0  # the snapshot taken first, which covers every removed event
+
+
 Event = (
     UserCreated
     | UserUpdated
@@ -431,6 +451,7 @@ Event = (
     | MessageRedriven
     | NodeConnected
     | LogNote
+    | LogCompacted
 )
 
 EVENT_TYPES: dict[str, type[BaseEvent]] = {

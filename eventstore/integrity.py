@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable
 from hashlib import sha256
 
 GENESIS = bytes(32)
@@ -35,3 +36,16 @@ def chain_hash(
             )
         )
     ).digest()
+
+
+_gap_record = struct.Struct(">qq").pack
+
+
+def anchors_digest(gaps: Iterable[tuple[int, int, bytes]]) -> str:
+    """SHA-256 (hex) of a compaction's gap records in order, each (first seq, last seq, anchor:
+    the chain hash of its last removed event): what its `log.compacted` event says of them."""
+    h = sha256()
+    for first, last, anchor in gaps:
+        h.update(_gap_record(first, last))
+        h.update(anchor)
+    return h.hexdigest()

@@ -8,11 +8,13 @@ Its header carries `APPLICATION_ID`.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -24,7 +26,8 @@ from eventstore.sqlite_head import check_head, read_head
 # Our logs say so in their header (PRAGMA application_id, "BRKL"); logs made before it was set
 # have 0 there and exactly our tables.
 APPLICATION_ID = 0x42524B4C
-_TABLES = frozenset({"chunks", "streams"})
+_OLD_TABLES = frozenset({"chunks", "streams"})
+_TABLES = _OLD_TABLES | {"gaps", "compactions"}  # the last two: eventstore.sqlite_compact
 PAGE = 64  # chunks fetched per read query
 
 
@@ -142,7 +145,7 @@ def _check_identity(conn: sqlite3.Connection, path: Path) -> set[str]:
             "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
         )
     }
-    ours = app_id == APPLICATION_ID or (app_id == 0 and names in (set(), _TABLES))
+    ours = app_id == APPLICATION_ID or (app_id == 0 and names in (set(), _OLD_TABLES, _TABLES))
     if ours and names <= _TABLES:
         return names
     shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
@@ -202,8 +205,13 @@ CHUNK_OF = (
 def hash_in(row: ChunkRow | None, seq: int) -> bytes | None:
     if row is None or not row[0] <= seq <= row[1]:
         return None
-    rec = decode_chunk(row)[seq - row[0]]
-    return rec.hash if rec.seq == seq else None
+    records = decode_chunk(row)
+    i = seq - row[0]
+    if i >= len(records) or records[i].seq != seq:  # a compacted chunk: events are missing
+        i = bisect.bisect_left([r.seq for r in records], seq)
+        if i >= len(records) or records[i].seq != seq:
+            return None
+    return records[i].hash
 
 
 def _verify_chunks(
@@ -211,14 +219,22 @@ def _verify_chunks(
     progress: Callable[[int, int], None] | None,
     trusted: tuple[int, bytes] | None = None,
 ) -> int:
+    """Walk the chain from the start (or the trusted seq's chunk) and check the compactions'
+    records (`_check_compactions`); the head's seq, or IntegrityError at the first bad seq."""
     expected = 1
     prev = integrity.GENESIS
     trusted_seq, trusted_hash = trusted or (0, integrity.GENESIS)
+    compactions: dict[int, Any] = {}  # seq -> log.compacted event met on the walk
     try:
+        compacted = _has_gaps(conn)
         total = conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM chunks").fetchone()[0]
         if trusted_seq > 0:
             row = conn.execute(CHUNK_OF, (trusted_seq,)).fetchone()
             expected = row[0] if row is not None else 1
+        start = expected
+        gaps = _gaps_from(conn, start) if compacted else iter(())
+        gap = next(gaps, None)
+        crossed = (0, -1)  # the last gap jumped over: its events may still be stored
         cur = conn.execute(
             "SELECT first_seq, last_seq, body, crc FROM chunks WHERE first_seq >= ? "
             "ORDER BY first_seq",
@@ -226,21 +242,36 @@ def _verify_chunks(
         )
         while rows := cur.fetchmany(PAGE):
             for first, last, body, crc in rows:
-                if first != expected:
-                    raise IntegrityError(
-                        expected, f"event missing (next stored event is seq {first})"
-                    )
                 try:
                     records = _chunk_decoder.decode(body)
                 except msgspec.DecodeError as exc:
                     raise IntegrityError(
                         first, f"undecodable events {first}..{last}: {exc}"
                     ) from None
+                if not records or records[0].seq != first:
+                    raise IntegrityError(first, f"event missing (chunk {first}..{last})")
+                if records[-1].seq != last:
+                    raise IntegrityError(
+                        min(records[-1].seq + 1, last), f"event missing (chunk {first}..{last})"
+                    )
                 for rec in records:
-                    if rec.seq != expected:
+                    if rec.seq < expected:
+                        if crossed[0] <= rec.seq <= crossed[1]:
+                            continue  # inside a recorded gap, awaiting removal
                         raise IntegrityError(
-                            expected, f"event missing or out of order (found seq {rec.seq})"
+                            rec.seq, f"event out of order (found after seq {expected - 1})"
                         )
+                    while rec.seq > expected or (gap is not None and gap[0] == rec.seq):
+                        if gap is None or gap[0] != expected:
+                            raise IntegrityError(
+                                expected,
+                                f"events {expected}..{rec.seq - 1} missing, and no compaction "
+                                "recorded their removal",
+                            )
+                        prev, expected, crossed = gap[2], gap[1] + 1, (gap[0], gap[1])
+                        gap = next(gaps, None)
+                    if rec.seq < expected:
+                        continue  # the first event of a gap not yet removed
                     if rec.seq <= trusted_seq:  # verified before: take its hash as it is
                         if rec.seq == trusted_seq and rec.hash != trusted_hash:
                             raise IntegrityError(rec.seq, "hash differs from the trusted one")
@@ -254,17 +285,131 @@ def _verify_chunks(
                         raise IntegrityError(
                             rec.seq, "hash chain broken (event altered, removed or reordered)"
                         )
-                    to_envelope(rec)
+                    env = to_envelope(rec)
+                    if rec.type == COMPACTED:
+                        compactions[rec.seq] = env.event
                     prev = h
                     expected += 1
-                if expected - 1 != last:
-                    raise IntegrityError(expected, f"event missing (chunk {first}..{last})")
                 if integrity.checksum(body) != crc:
                     raise IntegrityError(first, f"checksum mismatch in events {first}..{last}")
             if progress is not None:
                 progress(expected - 1, total)
+        if gap is not None:
+            raise IntegrityError(gap[0], f"a gap {gap[0]}..{gap[1]} is recorded past the log's end")
         if expected - 1 < trusted_seq:
             raise IntegrityError(expected, f"event missing (the log ends before {trusted_seq})")
+        if compacted:
+            _check_compactions(conn, compactions, start, trusted_seq)
         return expected - 1
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(expected, f"the log file is damaged: {exc}") from None
+
+
+COMPACTED = "log.compacted"
+# A compaction whose gaps are still being recorded (compactions.done = RECORDING) removed nothing
+# yet: its gaps are not gaps (eventstore.sqlite_compact); a crash leaves them to be forgotten.
+RECORDING = -1
+LIVE_GAPS = f"compaction NOT IN (SELECT seq FROM compactions WHERE done = {RECORDING})"
+
+
+def _has_gaps(conn: sqlite3.Connection) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='gaps'").fetchone()
+        is not None
+    )
+
+
+def _gaps_from(conn: sqlite3.Connection, seq: int) -> Any:
+    cur = conn.execute(
+        f"SELECT first_seq, last_seq, anchor FROM gaps WHERE first_seq >= ? AND {LIVE_GAPS} "
+        "ORDER BY first_seq",
+        (seq,),
+    )
+    while rows := cur.fetchmany(1024):
+        yield from rows
+
+
+def _check_compactions(
+    conn: sqlite3.Connection, met: dict[int, Any], start: int, trusted_seq: int
+) -> None:
+    """Every recorded gap belongs to a `log.compacted` event of the log, lies below what it
+    could remove, and each compaction's gaps are exactly those its event recorded (their
+    anchors' digest). Gaps before `start` (not walked) made by a compaction after the trusted
+    seq get their link checked: the kept event after each chains from its anchor."""
+    cur = conn.execute(
+        f"SELECT compaction, first_seq, last_seq, anchor FROM gaps WHERE {LIVE_GAPS} "
+        "ORDER BY compaction, first_seq"
+    )
+    group: list[tuple[int, int, bytes]] = []
+    current = None
+    links: list[tuple[int, bytes]] = []
+    while True:
+        rows = cur.fetchmany(4096)
+        for comp, first, last, anchor in rows:
+            if comp != current and group:
+                _check_compaction(conn, current, group, met)  # type: ignore[arg-type]
+                group = []
+            current = comp
+            group.append((first, last, anchor))
+            if first < start and comp > trusted_seq:
+                links.append((last, anchor))
+        if not rows:
+            break
+    if group:
+        _check_compaction(conn, current, group, met)  # type: ignore[arg-type]
+    for last, anchor in sorted(links):
+        _check_link(conn, last, anchor)
+
+
+def _event_at(conn: sqlite3.Connection, seq: int) -> Any:
+    row = conn.execute(CHUNK_OF, (seq,)).fetchone()
+    if row is None or not row[0] <= seq <= row[1]:
+        return None
+    for rec in decode_chunk(row):
+        if rec.seq == seq:
+            return to_envelope(rec).event if rec.type == COMPACTED else None
+    return None
+
+
+def _check_compaction(
+    conn: sqlite3.Connection, seq: int, gaps: list[tuple[int, int, bytes]], met: dict[int, Any]
+) -> None:
+    first = gaps[0][0]
+    event = met.get(seq) or _event_at(conn, seq)
+    if event is None:
+        raise IntegrityError(
+            first,
+            f"events {first}..{gaps[0][1]} were removed with no compaction recorded "
+            f"(no log.compacted event at seq {seq})",
+        )
+    for lo, hi, _anchor in gaps:
+        if hi >= event.up_to:
+            raise IntegrityError(lo, f"gap {lo}..{hi} is past what compaction {seq} could remove")
+    if len(gaps) != event.gaps or integrity.anchors_digest(gaps) != event.anchors_digest:
+        raise IntegrityError(
+            first, f"the gaps of compaction {seq} differ from the ones its event recorded"
+        )
+
+
+def _check_link(conn: sqlite3.Connection, last: int, anchor: bytes) -> None:
+    """The kept event right after a gap ending at `last` chains from its anchor."""
+    row = conn.execute(CHUNK_OF, (last + 1,)).fetchone()
+    if row is None or row[1] <= last:
+        row = conn.execute(
+            "SELECT first_seq, last_seq, body, crc FROM chunks WHERE first_seq > ? "
+            "ORDER BY first_seq LIMIT 1",
+            (last,),
+        ).fetchone()
+    if row is None:
+        return
+    for rec in decode_chunk(row):
+        if rec.seq <= last:
+            continue
+        if rec.seq != last + 1:
+            return  # another gap follows at once: its own anchor takes over
+        h = integrity.chain_hash(
+            anchor, rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, rec.data
+        )
+        if h != rec.hash:
+            raise IntegrityError(rec.seq, "hash chain broken after a compacted gap")
+        return

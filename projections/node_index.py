@@ -11,16 +11,23 @@ Sort orders:
 - registration order: the slots themselves (descending: from the last block down);
 - `type`, `status`: the groups of that index in key order, slots ascending in each group (what
   a stable sort of registration order gives, ascending or descending);
-- `node_id`, `name`, `load`, `last_heartbeat_at`: a `SortedSlots` (a list of blocks of slots
-  sorted by (key, slot)), kept up to date by every event that changes the key; a filtered page
-  walks it and tests each slot in the filter's bitmap, or sorts the matches when there are so
-  few that sorting costs less than the walk.
+- `last_heartbeat_at`: a `HeartbeatOrder` (`projections.heartbeat_order`), an append-only log
+  with lazy deletion, kept from the first event on (a heartbeat is an append);
+- `node_id`, `name`, `load`: a `SortedSlots` (`projections.sorted_slots`: blocks of slots sorted
+  by (key, slot)), built in bounded slices (`build_step`: a server runs them in the background
+  once it is up; a query that needs an order still building takes one slice and picks its page
+  from the matches with `heapq`), then kept up to date by every event that changes the key.
+A filtered page walks the order and tests each slot in the filter's bitmap (skipping whole
+blocks by their token counts under a single filter), or sorts the matches when there are so few
+that sorting costs less than the walk.
 
 Presence is never stored (see `projections.nodes`): a `Window` is the bitmap of the nodes whose
-last heartbeat is within `within` seconds of a given `now`. It is built on the first query that
-asks for it, kept right by every heartbeat, and moved to the `now` of each later query by
-visiting only the nodes whose heartbeat crossed the boundary in between (in heartbeat order).
-Windows are a cache: they are not part of the state, and queries at any `now` are exact.
+last heartbeat is within `within` seconds of a given `now`. It is built in slices from the
+heartbeat order (by the server's background task for its thresholds, or finished by the first
+query that asks for it), kept right by every heartbeat, and moved to the `now` of each later
+query by visiting only the nodes whose heartbeat crossed the boundary in between (built anew
+when that would visit more than 1/REBUILD_WINDOW of the nodes). Windows are a cache: they are
+not part of the state, and queries at any `now` are exact.
 
 Invariant: every structure holds exactly the live nodes, keyed by their current attributes.
 `NodesProjection` changes an attribute that a structure is keyed on only through this class.
@@ -28,8 +35,9 @@ Invariant: every structure holds exactly the live nodes, keyed by their current 
 
 from __future__ import annotations
 
+import heapq
+import math
 import sys
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from operator import attrgetter
@@ -38,314 +46,39 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from projections.nodes import Node
 
-SHIFT = 12
-BLOCK = 1 << SHIFT
-MASK = BLOCK - 1
-BLOCK_LEN = 1024  # entries per block of a SortedSlots (split at twice that)
+from projections.bitmaps import (
+    BLOCK,
+    SHIFT,
+    Bitmap,
+    bm_add,
+    bm_discard,
+    count,
+    intersect,
+    slots_of,
+    walk,
+)
+from projections.heartbeat_order import HeartbeatOrder, Token
+from projections.sorted_slots import SortedSlots
+
+ORDERS = ("node_id", "name", "load")  # the SortedSlots (by last heartbeat: HeartbeatOrder)
 MAX_WINDOWS = 4  # presence windows kept (one per distinct `within` asked)
+WINDOW_STEP = 8_192  # nodes visited per slice of a window's build (~5 ms here)
+REBUILD_WINDOW = 8  # a window moved past more than 1/8 of the nodes is built anew
 SORT_COST = 4.0  # sorting one match costs about this many walk steps (measured)
-
-Bitmap = dict[int, int]  # block number -> bits of the slots of that block (never 0)
-Token = tuple[str, str]  # ("type" | "capability" | "region" | "status", value)
-Blocks = list[tuple[int, int]]  # (block number, bits), ascending, bits != 0
-
-
-def bm_add(bm: Bitmap, slot: int) -> None:
-    b = slot >> SHIFT
-    bm[b] = bm.get(b, 0) | (1 << (slot & MASK))
-
-
-def bm_discard(bm: Bitmap, slot: int) -> None:
-    b = slot >> SHIFT
-    x = bm.get(b)
-    if x is not None:
-        x &= ~(1 << (slot & MASK))
-        if x:
-            bm[b] = x
-        else:
-            del bm[b]
-
-
-def bm_has(bm: Bitmap, slot: int) -> bool:
-    return bool((bm.get(slot >> SHIFT, 0) >> (slot & MASK)) & 1)
-
-
-def intersect(pos: list[Bitmap], neg: Iterable[Bitmap] = ()) -> Blocks:
-    """The blocks of (AND of `pos`) AND NOT (each of `neg`); `pos` must not be empty."""
-    pos = sorted(pos, key=len)
-    first, rest = pos[0], pos[1:]
-    neg = [n for n in neg if n]
-    out: Blocks = []
-    for b in sorted(first):
-        x = first[b]
-        for other in rest:
-            x &= other.get(b, 0)
-            if not x:
-                break
-        else:
-            for other in neg:
-                y = other.get(b)
-                if y:
-                    x &= ~y
-            if x:
-                out.append((b, x))
-    return out
-
-
-def count(blocks: Blocks) -> int:
-    return sum(x.bit_count() for _, x in blocks)
-
-
-def _drop_low(x: int, k: int) -> int:
-    """`x` without its `k` lowest set bits (0 < k < x.bit_count())."""
-    lo, hi = 0, x.bit_length()  # smallest m with popcount(x mod 2^m) >= k
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if (x & ((1 << mid) - 1)).bit_count() >= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return (x >> lo) << lo
-
-
-def _drop_high(x: int, k: int) -> int:
-    """`x` without its `k` highest set bits (0 < k < x.bit_count())."""
-    lo, hi = 0, x.bit_length()  # largest m with popcount(x >> m) >= k
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if (x >> mid).bit_count() >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return x & ((1 << lo) - 1)
-
-
-def slots_of(blocks: Blocks, skip: int, limit: int, descending: bool = False) -> list[int]:
-    """The slots at ranks [skip, skip + limit) of `blocks`, ascending or descending."""
-    out: list[int] = []
-    if limit <= 0:
-        return out
-    for b, x in reversed(blocks) if descending else blocks:
-        c = x.bit_count()
-        if skip >= c:
-            skip -= c
-            continue
-        base = b << SHIFT
-        if descending:
-            if skip:
-                x = _drop_high(x, skip)
-            while x and len(out) < limit:
-                i = x.bit_length() - 1
-                out.append(base + i)
-                x ^= 1 << i
-        else:
-            if skip:
-                x = _drop_low(x, skip)
-            while x and len(out) < limit:
-                low = x & -x
-                out.append(base + low.bit_length() - 1)
-                x ^= low
-        skip = 0
-        if len(out) >= limit:
-            break
-    return out
-
-
-class SortedSlots:
-    """Slots sorted by (key(slot), slot), in blocks of about BLOCK_LEN: insert and remove in
-    O(log n + BLOCK_LEN), position lookups in O(n / BLOCK_LEN). `key` must give the key an
-    entry was inserted with until it is removed (remove before changing the attribute)."""
-
-    def __init__(
-        self, key: Callable[[int], Any], tokens: Callable[[int], Iterable[Token]] = lambda s: ()
-    ) -> None:
-        self.key = key
-        self.tokens = tokens  # what each block counts of its entries (see `skip_walk`)
-        self.blocks: list[list[int]] = []
-        self.maxes: list[tuple[Any, int]] = []  # (key, slot) of each block's last entry
-        self.counts: list[dict[Token, int]] = []  # per block: token -> entries with it
-        self.size = 0
-        self._starts: list[int] | None = None  # position of each block's first entry
-
-    def _count(self, block: list[int]) -> dict[Token, int]:
-        counts: dict[Token, int] = {}
-        for s in block:
-            for t in self.tokens(s):
-                counts[t] = counts.get(t, 0) + 1
-        return counts
-
-    def _add_tokens(self, i: int, tokens: Iterable[Token], delta: int) -> None:
-        counts = self.counts[i]
-        for t in tokens:
-            n = counts.get(t, 0) + delta
-            if n:
-                counts[t] = n
-            else:
-                del counts[t]
-
-    def retoken(self, s: int, old: Iterable[Token], new: Iterable[Token]) -> None:
-        """Entry `s` now has the tokens `new` instead of `old`."""
-        i, _ = self._find(self._full(s))
-        self._add_tokens(i, old, -1)
-        self._add_tokens(i, new, 1)
-
-    def _full(self, s: int) -> tuple[Any, int]:
-        return self.key(s), s
-
-    def load(self, slots: list[int]) -> None:
-        """Replace the content with `slots` (any order)."""
-        slots = sorted(slots, key=self._full)
-        self.blocks = [slots[i : i + BLOCK_LEN] for i in range(0, len(slots), BLOCK_LEN)]
-        self.maxes = [self._full(block[-1]) for block in self.blocks]
-        self.counts = [self._count(block) for block in self.blocks]
-        self.size = len(slots)
-        self._starts = None
-
-    def _find(self, k: tuple[Any, int]) -> tuple[int, int]:
-        """(block index, index in the block) of the first entry >= k (block may be len)."""
-        i = bisect_left(self.maxes, k)
-        if i == len(self.blocks):
-            return i, 0
-        return i, bisect_left(self.blocks[i], k, key=self._full)
-
-    def insert(self, s: int) -> None:
-        self._starts = None
-        self.size += 1
-        k = self._full(s)
-        if not self.blocks:
-            self.blocks.append([s])
-            self.maxes.append(k)
-            self.counts.append(self._count([s]))
-            return
-        i, j = self._find(k)
-        if i == len(self.blocks):
-            i -= 1
-            j = len(self.blocks[i])
-            self.maxes[i] = k
-        block = self.blocks[i]
-        block.insert(j, s)
-        self._add_tokens(i, self.tokens(s), 1)
-        if len(block) > 2 * BLOCK_LEN:
-            halves = [block[:BLOCK_LEN], block[BLOCK_LEN:]]
-            self.blocks[i : i + 1] = halves
-            self.maxes[i : i + 1] = [self._full(block[BLOCK_LEN - 1]), self.maxes[i]]
-            self.counts[i : i + 1] = [self._count(half) for half in halves]
-
-    def remove(self, s: int) -> None:
-        i, j = self._find(self._full(s))
-        block = self.blocks[i]
-        if block[j] != s:
-            raise KeyError(s)
-        del block[j]
-        self._add_tokens(i, self.tokens(s), -1)
-        if not block:
-            del self.blocks[i]
-            del self.maxes[i]
-            del self.counts[i]
-        elif j == len(block):
-            self.maxes[i] = self._full(block[-1])
-        self.size -= 1
-        self._starts = None
-
-    def starts(self) -> list[int]:
-        if self._starts is None:
-            starts, at = [], 0
-            for block in self.blocks:
-                starts.append(at)
-                at += len(block)
-            self._starts = starts
-        return self._starts
-
-    def position(self, key: Any, right: bool = False) -> int:
-        """How many entries have a key < `key` (<= `key` when `right`)."""
-        k = (key, 1 << 62 if right else -1)
-        i, j = self._find(k)
-        return self.size if i == len(self.blocks) else self.starts()[i] + j
-
-    def first_true(self, pred: Callable[[Any], bool]) -> int:
-        """The first position whose key satisfies `pred`, monotone (False then True) in key."""
-        blocks = self.blocks
-        i = bisect_left(self.maxes, True, key=lambda m: pred(m[0]))
-        if i == len(blocks):
-            return self.size
-        j = bisect_left(blocks[i], True, key=lambda s: pred(self.key(s)))
-        return self.starts()[i] + j
-
-    def at(self, pos: int) -> int:
-        starts = self.starts()
-        i = bisect_right(starts, pos) - 1
-        return self.blocks[i][pos - starts[i]]
-
-    def ascending(self, lo: int, hi: int) -> Iterator[int]:
-        """The slots at positions [lo, hi)."""
-        if lo >= hi:
-            return
-        starts = self.starts()
-        i = bisect_right(starts, lo) - 1
-        off = lo - starts[i]
-        left = hi - lo
-        while left > 0 and i < len(self.blocks):
-            part = self.blocks[i][off : off + left]
-            yield from part
-            left -= len(part)
-            i += 1
-            off = 0
-
-    def descending(self, lo: int, hi: int) -> Iterator[int]:
-        """The slots at positions [lo, hi) by key descending, slots ascending among equal keys
-        (what a stable sort with reverse=True gives). `lo` and `hi` must be group boundaries."""
-        while hi > lo:
-            k = self.key(self.at(hi - 1))
-            start = max(lo, self.position(k))
-            yield from self.ascending(start, hi)
-            hi = start
-
-    def descending_from(self, skip: int, lo: int, hi: int) -> Iterator[int]:
-        """`descending(lo, hi)` without its first `skip` entries, found without visiting them."""
-        if skip >= hi - lo:
-            return
-        k = self.key(self.at(hi - 1 - skip))
-        start, end = max(lo, self.position(k)), min(hi, self.position(k, right=True))
-        yield from self.ascending(start + skip - (hi - end), end)
-        yield from self.descending(lo, start)
-
-    def skip_walk(
-        self, token: Token, matches: Bitmap, skip: int, limit: int, descending: bool
-    ) -> list[int]:
-        """`_walk` over the whole order when the matches are the entries with `token`: whole
-        blocks are skipped by their counts (descending: to the end of the tie group the first
-        walked block starts in, so the skipped part is a suffix of whole groups)."""
-        counts, starts = self.counts, self.starts()
-        if not descending:
-            for i in range(len(self.blocks)):
-                c = counts[i].get(token, 0)
-                if skip < c:
-                    return _walk(self.ascending(starts[i], self.size), matches, skip, limit)
-                skip -= c
-            return []
-        i, counted = len(self.blocks), 0
-        while i > 0 and counted + counts[i - 1].get(token, 0) <= skip:
-            counted += counts[i - 1].get(token, 0)
-            i -= 1
-        hi = starts[i] if i < len(self.blocks) else self.size
-        if 0 < hi < self.size:
-            k = self.key(self.at(hi))
-            if self.position(k) < hi:  # a tie group straddles: move to its end
-                end = self.position(k, right=True)
-                counted -= len(_walk(self.ascending(hi, end), matches, 0, end - hi))
-                hi = end
-        return _walk(self.descending(0, hi), matches, skip - counted, limit)
 
 
 class Window:
     """The slots of the nodes whose last heartbeat is within `within` seconds of `now`."""
 
-    __slots__ = ("within", "now", "bits")
+    __slots__ = ("within", "now", "bits", "todo")
 
     def __init__(self, within: float, now: float) -> None:
         self.within = within
         self.now = now
         self.bits: Bitmap = {}
+        # While built in slices: the heartbeat key up to which the order has been visited
+        # (every node changed meanwhile is already right); None once complete.
+        self.todo: float | None = -math.inf
 
     def holds(self, heartbeat: float | None) -> bool:
         return heartbeat is not None and self.now - heartbeat <= self.within
@@ -378,16 +111,41 @@ class NodeIndex:
             "last_heartbeat_at": lambda s: _hb_key(nodes[s]),  # type: ignore[arg-type]
         }
         self.orders: dict[str, SortedSlots] = {}  # built by the first query that needs them
+        self.heartbeats = HeartbeatOrder(nodes)  # always kept: a heartbeat is an append
         self.windows: dict[float, Window] = {}
+        self.regrouped = 0  # changes to the bitmaps so far (what `_size` caches are valid for)
+        self._sizes: dict[int, int] = {}  # id of a group's bitmap -> its size
+        self._sizes_at = 0
 
-    def order(self, name: str) -> SortedSlots:
-        """The order of the live slots by `self.keys[name]`, built on first use (one sort; a
-        replay does not pay for orders no query asks for), kept up to date from then on."""
+    def order(self, name: str) -> SortedSlots | HeartbeatOrder | None:
+        """The order of the live slots by `self.keys[name]` once it is ready, kept up to date
+        from then on; None while it is built (its build starts on first use, or with
+        `build_orders`, and moves one slice per `build_step`)."""
+        if name == "last_heartbeat_at":
+            return self.heartbeats
         order = self.orders.get(name)
         if order is None:
-            order = self.orders[name] = SortedSlots(self.keys[name], self._tokens)
-            order.load([n.slot for n in self.slots if n is not None])
-        return order
+            order = self.orders[name] = SortedSlots(self.keys[name], self.slots)
+            order.start(self.slots)
+        return order if order.ready else None
+
+    def build_orders(self) -> None:
+        """Start building every order no query has asked for yet (a replay does not pay for
+        them: a server calls this once it is up, then `build_step` between other work)."""
+        for name in ORDERS:
+            self.order(name)
+
+    def build_step(self) -> bool:
+        """One bounded slice of an order's or a window's build; False when none is left."""
+        for w in self.windows.values():
+            if w.todo is not None:
+                return self._window_step(w) or True
+        if self.heartbeats.uncounted:
+            return self.heartbeats.count_step() or True
+        return any(order.step() for order in self.orders.values())
+
+    def _all_orders(self) -> list[SortedSlots | HeartbeatOrder]:
+        return [*self.orders.values(), self.heartbeats]
 
     # --- changes (called by the projection's handlers) ---
 
@@ -395,6 +153,7 @@ class NodeIndex:
         slot = node.slot = len(self.slots)
         self.slots.append(node)
         self._bitmaps(node, bm_add)
+        self.heartbeats.insert(slot)
         for order in self.orders.values():
             order.insert(slot)
         for w in self.windows.values():
@@ -404,6 +163,7 @@ class NodeIndex:
     def remove(self, node: Node) -> None:
         slot = node.slot
         self._bitmaps(node, bm_discard)
+        self.heartbeats.remove(slot)
         for order in self.orders.values():
             order.remove(slot)
         for w in self.windows.values():
@@ -414,6 +174,7 @@ class NodeIndex:
             self.rebuild([n for n in self.slots if n is not None])
 
     def _bitmaps(self, node: Node, op: Callable[[Bitmap, int], None]) -> None:
+        self.regrouped += 1
         slot = node.slot
         op(self.live, slot)
         op(self.by_type.setdefault(node.type, {}), slot)
@@ -427,16 +188,6 @@ class NodeIndex:
                 if not index.get(key, True):
                     del index[key]
 
-    def _tokens(self, slot: int) -> Iterator[Token]:
-        node = self.slots[slot]
-        assert node is not None
-        yield "type", node.type
-        for cap in node.capabilities:
-            yield "capability", cap
-        if node.region is not None:
-            yield "region", node.region
-        yield "status", node.status
-
     def _keys(self, node: Node) -> Iterator[tuple[dict[str, Bitmap], str]]:
         yield self.by_type, node.type
         for cap in node.capabilities:
@@ -446,6 +197,7 @@ class NodeIndex:
         yield self.by_status, node.status
 
     def _move(self, index: dict[str, Bitmap], old: str | None, new: str | None, slot: int) -> None:
+        self.regrouped += 1
         if old is not None:
             bm_discard(index[old], slot)
             if not index[old]:
@@ -455,7 +207,7 @@ class NodeIndex:
 
     def set_status(self, node: Node, status: str) -> None:
         self._move(self.by_status, node.status, status, node.slot)
-        for order in self.orders.values():
+        for order in self._all_orders():
             order.retoken(node.slot, [("status", node.status)], [("status", status)])
         node.status = status
 
@@ -467,7 +219,7 @@ class NodeIndex:
             self._move(self.by_region, old, new, node.slot)
             before = [("region", old)] if old is not None else []
             after = [("region", new)] if new is not None else []
-            for order in self.orders.values():
+            for order in self._all_orders():
                 order.retoken(node.slot, before, after)
 
     def set_load(self, node: Node, load: float) -> None:
@@ -479,15 +231,11 @@ class NodeIndex:
             order.insert(node.slot)
 
     def set_heartbeat(self, node: Node, at: float) -> None:
-        order = self.orders.get("last_heartbeat_at")
-        if order is not None:
-            order.remove(node.slot)
+        self.heartbeats.move(node, at)
         old, node.last_heartbeat_at = node.last_heartbeat_at, at
-        if order is not None:
-            order.insert(node.slot)
         for w in self.windows.values():
-            was, now = w.holds(old), w.holds(at)
-            if was != now:
+            now = w.holds(at)
+            if now != w.holds(old) or w.todo is not None:  # a window being built: set it
                 (bm_add if now else bm_discard)(w.bits, node.slot)
 
     def rebuild(self, nodes: Iterable[Node]) -> None:
@@ -526,35 +274,58 @@ class NodeIndex:
                 for key, offsets in keys.items():
                     index.setdefault(key, {})[block] = _bits(offsets)
         self.slots.extend(ordered)
+        self.heartbeats.load(range(len(ordered)))
 
     # --- queries ---
 
     def window(self, within: float, now: float) -> Bitmap:
         """The bitmap of the nodes with a heartbeat at most `within` seconds before `now`."""
         w = self.windows.get(within)
-        order = self.order("last_heartbeat_at")
+        order = self.heartbeats
         if w is None:
-            if len(self.windows) >= MAX_WINDOWS:
-                del self.windows[next(iter(self.windows))]
-            w = self.windows[within] = Window(within, now)
-            changed = order.ascending(self._cut(within, now), order.size)
-        elif w.now != now:
-            old, new = self._cut(within, w.now), self._cut(within, now)
-            w.now = now
-            changed = order.ascending(min(old, new), max(old, new))
-        else:
+            w = self.prepare_window(within, now)
+        while w.todo is not None:  # not built in the background (yet): finish it
+            self._window_step(w)
+        if w.now == now:
             return w.bits
+        old, new = self._cut(within, w.now), self._cut(within, now)
+        if abs(new - old) * REBUILD_WINDOW > order.size:  # cheaper built anew
+            del self.windows[within]
+            return self.window(within, now)
+        w.now = now
         nodes = self.slots
-        for s in changed:
+        for s in order.ascending(min(old, new), max(old, new)):
             if w.holds(nodes[s].last_heartbeat_at):  # type: ignore[union-attr]
                 bm_add(w.bits, s)
             else:
                 bm_discard(w.bits, s)
         return w.bits
 
+    def prepare_window(self, within: float, now: float) -> Window:
+        """The window of `within` at `now`, to be built by `build_step` (or its first query)."""
+        w = self.windows.get(within)
+        if w is None:
+            if len(self.windows) >= MAX_WINDOWS:
+                del self.windows[next(iter(self.windows))]
+            w = self.windows[within] = Window(within, now)
+        return w
+
+    def _window_step(self, w: Window) -> bool:
+        """Visit the next WINDOW_STEP nodes of the heartbeat order in `w`; False once done."""
+        order, now, within, todo = self.heartbeats, w.now, w.within, w.todo
+        lo = order.first_true(lambda k: k > todo and now - k <= within)  # type: ignore[operator]
+        hi = min(order.size, lo + WINDOW_STEP)
+        w.todo = None
+        if hi < order.size:  # to the end of the tie group at `hi`
+            w.todo = last = order.key(next(order.ascending(hi - 1, hi)))
+            hi = order.first_true(lambda k: k > last)
+        for b, x in order.bitmap_of(lo, hi).items():
+            w.bits[b] = w.bits.get(b, 0) | x
+        return w.todo is not None
+
     def _cut(self, within: float, now: float) -> int:
         """First position in heartbeat order whose key is within `within` of `now`."""
-        return self.order("last_heartbeat_at").first_true(lambda k: now - k <= within)
+        return self.heartbeats.first_true(lambda k: now - k <= within)
 
     def page(
         self,
@@ -616,8 +387,14 @@ class NodeIndex:
             groups = self.by_type if sort_by == "type" else self.by_status
             matches = dict(blocks) if filtered else None
             slots = self._by_group(groups, matches, descending, skip, limit)
+        elif (order := self.order(sort_by)) is None:
+            # Its order is being built: one more slice of it, then the page from the matches
+            # (the same result as a stable sort of them, in O(matches)).
+            self.build_step()
+            pick = heapq.nlargest if descending else heapq.nsmallest
+            found = slots_of(blocks, 0, total)
+            slots = pick(skip + limit, found, key=self.keys[sort_by])[skip:]
         else:
-            order = self.order(sort_by)
             lo, hi = 0, order.size
             if sort_by == "last_heartbeat_at":
                 lo, hi = self._heartbeat_range(presence, online, now, online_within, stale_within)
@@ -631,8 +408,8 @@ class NodeIndex:
                 # when whole blocks can be skipped by their counts); sorting the matches costs
                 # about SORT_COST walk steps each. Take the cheaper.
                 single = len(set(tokens)) == 1 and len(tokens) == len(pos) and not neg
-                walk = ((limit if single else skip + limit) * (hi - lo)) / total
-                if total * SORT_COST < walk:
+                steps = ((limit if single else skip + limit) * (hi - lo)) / total
+                if total * SORT_COST < steps:
                     found = slots_of(blocks, 0, total)
                     found.sort(key=order.key, reverse=descending)  # stable: ties stay by slot
                     slots = found[skip : skip + limit]
@@ -640,9 +417,19 @@ class NodeIndex:
                     slots = order.skip_walk(tokens[0], dict(blocks), skip, limit, descending)
                 else:
                     it = order.descending(lo, hi) if descending else order.ascending(lo, hi)
-                    slots = _walk(it, dict(blocks), skip, limit)
+                    slots = walk(it, dict(blocks), skip, limit)
         nodes = self.slots
         return [nodes[s] for s in slots], total  # type: ignore[misc]
+
+    def _size(self, group: Bitmap) -> int:
+        """How many nodes `group` holds: cached until a node is added, removed or regrouped."""
+        if self._sizes_at != self.regrouped:
+            self._sizes.clear()
+            self._sizes_at = self.regrouped
+        n = self._sizes.get(id(group))
+        if n is None:
+            n = self._sizes[id(group)] = sum(map(int.bit_count, group.values()))
+        return n
 
     def _by_group(
         self,
@@ -658,8 +445,8 @@ class NodeIndex:
         for key in sorted(groups, reverse=descending):
             group = groups[key]
             # Count first (no lists): only the group the page lands in is cut into blocks.
-            if matches is None:  # no filter: every node of the group
-                n = sum(map(int.bit_count, group.values()))
+            if matches is None:  # no filter: every node of the group (counted once per change)
+                n = self._size(group)
             else:
                 n = sum((x & matches.get(b, 0)).bit_count() for b, x in group.items())
             if skip >= n:
@@ -686,7 +473,7 @@ class NodeIndex:
         """Positions of the heartbeat order that can hold the presence asked: nodes within a
         window have a key past its cut, nodes out of it a key before (also the nodes that never
         sent a heartbeat, keyed 0.0, unless 0.0 itself is within the window)."""
-        lo, hi = 0, self.order("last_heartbeat_at").size
+        lo, hi = 0, self.heartbeats.size
         if presence == "online" or online is True:
             lo = max(lo, self._cut(online_within, now))
         if presence == "stale":
@@ -709,17 +496,3 @@ def _bits(offsets: list[int]) -> int:
     for offset in offsets:
         digits[offset] = 49  # "1"
     return int(digits[::-1], 2)
-
-
-def _walk(slots: Iterable[int], matches: Bitmap, skip: int, limit: int) -> list[int]:
-    """The matching slots of `slots` at match ranks [skip, skip + limit)."""
-    out: list[int] = []
-    for s in slots:
-        if (matches.get(s >> SHIFT, 0) >> (s & MASK)) & 1:
-            if skip:
-                skip -= 1
-            else:
-                out.append(s)
-                if len(out) >= limit:
-                    break
-    return out

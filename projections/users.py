@@ -32,6 +32,7 @@ PERMISSIONS: dict[str, str] = {
     "updates:admin": "publish and withdraw software updates",
     "users:admin": "manage operators, roles and permissions",
     "metrics:read": "read metrics",
+    "log:admin": "compact the event log",
 }
 BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
     "admin": tuple(PERMISSIONS),

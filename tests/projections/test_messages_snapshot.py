@@ -64,9 +64,24 @@ def seen(p: MessagesProjection) -> dict[str, Any]:
     return {"state": p.state(), "mailboxes": mailboxes}
 
 
-@settings(max_examples=200, deadline=None)
+def unique_sends(events: list[BaseEvent]) -> list[BaseEvent]:
+    """Without the sends of an id already sent: the log refuses them (a message's stream starts
+    at version 0), so the projection never sees one."""
+    sent: set[str] = set()
+    kept = []
+    for e in events:
+        if isinstance(e, MessageSent):
+            if e.message_id in sent:
+                continue
+            sent.add(e.message_id)
+        kept.append(e)
+    return kept
+
+
+@settings(max_examples=500, deadline=None)
 @given(events=st.lists(event, max_size=40), cut=st.floats(0, 1))
 def test_snapshot_then_tail_equals_replay(events: list[BaseEvent], cut: float) -> None:
+    events = unique_sends(events)
     envs = [Envelope(i, e.stream, 1, 1000.0 + i, f"e{i}", e) for i, e in enumerate(events, 1)]
     k = int(len(envs) * cut)
     at_k = fold(projection(), envs[:k])

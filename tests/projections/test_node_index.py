@@ -8,11 +8,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+import projections.bitmaps as bitmaps
+import projections.heartbeat_order as heartbeat_order
 import projections.node_index as node_index
+import projections.sorted_slots as sorted_slots
+import projections.token_counts as token_counts
 from eventstore.base import Envelope
 from eventstore.events import (
     BaseEvent,
@@ -42,6 +46,23 @@ names = st.sampled_from(["Alpha", "alpha", "beta", "Gamma", "b"])
 regions = st.sampled_from(["eu", "us", "ap", None, 7])
 loads = st.none() | st.sampled_from([0.0, -0.0, 0.5, 1.0, -2.0, 0.25])
 steps = st.sampled_from([0.0, 0.0, 1.0, 20.0, 59.0, 61.0, 250.0, -5.0])
+
+
+# Tiny blocks and runs: boundaries, splits, compactions and slot compaction all happen.
+TINY = [
+    (bitmaps, "SHIFT", 2),
+    (bitmaps, "BLOCK", 4),
+    (bitmaps, "MASK", 3),
+    (node_index, "BLOCK", 4),
+    (node_index, "SHIFT", 2),
+    (sorted_slots, "BLOCK_LEN", 2),
+    (sorted_slots, "BUILD_STEP", 3),
+    (sorted_slots, "SORT_STEP", 3),
+    (node_index, "SORT_COST", 1e9),
+    (heartbeat_order, "RUN_LEN", 4),
+    (heartbeat_order, "COUNT_STEP", 3),
+    (node_index, "WINDOW_STEP", 2),
+]
 
 
 def model_page(p: NodesProjection, q: dict[str, Any]) -> tuple[list[str], int]:
@@ -99,6 +120,51 @@ queries = st.fixed_dictionaries(
 )
 
 
+def check_heartbeat_order(order: heartbeat_order.HeartbeatOrder, live: dict[int, Node]) -> None:
+    """The log's own invariants: each live slot has exactly one live entry, keyed by its node's
+    heartbeat; runs in key order, a tie group in one run; counts and live counts exact; no run
+    without a live entry, none with more dead entries than live ones."""
+    where, off = order.where, order.off
+    seen: dict[int, Any] = {}
+    for runs, sign in ((order.neg, -1), (order.pos, 1)):
+        previous = None
+        for run in runs:
+            assert len(run.ts) == len(run.sl) > 0
+            assert list(run.ts) == sorted(run.ts)
+            assert all(t * sign > 0 for t in run.ts)
+            assert previous is None or previous < run.ts[0]
+            previous = run.ts[-1]
+            mine = [x for i, x in enumerate(run.sl) if where[x] is run and off[x] == i]
+            assert 0 < run.live == len(mine) and run.live * 2 >= len(run.sl)
+            for i, x in enumerate(run.sl):
+                if where[x] is run and off[x] == i:
+                    assert run.ts[i] == live[x].last_heartbeat_at
+                    seen[x] = run
+            if run.counts is not None:  # None: left by a load to `count_step`
+                assert nonzero(run.counts) == counts_of([live[x] for x in mine])
+    zero = [s for s, n in live.items() if not n.last_heartbeat_at]
+    assert sorted(bitmaps.slots_of(sorted(order.zero.bits.items()), 0, len(live))) == sorted(zero)
+    assert order.zero.live == len(zero) and nonzero(order.zero.counts) == counts_of(
+        [live[s] for s in zero]
+    )
+    seen |= {s: order.zero for s in zero}
+    assert seen.keys() == live.keys() and order.size == len(live)
+    assert order.uncounted == sum(run.counts is None for run in [*order.neg, *order.pos])
+    assert all(where[s] is seen[s] for s in live)
+    assert all(w is None for s, w in enumerate(where) if s not in live)
+
+
+def counts_of(nodes: list[Node]) -> tuple[dict[str, int], ...]:
+    counts = token_counts.new_counts()
+    for n in nodes:
+        token_counts.count_node(counts, n, 1)
+    return nonzero(counts)
+
+
+def nonzero(counts: tuple[dict[str, int], ...]) -> tuple[dict[str, int], ...]:
+    return tuple({k: v for k, v in c.items() if v} for c in counts)
+
+
 class DiscoveryMachine(RuleBasedStateMachine):
     """Random registrations, deregistrations, status updates and heartbeats; every query the
     indices answer must equal the brute-force one."""
@@ -112,7 +178,7 @@ class DiscoveryMachine(RuleBasedStateMachine):
         self.log: list[Envelope] = []
         self.versions: dict[str, int] = {}
         self.ts = 0.0
-        self.saved: dict[str, int] = {}
+        self.saved: dict[tuple[Any, str], Any] = {}
 
     @initialize(
         nodes=st.lists(
@@ -125,17 +191,16 @@ class DiscoveryMachine(RuleBasedStateMachine):
         self, nodes: list[tuple[str, str, str, list[str], Any]], beats: list[tuple[int, float]]
     ) -> None:
         if self.tight:
-            tiny = (("SHIFT", 2), ("BLOCK", 4), ("MASK", 3), ("BLOCK_LEN", 2), ("SORT_COST", 1e9))
-            for name, value in tiny:
-                self.saved[name] = getattr(node_index, name)
-                setattr(node_index, name, value)
+            for module, name, value in TINY:
+                self.saved[module, name] = getattr(module, name)
+                setattr(module, name, value)
         self.register_many(nodes, 1.0)
         for i, step in beats if nodes else ():
             self.heartbeat(nodes[i % len(nodes)][0], step)
 
     def teardown(self) -> None:
-        for name, value in self.saved.items():
-            setattr(node_index, name, value)
+        for (module, name), value in self.saved.items():
+            setattr(module, name, value)
 
     def record(self, event: BaseEvent, step: float) -> None:
         self.ts += step
@@ -214,6 +279,33 @@ class DiscoveryMachine(RuleBasedStateMachine):
     def heartbeat(self, node_id: str, step: float) -> None:
         self.record(NodeHeartbeat(node_id=node_id), step)
 
+    @rule(
+        node_ids=st.lists(st.sampled_from(IDS), min_size=1, max_size=6),
+        back=st.sampled_from([0.5, 1.0, 20.0, 59.0, 400.0]),
+    )
+    def heartbeats_from_the_past(self, node_ids: list[str], back: float) -> None:
+        """Timestamps older than the last (an imported log, a clock set back): inserted in the
+        middle of the heartbeat log."""
+        now = self.ts
+        self.ts -= back
+        for node_id in node_ids:
+            self.record(NodeHeartbeat(node_id=node_id), 0.0)
+        self.ts = now
+
+    @rule(
+        steps=st.integers(1, 4),
+        start=st.booleans(),
+        window=st.none() | st.tuples(st.sampled_from([60.0, 300.0]), steps),
+    )
+    def build_in_slices(self, steps: int, start: bool, window: tuple[float, float] | None) -> None:
+        """Orders and presence windows are built in slices while events keep coming."""
+        if start:
+            self.p.index.build_orders()
+        if window is not None:
+            self.p.index.prepare_window(window[0], self.ts + window[1])
+        for _ in range(steps):
+            self.p.index.build_step()
+
     @rule(q=queries)
     def query(self, q: dict[str, Any]) -> None:
         q = dict(q)
@@ -258,10 +350,13 @@ class DiscoveryMachine(RuleBasedStateMachine):
         assert all(index.slots[n.slot] is n for n in self.p.nodes.values())
         for name in index.keys:
             order = index.order(name)
+            if order is None:  # being built: checked once it is
+                continue
             slots = list(order.ascending(0, order.size))
             assert sorted(slots) == sorted(live)
             key = SORT_KEYS[name]
             assert slots == sorted(live, key=lambda s: (key(live[s]), s))
+        check_heartbeat_order(index.heartbeats, live)
 
 
 DiscoveryMachine.TestCase.settings = settings(
@@ -329,3 +424,131 @@ def test_ties_keep_registration_order_in_both_directions(descending: bool) -> No
     for key in ("name", "type", "status", "load", "last_heartbeat_at"):
         q = {"sort_by": key, "descending": descending, "skip": 1, "limit": 3}
         assert index_page(p, q) == (["n1", "n2", "n3"], 5)
+
+
+def make_node(i: int) -> Node:
+    return Node(
+        node_id=f"n{i}",
+        name="n",
+        type="abc"[i % 3],
+        capabilities=["x", "y"][: i % 3],
+        public_key="k",
+        endpoint="",
+        metadata={"region": "eu"} if i % 2 else {},
+        status="active",
+        registered_at=0.0,
+        generation=i,
+        updated_at=0.0,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, 24),
+            st.none() | st.sampled_from([-3.0, -1.0, 0.0, 1.0, 2.0, 2.0, 3.0, 5.0, 9.0]),
+        ),
+        max_size=150,
+    ),
+    run_len=st.sampled_from([2, 3, 4, 1024]),
+    build=st.booleans(),
+)
+def test_the_heartbeat_log_reads_like_a_sort(
+    ops: list[tuple[int, float | None]], run_len: int, build: bool
+) -> None:
+    """Heartbeats in any order (ties, older timestamps, 0.0, negative), removals and
+    re-insertions, from empty or from a bulk load: every range of the order, both directions,
+    equals a stable sort of the live slots, and the log keeps its invariants."""
+    saved = heartbeat_order.RUN_LEN
+    heartbeat_order.RUN_LEN = run_len
+    try:
+        nodes: list[Node | None] = [make_node(i) for i in range(25)]
+        for i, n in enumerate(nodes):
+            n.slot = i  # type: ignore[union-attr]
+        order = heartbeat_order.HeartbeatOrder(nodes)
+        live = set(range(25))
+        half = len(ops) // 2 if build else 0
+        for s in sorted(live):
+            order.insert(s)
+        for step, (s, at) in enumerate(ops):
+            if step == half and build:
+                order.load(sorted(live))
+            node = nodes[s]
+            assert node is not None
+            if at is None:  # deregistered, or registered again
+                if s in live:
+                    order.remove(s)
+                    live.discard(s)
+                else:
+                    node.last_heartbeat_at = None
+                    order.insert(s)
+                    live.add(s)
+            elif s in live:
+                order.move(node, at)
+                node.last_heartbeat_at = at
+        check_heartbeat_order(order, {s: nodes[s] for s in live})  # type: ignore[misc]
+        key = SORT_KEYS["last_heartbeat_at"]
+        model = sorted(live, key=lambda s: (key(nodes[s]), s))
+        keys = [key(nodes[s]) for s in model]
+        bounds = sorted(
+            {0, len(model)} | {i for i in range(1, len(model)) if keys[i - 1] != keys[i]}
+        )
+        for k in {*keys, -5.0, 0.0, 100.0}:
+            assert order.first_true(lambda x, k=k: x >= k) == sum(1 for x in keys if x < k)
+        for a in bounds:
+            for b in bounds:
+                if a > b:
+                    continue
+                assert list(order.ascending(a, b)) == model[a:b]
+                window = bitmaps.slots_of(sorted(order.bitmap_of(a, b).items()), 0, len(nodes))
+                beat = [s for s in model[a:b] if nodes[s].last_heartbeat_at is not None]  # type: ignore[union-attr]
+                assert window == sorted(beat)
+                part = sorted(model[a:b], key=lambda s: key(nodes[s]), reverse=True)
+                for skip in (0, 1, 3):
+                    assert list(order.descending_from(skip, a, b)) == part[skip:]
+    finally:
+        heartbeat_order.RUN_LEN = saved
+
+
+def test_a_window_built_in_slices_takes_in_what_changes_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node not yet visited whose heartbeat lands (older timestamp) in the part already
+    visited, one that leaves the window, one deregistered: the finished window is exact."""
+    monkeypatch.setattr(node_index, "WINDOW_STEP", 2)
+    events: list[tuple[float, BaseEvent]] = [
+        (float(i), NodeRegistered(node_id=f"n{i}", name="n", node_type="t", public_key="k"))
+        for i in range(8)
+    ]
+    events += [(100.0 + i, NodeHeartbeat(node_id=f"n{i}")) for i in range(8)]
+    p = fold(events)
+    everything = Projections([p])
+    everything.seq = len(events)
+    index = p.index
+    w = index.prepare_window(60.0, 150.0)  # n0..n7 within (heartbeats 100..107)
+    assert index.build_step() and w.todo is not None  # visited n0, n1
+    versions = {n.node_id: n.heartbeats + 1 for n in p.nodes.values()}
+    later: list[tuple[float, BaseEvent]] = [
+        (100.5, NodeHeartbeat(node_id="n6")),  # not visited yet, now among the visited keys
+        (80.0, NodeHeartbeat(node_id="n5")),  # out of the window
+        (0.0, NodeDeregistered(node_id="n7")),
+    ]
+    for seq, (ts, event) in enumerate(later, len(events) + 1):
+        stream = event.stream
+        versions[stream] += 1
+        everything.apply(Envelope(seq, stream, versions[stream], ts, f"x{seq}", event))
+    while index.build_step():
+        pass
+    assert w.todo is None
+    found, total = index.page(online=True, now=150.0, limit=10)
+    assert [n.node_id for n in found] == ["n0", "n1", "n2", "n3", "n4", "n6"] and total == 6
+
+
+def test_counts_leave_out_regions_that_are_not_strings() -> None:
+    nodes: list[Node | None] = [make_node(i) for i in range(4)]
+    nodes[0].metadata["region"] = ["eu"]  # type: ignore[union-attr]
+    nodes[2].metadata["region"] = 7  # type: ignore[union-attr]
+    counts = token_counts.count_slots(nodes, range(4))
+    assert counts[token_counts.KIND["region"]] == {"eu": 2}  # nodes 1 and 3
+    assert counts == counts_of([n for n in nodes if n is not None])

@@ -252,7 +252,7 @@ async def test_permissions(client: Client) -> None:
     h = bearer(await operator_token(client, "root", ["admin"]))
     resp = await client.get("/admin/permissions?limit=100", headers=h)
     body = await resp.json()
-    assert body["total"] == 9
+    assert body["total"] == 10
     assert {"id", "name", "description", "resource", "action"} <= set(body["items"][0])
     resp = await client.post(
         "/admin/permissions",

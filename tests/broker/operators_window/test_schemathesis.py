@@ -167,6 +167,8 @@ NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
     # seed 002's contract: an inactive tenant or an expired, revoked or used-up license is a 400
     "GET /update/check": ("positive_data_acceptance",),
     "GET /api/license/validate": ("positive_data_acceptance",),
+    # the same contract: telemetry for a tenant another call of the run deactivated is a 400
+    "POST /telemetry": ("positive_data_acceptance",),
     # GET /api/v1/messages/{message_id} matches /api/v1/messages/send too, so aiohttp's 405 lists
     # GET in Allow for it (a GET there is a 404 for message "send")
     "POST /api/v1/messages/send": ("allow_header_conformance",),

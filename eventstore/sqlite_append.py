@@ -1,0 +1,364 @@
+"""The writing side of the SQLite log (eventstore.sqlite): group commit.
+
+`append` queues its events; one writer task drains every pending append into a single
+transaction (chunks of msgpack records, each with its CRC-32 and chain hash, then the new stream
+versions, then COMMIT on the writer thread), calls the listeners, then resolves every waiter.
+`restore` writes already-recorded envelopes as they are (`broker import`).
+
+A mixin of `SqliteStore`, which owns the connections, the writer thread and the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from eventstore import integrity
+from eventstore.base import (
+    ConcurrencyError,
+    Envelope,
+    EventNotEncodable,
+    ExpectedVersion,
+    IntegrityError,
+    Listener,
+    StoreUnavailable,
+    resolve_expected,
+)
+from eventstore.codec import encode_event, encode_events
+from eventstore.events import BaseEvent
+from eventstore.sqlite_head import HeadWriter
+from eventstore.sqlite_threads import Checkpointer
+from eventstore.sqlite_verify import ChunkRow
+
+log = logging.getLogger("eventstore.sqlite")
+T = TypeVar("T")
+
+_INSERT_CHUNK = "INSERT INTO chunks (first_seq, last_seq, body, crc) VALUES (?, ?, ?, ?)"
+# Stream versions go in as ONE statement per commit, whatever their number (a JSON array of
+# [stream, version] pairs): one step for SQLite, not one per row. Each step of the writer
+# thread gives the GIL up and has to take it back from a busy event loop.
+_NEW_STREAMS = "SELECT value ->> 0, value ->> 1 FROM json_each(?)"
+_INSERT_STREAMS = f"INSERT INTO streams (stream, version) {_NEW_STREAMS}"
+_UPSERT_STREAMS = (
+    f"INSERT INTO streams (stream, version) {_NEW_STREAMS} WHERE true "
+    "ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
+)
+_json_encode = msgspec.json.Encoder().encode
+_CHUNK_EVENTS = 4096  # at most this many events per stored chunk
+_VERSION_CACHE_LIMIT = 200_000
+
+
+class _StreamExists(Exception):
+    """A stream taken to be new already existed in the file: the transaction was rolled back."""
+
+
+class _Unencodable(Exception):
+    """An event of the batch could not be encoded: nothing was recorded; the batch is decided
+    again without the appends holding such an event (they get EventNotEncodable)."""
+
+
+_chunk_encoder = msgspec.msgpack.Encoder()
+_Pending = tuple[Sequence[BaseEvent], ExpectedVersion, "asyncio.Future[list[Envelope]]"]
+
+
+def _refuse_unencodable(batch: list[_Pending]) -> bool:
+    """Fail, with EventNotEncodable, every waiting append of `batch` holding an event that
+    cannot be encoded; False if there is none."""
+    found = False
+    for events, _expected, fut in batch:
+        if fut.done():
+            continue
+        try:
+            encode_events(events)
+        except EventNotEncodable as exc:
+            fut.set_exception(exc)
+            found = True
+    return found
+
+
+class GroupCommit:
+    """Appends and imports (see the module doc)."""
+
+    _wconn: sqlite3.Connection | None
+    _checkpointer: Checkpointer | None
+    _head_writer: HeadWriter | None
+    _head_sync: bool
+    _listeners: list[Listener]
+    _pending: list[_Pending]
+    _wakeup: asyncio.Event
+    _writer: asyncio.Task[None] | None
+    _closing: bool
+    _head: int
+    _last_hash: bytes
+    _last_ts: float
+    _versions: dict[str, int]
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        raise NotImplementedError
+
+    async def append(
+        self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None
+    ) -> list[Envelope]:
+        if self._writer is None or self._closing:
+            raise StoreUnavailable("the log is not open for writing")
+        if not events:
+            return []
+        fut: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
+        self._pending.append((events, expected_version, fut))
+        self._wakeup.set()
+        return await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                try:
+                    await self._commit_batch(batch)
+                except Exception as exc:  # never let the writer die: fail this batch only
+                    log.exception("append batch failed")
+                    err = StoreUnavailable(f"the log could not be written: {exc}")
+                    for _events, _expected, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(err)
+            if self._closing and not self._pending:
+                return
+
+    async def _versions_of(self, streams: Iterable[str]) -> None:
+        """Make sure the cache knows the version of every stream in `streams`."""
+        missing = [s for s in streams if s not in self._versions]
+        if not missing:
+            return
+        if len(self._versions) + len(missing) > _VERSION_CACHE_LIMIT:
+            self._versions.clear()
+        self._versions.update(await self._run(self._lookup, missing))
+
+    def _lookup(self, streams: list[str]) -> dict[str, int]:
+        assert self._wconn is not None
+        found = dict.fromkeys(streams, 0)
+        for i in range(0, len(streams), 500):
+            chunk = streams[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                self._wconn.execute(
+                    f"SELECT stream, version FROM streams WHERE stream IN ({marks})", chunk
+                ).fetchall()
+            )
+        return found
+
+    async def _commit_batch(self, batch: list[_Pending], optimistic: bool = True) -> None:
+        streams: set[str] = set()
+        claimed: set[str] = set()  # streams some append says must not exist yet
+        streams_of: list[list[str]] = []  # each append's events' streams, computed once
+        for events, expected, fut in batch:
+            names = [e.stream for e in events]
+            streams_of.append(names)
+            if not fut.done():
+                streams.update(names)
+                if expected is not None:
+                    claimed.update(
+                        s for s, v in resolve_expected(events, expected).items() if v == 0
+                    )
+        # A stream claimed new and unknown to the cache is taken to be new without asking the
+        # file (every message send claims a fresh id); the plain INSERT of its version refuses
+        # it if it did exist, and then the batch is decided again with the file asked.
+        known = self._versions
+        assumed_new = {s for s in claimed if s not in known} if optimistic else set()
+        if any(s not in known for s in streams if s not in assumed_new):
+            await self._versions_of(streams - assumed_new)
+
+        overlay: dict[str, int] = {}  # the versions this commit gives its streams
+        seq = self._head
+        ts = max(time.time(), self._last_ts)
+        ids = os.urandom(16 * sum(len(ev) for ev, _, _ in batch)).hex()
+        id_pos = 0
+        envelopes: list[Envelope] = []
+        accepted: list[tuple[asyncio.Future[list[Envelope]], int, int]] = []
+        for (events, expected, fut), names in zip(batch, streams_of, strict=True):
+            if fut.done():  # the caller went away before we started: record nothing for it
+                continue
+            conflict = None
+            for stream, want in resolve_expected(events, expected).items():
+                have = overlay.get(stream)
+                if have is None:
+                    have = 0 if stream in assumed_new else known.get(stream, 0)
+                if have != want:
+                    conflict = ConcurrencyError(stream, want, have)
+                    break
+            if conflict is not None:
+                fut.set_exception(conflict)
+                continue
+            start = len(envelopes)
+            for event, stream in zip(events, names, strict=True):
+                version = overlay.get(stream)
+                if version is None:
+                    version = 0 if stream in assumed_new else known.get(stream, 0)
+                version = overlay[stream] = version + 1
+                seq += 1
+                envelopes.append(
+                    Envelope(seq, stream, version, ts, ids[id_pos : id_pos + 32], event)
+                )
+                id_pos += 32
+            accepted.append((fut, start, len(envelopes)))
+        if not envelopes:
+            return
+        try:
+            await self._write(envelopes, overlay, assumed_new)
+        except _StreamExists:  # nothing was recorded: decide again, asking the file
+            if not optimistic:
+                raise
+            await self._commit_batch(batch, optimistic=False)
+            return
+        except _Unencodable as exc:  # nothing was recorded: decide again without the culprits
+            if not _refuse_unencodable(batch):
+                raise StoreUnavailable(f"the log could not be written: {exc}") from None
+            await self._commit_batch(batch, optimistic)
+            return
+        for fut, start, end in accepted:
+            if not fut.done():
+                fut.set_result(envelopes[start:end])
+
+    async def _write(
+        self,
+        envelopes: list[Envelope],
+        versions: dict[str, int],
+        new: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """Store `envelopes` (continuing the log) and the new stream `versions` in one
+        transaction, then update the in-memory tail and call the listeners."""
+        assert self._wconn is not None
+        prev = self._last_hash
+        # The hot loop: `integrity.chain_hash` inlined, and each record built as a tuple, which
+        # msgpack-encodes exactly as the array-like StoredEvent it is read back as.
+        sha256, header, encode = hashlib.sha256, integrity.header, encode_event
+        records: list[tuple[int, str, str, int, float, str, bytes, bytes]] = []
+        append = records.append
+        # Each event is encoded here, once: one that cannot be encoded fails the batch before
+        # anything is written, and the batch is decided again without the appends holding one
+        # (_commit_batch); the happy path pays only for the `try`.
+        try:
+            for env in envelopes:
+                event, seq, stream, version, ts, event_id = (
+                    env.event,
+                    env.seq,
+                    env.stream,
+                    env.stream_version,
+                    env.ts,
+                    env.id,
+                )
+                data = encode(event)
+                prev = sha256(
+                    b"".join(
+                        (
+                            prev,
+                            header(seq, version, ts),
+                            event_id.encode(),
+                            b"\0",
+                            stream.encode(),
+                            b"\0",
+                            data,
+                        )
+                    )
+                ).digest()
+                append((seq, event_id, stream, version, ts, event.event_type, data, prev))
+        except (OverflowError, TypeError, ValueError, RecursionError, msgspec.EncodeError) as exc:
+            raise _Unencodable(str(exc)) from None
+        rows: list[ChunkRow] = []
+        for i in range(0, len(records), _CHUNK_EVENTS):
+            part = records[i : i + _CHUNK_EVENTS]
+            body = _chunk_encoder.encode(part)
+            rows.append((part[0][0], part[-1][0], body, integrity.checksum(body)))
+        inserts = [(s, v) for s, v in versions.items() if s in new]
+        upserts = [(s, v) for s, v in versions.items() if s not in new]
+        try:
+            await self._run(self._commit_rows, rows, inserts, upserts, envelopes[-1].seq, prev)
+        except sqlite3.IntegrityError:
+            raise _StreamExists from None
+        last = envelopes[-1]
+        self._head, self._last_hash, self._last_ts = last.seq, prev, max(self._last_ts, last.ts)
+        self._versions.update(versions)
+        for listener in list(self._listeners):
+            try:
+                listener(envelopes)
+            except Exception:
+                log.exception("log listener failed")
+
+    def _commit_rows(
+        self,
+        rows: list[ChunkRow],
+        inserts: list[tuple[str, int]],
+        upserts: list[tuple[str, int]],
+        head: int,
+        head_hash: bytes,
+    ) -> None:
+        """One transaction on the writer thread: chunks, stream versions, COMMIT (the fsync);
+        then the record of the new head (`head`, `head_hash`), before the append returns."""
+        conn = self._wconn
+        assert conn is not None
+        try:
+            conn.executemany(_INSERT_CHUNK, rows)
+            if inserts:
+                conn.execute(_INSERT_STREAMS, (_json_encode(inserts),))
+            if upserts:
+                conn.execute(_UPSERT_STREAMS, (_json_encode(upserts),))
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        self._record_head(head, head_hash, self._head_sync)
+        if self._checkpointer is not None:  # after the commit: its errors are not the append's
+            try:
+                self._checkpointer.wrote(conn, sum(len(row[2]) for row in rows))
+            except (sqlite3.Error, RuntimeError):
+                log.warning("WAL checkpoint failed", exc_info=True)
+
+    def _record_head(self, seq: int, chain: bytes, sync: bool) -> None:
+        """Record the committed head (writer thread). A failure does not fail the append, whose
+        events are committed: the record lags behind the log, which is allowed."""
+        writer = self._head_writer
+        if writer is None or seq <= writer.seq:
+            return
+        try:
+            writer.write(seq, chain)
+            if sync:
+                writer.sync_soon()
+        except OSError:
+            log.warning("the log's head record could not be written", exc_info=True)
+
+    async def restore(self, envelopes: Sequence[Envelope]) -> None:
+        """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.
+
+        They must continue the log exactly (first seq = head + 1, contiguous, stream versions
+        in order); the hash chain is recomputed."""
+        if self._wconn is None or self._writer is None:
+            raise StoreUnavailable("the log is not open for writing")
+        if not envelopes:
+            return
+        await self._versions_of({env.stream for env in envelopes})
+        overlay: dict[str, int] = {}
+        seq = self._head
+        for env in envelopes:
+            seq += 1
+            if env.seq != seq:
+                raise IntegrityError(seq, f"import out of order: got seq {env.seq}")
+            version = overlay.get(env.stream, self._versions.get(env.stream, 0)) + 1
+            if env.stream_version != version:
+                raise IntegrityError(
+                    env.seq,
+                    f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
+                )
+            overlay[env.stream] = version
+        try:
+            await self._write(list(envelopes), overlay)
+        except _Unencodable as exc:
+            encode_events([env.event for env in envelopes])  # raises EventNotEncodable
+            raise StoreUnavailable(f"the log could not be written: {exc}") from None
