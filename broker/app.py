@@ -12,12 +12,14 @@ from broker import (
     openapi,
     ratelimit,
     redoc,
+    routes_apikeys,
     routes_events,
     routes_licensing,
     routes_log,
     routes_messages,
     routes_nodes,
     routes_operators,
+    routes_passwords,
     routes_register,
     routes_telemetry,
     routes_updates,
@@ -48,6 +50,8 @@ def create_app(config: Config) -> web.Application:
     system.setup(app)
     routes_nodes.setup(app)
     routes_operators.setup(app)
+    routes_passwords.setup(app)
+    routes_apikeys.setup(app)  # API keys wherever tokens are accepted: after tokens.setup
     routes_register.setup(app)  # POST /auth/register, off unless [auth] self_registration
     routes_licensing.setup(app)
     routes_updates.setup(app)

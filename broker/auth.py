@@ -6,7 +6,7 @@ Token verification itself is pluggable: `app[AUTHENTICATOR]` turns a bearer toke
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -59,6 +59,15 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
+def credential(headers: Mapping[str, str]) -> str | None:
+    """The caller's credential as an `Authorization` value: the Authorization header, or else an
+    `X-API-Key` header (an API key, broker.apikeys) presented as a bearer token."""
+    header = headers.get("Authorization")
+    if header is None and (key := headers.get("X-API-Key", "").strip()):
+        return f"Bearer {key}"
+    return header
+
+
 async def authenticate(app: web.Application, header: str | None) -> Principal:
     token = bearer_token(header)
     if token is None:
@@ -99,7 +108,7 @@ async def auth_middleware(
         raise Forbidden("this route declares no access policy")  # fail closed
     if isinstance(info.policy, Public):
         return await handler(request)
-    principal = await authenticate(request.app, request.headers.get("Authorization"))
+    principal = await authenticate(request.app, credential(request.headers))
     check(info.policy, principal, request)
     request[PRINCIPAL] = principal
     return await handler(request)

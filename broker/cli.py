@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from broker import cli_users
 from broker.config import Config, ConfigError, load_config
 from broker.logs import configure_logging
 from eventstore import open_store
@@ -260,31 +261,20 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_users_create(config: Config, args: argparse.Namespace) -> int:
-    from broker.errors import BrokerError
     from broker.operators import create_user
-    from broker.runtime import Runtime
 
     password = _read_password(args)
-    _check_log_path(config)
-    store = open_store(config.store)
-    await store.open()
-    try:
-        runtime = Runtime(store)
-        await runtime.start()
-        try:
-            user = await create_user(
-                runtime,
-                username=args.username,
-                password=password,
-                roles=args.role or ["admin"],
-                email=args.email,
-                full_name=args.full_name,
-            )
-        except BrokerError as exc:
-            raise CommandError(exc.message) from None
-        await runtime.stop()
-    finally:
-        await store.close()
+    user = await cli_users.on_log(
+        config,
+        lambda runtime: create_user(
+            runtime,
+            username=args.username,
+            password=password,
+            roles=args.role or ["admin"],
+            email=args.email,
+            full_name=args.full_name,
+        ),
+    )
     print(f"created user {user.username} ({user.id}) with roles {', '.join(user.roles)}")
     return EXIT_OK
 
@@ -358,7 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", help="the operator's email (also accepted as login name)")
     p.add_argument("--full-name", help="the operator's name as shown to others")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    cli_users.add_parsers(users)
 
+    sub.add_parser(
+        "ctl",
+        help="a client of a running server, by API key: nodes, send, tail, dead-letters, users, "
+        "licenses, api-keys (broker ctl --help)",
+        add_help=False,
+    )
     sub.add_parser(
         "node",
         help="a node's side (the SDK's fleet-node CLI): init, send, listen, heartbeat, status, "
@@ -395,7 +392,9 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
     "import": cmd_import,
     "verify": lambda config, args: _log_command("verify", config, args),
     "compact": lambda config, args: _log_command("compact", config, args),
-    "users": cmd_users_create,
+    "users": lambda config, args: (
+        cli_users.cmd_passwd if args.users_command == "passwd" else cmd_users_create
+    )(config, args),
 }
 
 
@@ -403,6 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["node"]:  # its arguments are the node CLI's, not the server's
         return node_cli(argv[1:])
+    if argv[:1] == ["ctl"]:  # a client of a running server (broker.ctl)
+        from broker.ctl import main as ctl
+
+        return ctl(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)

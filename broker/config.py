@@ -73,6 +73,7 @@ class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_interval: float = 30.0  # seconds between a node's heartbeats
     online_after_missed: float = 2.0  # online while the last heartbeat is < this many intervals old
     stale_after_missed: float = 10.0  # then stale until this many intervals; offline after
+    metrics_token_file: str = ""  # a file holding a token that may read /metrics (and only that)
     # POST /auth/register (seed 004): off unless enabled. A new account is inactive until an
     # admin activates it, or active with `registration_role` when that names a role.
     self_registration: bool = False

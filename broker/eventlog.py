@@ -265,7 +265,14 @@ class Feeds:
 
     def __init__(self) -> None:
         self.stoppers: set[Callable[[], Awaitable[None]]] = set()
+        # Each open feed's "check your credential again now": called when a credential may have
+        # been revoked (broker.apikeys), so a revoked key or token ends its feeds at once.
+        self.rechecks: set[Callable[[], None]] = set()
         self.closing = False
+
+    def credentials_changed(self) -> None:
+        for recheck in list(self.rechecks):
+            recheck()
 
     async def close_all(self) -> None:
         self.closing = True

@@ -13,6 +13,7 @@ from broker.principal import Principal
 from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
+    from broker.apikeys import KeyAuthenticator
     from broker.compaction import Compactor
     from broker.connections import Takeover
     from broker.delivery import Dispatcher
@@ -40,6 +41,8 @@ AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
 NODES: web.AppKey[NodeService] = web.AppKey("nodes")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
+API_KEYS: web.AppKey[KeyAuthenticator] = web.AppKey("api_keys")  # broker.apikeys
+SCRAPE_TOKEN = web.AppKey("scrape_token", str)  # SHA-256 of [auth] metrics_token_file's token
 
 # Tenants, licenses, updates, telemetry (broker.licensing, broker.updates, broker.telemetry).
 LICENSE_USES: web.AppKey[LicenseUses] = web.AppKey("license_uses")

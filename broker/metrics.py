@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -67,6 +71,40 @@ class LoopHistogram(Collector):
         yield family
 
 
+class LabelledLoopCounter(Collector):
+    """A LoopCounter with one label whose values are known in advance (all exposed from 0)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        values: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.values = dict.fromkeys(values, 0.0)
+        registry.register(self)
+
+    def inc(self, value: str, amount: float = 1.0) -> None:
+        self.values[value] += amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, count in self.values.items():
+            family.add_metric([value], count)
+        yield family
+
+
+class _Cached(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.families: list[Metric] = []
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
 class _DroppedLogLines(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         registry.register(self)
@@ -115,7 +153,46 @@ class Metrics:
         self.node_connections = Gauge(
             "broker_node_connections", "Node WebSockets connected to this instance", registry=r
         )
+        self.commit_seconds = LoopHistogram(
+            "broker_commit_seconds",
+            "Time one group commit of the log takes (write and sync; embedded SQLite log)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.append_failures = LoopCounter(
+            "broker_append_failures",
+            "Appends the log refused (full disk, read-only, unreachable); not conflicts",
+            registry=r,
+        )
+        self.log_writable = True  # False from a failed append until the next successful one
+        Gauge(
+            "broker_log_writable",
+            "1 while the last append succeeded, 0 after a failed one",
+            registry=r,
+        ).set_function(lambda: 1.0 if self.log_writable else 0.0)
+        self.heartbeats = LoopCounter(
+            "broker_heartbeats", "Node heartbeats recorded in the log", registry=r
+        )
+        self.messages = LabelledLoopCounter(
+            "broker_messages",
+            "Message outcomes recorded in the log (per recipient for read, expired, dead)",
+            "outcome",
+            ("sent", "read", "expired", "dead_lettered", "redriven"),
+            registry=r,
+        )
         _DroppedLogLines(r)
+        # The standard process_*, python_info and python_gc_* families. process_* reads /proc:
+        # `refresh_process` does that in a thread before each scrape, and the loop renders it.
+        self.process = _Cached(r)
+        for collector in (PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+
+    def append_failed(self) -> None:
+        self.append_failures.inc()
+        self.log_writable = False
+
+    async def refresh_process(self) -> None:
+        self.process.families = await asyncio.to_thread(lambda: list(PROCESS_COLLECTOR.collect()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import structlog
@@ -14,7 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from broker import errors
 from broker.http import error_response
 from broker.ids import random_hex8
-from broker.keys import METRICS, REQUEST_ID, RUNTIME
+from broker.keys import LIMITER, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME
 from broker.routing import route_info
 from eventstore.base import ConcurrencyError, EventNotEncodable, StoreUnavailable
 
@@ -91,10 +92,39 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             path=request.path,
             status=response.status,
             ms=round((time.perf_counter() - t0) * 1000, 2),
+            **_who(request, response),
         )
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def _who(request: web.Request, response: web.StreamResponse) -> dict[str, Any]:
+    """The access log's answer to "who": the client's address (as the rate limiter sees it:
+    the trusted proxy's last X-Forwarded-For entry when `[limits] trust_forwarded_for`), the
+    principal (node, user, or API key), the user agent, the bytes of the body, and a W3C
+    `traceparent` when the client sent a valid one."""
+    limiter = request.app.get(LIMITER)
+    principal = request.get(PRINCIPAL)
+    who: dict[str, Any] = {
+        "client": limiter.client_ip(request) if limiter else request.remote,
+        "principal": (
+            None
+            if principal is None
+            else f"key:{principal.api_key}"
+            if principal.api_key
+            else f"{principal.kind}:{principal.id}"
+        ),
+        "user_agent": request.headers.get("User-Agent"),
+        "bytes": response.content_length,
+    }
+    traceparent = request.headers.get("traceparent", "")
+    if _TRACEPARENT.match(traceparent):
+        who["traceparent"] = traceparent
+    return who
 
 
 MIN_SEQ_WAIT = 5.0  # seconds a read may wait for this instance to reach `min_seq`

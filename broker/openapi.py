@@ -64,6 +64,9 @@ class OpenApiCache:
 # --- the document ---
 
 
+HEADER = {"type": "string", "minLength": 1, "pattern": "^[!-~]+$"}  # a header's printable value
+
+
 def _security(policy: Policy) -> list[dict[str, list[str]]]:
     return [] if isinstance(policy, Public) else [{"bearerAuth": []}]
 
@@ -211,6 +214,8 @@ def build_document(app: web.Application) -> dict[str, Any]:
                         "schema": _non_null(prop),
                     }
                 )
+        for name in info.extra.get("headers", ()):  # a credential read from a header
+            params.append({"name": name, "in": "header", "required": True, "schema": HEADER})
         if params:
             op["parameters"] = params
         if info.body is not None:

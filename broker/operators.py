@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 
 from broker.errors import AuthenticationFailed, Conflict, NotFound, ValidationFailed
-from broker.passwords import hash_password_async, verify_password_async
+from broker.passwords import hash_password_async, needs_rehash, verify_password_async
 from broker.runtime import Runtime
 from broker.tokens import TokenPair, TokenService
 from eventstore.base import ConcurrencyError
 from eventstore.events import (
+    BaseEvent,
     PermissionCreated,
     RoleCreated,
     RoleDeleted,
     RoleUpdated,
+    TokenFamilyRevoked,
     UserActivated,
     UserCreated,
     UserDeactivated,
     UserLoggedIn,
+    UserPasswordChanged,
     UserRoleGranted,
     UserRoleRevoked,
 )
@@ -49,11 +53,7 @@ async def create_user(
         raise ValidationFailed(
             "username must be 3-64 letters, digits or . _ @ -", details=[{"field": "username"}]
         )
-    if len(password) < MIN_PASSWORD:
-        raise ValidationFailed(
-            f"password must have at least {MIN_PASSWORD} characters",
-            details=[{"field": "password"}],
-        )
+    check_password(password)
     unknown = [r for r in roles if r not in runtime.users.roles]
     if unknown:
         known = ", ".join(sorted(runtime.users.roles))
@@ -95,10 +95,78 @@ async def login(runtime: Runtime, tokens: TokenService, login: str, password: st
         raise AuthenticationFailed(_BAD_LOGIN)
     if not user.is_active:
         raise AuthenticationFailed("this account is deactivated")
-    session = tokens.open_session("user", user.id, 0, tokens.clock())
-    events = [UserLoggedIn(user_id=user.id, family_id=session.family_id), *session.events]
-    await runtime.record(events, expected_version={session.family_id: 0})
+    rehash: list[BaseEvent] = []
+    if needs_rehash(user.password_hash):  # an older kind of hash: replaced now that it is proved
+        new_hash = await hash_password_async(password)
+        rehash = [UserPasswordChanged(user_id=user.id, password_hash=new_hash, reason="rehash")]
+    return await open_session(runtime, tokens, user, rehash)
+
+
+async def open_session(
+    runtime: Runtime,
+    tokens: TokenService,
+    user: User,
+    events: list[BaseEvent] | None = None,
+    key: str = "",
+) -> TokenPair:
+    """A new login of `user`, recorded with `events` (with `key`: limited to that API key)."""
+    session = tokens.open_session("user", user.id, 0, tokens.clock(), key=key)
+    events = events or []
+    events = [*events, UserLoggedIn(user_id=user.id, family_id=session.family_id)]
+    await runtime.record([*events, *session.events], expected_version={session.family_id: 0})
     return session.tokens
+
+
+# --- passwords ---
+
+
+def check_password(password: str, field: str = "password") -> None:
+    if len(password) < MIN_PASSWORD:
+        raise ValidationFailed(
+            f"password must have at least {MIN_PASSWORD} characters", details=[{"field": field}]
+        )
+
+
+async def _password_events(
+    runtime: Runtime, user: User, password: str, reason: str, must_change: bool
+) -> list[BaseEvent]:
+    """A new password and the end of every session of the user (their refresh families)."""
+    changed = UserPasswordChanged(
+        user_id=user.id,
+        password_hash=await hash_password_async(password),
+        reason=reason,
+        must_change=must_change,
+    )
+    now = time.time()
+    families = runtime.tokens.live_families("user", user.id, now)
+    return [changed, *(TokenFamilyRevoked(family_id=f.family_id, reason=reason) for f in families)]
+
+
+async def change_password(
+    runtime: Runtime, tokens: TokenService, user_id: str, current: str, new: str
+) -> TokenPair:
+    """The user's own change: proves the current password, ends every session of the user and
+    opens a new one (returned), so the caller carries on and nobody else does."""
+    user = get_user(runtime, user_id)
+    check_password(new, "new_password")
+    if not await verify_password_async(current, user.password_hash):
+        raise AuthenticationFailed("the current password is wrong")
+    if current == new:
+        raise ValidationFailed(
+            "the new password must differ from the current one",
+            details=[{"field": "new_password"}],
+        )
+    events = await _password_events(runtime, user, new, "change", False)
+    return await open_session(runtime, tokens, user, events)
+
+
+async def reset_password(runtime: Runtime, user_id: str, new: str, must_change: bool) -> User:
+    """An admin's (or the offline command's) reset: every session of the user ends; with
+    `must_change`, the user can do nothing but change it after their next login."""
+    user = get_user(runtime, user_id)
+    check_password(new)
+    await runtime.record(await _password_events(runtime, user, new, "reset", must_change))
+    return get_user(runtime, user.id)
 
 
 # --- users ---

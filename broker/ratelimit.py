@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from broker.auth import Public, authenticate
+from broker.auth import Public, authenticate, credential
 from broker.config import LimitsConfig
 from broker.errors import AuthenticationFailed, RateLimited
 from broker.keys import CONFIG, LIMITER, RATE_LIMIT
@@ -174,7 +174,7 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
             raise _denied(decision, "address")
         return await handler(request)
     try:
-        principal = await authenticate(request.app, request.headers.get("Authorization"))
+        principal = await authenticate(request.app, credential(request.headers))
     except AuthenticationFailed:
         decision = request[RATE_LIMIT] = limiter.hit(limiter.ip, limiter.client_ip(request))
         if not decision.allowed:

@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from broker import eventlog
-from broker.auth import Permission, authenticate
+from broker.auth import Permission, authenticate, credential
 from broker.errors import AuthenticationFailed, ValidationFailed
 from broker.http import json_response
 from broker.keys import CONFIG, FEEDS, REBUILDER, RUNTIME
@@ -126,15 +126,19 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         request.transport.set_write_buffer_limits(high=cfg.feed_write_buffer)
     lock = asyncio.Lock()
     expired = asyncio.Event()
+    recheck = asyncio.Event()
 
     async def send(data: bytes) -> None:
         async with asyncio.timeout(cfg.feed_send_timeout), lock:
             await resp.write(data)
 
     async def keep_alive(feed: asyncio.Task[None]) -> None:
-        header = request.headers.get("Authorization")
+        header = credential(request.headers)
         while True:
-            await asyncio.sleep(cfg.sse_ping)
+            # every sse_ping seconds, or at once when a credential may have been revoked
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recheck.wait(), cfg.sse_ping)
+            recheck.clear()
             try:
                 await authenticate(app, header)  # expired, revoked or deactivated: stop
             except AuthenticationFailed as exc:
@@ -171,6 +175,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         feed.cancel()
 
     feeds.stoppers.add(stop)
+    feeds.rechecks.add(recheck.set)
     try:
         await feed
     except asyncio.CancelledError:
@@ -186,6 +191,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         pass  # the client went away or stopped reading
     finally:
         feeds.stoppers.discard(stop)
+        feeds.rechecks.discard(recheck.set)
         pinger.cancel()
         feed.cancel()
         await asyncio.gather(pinger, feed, return_exceptions=True)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from broker import operators
 from broker.auth import Authenticated, Permission, Public, bearer_token, principal_of
-from broker.errors import ValidationFailed
+from broker.errors import Forbidden, ValidationFailed
 from broker.http import decode_body, json_response, read_form
 from broker.keys import RUNTIME, TOKENS
 from broker.nodes import iso
@@ -46,6 +46,7 @@ class Me(msgspec.Struct):
     is_active: bool
     roles: list[str]
     permissions: list[str]
+    must_change_password: bool = False  # only POST /auth/password is allowed until it is done
 
 
 class UserView(msgspec.Struct):
@@ -229,6 +230,7 @@ async def me(request: web.Request) -> web.Response:
             user.is_active,
             list(user.roles),
             sorted(principal.permissions),
+            user.must_change_password,
         )
     )
 
@@ -252,6 +254,9 @@ async def refresh(request: web.Request) -> web.Response:
     summary="End the session of this access token (its refresh token too)",
 )
 async def logout(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    if not principal.session:
+        raise Forbidden("an API key has no session to end: revoke the key instead")
     service = request.app[TOKENS]
     token = bearer_token(request.headers.get("Authorization")) or ""
     await service.revoke(service.family_of(token), "logout")

@@ -17,8 +17,9 @@ import structlog
 
 from broker.config import DeliveryConfig
 from broker.metrics import Metrics
-from eventstore.base import Envelope, EventStore, ExpectedVersion
+from eventstore.base import ConcurrencyError, Envelope, EventStore, ExpectedVersion, StoreError
 from eventstore.events import BaseEvent
+from projections.apikeys import ApiKeysProjection
 from projections.base import Projection, Projections
 from projections.messages import MessagesProjection
 from projections.nodes import NodesProjection
@@ -48,7 +49,7 @@ def build_projections(delivery: DeliveryConfig | None = None) -> Projections:
     delivery = delivery or DeliveryConfig()
     parts: list[Projection] = [UsersProjection()]
     parts += [TenantsProjection(), UpdatesProjection(), TelemetryProjection()]
-    parts += [NodesProjection(), TokensProjection()]
+    parts += [NodesProjection(), TokensProjection(), ApiKeysProjection()]
     parts += [
         MessagesProjection(
             now=time.time, ack_timeout=delivery.ack_timeout, max_attempts=delivery.max_attempts
@@ -86,6 +87,10 @@ class Runtime:
     @property
     def tokens(self) -> TokensProjection:
         return self.projections.parts["tokens"]  # type: ignore[return-value]
+
+    @property
+    def apikeys(self) -> ApiKeysProjection:
+        return self.projections.parts["apikeys"]  # type: ignore[return-value]
 
     @property
     def tenants(self) -> TenantsProjection:
@@ -147,7 +152,14 @@ class Runtime:
         self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None
     ) -> list[Envelope]:
         t0 = time.perf_counter()
-        envs = await self.store.append(events, expected_version)
+        try:
+            envs = await self.store.append(events, expected_version)
+        except ConcurrencyError:
+            raise
+        except StoreError:
+            self.metrics.append_failed()
+            raise
+        self.metrics.log_writable = True
         self.metrics.append_seconds.observe(time.perf_counter() - t0)
         return envs
 

@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from broker import __version__
-from broker.auth import Authenticated, Public
+from broker import __version__, monitoring
+from broker.auth import Public
 from broker.http import json_response
 from broker.keys import METRICS, RUNTIME
 from broker.metrics import CONTENT_TYPE
@@ -66,24 +66,34 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+# Public to the middleware: `monitoring.authorize` checks the caller (a token, a metrics:read
+# API key, or the scrape token, which opens this route only).
 @routes.get(
-    "/metrics", policy=Authenticated(), response_content_type=CONTENT_TYPE, summary="Metrics"
+    "/metrics",
+    policy=Public(),
+    response_content_type=CONTENT_TYPE,
+    summary="Metrics",
+    errors=(401, 403),
 )
 @routes.get(
     "/api/v1/metrics",
-    policy=Authenticated(),
+    policy=Public(),
     response_content_type=CONTENT_TYPE,
-    summary="Prometheus metrics",
+    summary="Prometheus metrics (any token, a metrics:read API key, or the scrape token)",
+    errors=(401, 403),
 )
 async def metrics(request: web.Request) -> web.Response:
+    await monitoring.authorize(request)
     runtime = request.app[RUNTIME]
     m = request.app[METRICS]
     head = await runtime.store.head()
     m.head_seq.set(head)
     m.projection_seq.set(runtime.projections.seq)
     m.projection_lag.set(max(0, head - runtime.projections.seq))
+    await m.refresh_process()
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 def setup(app: web.Application) -> None:
     routes.install(app)
+    monitoring.setup(app)

@@ -76,7 +76,7 @@ class Session:
 class _Verified:
     """An access token whose signature and claims have been checked once."""
 
-    __slots__ = ("principal", "kind", "sub", "fam", "gen", "iat", "exp")
+    __slots__ = ("principal", "kind", "sub", "fam", "gen", "iat", "exp", "key")
 
     def __init__(self, principal: Principal, claims: dict[str, Any]) -> None:
         self.principal = principal
@@ -86,6 +86,7 @@ class _Verified:
         self.gen: int = claims.get("gen", 0)
         self.iat: float = claims["iat"]
         self.exp: float = claims["exp"]
+        self.key: str = claims.get("key", "")  # a session opened with an API key (login-key)
 
 
 def hash_token(token: str) -> str:
@@ -194,7 +195,7 @@ class TokenService:
     # --- issuing ---
 
     def _mint(
-        self, kind: str, subject: str, gen: int, family_id: str, now: float
+        self, kind: str, subject: str, gen: int, family_id: str, now: float, key: str = ""
     ) -> tuple[TokenPair, str, float]:
         iat = int(now)
         access_ttl = int(self.config.access_ttl)
@@ -208,6 +209,8 @@ class TokenService:
             "fam": family_id,
             "gen": gen,
         }
+        if key:  # the session acts with the API key's scopes, and ends with the key
+            common["key"] = key
         headers = {"kid": self.kid}
         access = jwt.encode(
             {**common, "exp": iat + access_ttl, "jti": secrets.token_urlsafe(16), "typ": ACCESS},
@@ -223,12 +226,12 @@ class TokenService:
         )
         return TokenPair(access, refresh, "bearer", access_ttl), hash_token(refresh), refresh_exp
 
-    def open_session(self, kind: str, subject: str, gen: int, now: float) -> Session:
+    def open_session(self, kind: str, subject: str, gen: int, now: float, key: str = "") -> Session:
         """Tokens for a new login and the events recording it (the caller records them, with
         expected version 0 on `family_id`, together with its own login events). Past
         `max_sessions` live logins, the subject's oldest are revoked in the same append."""
         family_id = "rtf:" + secrets.token_hex(16)
-        pair, token_hash, expires_at = self._mint(kind, subject, gen, family_id, now)
+        pair, token_hash, expires_at = self._mint(kind, subject, gen, family_id, now, key)
         events: list[BaseEvent] = [
             TokenFamilyStarted(
                 family_id=family_id,
@@ -270,6 +273,7 @@ class TokenService:
             or not isinstance(claims.get("fam"), str)
             or not isinstance(claims.get("gen", 0), int)
             or not isinstance(claims["sub"], str)
+            or not isinstance(claims.get("key", ""), str)
         ):
             raise AuthenticationFailed("invalid token", headers=_www())
         return claims
@@ -285,7 +289,8 @@ class TokenService:
             claims = self._decode(token, ACCESS)
             kind = claims["kind"]
             sub, jti, exp = claims["sub"], claims["jti"], claims["exp"]
-            principal = Principal(kind, sub, sub, frozenset(), jti, exp, claims["fam"])
+            key = claims.get("key", "")
+            principal = Principal(kind, sub, sub, frozenset(), jti, exp, claims["fam"], key)
             entry = _Verified(principal, claims)
             self._remember(token, entry, now)
         elif now > entry.exp + self.config.leeway:
@@ -321,12 +326,21 @@ class TokenService:
         if user is None or not user.is_active:
             raise AuthenticationFailed("user is not active", headers=_www())
         perms = frozenset(rt.users.permissions_of(user))
+        if entry.key:
+            perms &= self._key_scopes(entry.key, now)
         p = entry.principal
         if p.permissions != perms or p.name != user.username:
             p = entry.principal = Principal(
-                "user", user.id, user.username, perms, p.token_id, entry.exp, p.session
+                "user", user.id, user.username, perms, p.token_id, entry.exp, p.session, p.api_key
             )
         return p
+
+    def _key_scopes(self, key_id: str, now: float) -> frozenset[str]:
+        """The scopes of the live API key a session was opened with; 401 once it is not."""
+        key = self.runtime.apikeys.get(key_id)
+        if key is None or not key.live(now):
+            raise AuthenticationFailed("the API key of this session is revoked", headers=_www())
+        return frozenset(key.scopes)
 
     def family_of(self, token: str) -> str:
         """The family (login) of a valid access token."""
@@ -356,6 +370,9 @@ class TokenService:
             raise AuthenticationFailed("refresh token revoked", headers=_www())
         gen = claims.get("gen", 0)
         self._check_subject(claims["kind"], claims["sub"], gen)
+        key = claims.get("key", "")
+        if key:
+            self._key_scopes(key, self.clock())
         if not hmac.compare_digest(hash_token(token), fam.token_hash):
             await self.revoke(fam.family_id, "reuse")
             raise AuthenticationFailed(
@@ -363,7 +380,7 @@ class TokenService:
             )
         now = self.clock()
         pair, token_hash, expires_at = self._mint(
-            claims["kind"], claims["sub"], gen, fam.family_id, now
+            claims["kind"], claims["sub"], gen, fam.family_id, now, key
         )
         rotated = TokenRotated(
             family_id=fam.family_id, token_hash=token_hash, expires_at=expires_at

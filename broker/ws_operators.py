@@ -26,7 +26,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from broker import eventlog, jsonlimits
-from broker.auth import Public, authenticate
+from broker.auth import Public, authenticate, credential
 from broker.config import EventsConfig
 from broker.errors import AuthenticationFailed, BrokerError
 from broker.keys import CONFIG, FEEDS, RUNTIME
@@ -132,7 +132,7 @@ class FeedSession:
 
     async def first_auth(self) -> bool:
         """Authenticate from the upgrade's header or the first frame; False once closed."""
-        header = self.request.headers.get("Authorization")
+        header = credential(self.request.headers)
         ref = None
         try:
             if header is None:
@@ -178,6 +178,15 @@ class FeedSession:
     async def run(self) -> None:
         if not await self.first_auth():
             return
+        rechecks: set[asyncio.Task[bool]] = set()
+
+        def recheck_now() -> None:  # a credential was revoked somewhere: is it ours?
+            task = asyncio.create_task(self.recheck())
+            rechecks.add(task)
+            task.add_done_callback(rechecks.discard)
+
+        feeds = self.app[FEEDS]
+        feeds.rechecks.add(recheck_now)
         try:
             while not self.ws.closed:
                 try:
@@ -195,6 +204,7 @@ class FeedSession:
         except (_Closed, ConnectionError, TimeoutError):
             return
         finally:
+            feeds.rechecks.discard(recheck_now)
             await self.stop_pump()
 
     async def handle(self, data: str) -> None:

@@ -59,6 +59,8 @@ class UserPasswordChanged(BaseEvent, frozen=True, tag="user.password_changed"):
     stream_field: ClassVar[str] = "user_id"
     user_id: str
     password_hash: str
+    reason: str = ""  # change (by the user) | reset (by an admin or offline) | rehash (at login)
+    must_change: bool = False  # the user must choose a new password before doing anything else
 
 
 class UserActivated(BaseEvent, frozen=True, tag="user.activated"):
@@ -199,6 +201,32 @@ class TokenFamilyRevoked(BaseEvent, frozen=True, tag="token.family_revoked"):
     stream_field: ClassVar[str] = "family_id"
     family_id: str
     reason: str = ""  # logout | reuse | superseded | ...
+
+
+class ApiKeyCreated(BaseEvent, frozen=True, tag="apikey.created"):
+    """An operator's API key for automation (broker.apikeys): only the hash of the key is kept."""
+
+    stream_field: ClassVar[str] = "key_id"
+    key_id: str  # "apk_<hex>": the public part of the key
+    name: str
+    owner_id: str  # the user the key acts as (never with more than the user's permissions)
+    scopes: list[str]
+    key_hash: str
+    expires_at: float | None = None  # None: never
+
+
+class ApiKeyUsed(BaseEvent, frozen=True, tag="apikey.used"):
+    """A key authenticated a request (recorded at most once a minute per key)."""
+
+    stream_field: ClassVar[str] = "key_id"
+    key_id: str
+
+
+class ApiKeyRevoked(BaseEvent, frozen=True, tag="apikey.revoked"):
+    stream_field: ClassVar[str] = "key_id"
+    key_id: str
+    by: str = ""  # the user id of whoever revoked it
+    reason: str = ""
 
 
 # --- tenants, licenses, updates, telemetry ---
@@ -433,6 +461,9 @@ Event = (
     | TokenFamilyStarted
     | TokenRotated
     | TokenFamilyRevoked
+    | ApiKeyCreated
+    | ApiKeyUsed
+    | ApiKeyRevoked
     | TenantCreated
     | TenantUpdated
     | LicenseIssued

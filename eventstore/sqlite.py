@@ -98,6 +98,8 @@ class SqliteStore(GroupCommit):
         self.verify_on_open = verify_on_open
         # (seq, hash) a snapshot proved: open() verifies the chain after seq only (see verify_file)
         self.trusted_prefix: tuple[int, bytes] | None = None
+        # Told (seconds, events) after each group commit: the commit latency metric.
+        self.commit_observer: Callable[[float, int], None] | None = None
         self._lock = WriterLock(self.path)
         # Writes go through one plain sqlite3 connection owned by one worker thread, so a group
         # commit (chunks, stream versions, COMMIT) is a single hop to that thread; reads use

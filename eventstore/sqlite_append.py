@@ -88,6 +88,7 @@ class GroupCommit:
     """Appends and imports (see the module doc)."""
 
     _wconn: sqlite3.Connection | None
+    commit_observer: Callable[[float, int], None] | None
     _checkpointer: Checkpointer | None
     _head_writer: HeadWriter | None
     _head_sync: bool
@@ -279,10 +280,13 @@ class GroupCommit:
             rows.append((part[0][0], part[-1][0], body, integrity.checksum(body)))
         inserts = [(s, v) for s, v in versions.items() if s in new]
         upserts = [(s, v) for s, v in versions.items() if s not in new]
+        t0 = time.perf_counter()
         try:
             await self._run(self._commit_rows, rows, inserts, upserts, envelopes[-1].seq, prev)
         except sqlite3.IntegrityError:
             raise _StreamExists from None
+        if self.commit_observer is not None:  # the commit latency metric (broker.monitoring)
+            self.commit_observer(time.perf_counter() - t0, len(envelopes))
         last = envelopes[-1]
         self._head, self._last_hash, self._last_ts = last.seq, prev, max(self._last_ts, last.ts)
         self._versions.update(versions)

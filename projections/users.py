@@ -62,6 +62,7 @@ class User:
     created_at: float
     updated_at: float
     last_login: float | None = None
+    must_change_password: bool = False  # set by an admin's reset; cleared by the user's change
 
 
 @dataclass(slots=True)
@@ -129,6 +130,8 @@ class UsersProjection(Projection):
         e: UserPasswordChanged = env.event  # type: ignore[assignment]
         if (u := self.users.get(e.user_id)) is not None:
             u.password_hash = e.password_hash
+            if e.reason != "rehash":  # a rehash keeps the password, and what was asked of it
+                u.must_change_password = e.must_change
             u.updated_at = env.ts
 
     @handles(UserActivated, UserDeactivated)
@@ -207,7 +210,10 @@ class UsersProjection(Projection):
         return sum(1 for u in self.users.values() if role in u.roles)
 
     def permissions_of(self, user: User) -> set[str]:
+        """What the user may do now: nothing while they must choose a new password."""
         perms: set[str] = set()
+        if user.must_change_password:
+            return perms
         for rname in user.roles:
             if (role := self.roles.get(rname)) is not None:
                 perms.update(role.permissions)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import requests
 
 from eventstore.sqlite import StoredEvent
-from tests.e2e.procs import free_port, run_broker, served
+from tests.e2e.procs import free_port, one_line_error, run_broker, served
 
 
 @pytest.fixture
@@ -191,3 +192,27 @@ def test_a_log_behind_its_snapshots_is_refused_with_one_clear_line(
     r = run_broker(["verify"], data)
     assert r.returncode == 1
     assert expected in r.stdout and "the log was lost or replaced" in r.stdout, r.stdout
+
+
+def test_users_passwd_offline_lets_a_locked_out_admin_back_in(data: Path) -> None:
+    create_user(data, "root")
+    r = run_broker(
+        ["users", "passwd", "--username", "root", "--password-stdin"],
+        data,
+        stdin="a brand new passphrase\n",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "password of root set" in r.stdout
+    r = run_broker(
+        ["users", "passwd", "--username", "ghost", "--password-stdin"], data, stdin="x" * 12
+    )
+    assert "no operator named ghost" in one_line_error(r)
+    r = run_broker(
+        ["users", "passwd", "--username", "root", "--password-stdin"], data, stdin="short\n"
+    )
+    assert "at least 8 characters" in one_line_error(r)
+    with served(data) as (base, _proc):
+        old = {"username": "root", "password": "correct horse battery"}
+        assert requests.post(base + "/auth/login", data=old, timeout=30).status_code == 401
+        new = {"username": "root", "password": "a brand new passphrase"}
+        assert requests.post(base + "/auth/login", data=new, timeout=30).status_code == 200

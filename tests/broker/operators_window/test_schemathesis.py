@@ -169,6 +169,12 @@ NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
     "GET /api/license/validate": ("positive_data_acceptance",),
     # the same contract: telemetry for a tenant another call of the run deactivated is a 400
     "POST /telemetry": ("positive_data_acceptance",),
+    # a credential in a header: a generated one is not a key that exists
+    "POST /api/v1/auth/login-key": ("positive_data_acceptance",),
+    # scopes must be permissions the caller holds
+    "POST /api/v1/admin/api-keys": ("positive_data_acceptance",),
+    # the current password must be the caller's (and a change ends the session used)
+    "POST /auth/password": ("positive_data_acceptance", "use_after_free"),
     # GET /api/v1/messages/{message_id} matches /api/v1/messages/send too, so aiohttp's 405 lists
     # GET in Allow for it (a GET there is a 404 for message "send")
     "POST /api/v1/messages/send": ("allow_header_conformance",),

@@ -12,6 +12,8 @@ from broker.eventlog import jsonable
 from broker.keys import CONFIG, REBUILDER, RUNTIME
 from broker.runtime import build_projections
 from eventstore.events import (
+    ApiKeyCreated,
+    ApiKeyUsed,
     BaseEvent,
     LicenseIssued,
     LicenseUsed,
@@ -91,9 +93,18 @@ def history(n: int, seed: int = 7) -> list[BaseEvent]:
         ),
         lambda: MessageRead(message_id=f"m{rnd.randrange(max(1, len(out)))}", node_id=nodes[0]),
     ]
-    for _ in range(n):
+    for i in range(n):
         out.append(rnd.choice(makers)())
-    return out
+        if i % 97 == 13:  # API keys too, without drawing from `rnd` (the rest stays as it was)
+            key = f"apk_{i % 4}"
+            out.append(
+                ApiKeyCreated(
+                    key_id=key, name="k", owner_id="usr_1", scopes=["nodes:read"], key_hash="h"
+                )
+                if i % 2
+                else ApiKeyUsed(key_id=key)
+            )
+    return out[:n]
 
 
 async def state_at(client: Client, token: str, name: str, at_seq: int | None) -> dict[str, Any]:
