@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,11 +84,24 @@ def node_id(i: int) -> str:
     return f"fleet-{i:07d}"
 
 
+def write_records(path: Path, records: Iterable[JsonRecord], mode: str = "wb") -> None:
+    """Write `records` as JSON Lines (the shape of `broker export`), 10,000 lines at a time."""
+    encode = msgspec.json.Encoder().encode
+    with open(path, mode) as f:
+        lines = []
+        for rec in records:
+            lines.append(encode(rec))
+            if len(lines) >= 10_000:
+                f.write(b"\n".join(lines) + b"\n")
+                lines = []
+        if lines:
+            f.write(b"\n".join(lines) + b"\n")
+
+
 def generate(path: Path, n: int, pem: str) -> None:
     """A `broker export` of `n` registrations (one stream per node, version 1)."""
-    encode = msgspec.json.Encoder().encode
-    with open(path, "wb") as f:
-        lines = []
+
+    def records() -> Iterator[JsonRecord]:
         for i in range(n):
             node = node_id(i)
             data = {
@@ -101,7 +114,7 @@ def generate(path: Path, n: int, pem: str) -> None:
                 "metadata": {"region": REGIONS[i % 7 % len(REGIONS)], "rack": i % 40},
                 "status": "active",
             }
-            rec = JsonRecord(
+            yield JsonRecord(
                 seq=i + 1,
                 stream=node,
                 stream_version=1,
@@ -110,12 +123,8 @@ def generate(path: Path, n: int, pem: str) -> None:
                 type="node.registered",
                 data=data,
             )
-            lines.append(encode(rec))
-            if len(lines) >= 10_000:
-                f.write(b"\n".join(lines) + b"\n")
-                lines = []
-        if lines:
-            f.write(b"\n".join(lines) + b"\n")
+
+    write_records(path, records())
 
 
 def broker_env(data: Path, port: int, **extra: str) -> dict[str, str]:
@@ -153,8 +162,11 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], base: str, started: float) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], base: str, started: float, log: list[str]
+    ) -> None:
         self.proc = proc
+        self.log = log  # its stderr lines so far
         self.pid = proc.pid
         self.base = base
         self.started = started  # seconds from launch to /health 200
@@ -192,7 +204,7 @@ def serve(data: Path, **env: str) -> Iterator[Server]:
             time.sleep(0.01)
     started = time.perf_counter() - t0
     try:
-        yield Server(proc, base, started)
+        yield Server(proc, base, started, errors)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -9,10 +9,13 @@ A frame is `kind (1 byte) | name length (1) | name | data length (4, big-endian)
 - `R`: a slice of the records of projection `name` (msgpack array of `[key, record]` pairs; a
   `nil` record: the key is gone). Later slices override earlier ones: a record changed while the
   snapshot was written is saved again after it (`broker.snapshots.Snapshotter.take`);
+- `I` (NATS): a slice of the log index's array `name` (raw bytes; slices of a name in order);
 - `E`, last: `Final`, every other projection's saved state (`Part`: fingerprint and data), the
-  sliced projections' remaining state, and the replay index's windows.
+  sliced projections' remaining state, the replay index's windows, and on the NATS backend the
+  log's index (`eventstore.nats_index.SavedIndex`).
 
-The header holds the format, the seq, the log's chain hash at that seq, and the length and SHA-256
+The header holds the format, the seq, the log's chain hash at that seq (on NATS: the anchor of the
+stream message the log's index was saved at), and the length and SHA-256
 of everything after the header space; it is written last, into the space kept for it, so the
 frames stream to disk as they are made and no whole body is ever held in memory. The file is
 written under a temporary name and renamed into place after an fsync (atomic). A file whose
@@ -36,6 +39,8 @@ from typing import IO, Any
 import msgspec
 
 from broker import __version__
+from broker.config import Config
+from eventstore.base import IntegrityError
 
 FORMAT = 2
 MAGIC = b"BRKSNAP\x02"
@@ -45,7 +50,7 @@ PREFIX = "snapshot-"
 SUFFIX = ".msgpack"
 TMP_MAX_AGE = 3600.0  # seconds before a leftover temporary file (a crash mid-write) is removed
 
-FINGERPRINTS, RECORDS, END = b"F", b"R", b"E"
+FINGERPRINTS, RECORDS, INDEX, END = b"F", b"R", b"I", b"E"
 
 
 class Header(msgspec.Struct, kw_only=True):
@@ -67,6 +72,8 @@ class Final(msgspec.Struct):
     parts: dict[str, Part]
     # Per projection: the windows (seq // WINDOW) holding events it handles, up to the seq.
     windows: dict[str, list[int]] = {}
+    # On the NATS backend: the log's index as of the snapshot (`eventstore.nats_index`).
+    index: bytes | None = None
 
 
 @dataclass
@@ -77,6 +84,8 @@ class Body:
     parts: dict[str, Part]
     windows: dict[str, list[int]] = field(default_factory=dict)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    index: bytes | None = None
+    index_arrays: dict[str, bytearray] = field(default_factory=dict)
 
 
 class SnapshotError(Exception):
@@ -163,11 +172,15 @@ def read_body(
                 if saved.get(name) == fp  # of this shape: decode its slices
             }
             records = {name: {} for name in decoders}
+            arrays: dict[str, bytearray] = {}
             while True:
                 kind, name, data = reader.frame()
                 if kind == END:
                     final = _final_decoder.decode(data)
                     break
+                if kind == INDEX:
+                    arrays.setdefault(name, bytearray()).extend(data)
+                    continue
                 decoder = decoders.get(name)
                 if kind != RECORDS or decoder is None:
                     continue
@@ -183,7 +196,29 @@ def read_body(
             raise SnapshotError("the body is damaged (data after its end)")
     if reader.length != header.body_length or reader.digest.digest() != header.body_sha256:
         raise SnapshotError("the body is damaged (length or SHA-256 mismatch)")
-    return Body(final.parts, final.windows, records)
+    return Body(final.parts, final.windows, records, final.index, arrays)
+
+
+def snapshot_directory(config: Config) -> Path:
+    return Path(config.snapshots.directory or Path(config.server.data_dir) / "snapshots")
+
+
+def check_log_against_snapshots(directory: Path, log_head: int) -> None:
+    """Raise IntegrityError when the newest readable snapshot covers events past the log's
+    head: the log was lost, truncated or replaced, and starting would serve an empty or older
+    state as if it were healthy (the snapshot could not even be used). Blocking."""
+    for _seq, path in snapshot_paths(directory):
+        try:
+            header = read_header(path)
+        except (SnapshotError, OSError):
+            continue  # not a snapshot: says nothing about the log
+        if header.seq > log_head:
+            raise IntegrityError(
+                log_head + 1,
+                f"the log ends at seq {log_head} but snapshot {path} covers up to seq "
+                f"{header.seq}: the log was lost or replaced; restore it from backup",
+            )
+        return
 
 
 class Writer:

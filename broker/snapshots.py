@@ -2,7 +2,8 @@
 
 A snapshot is written every `[snapshots] every` events or `interval` seconds (never twice within
 `min_interval`) and at shutdown, as one file `<dir>/snapshot-<seq>.msgpack` (the format is in
-`broker.snapshot_file`). Taking one never stalls the event loop for long (`write_snapshot`):
+`broker.snapshot_file`; on NATS it is kept in JetStream with the log's index instead, see
+`broker.snapshot_store`). Taking one never stalls the event loop for long (`write_snapshot`):
 
 - a projection that is mostly one large dict of records (the nodes registry: a million entries
   and ~800 MB encoded) is saved a slice of `SLICE` records at a time, each slice encoded in the
@@ -48,6 +49,7 @@ from broker.keys import CONFIG, RUNTIME, SNAPSHOTS
 from broker.runtime import Runtime, build_projections
 from broker.snapshot_file import (
     FINGERPRINTS,
+    INDEX,
     RECORDS,
     Body,
     Final,
@@ -55,12 +57,15 @@ from broker.snapshot_file import (
     Part,
     SnapshotError,
     Writer,
+    check_log_against_snapshots,
     read_body,
     read_header,
+    snapshot_directory,
     snapshot_paths,
 )
+from broker.snapshot_store import IndexHook, RemoteSnapshots, cut_hooks
 from eventstore import open_store
-from eventstore.base import EventStore, IntegrityError
+from eventstore.base import EventStore
 from projections.base import Projection, Projections
 from projections.snapshots import Unsupported, dec_hook, encoder, fingerprint
 
@@ -84,6 +89,7 @@ class Boot:
 
     seq: int = 0
     path: str = ""
+    log_from: int = 0  # NATS: the stream message the log's index was loaded at (0: none)
     replayed: list[str] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     seconds: float = 0.0
@@ -100,28 +106,6 @@ class Taken:
     rounds: int
     cut_ms: float  # the one step that encoded the rest (the longest pause it caused)
     skipped: dict[str, str]
-
-
-def snapshot_directory(config: Config) -> Path:
-    return Path(config.snapshots.directory or Path(config.server.data_dir) / "snapshots")
-
-
-def check_log_against_snapshots(directory: Path, log_head: int) -> None:
-    """Raise IntegrityError when the newest readable snapshot covers events past the log's
-    head: the log was lost, truncated or replaced, and starting would serve an empty or older
-    state as if it were healthy (the snapshot could not even be used). Blocking."""
-    for _seq, path in snapshot_paths(directory):
-        try:
-            header = read_header(path)
-        except (SnapshotError, OSError):
-            continue  # not a snapshot: says nothing about the log
-        if header.seq > log_head:
-            raise IntegrityError(
-                log_head + 1,
-                f"the log ends at seq {log_head} but snapshot {path} covers up to seq "
-                f"{header.seq}: the log was lost or replaced; restore it from backup",
-            )
-        return
 
 
 # --- saving ---
@@ -181,9 +165,11 @@ async def write_snapshot(
     hash_at: Callable[[int], Awaitable[bytes | None]],
     windows: Callable[[], dict[str, list[int]]],
     keep: int,
+    index: IndexHook | None = None,
 ) -> Taken | None:
     """Save `projections` as a snapshot file in `directory` without stalling the loop (see the
-    module); None if the log has no hash at the seq of the cut."""
+    module); None if the log has no hash at the seq of the cut. `index`, called in the cut: the
+    log's own index to save with it (NATS)."""
     parts_sliced = sliced(projections)
     writer = Writer(directory)
 
@@ -219,7 +205,8 @@ async def write_snapshot(
                 for name, part in parts_sliced.items()
             ]
             parts, skipped = encode_parts(projections)
-            final = Final(parts, windows())
+            saved_index, index_slices = index() if index is not None else (None, iter(()))
+            final = Final(parts, windows(), saved_index)
             seq = projections.seq
             cut_ms = (time.perf_counter() - t0) * 1000
         finally:
@@ -229,6 +216,9 @@ async def write_snapshot(
         if log_hash is None:
             await asyncio.to_thread(writer.abort)
             return None
+
+        for name, data in index_slices:  # after the cut: the index's arrays only grow
+            await write(INDEX, name, data)
 
         def finish() -> tuple[Path, int]:
             for name, data in last:
@@ -279,6 +269,11 @@ class Snapshotter:
         self.interval, self.min_interval = cfg.interval, cfg.min_interval
         self.keep = cfg.keep
         self.directory = snapshot_directory(config)
+        self.remote = (  # NATS: snapshots kept in JetStream (`broker.snapshot_store`)
+            RemoteSnapshots(config, self.directory / "nats")
+            if self.enabled and config.store.backend == "nats"
+            else None
+        )
         self.boot = Boot()
         # A serving process (`broker serve`) keeps what start-up built for its whole life: it is
         # frozen out of the collector's generations as soon as it is built. Not in tests, which
@@ -319,6 +314,7 @@ class Snapshotter:
                 "snapshot_loaded",
                 seq=self.boot.seq,
                 path=self.boot.path,
+                log_from=self.boot.log_from or None,
                 replayed=self.boot.replayed,
                 tail=projections.seq - self.boot.seq,
                 seconds=round(self.boot.seconds, 3),
@@ -346,10 +342,17 @@ class Snapshotter:
             if head is not None:
                 await asyncio.to_thread(check_log_against_snapshots, self.directory, head)
         wanted = slice_decoders(projections)
-        chosen = await self._choose(store, wanted) if self.enabled and early else None
+        chosen: tuple[Path | str, Header, Body] | None = None
+        if self.enabled and early:
+            chosen = await self._choose(store, wanted)
         if chosen is not None and getattr(store, "verify_on_open", False):
             store.trusted_prefix = (chosen[1].seq, chosen[1].log_hash)  # type: ignore[attr-defined]
+        remote = None
+        if self.remote is not None:  # its log index is handed to the store
+            remote = await self.remote.choose(store, wanted, self.boot.ignored)
         await store.open()
+        if remote is not None and RemoteSnapshots.taken(store, remote, self.boot.ignored):
+            chosen, self.boot.log_from = remote, store.started_at  # type: ignore[attr-defined]
         try:
             if self.enabled and not early and hasattr(store, "hash_at"):
                 head = await store.head()
@@ -523,15 +526,25 @@ class Snapshotter:
             if projections.seq in (0, self.last_seq):
                 return None
             t0 = time.perf_counter()
+            remote, store = self.remote, runtime.store
+            hash_at, index = getattr(store, "hash_at", None), None
+            if remote is not None:
+                index, hash_at = cut_hooks(store)
             taken = await write_snapshot(
                 projections,
-                self.directory,
-                runtime.store.hash_at,  # type: ignore[attr-defined]
+                self.directory if remote is None else remote.staging,
+                hash_at,  # type: ignore[arg-type]
                 lambda: {n: sorted(w) for n, w in self.windows.items()},
-                self.keep,
+                self.keep if remote is None else 1,
+                index,
             )
             if taken is None:
                 return None
+            if remote is not None:  # uploaded, then the local copy goes
+                try:
+                    await remote.upload(taken.path, taken.seq)
+                finally:
+                    await asyncio.to_thread(taken.path.unlink, missing_ok=True)
             self.last_seq, self.last_at, self.last = (
                 max(self.last_seq, taken.seq),
                 self.now(),
@@ -562,7 +575,7 @@ class Snapshotter:
 async def _snapshots_ctx(app: web.Application) -> AsyncIterator[None]:
     snapshotter = app[SNAPSHOTS]
     runtime = app[RUNTIME]
-    supported = hasattr(runtime.store, "hash_at")
+    supported = hasattr(runtime.store, "hash_at") or snapshotter.remote is not None
     if snapshotter.enabled and supported:
         snapshotter.runtime, snapshotter.last_at = runtime, snapshotter.now()
         runtime.store.add_listener(snapshotter.on_append)

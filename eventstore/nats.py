@@ -47,7 +47,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +71,7 @@ from eventstore.base import (
 )
 from eventstore.codec import decode_event, encode_events
 from eventstore.events import BaseEvent
-from eventstore.nats_index import FeedStats, LogIndex
+from eventstore.nats_index import FeedStats, LogIndex, anchor_of
 from eventstore.nats_tls import require_tls
 from eventstore.nats_wire import (
     EXPECTED_LAST_SEQ,
@@ -145,6 +145,12 @@ class NatsStore:
         self._failure: BaseException | None = None
         self._connect_error: Exception | None = None
         self._index = LogIndex()  # the log as derived from the stream, as of `_index.applied`
+        # Set before open() to start from a saved index (a snapshot's) instead of stream message
+        # 1: (the saved index, its arrays, the anchor of its last message, its head). open()
+        # checks it against the stream; when it cannot be used, `start_refused` says why.
+        self.start_from: tuple[bytes, Mapping[str, bytes], bytes, int] | None = None
+        self.start_refused = ""
+        self.started_at = 0  # the stream message the saved index was at, once used
         # our consumer
         self._gen = 0
         self._dseq = 0
@@ -190,6 +196,8 @@ class NatsStore:
                     f"{state.first_seq}: max_age, a purge or a delete): event seqs cannot be "
                     "derived; restore the stream from an export",
                 )
+            if self.start_from is not None:
+                await self._load_index(state.last_seq)
             self._follower = asyncio.create_task(self._follow(), name="nats-log-follower")
             self._kick.set()
             await self._wait_applied(state.last_seq, None)
@@ -198,6 +206,47 @@ class NatsStore:
             raise
         if not self.readonly:
             self._writer = asyncio.create_task(self._write_loop(), name="nats-log-writer")
+
+    async def _load_index(self, last_seq: int) -> None:
+        """Start from `start_from` if it is this stream's: its last message must still be the
+        one it was saved at (same subject and data: not another stream, nor a replaced one)."""
+        data, arrays, anchor, head = self.start_from  # type: ignore[misc]
+        self.start_from = None
+        try:
+            index = await asyncio.to_thread(LogIndex.load, data, arrays)
+            if index.head != head:
+                raise ValueError(f"its log index ends at seq {index.head}, the snapshot at {head}")
+            if index.applied > last_seq:
+                raise ValueError(
+                    f"it covers stream message {index.applied}, the stream ends at {last_seq}"
+                )
+            if index.applied and await self.anchor(index.applied) != anchor:
+                raise ValueError(
+                    f"stream message {index.applied} is not the one it was taken at "
+                    "(another stream, or the stream was replaced)"
+                )
+        except (ValueError, StoreError) as exc:
+            self.start_refused = str(exc)
+            log.warning("nats log: saved index not used, replaying the stream: %s", exc)
+            return
+        self._index, self.started_at = index, index.applied
+
+    def save_index(self) -> tuple[bytes, Iterator[tuple[str, bytes]], int, int]:
+        """The index as of now, for a snapshot (`LogIndex.save`: its scalars and maps, and its
+        arrays' slices to take after), with the stream message and the event seq it is at.
+        Synchronous: the cut of a snapshot."""
+        saved, slices = self._index.save()
+        return saved, slices, self._index.applied, self._index.head
+
+    async def anchor(self, sseq: int) -> bytes | None:
+        """What identifies stream message `sseq` (`nats_index.anchor_of`); None if it is gone."""
+        try:
+            msg = await self._js.get_msg(self.stream, seq=sseq, direct=self._direct)
+        except nats.js.errors.NotFoundError:
+            return None
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot read the NATS stream: {exc}") from None
+        return anchor_of(msg.subject or "", msg.data or b"")
 
     async def _connect(self) -> Any:
         async def disconnected() -> None:

@@ -8,12 +8,16 @@ same envelopes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import sys
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+import msgspec
 
 from eventstore.base import ConcurrencyError, Envelope
 from eventstore.codec import decode_event
@@ -22,6 +26,7 @@ from eventstore.nats_wire import BadChunk, chunk_id, decode_chunk
 log = logging.getLogger("eventstore.nats")
 
 CACHE_BYTES = 16 * 1024 * 1024  # recent chunk messages kept for reads
+SAVE_SLICE = 128 * 1024  # array items copied in one step when saving (1 MiB of int64)
 _SUB_BITS = 16  # index key = stream seq << 16 | batch position in its chunk
 _SUB_MASK = (1 << _SUB_BITS) - 1
 
@@ -43,6 +48,39 @@ class FeedStats:
         log.error("nats log: %s (at event seq %d)", reason, seq)
         if len(self.problems) < 20:
             self.problems.append((seq, reason))
+
+
+class SavedIndex(msgspec.Struct, kw_only=True):
+    """A LogIndex as of stream message `applied`, as a snapshot carries it (`LogIndex.save`):
+    everything but its arrays, which are saved apart, in slices (`LogIndex.slices`), up to
+    their `lengths` at that point."""
+
+    layout: str  # byte order and item sizes of the arrays
+    applied: int
+    head: int
+    last_ts: float
+    versions: dict[str, int]
+    subject_seq: dict[str, int]
+    refused_batches: int
+    bad_messages: int
+    missing_messages: int
+    problems: list[tuple[int, str]]
+    lengths: dict[str, int]  # array name -> items
+
+
+_saved_decoder = msgspec.msgpack.Decoder(SavedIndex)
+_saved_encoder = msgspec.msgpack.Encoder()
+
+
+def _layout() -> str:
+    sizes = "".join(f"{t}{array(t).itemsize}" for t in "qdI")  # type: ignore[call-overload]
+    return f"{sys.byteorder}:{sizes}"
+
+
+def anchor_of(subject: str, data: bytes) -> bytes:
+    """What identifies a stream message: SHA-256 of its subject and data (a chunk's events carry
+    random ids, so another stream's message at the same seq does not match)."""
+    return hashlib.sha256(subject.encode() + b"\0" + data).digest()
 
 
 class LogIndex:
@@ -121,6 +159,76 @@ class LogIndex:
         if len(results) > self.stats.refused_batches - refused_before:  # holds events
             self._remember(sseq, data)
         return cid, out, results
+
+    # --- saved with a snapshot ---
+
+    def _arrays(self) -> dict[str, array]:  # type: ignore[type-arg]
+        return {"key": self._key, "first": self._first, "ts": self._ts, "version": self._version}
+
+    def save(self) -> tuple[bytes, Iterator[tuple[str, bytes]]]:
+        """The index as of `applied` (the cache is not saved), and the slices of its arrays up
+        to there. Call it where nothing is applied meanwhile; the slices may be taken later, a
+        few at a time, while the index grows: the arrays only ever grow."""
+        stats = self.stats
+        arrays = self._arrays()
+        lengths = {name: len(arr) for name, arr in arrays.items()}
+        saved = SavedIndex(
+            layout=_layout(),
+            applied=self.applied,
+            head=self.head,
+            last_ts=self.last_ts,
+            versions=self.versions,
+            subject_seq=self.subject_seq,
+            refused_batches=stats.refused_batches,
+            bad_messages=stats.bad_messages,
+            missing_messages=stats.missing_messages,
+            problems=stats.problems,
+            lengths=lengths,
+        )
+
+        def slices() -> Iterator[tuple[str, bytes]]:
+            for name, arr in arrays.items():
+                for i in range(0, lengths[name], SAVE_SLICE):
+                    yield name, arr[i : min(i + SAVE_SLICE, lengths[name])].tobytes()
+
+        return _saved_encoder.encode(saved), slices()
+
+    @classmethod
+    def load(
+        cls, data: bytes, arrays: Mapping[str, bytes], cache_bytes: int = CACHE_BYTES
+    ) -> LogIndex:
+        """An index saved by `save` (`arrays`: its slices joined, by name); ValueError if it is
+        not one this build can use."""
+        try:
+            saved = _saved_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"the saved log index is unreadable: {exc}") from None
+        if saved.layout != _layout():
+            raise ValueError(f"the saved log index has layout {saved.layout}, not {_layout()}")
+        index = cls(cache_bytes)
+        index.applied, index.head, index.last_ts = saved.applied, saved.head, saved.last_ts
+        index.versions, index.subject_seq = saved.versions, saved.subject_seq
+        index.stats = FeedStats(
+            saved.refused_batches,
+            saved.bad_messages,
+            saved.missing_messages,
+            [(seq, reason) for seq, reason in saved.problems],
+        )
+        for name, arr in index._arrays().items():
+            raw = arrays.get(name, b"")
+            if len(raw) != saved.lengths.get(name, -1) * arr.itemsize:
+                raise ValueError(f"the saved log index is damaged (array {name})")
+            arr.frombytes(raw)
+        batches = len(index._key)
+        if len(index._first) != batches or len(index._ts) != batches:
+            raise ValueError("the saved log index is damaged (batch arrays differ)")
+        if len(index._version) != index.head or index.applied < 0:
+            raise ValueError("the saved log index is damaged (events and head differ)")
+        if batches and (
+            index._first[-1] > index.head or index._key[-1] >> _SUB_BITS > saved.applied
+        ):
+            raise ValueError("the saved log index is damaged (past its head)")
+        return index
 
     # --- the index: event seq -> (stream message, batch) ---
 

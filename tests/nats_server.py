@@ -60,16 +60,20 @@ def unique_stream(prefix: str = "T") -> str:
 
 
 async def delete_stream(url: str, name: str) -> None:
-    """Remove a test's stream (deny_delete forbids deleting messages, not the stream)."""
+    """Remove a test's stream (deny_delete forbids deleting messages, not the stream) and the
+    object store bucket of its snapshots (broker.snapshot_store)."""
     import nats
     import nats.js.errors
 
+    from broker.snapshot_store import bucket_name
+
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
     try:
-        try:
-            await nc.jetstream().delete_stream(name)
-        except nats.js.errors.NotFoundError:
-            pass
+        for stream in (name, f"OBJ_{bucket_name(name)}"):
+            try:
+                await nc.jetstream().delete_stream(stream)
+            except nats.js.errors.NotFoundError:
+                pass
     finally:
         await nc.close()
 

@@ -4,6 +4,9 @@ are counted; times never go back."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+
 import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
@@ -85,3 +88,71 @@ def test_foreign_and_missing_messages_are_counted_and_skipped() -> None:
     assert index.stats.bad_messages == 2 and index.stats.missing_messages == 1
     assert [seq for seq, _ in index.stats.problems] == [2, 2, 2]
     assert index.head == 2 and index.versions == {"a": 2} and index.subject_seq["p.a"] == 5
+
+
+def joined(slices: Iterator[tuple[str, bytes]]) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for name, data in slices:
+        out[name] = out.get(name, b"") + data
+    return out
+
+
+def _view(index: LogIndex) -> tuple:  # type: ignore[type-arg]
+    entries = [index.entry(i) for i in range(len(index))]
+    versions = [index.version_of(s) for s in range(1, index.head + 1)]
+    stats = index.stats
+    counts = (stats.refused_batches, stats.bad_messages, stats.missing_messages, stats.problems)
+    return (index.applied, index.head, index.last_ts, index.versions, index.subject_seq,
+            entries, versions, counts)  # fmt: skip
+
+
+@given(st.lists(message_spec, max_size=12), st.floats(0, 1), st.booleans())
+def test_a_saved_index_loads_and_continues_as_the_uninterrupted_fold(
+    messages: list,  # type: ignore[type-arg]
+    cut: float,
+    foreign: bool,
+) -> None:
+    bodies = encode(messages)
+    if foreign:  # a message that is not a chunk (skipped), inside the saved part or after
+        bodies.insert(len(bodies) // 2, b"hello")
+    k = int(len(bodies) * cut)
+    whole, first = LogIndex(), LogIndex()
+    for sseq, body in enumerate(bodies, 1):
+        ts_ns = (1000 + sseq) * 10**9
+        whole.apply(sseq, ts_ns, f"p.{sseq % 3}", body, lambda _cid: False)
+        if sseq <= k:
+            first.apply(sseq, ts_ns, f"p.{sseq % 3}", body, lambda _cid: False)
+    saved, slices = first.save()
+    at_save = copy.deepcopy(_view(first))
+    # the slices are taken while the index grows on (as a snapshot does): still the saved prefix
+    for sseq, body in enumerate(bodies[k:], k + 1):
+        first.apply(sseq, (1000 + sseq) * 10**9, f"p.{sseq % 3}", body, lambda _cid: False)
+    loaded = LogIndex.load(saved, joined(slices))
+    assert _view(loaded) == at_save
+    for sseq, body in enumerate(bodies[k:], k + 1):
+        loaded.apply(sseq, (1000 + sseq) * 10**9, f"p.{sseq % 3}", body, lambda _cid: False)
+    assert _view(loaded) == _view(whole) == _view(first)
+
+
+def test_a_damaged_or_foreign_saved_index_is_refused() -> None:
+    index = LogIndex()
+    for sseq, body in enumerate(encode([([(["a", "b"], {})], 0)] * 3), 1):
+        index.apply(sseq, 10**9, "p.a", body, lambda _cid: False)
+    saved, slices = index.save()
+    arrays = joined(slices)
+    short = {**arrays, "version": arrays["version"][:-4]}
+    missing = {k: v for k, v in arrays.items() if k != "ts"}
+    for bad, bad_arrays in (
+        (saved[:-5], arrays),
+        (b"junk", arrays),
+        (saved.replace(b"little", b"big---"), arrays),
+        (saved, short),
+        (saved, missing),
+    ):
+        try:
+            LogIndex.load(bad, bad_arrays)
+        except ValueError as exc:
+            assert "saved log index" in str(exc)
+        else:
+            raise AssertionError(f"loaded {bad[:20]!r}")
+    assert LogIndex.load(saved, arrays).head == 6
