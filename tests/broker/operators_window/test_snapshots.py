@@ -4,8 +4,10 @@ ignores a damaged, stale or foreign one; the SQLite chain is verified from the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ from projections.updates import UpdatesProjection
 from tests.broker.operators_window.test_time_travel import history
 from tests.conftest import make_config
 from tests.projections.test_replay import event_strategy
+
+Client = TestClient  # type: ignore[type-arg]
 
 
 def state(projections: Projections) -> dict[str, Any]:
@@ -315,6 +319,28 @@ class _Log:
     info = warning = exception = _record
 
 
+class Clocked:
+    """A started server whose snapshotter runs on a clock the test moves (`clock[0]`)."""
+
+    def __init__(self, client: Client) -> None:
+        self.snap, self.runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
+        self.clock = [1000.0]
+        self.snap.now = lambda: self.clock[0]
+        self.snap.last_at = self.clock[0]
+
+    async def append(self, n: int) -> None:
+        """`n` events, one commit each, each followed by the snapshot it started, if any."""
+        for i in range(n):
+            await self.runtime.record([LogNote(stream_id="s", text=str(i))])
+            await self.snap.wait()
+
+
+@contextlib.asynccontextmanager
+async def clocked(config: Config) -> AsyncIterator[Clocked]:
+    async with TestClient(TestServer(create_app(config))) as client:
+        yield Clocked(client)
+
+
 async def test_a_failing_snapshot_backs_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -334,16 +360,8 @@ async def test_a_failing_snapshot_backs_off(
     monkeypatch.setattr(snapshots, "write_snapshot", counting)
     logged = _Log()
     monkeypatch.setattr(snapshots, "log", logged)
-    clock = [1000.0]
-    async with TestClient(TestServer(create_app(config))) as client:
-        snap, runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
-        snap.now = lambda: clock[0]
-        snap.last_at = clock[0]
-
-        async def append(n: int) -> None:
-            for i in range(n):
-                await runtime.record([LogNote(stream_id="s", text=str(i))])
-                await snap.wait()  # a snapshot it started has finished
+    async with clocked(config) as server:
+        snap, clock, append = server.snap, server.clock, server.append
 
         def failures() -> list[dict[str, Any]]:
             return [f for e, f in logged.events if e == "snapshot_failed"]
@@ -376,17 +394,8 @@ async def test_snapshots_are_due_by_events_or_time_but_never_too_often(tmp_path:
     """`every` events or `interval` seconds with something new, never within `min_interval`."""
     config = config_in(tmp_path, every=50)
     config.snapshots.interval, config.snapshots.min_interval = 100.0, 10.0
-    clock = [1000.0]
-    async with TestClient(TestServer(create_app(config))) as client:
-        snap, runtime = client.app[SNAPSHOTS], client.app[RUNTIME]
-        snap.now = lambda: clock[0]
-        snap.last_at = clock[0]
-
-        async def append(n: int) -> None:
-            for i in range(n):
-                await runtime.record([LogNote(stream_id="s", text=str(i))])
-                await snap.wait()
-
+    async with clocked(config) as server:
+        snap, runtime, clock, append = server.snap, server.runtime, server.clock, server.append
         await append(60)  # past `every`, but within min_interval of the start
         assert snap.last_seq == 0
         clock[0] += 10.0
