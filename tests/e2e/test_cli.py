@@ -5,15 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import zlib
 from pathlib import Path
 
-import msgspec
 import pytest
 import requests
 
-from eventstore.sqlite import StoredEvent
 from tests.e2e.procs import free_port, one_line_error, run_broker, served
+from tests.helpers.logfiles import tamper
 
 
 @pytest.fixture
@@ -21,22 +19,6 @@ def data(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     return d
-
-
-def tamper(path: Path, seq: int) -> None:
-    """Change one stored event's stream name (keeping the chunk's checksum valid)."""
-    conn = sqlite3.connect(path)
-    for first, body in conn.execute("SELECT first_seq, body FROM chunks").fetchall():
-        records = msgspec.msgpack.decode(body, type=list[StoredEvent])
-        for rec in records:
-            if rec.seq == seq:
-                rec.stream = "tampered"
-        new = msgspec.msgpack.encode(records)
-        conn.execute(
-            "UPDATE chunks SET body = ?, crc = ? WHERE first_seq = ?", (new, zlib.crc32(new), first)
-        )
-    conn.commit()
-    conn.close()
 
 
 def create_user(data: Path, name: str, role: str = "admin") -> None:

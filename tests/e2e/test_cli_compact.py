@@ -13,8 +13,8 @@ from eventstore.base import Envelope
 from eventstore.codec import envelope_to_json
 from eventstore.events import BaseEvent, NodeHeartbeat, NodeRegistered
 from tests.e2e.procs import run_broker, served
-from tests.e2e.test_cli import tamper
 from tests.helpers.history import envelopes
+from tests.helpers.logfiles import tamper
 
 DAY = 86400.0
 KEY = "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----"

@@ -13,8 +13,9 @@ import eventstore.nats as natsmod
 from eventstore import open_store
 from eventstore.base import StoreConfig, StoreError, StoreUnavailable
 from eventstore.events import LogNote
+from tests.helpers.nats_tls import tls_args
 from tests.nats_server import NatsServer
-from tests.tlscerts import Issued, TestCA
+from tests.tlscerts import TestCA
 
 
 @pytest.fixture(autouse=True)
@@ -25,13 +26,6 @@ def quick_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def ca(tmp_path: Path) -> TestCA:
     return TestCA(tmp_path / "pki")
-
-
-def tls_args(server: Issued, client_ca: Path | None = None) -> tuple[str, ...]:
-    args = ("--tls", "--tlscert", str(server.cert), "--tlskey", str(server.key))
-    if client_ca is not None:
-        args += ("--tlsverify", "--tlscacert", str(client_ca))
-    return args
 
 
 @pytest.fixture

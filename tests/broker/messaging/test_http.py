@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp.test_utils import TestClient
 
 from tests.broker.identity.helpers import assert_error, bearer, node_session, operator_token
+from tests.helpers.messaging import pending, send
 
 Client = TestClient  # type: ignore[type-arg]
-
-
-async def send(client: Client, token: str, **body: Any) -> Any:
-    body.setdefault("message_type", "data_sync")
-    body.setdefault("content", {"k": 1})
-    return await client.post("/api/v1/messages/send", json=body, headers=bearer(token))
-
-
-async def pending(client: Client, token: str, node: str, **params: Any) -> Any:
-    resp = await client.get(
-        f"/api/v1/messages/pending/{node}", headers=bearer(token), params=params
-    )
-    assert resp.status == 200, await resp.text()
-    return await resp.json()
 
 
 async def test_send_pending_read_in_priority_order(client: Client) -> None:

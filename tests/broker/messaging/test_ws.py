@@ -10,21 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.broker.identity.helpers import bearer, node_session, operator_token
-from tests.broker.messaging.test_http import pending, send
-
-Client = TestClient  # type: ignore[type-arg]
-WS = aiohttp.ClientWebSocketResponse
-
-
-async def connect(client: Client, token: str) -> WS:
-    ws = await client.ws_connect("/api/v1/ws", headers=bearer(token))
-    welcome = await ws.receive_json(timeout=10)
-    assert welcome["type"] == "welcome"
-    return ws
-
-
-async def receive(ws: WS) -> Any:
-    return await ws.receive_json(timeout=10)
+from tests.helpers.messaging import WS, Client, connect, pending, receive, send
 
 
 async def until(ws: WS, kind: str) -> Any:

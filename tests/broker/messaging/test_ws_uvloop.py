@@ -11,8 +11,7 @@ import pytest
 
 from broker.keys import DISPATCHER
 from tests.broker.identity.helpers import bearer, node_session, operator_token
-from tests.broker.messaging.test_http import send
-from tests.broker.messaging.test_ws import Client, connect, receive
+from tests.helpers.messaging import Client, connect, receive, send
 
 uvloop = pytest.importorskip("uvloop")
 

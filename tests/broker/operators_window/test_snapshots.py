@@ -40,15 +40,11 @@ from projections.base import Projection, Projections
 from projections.snapshots import Unsupported, check_fields
 from projections.tenants import TenantsProjection
 from projections.updates import UpdatesProjection
-from tests.broker.operators_window.test_time_travel import history
 from tests.conftest import make_config
-from tests.projections.test_replay import event_strategy
+from tests.helpers.events import event_strategy, history
+from tests.helpers.snapshots import run_app, state
 
 Client = TestClient  # type: ignore[type-arg]
-
-
-def state(projections: Projections) -> dict[str, Any]:
-    return {name: part.state() for name, part in projections.parts.items()}
 
 
 def config_in(tmp_path: Path, every: int = 100_000) -> Config:
@@ -151,37 +147,6 @@ def _env(seq: int, event: BaseEvent) -> Any:
 
 
 # --- start-up ---
-
-
-async def run_app(config: Config, events: list[BaseEvent] | None = None) -> dict[str, Any]:
-    """Start the app, append `events`, stop it; what start-up did and the final state."""
-    app = create_app(config)
-    async with TestClient(TestServer(app)) as client:
-        runtime = client.app[RUNTIME]
-        boot = client.app[SNAPSHOTS].boot
-        at_start = state(runtime.projections)
-        for i in range(0, len(events or []), 50):
-            await runtime.record((events or [])[i : i + 50])
-        await client.app[SNAPSHOTS].wait()
-        head = await runtime.store.head()
-        final = state(runtime.projections)
-        windows = {n: set(w) for n, w in client.app[SNAPSHOTS].windows.items()}
-        types = {
-            n: {cls.type_name() for cls in part.handlers()}
-            for n, part in runtime.projections.parts.items()
-        }
-        exact = {
-            n: {env.seq // WINDOW async for env in runtime.store.read(1, types=t)}
-            for n, t in types.items()
-        }
-    return {
-        "boot": boot,
-        "head": head,
-        "at_start": at_start,
-        "final": final,
-        "windows": windows,
-        "exact": exact,
-    }
 
 
 async def full_replay(config: Config) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from broker.snapshots import Snapshotter
 from eventstore.base import ConcurrencyError
 from eventstore.events import LogNote
 from eventstore.nats import NatsStore
-from tests.broker.operators_window.test_snapshots import run_app, state
-from tests.broker.operators_window.test_time_travel import history
 from tests.conftest import make_config
+from tests.helpers.events import history
+from tests.helpers.snapshots import run_app, state
 from tests.nats_server import delete_stream, require_nats, unique_stream
 
 
@@ -167,7 +167,7 @@ async def test_concurrency_holds_after_joining_from_a_snapshot(
 
 async def test_snapshots_go_over_the_logs_tls(tmp_path: Path) -> None:
     """The snapshot bucket is reached with the log's TLS settings (a tls:// URL and its CA)."""
-    from tests.eventstore.test_nats_tls import tls_args
+    from tests.helpers.nats_tls import tls_args
     from tests.nats_server import NatsServer
     from tests.tlscerts import TestCA
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import msgspec
@@ -11,100 +10,9 @@ import msgspec
 from broker.eventlog import jsonable
 from broker.keys import CONFIG, REBUILDER, RUNTIME
 from broker.runtime import build_projections
-from eventstore.events import (
-    ApiKeyCreated,
-    ApiKeyUsed,
-    BaseEvent,
-    LicenseIssued,
-    LicenseUsed,
-    MessageRead,
-    MessageSent,
-    NodeDeregistered,
-    NodeHeartbeat,
-    NodeRegistered,
-    NodeStatusUpdated,
-    TelemetryRecorded,
-    TenantCreated,
-    TenantUpdated,
-    UpdatePublished,
-    UpdateWithdrawn,
-    UserCreated,
-    UserRoleGranted,
-)
 from tests.broker.identity.helpers import assert_error
 from tests.broker.operators_window.conftest import Client, append, bearer
-
-
-def history(n: int, seed: int = 7) -> list[BaseEvent]:
-    """A deterministic mix of the areas' events (nodes, tenants, licenses, updates, users,
-    telemetry, messages)."""
-    rnd = random.Random(seed)
-    nodes = [f"node-{i}" for i in range(8)]
-    out: list[BaseEvent] = []
-    makers = [
-        lambda: NodeRegistered(
-            node_id=rnd.choice(nodes),
-            name="n",
-            node_type=rnd.choice("ab"),
-            public_key="k",
-            capabilities=[rnd.choice(["x", "y"])],
-            metadata={"region": rnd.choice(["eu", "us"])},
-        ),
-        lambda: NodeStatusUpdated(node_id=rnd.choice(nodes), status=rnd.choice(["up", "down"])),
-        lambda: NodeHeartbeat(node_id=rnd.choice(nodes), metrics={"cpu": rnd.random()}),
-        lambda: NodeDeregistered(node_id=rnd.choice(nodes)),
-        lambda: TenantCreated(tenant_id=f"t{rnd.randrange(4)}", name="T"),
-        lambda: TenantUpdated(tenant_id=f"t{rnd.randrange(4)}", active=rnd.random() < 0.5),
-        lambda: LicenseIssued(
-            license_id=f"l{rnd.randrange(4)}",
-            tenant_id=f"t{rnd.randrange(4)}",
-            key_hash=f"h{rnd.randrange(99)}",
-            key_last4="abcd",
-            expires_at=2e9,
-        ),
-        lambda: LicenseUsed(license_id=f"l{rnd.randrange(4)}", tenant_id="t0", usage_count=1),
-        lambda: UpdatePublished(
-            update_id=f"u{rnd.randrange(5)}",
-            version=f"1.{rnd.randrange(5)}.0",
-            changelog="",
-            sha256="0" * 64,
-            file_size=1,
-        ),
-        lambda: UpdateWithdrawn(update_id=f"u{rnd.randrange(5)}"),
-        lambda: UserCreated(
-            user_id=f"usr_{rnd.randrange(5)}",
-            username=f"u{rnd.randrange(5)}",
-            password_hash="scrypt$secret",
-        ),
-        lambda: UserRoleGranted(user_id=f"usr_{rnd.randrange(5)}", role="viewer"),
-        lambda: TelemetryRecorded(
-            tenant_id=f"t{rnd.randrange(4)}",
-            uptime=1.0,
-            active_users=rnd.randrange(9),
-            exercises_completed_today=0,
-            ai_latency=rnd.random(),
-        ),
-        lambda: MessageSent(
-            message_id=f"m{len(out)}",
-            from_node=rnd.choice(nodes),
-            to_nodes=nodes[:3],
-            message_type="t",
-            content={"k": 1},
-        ),
-        lambda: MessageRead(message_id=f"m{rnd.randrange(max(1, len(out)))}", node_id=nodes[0]),
-    ]
-    for i in range(n):
-        out.append(rnd.choice(makers)())
-        if i % 97 == 13:  # API keys too, without drawing from `rnd` (the rest stays as it was)
-            key = f"apk_{i % 4}"
-            out.append(
-                ApiKeyCreated(
-                    key_id=key, name="k", owner_id="usr_1", scopes=["nodes:read"], key_hash="h"
-                )
-                if i % 2
-                else ApiKeyUsed(key_id=key)
-            )
-    return out[:n]
+from tests.helpers.events import history
 
 
 async def state_at(client: Client, token: str, name: str, at_seq: int | None) -> dict[str, Any]:
