@@ -680,12 +680,8 @@ class DeliveryQueue:
     def depth_by_priority(self) -> dict[str, int]:
         """Pending (node, message) pairs by priority name, for monitoring (O(pairs))."""
         counts = [0] * _LEVELS
-        for b in self._boxes.values():
-            for entry in b.state.values():
-                m = entry.message if isinstance(entry, Delivery) else entry
-                counts[int(m.priority)] += 1
-            for d in b.held.values():
-                counts[int(d.message.priority)] += 1
+        for _node, m in self.queued():
+            counts[int(m.priority)] += 1
         return {_LABELS[Priority(level)]: n for level, n in enumerate(counts)}
 
     # -- housekeeping -------------------------------------------------------------------------
