@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from bench.common import machine, run
 from broker.config import AuthConfig
-from broker.nodes import NodeService
 from broker.runtime import Runtime
-from broker.tokens import TokenPair, TokenService
+from broker.services.nodes import NodeService
+from broker.services.tokens import TokenPair, TokenService
 from eventstore.sqlite import SqliteStore
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)

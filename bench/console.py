@@ -22,7 +22,7 @@ import msgspec
 
 from bench.common import machine, timings
 from bench.discovery import build, rss_bytes, service_for
-from broker.nodes import NodeService, NodesQuery
+from broker.services.nodes import NodeService, NodesQuery
 
 _json = msgspec.json.Encoder()
 PRESENCES = ("online", "stale", "offline")

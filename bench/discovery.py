@@ -29,9 +29,9 @@ import msgspec
 
 from bench.common import machine, timings
 from broker.config import AuthConfig
-from broker.nodes import NodeService, NodesQuery
 from broker.runtime import Runtime
-from broker.tokens import TokenService
+from broker.services.nodes import NodeService, NodesQuery
+from broker.services.tokens import TokenService
 from eventstore.base import Envelope
 from eventstore.events import NodeHeartbeat, NodeRegistered, NodeStatusUpdated
 from projections.base import Projections

@@ -168,7 +168,7 @@ def _children_cpu() -> float:
 def verify(data: Path, full: bool) -> tuple[float, float]:
     """`broker verify`'s work, in this process (a child's start-up would dwarf a short run):
     from the last verified checkpoint unless `full`, then a new checkpoint. Wall and CPU s."""
-    from broker.cli_log import read_checkpoint, write_checkpoint
+    from broker.cli.log import read_checkpoint, write_checkpoint
     from eventstore.sqlite_verify import verify_file
 
     path = str(data / "events.db")
@@ -194,8 +194,8 @@ def file_bytes(data: Path) -> int:
 async def compact_with_appends(data: Path, rate: float, seconds: float) -> dict[str, float]:
     """In one process, as `broker compact` opens the log: append heartbeats at `rate`/s for
     `seconds` alone, then again while a compaction runs; the figures of both."""
-    from broker.compaction import offline
     from broker.config import load_config
+    from broker.upkeep.compaction import offline
     from eventstore.events import NodeHeartbeat
 
     env = broker_env(data, 0)

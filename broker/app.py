@@ -6,36 +6,28 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from broker import (
-    compaction,
-    connections,
-    console,
-    openapi,
-    ratelimit,
-    redoc,
-    routes_apikeys,
-    routes_events,
-    routes_licensing,
-    routes_log,
-    routes_messages,
-    routes_nodes,
-    routes_operators,
-    routes_passwords,
-    routes_register,
-    routes_telemetry,
-    routes_updates,
-    snapshots,
-    system,
-    tokens,
-    ws_nodes,
-    ws_operators,
-)
-from broker.auth import auth_middleware
 from broker.config import Config
+from broker.http import apikeys as routes_apikeys
+from broker.http import console, openapi, ratelimit, redoc, system
+from broker.http import events as routes_events
+from broker.http import licensing as routes_licensing
+from broker.http import log as routes_log
+from broker.http import messages as routes_messages
+from broker.http import nodes as routes_nodes
+from broker.http import operators as routes_operators
+from broker.http import passwords as routes_passwords
+from broker.http import register as routes_register
+from broker.http import telemetry as routes_telemetry
+from broker.http import updates as routes_updates
+from broker.http.auth import auth_middleware
+from broker.http.middleware import request_context
 from broker.keys import CONFIG, METRICS, RUNTIME, SNAPSHOTS
 from broker.metrics import Metrics
-from broker.middleware import request_context
 from broker.runtime import Runtime
+from broker.services import connections, tokens
+from broker.upkeep import compaction, snapshots
+from broker.ws import nodes as ws_nodes
+from broker.ws import operators as ws_operators
 
 
 def create_app(config: Config) -> web.Application:

@@ -140,8 +140,9 @@ class SnapshotsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     directory: str = ""  # default <data_dir>/snapshots
 
 
-# Event types a compaction may remove, and how (broker/compaction.py, docs/operations.md). Any
-# other type is an audit event, kept for ever. "message.*" counts from a message's close.
+# Event types a compaction may remove, and how (broker/upkeep/compaction.py,
+# docs/operations.md). Any other type is an audit event, kept for ever. "message.*" counts from a
+# message's close.
 KEEP_NEWEST = ("node.heartbeat", "node.telemetry", "telemetry.recorded", "token.rotated")
 RETAINABLE = (*KEEP_NEWEST, "node.connected", "auth.challenge_used", "message.*")
 DEFAULT_DAYS: dict[str, float] = {

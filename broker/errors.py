@@ -1,6 +1,6 @@
 """One error catalog (STYLE.md 11): every error the API reports is a BrokerError with a code.
 
-`docs/errors.md` lists the codes; `broker.middleware` turns them into the error body of
+`docs/errors.md` lists the codes; `broker.http.middleware` turns them into the error body of
 DESIGN.md §6.
 """
 

@@ -14,50 +14,51 @@ from broker.principal import Principal
 from broker.runtime import Runtime
 
 if TYPE_CHECKING:  # these modules import this one
-    from broker.apikeys import KeyAuthenticator
-    from broker.compaction import Compactor
-    from broker.connections import Takeover
-    from broker.delivery import Dispatcher
-    from broker.eventlog import Feeds, Rebuilder
-    from broker.licensing import LicenseUses
-    from broker.messaging import Messaging
-    from broker.nodes import NodeService
-    from broker.openapi import OpenApiCache
-    from broker.ratelimit import Decision, RateLimiter
-    from broker.snapshots import Snapshotter
-    from broker.telemetry import TenantRateLimiter
-    from broker.tokens import TokenService
-    from broker.updates import UpdateFiles
-    from broker.ws_heartbeats import HeartbeatBatch
+    from broker.http.openapi import OpenApiCache
+    from broker.http.ratelimit import Decision, RateLimiter
+    from broker.services.apikeys import KeyAuthenticator
+    from broker.services.connections import Takeover
+    from broker.services.delivery import Dispatcher
+    from broker.services.eventlog import Feeds, Rebuilder
+    from broker.services.licensing import LicenseUses
+    from broker.services.messaging import Messaging
+    from broker.services.nodes import NodeService
+    from broker.services.telemetry import TenantRateLimiter
+    from broker.services.tokens import TokenService
+    from broker.services.updates import UpdateFiles
+    from broker.upkeep.compaction import Compactor
+    from broker.upkeep.snapshots import Snapshotter
+    from broker.ws.heartbeats import HeartbeatBatch
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 RUNTIME = web.AppKey("runtime", Runtime)
 
-# Turns a bearer token into a Principal or raises AuthenticationFailed (see broker.auth).
+# Turns a bearer token into a Principal or raises AuthenticationFailed (see broker.http.auth).
 Authenticator = Callable[[str], Awaitable[Principal]]
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 
-# Identity (broker.tokens, broker.nodes) and rate limits (broker.ratelimit).
+# Identity (broker.services.tokens, broker.services.nodes) and rate limits (broker.http.ratelimit).
 TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
 NODES: web.AppKey[NodeService] = web.AppKey("nodes")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
-API_KEYS: web.AppKey[KeyAuthenticator] = web.AppKey("api_keys")  # broker.apikeys
+API_KEYS: web.AppKey[KeyAuthenticator] = web.AppKey("api_keys")  # broker.services.apikeys
 SCRAPE_TOKEN = web.AppKey("scrape_token", str)  # SHA-256 of [auth] metrics_token_file's token
 
-# Tenants, licenses, updates, telemetry (broker.licensing, broker.updates, broker.telemetry).
+# Tenants, licenses, updates, telemetry (broker.services: licensing, updates, telemetry).
 LICENSE_USES: web.AppKey[LicenseUses] = web.AppKey("license_uses")
 UPDATE_FILES: web.AppKey[UpdateFiles] = web.AppKey("update_files")
 TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter")
 
-# Messaging (broker.messaging) and delivery to connected nodes (broker.delivery).
+# Messaging (broker.services.messaging) and delivery to connected nodes (broker.services.delivery).
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 HEARTBEATS: web.AppKey[HeartbeatBatch] = web.AppKey("heartbeats")
-WS_CAP = web.AppKey("ws_cap", int)  # node WebSockets open at once (broker.ws_nodes)
+WS_CAP = web.AppKey("ws_cap", int)  # node WebSockets open at once (broker.ws.nodes)
 TAKEOVER: web.AppKey[Takeover] = web.AppKey("takeover")  # one connection per node, all instances
 
-# The operators' window on the log (broker.eventlog, broker.openapi, broker.snapshots).
+# The operators' window on the log (broker.services.eventlog, broker.http.openapi,
+# broker.upkeep.snapshots).
 REBUILDER: web.AppKey[Rebuilder] = web.AppKey("rebuilder")
 FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")

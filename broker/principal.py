@@ -15,7 +15,7 @@ class Principal:
     token_id: str = ""  # the token's jti
     expires_at: float = 0.0
     session: str = ""  # the login the token belongs to (its refresh-token family)
-    api_key: str = ""  # the API key's id when the caller presented one (broker.apikeys)
+    api_key: str = ""  # the API key's id when the caller presented one (broker.services.apikeys)
 
     @property
     def is_node(self) -> bool:

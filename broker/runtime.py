@@ -126,7 +126,7 @@ class Runtime:
 
     def _on_append(self, envs: Sequence[Envelope]) -> None:
         self.projections.apply_many(envs)
-        # The seq gauges are set when /metrics is read (broker.system): not per append.
+        # The seq gauges are set when /metrics is read (broker.http.system): not per append.
         self.metrics.events_appended.inc(len(envs))
         waiters, seq = self._seq_waiters, self.projections.seq
         while waiters and waiters[0][0] <= seq:

@@ -204,7 +204,7 @@ class TokenFamilyRevoked(BaseEvent, frozen=True, tag="token.family_revoked"):
 
 
 class ApiKeyCreated(BaseEvent, frozen=True, tag="apikey.created"):
-    """An operator's API key for automation (broker.apikeys): only the hash of the key is kept."""
+    """An operator's API key for automation (broker.services.apikeys): only its hash is kept."""
 
     stream_field: ClassVar[str] = "key_id"
     key_id: str  # "apk_<hex>": the public part of the key
@@ -336,7 +336,9 @@ class MessageSent(BaseEvent, frozen=True, tag="message.sent"):
     stream_field: ClassVar[str] = "message_id"
     message_id: str
     from_node: str  # the sending node's id, or "broker" when an operator sends
-    to_nodes: tuple[str, ...]  # an array when stored; a tuple in memory (see broker.messaging)
+    to_nodes: tuple[
+        str, ...
+    ]  # an array when stored; a tuple in memory (see broker.services.messaging)
     message_type: str
     content: Any = None
     priority: str = "normal"  # critical | high | normal | low

@@ -285,7 +285,9 @@ class GroupCommit:
             await self._run(self._commit_rows, rows, inserts, upserts, envelopes[-1].seq, prev)
         except sqlite3.IntegrityError:
             raise _StreamExists from None
-        if self.commit_observer is not None:  # the commit latency metric (broker.monitoring)
+        if (
+            self.commit_observer is not None
+        ):  # the commit latency metric (broker.services.monitoring)
             self.commit_observer(time.perf_counter() - t0, len(envelopes))
         last = envelopes[-1]
         self._head, self._last_hash, self._last_ts = last.seq, prev, max(self._last_ts, last.ts)

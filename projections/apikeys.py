@@ -2,7 +2,7 @@
 
 A key stays known after revocation (so it keeps failing with "revoked", and the list shows it).
 Deactivating the owner does not revoke the key: it stops working because its owner is not active
-(broker.apikeys checks that on every use), and works again if the owner is reactivated.
+(broker.services.apikeys checks that on every use), and works again if the owner is reactivated.
 """
 
 from __future__ import annotations

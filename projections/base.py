@@ -47,7 +47,7 @@ class Projection:
         plain comparable data (callables, caches, indices derivable from the rest)."""
         return {k: v for k, v in vars(self).items() if not callable(v) and k != "dirty"}
 
-    # --- snapshots (broker.snapshots; the defaults are in projections.snapshots) ---
+    # --- snapshots (broker.upkeep.snapshots; the defaults are in projections.snapshots) ---
 
     # False: never saved in snapshots; start-up rebuilds it from the log instead.
     snapshottable: ClassVar[bool] = True

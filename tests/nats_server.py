@@ -61,11 +61,11 @@ def unique_stream(prefix: str = "T") -> str:
 
 async def delete_stream(url: str, name: str) -> None:
     """Remove a test's stream (deny_delete forbids deleting messages, not the stream) and the
-    object store bucket of its snapshots (broker.snapshot_store)."""
+    object store bucket of its snapshots (broker.upkeep.snapshot_store)."""
     import nats
     import nats.js.errors
 
-    from broker.snapshot_store import bucket_name
+    from broker.upkeep.snapshot_store import bucket_name
 
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
     try:

@@ -9,8 +9,8 @@ import sys
 import threading
 import time
 
-from broker.compaction import offline
 from broker.config import Config, LogConfig, RetentionConfig, ServerConfig
+from broker.upkeep.compaction import offline
 from eventstore.base import StoreConfig
 from eventstore.events import NodeHeartbeat
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from broker import middleware
 from broker.app import create_app
 from broker.config import LimitsConfig
+from broker.http import middleware
 from tests.broker.identity.helpers import bearer, operator_token
 from tests.conftest import make_config
 

@@ -74,7 +74,7 @@ async def test_min_seq_waits_for_the_log_position(
 ) -> None:
     import asyncio
 
-    from broker import middleware
+    from broker.http import middleware
     from broker.keys import RUNTIME
     from eventstore.events import LogNote
 

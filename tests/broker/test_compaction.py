@@ -1,5 +1,5 @@
-"""Compaction (broker/compaction.py, eventstore/sqlite_compact.py): what goes, what stays, and
-that a start-up after it rebuilds the state from before it; `verify` after it."""
+"""Compaction (broker/upkeep/compaction.py, eventstore/sqlite_compact.py): what goes, what stays,
+and that a start-up after it rebuilds the state from before it; `verify` after it."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import broker.compaction as compaction_module
 import broker.runtime as runtime_module
-import broker.snapshots as snapshots_module
-from broker.compaction import offline
+import broker.upkeep.compaction as compaction_module
+import broker.upkeep.snapshots as snapshots_module
 from broker.config import Config, LogConfig, ServerConfig
-from broker.snapshots import Snapshotter
+from broker.upkeep.compaction import offline
+from broker.upkeep.snapshots import Snapshotter
 from eventstore import open_store
 from eventstore.base import IntegrityError, StoreConfig
 from eventstore.events import (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.eventlog import REDACTED, is_export_secret
+from broker.services.eventlog import REDACTED, is_export_secret
 from eventstore import open_store
 from eventstore.base import StoreConfig
 from eventstore.events import (

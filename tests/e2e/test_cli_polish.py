@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from broker import __version__
-from broker.cli import build_parser
+from broker.cli.main import build_parser
 from eventstore.events import EVENT_TYPES
 from tests.e2e.procs import free_port, run_broker, served
 

@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from broker.app import create_app
 from broker.config import Config
 from broker.keys import RUNTIME, SNAPSHOTS
-from broker.snapshots import WINDOW
+from broker.upkeep.snapshots import WINDOW
 from eventstore.events import BaseEvent
 from projections.base import Projections
 

@@ -387,7 +387,7 @@ def fold(events: list[tuple[float, BaseEvent]]) -> NodesProjection:
 
 def through_snapshot(p: NodesProjection) -> NodesProjection:
     """A projection loaded from what a snapshot saves of `p`: its records (in slices, by
-    `broker.snapshots`) and the rest, each through the codec."""
+    `broker.upkeep.snapshots`) and the rest, each through the codec."""
     records = encoder.encode(list(p.records().items()))
     restored = NodesProjection()
     restored.restore_sliced(

@@ -143,7 +143,7 @@ async def test_a_command_without_init_says_so(tmp_path: Path) -> None:
 
 def test_broker_node_without_the_sdk(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     monkeypatch.setitem(sys.modules, "fleet_broker_client.cli", None)  # import fails
-    from broker.cli import main
+    from broker.cli.main import main
 
     assert main(["node", "status"]) == 1
     err = capsys.readouterr().err

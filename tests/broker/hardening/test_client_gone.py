@@ -8,9 +8,9 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from broker.http.middleware import request_context
 from broker.keys import METRICS
 from broker.metrics import Metrics
-from broker.middleware import request_context
 
 
 async def test_a_connection_reset_in_a_handler_is_not_an_unhandled_error() -> None:

@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
+from broker.http.middleware import request_context
 from broker.jsonlimits import INT_MAX, INT_MIN, find_out_of_range
 from broker.keys import METRICS
 from broker.metrics import Metrics
-from broker.middleware import request_context
 from eventstore.base import EventNotEncodable
 from tests.broker.identity.helpers import bearer, node_body, node_session, rsa_key
 from tests.broker.tenancy.conftest import Admin, auth

@@ -9,8 +9,8 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from broker import operators
 from broker.keys import RUNTIME
+from broker.services import operators
 
 PASSWORD = "correct horse battery"
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from broker import operators as operators_module
+from broker.services import operators as operators_module
 from tests.broker.identity.helpers import (
     PASSWORD,
     assert_error,

@@ -11,9 +11,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import operators
 from broker.keys import RUNTIME
-from broker.passwords import hash_password, needs_rehash, verify_password
+from broker.services import operators
+from broker.services.passwords import hash_password, needs_rehash, verify_password
 from eventstore.events import UserCreated, UserPasswordChanged
 from tests.broker.identity.helpers import PASSWORD, bearer, make_operator
 

@@ -4,9 +4,9 @@ routes are the intended ones)."""
 from __future__ import annotations
 
 from broker.app import create_app
-from broker.auth import Authenticated, Permission, Public
 from broker.config import Config
-from broker.routing import route_info
+from broker.http.auth import Authenticated, Permission, Public
+from broker.http.routing import route_info
 
 
 def test_every_route_declares_a_policy(config: Config) -> None:

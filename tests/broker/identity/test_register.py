@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from broker.app import create_app
 from broker.config import Config
 from broker.keys import RUNTIME
-from broker.passwords import hash_password_async
+from broker.services.passwords import hash_password_async
 from eventstore.events import UserCreated
 from tests.broker.identity import seed004_examples as seed
 from tests.broker.identity.helpers import assert_error, bearer, operator_token

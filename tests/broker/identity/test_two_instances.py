@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import AuthConfig
 from broker.errors import AuthenticationFailed
-from broker.nodes import NodeService
 from broker.runtime import Runtime
-from broker.tokens import TokenService
+from broker.services.nodes import NodeService
+from broker.services.tokens import TokenService
 from eventstore.memory import MemoryStore
 from tests.broker.identity.helpers import public_pem, rsa_key, sign
 

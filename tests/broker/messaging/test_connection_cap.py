@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
 from broker.config import Config, DeliveryConfig
-from broker.ws_nodes import connection_cap
+from broker.ws.nodes import connection_cap
 from tests.broker.identity.helpers import bearer, node_session
 from tests.conftest import make_config
 

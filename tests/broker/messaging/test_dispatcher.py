@@ -13,10 +13,10 @@ import pytest
 from aiohttp import WSMsgType
 
 from broker.config import DeliveryConfig
-from broker.delivery import Dispatcher, NodeConnection, text_frames
-from broker.messaging import Messaging, SendRequest
 from broker.principal import Principal
 from broker.runtime import Runtime
+from broker.services.delivery import Dispatcher, NodeConnection, text_frames
+from broker.services.messaging import Messaging, SendRequest
 from eventstore.events import MessageDeadLettered, MessageExpired, NodeRegistered
 from eventstore.memory import MemoryStore
 from projections.base import Projections

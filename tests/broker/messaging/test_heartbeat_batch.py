@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from broker.keys import HEARTBEATS, RUNTIME
-from broker.ws_heartbeats import HeartbeatBatch
+from broker.ws.heartbeats import HeartbeatBatch
 from eventstore.base import StoreError
 from eventstore.events import BaseEvent, NodeHeartbeat
 from tests.broker.identity.helpers import bearer, node_session

@@ -8,7 +8,7 @@ from broker.errors import CATALOG
 from eventstore.events import EVENT_TYPES
 
 DOCS = Path(__file__).resolve().parents[3] / "docs"
-FIX = "regenerate it: python -m broker.docs_events > docs/events.md"
+FIX = "regenerate it: python -m broker.cli.docs_events > docs/events.md"
 
 
 def test_event_catalogue_lists_every_type_and_field() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from broker.app import create_app
-from broker.openapi import build_document
-from broker.routing import route_info
+from broker.http.openapi import build_document
+from broker.http.routing import route_info
 from tests.broker.operators_window.conftest import Client
 from tests.conftest import make_config
 

@@ -9,9 +9,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
-from broker.auth import Public
 from broker.config import Config
-from broker.routing import Deprecation, Routes
+from broker.http.auth import Public
+from broker.http.routing import Deprecation, Routes
 
 Client = TestClient  # type: ignore[type-arg]
 

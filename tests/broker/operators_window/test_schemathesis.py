@@ -26,12 +26,12 @@ import pytest
 import requests
 from aiohttp import web
 
-from broker import operators
 from broker.app import create_app
-from broker.auth import Authenticated
 from broker.config import LimitsConfig
+from broker.http.auth import Authenticated
+from broker.http.routing import route_info
 from broker.keys import RUNTIME
-from broker.routing import route_info
+from broker.services import operators
 from tests.broker.identity.helpers import public_pem, rsa_key, sign
 from tests.conftest import make_config
 

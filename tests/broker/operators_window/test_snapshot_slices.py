@@ -17,11 +17,11 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from broker import snapshots
 from broker.config import Config
 from broker.runtime import build_projections
-from broker.snapshot_file import read_body, read_header
-from broker.snapshots import slice_decoders, write_snapshot
+from broker.upkeep import snapshots
+from broker.upkeep.snapshot_file import read_body, read_header
+from broker.upkeep.snapshots import slice_decoders, write_snapshot
 from eventstore.base import Envelope
 from eventstore.events import (
     BaseEvent,

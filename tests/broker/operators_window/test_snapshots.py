@@ -17,13 +17,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import snapshots
 from broker.app import create_app
 from broker.config import Config, SnapshotsConfig
 from broker.keys import RUNTIME, SNAPSHOTS
 from broker.runtime import build_projections
-from broker.snapshot_file import read_body, read_header
-from broker.snapshots import (
+from broker.upkeep import snapshots
+from broker.upkeep.snapshot_file import read_body, read_header
+from broker.upkeep.snapshots import (
     WINDOW,
     Snapshotter,
     encode_parts,

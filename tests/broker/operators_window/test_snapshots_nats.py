@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from broker.app import create_app
 from broker.config import Config, SnapshotsConfig
 from broker.keys import RUNTIME, SNAPSHOTS
-from broker.snapshot_store import bucket_name
-from broker.snapshots import Snapshotter
+from broker.upkeep.snapshot_store import bucket_name
+from broker.upkeep.snapshots import Snapshotter
 from eventstore.base import ConcurrencyError
 from eventstore.events import LogNote
 from eventstore.nats import NatsStore

@@ -7,9 +7,9 @@ from typing import Any
 
 import msgspec
 
-from broker.eventlog import jsonable
 from broker.keys import CONFIG, REBUILDER, RUNTIME
 from broker.runtime import build_projections
+from broker.services.eventlog import jsonable
 from tests.broker.identity.helpers import assert_error
 from tests.broker.operators_window.conftest import Client, append, bearer
 from tests.helpers.events import history

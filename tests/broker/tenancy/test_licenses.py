@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from broker.keys import RUNTIME
-from broker.licensing import LicenseUses, hash_key
+from broker.services.licensing import LicenseUses, hash_key
 from eventstore.base import ConcurrencyError
 from tests.broker.tenancy.conftest import LICENSES_ONLY, NODE, VIEWER, Admin, auth
 
@@ -310,7 +310,7 @@ async def test_store_rejects_a_stale_use() -> None:
 
 async def test_with_real_operator_tokens(client: TestClient) -> None:  # type: ignore[type-arg]
     """The admin API behind the real token service: an `operator` may, a `viewer` may not."""
-    from broker import operators
+    from broker.services import operators
 
     tokens = {}
     for username, role in (("ops", "operator"), ("watcher", "viewer")):

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from broker.config import Config, TelemetryConfig
 from broker.errors import RateLimited
 from broker.keys import TELEMETRY_LIMITER
-from broker.telemetry import TenantRateLimiter
+from broker.services.telemetry import TenantRateLimiter
 from tests.broker.tenancy.conftest import Admin, auth
 
 

@@ -1,0 +1,180 @@
+"""`broker verify` and `broker compact`: the log's upkeep (docs/operations.md).
+
+verify reads the log file without the store (eventstore.sqlite_verify). After a full pass it
+records a *verified checkpoint* beside the log (`<log>.verified`: the seq and chain hash it
+reached); the next verify starts from there when the log still holds that event with that hash,
+checking only what came after (and the gaps compactions made since), unless `--full`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from broker.cli.main import EXIT_FAIL, EXIT_OK, CommandError, progress_bar
+from broker.config import Config
+from eventstore.base import StoreError
+
+
+class Checkpoint(msgspec.Struct):
+    seq: int
+    hash: str  # hex
+    at: float
+
+
+def checkpoint_path(log: str) -> Path:
+    p = Path(log)
+    return p.with_name(p.name + ".verified")
+
+
+def read_checkpoint(log: str) -> tuple[int, bytes] | None:
+    """The verified checkpoint, if the log still holds its event with its hash."""
+    from eventstore.sqlite_verify import hash_at_file
+
+    try:
+        cp = msgspec.json.decode(checkpoint_path(log).read_bytes(), type=Checkpoint)
+        want = bytes.fromhex(cp.hash)
+    except (OSError, msgspec.DecodeError, ValueError):
+        return None
+    return (cp.seq, want) if hash_at_file(log, cp.seq) == want else None
+
+
+def write_checkpoint(log: str, seq: int) -> None:
+    from eventstore.sqlite_verify import hash_at_file
+
+    h = hash_at_file(log, seq)
+    if h is None:
+        return
+    path = checkpoint_path(log)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(msgspec.json.encode(Checkpoint(seq, h.hex(), time.time())))
+    os.replace(tmp, path)
+
+
+def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
+    from broker.upkeep.snapshots import check_log_against_snapshots, snapshot_directory
+    from eventstore.base import IntegrityError
+    from eventstore.sqlite_compact import gap_summary
+    from eventstore.sqlite_verify import head_of_file, verify_file
+
+    if config.store.backend == "nats":
+        return _verify_nats(config)
+    if config.store.backend != "sqlite":
+        raise CommandError(f"verify checks the sqlite log; the backend is {config.store.backend}")
+    path = config.store.path
+    t0 = time.perf_counter()
+    trusted = None
+    try:
+        head = head_of_file(path)  # None: unreadable, verify_file says why
+        if head is not None:  # a log lost, emptied or replaced by a shorter one
+            check_log_against_snapshots(snapshot_directory(config), head)
+        if not Path(path).exists():
+            raise CommandError(f"no log at {path}")
+        trusted = None if args.full else read_checkpoint(path)
+        n = verify_file(path, progress_bar("verify"), trusted=trusted)
+    except IntegrityError as exc:
+        print(f"FAILED: {path}: first bad seq {exc.seq}: {exc.reason}")
+        return EXIT_FAIL
+    gaps, removed = gap_summary(Path(path))
+    try:
+        write_checkpoint(path, n)
+    except OSError as exc:
+        print(f"warning: the verified checkpoint could not be written: {exc}", file=sys.stderr)
+    since = f"from the checkpoint at seq {trusted[0]:,}" if trusted else "in full"
+    compacted = (
+        f"; {removed:,} events removed by compactions, in {gaps:,} recorded gaps, each anchored"
+        if gaps
+        else ""
+    )
+    print(
+        f"ok: {path}: {n:,} events, checksums and hash chain intact{compacted} "
+        f"(verified {since}, {time.perf_counter() - t0:.2f} s)"
+    )
+    return EXIT_OK
+
+
+async def _verify_nats(config: Config) -> int:
+    """verify on the NATS backend (what it checks: eventstore/nats_verify.py)."""
+    from eventstore.base import IntegrityError
+    from eventstore.nats_verify import verify_stream
+
+    try:
+        report = await verify_stream(config.store, progress_bar("verify"))
+    except IntegrityError as exc:
+        print(f"FAILED: NATS stream {config.store.stream}: first bad seq {exc.seq}: {exc.reason}")
+        return EXIT_FAIL
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(report.summary())
+    return EXIT_OK
+
+
+async def cmd_compact(config: Config, args: argparse.Namespace) -> int:
+    from broker.errors import CompactionUnavailable
+    from broker.upkeep.compaction import offline
+    from eventstore.base import StoreLocked
+
+    if config.store.backend != "sqlite":
+        raise CommandError(
+            f"compact works on the sqlite log; the backend is {config.store.backend} "
+            "(docs/scale-out.md)"
+        )
+    if not await asyncio.to_thread(Path(config.store.path).exists):
+        raise CommandError(f"no log at {config.store.path}")
+    try:
+        async with offline(config) as compactor:
+            report = await compactor.compact(dry_run=args.dry_run, progress=progress_bar("compact"))
+    except StoreLocked:
+        raise CommandError(
+            "the log is open by a running server: compact through it with "
+            "POST /api/v1/admin/log/compact (an operator token; ?dry_run=true to preview), or "
+            "let its schedule ([retention] every) do it"
+        ) from None
+    except CompactionUnavailable as exc:
+        raise CommandError(exc.message) from None
+    except StoreError as exc:
+        raise CommandError(f"compaction failed: {exc}") from None
+    print(render(report))
+    return EXIT_OK
+
+
+def render(report: Any) -> str:
+    """A compaction report for a terminal."""
+    verb = "would remove" if report.dry_run else "removed"
+    lines = [
+        f"{'dry run: ' if report.dry_run else ''}{verb} {report.removed_total:,} events "
+        f"before seq {report.up_to:,} in {report.gaps:,} gaps ({report.seconds:.2f} s)"
+    ]
+    for t, n in sorted(report.removed.items()):
+        lines.append(f"  {t:<24} {n:>12,} {verb}   {report.kept_by_type.get(t, 0):>12,} kept")
+    others = {t: n for t, n in report.kept_by_type.items() if t not in report.removed}
+    for t, n in sorted(others.items()):
+        lines.append(f"  {t:<24} {0:>12,} {verb}   {n:>12,} kept")
+    if not report.dry_run and report.compaction_seq:
+        lines.append(
+            f"  recorded as log.compacted at seq {report.compaction_seq:,}; log "
+            f"{report.log_bytes_before:,} -> {report.log_bytes_after:,} bytes"
+        )
+    lines += [f"  note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check checksums, the hash chain and compactions' gaps")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="read the whole log, not only what came after the last verified checkpoint",
+    )
+    p = sub.add_parser("compact", help="remove what [retention] allows, after a snapshot")
+    p.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
+
+
+COMMANDS = {"verify": cmd_verify, "compact": cmd_compact}

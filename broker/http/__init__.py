@@ -1,0 +1,1 @@
+"""The HTTP front: routes, middleware, OpenAPI, the console's files."""

@@ -1,0 +1,156 @@
+"""Request ids, the one error body for every error, request metrics and access logs."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from broker import errors
+from broker.http.bodies import error_response
+from broker.http.routing import route_info
+from broker.ids import random_hex8
+from broker.keys import LIMITER, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME
+from eventstore.base import ConcurrencyError, EventNotEncodable, StoreUnavailable
+
+log = structlog.get_logger("broker.http")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
+    """Map exceptions raised below the handlers to the catalog; None = unexpected."""
+    if isinstance(exc, errors.BrokerError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        if exc.status == 404:
+            return errors.NotFound(f"Not found: {path}")
+        if exc.status == 405:
+            allow = exc.headers.get("Allow", "")
+            return errors.MethodNotAllowed(
+                f"Method not allowed (allowed: {allow})", headers={"Allow": allow}
+            )
+        if exc.status == 413:
+            return errors.PayloadTooLarge("request body too large")
+        err = errors.BrokerError(exc.reason)
+        err.status, err.code = exc.status, errors.code_for_status(exc.status)
+        return err
+    if isinstance(exc, HttpProcessingError):  # e.g. a malformed multipart part header
+        return errors.BadRequest(f"malformed request: {exc.message or type(exc).__name__}")
+    if isinstance(exc, msgspec.ValidationError):
+        return errors.ValidationFailed(str(exc))
+    if isinstance(exc, ConcurrencyError):
+        return errors.Conflict("the resource was changed concurrently; retry")
+    if isinstance(exc, EventNotEncodable):  # the edge checks first: a value it does not know
+        return errors.ValidationFailed(str(exc), details=[{"field": exc.path}])
+    if isinstance(exc, StoreUnavailable):
+        return errors.Unavailable("the event log is unavailable; retry later")
+    return None
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _SAFE_ID.match(incoming) else "req_" + random_hex8()
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    t0 = time.perf_counter()
+    try:
+        try:
+            await _wait_for_min_seq(request)
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if 300 <= exc.status < 400:  # redirects pass through as they are
+                raise
+            response = _error(exc, request)
+        except ConnectionError:  # the client went away (e.g. before a WebSocket's 101)
+            log.info("client_gone", method=request.method, path=request.path)
+            raise  # aiohttp drops the connection quietly: nobody is left to answer
+        except Exception as exc:
+            response = _error(exc, request)
+        if not response.prepared:
+            response.headers["X-Request-ID"] = request_id
+            info = route_info(request.match_info.handler)
+            if info is not None and info.deprecated is not None:
+                response.headers.update(info.deprecated.headers())
+            runtime = request.app.get(RUNTIME)
+            if runtime is not None:  # what this answer reflects: wait for it elsewhere
+                response.headers["X-Log-Seq"] = str(runtime.projections.seq)
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[METRICS].http_requests.labels(request.method, name, response.status).inc()
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            ms=round((time.perf_counter() - t0) * 1000, 2),
+            **_who(request, response),
+        )
+        return response
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def _who(request: web.Request, response: web.StreamResponse) -> dict[str, Any]:
+    """The access log's answer to "who": the client's address (as the rate limiter sees it:
+    the trusted proxy's last X-Forwarded-For entry when `[limits] trust_forwarded_for`), the
+    principal (node, user, or API key), the user agent, the bytes of the body, and a W3C
+    `traceparent` when the client sent a valid one."""
+    limiter = request.app.get(LIMITER)
+    principal = request.get(PRINCIPAL)
+    who: dict[str, Any] = {
+        "client": limiter.client_ip(request) if limiter else request.remote,
+        "principal": (
+            None
+            if principal is None
+            else f"key:{principal.api_key}"
+            if principal.api_key
+            else f"{principal.kind}:{principal.id}"
+        ),
+        "user_agent": request.headers.get("User-Agent"),
+        "bytes": response.content_length,
+    }
+    traceparent = request.headers.get("traceparent", "")
+    if _TRACEPARENT.match(traceparent):
+        who["traceparent"] = traceparent
+    return who
+
+
+MIN_SEQ_WAIT = 5.0  # seconds a read may wait for this instance to reach `min_seq`
+
+
+async def _wait_for_min_seq(request: web.Request) -> None:
+    """`?min_seq=N` (or `X-Min-Seq: N`): answer only once this instance's projections have
+    applied seq N, e.g. a write acknowledged by another instance (its `X-Log-Seq`)."""
+    raw = request.query.get("min_seq") or request.headers.get("X-Min-Seq")
+    if raw is None:
+        return
+    try:
+        seq = int(raw)
+    except ValueError:
+        raise errors.ValidationFailed("min_seq must be an integer") from None
+    runtime = request.app.get(RUNTIME)
+    if runtime is not None and not await runtime.wait_for_seq(seq, MIN_SEQ_WAIT):
+        raise errors.Unavailable(
+            f"this instance has not reached seq {seq} yet; retry", headers={"Retry-After": "1"}
+        )
+
+
+def _error(exc: BaseException, request: web.Request) -> web.Response:
+    request_id: str = request[REQUEST_ID]
+    err = _translate(exc, request.path)
+    if err is None:
+        log.exception("unhandled_error", error=type(exc).__name__)
+        err = errors.BrokerError("internal error")
+    return error_response(err, request_id)

@@ -1,0 +1,1 @@
+"""Application services: identity, messaging, licensing, updates, operators, the log's window."""

@@ -1,0 +1,229 @@
+"""What `/metrics` shows beyond the request counters, and who may read it.
+
+- Outcomes counted from the log as it grows (on a shared log, every instance's writes):
+  heartbeats, and messages sent, read, expired, dead-lettered and redriven.
+- State read when the metrics are scraped: operators' open feeds,
+  queue depth by priority, in flight, dead letters, snapshots, API keys.
+- Group-commit latency of the embedded log (`broker_commit_seconds`).
+- Readers: any valid token (the seed reads the metrics with a node's), an API key holding
+  `metrics:read`, or the scrape token kept in `[auth] metrics_token_file` (for Prometheus'
+  `bearer_token_file` / `authorization.credentials_file`), which opens `/metrics` and nothing
+  else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.config import ConfigError
+from broker.errors import Forbidden
+from broker.http.auth import authenticate, bearer_token, credential
+from broker.keys import COMPACTOR, CONFIG, FEEDS, METRICS, RUNTIME, SCRAPE_TOKEN, SNAPSHOTS
+from broker.metrics import Metrics
+from eventstore.base import Envelope
+from eventstore.events import (
+    MessageDeadLettered,
+    MessageExpired,
+    MessageRead,
+    MessageRedriven,
+    MessageSent,
+    MessagesRead,
+    NodeHeartbeat,
+)
+
+READ = "metrics:read"
+
+
+# --- who may read ---
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load_scrape_token(path: Path) -> str:
+    """The SHA-256 of the token in `path` (blocking: run in a thread). The file must not be
+    readable by everyone, and must hold a token of at least 32 characters."""
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ConfigError(f"cannot read [auth] metrics_token_file {path}: {reason}") from None
+    if mode & stat.S_IROTH:
+        raise ConfigError(
+            f"[auth] metrics_token_file {path} is readable by everyone: chmod o-r {path}"
+        )
+    if len(token) < 32 or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"[auth] metrics_token_file {path} must hold one token of at least 32 characters "
+            "(e.g. openssl rand -hex 32)"
+        )
+    return _digest(token)
+
+
+async def authorize(request: web.Request) -> None:
+    """Let the caller read the metrics, or raise 401/403."""
+    header = credential(request.headers)
+    digest = request.app.get(SCRAPE_TOKEN)
+    token = bearer_token(header)
+    if digest and token is not None and hmac.compare_digest(_digest(token), digest):
+        return
+    principal = await authenticate(request.app, header)
+    if principal.api_key and not principal.can(READ):
+        raise Forbidden(f"missing permission {READ}")
+
+
+# --- counted from the log ---
+
+
+def count_outcomes(metrics: Metrics, envs: Sequence[Envelope]) -> None:
+    messages = metrics.messages
+    for env in envs:
+        kind = type(env.event)
+        if kind is NodeHeartbeat:
+            metrics.heartbeats.inc()
+        elif kind is MessageSent:
+            messages.inc("sent")
+        elif kind is MessagesRead:
+            messages.inc("read", len(env.event.message_ids))  # type: ignore[attr-defined]
+        elif kind is MessageRead:
+            messages.inc("read")
+        elif kind is MessageExpired:
+            messages.inc("expired", len(env.event.node_ids))  # type: ignore[attr-defined]
+        elif kind is MessageDeadLettered:
+            messages.inc("dead_lettered")
+        elif kind is MessageRedriven:
+            messages.inc("redriven")
+
+
+# --- read at scrape time ---
+
+
+class StateCollector(Collector):
+    """Gauges of the application's state, computed when the metrics are read."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.app
+        runtime = app.get(RUNTIME)
+        if runtime is None:  # not started (or stopped)
+            return
+        feeds = app.get(FEEDS)
+        yield GaugeMetricFamily(
+            "broker_feed_connections",
+            "Operators' event feeds (WebSockets and SSE streams) open on this instance",
+            value=len(feeds.stoppers) if feeds else 0,
+        )
+        queue = runtime.messages.queue
+        depth = GaugeMetricFamily(
+            "broker_queue_depth",
+            "Messages waiting for a node (ready, in flight or held), by priority",
+            labels=["priority"],
+        )
+        for priority, n in queue.depth_by_priority().items():
+            depth.add_metric([priority], n)
+        yield depth
+        stats = queue.stats()
+        yield GaugeMetricFamily(
+            "broker_messages_in_flight",
+            "Messages handed to a node and not yet acknowledged",
+            value=stats["in_flight"],
+        )
+        yield GaugeMetricFamily(
+            "broker_dead_letters",
+            "Messages given up on (expired or out of attempts), until redriven",
+            value=len(runtime.messages.dead_letters),
+        )
+        yield GaugeMetricFamily(
+            "broker_nodes_registered", "Nodes registered", value=len(runtime.nodes.nodes)
+        )
+        now = time.time()
+        yield GaugeMetricFamily(
+            "broker_api_keys_active",
+            "API keys neither revoked nor expired",
+            value=sum(1 for k in runtime.apikeys.keys.values() if k.live(now)),
+        )
+        compactor = app.get(COMPACTOR)
+        last = compactor.last if compactor is not None else None
+        if last is not None and last.dry_run:
+            last = None
+        yield GaugeMetricFamily(
+            "broker_compaction_removed_events",
+            "Events the last compaction removed from the log (0: none ran since the start)",
+            value=last.removed_total if last else 0,
+        )
+        yield GaugeMetricFamily(
+            "broker_compaction_seconds",
+            "How long the last compaction took",
+            value=last.seconds if last else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "broker_compaction_finished_timestamp_seconds",
+            "When the last compaction of this instance finished (0: none since the start)",
+            value=last.finished_at if last else 0.0,
+        )
+        snapshots = app.get(SNAPSHOTS)
+        if snapshots is not None:
+            yield GaugeMetricFamily(
+                "broker_snapshot_seq",
+                "Seq covered by the newest snapshot",
+                value=snapshots.last_seq,
+            )
+            yield GaugeMetricFamily(
+                "broker_snapshot_behind_events",
+                "Events applied since the newest snapshot",
+                value=max(0, runtime.projections.seq - snapshots.last_seq),
+            )
+            yield GaugeMetricFamily(
+                "broker_snapshot_failures",
+                "Periodic snapshots that failed in a row (0: the last one succeeded)",
+                value=snapshots.failures,
+            )
+
+
+# --- wiring ---
+
+
+async def _scrape_token_ctx(app: web.Application) -> AsyncIterator[None]:
+    path = app[CONFIG].auth.metrics_token_file
+    if path:
+        app[SCRAPE_TOKEN] = await asyncio.to_thread(load_scrape_token, Path(path))
+    yield
+
+
+async def _monitoring_ctx(app: web.Application) -> AsyncIterator[None]:
+    metrics, runtime = app[METRICS], app[RUNTIME]
+
+    def on_append(envs: Sequence[Envelope]) -> None:
+        count_outcomes(metrics, envs)
+
+    store = runtime.store
+    store.add_listener(on_append)
+    if hasattr(store, "commit_observer"):  # the embedded log times its group commits
+        store.commit_observer = lambda seconds, _n: metrics.commit_seconds.observe(seconds)
+    try:
+        yield
+    finally:
+        store.remove_listener(on_append)
+        if hasattr(store, "commit_observer"):
+            store.commit_observer = None
+
+
+def setup(app: web.Application) -> None:
+    """Call after the runtime's context is registered."""
+    app[METRICS].registry.register(StateCollector(app))
+    app.cleanup_ctx.insert(0, _scrape_token_ctx)  # a bad token file fails before the log opens
+    app.cleanup_ctx.append(_monitoring_ctx)

@@ -1,0 +1,1 @@
+"""The WebSocket fronts: node sessions and the operators' feed."""

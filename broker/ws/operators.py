@@ -1,0 +1,321 @@
+"""The operators' WebSocket feed, `GET /ws` (DESIGN.md §7, seed 004).
+
+Protocol (docs/websocket.md): the client authenticates with `Authorization: Bearer` at the
+upgrade or with a first frame `{"type": "auth", "token": "Bearer …"}` within
+`[events] ws_auth_timeout` seconds, as an operator holding `events:read`. Then
+
+    {"type": "subscribe", "from_seq": N, "types": ["node.*"], "streams": ["node-1"]}
+
+sends the matching history from N, `{"type": "caught_up", "seq": H}` (H: the head when the
+subscription started), then live events as `{"type": "event", "seq", "event", "stream", "ts",
+"data", …}`. `unsubscribe` stops it; a new `subscribe` replaces it. Every client op may carry a
+`ref`, echoed in the `{"type": "ok", "op": …}` or `{"type": "error", "error": {code, message}}`
+answer. The token is checked again every `ws_heartbeat` seconds (and may be replaced by a new
+`auth` frame); a consumer that falls `feed_max_buffer` events behind, or whose socket does not
+take a frame within `feed_send_timeout`, is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+from aiohttp import WSMsgType, web
+
+from broker import jsonlimits
+from broker.config import EventsConfig
+from broker.errors import AuthenticationFailed, BrokerError
+from broker.http.auth import Public, authenticate, credential
+from broker.http.routing import Routes
+from broker.keys import CONFIG, FEEDS, RUNTIME
+from broker.principal import Principal
+from broker.services import eventlog
+from eventstore.base import EventStore, StoreError, SubscriberTooSlow
+
+log = structlog.get_logger(__name__)
+routes = Routes("events")
+PERMISSION = "events:read"
+MAX_FRAME = 64 * 1024
+
+# Close codes (4000-4999 are the application's own).
+CLOSE_AUTH = 4401  # no, bad, expired or revoked token
+CLOSE_FORBIDDEN = 4403  # a valid token without events:read
+CLOSE_SLOW = 4408  # the consumer fell too far behind
+CLOSE_UNAVAILABLE = 1011  # the log could not be read
+CLOSE_GOING_AWAY = 1001  # the server is shutting down
+
+
+# --- client ops ---
+
+
+class AuthOp(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
+    token: str
+    ref: Any = None
+
+
+class SubscribeOp(msgspec.Struct, kw_only=True, tag="subscribe", tag_field="type"):
+    from_seq: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: only new events
+    types: list[str] | str | None = None
+    streams: list[str] | str | None = None
+    ref: Any = None
+
+
+class UnsubscribeOp(msgspec.Struct, kw_only=True, tag="unsubscribe", tag_field="type"):
+    ref: Any = None
+
+
+class PingOp(msgspec.Struct, kw_only=True, tag="ping", tag_field="type"):
+    ref: Any = None
+
+
+ClientOp = AuthOp | SubscribeOp | UnsubscribeOp | PingOp
+_ops = msgspec.json.Decoder(ClientOp)
+_any = msgspec.json.Decoder()
+_json = msgspec.json.Encoder()
+
+
+class _Closed(Exception):
+    """The session ended (the socket is closed or being closed)."""
+
+
+class FeedSession:
+    """One operator's WebSocket: authentication, then at most one subscription at a time."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, cfg: EventsConfig) -> None:
+        self.request = request
+        self.app = request.app
+        self.ws = ws
+        self.cfg = cfg
+        self.store: EventStore = request.app[RUNTIME].store
+        self.header: str | None = None
+        self.principal: Principal | None = None
+        self.pump: asyncio.Task[None] | None = None
+
+    # --- sending ---
+
+    async def send(self, frame: bytes) -> None:
+        async with asyncio.timeout(self.cfg.feed_send_timeout):
+            await self.ws.send_frame(frame, WSMsgType.TEXT)
+
+    async def reply(self, op: str, ref: Any, **fields: Any) -> None:
+        await self.send(_json.encode({"type": "ok", "op": op, "ref": ref, **fields}))
+
+    async def error(self, code: str, message: str, ref: Any = None) -> None:
+        body = {"type": "error", "ref": ref, "error": {"code": code, "message": message}}
+        await self.send(_json.encode(body))
+
+    async def close(self, code: int, err_code: str, message: str) -> None:
+        """Send an error frame and close; a peer that does not take them is cut off."""
+        try:
+            async with asyncio.timeout(2.0):
+                await self.ws.send_frame(
+                    _json.encode(
+                        {"type": "error", "error": {"code": err_code, "message": message}}
+                    ),
+                    WSMsgType.TEXT,
+                )
+                await self.ws.close(code=code, message=message[:120].encode())
+        except Exception:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+
+    # --- auth ---
+
+    async def authenticate(self, header: str | None) -> Principal:
+        principal = await authenticate(self.app, header)
+        if not principal.can(PERMISSION):
+            raise _Forbidden(f"missing permission {PERMISSION}")
+        self.header, self.principal = header, principal
+        return principal
+
+    async def first_auth(self) -> bool:
+        """Authenticate from the upgrade's header or the first frame; False once closed."""
+        header = credential(self.request.headers)
+        ref = None
+        try:
+            if header is None:
+                try:
+                    msg = await self.ws.receive(timeout=self.cfg.ws_auth_timeout)
+                except TimeoutError:
+                    raise AuthenticationFailed(
+                        f"send an auth frame within {self.cfg.ws_auth_timeout:g} s"
+                    ) from None
+                if msg.type != WSMsgType.TEXT:
+                    return False
+                try:
+                    op = jsonlimits.decode(_ops, msg.data)
+                except msgspec.DecodeError:
+                    op = None
+                if not isinstance(op, AuthOp):
+                    raise AuthenticationFailed('the first frame must be {"type": "auth", ...}')
+                header, ref = op.token, op.ref
+            principal = await self.authenticate(header)
+        except AuthenticationFailed as exc:
+            await self.close(CLOSE_AUTH, exc.code, exc.message)
+            return False
+        except _Forbidden as exc:
+            await self.close(CLOSE_FORBIDDEN, "AUTHORIZATION_ERROR", str(exc))
+            return False
+        await self.reply("auth", ref, user=principal.name)
+        return True
+
+    async def recheck(self) -> bool:
+        """The token still valid and allowed (expiry, logout, revoked role)? Closes if not."""
+        try:
+            await self.authenticate(self.header)
+        except AuthenticationFailed as exc:
+            await self.close(CLOSE_AUTH, exc.code, exc.message)
+            return False
+        except _Forbidden as exc:
+            await self.close(CLOSE_FORBIDDEN, "AUTHORIZATION_ERROR", str(exc))
+            return False
+        return True
+
+    # --- the session ---
+
+    async def run(self) -> None:
+        if not await self.first_auth():
+            return
+        rechecks: set[asyncio.Task[bool]] = set()
+
+        def recheck_now() -> None:  # a credential was revoked somewhere: is it ours?
+            task = asyncio.create_task(self.recheck())
+            rechecks.add(task)
+            task.add_done_callback(rechecks.discard)
+
+        feeds = self.app[FEEDS]
+        feeds.rechecks.add(recheck_now)
+        try:
+            while not self.ws.closed:
+                try:
+                    msg = await self.ws.receive(timeout=self.cfg.ws_heartbeat)
+                except TimeoutError:
+                    if not await self.recheck():
+                        return
+                    continue
+                if msg.type == WSMsgType.TEXT:
+                    await self.handle(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await self.error("VALIDATION_ERROR", "frames are JSON text")
+                else:  # close, closing, error
+                    return
+        except (_Closed, ConnectionError, TimeoutError):
+            return
+        finally:
+            feeds.rechecks.discard(recheck_now)
+            await self.stop_pump()
+
+    async def handle(self, data: str) -> None:
+        try:
+            op = jsonlimits.decode(_ops, data)
+        except msgspec.ValidationError as exc:
+            await self.error("VALIDATION_ERROR", str(exc), _ref_of(data))
+            return
+        except msgspec.DecodeError as exc:
+            await self.error("VALIDATION_ERROR", f"malformed JSON frame: {exc}")
+            return
+        if isinstance(op, SubscribeOp):
+            await self.subscribe(op)
+        elif isinstance(op, UnsubscribeOp):
+            stopped = await self.stop_pump()
+            await self.reply("unsubscribe", op.ref, subscribed=stopped)
+        elif isinstance(op, AuthOp):
+            try:
+                await self.authenticate(op.token)
+            except (AuthenticationFailed, _Forbidden) as exc:
+                message = exc.message if isinstance(exc, BrokerError) else str(exc)
+                code = CLOSE_AUTH if isinstance(exc, AuthenticationFailed) else CLOSE_FORBIDDEN
+                err = "AUTHENTICATION_ERROR" if code == CLOSE_AUTH else "AUTHORIZATION_ERROR"
+                await self.close(code, err, message)
+                raise _Closed from None
+            await self.reply("auth", op.ref, user=self.principal.name if self.principal else "")
+        else:
+            await self.reply("ping", op.ref)
+
+    async def subscribe(self, op: SubscribeOp) -> None:
+        await self.stop_pump()
+        types = eventlog.split_list(op.types)
+        streams = eventlog.split_list(op.streams)
+        head = await self.store.head()
+        await self.reply("subscribe", op.ref, from_seq=op.from_seq, head=head)
+        self.pump = asyncio.create_task(self.forward(op.from_seq, types, streams))
+
+    async def stop_pump(self) -> bool:
+        pump, self.pump = self.pump, None
+        if pump is None or pump.done():
+            return False
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump
+        return True
+
+    async def forward(
+        self, from_seq: int | None, types: list[str] | None, streams: list[str] | None
+    ) -> None:
+        """Send the feed until it is stopped; disconnect a consumer that cannot keep up."""
+        items = eventlog.follow(self.store, from_seq, types, streams, self.cfg.feed_max_buffer)
+        try:
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    await self.send(eventlog.encode_frame(item))
+        except SubscriberTooSlow:
+            await self.close(CLOSE_SLOW, "SLOW_CONSUMER", "the feed fell too far behind the log")
+        except TimeoutError:
+            await self.close(CLOSE_SLOW, "SLOW_CONSUMER", "the socket does not take frames")
+        except StoreError as exc:
+            log.warning("feed_failed", error=str(exc))
+            await self.close(CLOSE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "the log cannot be read")
+        except ConnectionError:
+            pass
+
+
+class _Forbidden(Exception):
+    """A valid token without the feed's permission."""
+
+
+def _ref_of(data: str) -> Any:
+    try:
+        raw = jsonlimits.decode(_any, data)
+    except msgspec.DecodeError:
+        return None
+    return raw.get("ref") if isinstance(raw, dict) else None
+
+
+@routes.get(
+    "/ws",
+    policy=Public(),  # authenticated by the first frame (or the upgrade's header), not here
+    status=101,
+    response_content_type="",
+    summary="Operators' live event feed (WebSocket; auth frame, then subscribe)",
+    extra={"websocket": True, "auth": "first frame or Authorization header: events:read"},
+)
+async def operator_ws(request: web.Request) -> web.WebSocketResponse:
+    cfg = request.app[CONFIG].events
+    ws = web.WebSocketResponse(
+        heartbeat=cfg.ws_heartbeat, max_msg_size=MAX_FRAME, writer_limit=cfg.feed_write_buffer
+    )
+    await ws.prepare(request)
+    if request.transport is not None:
+        request.transport.set_write_buffer_limits(high=cfg.feed_write_buffer)
+    feeds = request.app[FEEDS]
+    session = FeedSession(request, ws, cfg)
+
+    async def stop() -> None:
+        await session.close(CLOSE_GOING_AWAY, "SERVICE_UNAVAILABLE", "the server is shutting down")
+
+    feeds.stoppers.add(stop)
+    try:
+        if not feeds.closing:
+            await session.run()
+    finally:
+        feeds.stoppers.discard(stop)
+    if not ws.closed:
+        await ws.close()
+    return ws
+
+
+def setup(app: web.Application) -> None:
+    routes.install(app)
