@@ -31,6 +31,8 @@ from projections.users import UsersProjection
 
 log = structlog.get_logger(__name__)
 
+Reaction = Callable[[Sequence[Envelope]], None]  # what follows the projections (Runtime.react)
+
 
 # The projections hold millions of long-lived objects; CPython's default thresholds would
 # traverse all of them in frequent full collections (pauses of 100+ ms under load). Lower
@@ -71,6 +73,7 @@ class Runtime:
         self.started_at = time.time()
         self._seq_waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap by seq
         self._waiter_ids = itertools.count()
+        self._reactions: list[Reaction] = []
 
     @property
     def users(self) -> UsersProjection:
@@ -124,6 +127,15 @@ class Runtime:
     async def stop(self) -> None:
         self.store.remove_listener(self._on_append)
 
+    def react(self, reaction: Reaction) -> None:
+        """Call `reaction(envelopes)` with every recorded batch once the projections hold it.
+        Reactions run in the order they were added: the wiring (broker.app) declares it."""
+        self._reactions.append(reaction)
+
+    def unreact(self, reaction: Reaction) -> None:
+        if reaction in self._reactions:
+            self._reactions.remove(reaction)
+
     def _on_append(self, envs: Sequence[Envelope]) -> None:
         self.projections.apply_many(envs)
         # The seq gauges are set when /metrics is read (broker.http.system): not per append.
@@ -133,6 +145,8 @@ class Runtime:
             fut = heapq.heappop(waiters)[2]
             if not fut.done():
                 fut.set_result(None)
+        for reaction in self._reactions:
+            reaction(envs)
 
     async def wait_for_seq(self, seq: int, timeout: float) -> bool:
         """Wait until the projections have applied `seq` (another instance's write, on a shared

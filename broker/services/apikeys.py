@@ -260,9 +260,9 @@ async def _revocations_ctx(app: web.Application) -> AsyncIterator[None]:
         if any(isinstance(env.event, REVOKING) for env in envs):
             feeds.credentials_changed()
 
-    store = app[RUNTIME].store
-    store.add_listener(on_append)
+    runtime = app[RUNTIME]
+    runtime.react(on_append)
     try:
         yield
     finally:
-        store.remove_listener(on_append)
+        runtime.unreact(on_append)

@@ -81,12 +81,12 @@ async def _takeover_ctx(app: web.Application) -> AsyncIterator[None]:
     takeover = Takeover(runtime, app[DISPATCHER].connections)
     app[TAKEOVER] = takeover
     if shared:
-        runtime.store.add_listener(takeover.on_append)
+        runtime.react(takeover.on_append)
     try:
         yield
     finally:
         if shared:
-            runtime.store.remove_listener(takeover.on_append)
+            runtime.unreact(takeover.on_append)
 
 
 async def announce(app: web.Application, conn: NodeConnection) -> None:

@@ -223,11 +223,11 @@ class Dispatcher:
         self._closing: set[asyncio.Task[None]] = set()  # closes in progress (kept referenced)
 
     async def start(self) -> None:
-        self.runtime.store.add_listener(self._on_append)
+        self.runtime.react(self._on_append)
         self._task = asyncio.create_task(self._housekeeping(), name="delivery-housekeeping")
 
     async def stop(self) -> None:
-        self.runtime.store.remove_listener(self._on_append)
+        self.runtime.unreact(self._on_append)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -211,13 +211,13 @@ async def _monitoring_ctx(app: web.Application) -> AsyncIterator[None]:
         count_outcomes(metrics, envs)
 
     store = runtime.store
-    store.add_listener(on_append)
+    runtime.react(on_append)
     if hasattr(store, "commit_observer"):  # the embedded log times its group commits
         store.commit_observer = lambda seconds, _n: metrics.commit_seconds.observe(seconds)
     try:
         yield
     finally:
-        store.remove_listener(on_append)
+        runtime.unreact(on_append)
         if hasattr(store, "commit_observer"):
             store.commit_observer = None
 
