@@ -14,10 +14,10 @@ from aiohttp import web
 from broker.errors import AuthenticationFailed
 from broker.http.auth import Authenticated, Public, principal_of
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.ratelimit import LOGIN
 from broker.http.routing import Routes
 from broker.keys import API_KEYS, KEY_AUTHENTICATOR, OPERATORS
+from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import apikeys
 from broker.services.nodes import iso
 from projections.apikeys import ApiKey

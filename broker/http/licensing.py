@@ -15,9 +15,9 @@ from aiohttp import web
 from broker.errors import MethodNotAllowed
 from broker.http.auth import Permission, Public
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.routing import Routes
 from broker.keys import LICENSING
+from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import licensing
 from broker.services.licensing import iso_time
 from projections.tenants import License, Tenant, TenantsProjection

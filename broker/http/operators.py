@@ -14,10 +14,10 @@ from broker.errors import Forbidden, ValidationFailed
 from broker.http.auth import Authenticated, Permission, Public, bearer_token, principal_of
 from broker.http.bodies import decode_body, json_response, read_form
 from broker.http.nodes import RefreshRequest, refresh_tokens
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.ratelimit import LOGIN, charge_subject
 from broker.http.routing import Routes
 from broker.keys import OPERATORS, TOKENS
+from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import operators
 from broker.services.nodes import iso
 from broker.services.tokens import TokenPair

@@ -22,9 +22,9 @@ from aiohttp import BodyPartReader, web
 from broker.errors import BrokerError, PayloadTooLarge, ValidationFailed
 from broker.http.auth import Permission, Public
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.routing import Routes
 from broker.keys import REQUEST_ID, UPDATE_FILES, UPDATES
+from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import updates
 from broker.services.licensing import iso_time
 from projections.updates import SEMVER, Update
