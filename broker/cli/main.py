@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +21,14 @@ from broker.config import Config, ConfigError, load_config
 from broker.logs import configure_logging
 from eventstore import open_store
 from eventstore.base import Envelope, StoreError
-from eventstore.codec import envelope_to_json, event_from_record, record_from_json
+from eventstore.codec import (
+    GapRecord,
+    envelope_to_json,
+    event_from_record,
+    gap_from_json,
+    gap_to_json,
+    record_from_json,
+)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -175,8 +182,8 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
             os.fchmod(fd, 0o600)
             await store.open()
             try:
-                async for env in store.read(1):
-                    f.write(render(env))
+                async for line in _export_lines(store, render, await _gaps_of(config)):
+                    f.write(line)
                     f.write(b"\n")
                     count += 1
             finally:
@@ -192,6 +199,45 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
     redacted = " (secrets redacted: not importable)" if args.redact else ""
     print(f"exported {count:,} events to {out}{redacted}", file=sys.stderr)
     return EXIT_OK
+
+
+async def _gaps_of(config: Config) -> list[tuple[int, int, bytes, int]]:
+    """The gaps compactions left in the log (only the sqlite log is compacted)."""
+    if config.store.backend != "sqlite":
+        return []
+    from eventstore.sqlite_compact import live_gaps
+
+    return await asyncio.to_thread(live_gaps, Path(config.store.path))
+
+
+async def _export_lines(
+    store: Any, render: Callable[[Envelope], bytes], gaps: list[tuple[int, int, bytes, int]]
+) -> AsyncIterator[bytes]:
+    """The export's lines: every kept event, and before the event after each gap, a line
+    recording the gap (`broker import` rebuilds the same chain from it). Events still stored
+    inside a gap (a compaction not finished) are left out: they are removed."""
+    i = 0
+    async for env in store.read(1):
+        while i < len(gaps) and gaps[i][1] < env.seq:
+            yield gap_to_json(*gaps[i])
+            i += 1
+        if i < len(gaps) and gaps[i][0] <= env.seq:
+            continue
+        yield render(env)
+    for gap in gaps[i:]:
+        yield gap_to_json(*gap)
+
+
+async def _restore_gap(store: Any, gap: GapRecord, where: str) -> None:
+    if not hasattr(store, "restore_gap"):
+        raise CommandError(
+            f"{where}: this export is of a compacted log; import it into a sqlite log"
+        )
+    try:
+        anchor = bytes.fromhex(gap.anchor)
+    except ValueError:
+        raise CommandError(f"{where}: the gap's anchor is not hex") from None
+    await store.restore_gap(gap.first_seq, gap.last_seq, anchor, gap.compaction)
 
 
 def _refuse_redacted(path: Path) -> None:
@@ -234,6 +280,18 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
         with open(args.file, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
+                    continue
+                try:
+                    gap = gap_from_json(line)
+                except msgspec.DecodeError as exc:
+                    raise CommandError(
+                        f"{args.file}:{lineno}: not an exported gap: {exc}"
+                    ) from None
+                if gap is not None:
+                    await store.restore(batch)  # type: ignore[attr-defined]
+                    count += len(batch)
+                    batch = []
+                    await _restore_gap(store, gap, f"{args.file}:{lineno}")
                     continue
                 try:
                     rec = record_from_json(line)
