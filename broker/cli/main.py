@@ -29,6 +29,7 @@ from eventstore.codec import (
     gap_to_json,
     record_from_json,
 )
+from eventstore.sqlite_archive import with_archive
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -110,7 +111,10 @@ async def cmd_replay(config: Config, args: argparse.Namespace) -> int:
         out = sys.stdout
         if args.format == "table":
             out.write(f"{'SEQ':>8}  {'TIME (UTC)':<23}  {'TYPE':<24}  {'STREAM':<24}  V\n")
-        async for env in store.read(args.from_seq, args.to_seq, types):
+        events = store.read(args.from_seq, args.to_seq, types)
+        if args.archive is not None:
+            events = with_archive(events, args.archive, args.from_seq, args.to_seq, types)
+        async for env in events:
             if args.limit is not None and count >= args.limit:
                 break
             out.write(_format(env, args.format))
@@ -182,7 +186,12 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
             os.fchmod(fd, 0o600)
             await store.open()
             try:
-                async for line in _export_lines(store, render, await _gaps_of(config)):
+                lines = (
+                    _whole_history(store, render, args.archive)
+                    if args.archive is not None
+                    else _export_lines(store, render, await _gaps_of(config))
+                )
+                async for line in lines:
                     f.write(line)
                     f.write(b"\n")
                     count += 1
@@ -238,6 +247,22 @@ async def _restore_gap(store: Any, gap: GapRecord, where: str) -> None:
     except ValueError:
         raise CommandError(f"{where}: the gap's anchor is not hex") from None
     await store.restore_gap(gap.first_seq, gap.last_seq, anchor, gap.compaction)
+
+
+async def _whole_history(
+    store: Any, render: Callable[[Envelope], bytes], archive: Path
+) -> AsyncIterator[bytes]:
+    """`export --archive`: every event from seq 1, the archived ones in their places, as if
+    nothing had been removed (importable as an uncompacted log)."""
+    expected = 1
+    async for env in with_archive(store.read(1), archive):
+        if env.seq != expected:
+            raise CommandError(
+                f"the archive {archive} does not hold events {expected}..{env.seq - 1}, "
+                "removed by a compaction: export without --archive keeps their gaps instead"
+            )
+        expected += 1
+        yield render(env)
 
 
 def _refuse_redacted(path: Path) -> None:
@@ -379,9 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="jsonl: one envelope per line (default); table: seq, time, type, stream, version",
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild every projection, print counts")
+    p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="with the events compactions archived there ([retention] archive_dir)",
+    )
 
     p = sub.add_parser("export", help="write the whole log as JSON Lines (a file of mode 0600)")
     p.add_argument("--out", required=True, type=Path, help="the file to write (replaced whole)")
+    p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="with the events compactions archived there ([retention] archive_dir)",
+    )
     p.add_argument(
         "--redact",
         action="store_true",
