@@ -298,6 +298,8 @@ class NatsStore(Writer, Reader):
                     await self._nc.close()
             self._nc = None
 
+    # --- position and listeners (reads: eventstore.nats_read) ---
+
     def subscribe(
         self, from_seq: int = 1, max_buffer: int = 10_000
     ) -> AsyncGenerator[Envelope, None]:
