@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,22 +9,24 @@ from aiohttp import web
 
 from broker.config import Config
 from broker.metrics import Metrics
-from broker.principal import Principal
+from broker.principal import Authenticator, Principal
 from broker.runtime import Runtime
 
-if TYPE_CHECKING:  # these modules import this one
-    from broker.http.openapi import OpenApiCache
-    from broker.http.ratelimit import Decision, RateLimiter
-    from broker.services.apikeys import KeyAuthenticator
+if TYPE_CHECKING:  # only the fronts (broker.http, broker.ws) and the wiring read the keys
+    from broker.http.limits import Decision, RateLimiter
+    from broker.http.routing import OpenApiCache
+    from broker.services.apikeys import ApiKeys, KeyAuthenticator
     from broker.services.connections import Takeover
     from broker.services.delivery import Dispatcher
     from broker.services.eventlog import Feeds, Rebuilder
-    from broker.services.licensing import LicenseUses
+    from broker.services.licensing import Licensing
     from broker.services.messaging import Messaging
+    from broker.services.monitoring import Watched
     from broker.services.nodes import NodeService
-    from broker.services.telemetry import TenantRateLimiter
+    from broker.services.operators import Operators
+    from broker.services.telemetry import Telemetry, TenantRateLimiter
     from broker.services.tokens import TokenService
-    from broker.services.updates import UpdateFiles
+    from broker.services.updates import UpdateFiles, Updates
     from broker.upkeep.compaction import Compactor
     from broker.upkeep.snapshots import Snapshotter
     from broker.ws.heartbeats import HeartbeatBatch
@@ -34,21 +35,23 @@ CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 RUNTIME = web.AppKey("runtime", Runtime)
 
-# Turns a bearer token into a Principal or raises AuthenticationFailed (see broker.http.auth).
-Authenticator = Callable[[str], Awaitable[Principal]]
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 
-# Identity (broker.services.tokens, broker.services.nodes) and rate limits (broker.http.ratelimit).
+# Identity (broker.services.tokens, broker.services.nodes) and rate limits (broker.http.limits).
 TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
 NODES: web.AppKey[NodeService] = web.AppKey("nodes")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
-API_KEYS: web.AppKey[KeyAuthenticator] = web.AppKey("api_keys")  # broker.services.apikeys
+API_KEYS: web.AppKey[ApiKeys] = web.AppKey("api_keys")  # broker.services.apikeys
+KEY_AUTHENTICATOR: web.AppKey[KeyAuthenticator] = web.AppKey("key_authenticator")
 SCRAPE_TOKEN = web.AppKey("scrape_token", str)  # SHA-256 of [auth] metrics_token_file's token
 
 # Tenants, licenses, updates, telemetry (broker.services: licensing, updates, telemetry).
-LICENSE_USES: web.AppKey[LicenseUses] = web.AppKey("license_uses")
+OPERATORS: web.AppKey[Operators] = web.AppKey("operators")
+LICENSING: web.AppKey[Licensing] = web.AppKey("licensing")
+UPDATES: web.AppKey[Updates] = web.AppKey("updates")
 UPDATE_FILES: web.AppKey[UpdateFiles] = web.AppKey("update_files")
 TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter")
+TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 
 # Messaging (broker.services.messaging) and delivery to connected nodes (broker.services.delivery).
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
@@ -64,6 +67,7 @@ FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
 SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
 COMPACTOR: web.AppKey[Compactor] = web.AppKey("compactor")
+WATCHED: web.AppKey[Watched] = web.AppKey("watched")  # what /metrics reports at scrape time
 CONSOLE_FILES: web.AppKey[dict[str, Path]] = web.AppKey("console_files")  # name -> file
 
 # Per-request keys (request[...]).

@@ -65,13 +65,12 @@ async def on_log(config: Config, action: Callable[[Runtime], Awaitable[T]]) -> T
 
 
 async def cmd_create(config: Config, args: argparse.Namespace) -> int:
-    from broker.services.operators import create_user
+    from broker.services.operators import Operators
 
     password = read_password(args)
     user = await on_log(
         config,
-        lambda runtime: create_user(
-            runtime,
+        lambda runtime: Operators(runtime).create_user(
             username=args.username,
             password=password,
             roles=args.role or ["admin"],
@@ -84,7 +83,7 @@ async def cmd_create(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
-    from broker.services.operators import reset_password
+    from broker.services.operators import Operators
 
     password = read_password(args)
 
@@ -92,7 +91,7 @@ async def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
         user = runtime.users.find_by_username(args.username)
         if user is None:
             raise CommandError(f"no operator named {args.username}")
-        return await reset_password(runtime, user.id, password, args.force_change)
+        return await Operators(runtime).reset_password(user.id, password, args.force_change)
 
     user = await on_log(config, reset)
     then = " (to be changed at next login)" if user.must_change_password else ""

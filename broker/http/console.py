@@ -35,7 +35,6 @@ from aiohttp import web
 from broker.errors import NotFound, ValidationFailed
 from broker.http.auth import Permission, Public
 from broker.http.bodies import json_response
-from broker.http.pagination import decode_query
 from broker.http.routing import Routes
 from broker.keys import (
     CONFIG,
@@ -47,6 +46,7 @@ from broker.keys import (
     SNAPSHOTS,
     TAKEOVER,
 )
+from broker.pagination import decode_query
 from broker.services.connections import SHARED_BACKENDS
 from broker.services.eventlog import split_list
 from broker.services.nodes import NodeList, NodesQuery, NodeView, iso
@@ -74,7 +74,7 @@ HEADERS = {
 }
 
 
-def _list_assets() -> dict[str, Path]:
+def list_assets() -> dict[str, Path]:
     """Every file under assets/console by its path relative to it (blocking: in a thread)."""
     if not STATIC.is_dir():
         return {}
@@ -165,10 +165,6 @@ class SystemInfo(msgspec.Struct, kw_only=True):
     last_verify: LastVerify | None  # the last `broker verify` (its checkpoint), if any
     log_files: list[FileInfo]  # the SQLite log's files (none for nats or memory)
     snapshots: SnapshotsInfo
-
-
-async def _load_assets(app: web.Application) -> None:
-    app[CONSOLE_FILES] = await asyncio.to_thread(_list_assets)
 
 
 @routes.get(
@@ -344,8 +340,3 @@ async def root(request: web.Request) -> web.StreamResponse:
     if "text/html" in request.headers.get("Accept", ""):
         raise web.HTTPFound("/console")
     raise NotFound("Not found: / (the API is under /api/v1; the console at /console)")
-
-
-def setup(app: web.Application) -> None:
-    app.on_startup.append(_load_assets)
-    routes.install(app)

@@ -20,9 +20,9 @@ from aiohttp import web
 from broker.errors import AuthenticationFailed, ValidationFailed
 from broker.http.auth import Permission, authenticate, credential
 from broker.http.bodies import json_response
-from broker.http.pagination import PageQuery, decode_query
 from broker.http.routing import Routes
 from broker.keys import CONFIG, FEEDS, REBUILDER, RUNTIME
+from broker.pagination import PageQuery, decode_query
 from broker.services import eventlog
 from eventstore.base import StoreError, SubscriberTooSlow
 
@@ -230,15 +230,3 @@ async def projection_state(request: web.Request) -> web.Response:
         request.app[RUNTIME].store, request.match_info["projection"], q.at_seq
     )
     return json_response(state)
-
-
-async def _close_feeds(app: web.Application) -> None:
-    await app[FEEDS].close_all()
-
-
-def setup(app: web.Application) -> None:
-    config = app[CONFIG]
-    app[REBUILDER] = eventlog.Rebuilder.for_config(config.delivery, config.events.rebuild_window)
-    app[FEEDS] = eventlog.Feeds()
-    app.on_shutdown.append(_close_feeds)
-    routes.install(app)
