@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from broker.cli.main import EXIT_FAIL, EXIT_OK, CommandError, progress_bar
+from broker.cli.common import EXIT_FAIL, EXIT_OK, CommandError, progress_bar
 from broker.config import Config
 from eventstore.base import StoreError
 
