@@ -16,7 +16,13 @@ from typing import Any
 import msgspec
 
 from broker.cli.args import event_types
-from broker.cli.common import EXIT_OK, CommandError, check_log_path, progress_bar
+from broker.cli.common import (
+    EXIT_OK,
+    CommandError,
+    add_archive_argument,
+    check_log_path,
+    progress_bar,
+)
 from broker.config import Config
 from eventstore import open_store
 from eventstore.base import Envelope, StoreError
@@ -299,21 +305,11 @@ def add_parsers(sub: Any) -> None:
         help="jsonl: one envelope per line (default); table: seq, time, type, stream, version",
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild every projection, print counts")
-    p.add_argument(
-        "--archive",
-        type=Path,
-        metavar="DIR",
-        help="with the events compactions archived there ([retention] archive_dir)",
-    )
+    add_archive_argument(p, "with the events compactions archived there")
 
     p = sub.add_parser("export", help="write the whole log as JSON Lines (a file of mode 0600)")
     p.add_argument("--out", required=True, type=Path, help="the file to write (replaced whole)")
-    p.add_argument(
-        "--archive",
-        type=Path,
-        metavar="DIR",
-        help="with the events compactions archived there ([retention] archive_dir)",
-    )
+    add_archive_argument(p, "with the events compactions archived there")
     p.add_argument(
         "--redact",
         action="store_true",
