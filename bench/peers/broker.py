@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import tempfile
 import threading
@@ -26,7 +25,6 @@ from typing import Any
 import aiohttp
 
 from bench.e2e import Peer, connect_all, http_send, onboard, server
-from bench.peers.procs import find_pid
 from bench.peers.workload import (
     CONFIRM_WINDOW,
     PRIORITIES,
@@ -42,7 +40,6 @@ from bench.peers.workload import (
 
 BATCH = 100  # send ops per WebSocket frame in the throughput runs
 HTTP_CONCURRENCY = 64
-SERVE = ["-m", "broker", "serve"]
 
 
 class Node(Peer):
@@ -157,7 +154,11 @@ class BrokerSystem:
     )
 
     def __init__(
-        self, session: aiohttp.ClientSession, base: str, nodes: list[tuple[str, str]]
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        nodes: list[tuple[str, str]],
+        pid: int | None,
     ) -> None:
         self.session = session
         self.base = base
@@ -165,19 +166,23 @@ class BrokerSystem:
         self.producer: Node
         self.consumer: Node
         self._readers: list[asyncio.Task[None]] = []
-        me = os.getpid()
-        self.server_pid = find_pid(lambda ppid, argv: ppid == me and argv[1:4] == SERVE)
+        self.server_pid = pid
         self.log_tail: deque[str] = deque(maxlen=20)
 
     @classmethod
-    async def open(cls, stack: AsyncExitStack, env: dict[str, str] | None = None) -> BrokerSystem:
+    async def open(
+        cls, stack: AsyncExitStack, env: dict[str, str] | None = None, tree: Path | None = None
+    ) -> BrokerSystem:
         """Start `broker serve` on a temporary log (extra environment `env`, e.g.
-        BROKER_DELIVERY__WINDOW) and onboard the four nodes."""
+        BROKER_DELIVERY__WINDOW; the broker of checkout `tree` when given, as the column
+        "this broker at TREE") and onboard the four nodes."""
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peers-")))
-        base, _pid = stack.enter_context(server(data, _free_port(), **(env or {})))
+        base, pid = stack.enter_context(server(data, _free_port(), cwd=tree, **(env or {})))
         conn = aiohttp.TCPConnector(limit=0)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=conn))
-        self = cls(session, base, await onboard(session, base, 4))
+        self = cls(session, base, await onboard(session, base, 4), pid)
+        if tree is not None:
+            self.key, self.label = "base", f"this broker at {tree}"
         if self.server_pid is not None:
             args = (self.server_pid, data / "server.log", self.log_tail)
             threading.Thread(target=_drain_log, args=args, daemon=True).start()

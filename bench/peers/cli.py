@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from bench.common import cpu_seconds, machine, own_cpu_seconds, per_item_us, run
@@ -33,6 +34,7 @@ from bench.peers.report import (
     latency_figure,
     lines,
     markdown,
+    rate_cpu_figure,
 )
 from bench.peers.workload import Unreachable
 
@@ -96,6 +98,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument(
+        "--base-tree",
+        type=Path,
+        help="also run the broker of this checkout (e.g. `git worktree add --detach DIR main`), "
+        "as a column of its own: before and after a change in one run",
+    )
+    parser.add_argument(
         "--broker-env",
         type=_env,
         action="append",
@@ -104,6 +112,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra environment for `broker serve`, e.g. BROKER_DELIVERY__WINDOW=1000",
     )
     args = parser.parse_args(argv)
+    if args.base_tree is not None:
+        args.base_tree = args.base_tree.resolve()
+        if not (args.base_tree / "broker").is_dir():
+            parser.error(f"--base-tree: no broker package in {args.base_tree}")
+        args.only.insert(args.only.index("broker") + 1 if "broker" in args.only else 0, "base")
     quick = args.quick
     if args.messages is None:
         args.messages = 3_000 if quick else 20_000
@@ -117,10 +130,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def _open(key: str, stack: AsyncExitStack, args: argparse.Namespace) -> Any:
-    if key == "broker":
+    if key in ("broker", "base"):
         from bench.peers.broker import BrokerSystem
 
-        return await BrokerSystem.open(stack, dict(args.broker_env))
+        tree = args.base_tree if key == "base" else None
+        return await BrokerSystem.open(stack, dict(args.broker_env), tree)
     if key == "rabbitmq":
         from bench.peers.rabbitmq import RabbitSystem
 
@@ -147,10 +161,13 @@ async def _latencies(
     system: Any, col: Column, args: argparse.Namespace, seed: bool, tag: str
 ) -> None:
     style = f" {SEED}" if seed else ""
+    pid = getattr(system, "server_pid", None)
     for rate in args.seed_rates if seed else args.rates:
-        t0 = time.perf_counter()
+        t0, server0 = time.perf_counter(), cpu_seconds(pid)
         lat = await system.latency(rate, args.seconds, seed=seed)
         late = time.perf_counter() - t0 - lat.seconds
+        if server0 is not None:
+            col.add(rate_cpu_figure(rate, seed), per_item_us(server0, cpu_seconds(pid), lat.sent))
         col.add(kept_up_figure(rate, seed), float(late <= KEPT_UP_SLACK))
         for name, q in QUANTILES:
             col.add(latency_figure(rate, name, seed), lat.pct(q))

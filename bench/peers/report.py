@@ -39,6 +39,12 @@ def latency_figure(rate: int, name: str, seed: bool = False) -> str:
     return f"latency @{rate:,}/s{_style(seed)} {name} (ms)"
 
 
+def rate_cpu_figure(rate: int, seed: bool = False) -> str:
+    """The name of the figure 'server CPU per message sent at `rate`', e.g.
+    'server CPU per message @2,000/s one op a frame (µs)'."""
+    return f"server CPU per message @{rate:,}/s{_style(seed)} (µs)"
+
+
 def _latencies(rates: Sequence[int], seed: bool) -> list[str]:
     return [
         f
@@ -46,6 +52,7 @@ def _latencies(rates: Sequence[int], seed: bool) -> list[str]:
         for f in (
             *(latency_figure(r, q, seed) for q, _ in QUANTILES),
             kept_up_figure(r, seed),
+            rate_cpu_figure(r, seed),
         )
     ]
 
