@@ -26,7 +26,7 @@ from aiohttp import web
 
 from broker.config import LimitsConfig
 from broker.errors import AuthenticationFailed, RateLimited
-from broker.http.auth import Public, authenticate, credential
+from broker.http.auth import AUTHENTICATED, Public, authenticate, credential
 from broker.http.routing import route_info
 from broker.keys import CONFIG, LIMITER, RATE_LIMIT
 
@@ -180,6 +180,7 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         if not decision.allowed:
             raise _denied(decision, "address") from None
         raise
+    request[AUTHENTICATED] = principal
     decision = request[RATE_LIMIT] = limiter.hit(
         limiter.principal, f"{principal.kind}:{principal.id}"
     )
