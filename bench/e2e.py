@@ -43,9 +43,10 @@ _decode = msgspec.json.Decoder().decode  # ~300-byte messages with the envelope 
 
 @contextmanager
 def server(
-    data: Path, port: int, url: str | None = None, **env: str
+    data: Path, port: int, url: str | None = None, cwd: Path | None = None, **env: str
 ) -> Iterator[tuple[str, int | None]]:
-    """(base URL, the server's pid when this started it)."""
+    """(base URL, the server's pid when this started it). `cwd`: run the `broker` package of
+    that checkout (e.g. the commit before a change, to measure both in one run)."""
     if url:  # a server started elsewhere (e.g. under a profiler)
         yield url.rstrip("/"), None
         return
@@ -59,7 +60,11 @@ def server(
         **env,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve"], env=environ, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "broker", "serve"],
+        env=environ,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
     )
     assert proc.stderr is not None
     for line in proc.stderr:

@@ -46,11 +46,13 @@ _INSERT_CHUNK = "INSERT INTO chunks (first_seq, last_seq, body, crc) VALUES (?, 
 # [stream, version] pairs): one step for SQLite, not one per row. Each step of the writer
 # thread gives the GIL up and has to take it back from a busy event loop.
 _NEW_STREAMS = "SELECT value ->> 0, value ->> 1 FROM json_each(?)"
+_ON_CONFLICT = " ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
 _INSERT_STREAMS = f"INSERT INTO streams (stream, version) {_NEW_STREAMS}"
-_UPSERT_STREAMS = (
-    f"INSERT INTO streams (stream, version) {_NEW_STREAMS} WHERE true "
-    "ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
-)
+_UPSERT_STREAMS = f"INSERT INTO streams (stream, version) {_NEW_STREAMS} WHERE true{_ON_CONFLICT}"
+# A commit of one event (a seed-style node: one op a frame, one request a send) touches one
+# stream: its version goes in as plain parameters, without a JSON array to build and parse.
+_INSERT_STREAM = "INSERT INTO streams (stream, version) VALUES (?, ?)"
+_UPSERT_STREAM = f"{_INSERT_STREAM}{_ON_CONFLICT}"
 _json_encode = msgspec.json.Encoder().encode
 _CHUNK_EVENTS = 4096  # at most this many events per stored chunk
 _VERSION_CACHE_LIMIT = 200_000
@@ -311,11 +313,18 @@ class GroupCommit:
         conn = self._wconn
         assert conn is not None
         try:
-            conn.executemany(_INSERT_CHUNK, rows)
-            if inserts:
-                conn.execute(_INSERT_STREAMS, (_json_encode(inserts),))
-            if upserts:
-                conn.execute(_UPSERT_STREAMS, (_json_encode(upserts),))
+            if len(rows) == 1:
+                conn.execute(_INSERT_CHUNK, rows[0])
+            else:
+                conn.executemany(_INSERT_CHUNK, rows)
+            for one, many, pairs in (
+                (_INSERT_STREAM, _INSERT_STREAMS, inserts),
+                (_UPSERT_STREAM, _UPSERT_STREAMS, upserts),
+            ):
+                if len(pairs) == 1:
+                    conn.execute(one, pairs[0])
+                elif pairs:
+                    conn.execute(many, (_json_encode(pairs),))
             conn.commit()
         except BaseException:
             conn.rollback()

@@ -121,8 +121,11 @@ class HeadWriter:
         self.seq = seq
 
     def sync_soon(self) -> None:
-        """Have the record made durable by the syncing thread (not waited for)."""
-        self._dirty.set()
+        """Have the record made durable by the syncing thread (not waited for). Called after
+        every commit: most find the flag still set (the thread syncs at most every
+        SYNC_INTERVAL), and reading it takes no lock, where setting it takes the Event's."""
+        if not self._dirty.is_set():
+            self._dirty.set()
 
     def sync(self) -> None:
         os.fdatasync(self._fd)

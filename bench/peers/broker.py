@@ -3,14 +3,16 @@
 Four nodes are registered and logged in (bench/e2e.py `onboard`): a producer and a consumer,
 each on its own node WebSocket, and two sinks that never connect (the publish-only runs and the
 HTTP runs send to them, so nothing is pushed to a connected node behind the harness's back).
-The producer sends batched `send` ops (up to `BATCH` ops a frame, `CONFIRM_WINDOW` unanswered
-ops); the consumer answers every push with an `ack` op, acks batched per loop turn (Peer).
+Batched, the producer sends up to `BATCH` `send` ops a frame (`CONFIRM_WINDOW` unanswered ops)
+and the consumer answers every push with an `ack` op, acks batched per loop turn (Peer).
+Seed-style, both speak stdlib `json`, one op a frame: each `send` in a frame of its own (with a
+`ref`, answered by one `ok`), each push acked in a frame of its own as it arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import socket
 import tempfile
 import threading
@@ -23,7 +25,6 @@ from typing import Any
 import aiohttp
 
 from bench.e2e import Peer, connect_all, http_send, onboard, server
-from bench.peers.procs import find_pid
 from bench.peers.workload import (
     CONFIRM_WINDOW,
     PRIORITIES,
@@ -31,7 +32,7 @@ from bench.peers.workload import (
     Latencies,
     Progress,
     content,
-    decode,
+    decoder,
     drain_timeout,
     encode,
     paced,
@@ -39,7 +40,6 @@ from bench.peers.workload import (
 
 BATCH = 100  # send ops per WebSocket frame in the throughput runs
 HTTP_CONCURRENCY = 64
-SERVE = ["-m", "broker", "serve"]
 
 
 class Node(Peer):
@@ -53,6 +53,7 @@ class Node(Peer):
         self.recording = False
         self.errors: list[Any] = []
         self.ended: str | None = None  # why the reader stopped, once it has
+        self.seed = False  # seed-style: stdlib json, one op a frame, each push acked at once
         self._seq = 0
 
     async def reader(self) -> None:
@@ -69,7 +70,7 @@ class Node(Peer):
             if msg.type != aiohttp.WSMsgType.TEXT:
                 self.ended = f"{msg.type.name} frame {msg.data!r:.80}"
                 break
-            frame = decode(msg.data)
+            frame = decoder(self.seed)(msg.data)
             if isinstance(frame, list):
                 for answer in frame:
                     if answer.get("type") != "ok":
@@ -81,29 +82,42 @@ class Node(Peer):
                 if self.recording:
                     self.latencies.append(time.time() - frame["content"]["t"])
                 self.delivered.add()
-                self._acks.append({"type": "ack", "message_id": frame["id"]})
+                ack = {"type": "ack", "message_id": frame["id"]}
+                if self.seed:
+                    await self.ws.send_str(json.dumps(ack))
+                    continue
+                self._acks.append(ack)
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     loop.call_soon(self._flush)
+            elif kind == "ok":
+                self.answered.add()
             elif kind == "error":
                 self.errors.append(frame)
+                self.answered.add()
+
+    def _op(self, to: str) -> dict[str, Any]:
+        seq = self._seq
+        self._seq += 1
+        op = {
+            "type": "send",
+            "to_nodes": [to],
+            "message_type": "bench",
+            "priority": PRIORITIES[seq % 4],
+            "ttl": TTL,
+            "content": content(seq),
+        }
+        if self.seed:  # a seed-style node matches each answer to its request
+            op["ref"] = str(seq)
+        return op
 
     async def send_batch(self, to: str, count: int, stamp: bool = True) -> None:
-        ops = []
-        for _ in range(count):
-            seq = self._seq
-            self._seq += 1
-            ops.append(
-                {
-                    "type": "send",
-                    "to_nodes": [to],
-                    "message_type": "bench",
-                    "priority": PRIORITIES[seq % 4],
-                    "ttl": TTL,
-                    "content": content(seq),
-                }
-            )
-        await self.ws.send_str(encode(ops).decode())
+        """`count` send ops: one frame, or (seed-style) a frame each."""
+        if self.seed:
+            for _ in range(count):
+                await self.ws.send_str(json.dumps(self._op(to)))
+            return
+        await self.ws.send_str(encode([self._op(to) for _ in range(count)]).decode())
 
     def check(self) -> None:
         if self.errors:
@@ -140,7 +154,11 @@ class BrokerSystem:
     )
 
     def __init__(
-        self, session: aiohttp.ClientSession, base: str, nodes: list[tuple[str, str]]
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        nodes: list[tuple[str, str]],
+        pid: int | None,
     ) -> None:
         self.session = session
         self.base = base
@@ -148,19 +166,23 @@ class BrokerSystem:
         self.producer: Node
         self.consumer: Node
         self._readers: list[asyncio.Task[None]] = []
-        me = os.getpid()
-        self.server_pid = find_pid(lambda ppid, argv: ppid == me and argv[1:4] == SERVE)
+        self.server_pid = pid
         self.log_tail: deque[str] = deque(maxlen=20)
 
     @classmethod
-    async def open(cls, stack: AsyncExitStack, env: dict[str, str] | None = None) -> BrokerSystem:
+    async def open(
+        cls, stack: AsyncExitStack, env: dict[str, str] | None = None, tree: Path | None = None
+    ) -> BrokerSystem:
         """Start `broker serve` on a temporary log (extra environment `env`, e.g.
-        BROKER_DELIVERY__WINDOW) and onboard the four nodes."""
+        BROKER_DELIVERY__WINDOW; the broker of checkout `tree` when given, as the column
+        "this broker at TREE") and onboard the four nodes."""
         data = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peers-")))
-        base, _pid = stack.enter_context(server(data, _free_port(), **(env or {})))
+        base, pid = stack.enter_context(server(data, _free_port(), cwd=tree, **(env or {})))
         conn = aiohttp.TCPConnector(limit=0)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=conn))
-        self = cls(session, base, await onboard(session, base, 4))
+        self = cls(session, base, await onboard(session, base, 4), pid)
+        if tree is not None:
+            self.key, self.label = "base", f"this broker at {tree}"
         if self.server_pid is not None:
             args = (self.server_pid, data / "server.log", self.log_tail)
             threading.Thread(target=_drain_log, args=args, daemon=True).start()
@@ -196,20 +218,25 @@ class BrokerSystem:
             if not n.ws.closed:
                 await n.ws.close()
 
+    def _style(self, seed: bool) -> None:
+        self.producer.seed = self.consumer.seed = seed
+
     async def _produce(self, to: str, n: int) -> None:
         p = self.producer
         base = p.answered.n
         sent = 0
+        batch = 1 if p.seed else BATCH
         while sent < n:
-            await p.answered.reach(base + sent - CONFIRM_WINDOW + BATCH, drain_timeout(n))
-            k = min(BATCH, n - sent)
+            await p.answered.reach(base + sent - CONFIRM_WINDOW + batch, drain_timeout(n))
+            k = min(batch, n - sent)
             await p.send_batch(to, k)
             sent += k
         await p.answered.reach(base + n, drain_timeout(n))
         p.check()
 
-    async def end_to_end(self, n: int) -> float:
+    async def end_to_end(self, n: int, seed: bool = False) -> float:
         await self._ensure_connected()
+        self._style(seed)
         c = self.consumer
         acked0 = c.answered.n
         t0 = time.perf_counter()
@@ -221,12 +248,14 @@ class BrokerSystem:
 
     async def publish_confirm(self, n: int) -> float:
         await self._ensure_connected()
+        self._style(False)
         t0 = time.perf_counter()
         await self._produce(self.nodes[2][0], n)  # a sink: never connected
         return n / (time.perf_counter() - t0)
 
-    async def latency(self, rate: int, seconds: float) -> Latencies:
+    async def latency(self, rate: int, seconds: float, seed: bool = False) -> Latencies:
         await self._ensure_connected()
+        self._style(seed)
         p, c = self.producer, self.consumer
         c.latencies = []
         c.recording = True
@@ -247,9 +276,7 @@ class BrokerSystem:
         c.check()
         return Latencies(sent, seconds, c.latencies)
 
-    async def http_send(self, seconds: float) -> float:
-        """POST /api/v1/messages/send requests/s, seed request shape, between the two sinks."""
-        rps, _n = await http_send(
-            self.session, self.base, self.nodes[2:], seconds, HTTP_CONCURRENCY
-        )
-        return rps
+    async def http_send(self, seconds: float) -> tuple[float, int]:
+        """POST /api/v1/messages/send, seed 001's request shape, between the two sinks:
+        (requests/s, requests made)."""
+        return await http_send(self.session, self.base, self.nodes[2:], seconds, HTTP_CONCURRENCY)

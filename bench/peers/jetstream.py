@@ -28,7 +28,7 @@ from bench.peers.workload import (
     Progress,
     Unreachable,
     body,
-    decode,
+    decoder,
     drain_timeout,
     paced,
     probe,
@@ -158,18 +158,21 @@ class NatsSystem:
         )
         return name, subject
 
-    async def _publish(self, subject: str, first: int, count: int) -> list:
+    async def _publish(self, subject: str, first: int, count: int, seed: bool = False) -> list:
         futures = []
         publish = self.pjs.publish_async
         for seq in range(first, first + count):
             headers = {"Priority": PRIORITIES[seq % 4], "TTL": str(TTL)}
-            futures.append(await publish(subject, body(seq), headers=headers))
+            futures.append(await publish(subject, body(seq, seed), headers=headers))
         return futures
 
-    async def _consume(self, stream: str, subject: str, recording: list[float] | None) -> Any:
+    async def _consume(
+        self, stream: str, subject: str, recording: list[float] | None, seed: bool = False
+    ) -> Any:
         from nats.js.api import AckPolicy, ConsumerConfig
 
         acked = Progress()
+        decode = decoder(seed)
 
         async def on_message(msg: Any) -> None:
             if recording is not None:
@@ -192,12 +195,12 @@ class NatsSystem:
             await sub.unsubscribe()
         await self.pjs.delete_stream(stream)
 
-    async def end_to_end(self, n: int) -> float:
+    async def end_to_end(self, n: int, seed: bool = False) -> float:
         stream, subject = await self._stream()
-        acked, sub = await self._consume(stream, subject, None)
+        acked, sub = await self._consume(stream, subject, None, seed)
         try:
             t0 = time.perf_counter()
-            futures = await self._publish(subject, 0, n)
+            futures = await self._publish(subject, 0, n, seed)
             await asyncio.wait_for(asyncio.gather(*futures), drain_timeout(n))
             await acked.reach(n, drain_timeout(n))
             await self.cnc.flush()  # a round trip on the consumer's connection: its acks are in
@@ -215,16 +218,16 @@ class NatsSystem:
         finally:
             await self._done(stream, None)
 
-    async def latency(self, rate: int, seconds: float) -> Latencies:
+    async def latency(self, rate: int, seconds: float, seed: bool = False) -> Latencies:
         stream, subject = await self._stream()
         values: list[float] = []
-        acked, sub = await self._consume(stream, subject, values)
+        acked, sub = await self._consume(stream, subject, values, seed)
         futures: list = []
         seq = 0
 
         async def send(k: int) -> None:
             nonlocal seq
-            futures.extend(await self._publish(subject, seq, k))
+            futures.extend(await self._publish(subject, seq, k, seed))
             seq += k
 
         try:

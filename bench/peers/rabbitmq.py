@@ -24,7 +24,7 @@ from bench.peers.workload import (
     Progress,
     Unreachable,
     body,
-    decode,
+    decoder,
     drain_timeout,
     paced,
     probe,
@@ -89,24 +89,26 @@ class RabbitSystem:
             arguments={"x-max-priority": 3, "x-queue-type": "classic"},
         )
 
-    def _message(self, seq: int) -> Any:
+    def _message(self, seq: int, seed: bool) -> Any:
         import aio_pika
 
         return aio_pika.Message(
-            body(seq),
+            body(seq, seed),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             priority=AMQP_PRIORITY[PRIORITIES[seq % 4]],
             expiration=TTL,
             content_type="application/json",
         )
 
-    async def _publish(self, queue: str, first: int, count: int, sem: asyncio.Semaphore) -> list:
+    async def _publish(
+        self, queue: str, first: int, count: int, sem: asyncio.Semaphore, seed: bool = False
+    ) -> list:
         exchange = self.pch.default_exchange
         tasks = []
 
         async def one(seq: int) -> None:
             try:
-                await exchange.publish(self._message(seq), routing_key=queue)
+                await exchange.publish(self._message(seq, seed), routing_key=queue)
             finally:
                 sem.release()
 
@@ -115,8 +117,11 @@ class RabbitSystem:
             tasks.append(asyncio.ensure_future(one(seq)))
         return tasks
 
-    async def _consume(self, queue: Any, recording: list[float] | None) -> tuple[Progress, str]:
+    async def _consume(
+        self, queue: Any, recording: list[float] | None, seed: bool = False
+    ) -> tuple[Progress, str]:
         acked = Progress()
+        decode = decoder(seed)
 
         async def on_message(message: Any) -> None:
             if recording is not None:
@@ -132,12 +137,13 @@ class RabbitSystem:
             await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
 
-    async def end_to_end(self, n: int) -> float:
+    async def end_to_end(self, n: int, seed: bool = False) -> float:
         queue = await self._queue()
-        acked, tag = await self._consume(queue, None)
+        acked, tag = await self._consume(queue, None, seed)
         try:
             t0 = time.perf_counter()
-            tasks = await self._publish(queue.name, 0, n, asyncio.Semaphore(CONFIRM_WINDOW))
+            window = asyncio.Semaphore(CONFIRM_WINDOW)
+            tasks = await self._publish(queue.name, 0, n, window, seed)
             await asyncio.wait_for(asyncio.gather(*tasks), drain_timeout(n))
             await acked.reach(n, drain_timeout(n))
             await queue.declare()  # a round trip on the consumer's channel: its acks are in
@@ -155,17 +161,17 @@ class RabbitSystem:
         finally:
             await self._done(queue, None)
 
-    async def latency(self, rate: int, seconds: float) -> Latencies:
+    async def latency(self, rate: int, seconds: float, seed: bool = False) -> Latencies:
         queue = await self._queue()
         values: list[float] = []
-        acked, tag = await self._consume(queue, values)
+        acked, tag = await self._consume(queue, values, seed)
         sem = asyncio.Semaphore(10 * CONFIRM_WINDOW)
         tasks: list = []
         seq = 0
 
         async def send(k: int) -> None:
             nonlocal seq
-            tasks.extend(await self._publish(queue.name, seq, k, sem))
+            tasks.extend(await self._publish(queue.name, seq, k, sem, seed))
             seq += k
 
         try:

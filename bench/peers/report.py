@@ -4,43 +4,74 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 E2E = "end to end (messages/s)"
 PUBLISH = "publish-confirm (messages/s)"
 HTTP = "HTTP send (requests/s)"
+HTTP_CPU = "server CPU per HTTP send (µs)"
 CLIENT_CPU = "client CPU per message, end to end (µs)"
 SERVER_CPU = "server CPU per message, end to end (µs)"
+SEED = "one op a frame"  # the seed-style client (bench.peers.workload)
+SEED_E2E = f"end to end, {SEED} (messages/s)"
+SEED_CLIENT_CPU = f"client CPU per message, {SEED} (µs)"
+SEED_SERVER_CPU = f"server CPU per message, {SEED} (µs)"
 QUANTILES = (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))
 
 
-def kept_up_figure(rate: int) -> str:
+def _style(seed: bool) -> str:
+    return f" {SEED}" if seed else ""
+
+
+def kept_up_figure(rate: int, seed: bool = False) -> str:
     """The name of the figure 'runs in which everything sent at `rate` was delivered and acked
     within KEPT_UP_SLACK seconds of the last send' (otherwise the latencies are a backlog)."""
-    return f"kept up @{rate:,}/s (runs)"
+    return f"kept up @{rate:,}/s{_style(seed)} (runs)"
 
 
 KEPT_UP_SLACK = 0.5  # seconds
 
 
-def latency_figure(rate: int, name: str) -> str:
-    """The name of a latency figure, e.g. 'latency @2,000/s p99 (ms)'."""
-    return f"latency @{rate:,}/s {name} (ms)"
+def latency_figure(rate: int, name: str, seed: bool = False) -> str:
+    """The name of a latency figure, e.g. 'latency @2,000/s p99 (ms)' or, seed-style,
+    'latency @2,000/s one op a frame p99 (ms)'."""
+    return f"latency @{rate:,}/s{_style(seed)} {name} (ms)"
 
 
-def figure_order(rates: list[int]) -> list[str]:
-    """Every figure, in the order of the table's rows."""
+def rate_cpu_figure(rate: int, seed: bool = False) -> str:
+    """The name of the figure 'server CPU per message sent at `rate`', e.g.
+    'server CPU per message @2,000/s one op a frame (µs)'."""
+    return f"server CPU per message @{rate:,}/s{_style(seed)} (µs)"
+
+
+def _latencies(rates: Sequence[int], seed: bool) -> list[str]:
+    return [
+        f
+        for r in rates
+        for f in (
+            *(latency_figure(r, q, seed) for q, _ in QUANTILES),
+            kept_up_figure(r, seed),
+            rate_cpu_figure(r, seed),
+        )
+    ]
+
+
+def figure_order(rates: list[int], seed_rates: Sequence[int] = ()) -> list[str]:
+    """Every figure, in the order of the table's rows: the batched client's, then the
+    seed-style client's (one op a frame) and the HTTP send in seed 001's request shape."""
     return [
         E2E,
         CLIENT_CPU,
         SERVER_CPU,
         PUBLISH,
-        *(
-            f
-            for r in rates
-            for f in (*(latency_figure(r, q) for q, _ in QUANTILES), kept_up_figure(r))
-        ),
+        *_latencies(rates, False),
+        SEED_E2E,
+        SEED_CLIENT_CPU,
+        SEED_SERVER_CPU,
+        *_latencies(seed_rates, True),
         HTTP,
+        HTTP_CPU,
     ]
 
 
@@ -78,11 +109,11 @@ def summary(values: list[float], figure: str, *, spread: bool = True) -> str:
     return f"{med} ({_fmt(min(values), figure)}–{_fmt(max(values), figure)})"
 
 
-def lines(columns: list[Column], rates: list[int]) -> list[str]:
+def lines(columns: list[Column], rates: list[int], seed_rates: Sequence[int] = ()) -> list[str]:
     """One line per figure and system."""
     out = []
     for col in columns:
-        for figure in figure_order(rates):
+        for figure in figure_order(rates, seed_rates):
             values = col.values.get(figure)
             if not values:
                 continue
@@ -101,12 +132,12 @@ def lines(columns: list[Column], rates: list[int]) -> list[str]:
     return out
 
 
-def markdown(columns: list[Column], rates: list[int]) -> str:
+def markdown(columns: list[Column], rates: list[int], seed_rates: Sequence[int] = ()) -> str:
     """The side-by-side table: a row per figure, a column per system; median (min–max)."""
     head = "| figure | " + " | ".join(c.label for c in columns) + " |"
     rule = "|---|" + "---:|" * len(columns)
     rows = [head, rule]
-    for figure in figure_order(rates):
+    for figure in figure_order(rates, seed_rates):
         if not any(c.values.get(figure) for c in columns):
             continue
         cells = [summary(c.values.get(figure, []), figure) for c in columns]

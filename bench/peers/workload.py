@@ -3,11 +3,17 @@
 One message: a ~300-byte JSON body carrying its send time (`t`, `time.time()`), one of four
 priorities in turn, a TTL of `TTL` seconds. The consumer decodes the body, records
 `time.time() - t` when asked to, and acknowledges the message.
+
+Two client styles. Batched: msgspec, and on this broker's WebSocket frames of up to 100 `send`
+ops and one frame of acks per loop turn. Seed-style, as the seed nodes are written: stdlib
+`json`, one op a frame, each push acked in a frame of its own as it arrives (on RabbitMQ and
+JetStream, whose clients publish and ack one message at a time anyway, only the codec differs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,9 +44,14 @@ def content(seq: int) -> dict[str, Any]:
     }
 
 
-def body(seq: int) -> bytes:
-    """The message body as JSON bytes."""
-    return encode(content(seq))
+def body(seq: int, seed: bool = False) -> bytes:
+    """The message body as JSON bytes (stdlib `json` for a seed-style client)."""
+    return json.dumps(content(seq)).encode() if seed else encode(content(seq))
+
+
+def decoder(seed: bool) -> Callable[[str | bytes], Any]:
+    """The JSON decoder of a client of that style."""
+    return json.loads if seed else decode
 
 
 class Progress:
@@ -116,15 +127,16 @@ class System(Protocol):
     label: str  # column heading, with the server's version
     durability: str  # what a confirmed send means on this system, as configured
 
-    async def end_to_end(self, n: int) -> float:
-        """Producer and consumer together: messages/s until all `n` are received and acked."""
+    async def end_to_end(self, n: int, seed: bool = False) -> float:
+        """Producer and consumer together: messages/s until all `n` are received and acked
+        (`seed`: by seed-style clients, see the module doc)."""
         ...
 
     async def publish_confirm(self, n: int) -> float:
         """Producer alone: messages/s until all `n` sends are confirmed."""
         ...
 
-    async def latency(self, rate: int, seconds: float) -> Latencies:
+    async def latency(self, rate: int, seconds: float, seed: bool = False) -> Latencies:
         """Send at `rate`/s for `seconds` while the consumer acks; send→deliver latencies."""
         ...
 

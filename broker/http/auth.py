@@ -17,6 +17,10 @@ from broker.http.routing import Policy, route_info
 from broker.keys import AUTHENTICATOR, PRINCIPAL
 from broker.principal import Principal
 
+# The principal `rate_limit` authenticated for this request (it runs first and charges the
+# request to it): `auth_middleware` authorises that one instead of verifying the token again.
+AUTHENTICATED = web.RequestKey("authenticated", Principal)
+
 # --- policies ---
 
 
@@ -109,7 +113,9 @@ async def auth_middleware(
         raise Forbidden("this route declares no access policy")  # fail closed
     if isinstance(info.policy, Public):
         return await handler(request)
-    principal = await authenticate(request.app, credential(request.headers))
+    principal = request.get(AUTHENTICATED)
+    if principal is None:
+        principal = await authenticate(request.app, credential(request.headers))
     check(info.policy, principal, request)
     request[PRINCIPAL] = principal
     return await handler(request)

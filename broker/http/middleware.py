@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -85,18 +87,37 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 response.headers["X-Log-Seq"] = str(runtime.projections.seq)
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        request.app[METRICS].http_requests.labels(request.method, name, response.status).inc()
-        log.info(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=response.status,
-            ms=round((time.perf_counter() - t0) * 1000, 2),
-            **_who(request, response),
-        )
+        _requests_counted(request.app[METRICS].http_requests, request.method, name, response)
+        if log.is_enabled_for(logging.INFO):  # the access log: only built when it is written
+            log.info(
+                "request",
+                method=request.method,
+                path=request.path,
+                status=response.status,
+                ms=round((time.perf_counter() - t0) * 1000, 2),
+                **_who(request, response),
+            )
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+_children: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _requests_counted(counter: Any, method: str, route: str, response: Any) -> None:
+    """Count the request in `counter` (method, route, status), with its labelled child looked
+    up once per label set and kept: `labels()` takes a lock and builds its key every call."""
+    children = _children.get(counter)
+    if children is None:
+        children = _children[counter] = {}
+    key = (method, route, response.status)
+    child = children.get(key)
+    if child is None:
+        child = children[key] = counter.labels(*key)
+    child.inc()
 
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from broker.errors import AuthenticationFailed, RateLimited
-from broker.http.auth import Public, authenticate, credential
+from broker.http.auth import AUTHENTICATED, Public, authenticate, credential
 from broker.http.limits import Decision
 from broker.http.routing import route_info
 from broker.keys import LIMITER, RATE_LIMIT
@@ -78,6 +78,7 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         if not decision.allowed:
             raise _denied(decision, "address") from None
         raise
+    request[AUTHENTICATED] = principal
     decision = request[RATE_LIMIT] = limiter.hit(
         limiter.principal, f"{principal.kind}:{principal.id}"
     )

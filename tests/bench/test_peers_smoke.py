@@ -13,11 +13,15 @@ from bench.peers.cli import parse_args
 from bench.peers.report import (
     E2E,
     HTTP,
+    HTTP_CPU,
+    SEED_E2E,
+    SEED_SERVER_CPU,
     Column,
     kept_up_figure,
     latency_figure,
     lines,
     markdown,
+    rate_cpu_figure,
     summary,
 )
 from bench.peers.workload import Latencies, body
@@ -74,3 +78,29 @@ def test_workload_body_and_percentiles() -> None:
     lat = Latencies(sent=1000, seconds=1.0, values=[i / 1000 for i in range(1000)])
     assert (lat.pct(0.5), lat.pct(0.99), lat.pct(0.999)) == (500.0, 990.0, 999.0)
     assert math.isnan(Latencies(sent=0, seconds=1.0).pct(0.5))
+
+
+def test_seed_style_options_and_rows() -> None:
+    args = parse_args([])
+    assert (args.styles, args.seed_rates) == (["batched", "seed"], [2000])
+    assert parse_args(["--styles", "seed", "--seed-rates", "500"]).seed_rates == [500]
+    with pytest.raises(SystemExit):
+        parse_args(["--styles", "pipelined"])
+    broker = Column("broker", "this broker", "fsync")
+    broker.add(E2E, 10_000.0)
+    broker.add(SEED_E2E, 5_000.0)
+    broker.add(SEED_SERVER_CPU, 140.0)
+    broker.add(latency_figure(2000, "p99", seed=True), 9.5)
+    broker.add(rate_cpu_figure(2000, seed=True), 180.0)
+    broker.add(HTTP, 2_000.0)
+    broker.add(HTTP_CPU, 200.0)
+    assert markdown([broker], [2000], [2000]).splitlines()[2:] == [
+        "| end to end (messages/s) | 10,000 |",
+        "| end to end, one op a frame (messages/s) | 5,000 |",
+        "| server CPU per message, one op a frame (µs) | 140 |",
+        "| latency @2,000/s one op a frame p99 (ms) | 9.50 |",
+        "| server CPU per message @2,000/s one op a frame (µs) | 180 |",
+        "| HTTP send (requests/s) | 2,000 |",
+        "| server CPU per HTTP send (µs) | 200 |",
+    ]
+    assert len(body(1, seed=True)) > 250

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
 from broker.config import LimitsConfig
+from broker.http import auth, ratelimit
 from broker.http.limits import RateLimiter
+from broker.principal import Principal
 from tests.broker.identity.helpers import assert_error, bearer, node_session, register
 from tests.conftest import make_config
 
@@ -141,6 +144,27 @@ async def test_per_principal(tmp_path: Path) -> None:
         resp = await client.get("/api/v1/nodes", headers=bearer(two["access_token"]))
         assert resp.status == 200
         assert resp.headers["X-RateLimit-Remaining"] == "2"
+
+
+async def test_a_request_verifies_its_token_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limiter authenticates the caller to charge it; the auth middleware authorises that
+    principal without verifying the token a second time."""
+    verified: list[str | None] = []
+    authenticate = auth.authenticate
+
+    async def counting(app: web.Application, header: str | None) -> Principal:
+        verified.append(header)
+        return await authenticate(app, header)
+
+    async for client in limited_client(tmp_path, per_principal=10):
+        tokens = await node_session(client, "node-1")
+        monkeypatch.setattr(ratelimit, "authenticate", counting)
+        monkeypatch.setattr(auth, "authenticate", counting)
+        resp = await client.get("/api/v1/nodes", headers=bearer(tokens["access_token"]))
+        assert resp.status == 200
+        assert len(verified) == 1
 
 
 async def test_disabled(tmp_path: Path) -> None:
