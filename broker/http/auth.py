@@ -14,12 +14,8 @@ from aiohttp import web
 
 from broker.errors import AuthenticationFailed, Forbidden
 from broker.http.routing import Policy, route_info
-from broker.keys import AUTHENTICATOR, PRINCIPAL
+from broker.keys import AUTHENTICATED, AUTHENTICATOR, PRINCIPAL
 from broker.principal import Principal
-
-# The principal `rate_limit` authenticated for this request (it runs first and charges the
-# request to it): `auth_middleware` authorises that one instead of verifying the token again.
-AUTHENTICATED = web.RequestKey("authenticated", Principal)
 
 # --- policies ---
 

@@ -23,10 +23,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from broker.errors import AuthenticationFailed, RateLimited
-from broker.http.auth import AUTHENTICATED, Public, authenticate, credential
+from broker.http.auth import Public, authenticate, credential
 from broker.http.limits import Decision
 from broker.http.routing import route_info
-from broker.keys import LIMITER, RATE_LIMIT
+from broker.keys import AUTHENTICATED, LIMITER, RATE_LIMIT
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOGIN = "login"  # the value of RouteInfo.extra["rate_limit"] on login routes
