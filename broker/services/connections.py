@@ -22,9 +22,10 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 from aiohttp import web
 
+from broker import errors
 from broker.keys import CONFIG, DISPATCHER, RUNTIME, TAKEOVER
 from broker.runtime import Runtime
-from broker.services.delivery import CLOSE_REPLACED, NodeConnection
+from broker.services.delivery import Connection
 from eventstore.base import Envelope, StoreError
 from eventstore.events import NodeConnected
 
@@ -36,15 +37,15 @@ SHARED_BACKENDS = ("nats",)
 class Takeover:
     """Closes this instance's connection of a node when a newer one is announced elsewhere."""
 
-    def __init__(self, runtime: Runtime, connections: dict[str, NodeConnection]) -> None:
+    def __init__(self, runtime: Runtime, connections: dict[str, Connection]) -> None:
         self.runtime = runtime
         self.connections = connections  # the dispatcher's: node id -> its current connection
         self.instance = secrets.token_hex(8)
-        self._ids: weakref.WeakKeyDictionary[NodeConnection, str] = weakref.WeakKeyDictionary()
+        self._ids: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._announced: dict[str, int] = {}  # connection id -> seq of its announcement
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def announce(self, conn: NodeConnection) -> None:
+    async def announce(self, conn: Connection) -> None:
         """Record that this instance accepted `conn` (after the dispatcher made it current)."""
         cid = secrets.token_hex(8)
         self._ids[conn] = cid
@@ -68,9 +69,7 @@ class Takeover:
                 continue
             announced = self._announced.get(self._ids.get(conn, ""))
             if announced is not None and announced < env.seq:
-                task = asyncio.get_running_loop().create_task(
-                    conn.close(CLOSE_REPLACED, "replaced by a newer connection")
-                )
+                task = asyncio.get_running_loop().create_task(conn.close(errors.REPLACED))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -89,7 +88,7 @@ async def _takeover_ctx(app: web.Application) -> AsyncIterator[None]:
             runtime.unreact(takeover.on_append)
 
 
-async def announce(app: web.Application, conn: NodeConnection) -> None:
+async def announce(app: web.Application, conn: Connection) -> None:
     """Called by the node WebSocket once `conn` is the node's connection on this instance."""
     if app[CONFIG].store.backend in SHARED_BACKENDS:
         await app[TAKEOVER].announce(conn)

@@ -18,9 +18,11 @@ from collections.abc import Callable
 import msgspec
 import structlog
 
+from broker import errors
+from broker.errors import BrokerError
 from broker.runtime import Runtime
-from broker.services.delivery import NodeConnection
-from eventstore.base import StoreError, StoreUnavailable
+from broker.ws.wire import NodeConnection, error_frame
+from eventstore.base import StoreError
 from eventstore.events import BaseEvent
 
 log = structlog.get_logger(__name__)
@@ -37,12 +39,9 @@ class _Frame(msgspec.Struct, gc=False):
     done: Callable[[], None]  # called once answered (frees the connection's slot)
 
 
-def _error_answer(frame: _Frame, code: str, message: str) -> bytes:
-    errors = [
-        {"type": "error", "ref": ref, "error": {"code": code, "message": message}}
-        for ref in frame.refs
-    ]
-    return _json.encode(errors[0] if frame.single else errors)
+def _error_answer(frame: _Frame, err: BrokerError) -> bytes:
+    answers = [error_frame(err, ref) for ref in frame.refs]
+    return _json.encode(answers[0] if frame.single else answers)
 
 
 class HeartbeatBatch:
@@ -95,11 +94,11 @@ class HeartbeatBatch:
         try:
             await self.runtime.record(frame.events)
             return frame.ok
-        except StoreUnavailable:
-            return _error_answer(frame, "SERVICE_UNAVAILABLE", "the event log is unavailable")
         except StoreError as exc:
-            log.warning("heartbeat_not_recorded", node_id=frame.conn.node_id, error=str(exc))
-            return _error_answer(frame, "VALIDATION_ERROR", str(exc))
+            err = errors.from_store(exc)
+            if err is None or err.code != errors.Unavailable.code:
+                log.warning("heartbeat_not_recorded", node_id=frame.conn.node_id, error=str(exc))
+            return _error_answer(frame, err or errors.ValidationFailed(str(exc)))
 
     async def drain(self) -> None:
         """Let the batches being recorded finish (at shutdown)."""
