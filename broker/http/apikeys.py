@@ -19,7 +19,7 @@ from broker.http.ratelimit import LOGIN
 from broker.http.routing import Routes
 from broker.keys import API_KEYS, RUNTIME, TOKENS
 from broker.services import apikeys, operators
-from broker.services.nodes import iso
+from eventstore.timestamps import iso
 from projections.apikeys import ApiKey
 
 routes = Routes("api-keys")

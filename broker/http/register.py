@@ -22,7 +22,7 @@ from broker.http.ratelimit import LOGIN, charge_subject
 from broker.http.routing import Routes
 from broker.keys import CONFIG, RUNTIME
 from broker.services import operators
-from broker.services.nodes import iso
+from eventstore.timestamps import iso
 
 routes = Routes("operators")
 log = structlog.get_logger("broker.register")

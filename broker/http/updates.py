@@ -26,8 +26,8 @@ from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.routing import Routes
 from broker.keys import CONFIG, REQUEST_ID, RUNTIME, UPDATE_FILES
 from broker.services import updates
-from broker.services.licensing import iso_time
 from broker.services.updates import UpdateFiles
+from eventstore.timestamps import iso
 from projections.updates import SEMVER, Update
 
 routes = Routes("updates")
@@ -102,9 +102,9 @@ def update_out(u: Update) -> UpdateOut:
         sha256=u.sha256,
         filename=u.filename,
         tenant_ids=u.tenant_ids,
-        created_at=iso_time(u.created_at) or "",
+        created_at=iso(u.created_at) or "",
         withdrawn=u.withdrawn,
-        withdrawn_at=iso_time(u.withdrawn_at),
+        withdrawn_at=iso(u.withdrawn_at),
         withdraw_reason=u.withdraw_reason,
         download_url=f"/update/download/{u.id}",
     )
