@@ -1,33 +1,103 @@
-"""The application factory: the only place that wires things (STYLE.md 8)."""
+"""The wiring: the one place that builds every service and starts it (STYLE.md 8).
+
+`create_app` builds what needs no log (the authenticators, limiters, caches, the snapshotter that
+opens the log) and installs the routes; `_serve`, the application's one cleanup context, opens the
+log and starts the rest. Its code order *is* the start-up order, and the shutdown is that order
+reversed (an `AsyncExitStack`): the log opens first and closes last; what reacts to appends
+(`Runtime.react`) reacts in the order it is added here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from broker.config import Config
-from broker.http import apikeys as routes_apikeys
+from broker.http import apikeys as apikeys_routes
 from broker.http import console, openapi, ratelimit, redoc, system
-from broker.http import events as routes_events
-from broker.http import licensing as routes_licensing
-from broker.http import log as routes_log
-from broker.http import messages as routes_messages
-from broker.http import nodes as routes_nodes
-from broker.http import operators as routes_operators
-from broker.http import passwords as routes_passwords
-from broker.http import register as routes_register
-from broker.http import telemetry as routes_telemetry
-from broker.http import updates as routes_updates
+from broker.http import events as events_routes
+from broker.http import licensing as licensing_routes
+from broker.http import log as log_routes
+from broker.http import messages as messages_routes
+from broker.http import nodes as nodes_routes
+from broker.http import operators as operators_routes
+from broker.http import passwords as passwords_routes
+from broker.http import register as register_routes
+from broker.http import telemetry as telemetry_routes
+from broker.http import updates as updates_routes
 from broker.http.auth import auth_middleware
+from broker.http.limits import RateLimiter
 from broker.http.middleware import request_context
-from broker.keys import CONFIG, METRICS, RUNTIME, SNAPSHOTS
+from broker.http.routing import OpenApiCache
+from broker.keys import (
+    API_KEYS,
+    AUTHENTICATOR,
+    COMPACTOR,
+    CONFIG,
+    CONSOLE_FILES,
+    DISPATCHER,
+    FEEDS,
+    HEARTBEATS,
+    LICENSE_USES,
+    LIMITER,
+    MESSAGING,
+    METRICS,
+    NODES,
+    OPENAPI,
+    REBUILDER,
+    RUNTIME,
+    SCRAPE_TOKEN,
+    SNAPSHOTS,
+    TAKEOVER,
+    TELEMETRY_LIMITER,
+    TOKENS,
+    UPDATE_FILES,
+    WATCHED,
+    WS_CAP,
+)
 from broker.metrics import Metrics
 from broker.runtime import Runtime
-from broker.services import connections, tokens
-from broker.upkeep import compaction, snapshots
-from broker.ws import nodes as ws_nodes
-from broker.ws import operators as ws_operators
+from broker.services import apikeys, eventlog, monitoring
+from broker.services.connections import SHARED_BACKENDS, Takeover
+from broker.services.delivery import Dispatcher
+from broker.services.licensing import LicenseUses
+from broker.services.messaging import Messaging
+from broker.services.nodes import NodeService, build_discovery_indices
+from broker.services.telemetry import TenantRateLimiter
+from broker.services.tokens import TokenService
+from broker.services.updates import UpdateFiles
+from broker.upkeep.compaction import Compactor
+from broker.upkeep.snapshots import Snapshotter
+from broker.ws import nodes as node_sockets
+from broker.ws import operators as operator_sockets
+from broker.ws.heartbeats import HeartbeatBatch
+
+# Every route table, in the order they are installed (a route's place in the table decides nothing
+# but the order of the OpenAPI document's paths).
+ROUTES = (
+    system.routes,
+    nodes_routes.routes,
+    operators_routes.routes,
+    passwords_routes.routes,
+    apikeys_routes.routes,
+    register_routes.routes,  # POST /auth/register, off unless [auth] self_registration
+    licensing_routes.routes,
+    updates_routes.routes,
+    telemetry_routes.routes,
+    messages_routes.routes,
+    node_sockets.routes,
+    events_routes.routes,
+    log_routes.routes,
+    operator_sockets.routes,
+    openapi.routes,
+    redoc.routes,
+    console.routes,  # the operator console's page and files (docs/console.md)
+)
 
 
 def create_app(config: Config) -> web.Application:
@@ -36,40 +106,111 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
-    app[METRICS] = Metrics()
-    app.cleanup_ctx.append(_runtime_ctx)
-    tokens.setup(app)  # the real authenticator; its context needs the runtime's
-    ratelimit.setup(app)
-    system.setup(app)
-    routes_nodes.setup(app)
-    routes_operators.setup(app)
-    routes_passwords.setup(app)
-    routes_apikeys.setup(app)  # API keys wherever tokens are accepted: after tokens.setup
-    routes_register.setup(app)  # POST /auth/register, off unless [auth] self_registration
-    routes_licensing.setup(app)
-    routes_updates.setup(app)
-    routes_telemetry.setup(app)
-    routes_messages.setup(app)
-    ws_nodes.setup(app)
-    connections.setup(app)  # across instances, a node's newest WebSocket wins (nats backend)
-    routes_events.setup(app)
-    routes_log.setup(app)
-    ws_operators.setup(app)
-    openapi.setup(app)
-    redoc.setup(app)
-    snapshots.setup(app)
-    compaction.setup(app)  # after snapshots: a compaction takes one first
-    console.setup(app)  # the operator console's page and files (docs/console.md)
+    metrics = app[METRICS] = Metrics()
+    app[SNAPSHOTS] = Snapshotter(config)  # opens the log: newest valid snapshot + the tail
+    tokens = app[TOKENS] = TokenService(config.auth, config.server.data_dir)
+    # Bearer tokens and API keys wherever a token is accepted (a test may still replace
+    # app[AUTHENTICATOR] with a stub after create_app returns).
+    keys = app[API_KEYS] = apikeys.KeyAuthenticator(lambda: app[RUNTIME], lambda: tokens.clock())
+    app[AUTHENTICATOR] = apikeys.with_api_keys(keys, tokens.authenticate)
+    app[NODES] = NodeService(config.auth, tokens)
+    app[LIMITER] = RateLimiter(config.limits)
+    app.on_response_prepare.append(ratelimit.add_headers)
+    app[TELEMETRY_LIMITER] = TenantRateLimiter(
+        config.telemetry.rate_limit_per_minute, config.telemetry.rate_limit_burst
+    )
+    app[UPDATE_FILES] = UpdateFiles(config.server.data_dir, config.updates.max_file_bytes)
+    app[REBUILDER] = eventlog.Rebuilder.for_config(config.delivery, config.events.rebuild_window)
+    app[FEEDS] = eventlog.Feeds()
+    app[OPENAPI] = OpenApiCache()
+    app[WS_CAP] = node_sockets.connection_cap(config.delivery)
+    watched = monitoring.Watched(feeds=app[FEEDS], snapshots=app[SNAPSHOTS])
+    metrics.registry.register(monitoring.StateCollector(watched))
+    app[WATCHED] = watched
+    for routes in ROUTES:
+        routes.install(app)
+    app.on_shutdown.append(_close_feeds)  # before the contexts unwind: feeds end their streams
+    app.cleanup_ctx.append(_serve)
     return app
 
 
-async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-    store, projections = await app[SNAPSHOTS].open_log()  # newest valid snapshot + the tail
-    runtime = Runtime(store, projections, metrics=app[METRICS])
-    try:
+async def _serve(app: web.Application) -> AsyncIterator[None]:
+    config, metrics = app[CONFIG], app[METRICS]
+    watched = app[WATCHED]
+    async with contextlib.AsyncExitStack() as stack:
+        if config.auth.metrics_token_file:  # a bad token file fails before the log opens
+            token_file = Path(config.auth.metrics_token_file)
+            app[SCRAPE_TOKEN] = await asyncio.to_thread(monitoring.load_scrape_token, token_file)
+
+        # The log and the projections.
+        snapshotter = app[SNAPSHOTS]
+        store, projections = await snapshotter.open_log()
+        stack.push_async_callback(store.close)
+        runtime = Runtime(store, projections, metrics=metrics)
+        stack.push_async_callback(runtime.stop)
         await runtime.start()
-        app[RUNTIME] = runtime
+        app[RUNTIME] = watched.runtime = runtime
+        stack.callback(setattr, watched, "runtime", None)
+
+        # What is counted from the log, and how long its commits take.
+        runtime.react(lambda envs: monitoring.count_outcomes(metrics, envs))
+        if hasattr(store, "commit_observer"):  # the embedded log times its group commits
+            store.commit_observer = lambda seconds, _n: metrics.commit_seconds.observe(seconds)
+            stack.callback(setattr, store, "commit_observer", None)
+
+        # Identity: tokens, nodes (and the discovery indices, built in the background).
+        tokens, nodes = app[TOKENS], app[NODES]
+        await tokens.start(runtime)
+        stack.callback(tokens.stop)
+        nodes.start(runtime)
+        stack.callback(nodes.stop)
+        _background(stack, build_discovery_indices(nodes), "discovery-indices")
+        # Open feeds check their credential again as soon as one may have been revoked.
+        runtime.react(apikeys.on_revocations(app[FEEDS]))
+
+        # Licensing and messaging: the dispatcher pushes to connected nodes.
+        uses = app[LICENSE_USES] = LicenseUses()
+        stack.push_async_callback(uses.close)
+        messaging = app[MESSAGING] = Messaging(runtime, config.delivery)
+        dispatcher = app[DISPATCHER] = Dispatcher(runtime, messaging, config.delivery)
+        metrics.node_connections.set_function(lambda: len(dispatcher.connections))
+        await dispatcher.start()
+        stack.push_async_callback(dispatcher.stop)
+        batch = app[HEARTBEATS] = HeartbeatBatch(runtime)
+        stack.push_async_callback(batch.drain)
+        # Across instances, a node's newest WebSocket wins (the shared backends).
+        shared = config.store.backend in SHARED_BACKENDS
+        takeover = app[TAKEOVER] = Takeover(runtime, dispatcher.connections, shared=shared)
+        if shared:
+            runtime.react(takeover.on_append)
+
+        # The log's upkeep: snapshots, then compaction (a compaction takes a snapshot first).
+        if snapshotter.attach(runtime):
+            stack.push_async_callback(snapshotter.detach)
+        compactor = app[COMPACTOR] = watched.compactor = Compactor(
+            config.retention, runtime, snapshotter
+        )
+        if config.retention.every > 0 and hasattr(store, "on_writer"):
+            _background(stack, compactor.run_every(config.retention.every), "compaction")
+
+        # The operator console's files, listed once.
+        app[CONSOLE_FILES] = await asyncio.to_thread(console.list_assets)
         yield
-    finally:
-        await runtime.stop()
-        await store.close()
+
+
+async def _close_feeds(app: web.Application) -> None:
+    await app[FEEDS].close_all()
+
+
+def _background(
+    stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str
+) -> None:
+    """Run `work` as a task until the stack unwinds."""
+    task = asyncio.get_running_loop().create_task(work, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)

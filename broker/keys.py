@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,18 +9,19 @@ from aiohttp import web
 
 from broker.config import Config
 from broker.metrics import Metrics
-from broker.principal import Principal
+from broker.principal import Authenticator, Principal
 from broker.runtime import Runtime
 
-if TYPE_CHECKING:  # these modules import this one
-    from broker.http.openapi import OpenApiCache
-    from broker.http.ratelimit import Decision, RateLimiter
+if TYPE_CHECKING:  # only the fronts (broker.http, broker.ws) and the wiring read the keys
+    from broker.http.limits import Decision, RateLimiter
+    from broker.http.routing import OpenApiCache
     from broker.services.apikeys import KeyAuthenticator
     from broker.services.connections import Takeover
     from broker.services.delivery import Dispatcher
     from broker.services.eventlog import Feeds, Rebuilder
     from broker.services.licensing import LicenseUses
     from broker.services.messaging import Messaging
+    from broker.services.monitoring import Watched
     from broker.services.nodes import NodeService
     from broker.services.telemetry import TenantRateLimiter
     from broker.services.tokens import TokenService
@@ -34,11 +34,9 @@ CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 RUNTIME = web.AppKey("runtime", Runtime)
 
-# Turns a bearer token into a Principal or raises AuthenticationFailed (see broker.http.auth).
-Authenticator = Callable[[str], Awaitable[Principal]]
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 
-# Identity (broker.services.tokens, broker.services.nodes) and rate limits (broker.http.ratelimit).
+# Identity (broker.services.tokens, broker.services.nodes) and rate limits (broker.http.limits).
 TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
 NODES: web.AppKey[NodeService] = web.AppKey("nodes")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
@@ -64,6 +62,7 @@ FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
 SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
 COMPACTOR: web.AppKey[Compactor] = web.AppKey("compactor")
+WATCHED: web.AppKey[Watched] = web.AppKey("watched")  # what /metrics reports at scrape time
 CONSOLE_FILES: web.AppKey[dict[str, Path]] = web.AppKey("console_files")  # name -> file
 
 # Per-request keys (request[...]).

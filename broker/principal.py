@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,3 +24,7 @@ class Principal:
 
     def can(self, permission: str) -> bool:
         return self.kind == "user" and permission in self.permissions
+
+
+# Turns a bearer token into a Principal or raises AuthenticationFailed (see broker.http.auth).
+Authenticator = Callable[[str], Awaitable["Principal"]]

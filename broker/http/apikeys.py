@@ -187,8 +187,3 @@ async def login_key(request: web.Request) -> web.Response:
     return json_response(
         KeyLogin(pair.access_token, pair.refresh_token, pair.token_type, pair.expires_in, info)
     )
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)
-    apikeys.setup(app)

@@ -75,7 +75,7 @@ HEADERS = {
 }
 
 
-def _list_assets() -> dict[str, Path]:
+def list_assets() -> dict[str, Path]:
     """Every file under assets/console by its path relative to it (blocking: in a thread)."""
     if not STATIC.is_dir():
         return {}
@@ -166,10 +166,6 @@ class SystemInfo(msgspec.Struct, kw_only=True):
     last_verify: LastVerify | None  # the last `broker verify` (its checkpoint), if any
     log_files: list[FileInfo]  # the SQLite log's files (none for nats or memory)
     snapshots: SnapshotsInfo
-
-
-async def _load_assets(app: web.Application) -> None:
-    app[CONSOLE_FILES] = await asyncio.to_thread(_list_assets)
 
 
 @routes.get(
@@ -345,8 +341,3 @@ async def root(request: web.Request) -> web.StreamResponse:
     if "text/html" in request.headers.get("Accept", ""):
         raise web.HTTPFound("/console")
     raise NotFound("Not found: / (the API is under /api/v1; the console at /console)")
-
-
-def setup(app: web.Application) -> None:
-    app.on_startup.append(_load_assets)
-    routes.install(app)

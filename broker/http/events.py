@@ -222,15 +222,3 @@ async def projection_state(request: web.Request) -> web.Response:
         request.app[RUNTIME].store, request.match_info["projection"], q.at_seq
     )
     return json_response(state)
-
-
-async def _close_feeds(app: web.Application) -> None:
-    await app[FEEDS].close_all()
-
-
-def setup(app: web.Application) -> None:
-    config = app[CONFIG]
-    app[REBUILDER] = eventlog.Rebuilder.for_config(config.delivery, config.events.rebuild_window)
-    app[FEEDS] = eventlog.Feeds()
-    app.on_shutdown.append(_close_feeds)
-    routes.install(app)

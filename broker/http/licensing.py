@@ -7,7 +7,6 @@ the credential. Everything under `/api/v1/admin/` needs the `licenses:admin` per
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 import msgspec
@@ -20,7 +19,6 @@ from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.routing import Routes
 from broker.keys import LICENSE_USES, RUNTIME
 from broker.services import licensing
-from broker.services.licensing import LicenseUses
 from eventstore.timestamps import iso
 from projections.tenants import License, Tenant, TenantsProjection
 
@@ -338,14 +336,3 @@ async def validate_license(request: web.Request) -> web.Response:
         ),
         headers={"Cache-Control": "no-store"},
     )
-
-
-async def _license_uses_ctx(app: web.Application) -> AsyncIterator[None]:
-    uses = app[LICENSE_USES] = LicenseUses()
-    yield
-    await uses.close()
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)
-    app.cleanup_ctx.append(_license_uses_ctx)

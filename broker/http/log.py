@@ -163,7 +163,3 @@ async def compact(request: web.Request) -> web.Response:
         raise CompactionUnavailable("compaction is not available on this server")
     report = await compactor.compact(dry_run=q.dry_run)
     return json_response(report)
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)

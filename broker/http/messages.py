@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
@@ -12,12 +11,10 @@ from broker.http.auth import Authenticated, Permission, principal_of
 from broker.http.bodies import decode_body, json_response
 from broker.http.pagination import decode_query
 from broker.http.routing import Routes
-from broker.keys import CONFIG, DISPATCHER, MESSAGING, METRICS, RUNTIME
-from broker.services.delivery import Dispatcher
+from broker.keys import MESSAGING
 from broker.services.messaging import (
     DeadLetterView,
     MessageView,
-    Messaging,
     SendRequest,
     SendResult,
 )
@@ -129,22 +126,3 @@ async def redrive(request: web.Request) -> web.Response:
 async def get_message(request: web.Request) -> web.Response:
     view = request.app[MESSAGING].view(principal_of(request), request.match_info["message_id"])
     return json_response(view)
-
-
-async def _messaging_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG].delivery
-    messaging = Messaging(app[RUNTIME], config)
-    dispatcher = Dispatcher(app[RUNTIME], messaging, config)
-    app[MESSAGING] = messaging
-    app[DISPATCHER] = dispatcher
-    app[METRICS].node_connections.set_function(lambda: len(dispatcher.connections))
-    await dispatcher.start()
-    try:
-        yield
-    finally:
-        await dispatcher.stop()
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)
-    app.cleanup_ctx.append(_messaging_ctx)  # after the runtime's context (registered first)

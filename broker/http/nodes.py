@@ -5,9 +5,6 @@ Thin handlers: decode, call one `NodeService`/`TokenService` function, encode.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
@@ -19,13 +16,12 @@ from broker.http.bodies import decode_body, json_response
 from broker.http.pagination import decode_query
 from broker.http.ratelimit import LOGIN, charge_subject
 from broker.http.routing import Routes
-from broker.keys import CONFIG, NODES, RUNTIME, TOKENS
+from broker.keys import NODES, TOKENS
 from broker.principal import Principal
 from broker.services.nodes import (
     NODE_ID_PATTERN,
     Label,
     NodeList,
-    NodeService,
     NodesQuery,
     NodeView,
     Timestamp,
@@ -34,7 +30,6 @@ from broker.services.nodes import (
 from broker.services.tokens import TokenPair
 
 routes = Routes("nodes")
-ORDERS_CHECK = 10.0  # seconds between two looks for discovery orders to build
 
 NodeId = Annotated[str, msgspec.Meta(pattern=NODE_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -294,33 +289,3 @@ async def deregister(request: web.Request) -> web.Response:
 
 
 # --- wiring ---
-
-
-async def _nodes_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[NODES].start(app[RUNTIME])
-    builder = asyncio.create_task(_build_discovery_indices(app[NODES]), name="discovery-indices")
-    yield
-    builder.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await builder
-    app[NODES].stop()
-
-
-async def _build_discovery_indices(service: NodeService) -> None:
-    """The discovery orders and presence windows built in the background once the server is
-    up, one bounded slice per turn of the loop (again after the indices are rebuilt)."""
-    while True:
-        index = service.runtime.nodes.index
-        index.build_orders()
-        for within in (service.online_within, service.stale_within):
-            index.prepare_window(within, service.clock())
-        while index.build_step():
-            await asyncio.sleep(0)
-        await asyncio.sleep(ORDERS_CHECK)
-
-
-def setup(app: web.Application) -> None:
-    """Install the node service and routes; after `broker.services.tokens.setup`."""
-    app[NODES] = NodeService(app[CONFIG].auth, app[TOKENS])
-    app.cleanup_ctx.append(_nodes_ctx)
-    routes.install(app)

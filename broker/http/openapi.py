@@ -53,14 +53,6 @@ class ErrorBody(msgspec.Struct):
     error: ErrorDetail
 
 
-class OpenApiCache:
-    """The document and the Swagger UI asset list, built once per application."""
-
-    def __init__(self) -> None:
-        self.document: bytes | None = None
-        self.assets: dict[str, Path] | None = None
-
-
 # --- the document ---
 
 
@@ -374,8 +366,3 @@ async def docs_asset(request: web.Request) -> web.FileResponse:
     if path is None:
         raise NotFound(f"Not found: {request.path}")
     return web.FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
-
-
-def setup(app: web.Application) -> None:
-    app[OPENAPI] = OpenApiCache()
-    routes.install(app)

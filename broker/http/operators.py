@@ -477,7 +477,3 @@ async def create_permission(request: web.Request) -> web.Response:
         )
     perm = await operators.create_permission(request.app[RUNTIME], name, body.description)
     return json_response(_permission_view(perm), status=201)
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)

@@ -77,7 +77,3 @@ async def reset_password(request: web.Request) -> web.Response:
         request.app[RUNTIME], request.match_info["user_id"], body.password, body.force_change
     )
     return json_response(PasswordReset(user.id, user.username, user.must_change_password))
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)

@@ -45,7 +45,3 @@ async def redoc_page(request: web.Request) -> web.Response:
 async def redoc_bundle(request: web.Request) -> web.FileResponse:
     cache = {"Cache-Control": "public, max-age=86400", "Content-Type": "application/javascript"}
     return web.FileResponse(BUNDLE, headers=cache)
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)

@@ -88,7 +88,3 @@ async def register(request: web.Request) -> web.Response:
         user.id, body.email, user.full_name, user.is_active, list(user.roles), iso(user.created_at)
     )
     return json_response(view, status=201)
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)

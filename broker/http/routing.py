@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -128,3 +129,11 @@ class Routes:
                 app.router.add_get(info.path, handler, allow_head=True)
             else:
                 app.router.add_route(info.method, info.path, handler)
+
+
+class OpenApiCache:
+    """The document and the Swagger UI asset list, built once per application."""
+
+    def __init__(self) -> None:
+        self.document: bytes | None = None
+        self.assets: dict[str, Path] | None = None

@@ -14,7 +14,7 @@ from broker.http.bodies import decode_body, json_response
 from broker.http.routing import Routes
 from broker.keys import CONFIG, RUNTIME, TELEMETRY_LIMITER
 from broker.services import licensing, telemetry
-from broker.services.telemetry import MSG_RECORDED, TenantRateLimiter
+from broker.services.telemetry import MSG_RECORDED
 from eventstore.timestamps import iso
 from projections.telemetry import Sample, WindowStats
 
@@ -168,9 +168,3 @@ async def tenant_telemetry_summary(request: web.Request) -> web.Response:
             last_day=_window_out(windows["last_day"]),
         )
     )
-
-
-def setup(app: web.Application) -> None:
-    cfg = app[CONFIG].telemetry
-    app[TELEMETRY_LIMITER] = TenantRateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst)
-    routes.install(app)

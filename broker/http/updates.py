@@ -24,9 +24,8 @@ from broker.http.auth import Permission, Public
 from broker.http.bodies import decode_body, json_response
 from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.routing import Routes
-from broker.keys import CONFIG, REQUEST_ID, RUNTIME, UPDATE_FILES
+from broker.keys import REQUEST_ID, RUNTIME, UPDATE_FILES
 from broker.services import updates
-from broker.services.updates import UpdateFiles
 from eventstore.timestamps import iso
 from projections.updates import SEMVER, Update
 
@@ -415,12 +414,3 @@ def _b64(hex_digest: str) -> str:
 
 def _ascii(name: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
-
-
-# --- wiring ---
-
-
-def setup(app: web.Application) -> None:
-    config = app[CONFIG]
-    app[UPDATE_FILES] = UpdateFiles(config.server.data_dir, config.updates.max_file_bytes)
-    routes.install(app)

@@ -17,11 +17,10 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import structlog
-from aiohttp import web
 
 from broker.errors import (
     AuthenticationFailed,
@@ -30,9 +29,9 @@ from broker.errors import (
     NotFound,
     ValidationFailed,
 )
-from broker.keys import API_KEYS, AUTHENTICATOR, FEEDS, RUNTIME, TOKENS
-from broker.principal import Principal
-from broker.runtime import Runtime
+from broker.principal import Authenticator, Principal
+from broker.runtime import Reaction, Runtime
+from broker.services.eventlog import Feeds
 from eventstore.base import Envelope, StoreError
 from eventstore.events import (
     ApiKeyCreated,
@@ -224,22 +223,6 @@ class KeyAuthenticator:
             self._recording.discard(record.id)
 
 
-def setup(app: web.Application) -> None:
-    """Accept API keys wherever a bearer token is accepted: wraps `app[AUTHENTICATOR]` (so call
-    it after `broker.services.tokens.setup`)."""
-    keys = KeyAuthenticator(lambda: app[RUNTIME], lambda: app[TOKENS].clock())
-    app[API_KEYS] = keys
-    tokens = app[AUTHENTICATOR]
-
-    async def authenticate(token: str) -> Principal:
-        if is_key(token):
-            return await keys.authenticate(token)
-        return await tokens(token)
-
-    app[AUTHENTICATOR] = authenticate
-    app.cleanup_ctx.append(_revocations_ctx)
-
-
 # Events after which an open feed's credential may no longer be valid.
 REVOKING = (
     ApiKeyRevoked,
@@ -251,18 +234,23 @@ REVOKING = (
 )
 
 
-async def _revocations_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open feeds (operator WebSockets, SSE) check their credential again as soon as one may
-    have been revoked: on this instance or, on a shared log, any other."""
-    feeds = app[FEEDS]
+def on_revocations(feeds: Feeds) -> Reaction:
+    """A runtime reaction: open feeds (operator WebSockets, SSE) check their credential again as
+    soon as one may have been revoked, on this instance or, on a shared log, any other."""
 
     def on_append(envs: Sequence[Envelope]) -> None:
         if any(isinstance(env.event, REVOKING) for env in envs):
             feeds.credentials_changed()
 
-    runtime = app[RUNTIME]
-    runtime.react(on_append)
-    try:
-        yield
-    finally:
-        runtime.unreact(on_append)
+    return on_append
+
+
+def with_api_keys(keys: KeyAuthenticator, tokens: Authenticator) -> Authenticator:
+    """Accept API keys wherever a bearer token is accepted."""
+
+    async def authenticate(token: str) -> Principal:
+        if is_key(token):
+            return await keys.authenticate(token)
+        return await tokens(token)
+
+    return authenticate

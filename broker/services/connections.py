@@ -17,13 +17,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import structlog
-from aiohttp import web
 
 from broker import errors
-from broker.keys import CONFIG, DISPATCHER, RUNTIME, TAKEOVER
 from broker.runtime import Runtime
 from broker.services.delivery import Connection
 from eventstore.base import Envelope, StoreError
@@ -37,8 +35,11 @@ SHARED_BACKENDS = ("nats",)
 class Takeover:
     """Closes this instance's connection of a node when a newer one is announced elsewhere."""
 
-    def __init__(self, runtime: Runtime, connections: dict[str, Connection]) -> None:
+    def __init__(
+        self, runtime: Runtime, connections: dict[str, Connection], *, shared: bool
+    ) -> None:
         self.runtime = runtime
+        self.shared = shared  # several instances on one log: else nothing is recorded
         self.connections = connections  # the dispatcher's: node id -> its current connection
         self.instance = secrets.token_hex(8)
         self._ids: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
@@ -47,6 +48,8 @@ class Takeover:
 
     async def announce(self, conn: Connection) -> None:
         """Record that this instance accepted `conn` (after the dispatcher made it current)."""
+        if not self.shared:
+            return
         cid = secrets.token_hex(8)
         self._ids[conn] = cid
         weakref.finalize(conn, self._announced.pop, cid, None)
@@ -72,27 +75,3 @@ class Takeover:
                 task = asyncio.get_running_loop().create_task(conn.close(errors.REPLACED))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-
-
-async def _takeover_ctx(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
-    shared = app[CONFIG].store.backend in SHARED_BACKENDS
-    takeover = Takeover(runtime, app[DISPATCHER].connections)
-    app[TAKEOVER] = takeover
-    if shared:
-        runtime.react(takeover.on_append)
-    try:
-        yield
-    finally:
-        if shared:
-            runtime.unreact(takeover.on_append)
-
-
-async def announce(app: web.Application, conn: Connection) -> None:
-    """Called by the node WebSocket once `conn` is the node's connection on this instance."""
-    if app[CONFIG].store.backend in SHARED_BACKENDS:
-        await app[TAKEOVER].announce(conn)
-
-
-def setup(app: web.Application) -> None:
-    app.cleanup_ctx.append(_takeover_ctx)  # after the messaging context (the dispatcher)

@@ -13,23 +13,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import hmac
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker.config import ConfigError
-from broker.errors import Forbidden
-from broker.http.auth import authenticate, bearer_token, credential
-from broker.keys import COMPACTOR, CONFIG, FEEDS, METRICS, RUNTIME, SCRAPE_TOKEN, SNAPSHOTS
 from broker.metrics import Metrics
+from broker.runtime import Runtime
+from broker.services.eventlog import Feeds
+from broker.upkeep.compaction import Compactor
+from broker.upkeep.snapshots import Snapshotter
 from eventstore.base import Envelope
 from eventstore.events import (
     MessageDeadLettered,
@@ -47,7 +46,7 @@ READ = "metrics:read"
 # --- who may read ---
 
 
-def _digest(token: str) -> str:
+def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -69,19 +68,7 @@ def load_scrape_token(path: Path) -> str:
             f"[auth] metrics_token_file {path} must hold one token of at least 32 characters "
             "(e.g. openssl rand -hex 32)"
         )
-    return _digest(token)
-
-
-async def authorize(request: web.Request) -> None:
-    """Let the caller read the metrics, or raise 401/403."""
-    header = credential(request.headers)
-    digest = request.app.get(SCRAPE_TOKEN)
-    token = bearer_token(header)
-    if digest and token is not None and hmac.compare_digest(_digest(token), digest):
-        return
-    principal = await authenticate(request.app, header)
-    if principal.api_key and not principal.can(READ):
-        raise Forbidden(f"missing permission {READ}")
+    return digest(token)
 
 
 # --- counted from the log ---
@@ -110,22 +97,31 @@ def count_outcomes(metrics: Metrics, envs: Sequence[Envelope]) -> None:
 # --- read at scrape time ---
 
 
+@dataclass
+class Watched:
+    """What the state gauges read; the wiring fills it in as the server starts."""
+
+    feeds: Feeds
+    snapshots: Snapshotter
+    runtime: Runtime | None = None  # None: not started (or stopped)
+    compactor: Compactor | None = None
+
+
 class StateCollector(Collector):
     """Gauges of the application's state, computed when the metrics are read."""
 
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
+    def __init__(self, watched: Watched) -> None:
+        self.watched = watched
 
     def collect(self) -> Iterator[Metric]:
-        app = self.app
-        runtime = app.get(RUNTIME)
-        if runtime is None:  # not started (or stopped)
+        watched = self.watched
+        runtime = watched.runtime
+        if runtime is None:
             return
-        feeds = app.get(FEEDS)
         yield GaugeMetricFamily(
             "broker_feed_connections",
             "Operators' event feeds (WebSockets and SSE streams) open on this instance",
-            value=len(feeds.stoppers) if feeds else 0,
+            value=len(watched.feeds.stoppers),
         )
         queue = runtime.messages.queue
         depth = GaugeMetricFamily(
@@ -156,7 +152,7 @@ class StateCollector(Collector):
             "API keys neither revoked nor expired",
             value=sum(1 for k in runtime.apikeys.keys.values() if k.live(now)),
         )
-        compactor = app.get(COMPACTOR)
+        compactor = watched.compactor
         last = compactor.last if compactor is not None else None
         if last is not None and last.dry_run:
             last = None
@@ -175,55 +171,19 @@ class StateCollector(Collector):
             "When the last compaction of this instance finished (0: none since the start)",
             value=last.finished_at if last else 0.0,
         )
-        snapshots = app.get(SNAPSHOTS)
-        if snapshots is not None:
-            yield GaugeMetricFamily(
-                "broker_snapshot_seq",
-                "Seq covered by the newest snapshot",
-                value=snapshots.last_seq,
-            )
-            yield GaugeMetricFamily(
-                "broker_snapshot_behind_events",
-                "Events applied since the newest snapshot",
-                value=max(0, runtime.projections.seq - snapshots.last_seq),
-            )
-            yield GaugeMetricFamily(
-                "broker_snapshot_failures",
-                "Periodic snapshots that failed in a row (0: the last one succeeded)",
-                value=snapshots.failures,
-            )
-
-
-# --- wiring ---
-
-
-async def _scrape_token_ctx(app: web.Application) -> AsyncIterator[None]:
-    path = app[CONFIG].auth.metrics_token_file
-    if path:
-        app[SCRAPE_TOKEN] = await asyncio.to_thread(load_scrape_token, Path(path))
-    yield
-
-
-async def _monitoring_ctx(app: web.Application) -> AsyncIterator[None]:
-    metrics, runtime = app[METRICS], app[RUNTIME]
-
-    def on_append(envs: Sequence[Envelope]) -> None:
-        count_outcomes(metrics, envs)
-
-    store = runtime.store
-    runtime.react(on_append)
-    if hasattr(store, "commit_observer"):  # the embedded log times its group commits
-        store.commit_observer = lambda seconds, _n: metrics.commit_seconds.observe(seconds)
-    try:
-        yield
-    finally:
-        runtime.unreact(on_append)
-        if hasattr(store, "commit_observer"):
-            store.commit_observer = None
-
-
-def setup(app: web.Application) -> None:
-    """Call after the runtime's context is registered."""
-    app[METRICS].registry.register(StateCollector(app))
-    app.cleanup_ctx.insert(0, _scrape_token_ctx)  # a bad token file fails before the log opens
-    app.cleanup_ctx.append(_monitoring_ctx)
+        snapshots = watched.snapshots
+        yield GaugeMetricFamily(
+            "broker_snapshot_seq",
+            "Seq covered by the newest snapshot",
+            value=snapshots.last_seq,
+        )
+        yield GaugeMetricFamily(
+            "broker_snapshot_behind_events",
+            "Events applied since the newest snapshot",
+            value=max(0, runtime.projections.seq - snapshots.last_seq),
+        )
+        yield GaugeMetricFamily(
+            "broker_snapshot_failures",
+            "Periodic snapshots that failed in a row (0: the last one succeeded)",
+            value=snapshots.failures,
+        )

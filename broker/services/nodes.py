@@ -12,6 +12,7 @@ the seed uses the maximum) and sends the signature hex-encoded.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -59,6 +60,8 @@ MAX_RSA_BITS = 8192
 MAX_RSA_EXPONENT = 2**32  # verification time grows with the exponent: refuse absurd ones
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)
 _SHA256 = hashes.SHA256()
+
+ORDERS_CHECK = 10.0  # seconds between two looks for discovery orders to build
 
 
 class NodeView(msgspec.Struct, kw_only=True):
@@ -407,3 +410,16 @@ class NodeService:
             last_login_at=iso(node.last_login_at),
             public_key=node.public_key if with_key else msgspec.UNSET,
         )
+
+
+async def build_discovery_indices(service: NodeService) -> None:
+    """The discovery orders and presence windows built in the background once the server is
+    up, one bounded slice per turn of the loop (again after the indices are rebuilt)."""
+    while True:
+        index = service.runtime.nodes.index
+        index.build_orders()
+        for within in (service.online_within, service.stale_within):
+            index.prepare_window(within, service.clock())
+        while index.build_step():
+            await asyncio.sleep(0)
+        await asyncio.sleep(ORDERS_CHECK)

@@ -25,21 +25,19 @@ import hmac
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
 import msgspec
-from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker.config import AuthConfig, ConfigError
 from broker.errors import AuthenticationFailed, Unavailable
-from broker.keys import AUTHENTICATOR, CONFIG, RUNTIME, TOKENS
 from broker.principal import Principal
 from broker.runtime import Runtime
 from eventstore.base import ConcurrencyError
@@ -404,24 +402,3 @@ class TokenService:
 
 def _www() -> dict[str, str]:
     return {"WWW-Authenticate": _CHALLENGE}
-
-
-# --- wiring ---
-
-
-async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
-    service = app[TOKENS]
-    await service.start(app[RUNTIME])
-    yield
-    service.stop()
-
-
-def setup(app: web.Application) -> None:
-    """Install the token service and the real authenticator. Call after the runtime context is
-    registered (this cleanup context needs `app[RUNTIME]`). A test may still replace
-    `app[AUTHENTICATOR]` with a stub after `create_app` returns."""
-    config = app[CONFIG]
-    service = TokenService(config.auth, config.server.data_dir)
-    app[TOKENS] = service
-    app[AUTHENTICATOR] = service.authenticate
-    app.cleanup_ctx.append(_tokens_ctx)

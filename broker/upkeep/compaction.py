@@ -36,7 +36,6 @@ from typing import Any
 
 import msgspec
 import structlog
-from aiohttp import web
 
 from broker.config import KEEP_NEWEST, Config, DeliveryConfig, RetentionConfig
 from broker.errors import CompactionUnavailable
@@ -113,6 +112,19 @@ class Compactor:
                 "compaction is built for the sqlite log; on NATS, see docs/scale-out.md"
             )
         return store
+
+    async def run_every(self, every: float) -> None:
+        """`broker serve`'s schedule: a compaction every `every` seconds, until cancelled or
+        until compaction turns out to be unavailable here."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.compact()
+            except CompactionUnavailable as exc:
+                log.warning("compaction_unavailable", reason=exc.message)
+                return
+            except Exception:
+                log.exception("compaction_failed")
 
     async def compact(
         self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None
@@ -299,43 +311,3 @@ async def offline(config: Config) -> AsyncIterator[Compactor]:
         snapshotter.runtime = None
         await runtime.stop()
         await store.close()
-
-
-# --- in broker serve: the background schedule ---
-
-
-async def _schedule(compactor: Compactor, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await compactor.compact()
-        except CompactionUnavailable as exc:
-            log.warning("compaction_unavailable", reason=exc.message)
-            return
-        except Exception:
-            log.exception("compaction_failed")
-
-
-async def _compaction_ctx(app: web.Application) -> AsyncIterator[None]:
-    from broker.keys import COMPACTOR, CONFIG, RUNTIME, SNAPSHOTS
-
-    config = app[CONFIG]
-    compactor = Compactor(config.retention, app[RUNTIME], app[SNAPSHOTS])
-    app[COMPACTOR] = compactor
-    task = None
-    if config.retention.every > 0 and hasattr(app[RUNTIME].store, "on_writer"):
-        task = asyncio.get_running_loop().create_task(
-            _schedule(compactor, config.retention.every), name="compaction"
-        )
-    try:
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def setup(app: web.Application) -> None:
-    """The compactor and its schedule; after the snapshots' context (a compaction takes one)."""
-    app.cleanup_ctx.append(_compaction_ctx)

@@ -34,7 +34,7 @@ import contextlib
 import functools
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +42,8 @@ from typing import Any
 
 import msgspec
 import structlog
-from aiohttp import web
 
 from broker.config import Config
-from broker.keys import CONFIG, RUNTIME, SNAPSHOTS
 from broker.runtime import Runtime, build_projections
 from broker.upkeep.snapshot_file import (
     FINGERPRINTS,
@@ -565,35 +563,30 @@ class Snapshotter:
         )
         return taken.path
 
+    def attach(self, runtime: Runtime) -> bool:
+        """Take snapshots of `runtime` from now on, if enabled and the log can check them
+        (it records chain hashes, or snapshots are kept in JetStream); False if not."""
+        supported = hasattr(runtime.store, "hash_at") or self.remote is not None
+        if not (self.enabled and supported):
+            return False
+        self.runtime, self.last_at = runtime, self.now()
+        runtime.react(self.on_append)
+        return True
+
+    async def detach(self) -> None:
+        """Stop, with a last snapshot: the next start replays nothing."""
+        if self.runtime is None:
+            return
+        self.runtime.unreact(self.on_append)
+        await self.wait()
+        try:
+            await self.take()
+        except Exception:
+            log.exception("snapshot_failed")
+        self.runtime = None
+
     async def wait(self) -> None:
         """Let a snapshot being written finish."""
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await self._task
-
-
-async def _snapshots_ctx(app: web.Application) -> AsyncIterator[None]:
-    snapshotter = app[SNAPSHOTS]
-    runtime = app[RUNTIME]
-    supported = hasattr(runtime.store, "hash_at") or snapshotter.remote is not None
-    if snapshotter.enabled and supported:
-        snapshotter.runtime, snapshotter.last_at = runtime, snapshotter.now()
-        runtime.store.add_listener(snapshotter.on_append)
-    try:
-        yield
-    finally:
-        if snapshotter.runtime is not None:
-            runtime.store.remove_listener(snapshotter.on_append)
-            await snapshotter.wait()
-            try:
-                await snapshotter.take()  # at shutdown: the next start replays nothing
-            except Exception:
-                log.exception("snapshot_failed")
-            snapshotter.runtime = None
-
-
-def setup(app: web.Application) -> None:
-    """Create the snapshotter (`broker.app` opens the log through `app[SNAPSHOTS].open_log()`)
-    and the context writing snapshots; call after the runtime's context is registered."""
-    app[SNAPSHOTS] = Snapshotter(app[CONFIG])
-    app.cleanup_ctx.append(_snapshots_ctx)

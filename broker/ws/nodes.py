@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
@@ -33,11 +32,10 @@ from broker.keys import (
     MESSAGING,
     METRICS,
     NODES,
-    RUNTIME,
+    TAKEOVER,
     WS_CAP,
 )
 from broker.principal import Principal
-from broker.services import connections
 from broker.services.delivery import Dispatcher
 from broker.services.messaging import (
     MessageType,
@@ -406,7 +404,7 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
             await old.close(errors.REPLACED)
         # Other instances drop their older connection of the node; the welcome follows, so a
         # node that got it knows this connection is the one every instance considers current.
-        await connections.announce(app, conn)
+        await app[TAKEOVER].announce(conn)
         await ws.send_str(_json.encode(welcome).decode())
         pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
         async for msg in ws:
@@ -443,18 +441,3 @@ def connection_cap(config: DeliveryConfig) -> int:
     if soft == resource.RLIM_INFINITY:
         return 1 << 30
     return max(1, soft - config.fd_reserve)
-
-
-async def _node_sockets_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[WS_CAP] = connection_cap(app[CONFIG].delivery)
-    batch = app[HEARTBEATS] = HeartbeatBatch(app[RUNTIME])
-    try:
-        yield
-    finally:
-        await batch.drain()
-
-
-def setup(app: web.Application) -> None:
-    """Routes, the heartbeat batch and the connection cap (its context needs the runtime's)."""
-    routes.install(app)
-    app.cleanup_ctx.append(_node_sockets_ctx)

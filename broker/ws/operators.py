@@ -305,7 +305,3 @@ async def operator_ws(request: web.Request) -> web.WebSocketResponse:
     if not ws.closed:
         await ws.close()
     return ws
-
-
-def setup(app: web.Application) -> None:
-    routes.install(app)

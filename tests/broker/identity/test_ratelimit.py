@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
 from broker.config import LimitsConfig
-from broker.http.ratelimit import RateLimiter
+from broker.http.limits import RateLimiter
 from tests.broker.identity.helpers import assert_error, bearer, node_session, register
 from tests.conftest import make_config
 
