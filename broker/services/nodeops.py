@@ -53,6 +53,33 @@ def failure(exc: Exception) -> BrokerError:
     return err
 
 
+class _Batch:
+    """A frame's sends and acks on their way to one append."""
+
+    __slots__ = (
+        "alone",
+        "batched",
+        "claimed",
+        "events",
+        "read",
+        "read_alone",
+        "read_ids",
+        "reading",
+        "sent",
+    )
+
+    def __init__(self, sends: int, acks: int) -> None:
+        self.sent: list[SendResult | BrokerError | None] = [None] * sends
+        self.read: list[BrokerError | None] = [None] * acks
+        self.events: list[BaseEvent] = []
+        self.batched: list[tuple[int, MessageSent]] = []  # sends in the append
+        self.claimed: set[str] = set()  # their message ids
+        self.alone: list[int] = []  # sends settled on their own
+        self.read_ids: dict[str, None] = {}  # the frame's acks, in order, once each
+        self.reading: list[int] = []  # acks in the append
+        self.read_alone: list[int] = []  # acks settled on their own
+
+
 class NodeOps:
     def __init__(self, messaging: Messaging, nodes: NodeService, dispatcher: Dispatcher) -> None:
         self.messaging = messaging
@@ -106,68 +133,85 @@ class NodeOps:
         result and each ack's outcome (None: read), in order; one that cannot go with the
         others (a racing retry elsewhere, an idempotency key twice in the frame, a value the
         log cannot store) is settled on its own."""
-        messaging = self.messaging
-        sent: list[SendResult | BrokerError | None] = [None] * len(sends)
-        read: list[BrokerError | None] = [None] * len(acks)
-        events: list[BaseEvent] = []
-        batched: list[tuple[int, MessageSent]] = []
-        claimed: set[str] = set()
-        alone: list[int] = []  # sends settled on their own
+        batch = _Batch(len(sends), len(acks))
+        self._prepare_sends(principal, sends, batch)
+        self._prepare_acks(principal, acks, batch)
+        if batch.events:
+            await self._record(conn, batch)
+        if batch.alone or batch.read_alone:
+            await self._settle_alone(principal, conn, sends, acks, batch)
+        return batch.sent, batch.read  # type: ignore[return-value]
+
+    def _prepare_sends(self, principal: Principal, sends: Sequence[Send], batch: _Batch) -> None:
+        prepare, claimed = self.messaging.prepare_send, batch.claimed
         for i, op in enumerate(sends):
             try:
-                prepared = messaging.prepare_send(principal, op, op.idempotency_key)
+                prepared = prepare(principal, op, op.idempotency_key)
             except BrokerError as exc:
-                sent[i] = exc
+                batch.sent[i] = exc
                 continue
             if type(prepared) is not MessageSent:  # a retry: the earlier send's answer
-                sent[i] = prepared  # type: ignore[assignment]
+                batch.sent[i] = prepared  # type: ignore[assignment]
             elif prepared.message_id not in claimed:
                 claimed.add(prepared.message_id)
-                events.append(prepared)
-                batched.append((i, prepared))
+                batch.events.append(prepared)
+                batch.batched.append((i, prepared))
             else:
-                alone.append(i)  # the same idempotency key twice in one frame
-        read_ids: dict[str, None] = {}  # the frame's acks, in order, once each
-        reading: list[int] = []
+                batch.alone.append(i)  # the same idempotency key twice in one frame
+
+    def _prepare_acks(self, principal: Principal, acks: Sequence[str], batch: _Batch) -> None:
+        unread, read_ids = self.messaging.unread, batch.read_ids
         for j, message_id in enumerate(acks):
             try:
-                if messaging.unread(principal, message_id):
-                    reading.append(j)
+                if unread(principal, message_id):
+                    batch.reading.append(j)
                     read_ids[message_id] = None
             except BrokerError as exc:
-                read[j] = exc
+                batch.read[j] = exc
         node_id = principal.id
         if len(read_ids) == 1:
-            events.append(MessageRead(message_id=next(iter(read_ids)), node_id=node_id, via="ws"))
-        elif read_ids:  # one event for the frame's acks, not one per message
-            events.append(MessagesRead(node_id=node_id, message_ids=list(read_ids)))
-        read_alone: list[int] = []
-        if events:
-            try:
-                with self.dispatcher.acking(conn, read_ids):
-                    envs = await self.runtime.record(events, {m: 0 for m in claimed} or None)
-            except (ConcurrencyError, EventNotEncodable):  # settle each op on its own
-                alone.extend(i for i, _ in batched)
-                read_alone = reading
-            except StoreUnavailable as exc:
-                err = failure(exc)
-                for i, _ in batched:
-                    sent[i] = err
-                for j in reading:
-                    read[j] = err
-            else:
-                for (i, event), env in zip(batched, envs, strict=False):
-                    sent[i] = messaging.recorded(event, env)
-        if alone or read_alone:
-            done = await asyncio.gather(
-                *(self._send(principal, sends[i]) for i in alone),
-                *(self._ack(principal, conn, acks[j]) for j in read_alone),
+            batch.events.append(
+                MessageRead(message_id=next(iter(read_ids)), node_id=node_id, via="ws")
             )
-            for i, result in zip(alone, done, strict=False):
-                sent[i] = result
-            for j, outcome in zip(read_alone, done[len(alone) :], strict=True):
-                read[j] = outcome  # type: ignore[assignment]
-        return sent, read  # type: ignore[return-value]
+        elif read_ids:  # one event for the frame's acks, not one per message
+            batch.events.append(MessagesRead(node_id=node_id, message_ids=list(read_ids)))
+
+    async def _record(self, conn: Connection, batch: _Batch) -> None:
+        expected = {m: 0 for m in batch.claimed} or None
+        try:
+            with self.dispatcher.acking(conn, batch.read_ids):
+                envs = await self.runtime.record(batch.events, expected)
+        except (ConcurrencyError, EventNotEncodable):  # settle each op on its own
+            batch.alone.extend(i for i, _ in batch.batched)
+            batch.read_alone = batch.reading
+        except StoreUnavailable as exc:
+            err = failure(exc)
+            for i, _ in batch.batched:
+                batch.sent[i] = err
+            for j in batch.reading:
+                batch.read[j] = err
+        else:
+            recorded = self.messaging.recorded
+            for (i, event), env in zip(batch.batched, envs, strict=False):
+                batch.sent[i] = recorded(event, env)
+
+    async def _settle_alone(
+        self,
+        principal: Principal,
+        conn: Connection,
+        sends: Sequence[Send],
+        acks: Sequence[str],
+        batch: _Batch,
+    ) -> None:
+        alone, read_alone = batch.alone, batch.read_alone
+        done = await asyncio.gather(
+            *(self._send(principal, sends[i]) for i in alone),
+            *(self._ack(principal, conn, acks[j]) for j in read_alone),
+        )
+        for i, result in zip(alone, done, strict=False):
+            batch.sent[i] = result
+        for j, outcome in zip(read_alone, done[len(alone) :], strict=True):
+            batch.read[j] = outcome  # type: ignore[assignment]
 
     async def _send(self, principal: Principal, op: Send) -> SendResult | BrokerError:
         try:

@@ -13,14 +13,13 @@ answered `ok` only once the batch holding its events is on disk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import structlog
 
 from broker import errors
 from broker.errors import BrokerError
-from broker.runtime import Runtime
 from broker.ws.wire import NodeConnection, error_frame
 from eventstore.base import StoreError
 from eventstore.events import BaseEvent
@@ -47,8 +46,8 @@ def _error_answer(frame: _Frame, err: BrokerError) -> bytes:
 class HeartbeatBatch:
     """Collects heartbeat frames of every node connection and records them once per tick."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, record: Callable[[Sequence[BaseEvent]], Awaitable[object]]) -> None:
+        self.record = record  # the runtime's: append the events, apply them
         self._frames: list[_Frame] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # appends made (for tests and benchmarks)
@@ -78,7 +77,7 @@ class HeartbeatBatch:
         answers: list[bytes]
         try:
             self.batches += 1
-            await self.runtime.record(events)
+            await self.record(events)
             answers = [frame.ok for frame in frames]
         except StoreError:  # one frame's events may be at fault: each frame on its own
             answers = await asyncio.gather(*(self._record_one(frame) for frame in frames))
@@ -92,7 +91,7 @@ class HeartbeatBatch:
 
     async def _record_one(self, frame: _Frame) -> bytes:
         try:
-            await self.runtime.record(frame.events)
+            await self.record(frame.events)
             return frame.ok
         except StoreError as exc:
             err = errors.from_store(exc)

@@ -271,6 +271,20 @@ class NodeSession:
                 answers[i] = answer
         return [a for a in answers if a is not None]
 
+    async def serve(self, ws: web.WebSocketResponse) -> None:
+        """Read the node's frames until the socket closes."""
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await self.on_text(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                self.conn.pong()
+            elif msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await self._answer(_error(None, ValidationFailed("send JSON text frames")))
+            else:
+                break
+
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:
             await self.conn.send_many([_json.encode(answer)])
@@ -352,6 +366,23 @@ async def _first_frame_auth(
     return None
 
 
+async def _node_by_first_frame(
+    ws: web.WebSocketResponse, app: web.Application, timeout: float
+) -> Principal | None:
+    """The node the first frame authenticates; None once the socket is closed (bad auth, or
+    not a node)."""
+    principal = await _first_frame_auth(ws, app, timeout)
+    if principal is None:
+        await _close(ws, errors.AUTH_FAILED)
+        return None
+    if not principal.is_node:
+        refused = errors.Forbidden(errors.NODES_ONLY.reason)
+        await ws.send_str(_json.encode(_error(None, refused)).decode())
+        await _close(ws, errors.NODES_ONLY)
+        return None
+    return principal
+
+
 @routes.get(
     "/api/v1/ws",
     policy=Public(),
@@ -375,14 +406,8 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     if principal is None:
-        principal = await _first_frame_auth(ws, app, config.ws_auth_timeout)
+        principal = await _node_by_first_frame(ws, app, config.ws_auth_timeout)
         if principal is None:
-            await _close(ws, errors.AUTH_FAILED)
-            return ws
-        if not principal.is_node:
-            refused = errors.Forbidden(errors.NODES_ONLY.reason)
-            await ws.send_str(_json.encode(_error(None, refused)).decode())
-            await _close(ws, errors.NODES_ONLY)
             return ws
     dispatcher: Dispatcher = app[DISPATCHER]
     if len(dispatcher.connections) >= app[WS_CAP] and principal.id not in dispatcher.connections:
@@ -407,17 +432,7 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         await app[TAKEOVER].announce(conn)
         await ws.send_str(_json.encode(welcome).decode())
         pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await session.on_text(msg.data)
-            elif msg.type == WSMsgType.PONG:
-                conn.pong()
-            elif msg.type == WSMsgType.PING:
-                await ws.pong(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await session._answer(_error(None, ValidationFailed("send JSON text frames")))
-            else:
-                break
+        await session.serve(ws)
     finally:
         dispatcher.disconnect(conn)
         if pump is not None:
