@@ -25,7 +25,8 @@ from pathlib import Path
 from bench.common import machine, run
 from bench.replay import cold_start, sample
 from broker.config import Config, ServerConfig, SnapshotsConfig
-from broker.upkeep.snapshots import Snapshotter, snapshot_paths, write_snapshot
+from broker.upkeep.snapshot_write import write_snapshot
+from broker.upkeep.snapshots import Snapshotter, snapshot_paths
 from eventstore.base import StoreConfig
 from eventstore.sqlite import SqliteStore, hash_at_file
 

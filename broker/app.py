@@ -43,20 +43,24 @@ from broker.keys import (
     DISPATCHER,
     FEEDS,
     HEARTBEATS,
-    LICENSE_USES,
+    KEY_AUTHENTICATOR,
+    LICENSING,
     LIMITER,
     MESSAGING,
     METRICS,
     NODES,
     OPENAPI,
+    OPERATORS,
     REBUILDER,
     RUNTIME,
     SCRAPE_TOKEN,
     SNAPSHOTS,
     TAKEOVER,
+    TELEMETRY,
     TELEMETRY_LIMITER,
     TOKENS,
     UPDATE_FILES,
+    UPDATES,
     WATCHED,
     WS_CAP,
 )
@@ -65,12 +69,13 @@ from broker.runtime import Runtime
 from broker.services import apikeys, eventlog, monitoring
 from broker.services.connections import SHARED_BACKENDS, Takeover
 from broker.services.delivery import Dispatcher
-from broker.services.licensing import LicenseUses
+from broker.services.licensing import LicenseUses, Licensing
 from broker.services.messaging import Messaging
 from broker.services.nodes import NodeService, build_discovery_indices
-from broker.services.telemetry import TenantRateLimiter
+from broker.services.operators import Operators
+from broker.services.telemetry import Telemetry, TenantRateLimiter
 from broker.services.tokens import TokenService
-from broker.services.updates import UpdateFiles
+from broker.services.updates import UpdateFiles, Updates
 from broker.upkeep.compaction import Compactor
 from broker.upkeep.snapshots import Snapshotter
 from broker.ws import nodes as node_sockets
@@ -111,7 +116,9 @@ def create_app(config: Config) -> web.Application:
     tokens = app[TOKENS] = TokenService(config.auth, config.server.data_dir)
     # Bearer tokens and API keys wherever a token is accepted (a test may still replace
     # app[AUTHENTICATOR] with a stub after create_app returns).
-    keys = app[API_KEYS] = apikeys.KeyAuthenticator(lambda: app[RUNTIME], lambda: tokens.clock())
+    keys = app[KEY_AUTHENTICATOR] = apikeys.KeyAuthenticator(
+        lambda: app[RUNTIME], lambda: tokens.clock()
+    )
     app[AUTHENTICATOR] = apikeys.with_api_keys(keys, tokens.authenticate)
     app[NODES] = NodeService(config.auth, tokens)
     app[LIMITER] = RateLimiter(config.limits)
@@ -169,8 +176,13 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         runtime.react(apikeys.on_revocations(app[FEEDS]))
 
         # Licensing and messaging: the dispatcher pushes to connected nodes.
-        uses = app[LICENSE_USES] = LicenseUses()
+        uses = LicenseUses()
         stack.push_async_callback(uses.close)
+        app[OPERATORS] = Operators(runtime, tokens)
+        app[API_KEYS] = apikeys.ApiKeys(runtime, lambda: tokens.clock())
+        app[LICENSING] = Licensing(runtime, uses)
+        app[UPDATES] = Updates(runtime)
+        app[TELEMETRY] = Telemetry(runtime, app[TELEMETRY_LIMITER], config.telemetry)
         messaging = app[MESSAGING] = Messaging(runtime, config.delivery)
         dispatcher = app[DISPATCHER] = Dispatcher(runtime, messaging, config.delivery)
         metrics.node_connections.set_function(lambda: len(dispatcher.connections))

@@ -15,7 +15,6 @@ from eventstore.base import (
     ConcurrencyError,
     EventNotEncodable,
     StoreUnavailable,
-    SubscriberTooSlow,
 )
 
 
@@ -155,9 +154,7 @@ def from_store(exc: BaseException) -> BrokerError | None:
         return ValidationFailed(str(exc), details=[{"field": exc.path}])
     if isinstance(exc, StoreUnavailable):
         return Unavailable("the event log is unavailable; retry later")
-    if isinstance(exc, SubscriberTooSlow):
-        return SlowConsumer("the feed fell too far behind the log")
-    return None
+    return None  # (a feed's SubscriberTooSlow: broker.services.eventlog.feed, SLOW_CONSUMER)
 
 
 def internal() -> BrokerError:

@@ -15,17 +15,18 @@ from broker.runtime import Runtime
 if TYPE_CHECKING:  # only the fronts (broker.http, broker.ws) and the wiring read the keys
     from broker.http.limits import Decision, RateLimiter
     from broker.http.routing import OpenApiCache
-    from broker.services.apikeys import KeyAuthenticator
+    from broker.services.apikeys import ApiKeys, KeyAuthenticator
     from broker.services.connections import Takeover
     from broker.services.delivery import Dispatcher
     from broker.services.eventlog import Feeds, Rebuilder
-    from broker.services.licensing import LicenseUses
+    from broker.services.licensing import Licensing
     from broker.services.messaging import Messaging
     from broker.services.monitoring import Watched
     from broker.services.nodes import NodeService
-    from broker.services.telemetry import TenantRateLimiter
+    from broker.services.operators import Operators
+    from broker.services.telemetry import Telemetry, TenantRateLimiter
     from broker.services.tokens import TokenService
-    from broker.services.updates import UpdateFiles
+    from broker.services.updates import UpdateFiles, Updates
     from broker.upkeep.compaction import Compactor
     from broker.upkeep.snapshots import Snapshotter
     from broker.ws.heartbeats import HeartbeatBatch
@@ -40,13 +41,17 @@ AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 TOKENS: web.AppKey[TokenService] = web.AppKey("tokens")
 NODES: web.AppKey[NodeService] = web.AppKey("nodes")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
-API_KEYS: web.AppKey[KeyAuthenticator] = web.AppKey("api_keys")  # broker.services.apikeys
+API_KEYS: web.AppKey[ApiKeys] = web.AppKey("api_keys")  # broker.services.apikeys
+KEY_AUTHENTICATOR: web.AppKey[KeyAuthenticator] = web.AppKey("key_authenticator")
 SCRAPE_TOKEN = web.AppKey("scrape_token", str)  # SHA-256 of [auth] metrics_token_file's token
 
 # Tenants, licenses, updates, telemetry (broker.services: licensing, updates, telemetry).
-LICENSE_USES: web.AppKey[LicenseUses] = web.AppKey("license_uses")
+OPERATORS: web.AppKey[Operators] = web.AppKey("operators")
+LICENSING: web.AppKey[Licensing] = web.AppKey("licensing")
+UPDATES: web.AppKey[Updates] = web.AppKey("updates")
 UPDATE_FILES: web.AppKey[UpdateFiles] = web.AppKey("update_files")
 TELEMETRY_LIMITER: web.AppKey[TenantRateLimiter] = web.AppKey("telemetry_limiter")
+TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 
 # Messaging (broker.services.messaging) and delivery to connected nodes (broker.services.delivery).
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")

@@ -261,13 +261,12 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_users_create(config: Config, args: argparse.Namespace) -> int:
-    from broker.services.operators import create_user
+    from broker.services.operators import Operators
 
     password = _read_password(args)
     user = await cli_users.on_log(
         config,
-        lambda runtime: create_user(
-            runtime,
+        lambda runtime: Operators(runtime).create_user(
             username=args.username,
             password=password,
             roles=args.role or ["admin"],

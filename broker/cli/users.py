@@ -56,7 +56,7 @@ async def on_log(config: Config, action: Callable[[Runtime], Awaitable[T]]) -> T
 
 async def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
     from broker.cli.main import EXIT_OK, CommandError, _read_password
-    from broker.services.operators import reset_password
+    from broker.services.operators import Operators
 
     password = _read_password(args)
 
@@ -64,7 +64,7 @@ async def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
         user = runtime.users.find_by_username(args.username)
         if user is None:
             raise CommandError(f"no operator named {args.username}")
-        return await reset_password(runtime, user.id, password, args.force_change)
+        return await Operators(runtime).reset_password(user.id, password, args.force_change)
 
     user = await on_log(config, reset)
     then = " (to be changed at next login)" if user.must_change_password else ""

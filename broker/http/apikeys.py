@@ -14,11 +14,11 @@ from aiohttp import web
 from broker.errors import AuthenticationFailed
 from broker.http.auth import Authenticated, Public, principal_of
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.ratelimit import LOGIN
 from broker.http.routing import Routes
-from broker.keys import API_KEYS, RUNTIME, TOKENS
-from broker.services import apikeys, operators
+from broker.keys import API_KEYS, KEY_AUTHENTICATOR, OPERATORS
+from broker.pagination import Page, PageQuery, decode_query, paginate
+from broker.services import apikeys
 from eventstore.timestamps import iso
 from projections.apikeys import ApiKey
 
@@ -78,14 +78,14 @@ class KeyLogin(msgspec.Struct):
 
 
 def _view(request: web.Request, key: ApiKey) -> KeyView:
-    owner = request.app[RUNTIME].users.get(key.owner_id)
+    owner = request.app[API_KEYS].users.get(key.owner_id)
     return KeyView(
         id=key.id,
         name=key.name,
         scopes=list(key.scopes),
         owner_id=key.owner_id,
         owner=owner.username if owner else None,
-        status=apikeys.status(key, request.app[TOKENS].clock()),
+        status=apikeys.status(key, request.app[API_KEYS].clock()),
         created_at=iso(key.created_at),
         expires_at=iso(key.expires_at),
         last_used_at=iso(key.last_used_at),
@@ -103,13 +103,12 @@ def _view(request: web.Request, key: ApiKey) -> KeyView:
 )
 async def create_key(request: web.Request) -> web.Response:
     body = await decode_body(request, CreateKeyRequest)
-    key, secret = await apikeys.create(
-        request.app[RUNTIME],
+    key, secret = await request.app[API_KEYS].create(
         principal_of(request),
         name=body.name,
         scopes=body.scopes,
         expires_in=body.expires_in,
-        now=request.app[TOKENS].clock(),
+        now=request.app[API_KEYS].clock(),
     )
     view = _view(request, key)
     return json_response(
@@ -126,13 +125,13 @@ async def create_key(request: web.Request) -> web.Response:
 )
 async def list_keys(request: web.Request) -> web.Response:
     query = decode_query(request, KeysQuery)
-    runtime = request.app[RUNTIME]
-    keys = apikeys.visible(runtime, principal_of(request))
+    service = request.app[API_KEYS]
+    keys = service.visible(principal_of(request))
     if query.owner is not None:
-        user = runtime.users.get(query.owner) or runtime.users.find_by_username(query.owner)
+        user = service.users.get(query.owner) or service.users.find_by_username(query.owner)
         keys = [k for k in keys if user is not None and k.owner_id == user.id]
     if query.status is not None:
-        now = request.app[TOKENS].clock()
+        now = service.clock()
         keys = [k for k in keys if apikeys.status(k, now) == query.status]
     sort_keys: dict[str, Any] = {
         "created_at": lambda k: (k.created_at, k.id),
@@ -151,7 +150,7 @@ async def list_keys(request: web.Request) -> web.Response:
     summary="One API key, without its secret",
 )
 async def get_key(request: web.Request) -> web.Response:
-    key = apikeys.get(request.app[RUNTIME], principal_of(request), request.match_info["key_id"])
+    key = request.app[API_KEYS].get(principal_of(request), request.match_info["key_id"])
     return json_response(_view(request, key))
 
 
@@ -162,7 +161,7 @@ async def get_key(request: web.Request) -> web.Response:
     summary="Revoke an API key: it stops working at once (open feeds and sessions too)",
 )
 async def revoke_key(request: web.Request) -> web.Response:
-    await apikeys.revoke(request.app[RUNTIME], principal_of(request), request.match_info["key_id"])
+    await request.app[API_KEYS].revoke(principal_of(request), request.match_info["key_id"])
     return web.Response(status=204)
 
 
@@ -178,10 +177,10 @@ async def login_key(request: web.Request) -> web.Response:
     key = request.headers.get("api-key", "").strip()
     if not key:
         raise AuthenticationFailed("send the API key in the api-key header")
-    keys, tokens, runtime = request.app[API_KEYS], request.app[TOKENS], request.app[RUNTIME]
+    keys, operators = request.app[KEY_AUTHENTICATOR], request.app[OPERATORS]
     record, principal = keys.check(key)
-    user = operators.get_user(runtime, principal.id)
-    pair = await operators.open_session(runtime, tokens, user, key=record.id)
+    user = operators.get_user(principal.id)
+    pair = await operators.open_session(user, key=record.id)
     await keys.note_use(record)
     info = UserInfo(user.id, user.username, user.email, principal.can("users:admin"), [])
     return json_response(

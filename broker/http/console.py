@@ -35,7 +35,6 @@ from aiohttp import web
 from broker.errors import NotFound, ValidationFailed
 from broker.http.auth import Permission, Public
 from broker.http.bodies import json_response
-from broker.http.pagination import decode_query
 from broker.http.routing import Routes
 from broker.keys import (
     CONFIG,
@@ -47,6 +46,7 @@ from broker.keys import (
     SNAPSHOTS,
     TAKEOVER,
 )
+from broker.pagination import decode_query
 from broker.services.connections import SHARED_BACKENDS
 from broker.services.eventlog import split_list
 from broker.services.nodes import NodeList, NodesQuery, NodeView

@@ -21,9 +21,9 @@ from aiohttp import web
 from broker.errors import AuthenticationFailed, BrokerError, ValidationFailed
 from broker.http.auth import Permission, authenticate, credential
 from broker.http.bodies import json_response
-from broker.http.pagination import PageQuery, decode_query
 from broker.http.routing import Routes
 from broker.keys import CONFIG, FEEDS, REBUILDER, RUNTIME
+from broker.pagination import PageQuery, decode_query
 from broker.services import eventlog
 from eventstore.base import Envelope
 

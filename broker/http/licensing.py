@@ -15,9 +15,9 @@ from aiohttp import web
 from broker.errors import MethodNotAllowed
 from broker.http.auth import Permission, Public
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.routing import Routes
-from broker.keys import LICENSE_USES, RUNTIME
+from broker.keys import LICENSING
+from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import licensing
 from eventstore.timestamps import iso
 from projections.tenants import License, Tenant, TenantsProjection
@@ -174,7 +174,7 @@ TENANT_SORT = {
 )
 async def create_tenant(request: web.Request) -> web.Response:
     body = await decode_body(request, TenantCreate)
-    tenant = await licensing.create_tenant(request.app[RUNTIME], body.name, body.active)
+    tenant = await request.app[LICENSING].create_tenant(body.name, body.active)
     return json_response(tenant_out(tenant), status=201)
 
 
@@ -187,7 +187,7 @@ async def create_tenant(request: web.Request) -> web.Response:
 )
 async def list_tenants(request: web.Request) -> web.Response:
     q = decode_query(request, TenantListQuery)
-    tenants = request.app[RUNTIME].tenants.find_tenants(q.search, q.active)
+    tenants = request.app[LICENSING].tenants.find_tenants(q.search, q.active)
     return json_response(paginate(tenants, q, TENANT_SORT, "created_at", tenant_out))
 
 
@@ -195,7 +195,7 @@ async def list_tenants(request: web.Request) -> web.Response:
     "/api/v1/admin/tenants/{tenant_id}", policy=ADMIN, response=TenantOut, summary="Get a tenant"
 )
 async def get_tenant(request: web.Request) -> web.Response:
-    tenant = licensing.get_tenant(request.app[RUNTIME], request.match_info["tenant_id"])
+    tenant = request.app[LICENSING].get_tenant(request.match_info["tenant_id"])
     return json_response(tenant_out(tenant))
 
 
@@ -208,8 +208,8 @@ async def get_tenant(request: web.Request) -> web.Response:
 )
 async def patch_tenant(request: web.Request) -> web.Response:
     body = await decode_body(request, TenantPatch)
-    tenant = await licensing.update_tenant(
-        request.app[RUNTIME], request.match_info["tenant_id"], body.name, body.active
+    tenant = await request.app[LICENSING].update_tenant(
+        request.match_info["tenant_id"], body.name, body.active
     )
     return json_response(tenant_out(tenant))
 
@@ -234,12 +234,10 @@ LICENSE_SORT = {
 )
 async def create_license(request: web.Request) -> web.Response:
     body = await decode_body(request, LicenseCreate)
-    runtime = request.app[RUNTIME]
+    service = request.app[LICENSING]
     expires_at = licensing.parse_time(body.expires_at, "expires_at")
-    lic, key = await licensing.issue_license(
-        runtime, body.tenant_id, expires_at, body.max_usage_count
-    )
-    fields = license_fields(lic, runtime.tenants, time.time())
+    lic, key = await service.issue_license(body.tenant_id, expires_at, body.max_usage_count)
+    fields = license_fields(lic, service.tenants, time.time())
     return json_response(
         LicenseCreated(key=key, **fields),  # type: ignore[arg-type]
         status=201,
@@ -256,7 +254,7 @@ async def create_license(request: web.Request) -> web.Response:
 )
 async def list_licenses(request: web.Request) -> web.Response:
     q = decode_query(request, LicenseListQuery)
-    tenants = request.app[RUNTIME].tenants
+    tenants = request.app[LICENSING].tenants
     now = time.time()
     found = tenants.find_licenses(now, q.tenant_id, q.status)
     page = paginate(found, q, LICENSE_SORT, "created_at", lambda x: license_out(x, tenants, now))
@@ -270,9 +268,9 @@ async def list_licenses(request: web.Request) -> web.Response:
     summary="Get a license",
 )
 async def get_license(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    lic = licensing.get_license(runtime, request.match_info["license_id"])
-    return json_response(license_out(lic, runtime.tenants, time.time()))
+    service = request.app[LICENSING]
+    lic = service.get_license(request.match_info["license_id"])
+    return json_response(license_out(lic, service.tenants, time.time()))
 
 
 @routes.patch(
@@ -284,14 +282,14 @@ async def get_license(request: web.Request) -> web.Response:
 )
 async def patch_license(request: web.Request) -> web.Response:
     body = await decode_body(request, LicensePatch)
-    runtime = request.app[RUNTIME]
+    service = request.app[LICENSING]
     expires_at: float | msgspec.UnsetType = msgspec.UNSET
     if body.expires_at is not msgspec.UNSET:
         expires_at = licensing.parse_time(body.expires_at, "expires_at")
-    lic = await licensing.update_license(
-        runtime, request.match_info["license_id"], expires_at, body.max_usage_count
+    lic = await service.update_license(
+        request.match_info["license_id"], expires_at, body.max_usage_count
     )
-    return json_response(license_out(lic, runtime.tenants, time.time()))
+    return json_response(license_out(lic, service.tenants, time.time()))
 
 
 @routes.post(
@@ -303,9 +301,9 @@ async def patch_license(request: web.Request) -> web.Response:
 )
 async def revoke_license(request: web.Request) -> web.Response:
     body = await decode_body(request, LicenseRevoke)
-    runtime = request.app[RUNTIME]
-    lic = await licensing.revoke_license(runtime, request.match_info["license_id"], body.reason)
-    return json_response(license_out(lic, runtime.tenants, time.time()))
+    service = request.app[LICENSING]
+    lic = await service.revoke_license(request.match_info["license_id"], body.reason)
+    return json_response(license_out(lic, service.tenants, time.time()))
 
 
 # --- nodes (seed 002) ---
@@ -324,7 +322,7 @@ async def validate_license(request: web.Request) -> web.Response:
     if request.method == "HEAD":  # a validation counts a use: HEAD must not
         raise MethodNotAllowed("HEAD would count a license use; use GET", headers={"Allow": "GET"})
     q = decode_query(request, ValidateQuery)
-    use = await request.app[LICENSE_USES].use(request.app[RUNTIME], q.key)
+    use = await request.app[LICENSING].validate(q.key)
     return json_response(
         LicenseValidation(
             valid=True,

@@ -17,9 +17,9 @@ from broker.errors import CompactionUnavailable
 from broker.http.auth import Permission
 from broker.http.bodies import json_response
 from broker.http.events import EVENTS_READ
-from broker.http.pagination import decode_query
 from broker.http.routing import Routes
 from broker.keys import COMPACTOR, CONFIG, RUNTIME
+from broker.pagination import decode_query
 from broker.upkeep.compaction import Report, log_bytes
 from eventstore.events import LogCompacted
 

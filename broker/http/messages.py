@@ -9,9 +9,9 @@ from aiohttp import web
 
 from broker.http.auth import Authenticated, Permission, principal_of
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import decode_query
 from broker.http.routing import Routes
 from broker.keys import MESSAGING
+from broker.pagination import decode_query
 from broker.services.messaging import (
     DeadLetterView,
     MessageView,

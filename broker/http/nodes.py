@@ -13,10 +13,10 @@ from aiohttp import web
 from broker.errors import AuthenticationFailed, Forbidden
 from broker.http.auth import Authenticated, Permission, Public, bearer_token, principal_of
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import decode_query
 from broker.http.ratelimit import LOGIN, charge_subject
 from broker.http.routing import Routes
 from broker.keys import NODES, TOKENS
+from broker.pagination import decode_query
 from broker.principal import Principal
 from broker.services.nodes import (
     NODE_ID_PATTERN,

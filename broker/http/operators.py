@@ -14,16 +14,15 @@ from broker.errors import Forbidden, ValidationFailed
 from broker.http.auth import Authenticated, Permission, Public, bearer_token, principal_of
 from broker.http.bodies import decode_body, json_response, read_form
 from broker.http.nodes import RefreshRequest, refresh_tokens
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.ratelimit import LOGIN, charge_subject
 from broker.http.routing import Routes
-from broker.keys import RUNTIME, TOKENS
-from broker.runtime import Runtime
+from broker.keys import OPERATORS, TOKENS
+from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import operators
 from broker.services.tokens import TokenPair
 from eventstore.timestamps import iso
 from projections.users import Permission as PermissionRecord
-from projections.users import Role, User
+from projections.users import Role, User, UsersProjection
 
 routes = Routes("operators")
 ADMIN = Permission("users:admin")
@@ -175,14 +174,14 @@ def _role_view(role: Role) -> RoleView:
     )
 
 
-def _role_detail(runtime: Runtime, role: Role) -> RoleDetail:
-    perms = runtime.users.permissions
+def _role_detail(users: UsersProjection, role: Role) -> RoleDetail:
+    perms = users.permissions
     return RoleDetail(
         id=role.id,
         name=role.name,
         description=role.description,
         permissions=[_permission_view(perms[p]) for p in role.permissions if p in perms],
-        users_count=runtime.users.users_with_role(role.name),
+        users_count=users.users_with_role(role.name),
         builtin=role.builtin,
         created_at=iso(role.created_at) if role.created_at else None,
     )
@@ -211,16 +210,14 @@ async def login(request: web.Request) -> web.Response:
     else:
         body = await decode_body(request, LoginRequest)
     charge_subject(request, "user:" + body.username.lower())
-    tokens = await operators.login(
-        request.app[RUNTIME], request.app[TOKENS], body.username, body.password
-    )
+    tokens = await request.app[OPERATORS].login(body.username, body.password)
     return json_response(tokens)
 
 
 @routes.get("/auth/me", policy=Authenticated(("user",)), response=Me, summary="The operator")
 async def me(request: web.Request) -> web.Response:
     principal = principal_of(request)
-    user = operators.get_user(request.app[RUNTIME], principal.id)
+    user = request.app[OPERATORS].get_user(principal.id)
     return json_response(
         Me(
             user.id,
@@ -275,9 +272,7 @@ async def logout(request: web.Request) -> web.Response:
 )
 async def list_users(request: web.Request) -> web.Response:
     query = decode_query(request, UsersQuery)
-    users = operators.find_users(
-        request.app[RUNTIME], search=query.search, is_active=query.is_active
-    )
+    users = request.app[OPERATORS].find_users(search=query.search, is_active=query.is_active)
     sort_keys: dict[str, Any] = {
         "created_at": lambda u: u.created_at,
         "username": lambda u: u.username.lower(),
@@ -302,8 +297,7 @@ async def create_user(request: web.Request) -> web.Response:
     username = body.username or body.email
     if not username:
         raise ValidationFailed("username or email is required", details=[{"field": "username"}])
-    user = await operators.create_user(
-        request.app[RUNTIME],
+    user = await request.app[OPERATORS].create_user(
         username=username,
         password=body.password,
         roles=body.roles,
@@ -315,7 +309,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 @routes.get("/admin/users/{user_id}", policy=ADMIN, response=UserView, summary="One operator")
 async def get_user(request: web.Request) -> web.Response:
-    user = operators.get_user(request.app[RUNTIME], request.match_info["user_id"])
+    user = request.app[OPERATORS].get_user(request.match_info["user_id"])
     return json_response(_user_view(user))
 
 
@@ -326,8 +320,8 @@ async def get_user(request: web.Request) -> web.Response:
     summary="Grant a role to an operator",
 )
 async def grant_role(request: web.Request) -> web.Response:
-    await operators.grant_role(
-        request.app[RUNTIME], request.match_info["user_id"], request.match_info["role_id"]
+    await request.app[OPERATORS].grant_role(
+        request.match_info["user_id"], request.match_info["role_id"]
     )
     return json_response(Message("Role assigned successfully"))
 
@@ -339,8 +333,8 @@ async def grant_role(request: web.Request) -> web.Response:
     summary="Take a role from an operator",
 )
 async def revoke_role(request: web.Request) -> web.Response:
-    await operators.revoke_role(
-        request.app[RUNTIME], request.match_info["user_id"], request.match_info["role_id"]
+    await request.app[OPERATORS].revoke_role(
+        request.match_info["user_id"], request.match_info["role_id"]
     )
     return web.Response(status=204)
 
@@ -366,8 +360,8 @@ async def deactivate(request: web.Request) -> web.Response:
 
 
 async def _set_active(request: web.Request, active: bool) -> web.Response:
-    user = await operators.set_active(
-        request.app[RUNTIME], request.match_info["user_id"], active, by=principal_of(request).id
+    user = await request.app[OPERATORS].set_active(
+        request.match_info["user_id"], active, by=principal_of(request).id
     )
     return json_response(ActiveState(user.id, user.is_active))
 
@@ -380,7 +374,7 @@ async def _set_active(request: web.Request, active: bool) -> web.Response:
 )
 async def list_roles(request: web.Request) -> web.Response:
     query = decode_query(request, RolesQuery)
-    roles = list(request.app[RUNTIME].users.roles.values())
+    roles = list(request.app[OPERATORS].users.roles.values())
     sort_keys: dict[str, Any] = {
         "name": lambda r: r.name,
         "created_at": lambda r: (r.created_at, r.name),
@@ -398,9 +392,7 @@ async def list_roles(request: web.Request) -> web.Response:
 )
 async def create_role(request: web.Request) -> web.Response:
     body = await decode_body(request, RoleRequest)
-    role = await operators.create_role(
-        request.app[RUNTIME], body.name, body.description, body.permissions
-    )
+    role = await request.app[OPERATORS].create_role(body.name, body.description, body.permissions)
     return json_response(_role_view(role), status=201)
 
 
@@ -411,9 +403,9 @@ async def create_role(request: web.Request) -> web.Response:
     summary="One role, its permissions and how many operators hold it",
 )
 async def get_role(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
+    service = request.app[OPERATORS]
     return json_response(
-        _role_detail(runtime, operators.get_role(runtime, request.match_info["role_id"]))
+        _role_detail(service.users, service.get_role(request.match_info["role_id"]))
     )
 
 
@@ -426,20 +418,19 @@ async def get_role(request: web.Request) -> web.Response:
 )
 async def update_role(request: web.Request) -> web.Response:
     body = await decode_body(request, RoleUpdateRequest)
-    runtime = request.app[RUNTIME]
-    role = await operators.update_role(
-        runtime,
+    service = request.app[OPERATORS]
+    role = await service.update_role(
         request.match_info["role_id"],
         name=body.name,
         description=body.description,
         permissions=body.permissions,
     )
-    return json_response(_role_detail(runtime, role))
+    return json_response(_role_detail(service.users, role))
 
 
 @routes.delete("/admin/roles/{role_id}", policy=ADMIN, status=204, summary="Delete a role")
 async def delete_role(request: web.Request) -> web.Response:
-    await operators.delete_role(request.app[RUNTIME], request.match_info["role_id"])
+    await request.app[OPERATORS].delete_role(request.match_info["role_id"])
     return web.Response(status=204)
 
 
@@ -455,7 +446,7 @@ async def delete_role(request: web.Request) -> web.Response:
 )
 async def list_permissions(request: web.Request) -> web.Response:
     query = decode_query(request, PermissionsQuery)
-    perms = list(request.app[RUNTIME].users.permissions.values())
+    perms = list(request.app[OPERATORS].users.permissions.values())
     sort_keys: dict[str, Any] = {"name": lambda p: p.name}
     return json_response(paginate(perms, query, sort_keys, "name", _permission_view))
 
@@ -475,5 +466,5 @@ async def create_permission(request: web.Request) -> web.Response:
         raise ValidationFailed(
             "name, or resource and action, are required", details=[{"field": "name"}]
         )
-    perm = await operators.create_permission(request.app[RUNTIME], name, body.description)
+    perm = await request.app[OPERATORS].create_permission(name, body.description)
     return json_response(_permission_view(perm), status=201)

@@ -17,7 +17,7 @@ from broker.http.auth import Authenticated, Permission, principal_of
 from broker.http.bodies import decode_body, json_response
 from broker.http.ratelimit import charge_subject
 from broker.http.routing import Routes
-from broker.keys import RUNTIME, TOKENS
+from broker.keys import OPERATORS
 from broker.services import operators
 from broker.services.tokens import TokenPair
 
@@ -54,9 +54,7 @@ async def change_password(request: web.Request) -> web.Response:
         raise Forbidden("an API key cannot change its owner's password: log in with it")
     body = await decode_body(request, ChangePasswordRequest)
     charge_subject(request, "user:" + principal.name.lower())  # guesses of the current one
-    tokens = await operators.change_password(
-        request.app[RUNTIME],
-        request.app[TOKENS],
+    tokens = await request.app[OPERATORS].change_password(
         principal.id,
         body.current_password,
         body.new_password,
@@ -73,7 +71,7 @@ async def change_password(request: web.Request) -> web.Response:
 )
 async def reset_password(request: web.Request) -> web.Response:
     body = await decode_body(request, ResetPasswordRequest)
-    user = await operators.reset_password(
-        request.app[RUNTIME], request.match_info["user_id"], body.password, body.force_change
+    user = await request.app[OPERATORS].reset_password(
+        request.match_info["user_id"], body.password, body.force_change
     )
     return json_response(PasswordReset(user.id, user.username, user.must_change_password))

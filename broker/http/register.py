@@ -20,8 +20,7 @@ from broker.http.auth import Public
 from broker.http.bodies import decode_body, json_response
 from broker.http.ratelimit import LOGIN, charge_subject
 from broker.http.routing import Routes
-from broker.keys import CONFIG, RUNTIME
-from broker.services import operators
+from broker.keys import CONFIG, OPERATORS
 from eventstore.timestamps import iso
 
 routes = Routes("operators")
@@ -67,15 +66,14 @@ async def register(request: web.Request) -> web.Response:
             details=[{"field": "email", "message": "Invalid email format"}],
         )
     charge_subject(request, "user:" + body.email.lower())
-    runtime = request.app[RUNTIME]
-    if runtime.users.find_by_login(body.email) is not None:
+    service = request.app[OPERATORS]
+    if service.users.find_by_login(body.email) is not None:
         raise Conflict(f"User already exists: {body.email}")
     role = auth.registration_role
-    if role and role not in runtime.users.roles:
+    if role and role not in service.users.roles:
         log.warning("registration_role_missing", role=role)  # the admin activates by hand
         role = ""
-    user = await operators.create_user(
-        runtime,
+    user = await service.create_user(
         username=body.email,
         password=body.password,
         roles=[role] if role else [],

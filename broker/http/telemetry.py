@@ -12,8 +12,7 @@ from aiohttp import web
 from broker.http.auth import Permission, Public
 from broker.http.bodies import decode_body, json_response
 from broker.http.routing import Routes
-from broker.keys import CONFIG, RUNTIME, TELEMETRY_LIMITER
-from broker.services import licensing, telemetry
+from broker.keys import LICENSING, TELEMETRY
 from broker.services.telemetry import MSG_RECORDED
 from eventstore.timestamps import iso
 from projections.telemetry import Sample, WindowStats
@@ -88,10 +87,7 @@ class TelemetrySummaryOut(msgspec.Struct, kw_only=True):
 )
 async def post_telemetry(request: web.Request) -> web.Response:
     body = await decode_body(request, TelemetryIn)
-    env = await telemetry.record_telemetry(
-        request.app[RUNTIME],
-        request.app[TELEMETRY_LIMITER],
-        request.app[CONFIG].telemetry,
+    env = await request.app[TELEMETRY].record(
         tenant_id=body.tenantId,
         uptime=body.uptime,
         active_users=body.activeUsers,
@@ -134,9 +130,9 @@ def _window_out(w: WindowStats) -> WindowOut:
     summary="A tenant's latest telemetry sample",
 )
 async def tenant_telemetry(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    tenant = licensing.get_tenant(runtime, request.match_info["tenant_id"])
-    tt = runtime.telemetry.of(tenant.id)
+    tenant = request.app[LICENSING].get_tenant(request.match_info["tenant_id"])
+    telemetry = request.app[TELEMETRY].telemetry
+    tt = telemetry.of(tenant.id)
     return json_response(
         TenantTelemetryOut(
             tenant_id=tenant.id,
@@ -153,11 +149,11 @@ async def tenant_telemetry(request: web.Request) -> web.Response:
     summary="A tenant's telemetry over the last hour and the last day",
 )
 async def tenant_telemetry_summary(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    tenant = licensing.get_tenant(runtime, request.match_info["tenant_id"])
+    tenant = request.app[LICENSING].get_tenant(request.match_info["tenant_id"])
+    telemetry = request.app[TELEMETRY].telemetry
     now = time.time()
-    windows = runtime.telemetry.summary(tenant.id, now)
-    tt = runtime.telemetry.of(tenant.id)
+    windows = telemetry.summary(tenant.id, now)
+    tt = telemetry.of(tenant.id)
     last = tt.latest.ts if tt is not None and tt.latest is not None else None
     return json_response(
         TelemetrySummaryOut(

@@ -22,9 +22,9 @@ from aiohttp import BodyPartReader, web
 from broker.errors import BrokerError, PayloadTooLarge, ValidationFailed
 from broker.http.auth import Permission, Public
 from broker.http.bodies import decode_body, json_response
-from broker.http.pagination import Page, PageQuery, decode_query, paginate
 from broker.http.routing import Routes
-from broker.keys import REQUEST_ID, RUNTIME, UPDATE_FILES
+from broker.keys import REQUEST_ID, UPDATE_FILES, UPDATES
+from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import updates
 from eventstore.timestamps import iso
 from projections.updates import SEMVER, Update
@@ -123,7 +123,7 @@ def update_out(u: Update) -> UpdateOut:
 )
 async def publish_update(request: web.Request) -> web.Response:
     files = request.app[UPDATE_FILES]
-    runtime = request.app[RUNTIME]
+    service = request.app[UPDATES]
     if request.content_length is not None and (
         request.content_length > files.max_file_bytes + MULTIPART_OVERHEAD
     ):
@@ -155,8 +155,8 @@ async def publish_update(request: web.Request) -> web.Response:
                 ):
                     raise ValidationFailed("the file part must be sent as is (binary)")
                 if "version" in fields:  # refuse a duplicate before receiving megabytes
-                    updates.check_publication(
-                        runtime, fields["version"], fields.get("changelog", ""), tenant_ids or None
+                    service.check_publication(
+                        fields["version"], fields.get("changelog", ""), tenant_ids or None
                     )
                 filename = part.filename or ""
                 upload = await files.receive(_chunks(part))
@@ -178,8 +178,7 @@ async def publish_update(request: web.Request) -> web.Response:
         ):
             raise ValidationFailed(f"malformed multipart body: {exc}") from None
         raise
-    upd = await updates.publish_update(
-        runtime,
+    upd = await service.publish_update(
         files,
         upload,
         version=fields["version"].strip(),
@@ -241,7 +240,7 @@ UPDATE_SORT = {
 )
 async def list_updates(request: web.Request) -> web.Response:
     q = decode_query(request, UpdateListQuery)
-    found = request.app[RUNTIME].updates.find(q.version, q.tenant_id, q.withdrawn)
+    found = request.app[UPDATES].updates.find(q.version, q.tenant_id, q.withdrawn)
     return json_response(paginate(found, q, UPDATE_SORT, "created_at", update_out))
 
 
@@ -249,7 +248,7 @@ async def list_updates(request: web.Request) -> web.Response:
     "/api/v1/admin/updates/{update_id}", policy=ADMIN, response=UpdateOut, summary="Get an update"
 )
 async def get_update(request: web.Request) -> web.Response:
-    upd = updates.get_update(request.app[RUNTIME], request.match_info["update_id"])
+    upd = request.app[UPDATES].get_update(request.match_info["update_id"])
     return json_response(update_out(upd))
 
 
@@ -262,9 +261,7 @@ async def get_update(request: web.Request) -> web.Response:
 )
 async def withdraw_update(request: web.Request) -> web.Response:
     body = await decode_body(request, UpdateWithdraw)
-    upd = await updates.withdraw_update(
-        request.app[RUNTIME], request.match_info["update_id"], body.reason
-    )
+    upd = await request.app[UPDATES].withdraw_update(request.match_info["update_id"], body.reason)
     return json_response(update_out(upd))
 
 
@@ -282,7 +279,7 @@ async def withdraw_update(request: web.Request) -> web.Response:
 )
 async def check_update(request: web.Request) -> web.Response:
     q = decode_query(request, CheckQuery)
-    found = updates.check_for_update(request.app[RUNTIME], q.tenantId, q.version)
+    found = request.app[UPDATES].check_for_update(q.tenantId, q.version)
     latest = found.latest
     if found.available and latest is not None:
         out = UpdateCheckOut(
@@ -315,7 +312,7 @@ async def check_update(request: web.Request) -> web.Response:
     tags=("nodes: updates",),
 )
 async def download_update(request: web.Request) -> web.StreamResponse:
-    upd = updates.downloadable(request.app[RUNTIME], request.match_info["update_id"])
+    upd = request.app[UPDATES].downloadable(request.match_info["update_id"])
     return await send_file(request, request.app[UPDATE_FILES].path_of(upd.sha256), upd)
 
 

@@ -44,6 +44,7 @@ from eventstore.events import (
     UserRoleRevoked,
 )
 from projections.apikeys import ApiKey
+from projections.users import UsersProjection
 
 log = structlog.get_logger(__name__)
 
@@ -80,77 +81,86 @@ def key_id_of(key: str) -> str | None:
 # --- managing keys ---
 
 
-def _check_scopes(runtime: Runtime, owner: Principal, scopes: list[str]) -> list[str]:
-    scopes = list(dict.fromkeys(scopes))
-    if not scopes:
-        raise ValidationFailed("a key needs at least one scope", details=[{"field": "scopes"}])
-    unknown = [s for s in scopes if s not in runtime.users.permissions]
-    if unknown:
-        raise ValidationFailed(
-            f"unknown scope(s): {', '.join(unknown)} (scopes are permission names)",
-            details=[{"field": "scopes"}],
+class ApiKeys:
+    """Operators' API keys: created (the secret shown once), listed, revoked."""
+
+    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.time) -> None:
+        self.runtime = runtime
+        self.clock = clock
+
+    @property
+    def users(self) -> UsersProjection:
+        return self.runtime.users
+
+    def _check_scopes(self, owner: Principal, scopes: list[str]) -> list[str]:
+        scopes = list(dict.fromkeys(scopes))
+        if not scopes:
+            raise ValidationFailed("a key needs at least one scope", details=[{"field": "scopes"}])
+        unknown = [s for s in scopes if s not in self.runtime.users.permissions]
+        if unknown:
+            raise ValidationFailed(
+                f"unknown scope(s): {', '.join(unknown)} (scopes are permission names)",
+                details=[{"field": "scopes"}],
+            )
+        beyond = [s for s in scopes if not owner.can(s)]
+        if beyond:
+            raise Forbidden(f"you do not hold the permission(s) {', '.join(beyond)}")
+        return scopes
+
+    async def create(
+        self,
+        owner: Principal,
+        *,
+        name: str,
+        scopes: list[str],
+        expires_in: int | None,
+        now: float,
+    ) -> tuple[ApiKey, str]:
+        """A new key of `owner` (the caller) and its secret, recorded before it is returned."""
+        if owner.is_node:
+            raise Forbidden("only operators own API keys")
+        if not name.strip():
+            raise ValidationFailed("name must not be blank", details=[{"field": "name"}])
+        scopes = self._check_scopes(owner, scopes)
+        if expires_in is not None and not MIN_TTL <= expires_in <= MAX_TTL:
+            raise ValidationFailed(
+                f"expires_in must be between {MIN_TTL} and {MAX_TTL} seconds (null: never)",
+                details=[{"field": "expires_in"}],
+            )
+        key_id, secret = new_key()
+        event = ApiKeyCreated(
+            key_id=key_id,
+            name=name.strip(),
+            owner_id=owner.id,
+            scopes=scopes,
+            key_hash=hash_key(secret),
+            expires_at=None if expires_in is None else now + expires_in,
         )
-    beyond = [s for s in scopes if not owner.can(s)]
-    if beyond:
-        raise Forbidden(f"you do not hold the permission(s) {', '.join(beyond)}")
-    return scopes
+        await self.runtime.record([event], expected_version=0)
+        key = self.runtime.apikeys.get(key_id)
+        assert key is not None  # recorded events are applied before record() returns
+        return key, secret
 
+    def visible(self, principal: Principal) -> list[ApiKey]:
+        """Every key for an operator holding users:admin; the caller's own otherwise."""
+        if principal.can(ADMIN):
+            return list(self.runtime.apikeys.keys.values())
+        return self.runtime.apikeys.owned_by(principal.id)
 
-async def create(
-    runtime: Runtime,
-    owner: Principal,
-    *,
-    name: str,
-    scopes: list[str],
-    expires_in: int | None,
-    now: float,
-) -> tuple[ApiKey, str]:
-    """A new key of `owner` (the caller) and its secret, recorded before it is returned."""
-    if owner.is_node:
-        raise Forbidden("only operators own API keys")
-    if not name.strip():
-        raise ValidationFailed("name must not be blank", details=[{"field": "name"}])
-    scopes = _check_scopes(runtime, owner, scopes)
-    if expires_in is not None and not MIN_TTL <= expires_in <= MAX_TTL:
-        raise ValidationFailed(
-            f"expires_in must be between {MIN_TTL} and {MAX_TTL} seconds (null: never)",
-            details=[{"field": "expires_in"}],
-        )
-    key_id, secret = new_key()
-    event = ApiKeyCreated(
-        key_id=key_id,
-        name=name.strip(),
-        owner_id=owner.id,
-        scopes=scopes,
-        key_hash=hash_key(secret),
-        expires_at=None if expires_in is None else now + expires_in,
-    )
-    await runtime.record([event], expected_version=0)
-    key = runtime.apikeys.get(key_id)
-    assert key is not None  # recorded events are applied before record() returns
-    return key, secret
+    def get(self, principal: Principal, key_id: str) -> ApiKey:
+        key = self.runtime.apikeys.get(key_id)
+        if key is None or (key.owner_id != principal.id and not principal.can(ADMIN)):
+            raise NotFound(f"API key not found: {key_id}")
+        return key
 
-
-def visible(runtime: Runtime, principal: Principal) -> list[ApiKey]:
-    """Every key for an operator holding users:admin; the caller's own otherwise."""
-    if principal.can(ADMIN):
-        return list(runtime.apikeys.keys.values())
-    return runtime.apikeys.owned_by(principal.id)
-
-
-def get(runtime: Runtime, principal: Principal, key_id: str) -> ApiKey:
-    key = runtime.apikeys.get(key_id)
-    if key is None or (key.owner_id != principal.id and not principal.can(ADMIN)):
-        raise NotFound(f"API key not found: {key_id}")
-    return key
-
-
-async def revoke(runtime: Runtime, principal: Principal, key_id: str) -> ApiKey:
-    """Revoke a key (idempotent): it stops working at once, sessions opened with it too."""
-    key = get(runtime, principal, key_id)
-    if key.revoked_at is None:
-        await runtime.record([ApiKeyRevoked(key_id=key.id, by=principal.id, reason="revoked")])
-    return get(runtime, principal, key_id)
+    async def revoke(self, principal: Principal, key_id: str) -> ApiKey:
+        """Revoke a key (idempotent): it stops working at once, sessions opened with it too."""
+        key = self.get(principal, key_id)
+        if key.revoked_at is None:
+            await self.runtime.record(
+                [ApiKeyRevoked(key_id=key.id, by=principal.id, reason="revoked")]
+            )
+        return self.get(principal, key_id)
 
 
 def status(key: ApiKey, now: float) -> Literal["active", "revoked", "expired"]:

@@ -47,7 +47,7 @@ from eventstore.events import (
     LicenseRevoked as LicenseRevokedEvent,
 )
 from eventstore.timestamps import EARLIEST, LATEST
-from projections.tenants import License, Tenant
+from projections.tenants import License, Tenant, TenantsProjection
 
 log = structlog.get_logger(__name__)
 
@@ -112,106 +112,119 @@ def _clean_name(name: str) -> str:
     return name
 
 
-# --- tenants ---
+class Licensing:
+    """Tenants and their licenses: the commands that record them and the lookups that find them."""
 
+    def __init__(self, runtime: Runtime, uses: LicenseUses) -> None:
+        self.runtime = runtime
+        self.uses = uses
 
-async def create_tenant(runtime: Runtime, name: str, active: bool = True) -> Tenant:
-    """Record a new tenant and return it."""
-    tenant_id = str(uuid.uuid4())
-    await runtime.record(
-        [TenantCreated(tenant_id=tenant_id, name=_clean_name(name), active=active)],
-        expected_version=0,
-    )
-    tenant = runtime.tenants.tenant(tenant_id)
-    assert tenant is not None  # applied before record() returns
-    return tenant
+    @property
+    def tenants(self) -> TenantsProjection:
+        return self.runtime.tenants
 
+    async def validate(self, key: str) -> LicenseUse:
+        """Count a use of the license `key` (seed 002's validation), or raise why it may not."""
+        return await self.uses.use(self.runtime, key)
 
-def get_tenant(runtime: Runtime, tenant_id: str) -> Tenant:
-    tenant = runtime.tenants.tenant(tenant_id)
-    if tenant is None:
-        raise NotFound(f"Tenant not found: {tenant_id}")
-    return tenant
+    # --- tenants ---
 
+    async def create_tenant(self, name: str, active: bool = True) -> Tenant:
+        """Record a new tenant and return it."""
+        tenant_id = str(uuid.uuid4())
+        await self.runtime.record(
+            [TenantCreated(tenant_id=tenant_id, name=_clean_name(name), active=active)],
+            expected_version=0,
+        )
+        tenant = self.runtime.tenants.tenant(tenant_id)
+        assert tenant is not None  # applied before record() returns
+        return tenant
 
-async def update_tenant(
-    runtime: Runtime, tenant_id: str, name: str | None = None, active: bool | None = None
-) -> Tenant:
-    """Rename and/or (de)activate a tenant; a no-op PATCH records nothing."""
-    tenant = get_tenant(runtime, tenant_id)
-    new_name = _clean_name(name) if name is not None else None
-    if new_name == tenant.name:
-        new_name = None
-    if active == tenant.active:
-        active = None
-    if new_name is not None or active is not None:
-        await runtime.record([TenantUpdated(tenant_id=tenant_id, name=new_name, active=active)])
-    return tenant
+    def get_tenant(self, tenant_id: str) -> Tenant:
+        tenant = self.runtime.tenants.tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"Tenant not found: {tenant_id}")
+        return tenant
 
+    async def update_tenant(
+        self, tenant_id: str, name: str | None = None, active: bool | None = None
+    ) -> Tenant:
+        """Rename and/or (de)activate a tenant; a no-op PATCH records nothing."""
+        tenant = self.get_tenant(tenant_id)
+        new_name = _clean_name(name) if name is not None else None
+        if new_name == tenant.name:
+            new_name = None
+        if active == tenant.active:
+            active = None
+        if new_name is not None or active is not None:
+            await self.runtime.record(
+                [TenantUpdated(tenant_id=tenant_id, name=new_name, active=active)]
+            )
+        return tenant
 
-# --- licenses ---
+    # --- licenses ---
 
+    async def issue_license(
+        self, tenant_id: str, expires_at: float, max_usage_count: int | None
+    ) -> tuple[License, str]:
+        """Issue a license to a tenant; returns it with its key, which is never shown again."""
+        if self.runtime.tenants.tenant(tenant_id) is None:
+            raise ValidationFailed(
+                f"unknown tenant_id: {tenant_id}", details=[{"field": "tenant_id"}]
+            )
+        while True:
+            key = generate_key()
+            key_hash = hash_key(key)
+            if self.runtime.tenants.license_by_key_hash(key_hash) is None:
+                break
+        license_id = str(uuid.uuid4())
+        event = LicenseIssued(
+            license_id=license_id,
+            tenant_id=tenant_id,
+            key_hash=key_hash,
+            key_last4=key[-4:],
+            expires_at=expires_at,
+            max_usage_count=max_usage_count,
+        )
+        await self.runtime.record([event], expected_version=0)
+        lic = self.runtime.tenants.license(license_id)
+        assert lic is not None
+        return lic, key
 
-async def issue_license(
-    runtime: Runtime, tenant_id: str, expires_at: float, max_usage_count: int | None
-) -> tuple[License, str]:
-    """Issue a license to a tenant; returns it with its key, which is never shown again."""
-    if runtime.tenants.tenant(tenant_id) is None:
-        raise ValidationFailed(f"unknown tenant_id: {tenant_id}", details=[{"field": "tenant_id"}])
-    while True:
-        key = generate_key()
-        key_hash = hash_key(key)
-        if runtime.tenants.license_by_key_hash(key_hash) is None:
-            break
-    license_id = str(uuid.uuid4())
-    event = LicenseIssued(
-        license_id=license_id,
-        tenant_id=tenant_id,
-        key_hash=key_hash,
-        key_last4=key[-4:],
-        expires_at=expires_at,
-        max_usage_count=max_usage_count,
-    )
-    await runtime.record([event], expected_version=0)
-    lic = runtime.tenants.license(license_id)
-    assert lic is not None
-    return lic, key
-
-
-def get_license(runtime: Runtime, license_id: str) -> License:
-    lic = runtime.tenants.license(license_id)
-    if lic is None:
-        raise NotFound(f"License not found: {license_id}")
-    return lic
-
-
-async def update_license(
-    runtime: Runtime,
-    license_id: str,
-    expires_at: float | msgspec.UnsetType = msgspec.UNSET,
-    max_usage_count: int | None | msgspec.UnsetType = msgspec.UNSET,
-) -> License:
-    """Change a license's expiry and/or its maximum use count (None: unlimited)."""
-    lic = get_license(runtime, license_id)
-    if expires_at is msgspec.UNSET and max_usage_count is msgspec.UNSET:
+    def get_license(self, license_id: str) -> License:
+        lic = self.runtime.tenants.license(license_id)
+        if lic is None:
+            raise NotFound(f"License not found: {license_id}")
         return lic
-    event = LicenseUpdated(
-        license_id=license_id,
-        tenant_id=lic.tenant_id,
-        expires_at=expires_at,
-        max_usage_count=max_usage_count,
-    )
-    await runtime.record([event])
-    return lic
 
+    async def update_license(
+        self,
+        license_id: str,
+        expires_at: float | msgspec.UnsetType = msgspec.UNSET,
+        max_usage_count: int | None | msgspec.UnsetType = msgspec.UNSET,
+    ) -> License:
+        """Change a license's expiry and/or its maximum use count (None: unlimited)."""
+        lic = self.get_license(license_id)
+        if expires_at is msgspec.UNSET and max_usage_count is msgspec.UNSET:
+            return lic
+        event = LicenseUpdated(
+            license_id=license_id,
+            tenant_id=lic.tenant_id,
+            expires_at=expires_at,
+            max_usage_count=max_usage_count,
+        )
+        await self.runtime.record([event])
+        return lic
 
-async def revoke_license(runtime: Runtime, license_id: str, reason: str | None = None) -> License:
-    """Revoke a license for good; revoking a revoked license changes nothing."""
-    lic = get_license(runtime, license_id)
-    if not lic.revoked:
-        event = LicenseRevokedEvent(license_id=license_id, tenant_id=lic.tenant_id, reason=reason)
-        await runtime.record([event])
-    return lic
+    async def revoke_license(self, license_id: str, reason: str | None = None) -> License:
+        """Revoke a license for good; revoking a revoked license changes nothing."""
+        lic = self.get_license(license_id)
+        if not lic.revoked:
+            event = LicenseRevokedEvent(
+                license_id=license_id, tenant_id=lic.tenant_id, reason=reason
+            )
+            await self.runtime.record([event])
+        return lic
 
 
 # --- validation: counted uses ---

@@ -37,7 +37,7 @@ from broker.errors import (
     Unavailable,
     ValidationFailed,
 )
-from broker.http.pagination import PageQuery
+from broker.pagination import PageQuery
 from broker.runtime import Runtime
 from broker.services.tokens import TokenPair, TokenService
 from eventstore.base import ConcurrencyError

@@ -19,6 +19,7 @@ from broker.runtime import Runtime
 from broker.services.licensing import MSG_TENANT_INACTIVE
 from eventstore.base import Envelope
 from eventstore.events import TelemetryRecorded
+from projections.telemetry import TelemetryProjection
 
 MSG_RECORDED = "Télémétrie enregistrée avec succès"
 _json = msgspec.json.Encoder()
@@ -71,38 +72,52 @@ def check_additional_data(data: dict[str, Any] | None, max_bytes: int) -> None:
         )
 
 
-async def record_telemetry(
-    runtime: Runtime,
-    limiter: TenantRateLimiter,
-    config: TelemetryConfig,
-    *,
-    tenant_id: str,
-    uptime: float,
-    active_users: int,
-    exercises_completed_today: int,
-    ai_latency: float | None = None,
-    version: str | None = None,
-    additional_data: dict[str, Any] | None = None,
-) -> Envelope:
-    """Check the tenant, the size of the extras and the rate, then record one sample."""
-    tenant = runtime.tenants.tenant(tenant_id)
-    if tenant is None:
-        raise NotFound(f"Tenant not found: {tenant_id}")
-    if not tenant.active:
-        raise TenantInactive(MSG_TENANT_INACTIVE)
-    check_additional_data(additional_data, config.max_additional_data_bytes)
-    for field, value in (("uptime", uptime), ("aiLatency", ai_latency)):
-        if value is not None and not math.isfinite(value):
-            raise ValidationFailed(f"{field} must be a finite number", details=[{"field": field}])
-    limiter.take(tenant_id)
-    event = TelemetryRecorded(
-        tenant_id=tenant_id,
-        uptime=uptime,
-        active_users=active_users,
-        exercises_completed_today=exercises_completed_today,
-        ai_latency=ai_latency,
-        version=version,
-        additional_data=additional_data,
-    )
-    envs = await runtime.record([event])
-    return envs[0]
+class Telemetry:
+    """Tenants' telemetry samples: recorded at a rate per tenant, read from the projection."""
+
+    def __init__(
+        self, runtime: Runtime, limiter: TenantRateLimiter, config: TelemetryConfig
+    ) -> None:
+        self.runtime = runtime
+        self.limiter = limiter
+        self.config = config
+
+    @property
+    def telemetry(self) -> TelemetryProjection:
+        return self.runtime.telemetry
+
+    async def record(
+        self,
+        *,
+        tenant_id: str,
+        uptime: float,
+        active_users: int,
+        exercises_completed_today: int,
+        ai_latency: float | None = None,
+        version: str | None = None,
+        additional_data: dict[str, Any] | None = None,
+    ) -> Envelope:
+        """Check the tenant, the size of the extras and the rate, then record one sample."""
+        tenant = self.runtime.tenants.tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"Tenant not found: {tenant_id}")
+        if not tenant.active:
+            raise TenantInactive(MSG_TENANT_INACTIVE)
+        check_additional_data(additional_data, self.config.max_additional_data_bytes)
+        for field, value in (("uptime", uptime), ("aiLatency", ai_latency)):
+            if value is not None and not math.isfinite(value):
+                raise ValidationFailed(
+                    f"{field} must be a finite number", details=[{"field": field}]
+                )
+        self.limiter.take(tenant_id)
+        event = TelemetryRecorded(
+            tenant_id=tenant_id,
+            uptime=uptime,
+            active_users=active_users,
+            exercises_completed_today=exercises_completed_today,
+            ai_latency=ai_latency,
+            version=version,
+            additional_data=additional_data,
+        )
+        envs = await self.runtime.record([event])
+        return envs[0]

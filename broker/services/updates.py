@@ -22,7 +22,7 @@ from broker.errors import Conflict, NotFound, PayloadTooLarge, TenantInactive, V
 from broker.runtime import Runtime
 from broker.services.licensing import MSG_TENANT_INACTIVE
 from eventstore.events import UpdatePublished, UpdateWithdrawn
-from projections.updates import Update, semver_key
+from projections.updates import Update, UpdatesProjection, semver_key
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or an empty archive
 FLUSH_BYTES = 1 << 20
@@ -146,81 +146,99 @@ def check_version(version: str, field: str = "version") -> str:
     return version
 
 
-def check_publication(
-    runtime: Runtime, version: str, changelog: str, tenant_ids: list[str] | None
-) -> None:
-    """Validate what an upload declares (before and after streaming the file)."""
-    check_version(version)
-    if len(changelog) > MAX_CHANGELOG:
-        raise ValidationFailed(
-            f"changelog longer than {MAX_CHANGELOG} characters", details=[{"field": "changelog"}]
-        )
-    if tenant_ids is not None:
-        unknown = [t for t in tenant_ids if runtime.tenants.tenant(t) is None]
-        if unknown:
+class Updates:
+    """Published updates: publication, withdrawal, and what a node may download."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @property
+    def updates(self) -> UpdatesProjection:
+        return self.runtime.updates
+
+    def check_publication(self, version: str, changelog: str, tenant_ids: list[str] | None) -> None:
+        """Validate what an upload declares (before and after streaming the file)."""
+        check_version(version)
+        if len(changelog) > MAX_CHANGELOG:
             raise ValidationFailed(
-                f"unknown tenant_ids: {', '.join(unknown)}",
-                details=[{"field": "tenant_ids", "unknown": unknown}],
+                f"changelog longer than {MAX_CHANGELOG} characters",
+                details=[{"field": "changelog"}],
             )
-    if (other := runtime.updates.conflicting(version, tenant_ids)) is not None:
-        raise Conflict(f"version {version} is already published (update {other.id})")
+        if tenant_ids is not None:
+            unknown = [t for t in tenant_ids if self.runtime.tenants.tenant(t) is None]
+            if unknown:
+                raise ValidationFailed(
+                    f"unknown tenant_ids: {', '.join(unknown)}",
+                    details=[{"field": "tenant_ids", "unknown": unknown}],
+                )
+        if (other := self.runtime.updates.conflicting(version, tenant_ids)) is not None:
+            raise Conflict(f"version {version} is already published (update {other.id})")
 
+    async def publish_update(
+        self,
+        files: UpdateFiles,
+        upload: Upload,
+        *,
+        version: str,
+        changelog: str,
+        tenant_ids: list[str] | None,
+        filename: str = "",
+    ) -> Update:
+        """Publish a received file as an update; the file is discarded if anything is refused."""
+        try:
+            async with files.publish_lock:  # the version check and the append, as one step
+                self.check_publication(version, changelog, tenant_ids)
+                await files.commit(upload)
+                update_id = str(uuid.uuid4())
+                event = UpdatePublished(
+                    update_id=update_id,
+                    version=version,
+                    changelog=changelog,
+                    sha256=upload.sha256,
+                    file_size=upload.size,
+                    filename=filename[:255],
+                    tenant_ids=tenant_ids,
+                )
+                await self.runtime.record([event], expected_version=0)
+        except BaseException:
+            await files.discard(upload)
+            raise
+        upd = self.runtime.updates.get(update_id)
+        assert upd is not None
+        return upd
 
-async def publish_update(
-    runtime: Runtime,
-    files: UpdateFiles,
-    upload: Upload,
-    *,
-    version: str,
-    changelog: str,
-    tenant_ids: list[str] | None,
-    filename: str = "",
-) -> Update:
-    """Publish a received file as an update; the file is discarded if anything is refused."""
-    try:
-        async with files.publish_lock:  # the version check and the append, as one step
-            check_publication(runtime, version, changelog, tenant_ids)
-            await files.commit(upload)
-            update_id = str(uuid.uuid4())
-            event = UpdatePublished(
-                update_id=update_id,
-                version=version,
-                changelog=changelog,
-                sha256=upload.sha256,
-                file_size=upload.size,
-                filename=filename[:255],
-                tenant_ids=tenant_ids,
-            )
-            await runtime.record([event], expected_version=0)
-    except BaseException:
-        await files.discard(upload)
-        raise
-    upd = runtime.updates.get(update_id)
-    assert upd is not None
-    return upd
+    def get_update(self, update_id: str) -> Update:
+        upd = self.runtime.updates.get(update_id)
+        if upd is None:
+            raise NotFound(f"Update not found: {update_id}")
+        return upd
 
+    async def withdraw_update(self, update_id: str, reason: str | None = None) -> Update:
+        """Stop offering an update (its file stays: the log refers to it)."""
+        upd = self.get_update(update_id)
+        if not upd.withdrawn:
+            await self.runtime.record([UpdateWithdrawn(update_id=update_id, reason=reason)])
+        return upd
 
-def get_update(runtime: Runtime, update_id: str) -> Update:
-    upd = runtime.updates.get(update_id)
-    if upd is None:
-        raise NotFound(f"Update not found: {update_id}")
-    return upd
+    def downloadable(self, update_id: str) -> Update:
+        """The update a node may download: published and not withdrawn."""
+        upd = self.runtime.updates.get(update_id)
+        if upd is None or upd.withdrawn:
+            raise NotFound(f"Update not found: {update_id}")
+        return upd
 
-
-async def withdraw_update(runtime: Runtime, update_id: str, reason: str | None = None) -> Update:
-    """Stop offering an update (its file stays: the log refers to it)."""
-    upd = get_update(runtime, update_id)
-    if not upd.withdrawn:
-        await runtime.record([UpdateWithdrawn(update_id=update_id, reason=reason)])
-    return upd
-
-
-def downloadable(runtime: Runtime, update_id: str) -> Update:
-    """The update a node may download: published and not withdrawn."""
-    upd = runtime.updates.get(update_id)
-    if upd is None or upd.withdrawn:
-        raise NotFound(f"Update not found: {update_id}")
-    return upd
+    def check_for_update(self, tenant_id: str, version: str) -> UpdateCheck:
+        """What `tenant_id`, running `version`, should install next (seed 002 `/update/check`)."""
+        tenant = self.runtime.tenants.tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"Tenant not found: {tenant_id}")
+        if not tenant.active:
+            raise TenantInactive(MSG_TENANT_INACTIVE)
+        version = check_version(version)
+        current = semver_key(version)
+        assert current is not None
+        latest = self.runtime.updates.latest_for(tenant_id)
+        return UpdateCheck(version, latest, latest is not None and latest.key > current)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,17 +246,3 @@ class UpdateCheck:
     current_version: str
     latest: Update | None
     available: bool
-
-
-def check_for_update(runtime: Runtime, tenant_id: str, version: str) -> UpdateCheck:
-    """What `tenant_id`, running `version`, should install next (seed 002 `/update/check`)."""
-    tenant = runtime.tenants.tenant(tenant_id)
-    if tenant is None:
-        raise NotFound(f"Tenant not found: {tenant_id}")
-    if not tenant.active:
-        raise TenantInactive(MSG_TENANT_INACTIVE)
-    version = check_version(version)
-    current = semver_key(version)
-    assert current is not None
-    latest = runtime.updates.latest_for(tenant_id)
-    return UpdateCheck(version, latest, latest is not None and latest.key > current)

@@ -9,8 +9,7 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from broker.keys import RUNTIME
-from broker.services import operators
+from broker.keys import OPERATORS
 
 PASSWORD = "correct horse battery"
 
@@ -88,8 +87,7 @@ async def node_session(client: TestClient, node_id: str, key_index: int = 0, **f
 
 async def make_operator(client: TestClient, username: str, roles: list[str]) -> str:  # type: ignore[type-arg]
     """Create an operator directly (as `broker users create` does); its user id."""
-    user = await operators.create_user(
-        client.app[RUNTIME],
+    user = await client.app[OPERATORS].create_user(
         username=username,
         password=PASSWORD,
         roles=roles,

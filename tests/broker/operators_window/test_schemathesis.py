@@ -30,8 +30,7 @@ from broker.app import create_app
 from broker.config import LimitsConfig
 from broker.http.auth import Authenticated
 from broker.http.routing import route_info
-from broker.keys import RUNTIME
-from broker.services import operators
+from broker.keys import OPERATORS
 from tests.broker.identity.helpers import public_pem, rsa_key, sign
 from tests.conftest import make_config
 
@@ -63,9 +62,7 @@ class Served:
         port = self.runner.addresses[0][1]
         self.base = f"http://127.0.0.1:{port}"
         self.loop.run_until_complete(
-            operators.create_user(
-                self.app[RUNTIME], username="fuzzer", password=PASSWORD, roles=["admin"]
-            )
+            self.app[OPERATORS].create_user(username="fuzzer", password=PASSWORD, roles=["admin"])
         )
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

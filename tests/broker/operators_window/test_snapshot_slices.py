@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from broker.config import Config
 from broker.runtime import build_projections
-from broker.upkeep import snapshots
+from broker.upkeep import snapshot_write, snapshots
 from broker.upkeep.snapshot_file import read_body, read_header
-from broker.upkeep.snapshots import slice_decoders, write_snapshot
+from broker.upkeep.snapshot_write import slice_decoders, write_snapshot
 from eventstore.base import Envelope
 from eventstore.events import (
     BaseEvent,
@@ -133,7 +133,7 @@ def test_a_snapshot_taken_under_load_is_the_state_at_its_seq(
 
         traffic = (functools.partial(apply, op, i) for op, i in changes)
         probe = Probe(traffic, per_slice)
-        encode = snapshots._encode_records
+        encode = snapshot_write._encode_records
 
         def counting(part: Any, keys: list[str]) -> bytes:
             probe.encoded += len(keys)
@@ -143,8 +143,12 @@ def test_a_snapshot_taken_under_load_is_the_state_at_its_seq(
         async def hash_at(seq: int) -> bytes:
             return seq.to_bytes(32, "big")
 
-        old = snapshots.SLICE, snapshots.FINAL_MAX, snapshots._encode_records
-        snapshots.SLICE, snapshots.FINAL_MAX, snapshots._encode_records = 16, 8, counting
+        old = snapshot_write.SLICE, snapshot_write.FINAL_MAX, snapshot_write._encode_records
+        snapshot_write.SLICE, snapshot_write.FINAL_MAX, snapshot_write._encode_records = (
+            16,
+            8,
+            counting,
+        )
         try:
             with tempfile.TemporaryDirectory() as directory:
                 probing = asyncio.create_task(probe.run())
@@ -156,7 +160,7 @@ def test_a_snapshot_taken_under_load_is_the_state_at_its_seq(
                 wanted = slice_decoders(build_projections())
                 body = await asyncio.to_thread(read_body, taken.path, header, wanted)
         finally:
-            snapshots.SLICE, snapshots.FINAL_MAX, snapshots._encode_records = old
+            snapshot_write.SLICE, snapshot_write.FINAL_MAX, snapshot_write._encode_records = old
         # the file holds the state at its seq: what replaying the log up to there gives
         expected = build_projections()
         expected.apply_many(envs[: taken.seq])
@@ -165,10 +169,10 @@ def test_a_snapshot_taken_under_load_is_the_state_at_its_seq(
         assert snapshotter.boot.replayed == []  # every projection came from the file
         assert state(loaded) == state(expected)
         # no step of the loop encoded more than a slice, but the cut: its last changed records
-        cut_calls = len(snapshots.sliced(live))  # the cut encodes each sliced projection once
+        cut_calls = len(snapshot_write.sliced(live))  # the cut encodes each sliced projection once
         slices, cut = probe.calls[:-cut_calls], sum(probe.calls[-cut_calls:])
         assert max(slices, default=0) <= 16  # a slice each
-        assert cut <= 8 or taken.rounds == snapshots.ROUNDS  # else one more round first
+        assert cut <= 8 or taken.rounds == snapshot_write.ROUNDS  # else one more round first
         assert max(probe.steps) <= max(16, cut)  # a slice, or the cut, a step of the loop
 
     asyncio.run(scenario())

@@ -23,15 +23,8 @@ from broker.keys import RUNTIME, SNAPSHOTS
 from broker.runtime import build_projections
 from broker.upkeep import snapshots
 from broker.upkeep.snapshot_file import read_body, read_header
-from broker.upkeep.snapshots import (
-    WINDOW,
-    Snapshotter,
-    encode_parts,
-    slice_decoders,
-    snapshot_paths,
-    window_ranges,
-    write_snapshot,
-)
+from broker.upkeep.snapshot_write import encode_parts, slice_decoders, write_snapshot
+from broker.upkeep.snapshots import WINDOW, Snapshotter, snapshot_paths, window_ranges
 from eventstore.base import IntegrityError
 from eventstore.events import BaseEvent, LogNote, UpdatePublished, UpdateWithdrawn
 from eventstore.memory import MemoryStore

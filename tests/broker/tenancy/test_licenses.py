@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from broker.keys import RUNTIME
+from broker.keys import OPERATORS, RUNTIME
 from broker.services.licensing import LicenseUses, hash_key
 from eventstore.base import ConcurrencyError
 from tests.broker.tenancy.conftest import LICENSES_ONLY, NODE, VIEWER, Admin, auth
@@ -310,12 +310,11 @@ async def test_store_rejects_a_stale_use() -> None:
 
 async def test_with_real_operator_tokens(client: TestClient) -> None:  # type: ignore[type-arg]
     """The admin API behind the real token service: an `operator` may, a `viewer` may not."""
-    from broker.services import operators
 
     tokens = {}
     for username, role in (("ops", "operator"), ("watcher", "viewer")):
-        await operators.create_user(
-            client.app[RUNTIME], username=username, password="s3cret-pass", roles=[role]
+        await client.app[OPERATORS].create_user(
+            username=username, password="s3cret-pass", roles=[role]
         )
         resp = await client.post(
             "/auth/login", data={"username": username, "password": "s3cret-pass"}
