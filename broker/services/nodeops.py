@@ -48,7 +48,7 @@ def failure(exc: Exception) -> BrokerError:
         return exc
     err = errors.from_store(exc)
     if err is None:
-        log.error("node_op_failed", exc_info=exc)
+        log.error("ws_op_failed", exc_info=exc)
         return errors.internal()
     return err
 

@@ -111,7 +111,7 @@ class FeedSession:
     async def close(self, err: BrokerError, disconnect: Disconnect | None = None) -> None:
         """Send the error's frame and close (with the close its code calls for, the message as
         the reason); a peer that does not take them is cut off."""
-        code = (disconnect or _CLOSES[err.code]).code
+        code = (disconnect or _CLOSES.get(err.code, errors.FEED_UNAVAILABLE)).code
         try:
             async with asyncio.timeout(2.0):
                 await self.ws.send_frame(eventlog.encode_error(err), WSMsgType.TEXT)
