@@ -163,6 +163,9 @@ class RetentionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     days: dict[str, float] = msgspec.field(default_factory=lambda: dict(DEFAULT_DAYS))
     every: float = 86400.0  # seconds between background compactions in broker serve; 0 = never
     batch_chunks: int = 2  # chunks rewritten per transaction (appends wait at most that long)
+    # Where a compaction writes the events it removes before removing them ("": nowhere);
+    # `broker replay|export|verify --archive DIR` read it (eventstore.sqlite_archive).
+    archive_dir: str = ""
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -33,6 +33,40 @@ class JsonRecord(msgspec.Struct, kw_only=True):
 _record_decoder = msgspec.json.Decoder(JsonRecord)
 
 
+class GapRecord(msgspec.Struct, kw_only=True):
+    """A run of seqs a compaction removed, as exported (`{"gap": {...}}` lines between the events
+    of a compacted log): the kept event after it chains from `anchor` (hex), the chain hash of
+    the last removed event; `compaction` is the seq of the `log.compacted` event that removed it."""
+
+    first_seq: int
+    last_seq: int
+    anchor: str
+    compaction: int
+
+
+class _GapLine(msgspec.Struct):
+    gap: GapRecord
+
+
+_gap_decoder = msgspec.json.Decoder(_GapLine)
+GAP_PREFIX = b'{"gap"'
+
+
+def gap_to_json(first: int, last: int, anchor: bytes, compaction: int) -> bytes:
+    return _json_encoder.encode(
+        _GapLine(
+            GapRecord(first_seq=first, last_seq=last, anchor=anchor.hex(), compaction=compaction)
+        )
+    )
+
+
+def gap_from_json(line: bytes) -> GapRecord | None:
+    """The gap a line of an export records, or None when the line is an event."""
+    if not line.lstrip().startswith(GAP_PREFIX):
+        return None
+    return _gap_decoder.decode(line).gap
+
+
 encode_event: Callable[[BaseEvent], bytes] = _encoder.encode  # no wrapper: it is on the hot path
 
 

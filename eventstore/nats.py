@@ -46,78 +46,38 @@ import logging
 import os
 import socket
 import ssl
-import time
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
-from msgspec import Raw
 from nats.js import api
 
 from eventstore.base import (
-    ConcurrencyError,
     Envelope,
-    ExpectedVersion,
     IntegrityError,
     Listener,
     StoreError,
     StoreUnavailable,
-    resolve_expected,
     subscribe_via_listener,
-    type_matcher,
 )
-from eventstore.codec import decode_event, encode_events
-from eventstore.events import BaseEvent
+from eventstore.nats_append import PUBLISH_TIMEOUT, Writer
+from eventstore.nats_follow import fail_futures
 from eventstore.nats_index import FeedStats, LogIndex, anchor_of
+from eventstore.nats_read import Reader
 from eventstore.nats_tls import require_tls
-from eventstore.nats_wire import (
-    EXPECTED_LAST_SEQ,
-    EXPECTED_LAST_SUBJECT_SEQ,
-    HEARTBEAT,
-    MSG_ID,
-    WRONG_LAST_SEQUENCE,
-    BadChunk,
-    StreamReader,
-    WireBatch,
-    WireEvent,
-    chunk_id,
-    consumer_config,
-    decode_chunk,
-    encode_chunk,
-    is_delivery,
-    parse_delivery,
-    subject_token,
-)
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach NATS when opening
-PUBLISH_TIMEOUT = 2.0  # one publish attempt
-PUBLISH_DEADLINE = 5.0  # retries of one chunk (same message id) before StoreUnavailable
-APPLY_TIMEOUT = 30.0  # an acknowledged chunk must reach our own consumer within this
-MAX_GROUP_APPENDS = 1024  # appends gathered into one chunk
-MAX_CHUNK_BYTES = 512 * 1024  # and their size (NATS' max_payload, 1 MiB by default, bounds it)
-DIRECT_READ_MAX = 16  # reads touching at most this many chunks use direct gets
 DUPLICATE_WINDOW = 120.0  # seconds JetStream remembers message ids
 
 
-@dataclass(slots=True)
-class _Append:
-    """One pending append: its batch on the wire and the future of its caller."""
-
-    batch: WireBatch
-    size: int
-    key_stream: str
-    fut: asyncio.Future[list[Envelope]]
-    use_header: bool = True
-    attempts: int = 0
-
-
-class NatsStore:
-    """The EventStore protocol on a NATS JetStream stream (see the module docstring)."""
+class NatsStore(Writer, Reader):
+    """The EventStore protocol on a NATS JetStream stream (see the module docstring): the
+    lifecycle here, the writer in eventstore.nats_append, the consumer in eventstore.nats_follow,
+    reads in eventstore.nats_read."""
 
     def __init__(
         self,
@@ -137,12 +97,12 @@ class NatsStore:
         self.replicas = replicas
         self.max_age = max_age
         self.readonly = readonly
-        self._nc: Any = None
-        self._js: Any = None
+        self._nc = None
+        self._js = None
         self._direct = True
-        self._listeners: list[Listener] = []
+        self._listeners = []
         self._closing = False
-        self._failure: BaseException | None = None
+        self._failure = None
         self._connect_error: Exception | None = None
         self._index = LogIndex()  # the log as derived from the stream, as of `_index.applied`
         # Set before open() to start from a saved index (a snapshot's) instead of stream message
@@ -154,19 +114,19 @@ class NatsStore:
         # our consumer
         self._gen = 0
         self._dseq = 0
-        self._sub: Any = None
-        self._consumer: str | None = None
+        self._sub = None
+        self._consumer = None
         self._reset_needed = True
         self._kick = asyncio.Event()
         self._last_activity = 0.0
         self._follower: asyncio.Task[None] | None = None
-        self._progress: asyncio.Future[None] | None = None
+        self._progress = None
         # writing
-        self._pending: list[_Append] = []
-        self._mine: dict[str, list[asyncio.Future[list[Envelope]]]] = {}
+        self._pending = []
+        self._mine = {}
         self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._writer = None
+        self._tasks = set()
 
     # --- lifecycle ---
 
@@ -320,7 +280,7 @@ class NatsStore:
                     while self._mine:
                         await self._next_progress()
         for futs in self._mine.values():
-            _fail_futures(futs, StoreUnavailable("the log was closed"))
+            fail_futures(futs, StoreUnavailable("the log was closed"))
         self._mine.clear()
         self._kick.set()
         for task in [*self._tasks, self._follower]:
@@ -330,8 +290,7 @@ class NatsStore:
                     async with asyncio.timeout(5.0):
                         await task
         self._follower = None
-        _fail(self._pending, StoreUnavailable("the log was closed"))
-        self._pending = []
+        self._fail_pending(StoreUnavailable("the log was closed"))
         await self._drop_feed()
         if self._nc is not None:
             with contextlib.suppress(Exception):
@@ -339,415 +298,7 @@ class NatsStore:
                     await self._nc.close()
             self._nc = None
 
-    # --- writing ---
-
-    async def append(
-        self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None
-    ) -> list[Envelope]:
-        self._check_writable()
-        if not events:
-            return []
-        expect = dict(resolve_expected(events, expected_version))
-        for stream, want in expect.items():
-            have = self._index.versions.get(stream, 0)
-            if have > want:  # versions only grow: refused whatever happened since
-                raise ConcurrencyError(stream, want, have)
-        encoded = encode_events(events)  # raises EventNotEncodable: nothing sent
-        ids = os.urandom(16 * len(events)).hex()
-        wire: list[WireEvent] = []
-        size = 64 + sum(len(s) + 12 for s in expect)
-        for i, (event, data) in enumerate(zip(events, encoded, strict=True)):
-            stream = event.stream
-            size += len(data) + len(stream) + 48
-            wire.append(WireEvent(ids[32 * i : 32 * i + 32], stream, event.event_type, Raw(data)))
-        key = wire[0].stream
-        if expect and key not in expect:  # the key stream: an expected one that has events here
-            streams = {e.stream for e in wire}
-            key = next((s for s in expect if s in streams), key)
-        fut: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(WireBatch(expect, wire), size, key, fut))
-        self._wakeup.set()
-        try:
-            async with asyncio.timeout(PUBLISH_DEADLINE + APPLY_TIMEOUT):
-                return await fut
-        except TimeoutError:
-            raise StoreUnavailable(
-                "the append was sent to NATS but this instance has not applied it yet"
-            ) from None
-
-    def _check_writable(self) -> None:
-        if self._writer is None or self._closing:
-            raise StoreUnavailable("the log is not open for writing")
-        if self._failure is not None:
-            raise StoreUnavailable(f"the log cannot be applied here: {self._failure}")
-        if not self._nc.is_connected:
-            raise StoreUnavailable(f"NATS at {self.url} is unreachable")
-
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            pending, self._pending = self._pending, []
-            pending = [p for p in pending if not p.fut.done()]
-            while pending:
-                group, pending = self._take_group(pending)
-                try:
-                    await self._publish_group(group)
-                except Exception as exc:  # never let the writer die: fail this group only
-                    log.exception("nats log: publish failed")
-                    _fail(group, StoreUnavailable(f"the log could not be written: {exc}"))
-            if self._closing and not self._pending:
-                return
-
-    def _take_group(self, pending: list[_Append]) -> tuple[list[_Append], list[_Append]]:
-        limit = min(self._nc.max_payload, MAX_CHUNK_BYTES)
-        size = 0
-        for n, p in enumerate(pending):
-            if n and (n >= MAX_GROUP_APPENDS or size + p.size > limit):
-                return pending[:n], pending[n:]
-            size += p.size
-        return pending, []
-
-    async def _publish_group(self, group: list[_Append]) -> None:
-        batches = [p.batch for p in group]
-        body = encode_chunk(batches)
-        if len(body) > self._nc.max_payload - 1024:  # the size estimate was short
-            if len(group) > 1:
-                half = len(group) // 2
-                await self._publish_group(group[:half])
-                await self._publish_group(group[half:])
-            else:
-                _fail(group, StoreError(f"an append of {len(body)} bytes exceeds NATS max_payload"))
-            return
-        subject = f"{self.prefix}.{subject_token(group[0].key_stream)}"
-        cid = chunk_id(batches)
-        headers = {MSG_ID: cid}
-        single = group[0]
-        if len(group) == 1 and single.use_header and single.key_stream in single.batch.expect:
-            headers[EXPECTED_LAST_SUBJECT_SEQ] = str(self._index.subject_seq.get(subject, 0))
-        self._mine[cid] = [p.fut for p in group]
-        try:
-            await self._publish(subject, body, headers)
-        except nats.js.errors.APIError as exc:
-            self._mine.pop(cid, None)
-            if exc.err_code == WRONG_LAST_SEQUENCE and EXPECTED_LAST_SUBJECT_SEQ in headers:
-                self._spawn(self._after_wrong_last(single, _last_seq_of(exc)))
-            else:
-                _fail(group, StoreUnavailable(f"NATS refused the append: {exc.description}"))
-        except StoreUnavailable as exc:
-            self._mine.pop(cid, None)
-            _fail(group, exc)
-        # else: our consumer resolves the futures when it applies the chunk
-
-    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
-        """Publish with retries of the same message id until PUBLISH_DEADLINE."""
-        deadline = time.monotonic() + PUBLISH_DEADLINE
-        while True:
-            if self._nc is None or not self._nc.is_connected:
-                raise StoreUnavailable(f"NATS at {self.url} is unreachable")
-            try:
-                return await self._js.publish(
-                    subject, body, timeout=PUBLISH_TIMEOUT, headers=headers
-                )
-            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
-                if time.monotonic() + 0.05 >= deadline:
-                    raise StoreUnavailable(f"NATS did not acknowledge the append: {exc}") from None
-                await asyncio.sleep(0.05)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code is None or (exc.code or 0) >= 500:
-                    if time.monotonic() + 0.05 >= deadline:
-                        raise StoreUnavailable(f"NATS refused the append: {exc}") from None
-                    await asyncio.sleep(0.05)
-                    continue
-                raise
-            except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-                raise StoreUnavailable(f"NATS at {self.url} is unreachable: {exc}") from None
-
-    async def _after_wrong_last(self, p: _Append, last: int | None) -> None:
-        """The server refused `p` because its subject moved on: catch up, then decide."""
-        if last is not None:
-            try:
-                await self._wait_applied(last, PUBLISH_DEADLINE)
-            except (TimeoutError, StoreUnavailable):
-                last = None
-            except asyncio.CancelledError:
-                if not p.fut.done():
-                    p.fut.set_exception(StoreUnavailable("the log was closed"))
-                raise
-        if p.fut.done():
-            return
-        for stream, want in p.batch.expect.items():
-            have = self._index.versions.get(stream, 0)
-            if have > want:
-                p.fut.set_exception(ConcurrencyError(stream, want, have))
-                return
-        p.attempts += 1
-        p.use_header = last is not None and p.attempts < 3  # else the consumers decide alone
-        if self._closing:
-            p.fut.set_exception(StoreUnavailable("the log was closed"))
-            return
-        self._pending.append(p)
-        self._wakeup.set()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def restore(self, envelopes: Sequence[Envelope]) -> None:
-        """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.
-
-        They must continue the log exactly; each chunk is published with the stream's expected
-        last sequence, so no other writer can interleave."""
-        self._check_writable()
-        if not envelopes:
-            return
-        overlay: dict[str, int] = {}
-        seq = self._index.head
-        for env in envelopes:
-            seq += 1
-            if env.seq != seq:
-                raise IntegrityError(seq, f"import out of order: got seq {env.seq}")
-            version = overlay.get(env.stream, self._index.versions.get(env.stream, 0)) + 1
-            if env.stream_version != version:
-                raise IntegrityError(
-                    env.seq,
-                    f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
-                )
-            overlay[env.stream] = version
-        batches: list[WireBatch] = []
-        encoded = encode_events([env.event for env in envelopes])
-        for env, data in zip(envelopes, encoded, strict=True):  # a batch per run sharing a ts
-            event = WireEvent(env.id, env.stream, env.type, Raw(data))
-            if batches and batches[-1].ts == env.ts and len(batches[-1].events) < 1000:
-                batches[-1].events.append(event)
-            else:
-                batches.append(WireBatch({}, [event], env.ts))
-        for i in range(0, len(batches), 64):
-            part = batches[i : i + 64]
-            loop = asyncio.get_running_loop()
-            futs: list[asyncio.Future[list[Envelope]]] = [loop.create_future() for _ in part]
-            cid = chunk_id(part)
-            self._mine[cid] = futs
-            subject = f"{self.prefix}.{subject_token(part[0].events[0].stream)}"
-            headers = {MSG_ID: cid, EXPECTED_LAST_SEQ: str(self._index.applied)}
-            try:
-                await self._publish(subject, encode_chunk(part), headers)
-            except nats.js.errors.APIError as exc:
-                self._mine.pop(cid, None)
-                raise StoreUnavailable(f"import refused (another writer?): {exc}") from None
-            except BaseException:
-                self._mine.pop(cid, None)
-                raise
-            async with asyncio.timeout(APPLY_TIMEOUT):
-                await asyncio.gather(*futs)
-
-    # --- the consumer: applies every message of the stream in order ---
-
-    def _request_reset(self, reason: str) -> None:
-        self._gen += 1  # messages of the current subscription are ignored from now on
-        if not self._reset_needed:
-            log.info("nats log: recreating the consumer (%s)", reason)
-        self._reset_needed = True
-        self._kick.set()
-
-    async def _follow(self) -> None:
-        backoff = 0.05
-        while not self._closing or self._mine:
-            if self._reset_needed and self._nc.is_connected:
-                try:
-                    await self._restart_feed()
-                    backoff = 0.05
-                except Exception as exc:
-                    log.warning("nats log: cannot create the consumer: %s", exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HEARTBEAT):
-                    await self._kick.wait()
-            self._kick.clear()
-            silent = time.monotonic() - self._last_activity > 3 * HEARTBEAT
-            if not self._reset_needed and silent and self._nc.is_connected:
-                self._request_reset("no heartbeat")
-
-    async def _drop_feed(self) -> None:
-        sub, consumer = self._sub, self._consumer
-        self._sub = self._consumer = None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        if consumer is not None and self._nc is not None and self._nc.is_connected:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await self._js.delete_consumer(self.stream, consumer)
-
-    async def _restart_feed(self) -> None:
-        self._gen += 1
-        gen = self._gen
-        await self._drop_feed()
-        inbox = self._nc.new_inbox()
-        self._dseq = 0
-
-        async def on_message(msg: Any) -> None:
-            if gen == self._gen:
-                await self._on_feed(msg)
-
-        self._sub = await self._nc.subscribe(inbox, cb=on_message)
-        config = consumer_config(api, inbox, self._index.applied + 1, "broker log follower")
-        info = await self._js.add_consumer(self.stream, config=config)
-        if gen != self._gen:  # a reset was requested meanwhile: the loop comes back
-            return
-        self._consumer = info.name
-        self._reset_needed = False
-        self._last_activity = time.monotonic()
-
-    async def _on_feed(self, msg: Any) -> None:
-        self._last_activity = time.monotonic()
-        reply = msg.reply
-        if not is_delivery(reply):
-            if reply:  # flow control: everything before it has been applied
-                await self._nc.publish(reply)
-                return
-            headers = msg.headers or {}
-            last = headers.get("Nats-Last-Consumer")
-            if last is not None and int(last) != self._dseq:
-                self._request_reset(f"heartbeat says {last} delivered, we have {self._dseq}")
-            stalled = headers.get("Nats-Consumer-Stalled")
-            if stalled:
-                await self._nc.publish(stalled)
-            return
-        sseq, dseq, ts_ns = parse_delivery(reply)
-        if dseq != self._dseq + 1:
-            self._request_reset(f"delivery {dseq} after {self._dseq}")
-            return
-        self._dseq = dseq
-        if sseq <= self._index.applied or self._failure is not None:
-            return
-        try:
-            self._apply(sseq, ts_ns, msg.subject, msg.data)
-        except Exception as exc:  # an event this build cannot decode: stop, loudly
-            self._failure = exc
-            log.critical("nats log: cannot apply stream message %d: %s", sseq, exc)
-            for futs in self._mine.values():
-                _fail_futures(futs, StoreUnavailable(f"the log cannot be applied here: {exc}"))
-            self._mine.clear()
-            self._release_waiters()
-
-    def _apply(self, sseq: int, ts_ns: int, subject: str, data: bytes) -> None:
-        """Fold one stream message in (eventstore.nats_index), call the listeners with what it
-        recorded, resolve the appends it holds."""
-        cid, out, results = self._index.apply(sseq, ts_ns, subject, data, self._wants)
-        if out:
-            for listener in list(self._listeners):
-                try:
-                    listener(out)
-                except Exception:
-                    log.exception("log listener failed")
-        futs = self._mine.pop(cid, None) if cid is not None else None
-        if futs is not None:
-            for fut, result in zip(futs, results, strict=False):
-                if fut.done():
-                    continue
-                if isinstance(result, ConcurrencyError):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(out[result[0] : result[1]])
-        self._release_waiters()
-
-    def _wants(self, cid: str) -> bool:
-        """Envelopes are built for listeners and for our own appends only (not while catching
-        up at open, before anyone listens)."""
-        return bool(self._listeners) or cid in self._mine
-
-    def _release_waiters(self) -> None:
-        if self._progress is not None:
-            if not self._progress.done():
-                self._progress.set_result(None)
-            self._progress = None
-
-    async def _next_progress(self) -> None:
-        if self._progress is None:
-            self._progress = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._progress)
-
-    async def _wait_applied(self, sseq: int, timeout: float | None) -> None:
-        """Until the consumer has applied stream message `sseq` (TimeoutError past `timeout`)."""
-        async with asyncio.timeout(timeout):
-            while self._index.applied < sseq:
-                if self._failure is not None:
-                    raise StoreUnavailable(f"the log cannot be applied here: {self._failure}")
-                await self._next_progress()
-
-    # --- reading ---
-
-    async def read(
-        self, from_seq: int = 1, to_seq: int | None = None, types: Iterable[str] | None = None
-    ) -> AsyncGenerator[Envelope, None]:
-        """Events from the index built by the consumer, up to this instance's head when the
-        iteration ends (it follows the head while it reads, so a caller that registers a
-        listener right after the loop misses nothing)."""
-        match = type_matcher(types)
-        async with contextlib.aclosing(self.read_stored(from_seq, to_seq)) as stored:
-            async for seq, ev, version, ts in stored:
-                if match is None or match(ev.type):
-                    yield _envelope(seq, ev, version, ts)
-
-    async def read_stored(
-        self, from_seq: int = 1, to_seq: int | None = None
-    ) -> AsyncGenerator[tuple[int, WireEvent, int, float], None]:
-        """(seq, event as stored, stream version, ts) in seq order: `read` without decoding."""
-        if self._nc is None:
-            raise StoreUnavailable("the log is not open")
-        index = self._index
-        next_seq = max(from_seq, 1)
-        i = index.position(next_seq)
-        reader: StreamReader | None = None
-        chunk: tuple[int, list[WireBatch]] = (0, [])
-        try:
-            while True:
-                end = index.head if to_seq is None else min(to_seq, index.head)
-                if next_seq > end or i >= len(index):
-                    if reader is None:
-                        return  # without awaiting since the check: nothing slipped in
-                    await reader.close()
-                    reader = None
-                    continue
-                sseq, pos, seq, ts = index.entry(i)
-                if chunk[0] != sseq:
-                    data = index.cached(sseq)
-                    if data is None:
-                        if reader is None and index.batches_until(i, end) > DIRECT_READ_MAX:
-                            reader = StreamReader(self._nc, self._js, api, self.stream, sseq)
-                            await reader.start()
-                        data = await (
-                            self._direct_get(sseq) if reader is None else _skip_to(reader, sseq)
-                        )
-                    try:
-                        chunk = (sseq, decode_chunk(data))
-                    except BadChunk as exc:
-                        raise IntegrityError(seq, str(exc)) from None
-                for ev in chunk[1][pos].events:
-                    if seq > end:
-                        break
-                    if seq >= next_seq:
-                        next_seq = seq + 1
-                        yield seq, ev, index.version_of(seq), ts
-                    seq += 1
-                i += 1
-        finally:
-            if reader is not None:
-                await reader.close()
-
-    async def _direct_get(self, sseq: int) -> bytes:
-        try:
-            msg = await self._js.get_msg(self.stream, seq=sseq, direct=self._direct)
-        except nats.js.errors.NotFoundError:
-            raise IntegrityError(self._index.head, f"stream message {sseq} is gone") from None
-        except Exception as exc:
-            raise StoreUnavailable(f"cannot read the NATS stream: {exc}") from None
-        data: bytes = msg.data or b""
-        return data
+    # --- position and listeners (reads: eventstore.nats_read) ---
 
     def subscribe(
         self, from_seq: int = 1, max_buffer: int = 10_000
@@ -817,38 +368,3 @@ class NatsStore:
                 ],
             }
         return out
-
-
-def _envelope(seq: int, ev: WireEvent, version: int, ts: float) -> Envelope:
-    try:
-        event = decode_event(ev.data)  # type: ignore[arg-type]
-    except Exception as exc:  # msgspec.DecodeError, ValidationError
-        raise IntegrityError(seq, f"undecodable event: {exc}") from None
-    return Envelope(seq, ev.stream, version, ts, ev.id, event)
-
-
-async def _skip_to(reader: StreamReader, sseq: int) -> bytes:
-    while True:
-        got, _subject, data = await reader.next()
-        if got == sseq:
-            return data
-        if got > sseq:
-            raise IntegrityError(0, f"stream message {sseq} is gone")
-
-
-def _fail(group: Sequence[_Append], exc: BaseException) -> None:
-    _fail_futures([p.fut for p in group], exc)
-
-
-def _fail_futures(futs: Sequence[asyncio.Future[list[Envelope]]], exc: BaseException) -> None:
-    for fut in futs:
-        if not fut.done():
-            fut.set_exception(exc)
-
-
-def _last_seq_of(exc: Any) -> int | None:
-    """The stream seq in "wrong last sequence: N"."""
-    try:
-        return int(str(exc.description).rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return None

@@ -121,6 +121,7 @@ class SqliteStore(GroupCommit):
         self._last_hash = integrity.GENESIS
         self._last_ts = 0.0
         self._versions: dict[str, int] = {}
+        self._restored_gaps = False  # `broker import` of a compacted log (restore_gap)
 
     # --- lifecycle ---
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from eventstore import integrity
+from eventstore import integrity, sqlite_compact
 from eventstore.base import (
     ConcurrencyError,
     Envelope,
@@ -327,6 +327,22 @@ class GroupCommit:
             except (sqlite3.Error, RuntimeError):
                 log.warning("WAL checkpoint failed", exc_info=True)
 
+    async def restore_gap(self, first: int, last: int, anchor: bytes, compaction: int) -> None:
+        """Record a gap of an exported compacted log (`broker import`): seqs `first`..`last`
+        were removed by the compaction at seq `compaction`; the next event chains from `anchor`,
+        the chain hash of the last removed one (eventstore.sqlite_compact)."""
+        if self._wconn is None or self._writer is None:
+            raise StoreUnavailable("the log is not open for writing")
+        if first != self._head + 1 or last < first or compaction <= last or len(anchor) != 32:
+            raise IntegrityError(
+                first, f"import out of order: gap {first}..{last} after seq {self._head}"
+            )
+        await self._run(
+            sqlite_compact.record_imported_gap, self._wconn, first, last, anchor, compaction
+        )
+        self._head, self._last_hash = last, anchor
+        self._restored_gaps = True
+
     def _record_head(self, seq: int, chain: bytes, sync: bool) -> None:
         """Record the committed head (writer thread). A failure does not fail the append, whose
         events are committed: the record lags behind the log, which is allowed."""
@@ -344,7 +360,10 @@ class GroupCommit:
         """Write already-recorded envelopes as they are (seq, ts, id kept): for `broker import`.
 
         They must continue the log exactly (first seq = head + 1, contiguous, stream versions
-        in order); the hash chain is recomputed."""
+        in order), except across the gaps of a compacted log restored before them
+        (`restore_gap`): there a stream's version may jump, as the compaction left it. The hash
+        chain is recomputed (from a gap's anchor after a gap: the kept events' hashes come out
+        as they were)."""
         if self._wconn is None or self._writer is None:
             raise StoreUnavailable("the log is not open for writing")
         if not envelopes:
@@ -357,6 +376,8 @@ class GroupCommit:
             if env.seq != seq:
                 raise IntegrityError(seq, f"import out of order: got seq {env.seq}")
             version = overlay.get(env.stream, self._versions.get(env.stream, 0)) + 1
+            if self._restored_gaps and env.stream_version > version:
+                version = env.stream_version  # the versions between were compacted away
             if env.stream_version != version:
                 raise IntegrityError(
                     env.seq,

@@ -209,6 +209,41 @@ def record_batch(conn: sqlite3.Connection, compaction: int, gaps: list[Gap]) -> 
         raise
 
 
+def record_imported_gap(
+    conn: sqlite3.Connection, first: int, last: int, anchor: bytes, compaction: int
+) -> None:
+    """A gap of an imported compacted log (`broker import`), with its compaction marked done:
+    nothing of it is stored to remove."""
+    try:
+        conn.execute(
+            "INSERT INTO gaps (first_seq, last_seq, anchor, compaction) VALUES (?, ?, ?, ?)",
+            (first, last, anchor, compaction),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO compactions (seq, done) VALUES (?, ?)", (compaction, DONE)
+        )
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+
+
+def live_gaps(path: Path) -> list[tuple[int, int, bytes, int]]:
+    """(first seq, last seq, anchor, compaction) of every gap of the log at `path`, in seq
+    order (for `broker export`); blocking, read-only."""
+    conn = _connect(path)
+    try:
+        try:
+            return conn.execute(
+                "SELECT first_seq, last_seq, anchor, compaction FROM gaps "
+                f"WHERE {LIVE_GAPS} ORDER BY first_seq"
+            ).fetchall()
+        except sqlite3.OperationalError:  # a log from before compaction: no such table
+            return []
+    finally:
+        conn.close()
+
+
 def set_state(conn: sqlite3.Connection, compactions: list[int], state: int) -> None:
     conn.executemany(
         "UPDATE compactions SET done = ? WHERE seq = ?", [(state, c) for c in compactions]

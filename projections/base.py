@@ -78,6 +78,12 @@ class Projection:
     record_type: ClassVar[type | None] = None
     dirty: dict[str, None] | None = None
 
+    def mark_dirty(self, key: str) -> None:
+        """The record `key` was added, changed or removed (saved again by a snapshot being
+        taken)."""
+        if self.dirty is not None:
+            self.dirty[key] = None
+
     def records(self) -> Mapping[str, Any]:
         raise NotImplementedError
 

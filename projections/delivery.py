@@ -193,13 +193,7 @@ class DeliveryQueue:
                 self._enqueue_rest(message, nodes, added)  # already pending for this node
                 return
             state[mid] = message
-            dq = box.queues[level]
-            if dq and seq <= dq[-1].seq:  # out of seq order: merged by seq at take time
-                heapq.heappush(box.sides[level], (seq, next(self._tiebreak), 0, message))
-            elif dq is _NO_QUEUE:
-                box.queues[level] = deque((message,))
-            else:
-                dq.append(message)
+            self._put(box, message, seq, level)
             added += 1
         message.holders += added
         bucket = self._last_bucket
@@ -224,18 +218,22 @@ class DeliveryQueue:
             if mid in box.state or (box.held and mid in box.held):
                 continue
             box.state[mid] = message
-            level = message.priority
-            dq = box.queues[level]
-            if dq and message.seq <= dq[-1].seq:
-                heapq.heappush(box.sides[level], (message.seq, next(self._tiebreak), 0, message))
-            elif dq is _NO_QUEUE:
-                box.queues[level] = deque((message,))
-            else:
-                dq.append(message)
+            self._put(box, message, message.seq, message.priority)
             fresh.append(node)
         if fresh:
             message.holders += len(fresh)
             self._index(message, tuple(fresh))
+
+    def _put(self, box: _Mailbox, message: QueuedMessage, seq: int, level: int) -> None:
+        """Queue ``message`` (of ``seq`` and priority ``level``) in ``box``: at the back of its
+        level, or, out of seq order, in the level's side heap (merged by seq at take time)."""
+        dq = box.queues[level]
+        if dq and seq <= dq[-1].seq:
+            heapq.heappush(box.sides[level], (seq, next(self._tiebreak), 0, message))
+        elif dq is _NO_QUEUE:
+            box.queues[level] = deque((message,))
+        else:
+            dq.append(message)
 
     def _index(self, message: QueuedMessage, nodes: tuple[str, ...]) -> None:
         """Put the message in the expiry index (or add nodes to its entry there)."""
@@ -328,24 +326,18 @@ class DeliveryQueue:
         if box is None:
             return False
         v = box.state.pop(message_id, None)
+        flown = 0
         if v is None:
             if not box.held or (v := box.held.pop(message_id, None)) is None:
                 return False
             _let_go(v.message)
         elif isinstance(v, Delivery):
             _let_go(v.message)
-            box.flight -= 1
-            if not box.flight:
-                box.batches.clear()
+            flown = 1
         else:
             _let_go(v)
             box.stale += 1
-            if box.stale > _MIN_STALE and box.stale > len(box.state):
-                box.compact()
-        if not box.state and not box.held:
-            self._idle[node_id] = None
-            if len(self._idle) > _MAX_IDLE:
-                self._sweep_idle()
+        self._acked(node_id, box, flown)
         return True
 
     def ack_many(self, node_id: str, message_ids: Iterable[str]) -> int:
@@ -370,17 +362,22 @@ class DeliveryQueue:
             else:
                 _let_go(v)
                 box.stale += 1
+        self._acked(node_id, box, flown)
+        return acked
+
+    def _acked(self, node_id: str, box: _Mailbox, flown: int) -> None:
+        """After acks: ``flown`` fewer deliveries in flight, the stale entries compacted when
+        they outnumber the live ones, the mailbox marked idle once it holds nothing."""
         if flown:
             box.flight -= flown
             if not box.flight:
                 box.batches.clear()
-        if box.stale > _MIN_STALE and box.stale > len(state):
+        if box.stale > _MIN_STALE and box.stale > len(box.state):
             box.compact()
-        if not state and not box.held:
+        if not box.state and not box.held:
             self._idle[node_id] = None
             if len(self._idle) > _MAX_IDLE:
                 self._sweep_idle()
-        return acked
 
     def drop(self, node_id: str, message_id: str) -> bool:
         """Remove the message for the node (expired or dead-lettered); same result as ``ack``."""

@@ -108,6 +108,13 @@ class NodesProjection(Projection):
         self.nodes, self.retired = records, _snapshot_decoder.decode(raw).retired
         self.index.rebuild(self.nodes.values())  # (which shares the key strings again)
 
+    def _changing(self, node_id: str) -> Node | None:
+        """The node an event changes (marked dirty); None if it is not registered."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            self.mark_dirty(node_id)
+        return node
+
     # --- apply ---
 
     @handles(NodeRegistered)
@@ -131,17 +138,14 @@ class NodesProjection(Projection):
         self.nodes[e.node_id] = node
         self.retired.pop(e.node_id, None)
         self.index.add(node)
-        if self.dirty is not None:
-            self.dirty[e.node_id] = None
+        self.mark_dirty(e.node_id)
 
     @handles(NodeStatusUpdated)
     def _status(self, env: Envelope) -> None:
         e: NodeStatusUpdated = env.event  # type: ignore[assignment]
-        node = self.nodes.get(e.node_id)
+        node = self._changing(e.node_id)
         if node is None:
             return
-        if self.dirty is not None:
-            self.dirty[e.node_id] = None
         if e.status is not None and e.status != node.status:
             self.index.set_status(node, _intern(e.status))
         if e.load is not None and e.load != node.load:
@@ -157,11 +161,9 @@ class NodesProjection(Projection):
     @handles(NodeHeartbeat)
     def _heartbeat(self, env: Envelope) -> None:
         e: NodeHeartbeat = env.event  # type: ignore[assignment]
-        node = self.nodes.get(e.node_id)
+        node = self._changing(e.node_id)
         if node is None:
             return
-        if self.dirty is not None:
-            self.dirty[e.node_id] = None
         self.index.set_heartbeat(node, env.ts)
         node.heartbeat_timestamp = e.timestamp
         node.health = e.status
@@ -172,10 +174,8 @@ class NodesProjection(Projection):
     @handles(NodeLoggedIn)
     def _login(self, env: Envelope) -> None:
         e: NodeLoggedIn = env.event  # type: ignore[assignment]
-        if (node := self.nodes.get(e.node_id)) is not None:
+        if (node := self._changing(e.node_id)) is not None:
             node.last_login_at = env.ts
-            if self.dirty is not None:
-                self.dirty[e.node_id] = None
 
     @handles(NodeDeregistered)
     def _deregistered(self, env: Envelope) -> None:
@@ -184,8 +184,7 @@ class NodesProjection(Projection):
         if node is not None:
             self.index.remove(node)
             self.retired[e.node_id] = env.ts
-            if self.dirty is not None:
-                self.dirty[e.node_id] = None
+            self.mark_dirty(e.node_id)
 
     # --- queries ---
 

@@ -71,9 +71,14 @@ class TokensProjection(Projection):
             subject = (fam.subject_kind, fam.subject_id)
             self.by_subject.setdefault(subject, {})[family_id] = None
 
-    def _touch(self, family_id: str) -> None:
-        if self.dirty is not None:
-            self.dirty[family_id] = None
+    def _changing(self, family_id: str, env: Envelope) -> Family | None:
+        """The family an event of its stream changes (marked dirty, at the event's version);
+        None if it is gone."""
+        fam = self.families.get(family_id)
+        if fam is not None:
+            self.mark_dirty(family_id)
+            fam.version = env.stream_version
+        return fam
 
     # --- apply ---
 
@@ -95,17 +100,13 @@ class TokensProjection(Projection):
             version=env.stream_version,
         )
         self.by_subject.setdefault(subject, {})[e.family_id] = None
-        self._touch(e.family_id)
+        self.mark_dirty(e.family_id)
 
     @handles(TokenRotated)
     def _rotated(self, env: Envelope) -> None:
         e: TokenRotated = env.event  # type: ignore[assignment]
-        fam = self.families.get(e.family_id)
-        if fam is None:
-            return
-        self._touch(e.family_id)
-        fam.version = env.stream_version
-        if fam.revoked:
+        fam = self._changing(e.family_id, env)
+        if fam is None or fam.revoked:
             return
         fam.token_hash = e.token_hash
         fam.expires_at = e.expires_at
@@ -115,12 +116,8 @@ class TokensProjection(Projection):
     @handles(TokenFamilyRevoked)
     def _revoked(self, env: Envelope) -> None:
         e: TokenFamilyRevoked = env.event  # type: ignore[assignment]
-        fam = self.families.get(e.family_id)
-        if fam is None:
-            return
-        self._touch(e.family_id)
-        fam.version = env.stream_version
-        self._revoke(fam, env.ts, e.reason)
+        if (fam := self._changing(e.family_id, env)) is not None:
+            self._revoke(fam, env.ts, e.reason)
 
     @handles(NodeDeregistered)
     def _node_gone(self, env: Envelope) -> None:
@@ -136,7 +133,7 @@ class TokensProjection(Projection):
         if fam.revoked_at is None:
             fam.revoked_at = ts
             fam.revoked_reason = reason
-            self._touch(fam.family_id)
+            self.mark_dirty(fam.family_id)
 
     def _revoke_subject(self, subject: Subject, ts: float, reason: str) -> None:
         for family_id in self.by_subject.get(subject, ()):
@@ -149,7 +146,7 @@ class TokensProjection(Projection):
             return
         for family_id in [f for f in ids if self.families[f].expires_at <= ts]:
             self._unindex(self.families.pop(family_id))
-            self._touch(family_id)
+            self.mark_dirty(family_id)
 
     def _unindex(self, fam: Family) -> None:
         """Take `fam` out of its subject's families; a subject with none left goes (so the

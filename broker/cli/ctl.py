@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from broker.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from broker.cli.main import EXIT_FAIL, EXIT_OK, CommandError, progress_bar
+from broker.cli.common import EXIT_FAIL, EXIT_OK, CommandError, progress_bar
 from broker.config import Config
 from eventstore.base import StoreError
 
@@ -97,6 +97,28 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
         f"ok: {path}: {n:,} events, checksums and hash chain intact{compacted} "
         f"(verified {since}, {time.perf_counter() - t0:.2f} s)"
     )
+    if args.archive is not None:
+        return _verify_history(Path(path), args.archive)
+    return EXIT_OK
+
+
+def _verify_history(path: Path, archive: Path) -> int:
+    """The whole history's chain, the archive's events and the log's together."""
+    from eventstore.base import IntegrityError
+    from eventstore.sqlite_archive import files, verify_with_archive
+
+    if not files(archive):
+        raise CommandError(f"no archive files in {archive}")
+    t0 = time.perf_counter()
+    try:
+        n = verify_with_archive(path, archive, progress_bar("verify --archive"))
+    except IntegrityError as exc:
+        print(f"FAILED: {path} with the archive {archive}: first bad seq {exc.seq}: {exc.reason}")
+        return EXIT_FAIL
+    print(
+        f"ok: the whole history, {n:,} events from seq 1 (log and archive {archive}), chains "
+        f"unbroken ({time.perf_counter() - t0:.2f} s)"
+    )
     return EXIT_OK
 
 
@@ -162,6 +184,8 @@ def render(report: Any) -> str:
             f"  recorded as log.compacted at seq {report.compaction_seq:,}; log "
             f"{report.log_bytes_before:,} -> {report.log_bytes_after:,} bytes"
         )
+    if report.archive:
+        lines.append(f"  removed events archived in {report.archive}")
     lines += [f"  note: {n}" for n in report.notes]
     return "\n".join(lines)
 
@@ -172,6 +196,12 @@ def add_parsers(sub: Any) -> None:
         "--full",
         action="store_true",
         help="read the whole log, not only what came after the last verified checkpoint",
+    )
+    p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="also walk the whole history's chain through the events compactions archived there",
     )
     p = sub.add_parser("compact", help="remove what [retention] allows, after a snapshot")
     p.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")

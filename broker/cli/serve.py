@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 
-from broker.cli.main import EXIT_OK, CommandError, _check_log_path, usable_dir
+from broker.cli.common import EXIT_OK, CommandError, check_log_path, usable_dir
 from broker.config import Config, ServerConfig
 from broker.logs import write_line
 
@@ -179,7 +179,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
 def _check_server_paths(config: Config) -> None:
     data_dir = Path(config.server.data_dir)
     usable_dir(data_dir, "the data directory")
-    _check_log_path(config)
+    check_log_path(config)
     key_file = Path(config.auth.key_file) if config.auth.key_file else data_dir / "jwt_ed25519.pem"
     if not key_file.exists():  # created at the first start
         usable_dir(key_file.absolute().parent, "the signing key's directory")

@@ -40,7 +40,7 @@ import structlog
 from broker.config import KEEP_NEWEST, Config, DeliveryConfig, RetentionConfig
 from broker.errors import CompactionUnavailable
 from broker.runtime import Runtime, build_projections
-from eventstore import sqlite_compact
+from eventstore import sqlite_archive, sqlite_compact
 from eventstore.events import LogCompacted
 from eventstore.integrity import anchors_digest
 from projections.base import Projection
@@ -71,6 +71,7 @@ class Report(msgspec.Struct, kw_only=True):
     log_bytes_after: int = 0
     seconds: float = 0.0
     finished_at: float = 0.0
+    archive: str | None = None  # the archive file the removed events were written to
 
 
 def covered_by_snapshot(part: Projection) -> bool:
@@ -191,6 +192,11 @@ class Compactor:
             report.seconds = time.perf_counter() - t0
             return report
         gaps = await asyncio.to_thread(sqlite_compact.anchor_runs, store.path, spans)
+        if self.retention.archive_dir:  # archived first: a crash after it removed nothing yet
+            archived = await asyncio.to_thread(
+                sqlite_archive.write, store.path, spans, Path(self.retention.archive_dir)
+            )
+            report.archive = str(archived) if archived else None
         up_to_anchor = await store.hash_at(cut)
         [env] = await store.append(
             [

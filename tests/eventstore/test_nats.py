@@ -13,6 +13,7 @@ import nats
 import pytest
 
 from eventstore import nats as natsmod
+from eventstore import nats_read
 from eventstore.base import (
     ConcurrencyError,
     Envelope,
@@ -203,7 +204,7 @@ async def test_reads_by_direct_get_and_by_stream_reader(
     for i in range(40):
         written += await a.append([note(f"s{i % 3}", str(i)), UserActivated(user_id=f"u{i}")])
     a._index.clear_cache()  # as after a restart: nothing recent in memory
-    monkeypatch.setattr(natsmod, "DIRECT_READ_MAX", 4)
+    monkeypatch.setattr(nats_read, "DIRECT_READ_MAX", 4)
     assert await collect(a.read()) == written  # 40 chunks: a temporary consumer
     assert await collect(a.read(11, 14)) == written[10:14]  # 2 chunks: direct gets
     assert [e.seq for e in await collect(a.read(5, 60, types=["user.*"]))] == list(range(6, 61, 2))
