@@ -170,6 +170,7 @@ class Server:
         self.pid = proc.pid
         self.base = base
         self.started = started  # seconds from launch to /health 200
+        self.start_cpu = cpu_seconds(proc.pid) or 0.0  # its CPU seconds until then
 
     def rss(self, field: str = "VmRSS") -> int:
         return rss_kib(self.pid, field)
@@ -574,12 +575,12 @@ def main_sync(args: argparse.Namespace) -> None:
 
         # 1. the first start: no snapshot; RSS per node
         with serve(data) as s:
-            cold = s.started
+            cold, cold_cpu = s.started, s.start_cpu
             rss = settle(s)
         if "start" in phases:
             say(
                 f"cold start without a snapshot: {cold:.2f} s to /health 200 on {n:,} nodes "
-                f"(goal <= 3 s, set for 200k): {goal(cold <= 3.0)}"
+                f"({cold_cpu:.2f} s CPU; goal <= 3 s, set for 200k): {goal(cold <= 3.0)}"
             )
             per_node = (rss - empty_rss) / n
             say(
@@ -593,7 +594,8 @@ def main_sync(args: argparse.Namespace) -> None:
             if "start" in phases:
                 say(
                     f"cold start with a snapshot: {s.started:.2f} s to /health 200 on {n:,} nodes "
-                    f"(goal <= 3 s, set for 1M): {goal(s.started <= 3.0)}"
+                    f"({s.start_cpu:.2f} s CPU; goal <= 3 s, set for 1M): "
+                    f"{goal(s.started <= 3.0)}"
                 )
 
             async def middle(session: aiohttp.ClientSession, fleet: Fleet) -> None:

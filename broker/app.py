@@ -65,7 +65,7 @@ from broker.keys import (
     WS_CAP,
 )
 from broker.metrics import Metrics
-from broker.runtime import Runtime
+from broker.runtime import Reaction, Runtime
 from broker.services import apikeys, eventlog, monitoring
 from broker.services.connections import SHARED_BACKENDS, Takeover
 from broker.services.delivery import Dispatcher
@@ -160,7 +160,7 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         stack.callback(setattr, watched, "runtime", None)
 
         # What is counted from the log, and how long its commits take.
-        runtime.react(lambda envs: monitoring.count_outcomes(metrics, envs))
+        _react(stack, runtime, lambda envs: monitoring.count_outcomes(metrics, envs))
         if hasattr(store, "commit_observer"):  # the embedded log times its group commits
             store.commit_observer = lambda seconds, _n: metrics.commit_seconds.observe(seconds)
             stack.callback(setattr, store, "commit_observer", None)
@@ -173,9 +173,10 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         stack.callback(nodes.stop)
         _background(stack, build_discovery_indices(nodes), "discovery-indices")
         # Open feeds check their credential again as soon as one may have been revoked.
-        runtime.react(apikeys.on_revocations(app[FEEDS]))
+        _react(stack, runtime, apikeys.on_revocations(app[FEEDS]))
 
-        # Licensing and messaging: the dispatcher pushes to connected nodes.
+        # The application's services (the handlers reach each through its key), and delivery:
+        # the dispatcher pushes to connected nodes.
         uses = LicenseUses()
         stack.push_async_callback(uses.close)
         app[OPERATORS] = Operators(runtime, tokens)
@@ -194,7 +195,7 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         shared = config.store.backend in SHARED_BACKENDS
         takeover = app[TAKEOVER] = Takeover(runtime, dispatcher.connections, shared=shared)
         if shared:
-            runtime.react(takeover.on_append)
+            _react(stack, runtime, takeover.on_append)
 
         # The log's upkeep: snapshots, then compaction (a compaction takes a snapshot first).
         if snapshotter.attach(runtime):
@@ -212,6 +213,12 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_feeds(app: web.Application) -> None:
     await app[FEEDS].close_all()
+
+
+def _react(stack: contextlib.AsyncExitStack, runtime: Runtime, reaction: Reaction) -> None:
+    """Have `reaction` follow the projections until the stack unwinds."""
+    runtime.react(reaction)
+    stack.callback(runtime.unreact, reaction)
 
 
 def _background(

@@ -42,8 +42,10 @@ def _with_region_interned(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return copy
 
 
-@dataclass(slots=True)
-class Node:
+class Node(msgspec.Struct, gc=False):
+    """A registered node. A msgspec Struct, not a dataclass: a snapshot decodes a million of them
+    at start-up, twice as fast (and the collector never tracks them: they hold no cycle)."""
+
     node_id: str
     name: str
     type: str
@@ -56,15 +58,20 @@ class Node:
     generation: int  # seq of the registration: tokens of an earlier registration are void
     updated_at: float
     load: float | None = None
-    available_resources: dict[str, Any] = field(default_factory=dict)
+    available_resources: dict[str, Any] = msgspec.field(default_factory=dict)
     last_seen: str | float | None = None  # as reported by the node
     last_heartbeat_at: float | None = None  # server time of the last heartbeat
     heartbeat_timestamp: str | float | None = None  # the node's own clock, as given
     health: str | None = None  # the status field of the last heartbeat
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = msgspec.field(default_factory=dict)
     last_login_at: float | None = None
     heartbeats: int = 0
-    slot: int = field(default=-1, compare=False, repr=False)  # in the discovery indices
+    slot: int = -1  # in the discovery indices (not compared: it depends on how they were built)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in _COMPARED)
 
     @property
     def region(self) -> str | None:
@@ -81,6 +88,9 @@ class Node:
         if age <= stale_within:
             return "stale"
         return "offline"
+
+
+_COMPARED = tuple(f for f in Node.__struct_fields__ if f != "slot")
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import msgspec
+
 from eventstore.base import Envelope
 from eventstore.events import (
     NodeDeregistered,
@@ -25,8 +27,10 @@ from projections.base import Projection, handles
 Subject = tuple[str, str]  # (kind, id): ("node", "node-1") or ("user", "usr_...")
 
 
-@dataclass(slots=True)
-class Family:
+class Family(msgspec.Struct, gc=False):
+    """A refresh-token family (one login). A msgspec Struct, as `Node` is: snapshots decode them
+    by the hundred thousand."""
+
     family_id: str
     subject_kind: str
     subject_id: str

@@ -76,3 +76,8 @@ def read_password(args: argparse.Namespace) -> str:
     if first != getpass.getpass("Repeat password: "):
         raise CommandError("the passwords do not match")
     return first
+
+
+def add_archive_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--archive DIR`: the events compactions archived ([retention] archive_dir)."""
+    parser.add_argument("--archive", type=Path, metavar="DIR", help=help)

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from broker.cli.common import EXIT_FAIL, EXIT_OK, CommandError, progress_bar
+from broker.cli.common import EXIT_FAIL, EXIT_OK, CommandError, add_archive_argument, progress_bar
 from broker.config import Config
 from eventstore.base import StoreError
 
@@ -197,12 +197,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="read the whole log, not only what came after the last verified checkpoint",
     )
-    p.add_argument(
-        "--archive",
-        type=Path,
-        metavar="DIR",
-        help="also walk the whole history's chain through the events compactions archived there",
-    )
+    add_archive_argument(p, "also walk the whole history's chain through the archived events")
     p = sub.add_parser("compact", help="remove what [retention] allows, after a snapshot")
     p.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
 

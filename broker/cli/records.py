@@ -4,22 +4,37 @@ and loaded back into an empty log."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from broker.cli.args import event_types
-from broker.cli.common import EXIT_OK, CommandError, check_log_path, progress_bar
+from broker.cli.common import (
+    EXIT_OK,
+    CommandError,
+    add_archive_argument,
+    check_log_path,
+    progress_bar,
+)
 from broker.config import Config
 from eventstore import open_store
 from eventstore.base import Envelope, StoreError
-from eventstore.codec import envelope_to_json, event_from_record, record_from_json
+from eventstore.codec import (
+    GapRecord,
+    envelope_to_json,
+    event_from_record,
+    gap_from_json,
+    gap_to_json,
+    record_from_json,
+)
+from eventstore.sqlite_archive import with_archive
 
 
 def _readonly_store(config: Config) -> Any:
@@ -39,7 +54,10 @@ async def cmd_replay(config: Config, args: argparse.Namespace) -> int:
         out = sys.stdout
         if args.format == "table":
             out.write(f"{'SEQ':>8}  {'TIME (UTC)':<23}  {'TYPE':<24}  {'STREAM':<24}  V\n")
-        async for env in store.read(args.from_seq, args.to_seq, types):
+        events = store.read(args.from_seq, args.to_seq, types)
+        if args.archive is not None:
+            events = with_archive(events, args.archive, args.from_seq, args.to_seq, types)
+        async for env in events:
             if args.limit is not None and count >= args.limit:
                 break
             out.write(_format(env, args.format))
@@ -111,8 +129,13 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
             os.fchmod(fd, 0o600)
             await store.open()
             try:
-                async for env in store.read(1):
-                    f.write(render(env))
+                lines = (
+                    _whole_history(store, render, args.archive)
+                    if args.archive is not None
+                    else _export_lines(store, render, await _gaps_of(config))
+                )
+                async for line in lines:
+                    f.write(line)
                     f.write(b"\n")
                     count += 1
             finally:
@@ -128,6 +151,61 @@ async def cmd_export(config: Config, args: argparse.Namespace) -> int:
     redacted = " (secrets redacted: not importable)" if args.redact else ""
     print(f"exported {count:,} events to {out}{redacted}", file=sys.stderr)
     return EXIT_OK
+
+
+async def _gaps_of(config: Config) -> list[tuple[int, int, bytes, int]]:
+    """The gaps compactions left in the log (only the sqlite log is compacted)."""
+    if config.store.backend != "sqlite":
+        return []
+    from eventstore.sqlite_compact import live_gaps
+
+    return await asyncio.to_thread(live_gaps, Path(config.store.path))
+
+
+async def _export_lines(
+    store: Any, render: Callable[[Envelope], bytes], gaps: list[tuple[int, int, bytes, int]]
+) -> AsyncIterator[bytes]:
+    """The export's lines: every kept event, and before the event after each gap, a line
+    recording the gap (`broker import` rebuilds the same chain from it). Events still stored
+    inside a gap (a compaction not finished) are left out: they are removed."""
+    i = 0
+    async for env in store.read(1):
+        while i < len(gaps) and gaps[i][1] < env.seq:
+            yield gap_to_json(*gaps[i])
+            i += 1
+        if i < len(gaps) and gaps[i][0] <= env.seq:
+            continue
+        yield render(env)
+    for gap in gaps[i:]:
+        yield gap_to_json(*gap)
+
+
+async def _whole_history(
+    store: Any, render: Callable[[Envelope], bytes], archive: Path
+) -> AsyncIterator[bytes]:
+    """`export --archive`: every event from seq 1, the archived ones in their places, as if
+    nothing had been removed (importable as an uncompacted log)."""
+    expected = 1
+    async for env in with_archive(store.read(1), archive):
+        if env.seq != expected:
+            raise CommandError(
+                f"the archive {archive} does not hold events {expected}..{env.seq - 1}, "
+                "removed by a compaction: export without --archive keeps their gaps instead"
+            )
+        expected += 1
+        yield render(env)
+
+
+async def _restore_gap(store: Any, gap: GapRecord, where: str) -> None:
+    if not hasattr(store, "restore_gap"):
+        raise CommandError(
+            f"{where}: this export is of a compacted log; import it into a sqlite log"
+        )
+    try:
+        anchor = bytes.fromhex(gap.anchor)
+    except ValueError:
+        raise CommandError(f"{where}: the gap's anchor is not hex") from None
+    await store.restore_gap(gap.first_seq, gap.last_seq, anchor, gap.compaction)
 
 
 def _refuse_redacted(path: Path) -> None:
@@ -170,6 +248,18 @@ async def cmd_import(config: Config, args: argparse.Namespace) -> int:
         with open(args.file, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
+                    continue
+                try:
+                    gap = gap_from_json(line)
+                except msgspec.DecodeError as exc:
+                    raise CommandError(
+                        f"{args.file}:{lineno}: not an exported gap: {exc}"
+                    ) from None
+                if gap is not None:
+                    await store.restore(batch)  # type: ignore[attr-defined]
+                    count += len(batch)
+                    batch = []
+                    await _restore_gap(store, gap, f"{args.file}:{lineno}")
                     continue
                 try:
                     rec = record_from_json(line)
@@ -215,9 +305,11 @@ def add_parsers(sub: Any) -> None:
         help="jsonl: one envelope per line (default); table: seq, time, type, stream, version",
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild every projection, print counts")
+    add_archive_argument(p, "with the events compactions archived there")
 
     p = sub.add_parser("export", help="write the whole log as JSON Lines (a file of mode 0600)")
     p.add_argument("--out", required=True, type=Path, help="the file to write (replaced whole)")
+    add_archive_argument(p, "with the events compactions archived there")
     p.add_argument(
         "--redact",
         action="store_true",
