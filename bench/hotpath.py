@@ -36,11 +36,14 @@ from bench.common import machine, run
 from bench.e2e import BODY
 from broker.app import create_app
 from broker.config import Config, LogConfig, ServerConfig, StoreConfig
+from broker.errors import Disconnect
 from broker.keys import DISPATCHER, RUNTIME
 from broker.principal import Principal
 from broker.runtime import tune_gc
 from broker.ws.nodes import NodeSession
+from broker.ws.wire import push_frame
 from eventstore.events import NodeRegistered
+from projections.messages import Mail
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -51,18 +54,21 @@ class FakeSocket:
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self.wake = asyncio.Event()
+        self.session = ""
         self.closed = False
-        self.acking: set[str] = set()
+        self.opened_at = time.time()
         self.frames: list[bytes] = []
         self.arrived = asyncio.Event()
+
+    async def push(self, messages: Sequence[Mail]) -> bool:
+        return await self.send_many([push_frame(m) for m in messages])
 
     async def send_many(self, frames: Sequence[bytes]) -> bool:
         self.frames.extend(frames)
         self.arrived.set()
         return True
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, disconnect: Disconnect) -> None:
         self.closed = True
 
     def take(self) -> list[Any]:

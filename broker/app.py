@@ -189,7 +189,7 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         metrics.node_connections.set_function(lambda: len(dispatcher.connections))
         await dispatcher.start()
         stack.push_async_callback(dispatcher.stop)
-        batch = app[HEARTBEATS] = HeartbeatBatch(runtime)
+        batch = app[HEARTBEATS] = HeartbeatBatch(runtime.record)
         stack.push_async_callback(batch.drain)
         # Across instances, a node's newest WebSocket wins (the shared backends).
         shared = config.store.backend in SHARED_BACKENDS

@@ -25,39 +25,11 @@ from eventstore.events import (
     MessageSent,
     MessagesRead,
 )
+from eventstore.timestamps import iso
 from projections.base import Projection, handles
 from projections.delivery import DeliveryQueue, Priority, QueuedMessage
 
 RETAIN_COMPLETED = 100_000  # finished messages kept for GET /messages/{id} and idempotency
-
-_json = msgspec.json.Encoder()
-
-
-_seconds: dict[int, str] = {}  # whole seconds formatted lately (sent_at and expires_at differ)
-_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
-
-
-_recent: dict[float, str] = {}  # exact times formatted lately: a commit's events share one ts
-
-
-def iso(ts: float) -> str:
-    """`2026-01-01T00:00:00.000Z`, formatting each whole second once while it is in use."""
-    text = _recent.get(ts)
-    if text is None:
-        if len(_recent) >= 1024:
-            _recent.clear()
-        text = _recent[ts] = _iso(ts)
-    return text
-
-
-def _iso(ts: float) -> str:
-    second = int(ts)
-    text = _seconds.get(second)
-    if text is None:
-        if len(_seconds) >= 4096:
-            _seconds.clear()
-        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return text + _MILLIS[min(999, round((ts - second) * 1000))]
 
 
 _PRIORITIES = {p.label: p for p in Priority}
@@ -93,14 +65,11 @@ class PendingMessage(msgspec.Struct, kw_only=True, gc=False):
     seq: int
 
 
-class PushFrame(PendingMessage, kw_only=True, tag="message", tag_field="type"):
-    """The WebSocket push: `{"type": "message", ...}` with the pending message's fields."""
-
-
 class Mail(msgspec.Struct, gc=False):
-    """A queued message's payload, shared by every recipient: the event and its times. Its wire
-    shape and its push frame are built on first use only (replay and polling-only fleets never
-    pay for frames)."""
+    """A queued message's payload, shared by every recipient: the event and its times. Its
+    pending view is built on first use only; so is its push frame, by the front that pushes it
+    (`broker.ws.wire.push_frame`), which keeps it in `built_frame` for every recipient (replay
+    and polling-only fleets never pay for frames)."""
 
     event: MessageSent
     seq: int
@@ -116,17 +85,11 @@ class Mail(msgspec.Struct, gc=False):
     @property
     def pending(self) -> PendingMessage:
         if self.built_pending is None:
-            self.built_pending = self._build(PendingMessage)
+            self.built_pending = self.build(PendingMessage)
         return self.built_pending
 
-    @property
-    def frame(self) -> bytes:
-        """The push frame's JSON (UTF-8), shared by every recipient."""
-        if self.built_frame is None:
-            self.built_frame = _json.encode(self._build(PushFrame))
-        return self.built_frame
-
-    def _build(self, kind: type[PendingMessage]) -> PendingMessage:
+    def build(self, kind: type[PendingMessage]) -> PendingMessage:
+        """The message as `kind`: PendingMessage or a subclass of it (a wire frame's shape)."""
         e = self.event
         return kind(
             id=e.message_id,

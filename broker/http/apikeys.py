@@ -19,7 +19,7 @@ from broker.http.routing import Routes
 from broker.keys import API_KEYS, KEY_AUTHENTICATOR, OPERATORS
 from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import apikeys
-from broker.services.nodes import iso
+from eventstore.timestamps import iso
 from projections.apikeys import ApiKey
 
 routes = Routes("api-keys")

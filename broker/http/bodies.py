@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from typing import Any, TypeVar
 
 import msgspec
@@ -10,6 +10,7 @@ from aiohttp import web
 
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge, ValidationFailed
 from broker.jsonlimits import OutOfRange, check_storable, decode
+from eventstore.timestamps import iso
 
 T = TypeVar("T")
 
@@ -25,7 +26,7 @@ def json_response(
 
 
 def error_body(status: int, code: str, message: str, details: list[Any], request_id: str) -> bytes:
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = iso(time.time())
     return _json.encode(
         {
             "status": "error",

@@ -49,8 +49,9 @@ from broker.keys import (
 from broker.pagination import decode_query
 from broker.services.connections import SHARED_BACKENDS
 from broker.services.eventlog import split_list
-from broker.services.nodes import NodeList, NodesQuery, NodeView, iso
+from broker.services.nodes import NodeList, NodesQuery, NodeView
 from broker.upkeep.snapshots import snapshot_paths
+from eventstore.timestamps import iso
 from projections.nodes import NodesProjection
 
 routes = Routes("console")

@@ -5,7 +5,8 @@
 - `GET /api/v1/events/stream`: the live feed as Server-Sent Events (`Last-Event-ID` resumes).
 - `GET /api/v1/admin/state/{projection}?at_seq=N`: a projection rebuilt as it was at seq N.
 
-The WebSocket feed (`GET /ws`) is in `broker.ws.operators`; both feeds share `eventlog.follow`.
+The WebSocket feed (`GET /ws`) is in `broker.ws.operators`; both feeds share one follower
+(`eventlog.feed`), each with its own frames.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from typing import Annotated, Literal
 import msgspec
 from aiohttp import web
 
-from broker.errors import AuthenticationFailed, ValidationFailed
+from broker.errors import AuthenticationFailed, BrokerError, ValidationFailed
 from broker.http.auth import Permission, authenticate, credential
 from broker.http.bodies import json_response
 from broker.http.routing import Routes
 from broker.keys import CONFIG, FEEDS, REBUILDER, RUNTIME
 from broker.pagination import PageQuery, decode_query
 from broker.services import eventlog
-from eventstore.base import StoreError, SubscriberTooSlow
+from eventstore.base import Envelope
 
 routes = Routes("events")
 EVENTS_READ = Permission("events:read")
@@ -144,27 +145,22 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             except AuthenticationFailed as exc:
                 expired.set()
                 with contextlib.suppress(Exception):
-                    await send(_error_event("AUTHENTICATION_ERROR", exc.message))
+                    await send(_error_event(exc))
                 feed.cancel()
                 return
             await send(b": ping\n\n")
 
+    async def write(item: Envelope | eventlog.CaughtUp) -> None:
+        frame = eventlog.encode_frame(item)
+        if isinstance(item, eventlog.CaughtUp):
+            await send(b"data: " + frame + b"\n\n")
+        else:
+            await send(b"id: %d\ndata: %b\n\n" % (item.seq, frame))
+
     async def pump() -> None:
         await send(b"retry: 3000\n\n")
-        items = eventlog.follow(
-            store,
-            from_seq,
-            eventlog.split_list(q.types),
-            eventlog.split_list(q.stream),
-            cfg.feed_max_buffer,
-        )
-        async with contextlib.aclosing(items):
-            async for item in items:
-                frame = eventlog.encode_frame(item)
-                if isinstance(item, eventlog.CaughtUp):
-                    await send(b"data: " + frame + b"\n\n")
-                else:
-                    await send(b"id: %d\ndata: %b\n\n" % (item.seq, frame))
+        types, streams = eventlog.split_list(q.types), eventlog.split_list(q.stream)
+        await eventlog.feed(store, from_seq, types, streams, cfg.feed_max_buffer, write)
 
     feed = asyncio.create_task(pump())
     pinger = asyncio.create_task(keep_alive(feed))
@@ -181,12 +177,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         if not expired.is_set():
             raise
-    except SubscriberTooSlow:
+    except BrokerError as exc:  # it fell behind, or the log cannot be read
         with contextlib.suppress(Exception):
-            await send(_error_event("SLOW_CONSUMER", "the feed fell too far behind the log"))
-    except StoreError as exc:
-        with contextlib.suppress(Exception):
-            await send(_error_event("SERVICE_UNAVAILABLE", f"the log cannot be read: {exc}"))
+            await send(_error_event(exc))
     except (ConnectionError, TimeoutError):
         pass  # the client went away or stopped reading
     finally:
@@ -198,9 +191,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _error_event(code: str, message: str) -> bytes:
-    body = msgspec.json.encode({"type": "error", "error": {"code": code, "message": message}})
-    return b"data: " + body + b"\n\n"
+def _error_event(err: BrokerError) -> bytes:
+    return b"data: " + eventlog.encode_error(err) + b"\n\n"
 
 
 # --- time travel ---

@@ -19,7 +19,7 @@ from broker.http.routing import Routes
 from broker.keys import LICENSING
 from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import licensing
-from broker.services.licensing import iso_time
+from eventstore.timestamps import iso
 from projections.tenants import License, Tenant, TenantsProjection
 
 routes = Routes("licensing")
@@ -125,8 +125,8 @@ def tenant_out(t: Tenant) -> TenantOut:
         id=t.id,
         name=t.name,
         active=t.active,
-        created_at=iso_time(t.created_at) or "",
-        updated_at=iso_time(t.updated_at) or "",
+        created_at=iso(t.created_at) or "",
+        updated_at=iso(t.updated_at) or "",
         license_count=len(t.license_ids),
     )
 
@@ -138,16 +138,16 @@ def license_fields(lic: License, tenants: TenantsProjection, now: float) -> dict
         "tenant_id": lic.tenant_id,
         "tenant_name": tenant.name if tenant is not None else None,
         "key_last4": lic.key_last4,
-        "expires_at": iso_time(lic.expires_at),
+        "expires_at": iso(lic.expires_at),
         "max_usage_count": lic.max_usage_count,
         "usage_count": lic.usage_count,
         "status": lic.status(now),
         "revoked": lic.revoked,
-        "revoked_at": iso_time(lic.revoked_at),
+        "revoked_at": iso(lic.revoked_at),
         "revoke_reason": lic.revoke_reason,
-        "created_at": iso_time(lic.created_at),
-        "updated_at": iso_time(lic.updated_at),
-        "last_used_at": iso_time(lic.last_used_at),
+        "created_at": iso(lic.created_at),
+        "updated_at": iso(lic.updated_at),
+        "last_used_at": iso(lic.last_used_at),
     }
 
 
@@ -328,7 +328,7 @@ async def validate_license(request: web.Request) -> web.Response:
             valid=True,
             tenantId=use.tenant_id,
             tenantName=use.tenant_name,
-            expiresAt=iso_time(use.expires_at) or "",
+            expiresAt=iso(use.expires_at) or "",
             usageCount=use.usage_count,
             maxUsageCount=use.max_usage_count,
         ),

@@ -19,7 +19,6 @@ from broker.http.bodies import error_response
 from broker.http.routing import route_info
 from broker.ids import random_hex8
 from broker.keys import LIMITER, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME
-from eventstore.base import ConcurrencyError, EventNotEncodable, StoreUnavailable
 
 log = structlog.get_logger("broker.http")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -48,13 +47,7 @@ def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
         return errors.BadRequest(f"malformed request: {exc.message or type(exc).__name__}")
     if isinstance(exc, msgspec.ValidationError):
         return errors.ValidationFailed(str(exc))
-    if isinstance(exc, ConcurrencyError):
-        return errors.Conflict("the resource was changed concurrently; retry")
-    if isinstance(exc, EventNotEncodable):  # the edge checks first: a value it does not know
-        return errors.ValidationFailed(str(exc), details=[{"field": exc.path}])
-    if isinstance(exc, StoreUnavailable):
-        return errors.Unavailable("the event log is unavailable; retry later")
-    return None
+    return errors.from_store(exc)
 
 
 @web.middleware

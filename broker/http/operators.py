@@ -19,8 +19,8 @@ from broker.http.routing import Routes
 from broker.keys import OPERATORS, TOKENS
 from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import operators
-from broker.services.nodes import iso
 from broker.services.tokens import TokenPair
+from eventstore.timestamps import iso
 from projections.users import Permission as PermissionRecord
 from projections.users import Role, User, UsersProjection
 

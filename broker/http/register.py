@@ -21,7 +21,7 @@ from broker.http.bodies import decode_body, json_response
 from broker.http.ratelimit import LOGIN, charge_subject
 from broker.http.routing import Routes
 from broker.keys import CONFIG, OPERATORS
-from broker.services.nodes import iso
+from eventstore.timestamps import iso
 
 routes = Routes("operators")
 log = structlog.get_logger("broker.register")

@@ -13,8 +13,8 @@ from broker.http.auth import Permission, Public
 from broker.http.bodies import decode_body, json_response
 from broker.http.routing import Routes
 from broker.keys import LICENSING, TELEMETRY
-from broker.services.licensing import iso_time
 from broker.services.telemetry import MSG_RECORDED
+from eventstore.timestamps import iso
 from projections.telemetry import Sample, WindowStats
 
 routes = Routes("telemetry")
@@ -96,13 +96,13 @@ async def post_telemetry(request: web.Request) -> web.Response:
         version=body.version,
         additional_data=body.additionalData,
     )
-    ack = TelemetryAck(success=True, message=MSG_RECORDED, timestamp=iso_time(env.ts) or "")
+    ack = TelemetryAck(success=True, message=MSG_RECORDED, timestamp=iso(env.ts) or "")
     return json_response(ack, status=201)
 
 
 def _sample_out(s: Sample) -> SampleOut:
     return SampleOut(
-        received_at=iso_time(s.ts) or "",
+        received_at=iso(s.ts) or "",
         uptime=s.uptime,
         active_users=s.active_users,
         exercises_completed_today=s.exercises_completed_today,
@@ -158,8 +158,8 @@ async def tenant_telemetry_summary(request: web.Request) -> web.Response:
     return json_response(
         TelemetrySummaryOut(
             tenant_id=tenant.id,
-            as_of=iso_time(now) or "",
-            last_sample_at=iso_time(last),
+            as_of=iso(now) or "",
+            last_sample_at=iso(last),
             last_hour=_window_out(windows["last_hour"]),
             last_day=_window_out(windows["last_day"]),
         )

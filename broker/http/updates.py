@@ -26,7 +26,7 @@ from broker.http.routing import Routes
 from broker.keys import REQUEST_ID, UPDATE_FILES, UPDATES
 from broker.pagination import Page, PageQuery, decode_query, paginate
 from broker.services import updates
-from broker.services.licensing import iso_time
+from eventstore.timestamps import iso
 from projections.updates import SEMVER, Update
 
 routes = Routes("updates")
@@ -101,9 +101,9 @@ def update_out(u: Update) -> UpdateOut:
         sha256=u.sha256,
         filename=u.filename,
         tenant_ids=u.tenant_ids,
-        created_at=iso_time(u.created_at) or "",
+        created_at=iso(u.created_at) or "",
         withdrawn=u.withdrawn,
-        withdrawn_at=iso_time(u.withdrawn_at),
+        withdrawn_at=iso(u.withdrawn_at),
         withdraw_reason=u.withdraw_reason,
         download_url=f"/update/download/{u.id}",
     )

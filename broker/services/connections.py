@@ -21,8 +21,9 @@ from collections.abc import Sequence
 
 import structlog
 
+from broker import errors
 from broker.runtime import Runtime
-from broker.services.delivery import CLOSE_REPLACED, NodeConnection
+from broker.services.delivery import Connection
 from eventstore.base import Envelope, StoreError
 from eventstore.events import NodeConnected
 
@@ -35,17 +36,17 @@ class Takeover:
     """Closes this instance's connection of a node when a newer one is announced elsewhere."""
 
     def __init__(
-        self, runtime: Runtime, connections: dict[str, NodeConnection], *, shared: bool
+        self, runtime: Runtime, connections: dict[str, Connection], *, shared: bool
     ) -> None:
         self.runtime = runtime
         self.shared = shared  # several instances on one log: else nothing is recorded
         self.connections = connections  # the dispatcher's: node id -> its current connection
         self.instance = secrets.token_hex(8)
-        self._ids: weakref.WeakKeyDictionary[NodeConnection, str] = weakref.WeakKeyDictionary()
+        self._ids: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._announced: dict[str, int] = {}  # connection id -> seq of its announcement
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def announce(self, conn: NodeConnection) -> None:
+    async def announce(self, conn: Connection) -> None:
         """Record that this instance accepted `conn` (after the dispatcher made it current)."""
         if not self.shared:
             return
@@ -71,8 +72,6 @@ class Takeover:
                 continue
             announced = self._announced.get(self._ids.get(conn, ""))
             if announced is not None and announced < env.seq:
-                task = asyncio.get_running_loop().create_task(
-                    conn.close(CLOSE_REPLACED, "replaced by a newer connection")
-                )
+                task = asyncio.get_running_loop().create_task(conn.close(errors.REPLACED))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -17,13 +17,17 @@ from contextlib import aclosing
 from typing import Any, Literal, NamedTuple
 
 import msgspec
+import structlog
 
+from broker import errors
 from broker.config import DeliveryConfig
 from broker.errors import NotFound, RateLimited, ValidationFailed
-from eventstore.base import Envelope, EventStore, type_matcher
+from eventstore.base import Envelope, EventStore, StoreError, SubscriberTooSlow, type_matcher
 from eventstore.codec import JsonRecord, envelope_to_record, event_data
 from eventstore.events import EVENT_TYPES, BaseEvent
 from projections.base import Projection
+
+log = structlog.get_logger(__name__)
 
 # Fields that hold a hash of a secret: never shown through the API (the log keeps them, and so
 # does `broker export` without --redact: they are what logins are checked against).
@@ -221,6 +225,31 @@ async def follow(
                 yield env
 
 
+async def feed(
+    store: EventStore,
+    from_seq: int | None,
+    types: list[str] | None,
+    streams: list[str] | None,
+    max_buffer: int,
+    write: Callable[[Envelope | CaughtUp], Awaitable[None]],
+) -> None:
+    """The one follower of both feeds (WebSocket and Server-Sent Events): `follow` the log and
+    `write` every item, each front with its own frames, until cancelled. Raises the catalog's
+    error that ends a feed: SlowConsumer when it falls `max_buffer` events behind the log,
+    Unavailable when the log cannot be read. What `write` raises (a timeout: the consumer does
+    not read; a ConnectionError: it went away) goes through as it is."""
+    items = follow(store, from_seq, types, streams, max_buffer)
+    try:
+        async with aclosing(items):
+            async for item in items:
+                await write(item)
+    except SubscriberTooSlow as exc:
+        raise errors.SlowConsumer("the feed fell too far behind the log") from exc
+    except StoreError as exc:
+        log.warning("feed_failed", error=str(exc))
+        raise errors.Unavailable("the log cannot be read") from exc
+
+
 class EventFrame(msgspec.Struct, kw_only=True, tag="event", tag_field="type"):
     """`{"type": "event", ...}`: one event pushed by the feed (WebSocket and SSE)."""
 
@@ -239,7 +268,23 @@ class CaughtUpFrame(msgspec.Struct, kw_only=True, tag="caught_up", tag_field="ty
     seq: int
 
 
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ErrorFrame(msgspec.Struct, tag="error", tag_field="type"):
+    """`{"type": "error", "error": {"code", "message"}}`: the error that ends a feed, its last
+    frame (WebSocket) or `data:` (Server-Sent Events)."""
+
+    error: ErrorBody
+
+
 _frame_encoder = msgspec.json.Encoder()
+
+
+def encode_error(err: errors.BrokerError) -> bytes:
+    return _frame_encoder.encode(ErrorFrame(ErrorBody(err.code, err.message)))
 
 
 def encode_frame(item: Envelope | CaughtUp) -> bytes:

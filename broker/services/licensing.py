@@ -46,6 +46,7 @@ from eventstore.events import (
 from eventstore.events import (
     LicenseRevoked as LicenseRevokedEvent,
 )
+from eventstore.timestamps import EARLIEST, LATEST
 from projections.tenants import License, Tenant, TenantsProjection
 
 log = structlog.get_logger(__name__)
@@ -77,18 +78,6 @@ def hash_key(key: str) -> str:
 
 # The instants a date-time in UTC can render: 0001-01-01 to 9999-12-31 (a date with an offset
 # can name an instant outside them, e.g. 9999-12-31T23:59:59-14:00).
-EARLIEST = dt.datetime(1, 1, 1, tzinfo=dt.UTC).timestamp()
-LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.UTC).timestamp()
-
-
-def iso_time(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with milliseconds (`2025-12-31T23:59:59.000Z`). Total: an
-    instant outside what UTC can render (recorded before dates were checked) is shown at the
-    nearest bound, so a list holding it still renders."""
-    if ts is None:
-        return None
-    ts = min(max(ts, EARLIEST), LATEST)
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_time(value: str, field: str) -> float:

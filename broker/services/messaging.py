@@ -28,8 +28,9 @@ from eventstore.events import (
     MessageRedriven,
     MessageSent,
 )
+from eventstore.timestamps import iso
 from projections.delivery import Delivery, QueuedMessage
-from projections.messages import MessageRecord, PendingMessage, iso
+from projections.messages import MessageRecord, PendingMessage
 
 BROKER_SENDER = "broker"
 _json = msgspec.json.Encoder()

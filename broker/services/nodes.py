@@ -21,7 +21,6 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -50,6 +49,7 @@ from eventstore.events import (
     NodeRegistered,
     NodeStatusUpdated,
 )
+from eventstore.timestamps import iso
 from projections.nodes import Node, NodesProjection, Presence
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no ":": other streams use it
@@ -106,13 +106,6 @@ class NodeList(msgspec.Struct):
     skip: int
     limit: int
     has_more: bool
-
-
-def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with a Z (None stays None)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _b64(data: bytes) -> str:

@@ -13,14 +13,15 @@ answered `ok` only once the batch holding its events is on disk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import structlog
 
-from broker.runtime import Runtime
-from broker.services.delivery import NodeConnection
-from eventstore.base import StoreError, StoreUnavailable
+from broker import errors
+from broker.errors import BrokerError
+from broker.ws.wire import NodeConnection, error_frame
+from eventstore.base import StoreError
 from eventstore.events import BaseEvent
 
 log = structlog.get_logger(__name__)
@@ -37,19 +38,16 @@ class _Frame(msgspec.Struct, gc=False):
     done: Callable[[], None]  # called once answered (frees the connection's slot)
 
 
-def _error_answer(frame: _Frame, code: str, message: str) -> bytes:
-    errors = [
-        {"type": "error", "ref": ref, "error": {"code": code, "message": message}}
-        for ref in frame.refs
-    ]
-    return _json.encode(errors[0] if frame.single else errors)
+def _error_answer(frame: _Frame, err: BrokerError) -> bytes:
+    answers = [error_frame(err, ref) for ref in frame.refs]
+    return _json.encode(answers[0] if frame.single else answers)
 
 
 class HeartbeatBatch:
     """Collects heartbeat frames of every node connection and records them once per tick."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, record: Callable[[Sequence[BaseEvent]], Awaitable[object]]) -> None:
+        self.record = record  # the runtime's: append the events, apply them
         self._frames: list[_Frame] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # appends made (for tests and benchmarks)
@@ -79,7 +77,7 @@ class HeartbeatBatch:
         answers: list[bytes]
         try:
             self.batches += 1
-            await self.runtime.record(events)
+            await self.record(events)
             answers = [frame.ok for frame in frames]
         except StoreError:  # one frame's events may be at fault: each frame on its own
             answers = await asyncio.gather(*(self._record_one(frame) for frame in frames))
@@ -93,13 +91,13 @@ class HeartbeatBatch:
 
     async def _record_one(self, frame: _Frame) -> bytes:
         try:
-            await self.runtime.record(frame.events)
+            await self.record(frame.events)
             return frame.ok
-        except StoreUnavailable:
-            return _error_answer(frame, "SERVICE_UNAVAILABLE", "the event log is unavailable")
         except StoreError as exc:
-            log.warning("heartbeat_not_recorded", node_id=frame.conn.node_id, error=str(exc))
-            return _error_answer(frame, "VALIDATION_ERROR", str(exc))
+            err = errors.from_store(exc)
+            if err is None or err.code != errors.Unavailable.code:
+                log.warning("heartbeat_not_recorded", node_id=frame.conn.node_id, error=str(exc))
+            return _error_answer(frame, err or errors.ValidationFailed(str(exc)))
 
     async def drain(self) -> None:
         """Let the batches being recorded finish (at shutdown)."""

@@ -22,6 +22,7 @@ from aiohttp import WSMsgType, web
 
 from broker import errors, jsonlimits
 from broker.config import DeliveryConfig
+from broker.errors import BrokerError, ValidationFailed
 from broker.http.auth import Public, authenticate
 from broker.http.routing import Routes
 from broker.keys import (
@@ -35,31 +36,21 @@ from broker.keys import (
     WS_CAP,
 )
 from broker.principal import Principal
-from broker.services.delivery import CLOSE_REPLACED, CLOSE_TRY_AGAIN, Dispatcher, NodeConnection
+from broker.services.delivery import Dispatcher
 from broker.services.messaging import (
     MessageType,
-    Messaging,
     PriorityName,
     Recipients,
     SendResult,
     Ttl,
 )
+from broker.services.nodeops import NodeOps, failure
 from broker.services.nodes import Label, Timestamp
 from broker.ws.heartbeats import HeartbeatBatch
-from eventstore.base import ConcurrencyError, EventNotEncodable, StoreUnavailable
-from eventstore.events import (
-    BaseEvent,
-    MessageRead,
-    MessageSent,
-    MessagesRead,
-    NodeHeartbeat,
-    NodeTelemetry,
-)
+from broker.ws.wire import NodeConnection, error_frame
 
 log = structlog.get_logger(__name__)
 routes = Routes("websocket")
-
-CLOSE_POLICY = 1008  # RFC 6455: policy violation (bad or missing auth)
 
 _json = msgspec.json.Encoder()
 _frame_decoder = msgspec.json.Decoder()
@@ -145,8 +136,8 @@ def _ok_sent(ref: Any, result: SendResult) -> OkSent:
 Answer = Ok | dict[str, Any]  # an error answer is a dict (rare: no need for speed)
 
 
-def _error(ref: Any, code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "ref": ref, "error": {"code": code, "message": message}}
+def _error(ref: Any, err: BrokerError) -> dict[str, Any]:
+    return error_frame(err, ref)
 
 
 class _Invalid(msgspec.Struct, gc=False):
@@ -179,13 +170,10 @@ class NodeSession:
     ) -> None:
         self.principal = principal
         self.conn = conn
-        self.app = app
-        self.messaging: Messaging = app[MESSAGING]
-        self.dispatcher: Dispatcher = app[DISPATCHER]
+        self.ops = NodeOps(app[MESSAGING], app[NODES], app[DISPATCHER])
         self.slots = asyncio.Semaphore(config.ws_max_pending_ops)
         self.tasks: set[asyncio.Task[None]] = set()
         self.heartbeats: HeartbeatBatch = app[HEARTBEATS]
-        self.nodes = self.messaging.runtime.nodes
 
     async def on_text(self, data: str) -> None:
         """Handle one frame concurrently with the next ones (bounded per connection), so a
@@ -210,15 +198,11 @@ class NodeSession:
             single, beats = False, ops
         else:
             return False
-        node_id = self.principal.id
-        if node_id not in self.nodes.nodes or jsonlimits.may_hold_big_int(data):
-            return False  # answered by the frame's task: not found, or which field is bad
-        events: list[BaseEvent] = [
-            NodeHeartbeat(
-                node_id=node_id, timestamp=op.timestamp, status=op.status, metrics=op.metrics or {}
-            )
-            for op in beats
-        ]
+        if jsonlimits.may_hold_big_int(data):
+            return False  # answered by the frame's task: which field is bad
+        events = self.ops.heartbeats(self.principal.id, beats)
+        if events is None:
+            return False  # answered by the frame's task: not found
         refs = [op.ref for op in beats]
         ok = _json.encode(Ok(refs[0]) if single else [Ok(ref) for ref in refs])
         self.heartbeats.add(self.conn, events, ok, refs, single, self.slots.release)
@@ -234,7 +218,7 @@ class NodeSession:
             try:  # not every op is valid: decode the frame as it is, answer each op
                 ops = jsonlimits.decode(_frame_decoder, data)
             except msgspec.DecodeError as exc:
-                await self._answer(_error(None, "VALIDATION_ERROR", f"malformed JSON: {exc}"))
+                await self._answer(_error(None, ValidationFailed(f"malformed JSON: {exc}")))
                 return
         if jsonlimits.may_hold_big_int(data):
             ops = (
@@ -248,78 +232,58 @@ class NodeSession:
             await self._answer(await self._op(ops))
 
     async def _batch(self, items: list[Any]) -> list[Answer]:
-        """Answer an array of ops. Sends and acks are validated here and recorded in ONE append
-        (their events are independent: each send claims its own new message id); the other ops
-        run concurrently, each on its own."""
-        messaging, principal = self.messaging, self.principal
+        """Answer an array of ops: its sends and acks are recorded together (NodeOps.
+        record_batch); the other ops run concurrently, each on its own."""
         answers: list[Answer | None] = [None] * len(items)
-        events: list[BaseEvent] = []
-        sends: list[tuple[int, SendOp, MessageSent]] = []
+        sends: list[tuple[int, SendOp]] = []
         acks: list[tuple[int, AckOp]] = []
-        read_ids: dict[str, None] = {}  # the frame's acks, in order, once each
-        claimed: set[str] = set()
-        slow: list[tuple[int, Any]] = []
+        others: list[tuple[int, Any]] = []
         for i, raw in enumerate(items):
             kind = type(raw)
-            if kind is _Invalid:
-                answers[i] = _error(raw.ref, "VALIDATION_ERROR", raw.message)
-                continue
-            try:
-                if kind is SendOp:
-                    prepared = messaging.prepare_send(principal, raw, raw.idempotency_key)
-                elif kind is AckOp:
-                    if messaging.unread(principal, raw.message_id):
-                        acks.append((i, raw))
-                        read_ids[raw.message_id] = None
-                    else:  # read already: nothing to record
-                        answers[i] = OkRead(raw.ref, raw.message_id)
-                    continue
-                else:
-                    slow.append((i, raw))
-                    continue
-            except errors.BrokerError as exc:
-                answers[i] = _error(raw.ref, exc.code, exc.message)
-                continue
-            if type(prepared) is not MessageSent:  # a retry: the earlier send's answer
-                answers[i] = _ok_sent(raw.ref, prepared)  # type: ignore[arg-type]
-            elif prepared.message_id not in claimed:
-                claimed.add(prepared.message_id)
-                events.append(prepared)
-                sends.append((i, raw, prepared))
+            if kind is SendOp:
+                sends.append((i, raw))
+            elif kind is AckOp:
+                acks.append((i, raw))
+            elif kind is _Invalid:
+                answers[i] = _error(raw.ref, ValidationFailed(raw.message))
             else:
-                slow.append((i, raw))  # the same idempotency key twice in one frame
-        if len(read_ids) == 1:
-            events.append(
-                MessageRead(message_id=next(iter(read_ids)), node_id=self.principal.id, via="ws")
+                others.append((i, raw))
+        if sends or acks:
+            sent, read = await self.ops.record_batch(
+                self.principal,
+                self.conn,
+                [op for _, op in sends],
+                [op.message_id for _, op in acks],
             )
-        elif read_ids:  # one event for the frame's acks, not one per message
-            events.append(MessagesRead(node_id=self.principal.id, message_ids=list(read_ids)))
-        if events:
-            try:
-                with self.dispatcher.acking(self.conn, read_ids):
-                    envs = await self.messaging.runtime.record(
-                        events, {m: 0 for m in claimed} or None
-                    )
-            except (ConcurrencyError, EventNotEncodable):  # settle each op on its own
-                # (a racing retry elsewhere, or one op the log cannot store: it fails alone)
-                slow.extend((i, op) for i, op, _ in sends)
-                slow.extend(acks)
-            except StoreUnavailable:
-                for i, op in [(i, op) for i, op, _ in sends] + acks:
-                    answers[i] = _error(
-                        op.ref, "SERVICE_UNAVAILABLE", "the event log is unavailable"
-                    )
-            else:
-                recorded = self.messaging.recorded
-                for (i, op, event), env in zip(sends, envs, strict=False):
-                    answers[i] = _ok_sent(op.ref, recorded(event, env))
-                for i, ack in acks:
-                    answers[i] = OkRead(ack.ref, ack.message_id)
-        if slow:
-            done = await asyncio.gather(*(self._op(raw) for _, raw in slow))
-            for (i, _), answer in zip(slow, done, strict=True):
+            for (i, op), result in zip(sends, sent, strict=True):
+                answers[i] = (
+                    _ok_sent(op.ref, result)
+                    if type(result) is SendResult
+                    else _error(op.ref, result)  # type: ignore[arg-type]
+                )
+            for (i, ack), outcome in zip(acks, read, strict=True):
+                answers[i] = (
+                    OkRead(ack.ref, ack.message_id) if outcome is None else _error(ack.ref, outcome)
+                )
+        if others:
+            done = await asyncio.gather(*(self._op(raw) for _, raw in others))
+            for (i, _), answer in zip(others, done, strict=True):
                 answers[i] = answer
         return [a for a in answers if a is not None]
+
+    async def serve(self, ws: web.WebSocketResponse) -> None:
+        """Read the node's frames until the socket closes."""
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await self.on_text(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                self.conn.pong()
+            elif msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await self._answer(_error(None, ValidationFailed("send JSON text frames")))
+            else:
+                break
 
     async def _answer(self, answer: Any) -> None:
         if not self.conn.closed:
@@ -330,46 +294,31 @@ class NodeSession:
         if isinstance(raw, HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp):
             op = raw
         elif isinstance(raw, _Invalid):
-            return _error(raw.ref, "VALIDATION_ERROR", raw.message)
+            return _error(raw.ref, ValidationFailed(raw.message))
         else:
             ref = raw.get("ref") if isinstance(raw, dict) else None
             try:
                 op = msgspec.convert(raw, Op)
             except msgspec.ValidationError as exc:
-                return _error(ref, "VALIDATION_ERROR", str(exc))
-        ref = op.ref
+                return _error(ref, ValidationFailed(str(exc)))
         try:
             return await self._run(op)
-        except errors.BrokerError as exc:
-            return _error(ref, exc.code, exc.message)
-        except ConcurrencyError:
-            return _error(ref, "CONFLICT", "changed concurrently; retry")
-        except EventNotEncodable as exc:
-            return _error(ref, "VALIDATION_ERROR", str(exc))
-        except StoreUnavailable:
-            return _error(ref, "SERVICE_UNAVAILABLE", "the event log is unavailable; retry later")
-        except Exception:
-            log.exception("ws_op_failed", op=type(op).__name__)
-            return _error(ref, "INTERNAL", "internal error")
+        except Exception as exc:
+            return _error(op.ref, failure(exc))
 
     async def _run(self, op: Op) -> Answer:
-        node_id = self.principal.id
+        node_id, ops = self.principal.id, self.ops
         if isinstance(op, AckOp):
-            with self.dispatcher.acking(self.conn, (op.message_id,)):
-                await self.messaging.read(self.principal, op.message_id, via="ws")
+            await ops.ack(self.principal, self.conn, op.message_id)
             return OkRead(op.ref, op.message_id)
         if isinstance(op, SendOp):
-            result = await self.messaging.send(self.principal, op, op.idempotency_key)
+            result = await ops.messaging.send(self.principal, op, op.idempotency_key)
             return _ok_sent(op.ref, result)
-        nodes = self.app[NODES]
         if isinstance(op, HeartbeatOp):
-            await nodes.heartbeat(
-                node_id, timestamp=op.timestamp, status=op.status, metrics=op.metrics
-            )
+            await ops.heartbeat(node_id, op)
         elif isinstance(op, StatusOp):
-            await nodes.update_status(
+            await ops.status(
                 node_id,
-                by="node",
                 status=op.status,
                 load=op.load,
                 available_resources=op.available_resources,
@@ -377,10 +326,7 @@ class NodeSession:
                 last_seen=op.last_seen,
             )
         else:
-            nodes.get(node_id)  # 404 for a node deregistered meanwhile
-            await self.messaging.runtime.record(
-                [NodeTelemetry(node_id=node_id, metrics=op.metrics, timestamp=op.timestamp)]
-            )
+            await ops.telemetry(node_id, op.metrics, op.timestamp)
         return Ok(op.ref)
 
 
@@ -400,9 +346,8 @@ async def _first_frame_auth(
                     await ws.pong(msg.data)
                 msg = await ws.receive()
     except TimeoutError:
-        await ws.send_str(
-            _json.encode(_error(None, "AUTHENTICATION_ERROR", "auth timeout")).decode()
-        )
+        err = errors.AuthenticationFailed("auth timeout")
+        await ws.send_str(_json.encode(_error(None, err)).decode())
         return None
     if msg.type != WSMsgType.TEXT:
         return None
@@ -416,8 +361,26 @@ async def _first_frame_auth(
         reason = 'the first frame must be {"type": "auth", "token": "Bearer …"}'
     except errors.BrokerError as exc:
         reason = exc.message
-    await ws.send_str(_json.encode(_error(None, "AUTHENTICATION_ERROR", reason)).decode())
+    err = errors.AuthenticationFailed(reason)
+    await ws.send_str(_json.encode(_error(None, err)).decode())
     return None
+
+
+async def _node_by_first_frame(
+    ws: web.WebSocketResponse, app: web.Application, timeout: float
+) -> Principal | None:
+    """The node the first frame authenticates; None once the socket is closed (bad auth, or
+    not a node)."""
+    principal = await _first_frame_auth(ws, app, timeout)
+    if principal is None:
+        await _close(ws, errors.AUTH_FAILED)
+        return None
+    if not principal.is_node:
+        refused = errors.Forbidden(errors.NODES_ONLY.reason)
+        await ws.send_str(_json.encode(_error(None, refused)).decode())
+        await _close(ws, errors.NODES_ONLY)
+        return None
+    return principal
 
 
 @routes.get(
@@ -443,21 +406,14 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     if principal is None:
-        principal = await _first_frame_auth(ws, app, config.ws_auth_timeout)
+        principal = await _node_by_first_frame(ws, app, config.ws_auth_timeout)
         if principal is None:
-            await ws.close(code=CLOSE_POLICY, message=b"authentication failed")
-            return ws
-        if not principal.is_node:
-            await ws.send_str(
-                _json.encode(_error(None, "AUTHORIZATION_ERROR", "nodes only")).decode()
-            )
-            await ws.close(code=CLOSE_POLICY, message=b"nodes only")
             return ws
     dispatcher: Dispatcher = app[DISPATCHER]
     if len(dispatcher.connections) >= app[WS_CAP] and principal.id not in dispatcher.connections:
         # At capacity: refused cleanly (a node's reconnection replaces its old one: let it in).
         app[METRICS].ws_refused.labels("capacity").inc()
-        await ws.close(code=CLOSE_TRY_AGAIN, message=b"server at capacity, try again later")
+        await _close(ws, errors.TRY_AGAIN)
         return ws
     # Not an isinstance check: uvloop's transports (0.22+) are no asyncio.Transport subclasses,
     # and every push then went the slow way (aiohttp's writer, one awaited call per frame).
@@ -470,23 +426,13 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     pump: asyncio.Task[None] | None = None
     try:
         if old is not None:
-            await old.close(CLOSE_REPLACED, "replaced by a newer connection")
+            await old.close(errors.REPLACED)
         # Other instances drop their older connection of the node; the welcome follows, so a
         # node that got it knows this connection is the one every instance considers current.
         await app[TAKEOVER].announce(conn)
         await ws.send_str(_json.encode(welcome).decode())
         pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await session.on_text(msg.data)
-            elif msg.type == WSMsgType.PONG:
-                conn.pong()
-            elif msg.type == WSMsgType.PING:
-                await ws.pong(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await session._answer(_error(None, "VALIDATION_ERROR", "send JSON text frames"))
-            else:
-                break
+        await session.serve(ws)
     finally:
         dispatcher.disconnect(conn)
         if pump is not None:
@@ -496,6 +442,10 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         if session.tasks:
             await asyncio.gather(*session.tasks, return_exceptions=True)
     return ws
+
+
+async def _close(ws: web.WebSocketResponse, disconnect: errors.Disconnect) -> None:
+    await ws.close(code=disconnect.code, message=disconnect.reason.encode())
 
 
 def connection_cap(config: DeliveryConfig) -> int:

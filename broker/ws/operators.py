@@ -25,27 +25,29 @@ import msgspec
 import structlog
 from aiohttp import WSMsgType, web
 
-from broker import jsonlimits
+from broker import errors, jsonlimits
 from broker.config import EventsConfig
-from broker.errors import AuthenticationFailed, BrokerError
+from broker.errors import AuthenticationFailed, BrokerError, Disconnect, ValidationFailed
 from broker.http.auth import Public, authenticate, credential
 from broker.http.routing import Routes
 from broker.keys import CONFIG, FEEDS, RUNTIME
 from broker.principal import Principal
 from broker.services import eventlog
-from eventstore.base import EventStore, StoreError, SubscriberTooSlow
+from broker.ws.wire import error_frame
+from eventstore.base import Envelope, EventStore
 
 log = structlog.get_logger(__name__)
 routes = Routes("events")
 PERMISSION = "events:read"
 MAX_FRAME = 64 * 1024
 
-# Close codes (4000-4999 are the application's own).
-CLOSE_AUTH = 4401  # no, bad, expired or revoked token
-CLOSE_FORBIDDEN = 4403  # a valid token without events:read
-CLOSE_SLOW = 4408  # the consumer fell too far behind
-CLOSE_UNAVAILABLE = 1011  # the log could not be read
-CLOSE_GOING_AWAY = 1001  # the server is shutting down
+# How the feed's errors close it (broker.errors: codes, reasons, reconnect advice).
+_CLOSES: dict[str, Disconnect] = {
+    errors.AuthenticationFailed.code: errors.FEED_AUTH,
+    errors.Forbidden.code: errors.FEED_FORBIDDEN,
+    errors.SlowConsumer.code: errors.FEED_SLOW,
+    errors.Unavailable.code: errors.FEED_UNAVAILABLE,
+}
 
 
 # --- client ops ---
@@ -103,21 +105,17 @@ class FeedSession:
     async def reply(self, op: str, ref: Any, **fields: Any) -> None:
         await self.send(_json.encode({"type": "ok", "op": op, "ref": ref, **fields}))
 
-    async def error(self, code: str, message: str, ref: Any = None) -> None:
-        body = {"type": "error", "ref": ref, "error": {"code": code, "message": message}}
-        await self.send(_json.encode(body))
+    async def error(self, err: BrokerError, ref: Any = None) -> None:
+        await self.send(_json.encode(error_frame(err, ref)))
 
-    async def close(self, code: int, err_code: str, message: str) -> None:
-        """Send an error frame and close; a peer that does not take them is cut off."""
+    async def close(self, err: BrokerError, disconnect: Disconnect | None = None) -> None:
+        """Send the error's frame and close (with the close its code calls for, the message as
+        the reason); a peer that does not take them is cut off."""
+        code = (disconnect or _CLOSES.get(err.code, errors.FEED_UNAVAILABLE)).code
         try:
             async with asyncio.timeout(2.0):
-                await self.ws.send_frame(
-                    _json.encode(
-                        {"type": "error", "error": {"code": err_code, "message": message}}
-                    ),
-                    WSMsgType.TEXT,
-                )
-                await self.ws.close(code=code, message=message[:120].encode())
+                await self.ws.send_frame(eventlog.encode_error(err), WSMsgType.TEXT)
+                await self.ws.close(code=code, message=err.message[:120].encode())
         except Exception:
             if self.request.transport is not None:
                 self.request.transport.abort()
@@ -153,11 +151,8 @@ class FeedSession:
                     raise AuthenticationFailed('the first frame must be {"type": "auth", ...}')
                 header, ref = op.token, op.ref
             principal = await self.authenticate(header)
-        except AuthenticationFailed as exc:
-            await self.close(CLOSE_AUTH, exc.code, exc.message)
-            return False
-        except _Forbidden as exc:
-            await self.close(CLOSE_FORBIDDEN, "AUTHORIZATION_ERROR", str(exc))
+        except (AuthenticationFailed, _Forbidden) as exc:
+            await self.close(exc)
             return False
         await self.reply("auth", ref, user=principal.name)
         return True
@@ -166,11 +161,8 @@ class FeedSession:
         """The token still valid and allowed (expiry, logout, revoked role)? Closes if not."""
         try:
             await self.authenticate(self.header)
-        except AuthenticationFailed as exc:
-            await self.close(CLOSE_AUTH, exc.code, exc.message)
-            return False
-        except _Forbidden as exc:
-            await self.close(CLOSE_FORBIDDEN, "AUTHORIZATION_ERROR", str(exc))
+        except (AuthenticationFailed, _Forbidden) as exc:
+            await self.close(exc)
             return False
         return True
 
@@ -199,7 +191,7 @@ class FeedSession:
                 if msg.type == WSMsgType.TEXT:
                     await self.handle(msg.data)
                 elif msg.type == WSMsgType.BINARY:
-                    await self.error("VALIDATION_ERROR", "frames are JSON text")
+                    await self.error(ValidationFailed("frames are JSON text"))
                 else:  # close, closing, error
                     return
         except (_Closed, ConnectionError, TimeoutError):
@@ -212,10 +204,10 @@ class FeedSession:
         try:
             op = jsonlimits.decode(_ops, data)
         except msgspec.ValidationError as exc:
-            await self.error("VALIDATION_ERROR", str(exc), _ref_of(data))
+            await self.error(ValidationFailed(str(exc)), _ref_of(data))
             return
         except msgspec.DecodeError as exc:
-            await self.error("VALIDATION_ERROR", f"malformed JSON frame: {exc}")
+            await self.error(ValidationFailed(f"malformed JSON frame: {exc}"))
             return
         if isinstance(op, SubscribeOp):
             await self.subscribe(op)
@@ -226,10 +218,7 @@ class FeedSession:
             try:
                 await self.authenticate(op.token)
             except (AuthenticationFailed, _Forbidden) as exc:
-                message = exc.message if isinstance(exc, BrokerError) else str(exc)
-                code = CLOSE_AUTH if isinstance(exc, AuthenticationFailed) else CLOSE_FORBIDDEN
-                err = "AUTHENTICATION_ERROR" if code == CLOSE_AUTH else "AUTHORIZATION_ERROR"
-                await self.close(code, err, message)
+                await self.close(exc)
                 raise _Closed from None
             await self.reply("auth", op.ref, user=self.principal.name if self.principal else "")
         else:
@@ -256,24 +245,24 @@ class FeedSession:
         self, from_seq: int | None, types: list[str] | None, streams: list[str] | None
     ) -> None:
         """Send the feed until it is stopped; disconnect a consumer that cannot keep up."""
-        items = eventlog.follow(self.store, from_seq, types, streams, self.cfg.feed_max_buffer)
+
+        async def write(item: Envelope | eventlog.CaughtUp) -> None:
+            await self.send(eventlog.encode_frame(item))
+
         try:
-            async with contextlib.aclosing(items):
-                async for item in items:
-                    await self.send(eventlog.encode_frame(item))
-        except SubscriberTooSlow:
-            await self.close(CLOSE_SLOW, "SLOW_CONSUMER", "the feed fell too far behind the log")
+            await eventlog.feed(
+                self.store, from_seq, types, streams, self.cfg.feed_max_buffer, write
+            )
+        except BrokerError as exc:  # it fell behind, or the log cannot be read
+            await self.close(exc)
         except TimeoutError:
-            await self.close(CLOSE_SLOW, "SLOW_CONSUMER", "the socket does not take frames")
-        except StoreError as exc:
-            log.warning("feed_failed", error=str(exc))
-            await self.close(CLOSE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "the log cannot be read")
+            await self.close(errors.SlowConsumer("the socket does not take frames"))
         except ConnectionError:
             pass
 
 
-class _Forbidden(Exception):
-    """A valid token without the feed's permission."""
+class _Forbidden(errors.Forbidden):
+    """A valid token without the feed's permission (not an error `authenticate` raises)."""
 
 
 def _ref_of(data: str) -> Any:
@@ -304,7 +293,8 @@ async def operator_ws(request: web.Request) -> web.WebSocketResponse:
     session = FeedSession(request, ws, cfg)
 
     async def stop() -> None:
-        await session.close(CLOSE_GOING_AWAY, "SERVICE_UNAVAILABLE", "the server is shutting down")
+        going = errors.FEED_GOING_AWAY
+        await session.close(errors.Unavailable(going.reason), going)
 
     feeds.stoppers.add(stop)
     try:

@@ -15,8 +15,9 @@ from aiohttp import WSMsgType
 from broker.config import DeliveryConfig
 from broker.principal import Principal
 from broker.runtime import Runtime
-from broker.services.delivery import Dispatcher, NodeConnection, text_frames
+from broker.services.delivery import Dispatcher
 from broker.services.messaging import Messaging, SendRequest
+from broker.ws.wire import NodeConnection, text_frames
 from eventstore.events import MessageDeadLettered, MessageExpired, NodeRegistered
 from eventstore.memory import MemoryStore
 from projections.base import Projections
@@ -127,8 +128,7 @@ async def test_ack_timeout_redelivers_then_dead_letters(world: World) -> None:
     assert len(dead) == 1 and dead[0].node_id == "b" and dead[0].attempts == 2
     assert w.runtime.messages.pending("b") == []
     assert w.runtime.messages.get(mid).recipients["b"].status == "dead"  # type: ignore[union-attr]
-    conn.closed = True
-    conn.wake.set()
+    w.dispatcher.disconnect(conn)
     await pump
 
 

@@ -53,7 +53,7 @@ def beat(node: str) -> list[BaseEvent]:
 async def test_frames_of_a_tick_are_one_append_and_one_write_per_connection() -> None:
     runtime = FakeRuntime()
     runtime.gate = asyncio.get_running_loop().create_future()
-    batch = HeartbeatBatch(runtime)  # type: ignore[arg-type]
+    batch = HeartbeatBatch(runtime.record)
     a, b = FakeConn("a"), FakeConn("b")
     freed: list[str] = []
     batch.add(a, beat("a"), b'{"type":"ok","ref":1}', [1], True, lambda: freed.append("a1"))  # type: ignore[arg-type]
@@ -74,7 +74,7 @@ async def test_frames_of_a_tick_are_one_append_and_one_write_per_connection() ->
 async def test_a_frame_the_log_refuses_fails_alone() -> None:
     runtime = FakeRuntime()
     runtime.refuse = "bad"
-    batch = HeartbeatBatch(runtime)  # type: ignore[arg-type]
+    batch = HeartbeatBatch(runtime.record)
     good, bad = FakeConn("good"), FakeConn("bad")
     batch.add(good, beat("good"), b"OK", [1], True, lambda: None)  # type: ignore[arg-type]
     batch.add(bad, beat("bad") * 2, b"OK", [7, 8], False, lambda: None)  # type: ignore[arg-type]

@@ -181,7 +181,7 @@ async def test_an_ack_makes_room_before_its_read_is_durable(
         [*(m["id"] for m in got[:3]), got[2]["id"]]
     )
     assert queue.in_flight("node-b") == 100
-    assert not client.app[DISPATCHER].connections["node-b"].acking
+    assert not client.app[DISPATCHER].credit("node-b")
 
     failures.append(StoreUnavailable("disk gone"))  # the next read fails: its slot comes back
     await ws.send_json({"type": "ack", "message_id": got[3]["id"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from broker import errors
 from broker.errors import CATALOG
 from eventstore.events import EVENT_TYPES
 
@@ -21,10 +22,31 @@ def test_event_catalogue_lists_every_type_and_field() -> None:
             assert f"| `{field}`" in body, f"docs/events.md lacks {name}.{field}: {FIX}"
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def test_error_catalogue_lists_every_code() -> None:
     text = (DOCS / "errors.md").read_text()
     for code, status in CATALOG.items():
         assert f"| `{code}` | {status} |" in text, f"docs/errors.md lacks {code}"
+    retry = {cls.code: cls.retry for cls in _classes(errors.BrokerError)}
+    for code, status in CATALOG.items():
+        row = f"| `{code}` | {status} | {_yes(retry[code])} |"
+        assert row in text, f"docs/errors.md: {code}'s retry advice"
+    for cls in errors.STREAM_ONLY:
+        assert f"| `{cls.code}` | {_yes(cls.retry)} |" in text, f"docs/errors.md lacks {cls.code}"
+
+
+def test_error_catalogue_lists_every_close() -> None:
+    text = (DOCS / "errors.md").read_text()
+    for name, d in errors.DISCONNECTS.items():
+        row = f"| {d.code} | `{d.reason}` | {_yes(d.reconnect)} |"
+        assert row in text, f"docs/errors.md lacks the close {name}: {row}"
+
+
+def _classes(cls: type[errors.BrokerError]) -> list[type[errors.BrokerError]]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _classes(sub))]
 
 
 def test_configuration_reference_lists_every_key() -> None:

@@ -1,0 +1,219 @@
+"""What the WebSocket fronts write on the wire: RFC 6455 frames, the push frame, error frames,
+and the node connection that writes them (the dispatcher sees it as a
+`broker.services.delivery.Connection`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import WSMsgType, web
+
+from broker.errors import BrokerError, Disconnect
+from projections.messages import Mail, PendingMessage
+
+log = structlog.get_logger(__name__)
+
+SAFE_BUFFER = 256 * 1024  # bytes a socket may have queued before sends are timed
+PING = b"\x89\x00"  # an unmasked Ping frame with no payload (RFC 6455 §5.5.2)
+
+_LEN16 = struct.Struct("!BBH").pack
+_LEN64 = struct.Struct("!BBQ").pack
+_json = msgspec.json.Encoder()
+
+
+def text_frames(payloads: Sequence[bytes]) -> bytes:
+    """Unmasked server-to-client text frames (RFC 6455 §5.2: FIN, opcode 1), back to back."""
+    parts: list[bytes] = []
+    for payload in payloads:
+        n = len(payload)
+        if n < 126:
+            parts.append(bytes((0x81, n)))
+        elif n < 65536:
+            parts.append(_LEN16(0x81, 126, n))
+        else:
+            parts.append(_LEN64(0x81, 127, n))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """An unmasked Close frame (RFC 6455 §5.5.1): the code, then the reason, ≤ 123 bytes."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
+def _cut(transport: asyncio.Transport) -> None:
+    if not transport.is_closing():
+        transport.close()
+
+
+# --- frames ---
+
+
+class PushFrame(PendingMessage, kw_only=True, tag="message", tag_field="type"):
+    """The WebSocket push: `{"type": "message", ...}` with the pending message's fields."""
+
+
+def push_frame(mail: Mail) -> bytes:
+    """The push frame's JSON (UTF-8), built once per message and shared by every recipient."""
+    frame = mail.built_frame
+    if frame is None:
+        frame = mail.built_frame = _json.encode(mail.build(PushFrame))
+    return frame
+
+
+def error_frame(err: BrokerError, ref: Any = None) -> dict[str, Any]:
+    """`{"type": "error", "ref": …, "error": {"code", "message"}}`: a failed op's answer."""
+    return {"type": "error", "ref": ref, "error": {"code": err.code, "message": err.message}}
+
+
+def encode(answer: Any) -> bytes:
+    return _json.encode(answer)
+
+
+# --- the node's connection ---
+
+
+class NodeConnection:
+    """One node's WebSocket, as the dispatcher sees it.
+
+    While the socket keeps up (less than SAFE_BUFFER queued in the transport) and the connection
+    did not negotiate compression, a batch of frames goes out in ONE transport write with no
+    await: no per-frame writer call or system call. What a connection can have queued is thus
+    bounded by SAFE_BUFFER plus one batch (at most the in-flight window). Otherwise frames go
+    through aiohttp's writer, which compresses and waits for the peer, under ``send_timeout``.
+
+    Frames that fit in the kernel's buffers are written at once whether the peer reads them or
+    not, so each write is also checked: half a ``send_timeout`` after it, the connection sends a
+    Ping, which sits behind everything sent before it; a peer that has not answered with a Pong
+    half a ``send_timeout`` later has not read what it was sent, and is cut. One probe at a time
+    per connection, and only while it is being written to.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        ws: web.WebSocketResponse,
+        send_timeout: float,
+        transport: asyncio.Transport | None = None,
+        session: str = "",
+    ) -> None:
+        self.node_id = node_id
+        self.session = session  # the login it authenticated with: its revocation closes it
+        self.ws = ws
+        self.send_timeout = send_timeout
+        self.transport = transport
+        self.closed = False
+        self.opened_at = time.time()  # shown by the console (connected since)
+        self._probe: asyncio.TimerHandle | None = None  # the read check in progress, if any
+        self._awaiting_pong = False
+        self._written = False  # written to since the last Ping
+
+    # --- the read check (see the class doc) ---
+
+    def _watch(self) -> None:
+        self._written = True
+        if self._probe is None and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._probe = loop.call_later(self.send_timeout / 2, self._ping)
+
+    def _ping(self) -> None:
+        self._probe = None
+        if self.closed or self.ws.closed:
+            return
+        self._written = False
+        self._awaiting_pong = True
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(PING)
+        else:
+            task = asyncio.ensure_future(self.ws.ping())
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._probe = asyncio.get_running_loop().call_later(self.send_timeout / 2, self._judge)
+
+    def _judge(self) -> None:
+        self._probe = None
+        if self.closed:
+            return
+        if self._awaiting_pong:
+            log.info("slow_consumer_cut", node_id=self.node_id, timeout=self.send_timeout)
+            self.abort()
+        elif self._written:  # what was written since the Ping is checked by the next one
+            self._ping()
+
+    def pong(self) -> None:
+        """The peer answered a Ping: it has read everything sent before it."""
+        self._awaiting_pong = False
+
+    def _stop_watching(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+
+    async def push(self, messages: Sequence[Mail]) -> bool:
+        """Push queued messages (the dispatcher's send); False if the connection is gone."""
+        return await self.send_many([push_frame(m) for m in messages])
+
+    async def send_many(self, frames: Sequence[bytes]) -> bool:
+        """Send text frames (UTF-8 JSON); a consumer that does not take them within the
+        timeout is dropped. False if the connection is gone."""
+        t = self.transport
+        if self.closed or self.ws.closed:
+            return False
+        if t is not None and not self.ws.compress and not t.is_closing():
+            if t.get_write_buffer_size() < SAFE_BUFFER:  # the peer keeps up: write it all
+                try:
+                    t.write(text_frames(frames))
+                except (ConnectionError, RuntimeError):
+                    self.abort()
+                    return False
+                self._watch()
+                return True
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                for frame in frames:
+                    await self.ws.send_frame(frame, WSMsgType.TEXT)
+            self._watch()
+            return True
+        except (TimeoutError, ConnectionError, RuntimeError):
+            self.abort()
+            return False
+
+    def abort(self) -> None:
+        """Drop a consumer that does not read: a close frame would wait behind the data it
+        does not take, so cut the connection at once."""
+        self.closed = True
+        self._stop_watching()
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def close(self, disconnect: Disconnect) -> None:
+        """Close with the disconnect's code and reason (RFC 6455 §7.1.2: send a Close frame,
+        let the peer answer with its own, then the TCP connection ends). aiohttp's
+        `ws.close()` from another task than the one reading shuts the socket right after its
+        Close frame, so the peer's answer met a reset and aiohttp clients reported 1006 instead
+        of the code. Here the frame is written and the reading handler finishes the handshake
+        when the answer arrives; a peer that does not answer within `send_timeout` is cut."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_watching()
+        code, reason = disconnect.code, disconnect.reason
+        t = self.transport
+        if t is None or t.is_closing():
+            with contextlib.suppress(Exception):
+                await self.ws.close(code=code, message=reason.encode())
+            return
+        try:
+            t.write(close_frame(code, reason))
+        except (ConnectionError, RuntimeError):
+            t.abort()
+            return
+        asyncio.get_running_loop().call_later(self.send_timeout, _cut, t)
