@@ -48,6 +48,7 @@ from broker.keys import (
     LIMITER,
     MESSAGING,
     METRICS,
+    NODE_OPS,
     NODES,
     OPENAPI,
     OPERATORS,
@@ -71,6 +72,7 @@ from broker.services.connections import SHARED_BACKENDS, Takeover
 from broker.services.delivery import Dispatcher
 from broker.services.licensing import LicenseUses, Licensing
 from broker.services.messaging import Messaging
+from broker.services.nodeops import NodeOps
 from broker.services.nodes import NodeService, build_discovery_indices
 from broker.services.operators import Operators
 from broker.services.telemetry import Telemetry, TenantRateLimiter
@@ -189,6 +191,7 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         metrics.node_connections.set_function(lambda: len(dispatcher.connections))
         await dispatcher.start()
         stack.push_async_callback(dispatcher.stop)
+        app[NODE_OPS] = NodeOps(messaging, nodes, dispatcher)
         batch = app[HEARTBEATS] = HeartbeatBatch(runtime.record)
         stack.push_async_callback(batch.drain)
         # Across instances, a node's newest WebSocket wins (the shared backends).

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # only the fronts (broker.http, broker.ws) and the wiring rea
     from broker.services.licensing import Licensing
     from broker.services.messaging import Messaging
     from broker.services.monitoring import Watched
+    from broker.services.nodeops import NodeOps
     from broker.services.nodes import NodeService
     from broker.services.operators import Operators
     from broker.services.telemetry import Telemetry, TenantRateLimiter
@@ -56,6 +57,7 @@ TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 # Messaging (broker.services.messaging) and delivery to connected nodes (broker.services.delivery).
 MESSAGING: web.AppKey[Messaging] = web.AppKey("messaging")
 DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
+NODE_OPS: web.AppKey[NodeOps] = web.AppKey("node_ops")  # what a node does over its socket
 HEARTBEATS: web.AppKey[HeartbeatBatch] = web.AppKey("heartbeats")
 WS_CAP = web.AppKey("ws_cap", int)  # node WebSockets open at once (broker.ws.nodes)
 TAKEOVER: web.AppKey[Takeover] = web.AppKey("takeover")  # one connection per node, all instances

@@ -29,9 +29,8 @@ from broker.keys import (
     CONFIG,
     DISPATCHER,
     HEARTBEATS,
-    MESSAGING,
     METRICS,
-    NODES,
+    NODE_OPS,
     TAKEOVER,
     WS_CAP,
 )
@@ -44,7 +43,7 @@ from broker.services.messaging import (
     SendResult,
     Ttl,
 )
-from broker.services.nodeops import NodeOps, failure
+from broker.services.nodeops import failure
 from broker.services.nodes import Label, Timestamp
 from broker.ws.heartbeats import HeartbeatBatch
 from broker.ws.wire import NodeConnection, error_frame
@@ -170,7 +169,7 @@ class NodeSession:
     ) -> None:
         self.principal = principal
         self.conn = conn
-        self.ops = NodeOps(app[MESSAGING], app[NODES], app[DISPATCHER])
+        self.ops = app[NODE_OPS]
         self.slots = asyncio.Semaphore(config.ws_max_pending_ops)
         self.tasks: set[asyncio.Task[None]] = set()
         self.heartbeats: HeartbeatBatch = app[HEARTBEATS]
