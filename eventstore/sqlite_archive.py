@@ -16,6 +16,7 @@ also still in the log: reads take each seq once, and verify checks that both cop
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import os
@@ -28,6 +29,7 @@ import msgspec
 
 from eventstore import integrity
 from eventstore.base import Envelope, IntegrityError, type_matcher
+from eventstore.sqlite_compact import in_runs
 from eventstore.sqlite_verify import PAGE, StoredEvent, decode_chunk, to_envelope
 
 _FRAME = struct.Struct(">II")
@@ -42,24 +44,27 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _records_in(path: Path, spans: list[tuple[int, int]]) -> Iterator[StoredEvent]:
-    """The stored records of the log at `path` whose seqs lie in `spans` (sorted, disjoint)."""
+    """The stored records of the log at `path` whose seqs lie in `spans` (sorted, disjoint):
+    one pass over the chunks they touch, each decoded once."""
+    starts = [first for first, _last in spans]
     conn = _connect(path)
     try:
-        for first, last in spans:
-            row = conn.execute(
-                "SELECT MAX(first_seq) FROM chunks WHERE first_seq <= ?", (first,)
-            ).fetchone()
-            start = row[0] if row and row[0] is not None else first
-            cur = conn.execute(
-                "SELECT first_seq, last_seq, body, crc FROM chunks "
-                "WHERE first_seq >= ? AND first_seq <= ? ORDER BY first_seq",
-                (start, last),
-            )
-            while rows := cur.fetchmany(PAGE):
-                for chunk in rows:
-                    for rec in decode_chunk(chunk):
-                        if first <= rec.seq <= last:
-                            yield rec
+        row = conn.execute(
+            "SELECT MAX(first_seq) FROM chunks WHERE first_seq <= ?", (spans[0][0],)
+        ).fetchone()
+        cur = conn.execute(
+            "SELECT first_seq, last_seq, body, crc FROM chunks "
+            "WHERE first_seq >= ? AND first_seq <= ? ORDER BY first_seq",
+            (row[0] if row and row[0] is not None else 1, spans[-1][1]),
+        )
+        while rows := cur.fetchmany(PAGE):
+            for chunk in rows:
+                i = bisect.bisect_right(starts, chunk[1]) - 1  # the last run starting in it
+                if i < 0 or spans[i][1] < chunk[0]:
+                    continue  # every run ends before this chunk, or starts after it
+                for rec in decode_chunk(chunk):
+                    if in_runs(rec.seq, starts, spans):
+                        yield rec
     finally:
         conn.close()
 

@@ -301,7 +301,7 @@ def purge_page(
                 if i < 0 or gaps[i][1] < first:  # gaps are disjoint: the last may reach it
                     continue  # no gap touches this chunk
                 records = decode_chunk(row)
-                kept = [r for r in records if not _in_gaps(r.seq, starts, gaps)]
+                kept = [r for r in records if not in_runs(r.seq, starts, gaps)]
                 if len(kept) == len(records):
                     continue
                 removed += len(records) - len(kept)
@@ -320,7 +320,8 @@ def purge_page(
     return rows[-1][0], removed, written
 
 
-def _in_gaps(seq: int, starts: list[int], gaps: list[tuple[int, int]]) -> bool:
+def in_runs(seq: int, starts: list[int], gaps: list[tuple[int, int]]) -> bool:
+    """Whether `seq` lies in one of `gaps` (sorted, disjoint; `starts`: their first seqs)."""
     i = bisect.bisect_right(starts, seq) - 1
     return i >= 0 and gaps[i][1] >= seq
 

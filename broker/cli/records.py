@@ -25,7 +25,7 @@ from broker.cli.common import (
 )
 from broker.config import Config
 from eventstore import open_store
-from eventstore.base import Envelope, StoreError
+from eventstore.base import Envelope, IntegrityError, StoreError
 from eventstore.codec import (
     GapRecord,
     envelope_to_json,
@@ -205,7 +205,10 @@ async def _restore_gap(store: Any, gap: GapRecord, where: str) -> None:
         anchor = bytes.fromhex(gap.anchor)
     except ValueError:
         raise CommandError(f"{where}: the gap's anchor is not hex") from None
-    await store.restore_gap(gap.first_seq, gap.last_seq, anchor, gap.compaction)
+    try:
+        await store.restore_gap(gap.first_seq, gap.last_seq, anchor, gap.compaction)
+    except IntegrityError as exc:
+        raise CommandError(f"import failed: {where}: {exc}") from None
 
 
 def _refuse_redacted(path: Path) -> None:

@@ -108,7 +108,6 @@ async def create_key(request: web.Request) -> web.Response:
         name=body.name,
         scopes=body.scopes,
         expires_in=body.expires_in,
-        now=request.app[API_KEYS].clock(),
     )
     view = _view(request, key)
     return json_response(

@@ -114,7 +114,6 @@ class ApiKeys:
         name: str,
         scopes: list[str],
         expires_in: int | None,
-        now: float,
     ) -> tuple[ApiKey, str]:
         """A new key of `owner` (the caller) and its secret, recorded before it is returned."""
         if owner.is_node:
@@ -134,7 +133,7 @@ class ApiKeys:
             owner_id=owner.id,
             scopes=scopes,
             key_hash=hash_key(secret),
-            expires_at=None if expires_in is None else now + expires_in,
+            expires_at=None if expires_in is None else self.clock() + expires_in,
         )
         await self.runtime.record([event], expected_version=0)
         key = self.runtime.apikeys.get(key_id)

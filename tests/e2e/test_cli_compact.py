@@ -111,6 +111,7 @@ def test_a_gap_out_of_place_is_refused_naming_the_line(data: Path, tmp_path: Pat
     r = run_broker(["import", str(export)], copy)
     assert r.returncode == 1
     assert "import failed" in r.stderr and "out of order" in r.stderr
+    assert f"{export}:1:" in r.stderr
 
 
 def test_an_archive_keeps_what_compaction_removed_and_the_whole_chain_verifies(
