@@ -183,8 +183,12 @@ async def measure(
 
 
 async def open_broker(
-    stack: AsyncExitStack, files: ExitStack, session: aiohttp.ClientSession, label: str,
-    tree: Path | None, limits: bool,
+    stack: AsyncExitStack,
+    files: ExitStack,
+    session: aiohttp.ClientSession,
+    label: str,
+    tree: Path | None,
+    limits: bool,
 ) -> Broker:
     data = Path(files.enter_context(tempfile.TemporaryDirectory(prefix="bench-http-")))
     env = {"BROKER_LIMITS__ENABLED": "true"} if limits else {}
@@ -192,9 +196,7 @@ async def open_broker(
     nodes = await onboard(session, base, 4)
     (sender, token), (sink, _) = nodes[0], nodes[1]
     send = Target("send", "/api/v1/messages/send", token, _encode(seed_send(sender, sink)))
-    beat = Target(
-        "heartbeat", f"/api/v1/nodes/{sender}/heartbeat", token, _encode(HEARTBEAT_BODY)
-    )
+    beat = Target("heartbeat", f"/api/v1/nodes/{sender}/heartbeat", token, _encode(HEARTBEAT_BODY))
     return Broker(label, base, pid, [send, beat])
 
 
@@ -236,18 +238,24 @@ async def main_async(args: argparse.Namespace) -> None:
         print(head)
         print("|---|" + "---:|" * len(brokers))
         for key in brokers[0].figures:
-            for k, what in enumerate(("requests/s", "server CPU µs/request", "client CPU µs/request")):
+            for k, what in enumerate(
+                ("requests/s", "server CPU µs/request", "client CPU µs/request")
+            ):
                 row = [summary([f[k] for f in b.figures[key]]) for b in brokers]
                 print(f"| {key} {what} | " + " | ".join(row) + " |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.http_path", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.http_path", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--seconds", type=float, default=4.0, help="per figure and run (4)")
     p.add_argument("--runs", type=int, default=3, help="runs, interleaved between trees (3)")
     p.add_argument("--concurrency", type=int, default=64, help="connections (64)")
     p.add_argument(
-        "--client", default="raw,aiohttp", type=lambda s: s.split(","),
+        "--client",
+        default="raw,aiohttp",
+        type=lambda s: s.split(","),
         help="raw,aiohttp (both)",
     )
     p.add_argument("--base-tree", help="also run the broker of this checkout, interleaved")

@@ -30,7 +30,6 @@ from broker.http import passwords as passwords_routes
 from broker.http import register as register_routes
 from broker.http import telemetry as telemetry_routes
 from broker.http import updates as updates_routes
-from broker.http.auth import auth_middleware
 from broker.http.limits import RateLimiter
 from broker.http.middleware import request_context
 from broker.http.routing import OpenApiCache
@@ -109,7 +108,7 @@ ROUTES = (
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, ratelimit.rate_limit, auth_middleware],
+        middlewares=[request_context],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config

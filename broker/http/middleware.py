@@ -1,4 +1,5 @@
-"""Request ids, the one error body for every error, request metrics and access logs."""
+"""The one middleware: request ids, rate limits and auth, the one error body for every error,
+request metrics and access logs."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import errors
+from broker.http import auth, ratelimit
 from broker.http.bodies import error_response
 from broker.http.routing import route_info
 from broker.ids import random_hex8
@@ -52,14 +54,30 @@ def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _SAFE_ID.match(incoming) else "req_" + random_hex8()
+    """The one middleware, every step in one pass: the request id (and the logs' context), the
+    `min_seq` wait, the rate limit (`ratelimit.charge`), the route's policy (`auth.admit`), the
+    handler, the error body for whatever it raised, the X-Request-ID, deprecation and X-Log-Seq
+    headers, the request counter and the access log. The route's metadata is looked up once:
+    aiohttp hands this middleware the route's handler, which carries it."""
+    app = request.app
+    incoming = request.headers.get("X-Request-ID")
+    if incoming is not None and _SAFE_ID.match(incoming):
+        request_id = incoming
+    else:
+        request_id = "req_" + random_hex8()
     request[REQUEST_ID] = request_id
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    bound = structlog.contextvars.bind_contextvars(request_id=request_id)
     t0 = time.perf_counter()
+    info = route_info(handler)
     try:
         try:
-            await _wait_for_min_seq(request)
+            if "?" in request.raw_path or "X-Min-Seq" in request.headers:
+                await _wait_for_min_seq(request)
+            limiter = app.get(LIMITER)
+            principal = None
+            if limiter is not None and limiter.enabled:
+                principal = await ratelimit.charge(request, limiter, info)
+            await auth.admit(request, info, principal)
             response = await handler(request)
         except web.HTTPException as exc:
             if 300 <= exc.status < 400:  # redirects pass through as they are
@@ -71,16 +89,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         except Exception as exc:
             response = _error(exc, request)
         if not response.prepared:
-            response.headers["X-Request-ID"] = request_id
-            info = route_info(request.match_info.handler)
+            headers = response.headers
+            headers["X-Request-ID"] = request_id
             if info is not None and info.deprecated is not None:
-                response.headers.update(info.deprecated.headers())
-            runtime = request.app.get(RUNTIME)
+                headers.update(info.deprecated.headers())
+            runtime = app.get(RUNTIME)
             if runtime is not None:  # what this answer reflects: wait for it elsewhere
-                response.headers["X-Log-Seq"] = str(runtime.projections.seq)
+                headers["X-Log-Seq"] = str(runtime.projections.seq)
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        _requests_counted(request.app[METRICS].http_requests, request.method, name, response)
+        _requests_counted(app[METRICS].http_requests, request.method, name, response)
         if log.is_enabled_for(logging.INFO):  # the access log: only built when it is written
             log.info(
                 "request",
@@ -92,7 +110,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             )
         return response
     finally:
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.reset_contextvars(**bound)
 
 
 _children: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], Any]] = (
