@@ -123,7 +123,8 @@ def create_app(config: Config) -> web.Application:
     app[AUTHENTICATOR] = apikeys.with_api_keys(keys, tokens.authenticate)
     app[NODES] = NodeService(config.auth, tokens)
     app[LIMITER] = RateLimiter(config.limits)
-    app.on_response_prepare.append(ratelimit.add_headers)
+    if config.limits.enabled:  # the X-RateLimit-* headers; no hook to run per answer when off
+        app.on_response_prepare.append(ratelimit.add_headers)
     app[TELEMETRY_LIMITER] = TenantRateLimiter(
         config.telemetry.rate_limit_per_minute, config.telemetry.rate_limit_burst
     )

@@ -8,6 +8,7 @@ import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
@@ -26,6 +27,18 @@ log = structlog.get_logger("broker.http")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _context_var(key: str) -> ContextVar[Any]:
+    """structlog's context variable for `key` (what `bind_contextvars` sets and the logs'
+    `merge_contextvars` reads), to be set and reset directly: a tenth of the cost per request."""
+    tokens = structlog.contextvars.bind_contextvars(**{key: None})
+    var = tokens[key].var
+    var.reset(tokens[key])
+    return var
+
+
+_REQUEST_ID_VAR = _context_var("request_id")
 
 
 def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
@@ -66,7 +79,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     else:
         request_id = "req_" + random_hex8()
     request[REQUEST_ID] = request_id
-    bound = structlog.contextvars.bind_contextvars(request_id=request_id)
+    bound = _REQUEST_ID_VAR.set(request_id)  # the logs' request_id (merge_contextvars)
     t0 = time.perf_counter()
     info = route_info(handler)
     try:
@@ -110,7 +123,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             )
         return response
     finally:
-        structlog.contextvars.reset_contextvars(**bound)
+        _REQUEST_ID_VAR.reset(bound)
 
 
 _children: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], Any]] = (
@@ -121,14 +134,21 @@ _children: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], Any]] = (
 def _requests_counted(counter: Any, method: str, route: str, response: Any) -> None:
     """Count the request in `counter` (method, route, status), with its labelled child looked
     up once per label set and kept: `labels()` takes a lock and builds its key every call."""
-    children = _children.get(counter)
-    if children is None:
-        children = _children[counter] = {}
+    global _last
+    if _last[0] is counter:
+        children = _last[1]
+    else:
+        found = _children.get(counter)
+        children = _children[counter] = {} if found is None else found
+        _last = (counter, children)
     key = (method, route, response.status)
     child = children.get(key)
     if child is None:
         child = children[key] = counter.labels(*key)
     child.inc()
+
+
+_last: tuple[Any, dict[tuple[str, str, int], Any]] = (None, {})  # the counter of the last call
 
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
