@@ -1,7 +1,7 @@
 """The HTTP request path alone: seed 001's send and a node's heartbeat, requests/s and server CPU.
 
     python -m bench.http_path [--seconds 4] [--runs 3] [--concurrency 64] [--client raw,aiohttp]
-                              [--base-tree DIR] [--limits]
+                              [--base-tree DIR] [--limits] [--floor]
 
 Starts `broker serve` on a temporary log (synchronous=FULL; `[limits]` off as in bench.peers
 unless `--limits`), registers and logs in four nodes, then drives, with `--concurrency`
@@ -17,7 +17,10 @@ the headers aiohttp sends, one asyncio protocol per connection reading the statu
 Content-Length: a few µs per request, so the rate is the server's). Every answer's status is
 checked. Each figure prints requests/s, the server's CPU per request (/proc/PID/stat, all its
 threads) and the client's. With `--base-tree DIR` the broker of that checkout runs too, its
-runs interleaved with this tree's, so before and after are measured in one sitting.
+runs interleaved with this tree's, so before and after are measured in one sitting. With
+`--floor`, a column "aiohttp alone": the same requests to a bare aiohttp application on uvloop
+(one middleware passing through, the body read, a fixed 110-byte JSON answer): what the HTTP
+machinery costs on this machine in this sitting, before any of the broker's work.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ import asyncio
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack, ExitStack
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -131,7 +138,7 @@ async def raw_load(base: str, target: Target, seconds: float, concurrency: int) 
     futures = []
     for _ in range(concurrency):
         done: asyncio.Future[int] = loop.create_future()
-        await loop.create_connection(lambda d=done: _Conn(request, stop, d), host, int(port))
+        await loop.create_connection(partial(_Conn, request, stop, done), host, int(port))
         futures.append(done)
     return sum(await asyncio.gather(*futures))
 
@@ -200,6 +207,51 @@ async def open_broker(
     return Broker(label, base, pid, [send, beat])
 
 
+FLOOR_ANSWER = (
+    b'{"message_id":"m_0000000000000000","status":"queued","recipients":1,'
+    b'"expires_at":"2026-12-06T10:00:00.000000Z"}'
+)
+
+
+def serve_floor(port: int) -> None:
+    """The bare aiohttp application of `--floor` (run in a child process)."""
+    from aiohttp import web
+
+    @web.middleware
+    async def passing(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await handler(request)  # type: ignore[no-any-return]
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=FLOOR_ANSWER, content_type="application/json")
+
+    async def main() -> None:
+        app = web.Application(middlewares=[passing])
+        app.router.add_post("/api/v1/messages/send", answer)
+        app.router.add_post("/api/v1/nodes/{node_id}/heartbeat", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        print("Running on", port, flush=True)
+        await asyncio.Event().wait()
+
+    run(main())
+
+
+def open_floor(files: ExitStack, model: Broker) -> Broker:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.http_path", "--serve-floor", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    files.callback(proc.wait)
+    files.callback(proc.terminate)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return Broker("aiohttp alone", f"http://127.0.0.1:{port}", proc.pid, model.targets)
+
+
 def summary(values: list[float]) -> str:
     med = statistics.median(values)
     if len(values) == 1:
@@ -219,6 +271,8 @@ async def main_async(args: argparse.Namespace) -> None:
             brokers.append(
                 await open_broker(stack, files, session, f"at {tree}", tree, args.limits)
             )
+        if args.floor:
+            brokers.append(open_floor(files, brokers[0]))
         for r in range(args.runs):
             for client in args.client:
                 for i in range(len(brokers[0].targets)):
@@ -260,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--base-tree", help="also run the broker of this checkout, interleaved")
     p.add_argument("--limits", action="store_true", help="[limits] on (the default config's)")
+    p.add_argument("--floor", action="store_true", help="also a bare aiohttp application")
+    p.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for c in args.client:
         if c not in ("raw", "aiohttp"):
@@ -268,7 +324,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    run(main_async(parse_args()))
+    args = parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+    else:
+        run(main_async(args))
 
 
 if __name__ == "__main__":
