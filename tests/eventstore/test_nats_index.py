@@ -8,10 +8,11 @@ import copy
 from collections.abc import Iterator
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventstore.base import ConcurrencyError
+from eventstore.base import ConcurrencyError, IntegrityError
 from eventstore.codec import encode_event
 from eventstore.events import LogNote
 from eventstore.nats_index import LogIndex
@@ -76,7 +77,7 @@ def test_fold_is_deterministic_and_matches_a_model(messages: list) -> None:  # t
         assert one.version_of(env.seq) == env.stream_version
 
 
-def test_foreign_and_missing_messages_are_counted_and_skipped() -> None:
+def test_foreign_messages_are_counted_and_skipped_and_a_missing_one_refused() -> None:
     index = LogIndex()
     good = encode([([(["a"], {})], 0)])[0]
     index.apply(1, 10**9, "p.a", good, lambda _cid: False)
@@ -84,10 +85,13 @@ def test_foreign_and_missing_messages_are_counted_and_skipped() -> None:
     damaged = bytearray(good)
     damaged[-1] ^= 0xFF
     assert index.apply(3, 10**9, "p.x", bytes(damaged), lambda _cid: True)[0] is None
-    index.apply(5, 10**9, "p.a", good, lambda _cid: False)
-    assert index.stats.bad_messages == 2 and index.stats.missing_messages == 1
-    assert [seq for seq, _ in index.stats.problems] == [2, 2, 2]
-    assert index.head == 2 and index.versions == {"a": 2} and index.subject_seq["p.a"] == 5
+    assert index.stats.bad_messages == 2
+    assert [seq for seq, _ in index.stats.problems] == [2, 2]
+    with pytest.raises(IntegrityError, match="stream messages 4..4 are gone") as caught:
+        index.apply(5, 10**9, "p.a", good, lambda _cid: False)  # seqs cannot be derived
+    assert caught.value.seq == 2 and index.applied == 3  # nothing folded
+    index.apply(4, 10**9, "p.a", good, lambda _cid: False)
+    assert index.head == 2 and index.versions == {"a": 2} and index.subject_seq["p.a"] == 4
 
 
 def joined(slices: Iterator[tuple[str, bytes]]) -> dict[str, bytes]:
