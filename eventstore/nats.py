@@ -1,13 +1,14 @@
 """The scale-out log: one NATS JetStream stream shared by any number of broker instances.
 
 Layout. One JetStream stream (`[store] stream`; file storage, `replicas`, `max_age`, deny_delete,
-direct get; purges allowed, for compaction only: eventstore.nats_compact) captures the subjects `<prefix>.*` (`[store] subject_prefix`, default the
-stream name). Each append is recorded as part of ONE JetStream message, a chunk
-(`eventstore.nats_wire`), so a batch is atomic and ordered without a multi-message transaction,
-which JetStream 2.9/2.10 does not have. While a publish waits for its PubAck, an instance gathers
-the appends that arrive into the next chunk (group commit); they stay independent batches.
-A chunk's subject is `<prefix>.<key stream>`, its `Nats-Msg-Id` its first event's id: a publish
-retried after a timeout is stored once (within the stream's 2-minute duplicate window).
+direct get; purges allowed, for compaction only: eventstore.nats_compact) captures the subjects
+`<prefix>.*` (`[store] subject_prefix`, default the stream name). Each append is recorded as
+part of ONE JetStream message, a chunk (`eventstore.nats_wire`), so a batch is atomic and ordered
+without a multi-message transaction, which JetStream 2.9/2.10 does not have. While a publish
+waits for its PubAck, an instance gathers the appends that arrive into the next chunk (group
+commit); they stay independent batches. A chunk's subject is `<prefix>.<key stream>` (removable
+events: `<prefix>.=<type>`), its `Nats-Msg-Id` its first event's id: a publish retried after a
+timeout is stored once (within the stream's 2-minute duplicate window).
 
 Numbering. There is no single writer, so a writer cannot know the seq its events will get.
 Every instance consumes the whole stream in order with one background consumer (an ephemeral

@@ -38,8 +38,8 @@ CACHE_BYTES = 16 * 1024 * 1024  # recent chunk messages kept for reads
 SAVE_SLICE = 128 * 1024  # array items copied in one step when saving (1 MiB of int64)
 _SUB_BITS = 16  # index key = stream seq << 16 | removable class << 12 | position in its chunk
 _CLASS_SHIFT = 12
-_POS_MASK = (1 << _CLASS_SHIFT) - 1
-_SUB_MASK_CLASS = (1 << _SUB_BITS) - 1 - _POS_MASK  # a chunk holds at most 1024 batches (nats_append)
+_POS_MASK = (1 << _CLASS_SHIFT) - 1  # a chunk holds at most 1024 batches (nats_append)
+_CLASS_MASK = (1 << _SUB_BITS) - 1 - _POS_MASK
 COMPACTED = "log.compacted"
 
 # per batch of a message: the ConcurrencyError that refused it, or (start, end) of its events
@@ -279,12 +279,12 @@ class LogIndex:
 
     def klass(self, i: int) -> int:
         """The removable class of batch `i` (nats_wire.REMOVABLE; 0: a main subject's)."""
-        return (self._key[i] & _SUB_MASK_CLASS) >> _CLASS_SHIFT
+        return (self._key[i] & _CLASS_MASK) >> _CLASS_SHIFT
 
     def removed(self, i: int) -> bool:
         """Whether batch `i` was removed by a compaction (its message purged, or to be)."""
         key = self._key[i]
-        klass = (key & _SUB_MASK_CLASS) >> _CLASS_SHIFT
+        klass = (key & _CLASS_MASK) >> _CLASS_SHIFT
         return klass != 0 and key >> _SUB_BITS < self.purged.get(klass, 0)
 
     def events_in(self, i: int) -> int:

@@ -124,8 +124,8 @@ def _verify_history(path: Path, archive: Path) -> int:
 
 async def _verify_nats(config: Config) -> int:
     """verify on the NATS backend (what it checks: eventstore/nats_verify.py)."""
-    from eventstore.base import IntegrityError
     from broker.upkeep.snapshot_store import index_from
+    from eventstore.base import IntegrityError
     from eventstore.nats_verify import verify_stream
 
     try:
@@ -145,7 +145,9 @@ async def cmd_compact(config: Config, args: argparse.Namespace) -> int:
     from eventstore.base import StoreLocked
 
     if config.store.backend not in ("sqlite", "nats"):
-        raise CommandError(f"compact works on the sqlite and nats logs, not on {config.store.backend}")
+        raise CommandError(
+            f"compact works on the sqlite and nats logs, not on {config.store.backend}"
+        )
     sqlite = config.store.backend == "sqlite"
     if sqlite and not await asyncio.to_thread(Path(config.store.path).exists):
         raise CommandError(f"no log at {config.store.path}")

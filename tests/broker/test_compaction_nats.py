@@ -162,7 +162,7 @@ async def delete_first(url: str, stream: str, subject: str) -> None:
     try:
         js = nc.jetstream()
         first = await js.get_msg(stream, seq=1, subject=subject, next=True)
-        await js.purge_stream(stream, subject=subject, seq=first.seq + 1)
+        await js.purge_stream(stream, subject=subject, seq=(first.seq or 0) + 1)
     finally:
         await nc.close()
 
