@@ -200,3 +200,51 @@ async def test_a_compaction_interrupted_after_its_record_is_finished_by_the_next
     seq, joined, joined_head = await started(nats_config(tmp_path / "b", url, name))
     assert joined_head == head and joined == live
     assert (await verify_stream(config.store, None, index_from(config))).compactions == 1
+
+
+async def test_serve_compacts_a_nats_stream_on_its_schedule_and_on_request(
+    tmp_path: Path, stream: tuple[str, str]
+) -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from broker.app import create_app
+    from broker.keys import COMPACTOR, RUNTIME
+    from tests.broker.identity.helpers import operator_token
+    from tests.broker.operators_window.conftest import bearer
+
+    url, name = stream
+    config = nats_config(tmp_path, url, name)
+    config.retention.every = 0.05  # seconds
+    heartbeats = removable_subject(name, 1)
+
+    async def removed(store: Any) -> int:
+        """Heartbeats removed, as the log's log.compacted events say."""
+        found = [env.event async for env in store.read(1, types=["log.compacted"])]
+        return sum(e.removed.get("node.heartbeat", 0) for e in found)
+
+    async with TestClient(TestServer(create_app(config))) as client:
+        compactor, runtime = client.app[COMPACTOR], client.app[RUNTIME]
+        compactor.clock = lambda: time.time() + 10 * DAY
+        # a kept event after the heartbeats: the snapshot's message is past them
+        await record_each(runtime, [*(NodeHeartbeat(node_id="a") for _ in range(3)), note()])
+        for _ in range(100):  # compactions run before the appends removed nothing
+            compactor.completed.clear()
+            await asyncio.wait_for(compactor.completed.wait(), timeout=30)
+            if await removed(runtime.store) == 3:
+                break
+        assert await subject_messages(url, name, heartbeats) == 0
+        await record_each(runtime, [*(NodeHeartbeat(node_id="b") for _ in range(2)), note()])
+        admin = await operator_token(client, "root", ["admin"])
+        resp = await client.post("/api/v1/admin/log/compact", headers=bearer(admin))
+        report = await resp.json()
+        assert resp.status == 200 and not report["dry_run"], report
+        assert await removed(runtime.store) == 5  # by it, or by the schedule just before
+        assert await subject_messages(url, name, heartbeats) == 0
+
+
+def note() -> BaseEvent:
+    from eventstore.events import LogNote
+
+    return LogNote(stream_id="notes", text="kept")
