@@ -49,7 +49,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import nats
@@ -114,6 +114,9 @@ class NatsStore(Writer, Reader, Compacting):
         # checks it against the stream; when it cannot be used, `start_refused` says why.
         self.start_from: tuple[bytes, Mapping[str, bytes], bytes, int] | None = None
         self.start_refused = ""
+        # Or set this: called at open() to set `start_from` (broker.upkeep.snapshot_store's
+        # index_from: the newest snapshot's, which a compacted stream's seqs need)
+        self.before_open: Callable[[NatsStore], Awaitable[object]] | None = None
         self.started_at = 0  # the stream message the saved index was at, once used
         # our consumer
         self._gen = 0
@@ -136,6 +139,8 @@ class NatsStore(Writer, Reader, Compacting):
 
     async def open(self) -> None:
         self._closing = False
+        if self.before_open is not None and self.start_from is None:
+            await self.before_open(self)
         try:
             self._nc = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
         except (TimeoutError, OSError, nats.errors.Error) as exc:

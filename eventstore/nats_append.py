@@ -270,21 +270,39 @@ class Writer(Follower):
                     f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
                 )
             overlay[env.stream] = version
-        batches: list[WireBatch] = []
+        # a batch per run sharing a ts and a removable class; a chunk per run of one class
+        batches: list[tuple[int, WireBatch]] = []
         encoded = encode_events([env.event for env in envelopes])
-        for env, data in zip(envelopes, encoded, strict=True):  # a batch per run sharing a ts
+        for env, data in zip(envelopes, encoded, strict=True):
             event = WireEvent(env.id, env.stream, env.type, Raw(data))
-            if batches and batches[-1].ts == env.ts and len(batches[-1].events) < 1000:
-                batches[-1].events.append(event)
+            klass = class_of_type(env.type)
+            last = batches[-1] if batches else None
+            if last and last[0] == klass and last[1].ts == env.ts and len(last[1].events) < 1000:
+                last[1].events.append(event)
             else:
-                batches.append(WireBatch({}, [event], env.ts))
-        for i in range(0, len(batches), 64):
-            part = batches[i : i + 64]
+                batches.append((klass, WireBatch({}, [event], env.ts)))
+        chunks: list[tuple[int, list[WireBatch]]] = []
+        for klass, batch in batches:  # spanning an hour at most: a purge's granularity
+            last_chunk = chunks[-1] if chunks else None
+            if (
+                last_chunk
+                and last_chunk[0] == klass
+                and len(last_chunk[1]) < 64
+                and batch.ts - last_chunk[1][0].ts <= 3600
+            ):
+                last_chunk[1].append(batch)
+            else:
+                chunks.append((klass, [batch]))
+        for klass, part in chunks:
             loop = asyncio.get_running_loop()
             futs: list[asyncio.Future[list[Envelope]]] = [loop.create_future() for _ in part]
             cid = chunk_id(part)
             self._mine[cid] = futs
-            subject = f"{self.prefix}.{subject_token(part[0].events[0].stream)}"
+            subject = (
+                removable_subject(self.prefix, klass)
+                if klass
+                else f"{self.prefix}.{subject_token(part[0].events[0].stream)}"
+            )
             headers = {MSG_ID: cid, EXPECTED_LAST_SEQ: str(self._index.applied)}
             try:
                 await self._publish(subject, encode_chunk(part), headers)
