@@ -25,7 +25,6 @@ gone without an index covering them refuses the stream (`LogIndex.apply`).
 from __future__ import annotations
 
 import asyncio
-from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +73,7 @@ def plan(index: LogIndex, up_to: int, cutoffs: Mapping[str, float]) -> Plan:
         klass = class_of_type(event_type)
         if not klass:
             continue
-        j = bisect_left(index._ts, before, 0, n)  # batch times never decrease
+        j = index.batch_at_time(before, n)
         bound = min(cut_sseq, index.entry(j)[0] if j < n else cut_sseq)
         if bound > index.purged.get(klass, 0):
             plans[klass] = TypePlan(event_type, bound)
@@ -82,8 +81,7 @@ def plan(index: LogIndex, up_to: int, cutoffs: Mapping[str, float]) -> Plan:
         return out
     low = min(index.purged.get(k, 0) for k in plans)
     high = max(p.bound for p in plans.values())
-    lo = bisect_left(index._key, low << 16, 0, n)
-    hi = bisect_left(index._key, high << 16, 0, n)
+    lo, hi = index.batch_of_message(low, n), index.batch_of_message(high, n)
     for i in range(lo, hi):
         klass = index.klass(i)
         p = plans.get(klass)

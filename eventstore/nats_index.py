@@ -21,7 +21,7 @@ import hashlib
 import logging
 import sys
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -107,7 +107,7 @@ class LogIndex:
         self.subject_seq: dict[str, int] = {}  # subject -> stream seq of its last message
         self.stats = FeedStats()
         self.purged: dict[int, int] = {}  # removable class -> purged below this stream seq
-        self._key = array("q")  # per accepted batch: stream seq << 16 | position in its chunk
+        self._key = array("q")  # per accepted batch: stream seq << 16 | class << 12 | position
         self._first = array("q")  # its first event seq
         self._ts = array("d")  # its ts
         self._version = array("I")  # per event: its stream version
@@ -267,6 +267,15 @@ class LogIndex:
     def position(self, seq: int) -> int:
         """Index of the batch holding event `seq` (or the first one)."""
         return max(0, bisect_right(self._first, seq) - 1)
+
+    def batch_of_message(self, sseq: int, hi: int) -> int:
+        """Index of the first batch (below `hi`) of stream message `sseq` or after it."""
+        return bisect_left(self._key, sseq << _SUB_BITS, 0, hi)
+
+    def batch_at_time(self, ts: float, hi: int) -> int:
+        """Index of the first batch (below `hi`) whose time is `ts` or later (times never
+        decrease)."""
+        return bisect_left(self._ts, ts, 0, hi)
 
     def batches_until(self, i: int, seq: int) -> int:
         """How many batches from index `i` hold events up to `seq`."""
