@@ -248,3 +248,39 @@ def note() -> BaseEvent:
     from eventstore.events import LogNote
 
     return LogNote(stream_id="notes", text="kept")
+
+
+async def test_a_stream_that_denies_purges_keeps_working_without_compaction(
+    tmp_path: Path, stream: tuple[str, str]
+) -> None:
+    """A stream created before compaction on NATS (deny_purge, which JetStream cannot lift):
+    it is read and written as before; compaction says why it cannot run; verify warns."""
+    from nats.js import api
+
+    from broker.errors import CompactionUnavailable
+
+    url, name = stream
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_stream(
+            api.StreamConfig(
+                name=name,
+                subjects=[f"{name}.*"],
+                storage=api.StorageType.FILE,
+                deny_delete=True,
+                deny_purge=True,
+                allow_direct=True,
+            )
+        )
+    finally:
+        await nc.close()
+    config = nats_config(tmp_path / "a", url, name)
+    async with offline(config) as compactor:
+        await record_each(compactor.runtime, history(40))
+        compactor.clock = lambda: time.time() + 30 * DAY
+        with pytest.raises(CompactionUnavailable, match="denies purges"):
+            await compactor.compact()
+        head = await compactor.runtime.store.head()
+    checked = await verify_stream(config.store, None, index_from(config))
+    assert checked.events == head and checked.removed_events == 0
+    assert any("denies purges" in w for w in checked.warnings)
