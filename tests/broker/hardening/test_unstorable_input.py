@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.http.middleware import request_context
-from broker.jsonlimits import INT_MAX, INT_MIN, find_out_of_range
+from broker.jsonlimits import INT_MAX, INT_MIN, find_out_of_range, may_hold_big_int
 from broker.keys import METRICS
 from broker.metrics import Metrics
 from eventstore.base import EventNotEncodable
@@ -195,3 +198,19 @@ async def test_an_event_the_log_refuses_is_a_422_naming_the_field() -> None:
     assert resp.status == 422
     body = json.loads(resp.body)  # type: ignore[arg-type]
     assert body["error"]["code"] == "VALIDATION_ERROR" and "metrics.cpu" in body["message"]
+
+
+# The screen in front of the walk: a run of 19 ASCII digits, found without a regular expression.
+_TEXT = st.text(alphabet=st.sampled_from('0123456789 ,:-.e"{}[]x١٢é\U0001f600'), max_size=120)
+
+
+@given(st.one_of(_TEXT, _TEXT.map(lambda s: s.encode()), st.binary(max_size=120)))
+def test_the_big_int_screen_finds_exactly_the_runs_of_19_digits(raw: str | bytes) -> None:
+    model = re.compile(rb"[0-9]{19}" if isinstance(raw, bytes) else r"[0-9]{19}")
+    assert may_hold_big_int(raw) == (model.search(raw) is not None)  # type: ignore[arg-type]
+
+
+@given(st.integers(min_value=10**18, max_value=10**40), st.text(max_size=20))
+def test_the_screen_passes_every_number_that_can_be_out_of_range(value: int, text: str) -> None:
+    doc = json.dumps({"t": text, "n": value, "m": -value})
+    assert may_hold_big_int(doc) and may_hold_big_int(doc.encode())
