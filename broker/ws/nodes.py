@@ -278,6 +278,7 @@ class NodeSession:
             elif msg.type == WSMsgType.PONG:
                 self.conn.pong()
             elif msg.type == WSMsgType.PING:
+                self.conn.flush()  # the frames listed this tick go before the Pong
                 await ws.pong(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await self._answer(_error(None, ValidationFailed("send JSON text frames")))
