@@ -90,6 +90,7 @@ class Dispatcher:
                 await self._task
         for conn in list(self.connections.values()):
             await conn.close(errors.SHUTDOWN)
+        await self.messaging.reads.drain()  # acks waiting for a send: recorded now
 
     # --- connections ---
 

@@ -118,8 +118,11 @@ class NodeOps:
     # --- sends and acks ---
 
     async def ack(self, principal: Principal, conn: Connection, message_id: str) -> None:
+        """An ack on its own: its read goes with the next send (broker.services.readfold)."""
+        if not self.messaging.unread(principal, message_id):
+            return  # read already (acks are idempotent)
         with self.dispatcher.acking(conn, (message_id,)):
-            await self.messaging.read(principal, message_id, via="ws")
+            await self.messaging.reads.read(principal.id, message_id)
 
     async def record_batch(
         self,
@@ -180,7 +183,7 @@ class NodeOps:
         expected = {m: 0 for m in batch.claimed} or None
         try:
             with self.dispatcher.acking(conn, batch.read_ids):
-                envs = await self.runtime.record(batch.events, expected)
+                envs = await self.messaging.reads.append(batch.events, expected)
         except (ConcurrencyError, EventNotEncodable):  # settle each op on its own
             batch.alone.extend(i for i, _ in batch.batched)
             batch.read_alone = batch.reading
