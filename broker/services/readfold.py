@@ -10,8 +10,8 @@ frame's acks go with its sends. If no send comes in time, the reads are recorded
 if the send's append fails (a racing retry, a value the log cannot store, the log unavailable),
 they are recorded on their own then, and only their own failure is theirs.
 
-The ack's `ok` still follows durability: the future `read` returns is done once the append holding its read event
-is on disk (and applied), never before.
+The ack's `ok` still follows durability: the future `read` returns is done once the append
+holding its read event is on disk (and applied), never before.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from eventstore.base import Envelope, ExpectedVersion
 from eventstore.events import BaseEvent, MessageRead, MessagesRead
 
 FOLD_WAIT = 0.002  # seconds a read waits for a send to go with (at 2,000 sends/s: 0.5 ms apart)
-
 
 
 class Recorder(Protocol):

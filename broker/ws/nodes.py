@@ -183,13 +183,13 @@ class NodeSession:
             ops: Any = jsonlimits.decode(_ops_decoder, data)
         except msgspec.DecodeError:  # a bad op or bad JSON: the frame's task sorts it out
             ops = None
-        if ops is not None and self._heartbeats(ops, data):
+        if ops is not None and self._heartbeats(ops):
             return
         task = asyncio.create_task(self._frame(data, ops))
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
-    def _heartbeats(self, ops: Any, data: str) -> bool:
+    def _heartbeats(self, ops: Any) -> bool:
         """Hand a frame of valid heartbeat ops to the heartbeat batch; False for any other."""
         if type(ops) is HeartbeatOp:
             single, beats = True, [ops]
@@ -197,7 +197,7 @@ class NodeSession:
             single, beats = False, ops
         else:
             return False
-        if jsonlimits.may_hold_big_int(data):
+        if not jsonlimits.storable(beats):
             return False  # answered by the frame's task: which field is bad
         events = self.ops.heartbeats(self.principal.id, beats)
         if events is None:
@@ -219,7 +219,7 @@ class NodeSession:
             except msgspec.DecodeError as exc:
                 await self._answer(_error(None, ValidationFailed(f"malformed JSON: {exc}")))
                 return
-        if jsonlimits.may_hold_big_int(data):
+        if not jsonlimits.storable(ops):
             ops = (
                 [_screen(op, f"$[{i}]") for i, op in enumerate(ops)]
                 if isinstance(ops, list)

@@ -14,8 +14,8 @@ from broker.keys import RUNTIME
 from broker.services.readfold import ReadFold
 from eventstore.base import ConcurrencyError, ExpectedVersion, StoreUnavailable
 from eventstore.events import BaseEvent, MessageRead, MessageSent, MessagesRead
-from tests.helpers.messaging import Client, connect, receive, send
 from tests.broker.identity.helpers import node_session
+from tests.helpers.messaging import Client, connect, receive, send
 
 
 class FakeRuntime:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+
 from aiohttp import WSMsgType
 
 from broker.errors import Disconnect
@@ -144,4 +145,3 @@ async def test_what_is_listed_counts_against_the_safe_buffer() -> None:
     await conn.send_many([b"b"])
     assert [who for who, _ in log] == ["transport", "aiohttp"]
     conn.abort()
-
