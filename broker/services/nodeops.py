@@ -117,12 +117,24 @@ class NodeOps:
 
     # --- sends and acks ---
 
-    async def ack(self, principal: Principal, conn: Connection, message_id: str) -> None:
-        """An ack on its own: its read goes with the next send (broker.services.readfold)."""
+    def ack_soon(
+        self, principal: Principal, conn: Connection, message_id: str
+    ) -> asyncio.Future[None] | None:
+        """An ack on its own, for a caller that is no task: None when the message is read
+        already (acks are idempotent), else a future done once the read is durable; NotFound
+        at once for a message that is not the node's. The read goes with the next send
+        (broker.services.readfold); the push leaves room in the window meanwhile."""
         if not self.messaging.unread(principal, message_id):
-            return  # read already (acks are idempotent)
-        with self.dispatcher.acking(conn, (message_id,)):
-            await self.messaging.reads.read(principal.id, message_id)
+            return None
+        done = self.dispatcher.make_room(conn, (message_id,))
+        fut = self.messaging.reads.read(principal.id, message_id)
+        fut.add_done_callback(lambda _: done())
+        return fut
+
+    async def ack(self, principal: Principal, conn: Connection, message_id: str) -> None:
+        fut = self.ack_soon(principal, conn, message_id)
+        if fut is not None:
+            await fut
 
     async def record_batch(
         self,
