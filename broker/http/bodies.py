@@ -123,7 +123,7 @@ def decode_json(raw: bytes | str, type_: type[T]) -> T:
     except msgspec.DecodeError as exc:
         raise ValidationFailed(f"malformed JSON body: {exc}") from None
     try:
-        check_storable(value, raw)
+        check_storable(value)
     except OutOfRange as exc:
         raise ValidationFailed(
             str(exc), details=[{"field": exc.path, "reason": str(exc)}]
