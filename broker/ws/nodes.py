@@ -12,7 +12,6 @@ op never closes the socket. Pushed messages arrive as `{"type": "message", …}`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import resource
 from typing import Annotated, Any
@@ -464,7 +463,6 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     session = NodeSession(principal, conn, app, config)
     welcome = {"type": "welcome", "node_id": principal.id, "window": config.window}
     old = dispatcher.connect(conn)
-    pump: asyncio.Task[None] | None = None
     try:
         if old is not None:
             await old.close(errors.REPLACED)
@@ -472,14 +470,10 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         # node that got it knows this connection is the one every instance considers current.
         await app[TAKEOVER].announce(conn)
         await ws.send_str(_json.encode(welcome).decode())
-        pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
+        dispatcher.open(conn)  # pushes follow the welcome, from a pump started when there is mail
         await session.serve(ws)
     finally:
-        dispatcher.disconnect(conn)
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+        dispatcher.disconnect(conn)  # its pump, if one runs, is cancelled
         if session.tasks:
             await asyncio.gather(*session.tasks, return_exceptions=True)
     return ws
