@@ -170,6 +170,11 @@ class Dispatcher:
         finally:
             link.pump = None
 
+    def pumping(self, node_id: str) -> bool:
+        """Whether a pump runs for the node's connection (none while it is idle)."""
+        link = self._links.get(node_id)
+        return link is not None and link.pump is not None
+
     async def drained(self, conn: Connection) -> None:
         """Wait for `conn`'s pump, if one runs (tests, and a handler ending cleanly)."""
         link = self._links.get(conn.node_id)
