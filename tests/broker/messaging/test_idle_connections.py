@@ -115,3 +115,21 @@ async def test_the_check_skips_closed_connections(client: Client) -> None:
         liveness.check()
     assert conn.quiet == 0
     await asyncio.wait_for(ws.close(), 10)
+
+
+async def test_the_running_check_pings_and_cuts_in_slices(client: Client) -> None:
+    """`run` goes through the connections a slice at a time (here one): every silent peer is
+    pinged, then cut."""
+    tokens = [(await node_session(client, f"node-{i}", i))["access_token"] for i in range(3)]
+    sockets = [await _silent_node(client, t) for t in tokens]
+    liveness = Liveness(client.app[DISPATCHER].connections, interval=0.01)
+    liveness.SLICE = 1
+    task = asyncio.create_task(liveness.run())
+    try:
+        for ws in sockets:
+            assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.PING
+        for ws in sockets:
+            msg = await ws.receive(timeout=10)
+            assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+    finally:
+        task.cancel()
