@@ -1,19 +1,26 @@
 """Retention and compaction on a fleet's history (issue 16).
 
     python -m bench.retention [--nodes 1000] [--days 30] [--heartbeat 1800] [--telemetry 10800]
-                              [--message 21600] [--quick] [--tmp DIR]
+                              [--message 21600] [--issue-rates] [--quick] [--tmp DIR [--keep]]
+
+`--issue-rates` takes the issue's per-node rates (a heartbeat every 30 s, telemetry every 5 min, a
+message an hour) on 50 nodes unless `--nodes` says otherwise: the issue's mix on a fleet that fits.
 
 Generates `--days` of a fleet's history with past timestamps (registrations, a heartbeat every
 `--heartbeat` s, a telemetry sample every `--telemetry` s and a message every `--message` s per
 node, each read by its recipient a minute later), loads it with `broker import`, then prints:
 
-- disk before and after compaction (the log file and its WAL);
+- disk before and after compaction (the log file and its WAL), against the disk of a log holding
+  8 days of the same fleet's heartbeats and nothing else (generated and imported the same way:
+  measured, not estimated);
 - the compaction's time and CPU per event scanned, and the append p99 with and without a
   compaction running (single heartbeat appends at a fixed rate, in the compacting process, as
   `broker serve` would append during its scheduled compaction);
 - cold start (`broker serve` to /health) after compaction;
-- `broker verify` in full, and from the last verified checkpoint after a day's worth of new
-  events (`broker import` cannot add to a log, so they are appended by the benchmark);
+- `broker verify` in full, and from the last verified checkpoint after `--verify-after` new
+  events (`broker import` cannot add to a log, so they are appended by the benchmark): by default
+  a day of the simulated fleet; with `--issue-rates`, an hour of the issue's fleet (1.34 M
+  events), what `broker serve`'s background verification leaves at its default interval;
 - per-event costs, and those costs carried on paper to the issue's fleet (10,000 nodes, a
   heartbeat every 30 s, telemetry every 5 min, a message per node per hour, 30 days): the lines
   marked `extrapolated` are arithmetic, not measurements.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -48,8 +56,11 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def generate(path: Path, args: argparse.Namespace, start: float) -> dict[str, int]:
-    """The fleet's history as a `broker export` (JSON Lines), in time order; counts by type."""
+def generate(
+    path: Path, args: argparse.Namespace, start: float, *, heartbeats_only: bool = False
+) -> dict[str, int]:
+    """The fleet's history as a `broker export` (JSON Lines), in time order; counts by type.
+    `heartbeats_only`: the registrations and heartbeats alone (the disk reference)."""
     encode = msgspec.json.Encoder().encode
     versions: dict[str, int] = {}
     counts: dict[str, int] = {}
@@ -58,7 +69,8 @@ def generate(path: Path, args: argparse.Namespace, start: float) -> dict[str, in
     timeline: list[tuple[float, int, int]] = []
     n = args.nodes
     end = start + args.days * DAY
-    for kind, every in ((1, args.heartbeat), (2, args.telemetry), (3, args.message)):
+    rates = ((1, args.heartbeat), (2, args.telemetry), (3, args.message))
+    for kind, every in rates[:1] if heartbeats_only else rates:
         for i in range(n):
             t = start + every * i / n  # spread over the period
             while t < end:
@@ -178,6 +190,28 @@ def verify(data: Path, full: bool) -> tuple[float, float]:
     return time.perf_counter() - t0, own_cpu_seconds() - cpu0
 
 
+def heartbeats_reference(tmp: Path, args: argparse.Namespace, days: int) -> tuple[int, int]:
+    """The disk (as `disk`) of a log holding `days` days of the same fleet's heartbeats (and its
+    registrations), generated and imported as the history was; and its heartbeat count."""
+    data = tmp / "reference"
+    data.mkdir()
+    export = tmp / "heartbeats.jsonl"
+    ref = argparse.Namespace(**{**vars(args), "days": days})
+    counts = generate(export, ref, time.time() - days * DAY, heartbeats_only=True)
+    run_timed(["import", str(export)], broker_env(data, 0))
+    export.unlink()
+    return disk(data), counts.get("node.heartbeat", 0)
+
+
+def kept_by_type(data: Path) -> dict[str, list[int]]:
+    """Events and their bytes (encoded event, envelope and hash) by type, as stored."""
+    from eventstore.sqlite_compact import scan
+    from eventstore.sqlite_verify import head_of_file
+
+    path = data / "events.db"
+    return scan(path, (head_of_file(path) or 0) + 1, {}, {}, None).sizes
+
+
 def disk(data: Path) -> int:
     """Bytes the log occupies: its pages in use and its WAL (freed pages are reused)."""
     from eventstore.sqlite_compact import used_bytes
@@ -267,19 +301,47 @@ async def append_day(data: Path, n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, help="default 1000 (50 with --issue-rates)")
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--heartbeat", type=float, default=1800.0, help="seconds per node")
     parser.add_argument("--telemetry", type=float, default=10800.0, help="seconds per node")
     parser.add_argument("--message", type=float, default=21600.0, help="seconds per node")
     parser.add_argument("--rate", type=float, default=200.0, help="appends/s while measuring")
+    parser.add_argument(
+        "--issue-rates",
+        action="store_true",
+        help="the issue's per-node rates: heartbeat 30 s, telemetry 300 s, a message an hour",
+    )
+    parser.add_argument(
+        "--verify-after",
+        type=int,
+        help="new events before the verify from the checkpoint (default: a day of the fleet; "
+        "an hour of the issue's fleet with --issue-rates)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
     parser.add_argument("--tmp", help="work directory (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="leave the logs in --tmp DIR")
     args = parser.parse_args()
+    if args.issue_rates:
+        args.heartbeat, args.telemetry, args.message = (
+            ISSUE["heartbeat"],
+            ISSUE["telemetry"],
+            ISSUE["message"],
+        )
+    if args.nodes is None:
+        args.nodes = 50 if args.issue_rates else 1000
     if args.quick:
-        args.nodes, args.days, args.heartbeat = min(args.nodes, 50), min(args.days, 10), 3600.0
+        args.nodes, args.days = min(args.nodes, 50), min(args.days, 10)
+        args.heartbeat = max(args.heartbeat, 3600.0)
+    if args.keep and not args.tmp:
+        parser.error("--keep needs --tmp DIR")
     window = 2.0 if args.quick else 5.0
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = tempfile.mkdtemp(dir=args.tmp)
+            say(f"# the logs stay in {tmp}")
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=args.tmp))
         data = Path(tmp) / "data"
         data.mkdir()
         env = broker_env(data, 0)
@@ -330,6 +392,15 @@ def main() -> None:
             "events first); "
             f"a retention window of 7 days is {7 / args.days * 100:.0f}% of the history"
         )
+        for t, (n, b) in sorted(kept_by_type(data).items(), key=lambda kv: -kv[1][1]):
+            say(f"  kept {t}: {n:,} events, ~{b / 1e6:,.1f} MB (event bytes + ~100 each)")
+        ref, beats = heartbeats_reference(Path(tmp), args, 8)
+        verdict = "met" if after <= ref else "missed"
+        say(
+            f"8 days of heartbeats of the same fleet, alone in a log: {ref / 1e6:,.1f} MB "
+            f"({beats:,} heartbeats); disk after is {after / ref * 100:.0f}% of it "
+            f"(goal <= 100%: {verdict})"
+        )
         with serve(data) as server:
             cold = server.started
         say(f"cold start after compaction: {cold:.2f} s (broker serve to /health)")
@@ -337,14 +408,28 @@ def main() -> None:
         kept = f["scanned"] - f["removed"]
         us = cpu / max(kept, 1) * 1e6
         say(f"verify after compaction (full): {wall:.2f} s, {us:.2f} µs CPU/event kept")
-        day = int(total / args.days)
+        if args.verify_after is not None:
+            day, what = args.verify_after, "new events"
+        elif args.issue_rates:
+            day, what = int(issue_per_day() / 24), "new events: an hour of the issue's fleet"
+        else:
+            day, what = int(total / args.days), "new events: a day"
         run(append_day(data, day))
         wall, cpu = verify(data, full=False)
         say(
-            f"verify from the last checkpoint, after {day:,} new events (a day): {wall:.2f} s, "
-            f"{cpu / max(day, 1) * 1e6:.2f} µs CPU/new event"
+            f"verify from the last checkpoint, after {day:,} {what}: {wall:.2f} s "
+            f"(cpu {cpu:.2f} s), {cpu / max(day, 1) * 1e6:.2f} µs CPU/new event"
         )
         extrapolate(args, total, before, after, f, cpu / max(day, 1))
+
+
+def issue_per_day() -> float:
+    """Events a day of the issue's fleet writes (a message is sent and read: two events)."""
+    return (
+        ISSUE["nodes"]
+        * DAY
+        * (1 / ISSUE["heartbeat"] + 1 / ISSUE["telemetry"] + 2 / ISSUE["message"])
+    )
 
 
 def extrapolate(
@@ -356,11 +441,7 @@ def extrapolate(
     verify_s_per_event: float,
 ) -> None:
     """The measured per-event costs carried to the issue's fleet (arithmetic, not measured)."""
-    per_day = (
-        ISSUE["nodes"]
-        * DAY
-        * (1 / ISSUE["heartbeat"] + 1 / ISSUE["telemetry"] + 2 / ISSUE["message"])
-    )
+    per_day = issue_per_day()
     history = per_day * ISSUE["days"]
     bytes_per_event = before / total
     kept_fraction = (after / before) if before else 1.0
