@@ -180,13 +180,11 @@ def _children_cpu() -> float:
 def verify(data: Path, full: bool) -> tuple[float, float]:
     """`broker verify`'s work, in this process (a child's start-up would dwarf a short run):
     from the last verified checkpoint unless `full`, then a new checkpoint. Wall and CPU s."""
-    from broker.cli.log import read_checkpoint, write_checkpoint
-    from eventstore.sqlite_verify import verify_file
+    from broker.upkeep.verification import verify_now
 
     path = str(data / "events.db")
     cpu0, t0 = own_cpu_seconds(), time.perf_counter()
-    head = verify_file(path, trusted=None if full else read_checkpoint(path))
-    write_checkpoint(path, head)
+    verify_now(path, full=full)
     return time.perf_counter() - t0, own_cpu_seconds() - cpu0
 
 

@@ -7,7 +7,7 @@ import asyncio
 
 from aiohttp.test_utils import TestClient
 
-from broker.cli.log import write_checkpoint
+from broker.upkeep.verification import write_checkpoint
 from broker.config import Config
 from tests.broker.identity.helpers import assert_error, node_session, operator_token
 
