@@ -7,9 +7,11 @@ log still holds that event with that hash, checking only what came after (and th
 compactions since), unless asked for a full pass; then it moves the checkpoint to the head it
 reached. `broker serve` runs such a pass every `[retention] verify_every` seconds, so that the
 checkpoint is never more than that far behind the head and `broker verify` reads at most that
-much: in a thread of its own, at the lowest CPU priority, pausing between pages of chunks so that
-it takes at most half of a core (appends and requests go first). A mismatch is logged as an
-error, counted (`broker_log_verify_failures_total`) and shown in `GET /api/v1/admin/log`.
+much. Each pass runs in a child process (`python -m broker.upkeep.verification LOG`) at the
+lowest CPU priority (nice 19): it shares neither the server's GIL nor its event loop, and the
+server's threads take the CPU first. The child only reads the log file (one read transaction)
+and writes the checkpoint. A mismatch is logged as an error, counted
+(`broker_log_verify_failures_total`) and shown in `GET /api/v1/admin/log`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sqlite3
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker.metrics import LoopCounter, Metrics
-from eventstore.base import IntegrityError, StoreError
+from eventstore.base import IntegrityError
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +117,14 @@ class Failure(msgspec.Struct, kw_only=True):
     at: float
 
 
+class Outcome(msgspec.Struct, kw_only=True):
+    """What the child process reports on its stdout (one JSON object)."""
+
+    done: Pass | None = None
+    failure: Failure | None = None  # the log was found altered or damaged
+    error: str | None = None  # the pass could not run (no verdict on the log)
+
+
 class Status(msgspec.Struct, kw_only=True):
     """The background verification, as `GET /api/v1/admin/log` shows it."""
 
@@ -130,33 +138,19 @@ class Status(msgspec.Struct, kw_only=True):
     last_failure: Failure | None
 
 
-class _Stopped(Exception):
-    """The server is stopping: the pass in progress gives up (its checkpoint stays as it was)."""
-
-
-def _lowest_priority() -> None:
-    """The verifying thread's own nice value (Linux: a thread's id is a process id here)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-
-
 class Verifier:
     """`broker serve`'s background verification (the module's docstring)."""
 
     def __init__(self, log_path: str, every: float, metrics: Metrics | None = None) -> None:
         self.path = log_path
         self.every = every
-        self.share = 0.5  # of a core, at most, while a pass runs
         self.passes = 0
         self.failures = 0
         self.last_pass: Pass | None = None
         self.last_failure: Failure | None = None
         self.completed = asyncio.Event()  # set after each pass, good or bad (tests wait on it)
         self._lock = asyncio.Lock()
-        self._stop = threading.Event()
-        self._executor = ThreadPoolExecutor(
-            1, thread_name_prefix="log-verify", initializer=_lowest_priority
-        )
+        self._child: asyncio.subprocess.Process | None = None
         self._counters: tuple[LoopCounter, LoopCounter] | None = None
         if metrics is not None:
             registry = metrics.registry
@@ -181,21 +175,19 @@ class Verifier:
             await self.verify()
 
     async def verify(self) -> Pass | None:
-        """One pass, off the event loop; the pass, or None if it failed (logged, counted)."""
+        """One pass, in a child process; the pass, or None if it failed (logged, counted)."""
         async with self._lock:
-            loop = asyncio.get_running_loop()
             try:
-                done = await loop.run_in_executor(self._executor, self._pass)
-            except _Stopped:
-                return None
-            except IntegrityError as exc:
-                self._failed(exc)
-                return None
-            except (StoreError, OSError, sqlite3.Error) as exc:  # not a verdict on the log
-                log.warning("log_verification_error", error=str(exc))
-                return None
+                outcome = await self._run_child()
             finally:
                 self.completed.set()
+            if outcome.failure is not None:
+                self._failed(outcome.failure)
+                return None
+            if outcome.done is None:  # not a verdict on the log
+                log.warning("log_verification_error", error=outcome.error)
+                return None
+            done = outcome.done
             self.passes += 1
             self.last_pass = done
             if self._counters is not None:
@@ -211,32 +203,42 @@ class Verifier:
             )
             return done
 
-    def _failed(self, exc: IntegrityError) -> None:
+    async def _run_child(self) -> Outcome:
+        try:
+            child = self._child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                __name__,
+                self.path,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            return Outcome(error=f"the verifying process could not start: {exc}")
+        try:
+            out, err = await child.communicate()
+        finally:
+            self._child = None
+        try:
+            return msgspec.json.decode(out, type=Outcome)
+        except msgspec.DecodeError:
+            tail = err.decode(errors="replace").strip().splitlines()[-3:]
+            return Outcome(error=f"the verifying process exited {child.returncode}: {tail}")
+
+    def _failed(self, failure: Failure) -> None:
         self.failures += 1
-        self.last_failure = Failure(seq=exc.seq, reason=exc.reason, at=time.time())
+        self.last_failure = failure
         if self._counters is not None:
             self._counters[1].inc()
         log.error(
             "LOG_VERIFICATION_FAILED",
-            seq=exc.seq,
-            reason=exc.reason,
+            seq=failure.seq,
+            reason=failure.reason,
             log=self.path,
             action="the log was altered or damaged at this seq: run `broker verify` and see "
             "docs/operations.md (integrity)",
         )
-
-    def _pass(self) -> Pass:
-        """In the verifying thread: a pass, throttled to `share` of a core."""
-        last = [time.thread_time()]
-
-        def pace(_done: int, _total: int) -> None:
-            if self._stop.is_set():
-                raise _Stopped
-            spent = time.thread_time() - last[0]
-            time.sleep(spent * (1 - self.share) / self.share)  # lets the others have the GIL
-            last[0] = time.thread_time()
-
-        return verify_now(self.path, progress=pace)
 
     def status(self) -> Status:
         """Blocking (reads the checkpoint): run in a thread."""
@@ -253,9 +255,13 @@ class Verifier:
         )
 
     async def close(self) -> None:
-        """Stop: a pass under way gives up at its next page."""
-        self._stop.set()
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        """Stop a pass under way (its checkpoint stays as it was: only a finished pass moves
+        it, by an atomic rename)."""
+        child = self._child
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()
 
 
 class _VerifiedSeq(Collector):
@@ -269,3 +275,19 @@ class _VerifiedSeq(Collector):
             "The head the last background verification of the log reached (0: none yet)",
             value=last.head if last is not None else 0,
         )
+
+
+def _child(log_path: str) -> Outcome:
+    """The child process's pass, at the lowest CPU priority."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    try:
+        return Outcome(done=verify_now(log_path))
+    except IntegrityError as exc:
+        return Outcome(failure=Failure(seq=exc.seq, reason=exc.reason, at=time.time()))
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
+        return Outcome(error=f"{type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    sys.stdout.buffer.write(msgspec.json.encode(_child(sys.argv[1])))
