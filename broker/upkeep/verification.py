@@ -22,7 +22,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import msgspec
 import structlog
@@ -31,45 +30,16 @@ from prometheus_client.registry import Collector
 
 from broker.metrics import LoopCounter, Metrics
 from eventstore.base import IntegrityError
+from eventstore.sqlite_checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    read_checkpoint,
+    write_checkpoint,
+)
+
+__all__ = ["Checkpoint", "checkpoint_path", "read_checkpoint", "write_checkpoint", "Verifier"]
 
 log = structlog.get_logger(__name__)
-
-
-class Checkpoint(msgspec.Struct):
-    seq: int
-    hash: str  # hex
-    at: float
-    compactions: int = 0  # the newest compaction whose gaps were checked (older files: 0)
-
-
-def checkpoint_path(log_path: str) -> Path:
-    p = Path(log_path)
-    return p.with_name(p.name + ".verified")
-
-
-def read_checkpoint(log_path: str) -> Checkpoint | None:
-    """The verified checkpoint, if the log still holds its event with its hash (blocking)."""
-    from eventstore.sqlite_verify import hash_at_file
-
-    try:
-        cp = msgspec.json.decode(checkpoint_path(log_path).read_bytes(), type=Checkpoint)
-        want = bytes.fromhex(cp.hash)
-    except (OSError, msgspec.DecodeError, ValueError):
-        return None
-    return cp if hash_at_file(log_path, cp.seq) == want else None
-
-
-def write_checkpoint(log_path: str, seq: int, compactions: int = 0) -> None:
-    """Record that the log is verified up to `seq` (blocking; atomic: written, then renamed)."""
-    from eventstore.sqlite_verify import hash_at_file
-
-    h = hash_at_file(log_path, seq)
-    if h is None:
-        return
-    path = checkpoint_path(log_path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgspec.json.encode(Checkpoint(seq, h.hex(), time.time(), compactions)))
-    os.replace(tmp, path)
 
 
 class Pass(msgspec.Struct, kw_only=True):
