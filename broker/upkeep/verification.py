@@ -190,8 +190,9 @@ class Verifier:
             out, err = await child.communicate()
         finally:
             self._child = None
-        try:
-            return msgspec.json.decode(out, type=Outcome)
+        lines = out.strip().splitlines()
+        try:  # its last line (anything printed before it is not ours)
+            return msgspec.json.decode(lines[-1] if lines else b"", type=Outcome)
         except msgspec.DecodeError:
             tail = err.decode(errors="replace").strip().splitlines()[-3:]
             return Outcome(error=f"the verifying process exited {child.returncode}: {tail}")
@@ -260,4 +261,4 @@ def _child(log_path: str) -> Outcome:
 
 
 if __name__ == "__main__":
-    sys.stdout.buffer.write(msgspec.json.encode(_child(sys.argv[1])))
+    sys.stdout.buffer.write(b"\n" + msgspec.json.encode(_child(sys.argv[1])) + b"\n")
