@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -186,6 +187,26 @@ def verify(data: Path, full: bool) -> tuple[float, float]:
     cpu0, t0 = own_cpu_seconds(), time.perf_counter()
     verify_now(path, full=full)
     return time.perf_counter() - t0, own_cpu_seconds() - cpu0
+
+
+def messages_window(finished: int) -> None:
+    """Have the messages projection keep `finished` finished messages in this process (the
+    compaction's): at 10,000 nodes its 100,000 are ten hours of the issue's fleet, so message
+    events go after the 7 days of `[retention]`; on 50 nodes they would be 83 days, and every
+    message event of a 30-day history would stay."""
+    import broker.runtime as runtime_module
+    import broker.upkeep.compaction as compaction_module
+    import broker.upkeep.snapshots as snapshots_module
+
+    real = runtime_module.build_projections
+
+    def build(delivery: Any = None) -> Any:
+        projections = real(delivery)
+        projections.parts["messages"].retain_completed = finished  # type: ignore[attr-defined]
+        return projections
+
+    for module in (runtime_module, snapshots_module, compaction_module):
+        module.build_projections = build  # type: ignore[attr-defined]
 
 
 def heartbeats_reference(tmp: Path, args: argparse.Namespace, days: int) -> tuple[int, int]:
@@ -392,6 +413,13 @@ def main() -> None:
         help="new events before the verify from the checkpoint (default: a day of the fleet; "
         "an hour of the issue's fleet with --issue-rates)",
     )
+    parser.add_argument(
+        "--messages-window",
+        type=int,
+        help="finished messages the messages projection keeps during the compaction (default: "
+        "its own, 100,000; with --issue-rates, that window scaled to the fleet: 10 a node, as "
+        "100,000 are for the issue's 10,000 nodes)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
     parser.add_argument("--tmp", help="work directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="leave the logs in --tmp DIR")
@@ -407,6 +435,10 @@ def main() -> None:
     if args.quick:
         args.nodes, args.days = min(args.nodes, 50), min(args.days, 10)
         args.heartbeat = max(args.heartbeat, 3600.0)
+    if args.messages_window is None and args.issue_rates:
+        args.messages_window = 10 * args.nodes
+    if args.messages_window is not None:
+        messages_window(args.messages_window)
     if args.keep and not args.tmp:
         parser.error("--keep needs --tmp DIR")
     window = 2.0 if args.quick else 5.0
@@ -424,6 +456,8 @@ def main() -> None:
         start = time.time() - args.days * DAY
         counts = generate(export, args, start)
         total = sum(counts.values())
+        if args.messages_window is not None:
+            say(f"messages projection's window during the compaction: {args.messages_window:,}")
         say(
             f"history: {args.nodes:,} nodes x {args.days} days, heartbeat every "
             f"{args.heartbeat:g} s, telemetry every {args.telemetry:g} s, a message every "
