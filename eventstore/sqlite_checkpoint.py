@@ -46,6 +46,6 @@ def write_checkpoint(log_path: str | os.PathLike[str], seq: int, compactions: in
     if h is None:
         return
     path = checkpoint_path(log_path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # `broker verify` and a server's pass
     tmp.write_bytes(msgspec.json.encode(Checkpoint(seq, h.hex(), time.time(), compactions)))
     os.replace(tmp, path)
