@@ -30,7 +30,6 @@ from broker.http import passwords as passwords_routes
 from broker.http import register as register_routes
 from broker.http import telemetry as telemetry_routes
 from broker.http import updates as updates_routes
-from broker.http.auth import auth_middleware
 from broker.http.limits import RateLimiter
 from broker.http.middleware import request_context
 from broker.http.routing import OpenApiCache
@@ -111,7 +110,7 @@ ROUTES = (
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, ratelimit.rate_limit, auth_middleware],
+        middlewares=[request_context],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
@@ -126,7 +125,8 @@ def create_app(config: Config) -> web.Application:
     app[AUTHENTICATOR] = apikeys.with_api_keys(keys, tokens.authenticate)
     app[NODES] = NodeService(config.auth, tokens)
     app[LIMITER] = RateLimiter(config.limits)
-    app.on_response_prepare.append(ratelimit.add_headers)
+    if config.limits.enabled:  # the X-RateLimit-* headers; no hook to run per answer when off
+        app.on_response_prepare.append(ratelimit.add_headers)
     app[TELEMETRY_LIMITER] = TenantRateLimiter(
         config.telemetry.rate_limit_per_minute, config.telemetry.rate_limit_burst
     )

@@ -77,7 +77,4 @@ CONSOLE_FILES: web.AppKey[dict[str, Path]] = web.AppKey("console_files")  # name
 # Per-request keys (request[...]).
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
-# The principal `rate_limit` authenticated (it runs first and charges the request to it):
-# `auth_middleware` authorises that one instead of verifying the token again.
-AUTHENTICATED = web.RequestKey("authenticated", Principal)
 RATE_LIMIT: web.RequestKey[Decision] = web.RequestKey("rate_limit")  # tightest limit applied
