@@ -33,6 +33,8 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import is_, itemgetter
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,6 +98,7 @@ _header_decoder = msgspec.msgpack.Decoder(Header)
 _final_decoder = msgspec.msgpack.Decoder(Final)
 _fingerprints_decoder = msgspec.msgpack.Decoder(dict[str, str])
 _plain = msgspec.msgpack.Encoder()
+_second = itemgetter(1)
 
 
 def snapshot_paths(directory: Path) -> list[tuple[int, Path]]:
@@ -185,11 +188,12 @@ def read_body(
                 if kind != RECORDS or decoder is None:
                     continue
                 into = records[name]
-                for key, record in decoder.decode(data):
-                    if record is None:
-                        into.pop(key, None)
-                    else:
-                        into[key] = record
+                pairs = decoder.decode(data)
+                into.update(pairs)  # in C; then the keys gone (rare: a slice saved again)
+                if any(map(is_, map(_second, pairs), repeat(None))):
+                    for key, record in pairs:
+                        if record is None:
+                            into.pop(key, None)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise SnapshotError(f"the body is damaged (unreadable: {exc})") from None
         if f.read(1):
