@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections import deque
 from collections.abc import Iterable
 from itertools import compress, repeat
-from operator import is_not
+from operator import attrgetter, is_not, lt
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from projections.node_index import NodeIndex
     from projections.nodes import Node
 
+_slot = attrgetter("slot")
 INTERN_STEP = 8_192  # nodes whose key strings a slice of `intern_step` shares
 
 
@@ -109,14 +111,20 @@ def _restore(index: NodeIndex, nodes: Iterable[Node], saved: SavedIndex) -> bool
     n = saved.slots
     if saved.block != bitmaps.BLOCK or len(saved.groups) != 4 or n < 0:
         return False
-    slots: list[Node | None] = [None] * n
-    live = 0
-    for node in nodes:
-        s = node.slot
-        if not 0 <= s < n or slots[s] is not None:
-            return False
-        slots[s] = node
-        live += 1
+    # The nodes by slot, in C loops: the records come in registration order, which is slot
+    # order (else sorted), checked to be in range and distinct, then placed around the holes.
+    ordered = list(nodes)
+    taken = list(map(_slot, ordered))
+    if not all(map(lt, taken, taken[1:])):
+        ordered.sort(key=_slot)
+        taken = list(map(_slot, ordered))
+    live = len(taken)
+    if taken and (taken[0] < 0 or taken[-1] >= n or not all(map(lt, taken, taken[1:]))):
+        return False
+    slots: list[Node | None] = ordered  # type: ignore[assignment]
+    if live < n:
+        slots = [None] * n
+        deque(map(slots.__setitem__, taken, ordered), maxlen=0)
     for group, kept in zip(index.groups(), saved.groups, strict=True):
         for key, bm in kept.items():
             group[sys.intern(key)] = _load_bitmap(bm)
@@ -127,7 +135,7 @@ def _restore(index: NodeIndex, nodes: Iterable[Node], saved: SavedIndex) -> bool
     index.holes = n - live
     present = bytes(map(is_not, slots, repeat(None)))
     index.live = from_flags(present)
-    index.heartbeats.load(compress(range(n), present), index.counts_of)
+    index.heartbeats.load(compress(range(n), present) if live < n else range(n), index.counts_of)
     index.unshared = 0
     return True
 
