@@ -29,6 +29,10 @@ query by visiting only the nodes whose heartbeat crossed the boundary in between
 when that would visit more than 1/REBUILD_WINDOW of the nodes). Windows are a cache: they are
 not part of the state, and queries at any `now` are exact.
 
+A snapshot saves the bitmaps and each node's slot, and a load restores them with the heartbeat
+order instead of rebuilding (`projections.index_snapshot`); the sorted orders and windows are
+built again in the background.
+
 Invariant: every structure holds exactly the live nodes, keyed by their current attributes.
 `NodesProjection` changes an attribute that a structure is keyed on only through this class.
 """

