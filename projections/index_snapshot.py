@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from projections.nodes import Node
 
 _slot = attrgetter("slot")
+MAX_BLOCKS = 40_000  # saved with a snapshot at most (~80 ms of its cut)
 INTERN_STEP = 8_192  # nodes whose key strings a slice of `intern_step` shares
 
 
@@ -84,8 +85,12 @@ def _load_bitmap(saved: SavedBitmap) -> Bitmap:
     }
 
 
-def save(index: NodeIndex) -> SavedIndex:
-    """What a snapshot keeps of `index` (call it in the cut: it must match the records)."""
+def save(index: NodeIndex) -> SavedIndex | None:
+    """What a snapshot keeps of `index` (call it in the cut: it must match the records); None
+    when its bitmaps have more than MAX_BLOCKS blocks (the cut would stall the loop: ~2 µs a
+    block; the load then rebuilds the indices)."""
+    if sum(len(bm) for group in index.groups() for bm in group.values()) > MAX_BLOCKS:
+        return None
     return SavedIndex(
         bitmaps.BLOCK,
         len(index.slots),

@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import projections.bitmaps as bitmaps
 import projections.heartbeat_order as heartbeat_order
+import projections.index_snapshot as index_snapshot
 import projections.node_index as node_index
 import projections.sorted_slots as sorted_slots
 import projections.token_counts as token_counts
@@ -486,9 +487,12 @@ def test_a_snapshot_saves_the_registry_and_the_indices_and_a_restore_uses_them()
         "bits cut",
         "another block size",
         "another shape",
+        "too many blocks to save in the cut",
     ],
 )
-def test_a_saved_index_that_does_not_fit_the_records_is_rebuilt(damage: str) -> None:
+def test_a_saved_index_that_does_not_fit_the_records_is_rebuilt(
+    damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     events: list[tuple[float, BaseEvent]] = [
         (
             float(i),
@@ -502,6 +506,8 @@ def test_a_saved_index_that_does_not_fit_the_records_is_rebuilt(damage: str) -> 
             encoder.encode(list(p.records().items())), type=list[tuple[str, Node]]
         )
     )
+    if damage == "too many blocks to save in the cut":
+        monkeypatch.setattr(index_snapshot, "MAX_BLOCKS", 2)
     saved = p.snapshot()
     index = saved["index"]
     if damage == "slot taken twice":
@@ -516,8 +522,10 @@ def test_a_saved_index_that_does_not_fit_the_records_is_rebuilt(damage: str) -> 
         index.groups[0]["t1"].bits = index.groups[0]["t1"].bits[:-1]
     elif damage == "another block size":
         index.block *= 2
-    else:
+    elif damage == "another shape":
         saved["index"] = [1, 2]
+    else:
+        assert index is None
     restored = NodesProjection()
     restored.restore_sliced(records, encoder.encode(saved))
     assert restored.index.unshared is None  # rebuilt
