@@ -24,7 +24,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate, chain, compress, count, repeat
 from operator import and_, attrgetter, eq, is_, itemgetter, not_
 from typing import TYPE_CHECKING, Any
@@ -315,11 +315,14 @@ class HeartbeatOrder:
         given, counts the zero group's tokens from its bitmap (else from its nodes)."""
         nodes = self.nodes
         self.__init__(nodes)  # type: ignore[misc]
-        slots = list(slots)
-        if slots:
-            self._grow(slots[-1])
-        keys = [k or 0.0 for k in map(_heartbeat, map(nodes.__getitem__, slots))]
-        zero = list(compress(slots, map(not_, keys)))
+        # Every slot (no hole): the positions are the slots, no gather through them.
+        every = slots == range(len(nodes))
+        live: Sequence[int] = slots if every else list(slots)  # type: ignore[assignment]
+        if live:
+            self._grow(live[-1])
+        of = nodes if every else map(nodes.__getitem__, live)
+        keys = [k or 0.0 for k in map(_heartbeat, of)]
+        zero = list(compress(live, map(not_, keys)))
         where, off = self.where, self.off
         z = self.zero
         flags = bytearray(len(where))
@@ -331,7 +334,7 @@ class HeartbeatOrder:
         # Only the nodes with a heartbeat are sorted (none in a registry that never had one).
         order = sorted(compress(range(len(keys)), keys), key=keys.__getitem__)  # ties by slot
         ordered_keys = list(map(keys.__getitem__, order))
-        ordered = list(map(slots.__getitem__, order))
+        ordered = order if every else list(map(live.__getitem__, order))
         cut = bisect_left(ordered_keys, 0.0)
         for L, a, b in ((self.neg, 0, cut), (self.pos, cut, len(ordered))):
             while a < b:
@@ -344,7 +347,7 @@ class HeartbeatOrder:
                 deque(map(off.__setitem__, sl, range(len(sl))), maxlen=0)
                 L.append(run)
                 a = end
-        self.size = len(slots)
+        self.size = len(live)
         self.uncounted = len(self.neg) + len(self.pos)
 
     def count_step(self) -> bool:
