@@ -64,7 +64,7 @@ from projections.bitmaps import (
 from projections.heartbeat_order import HeartbeatOrder, Token
 from projections.index_snapshot import intern_step
 from projections.sorted_slots import SortedSlots
-from projections.token_counts import Counts, new_counts
+from projections.token_counts import Counts, count_bitmap
 
 ORDERS = ("node_id", "name", "load")  # the SortedSlots (by last heartbeat: HeartbeatOrder)
 MAX_WINDOWS = 4  # presence windows kept (one per distinct `within` asked)
@@ -293,13 +293,7 @@ class NodeIndex:
 
     def counts_of(self, bm: Bitmap) -> Counts:
         """How many nodes of `bm` carry each type, capability, region and status."""
-        out = new_counts()
-        for counts, group in zip(out, self.groups(), strict=True):
-            for key, bits in group.items():
-                n = sum((x & bm.get(b, 0)).bit_count() for b, x in bits.items())
-                if n:
-                    counts[key] = n
-        return out
+        return count_bitmap(self.groups(), bm)
 
     def groups(self) -> tuple[dict[str, Bitmap], ...]:
         return self.by_type, self.by_capability, self.by_region, self.by_status
