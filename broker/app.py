@@ -206,7 +206,7 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         compactor = app[COMPACTOR] = watched.compactor = Compactor(
             config.retention, runtime, snapshotter
         )
-        if config.retention.every > 0 and hasattr(store, "on_writer"):
+        if config.retention.every > 0 and Compactor.supports(store):
             _background(stack, compactor.run_every(config.retention.every), "compaction")
 
         # The operator console's files, listed once.

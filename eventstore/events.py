@@ -439,6 +439,10 @@ class LogCompacted(BaseEvent, frozen=True, kw_only=True, tag="log.compacted"):
     gaps: int = 0
     anchors_digest: str = ""  # hex
     snapshot_seq: int = 0  # the snapshot taken first, which covers every removed event
+    # NATS (eventstore.nats_compact): per removable event type, the stream sequence below which
+    # the messages of its subject are purged; its removed events are recorded by their batches
+    # in the log index of the snapshot, not as gaps with anchors
+    purged: dict[str, int] = {}
 
 
 Event = (

@@ -1,23 +1,26 @@
 """The scale-out log: one NATS JetStream stream shared by any number of broker instances.
 
 Layout. One JetStream stream (`[store] stream`; file storage, `replicas`, `max_age`, deny_delete,
-deny_purge, direct get) captures the subjects `<prefix>.*` (`[store] subject_prefix`, default the
-stream name). Each append is recorded as part of ONE JetStream message, a chunk
-(`eventstore.nats_wire`), so a batch is atomic and ordered without a multi-message transaction,
-which JetStream 2.9/2.10 does not have. While a publish waits for its PubAck, an instance gathers
-the appends that arrive into the next chunk (group commit); they stay independent batches.
-A chunk's subject is `<prefix>.<key stream>`, its `Nats-Msg-Id` its first event's id: a publish
-retried after a timeout is stored once (within the stream's 2-minute duplicate window).
+direct get; purges allowed, for compaction only: eventstore.nats_compact) captures the subjects
+`<prefix>.*` (`[store] subject_prefix`, default the stream name). Each append is recorded as
+part of ONE JetStream message, a chunk (`eventstore.nats_wire`), so a batch is atomic and ordered
+without a multi-message transaction, which JetStream 2.9/2.10 does not have. While a publish
+waits for its PubAck, an instance gathers the appends that arrive into the next chunk (group
+commit); they stay independent batches. A chunk's subject is `<prefix>.<key stream>` (removable
+events: `<prefix>.=<type>`), its `Nats-Msg-Id` its first event's id: a publish retried after a
+timeout is stored once (within the stream's 2-minute duplicate window).
 
 Numbering. There is no single writer, so a writer cannot know the seq its events will get.
 Every instance consumes the whole stream in order with one background consumer (an ephemeral
 push consumer it recreates after any gap, silence or reconnection, from the last applied
 position) and DERIVES each event's `seq` (1 + the number of accepted events before it), its
 `stream_version` and its `ts` (the JetStream store time, made non-decreasing). The same stream
-gives every instance the same envelopes. Seqs are gap-free and identical everywhere only if
-every message stays: the stream denies deletes and purges, `max_age` must stay 0 for a broker's
-log (an instance refuses a stream whose first messages are gone), and nothing else may publish on
-`<prefix>.*` (such messages are skipped alike by every instance and fail `broker verify`).
+gives every instance the same envelopes. Seqs are identical everywhere only if every message an
+instance folds is there: the stream denies deletes, `max_age` must stay 0 for a broker's log, a
+compaction purges only what the newest snapshot's index covers (eventstore.nats_compact), an
+instance refuses a stream with messages gone after the point it starts from, and nothing else
+may publish on `<prefix>.*` (such messages are skipped alike by every instance and fail `broker
+verify`).
 The fold is `eventstore.nats_index`; its index maps seqs back to stream messages (24 bytes per
 accepted batch + 4 per event, in memory), and `read()` fetches the messages again (recent ones
 from a 16 MiB cache, a few by direct get, many through a temporary consumer).
@@ -46,7 +49,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import nats
@@ -63,6 +66,7 @@ from eventstore.base import (
     subscribe_via_listener,
 )
 from eventstore.nats_append import PUBLISH_TIMEOUT, Writer
+from eventstore.nats_compact import Compacting
 from eventstore.nats_follow import fail_futures
 from eventstore.nats_index import FeedStats, LogIndex, anchor_of
 from eventstore.nats_read import Reader
@@ -74,10 +78,10 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach NATS when opening
 DUPLICATE_WINDOW = 120.0  # seconds JetStream remembers message ids
 
 
-class NatsStore(Writer, Reader):
+class NatsStore(Writer, Reader, Compacting):
     """The EventStore protocol on a NATS JetStream stream (see the module docstring): the
     lifecycle here, the writer in eventstore.nats_append, the consumer in eventstore.nats_follow,
-    reads in eventstore.nats_read."""
+    reads in eventstore.nats_read, compaction's purges in eventstore.nats_compact."""
 
     def __init__(
         self,
@@ -110,6 +114,9 @@ class NatsStore(Writer, Reader):
         # checks it against the stream; when it cannot be used, `start_refused` says why.
         self.start_from: tuple[bytes, Mapping[str, bytes], bytes, int] | None = None
         self.start_refused = ""
+        # Or set this: called at open() to set `start_from` (broker.upkeep.snapshot_store's
+        # index_from: the newest snapshot's, which a compacted stream's seqs need)
+        self.before_open: Callable[[NatsStore], Awaitable[object]] | None = None
         self.started_at = 0  # the stream message the saved index was at, once used
         # our consumer
         self._gen = 0
@@ -132,6 +139,8 @@ class NatsStore(Writer, Reader):
 
     async def open(self) -> None:
         self._closing = False
+        if self.before_open is not None and self.start_from is None:
+            await self.before_open(self)
         try:
             self._nc = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -149,18 +158,25 @@ class NatsStore(Writer, Reader):
         try:
             info = await self._ensure_stream()
             state = info.state
-            if state.last_seq and (state.first_seq > 1 or state.messages == 0):
-                raise IntegrityError(
-                    1,
-                    f"the first messages of NATS stream {self.stream} are gone (first seq "
-                    f"{state.first_seq}: max_age, a purge or a delete): event seqs cannot be "
-                    "derived; restore the stream from an export",
-                )
             if self.start_from is not None:
                 await self._load_index(state.last_seq)
+            start = self._index.applied + 1
+            if state.last_seq >= start and (state.first_seq > start or state.messages == 0):
+                raise IntegrityError(
+                    self._index.head + 1,
+                    f"stream messages {start}..{state.first_seq - 1} of NATS stream "
+                    f"{self.stream} are gone (first seq {state.first_seq}: max_age, a purge or "
+                    "a delete): event seqs cannot be derived from there; start from a snapshot "
+                    "that covers them, or restore the stream from an export",
+                )
             self._follower = asyncio.create_task(self._follow(), name="nats-log-follower")
             self._kick.set()
-            await self._wait_applied(state.last_seq, None)
+            try:
+                await self._wait_applied(state.last_seq, None)
+            except StoreUnavailable:
+                if isinstance(self._failure, IntegrityError):  # messages gone on the way
+                    raise self._failure from None
+                raise
         except BaseException:
             await self.close()
             raise
@@ -251,7 +267,7 @@ class NatsStore(Writer, Reader):
                 discard=api.DiscardPolicy.OLD,
                 duplicate_window=DUPLICATE_WINDOW,
                 deny_delete=True,
-                deny_purge=True,
+                deny_purge=False,  # a compaction purges removable subjects (nats_compact)
                 allow_direct=True,
             )
             try:

@@ -5,7 +5,9 @@ MAX_GROUP_APPENDS appends, MAX_CHUNK_BYTES) and publishes it, retrying the same 
 PUBLISH_DEADLINE. The consumer (eventstore.nats_follow) resolves the appends when it applies the
 chunk: their seqs exist only then. An append alone in its chunk with expectations on its key
 stream also sends the subject's expected last sequence; after such a refusal the writer catches
-up to the winner and decides (ConcurrencyError, or publish again). `restore` writes
+up to the winner and decides (ConcurrencyError, or publish again). Removable appends (all events
+of one `nats_wire.REMOVABLE` type, no expectation) are gathered apart, into chunks on that type's
+own subject, which a compaction may purge (eventstore.nats_compact). `restore` writes
 already-recorded envelopes as they are (`broker import`).
 
 A mixin of `NatsStore`, which owns the connection and the lifecycle.
@@ -45,7 +47,9 @@ from eventstore.nats_wire import (
     WireBatch,
     WireEvent,
     chunk_id,
+    class_of_type,
     encode_chunk,
+    removable_subject,
     subject_token,
 )
 
@@ -68,6 +72,7 @@ class _Append:
     fut: asyncio.Future[list[Envelope]]
     use_header: bool = True
     attempts: int = 0
+    klass: int = 0  # removable class (nats_wire.REMOVABLE), 0 for the main subjects
 
 
 class Writer(Follower):
@@ -103,8 +108,11 @@ class Writer(Follower):
         if expect and key not in expect:  # the key stream: an expected one that has events here
             streams = {e.stream for e in wire}
             key = next((s for s in expect if s in streams), key)
+        klass = 0 if expect else class_of_type(wire[0].type)
+        if klass and any(e.type != wire[0].type for e in wire):
+            klass = 0
         fut: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(WireBatch(expect, wire), size, key, fut))
+        self._pending.append(_Append(WireBatch(expect, wire), size, key, fut, klass=klass))
         self._wakeup.set()
         try:
             async with asyncio.timeout(PUBLISH_DEADLINE + APPLY_TIMEOUT):
@@ -127,14 +135,18 @@ class Writer(Follower):
             await self._wakeup.wait()
             self._wakeup.clear()
             pending, self._pending = self._pending, []
-            pending = [p for p in pending if not p.fut.done()]
-            while pending:
-                group, pending = self._take_group(pending)
-                try:
-                    await self._publish_group(group)
-                except Exception as exc:  # never let the writer die: fail this group only
-                    log.exception("nats log: publish failed")
-                    _fail(group, StoreUnavailable(f"the log could not be written: {exc}"))
+            by_class: dict[int, list[_Append]] = {}
+            for p in pending:
+                if not p.fut.done():
+                    by_class.setdefault(p.klass, []).append(p)
+            for pending in by_class.values():  # a chunk holds appends of one class
+                while pending:
+                    group, pending = self._take_group(pending)
+                    try:
+                        await self._publish_group(group)
+                    except Exception as exc:  # never let the writer die: fail this group only
+                        log.exception("nats log: publish failed")
+                        _fail(group, StoreUnavailable(f"the log could not be written: {exc}"))
             if self._closing and not self._pending:
                 return
 
@@ -158,7 +170,11 @@ class Writer(Follower):
             else:
                 _fail(group, StoreError(f"an append of {len(body)} bytes exceeds NATS max_payload"))
             return
-        subject = f"{self.prefix}.{subject_token(group[0].key_stream)}"
+        klass = group[0].klass
+        if klass:
+            subject = removable_subject(self.prefix, klass)
+        else:
+            subject = f"{self.prefix}.{subject_token(group[0].key_stream)}"
         cid = chunk_id(batches)
         headers = {MSG_ID: cid}
         single = group[0]
@@ -254,21 +270,39 @@ class Writer(Follower):
                     f"stream {env.stream!r} at version {env.stream_version}, expected {version}",
                 )
             overlay[env.stream] = version
-        batches: list[WireBatch] = []
+        # a batch per run sharing a ts and a removable class; a chunk per run of one class
+        batches: list[tuple[int, WireBatch]] = []
         encoded = encode_events([env.event for env in envelopes])
-        for env, data in zip(envelopes, encoded, strict=True):  # a batch per run sharing a ts
+        for env, data in zip(envelopes, encoded, strict=True):
             event = WireEvent(env.id, env.stream, env.type, Raw(data))
-            if batches and batches[-1].ts == env.ts and len(batches[-1].events) < 1000:
-                batches[-1].events.append(event)
+            klass = class_of_type(env.type)
+            last = batches[-1] if batches else None
+            if last and last[0] == klass and last[1].ts == env.ts and len(last[1].events) < 1000:
+                last[1].events.append(event)
             else:
-                batches.append(WireBatch({}, [event], env.ts))
-        for i in range(0, len(batches), 64):
-            part = batches[i : i + 64]
+                batches.append((klass, WireBatch({}, [event], env.ts)))
+        chunks: list[tuple[int, list[WireBatch]]] = []
+        for klass, batch in batches:  # spanning an hour at most: a purge's granularity
+            last_chunk = chunks[-1] if chunks else None
+            if (
+                last_chunk
+                and last_chunk[0] == klass
+                and len(last_chunk[1]) < 64
+                and batch.ts - last_chunk[1][0].ts <= 3600
+            ):
+                last_chunk[1].append(batch)
+            else:
+                chunks.append((klass, [batch]))
+        for klass, part in chunks:
             loop = asyncio.get_running_loop()
             futs: list[asyncio.Future[list[Envelope]]] = [loop.create_future() for _ in part]
             cid = chunk_id(part)
             self._mine[cid] = futs
-            subject = f"{self.prefix}.{subject_token(part[0].events[0].stream)}"
+            subject = (
+                removable_subject(self.prefix, klass)
+                if klass
+                else f"{self.prefix}.{subject_token(part[0].events[0].stream)}"
+            )
             headers = {MSG_ID: cid, EXPECTED_LAST_SEQ: str(self._index.applied)}
             try:
                 await self._publish(subject, encode_chunk(part), headers)

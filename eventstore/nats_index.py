@@ -4,6 +4,15 @@
 and times, checks each batch's expected versions at its place, and keeps the index that maps seqs
 back to stream messages. No I/O, no asyncio, no clock: the same messages give every instance the
 same envelopes.
+
+After a compaction (eventstore.nats_compact) some messages of the removable subjects are purged:
+each batch's removable class is kept in the index (from its message's subject), and the
+`log.compacted` events folded in say, per class, below which stream message everything of it is
+removed (`purged`). Those batches keep their seqs and versions (an index that has seen them, a
+snapshot's, knows them) but `removed(i)` says they are gone. A message missing from the stream
+cannot be folded: seqs could not be derived as every other instance did, so `apply` refuses a
+gap (IntegrityError): an instance on a compacted stream starts from a snapshot that covers the
+purge (broker.upkeep.snapshot_store).
 """
 
 from __future__ import annotations
@@ -12,23 +21,26 @@ import hashlib
 import logging
 import sys
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
 
-from eventstore.base import ConcurrencyError, Envelope
+from eventstore.base import ConcurrencyError, Envelope, IntegrityError
 from eventstore.codec import decode_event
-from eventstore.nats_wire import BadChunk, chunk_id, decode_chunk
+from eventstore.nats_wire import BadChunk, chunk_id, class_of_subject, class_of_type, decode_chunk
 
 log = logging.getLogger("eventstore.nats")
 
 CACHE_BYTES = 16 * 1024 * 1024  # recent chunk messages kept for reads
 SAVE_SLICE = 128 * 1024  # array items copied in one step when saving (1 MiB of int64)
-_SUB_BITS = 16  # index key = stream seq << 16 | batch position in its chunk
-_SUB_MASK = (1 << _SUB_BITS) - 1
+_SUB_BITS = 16  # index key = stream seq << 16 | removable class << 12 | position in its chunk
+_CLASS_SHIFT = 12
+_POS_MASK = (1 << _CLASS_SHIFT) - 1  # a chunk holds at most 1024 batches (nats_append)
+_CLASS_MASK = (1 << _SUB_BITS) - 1 - _POS_MASK
+COMPACTED = "log.compacted"
 
 # per batch of a message: the ConcurrencyError that refused it, or (start, end) of its events
 # in the envelopes `apply` returns
@@ -66,6 +78,7 @@ class SavedIndex(msgspec.Struct, kw_only=True):
     missing_messages: int
     problems: list[tuple[int, str]]
     lengths: dict[str, int]  # array name -> items
+    purged: dict[int, int] = {}  # removable class -> stream seq below which it is purged
 
 
 _saved_decoder = msgspec.msgpack.Decoder(SavedIndex)
@@ -93,7 +106,8 @@ class LogIndex:
         self.versions: dict[str, int] = {}
         self.subject_seq: dict[str, int] = {}  # subject -> stream seq of its last message
         self.stats = FeedStats()
-        self._key = array("q")  # per accepted batch: stream seq << 16 | position in its chunk
+        self.purged: dict[int, int] = {}  # removable class -> purged below this stream seq
+        self._key = array("q")  # per accepted batch: stream seq << 16 | class << 12 | position
         self._first = array("q")  # its first event seq
         self._ts = array("d")  # its ts
         self._version = array("I")  # per event: its stream version
@@ -110,9 +124,11 @@ class LogIndex:
         only when `wants(chunk id)`), and one result per batch. Raises if an event that must be
         built does not decode (a newer broker wrote it)."""
         if sseq != self.applied + 1:
-            self.stats.missing_messages += sseq - self.applied - 1
-            self.stats.problem(
-                self.head + 1, f"stream messages {self.applied + 1}..{sseq - 1} are missing"
+            raise IntegrityError(
+                self.head + 1,
+                f"stream messages {self.applied + 1}..{sseq - 1} are gone (purged by a compaction,"
+                " deleted or expired): the seqs after them cannot be derived without a snapshot "
+                "that covers them (docs/scale-out.md, compaction)",
             )
         self.applied = sseq
         self.subject_seq[subject] = sseq
@@ -124,6 +140,7 @@ class LogIndex:
             return None, [], []
         cid = chunk_id(batches)
         build = wants(cid)
+        klass = class_of_subject(subject) << _CLASS_SHIFT
         refused_before = self.stats.refused_batches
         store_ts = ts_ns / 1e9
         versions = self.versions
@@ -144,7 +161,7 @@ class LogIndex:
             if ts < self.last_ts:
                 ts = self.last_ts
             self.last_ts = ts
-            self._key.append(sseq << _SUB_BITS | pos)
+            self._key.append(sseq << _SUB_BITS | klass | (pos & _POS_MASK))
             self._first.append(self.head + 1)
             self._ts.append(ts)
             start = len(out)
@@ -152,6 +169,8 @@ class LogIndex:
                 version = versions[ev.stream] = versions.get(ev.stream, 0) + 1
                 self._version.append(version)
                 self.head += 1
+                if ev.type == COMPACTED:
+                    self._compacted(ev.data)
                 if build:
                     event = decode_event(ev.data)  # type: ignore[arg-type]
                     out.append(Envelope(self.head, ev.stream, version, ts, ev.id, event))
@@ -159,6 +178,13 @@ class LogIndex:
         if len(results) > self.stats.refused_batches - refused_before:  # holds events
             self._remember(sseq, data)
         return cid, out, results
+
+    def _compacted(self, data: bytes) -> None:
+        """A `log.compacted` event: its purge bounds (NATS) from now on."""
+        for event_type, bound in getattr(decode_event(data), "purged", {}).items():
+            klass = class_of_type(event_type)
+            if klass and bound > self.purged.get(klass, 0):
+                self.purged[klass] = bound
 
     # --- saved with a snapshot ---
 
@@ -184,6 +210,7 @@ class LogIndex:
             missing_messages=stats.missing_messages,
             problems=stats.problems,
             lengths=lengths,
+            purged=self.purged,
         )
 
         def slices() -> Iterator[tuple[str, bytes]]:
@@ -208,6 +235,7 @@ class LogIndex:
         index = cls(cache_bytes)
         index.applied, index.head, index.last_ts = saved.applied, saved.head, saved.last_ts
         index.versions, index.subject_seq = saved.versions, saved.subject_seq
+        index.purged = dict(saved.purged)
         index.stats = FeedStats(
             saved.refused_batches,
             saved.bad_messages,
@@ -240,6 +268,15 @@ class LogIndex:
         """Index of the batch holding event `seq` (or the first one)."""
         return max(0, bisect_right(self._first, seq) - 1)
 
+    def batch_of_message(self, sseq: int, hi: int) -> int:
+        """Index of the first batch (below `hi`) of stream message `sseq` or after it."""
+        return bisect_left(self._key, sseq << _SUB_BITS, 0, hi)
+
+    def batch_at_time(self, ts: float, hi: int) -> int:
+        """Index of the first batch (below `hi`) whose time is `ts` or later (times never
+        decrease)."""
+        return bisect_left(self._ts, ts, 0, hi)
+
     def batches_until(self, i: int, seq: int) -> int:
         """How many batches from index `i` hold events up to `seq`."""
         return bisect_right(self._first, seq) - i
@@ -247,7 +284,22 @@ class LogIndex:
     def entry(self, i: int) -> tuple[int, int, int, float]:
         """(stream seq, position in its chunk, first event seq, ts) of batch `i`."""
         key = self._key[i]
-        return key >> _SUB_BITS, key & _SUB_MASK, self._first[i], self._ts[i]
+        return key >> _SUB_BITS, key & _POS_MASK, self._first[i], self._ts[i]
+
+    def klass(self, i: int) -> int:
+        """The removable class of batch `i` (nats_wire.REMOVABLE; 0: a main subject's)."""
+        return (self._key[i] & _CLASS_MASK) >> _CLASS_SHIFT
+
+    def removed(self, i: int) -> bool:
+        """Whether batch `i` was removed by a compaction (its message purged, or to be)."""
+        key = self._key[i]
+        klass = (key & _CLASS_MASK) >> _CLASS_SHIFT
+        return klass != 0 and key >> _SUB_BITS < self.purged.get(klass, 0)
+
+    def events_in(self, i: int) -> int:
+        """Number of events of batch `i`."""
+        end = self._first[i + 1] if i + 1 < len(self._first) else self.head + 1
+        return end - self._first[i]
 
     def version_of(self, seq: int) -> int:
         """The stream version of event `seq`."""

@@ -3,6 +3,9 @@
 The consumer's index (eventstore.nats_index) maps each seq to its stream message and position;
 `read_stored` takes recent messages from the index's cache, a few by direct get, and many
 (more than DIRECT_READ_MAX chunks) through a temporary consumer (`nats_wire.StreamReader`).
+Batches a compaction removed (`LogIndex.removed`) are passed over without being fetched: their
+seqs are gaps, as on a compacted SQLite log. A message of a kept batch that is gone is an
+IntegrityError naming the batch's first seq.
 
 A mixin of `NatsStore`, which owns the connection and the lifecycle.
 """
@@ -65,6 +68,9 @@ class Reader:
                     await reader.close()
                     reader = None
                     continue
+                if index.removed(i):
+                    i += 1
+                    continue
                 sseq, pos, seq, ts = index.entry(i)
                 if chunk[0] != sseq:
                     data = index.cached(sseq)
@@ -73,7 +79,9 @@ class Reader:
                             reader = StreamReader(self._nc, self._js, api, self.stream, sseq)
                             await reader.start()
                         data = await (
-                            self._direct_get(sseq) if reader is None else _skip_to(reader, sseq)
+                            self._direct_get(sseq, seq)
+                            if reader is None
+                            else _skip_to(reader, sseq, seq)
                         )
                     try:
                         chunk = (sseq, decode_chunk(data))
@@ -91,11 +99,11 @@ class Reader:
             if reader is not None:
                 await reader.close()
 
-    async def _direct_get(self, sseq: int) -> bytes:
+    async def _direct_get(self, sseq: int, seq: int) -> bytes:
         try:
             msg = await self._js.get_msg(self.stream, seq=sseq, direct=self._direct)
         except nats.js.errors.NotFoundError:
-            raise IntegrityError(self._index.head, f"stream message {sseq} is gone") from None
+            raise IntegrityError(seq, _gone(sseq)) from None
         except Exception as exc:
             raise StoreUnavailable(f"cannot read the NATS stream: {exc}") from None
         data: bytes = msg.data or b""
@@ -110,10 +118,14 @@ def _envelope(seq: int, ev: WireEvent, version: int, ts: float) -> Envelope:
     return Envelope(seq, ev.stream, version, ts, ev.id, event)
 
 
-async def _skip_to(reader: StreamReader, sseq: int) -> bytes:
+def _gone(sseq: int) -> str:
+    return f"stream message {sseq} is gone, and no compaction recorded its removal"
+
+
+async def _skip_to(reader: StreamReader, sseq: int, seq: int) -> bytes:
     while True:
         got, _subject, data = await reader.next()
         if got == sseq:
             return data
         if got > sseq:
-            raise IntegrityError(0, f"stream message {sseq} is gone")
+            raise IntegrityError(seq, _gone(sseq))

@@ -8,6 +8,13 @@ A chunk is one JetStream message holding one or more appends ("batches"):
     event = [id, stream, type, msgpack of the event]
 
 `ts` is 0 except for imported batches, which keep their original time.
+
+Subjects. A chunk goes to `<prefix>.<token of its first append's key stream>`, except a chunk of
+*removable* appends: appends without expectations whose events are all of one type in
+`REMOVABLE` (heartbeats, telemetry, connections). Those go to that type's own subject,
+`<prefix>.=<type, dots as colons>` (a token no stream id maps to), so that a compaction can
+purge them with a subject filter (eventstore.nats_compact). The position of a type in
+`REMOVABLE` is its *class* (1..), recorded in the log index: append only, never reorder.
 """
 
 from __future__ import annotations
@@ -34,6 +41,29 @@ EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 MSG_ID = "Nats-Msg-Id"
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code: an expected-last-(subject-)sequence mismatch
+
+
+# removable event types, by class (1 + position): published on subjects of their own
+REMOVABLE = ("node.heartbeat", "node.telemetry", "telemetry.recorded", "node.connected")
+_CLASS_OF = {t: i for i, t in enumerate(REMOVABLE, 1)}
+CLASS_TOKEN = "="  # first character of a removable subject's token
+
+
+def removable_subject(prefix: str, klass: int) -> str:
+    """The subject of removable class `klass` (1..)."""
+    return f"{prefix}.{CLASS_TOKEN}{REMOVABLE[klass - 1].replace('.', ':')}"
+
+
+def class_of_subject(subject: str) -> int:
+    """The removable class of a chunk's subject (0: the main subjects): from its last token."""
+    token = subject.rpartition(".")[2]
+    if token[:1] != CLASS_TOKEN:
+        return 0
+    return _CLASS_OF.get(token[1:].replace(":", "."), 0)
+
+
+def class_of_type(event_type: str) -> int:
+    return _CLASS_OF.get(event_type, 0)
 
 
 class WireEvent(msgspec.Struct, array_like=True, gc=False):

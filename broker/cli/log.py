@@ -124,11 +124,12 @@ def _verify_history(path: Path, archive: Path) -> int:
 
 async def _verify_nats(config: Config) -> int:
     """verify on the NATS backend (what it checks: eventstore/nats_verify.py)."""
+    from broker.upkeep.snapshot_store import index_from
     from eventstore.base import IntegrityError
     from eventstore.nats_verify import verify_stream
 
     try:
-        report = await verify_stream(config.store, progress_bar("verify"))
+        report = await verify_stream(config.store, progress_bar("verify"), index_from(config))
     except IntegrityError as exc:
         print(f"FAILED: NATS stream {config.store.stream}: first bad seq {exc.seq}: {exc.reason}")
         return EXIT_FAIL
@@ -143,12 +144,12 @@ async def cmd_compact(config: Config, args: argparse.Namespace) -> int:
     from broker.upkeep.compaction import offline
     from eventstore.base import StoreLocked
 
-    if config.store.backend != "sqlite":
+    if config.store.backend not in ("sqlite", "nats"):
         raise CommandError(
-            f"compact works on the sqlite log; the backend is {config.store.backend} "
-            "(docs/scale-out.md)"
+            f"compact works on the sqlite and nats logs, not on {config.store.backend}"
         )
-    if not await asyncio.to_thread(Path(config.store.path).exists):
+    sqlite = config.store.backend == "sqlite"
+    if sqlite and not await asyncio.to_thread(Path(config.store.path).exists):
         raise CommandError(f"no log at {config.store.path}")
     try:
         async with offline(config) as compactor:

@@ -40,7 +40,12 @@ from eventstore.sqlite_archive import with_archive
 def _readonly_store(config: Config) -> Any:
     if config.store.backend == "sqlite" and not Path(config.store.path).exists():
         raise CommandError(f"no log at {config.store.path}")
-    return open_store(config.store, readonly=True)
+    store = open_store(config.store, readonly=True)
+    if config.store.backend == "nats":  # a compacted stream's seqs need a snapshot's index
+        from broker.upkeep.snapshot_store import index_from
+
+        store.before_open = index_from(config)  # type: ignore[attr-defined]
+    return store
 
 
 async def cmd_replay(config: Config, args: argparse.Namespace) -> int:

@@ -22,6 +22,11 @@ before it.
 
 Every compaction is the `log.compacted` event, appended before anything is removed, with its
 gaps recorded beside the chunks (eventstore/sqlite_compact.py); `broker verify` proves them.
+
+On NATS (`_compact_nats`, eventstore/nats_compact.py) the removable types (heartbeats, telemetry,
+connections) are on subjects of their own: after the snapshot, the `log.compacted` event records
+per type the stream sequence below which its subject is purged (never past the snapshot's), then
+JetStream purges them. Message events, challenges and token rotations stay there.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from broker.runtime import Runtime, build_projections
 from eventstore import sqlite_archive, sqlite_compact
 from eventstore.events import LogCompacted
 from eventstore.integrity import anchors_digest
+from eventstore.nats_wire import REMOVABLE
 from projections.base import Projection
 from projections.snapshots import Unsupported, check_fields
 
@@ -105,13 +111,16 @@ class Compactor:
         self.sizes: tuple[float, Any] | None = None  # GET /api/v1/admin/log's last scan
         self._lock = asyncio.Lock()
 
+    @staticmethod
+    def supports(store: Any) -> bool:
+        """Whether compaction is built for `store`'s backend (SQLite, NATS)."""
+        return hasattr(store, "on_writer") or hasattr(store, "compaction_plan")
+
     @property
     def store(self) -> Any:
         store = self.runtime.store
-        if not hasattr(store, "on_writer"):
-            raise CompactionUnavailable(
-                "compaction is built for the sqlite log; on NATS, see docs/scale-out.md"
-            )
+        if not self.supports(store):
+            raise CompactionUnavailable("compaction is built for the sqlite and nats logs")
         return store
 
     async def run_every(self, every: float) -> None:
@@ -140,20 +149,13 @@ class Compactor:
     async def _compact(self, dry_run: bool, progress: Callable[[int, int], None] | None) -> Report:
         t0 = time.perf_counter()
         store = self.store
+        if not hasattr(store, "on_writer"):
+            return await self._compact_nats(store, dry_run)
         report = Report(dry_run=dry_run)
         report.log_bytes_before = await asyncio.to_thread(log_bytes, str(store.path))
         if not dry_run:  # a compaction interrupted before: finish it first
             await sqlite_compact.finish(store, None, self.retention.batch_chunks)
-        snap = self.snapshotter
-        if snap is None or not snap.enabled:
-            raise CompactionUnavailable(
-                "compaction needs projection snapshots: set [snapshots] enabled = true"
-            )
-        if dry_run:
-            cut = self.runtime.projections.seq  # what the snapshot taken first would cover
-        else:
-            await snap.take()
-            cut = snap.last_seq
+        cut = await self._snapshot_cut(dry_run)
         report.up_to = report.snapshot_seq = cut
         if cut <= 1:
             report.notes.append("nothing to compact: the log holds no snapshot yet")
@@ -224,6 +226,89 @@ class Compactor:
             up_to=cut,
             removed=report.removed_total,
             gaps=report.gaps,
+            seconds=round(report.seconds, 3),
+        )
+        return report
+
+    async def _snapshot_cut(self, dry_run: bool) -> int:
+        """The seq the snapshot taken first covers (dry run: would cover)."""
+        snap = self.snapshotter
+        if snap is None or not snap.enabled:
+            raise CompactionUnavailable(
+                "compaction needs projection snapshots: set [snapshots] enabled = true"
+            )
+        if dry_run:
+            return int(self.runtime.projections.seq)
+        await snap.take()
+        return int(snap.last_seq)
+
+    async def _compact_nats(self, store: Any, dry_run: bool) -> Report:
+        """Compaction on NATS (see the module doc): snapshot stored, record appended, purge."""
+        t0 = time.perf_counter()
+        report = Report(dry_run=dry_run)
+        allowed, _messages, report.log_bytes_before = await store.stream_size()
+        if not allowed:
+            raise CompactionUnavailable(
+                f"NATS stream {store.stream} denies purges (created before compaction was built "
+                "for NATS; JetStream cannot lift deny_purge): see docs/scale-out.md, compaction"
+            )
+        if not dry_run:  # a compaction interrupted after its record: purge what it recorded
+            await store.finish_purges()
+        cut = await self._snapshot_cut(dry_run)
+        report.up_to = report.snapshot_seq = cut
+        if cut <= 1:
+            report.notes.append("nothing to compact: the log holds no snapshot yet")
+            return report
+        now, days, uncovered = self.clock(), self.retention.days, self._uncovered_types()
+        cutoffs = {}
+        for t in REMOVABLE:
+            if days.get(t, 0) <= 0:
+                continue
+            if t in uncovered:
+                report.notes.append(f"{t} kept: a projection handling it is not in snapshots")
+                continue
+            cutoffs[t] = now - days[t] * DAY
+        plan = await store.compaction_plan(cut, cutoffs)
+        removing = [t for t in plan.types if t.events]
+        report.removed = {t.event_type: t.events for t in removing}
+        report.removed_total = plan.events
+        if removing:
+            report.first_removed = min(t.first for t in removing)
+            report.last_removed = max(t.last for t in removing)
+        report.notes.append(
+            "NATS: message events, challenges and token rotations are kept; removable types "
+            f"({', '.join(REMOVABLE)}) go by subject, up to the snapshot's stream message"
+        )
+        if dry_run or not plan.events:
+            report.seconds = time.perf_counter() - t0
+            return report
+        anchor = await store.anchor(plan.up_to_sseq)
+        [env] = await store.append(
+            [
+                LogCompacted(
+                    up_to=cut,
+                    up_to_anchor=(anchor or b"").hex(),
+                    policy=dict(days),
+                    removed=report.removed,
+                    first_removed=report.first_removed,
+                    last_removed=report.last_removed,
+                    snapshot_seq=cut,
+                    purged={t.event_type: t.bound for t in plan.types},
+                )
+            ]
+        )
+        report.compaction_seq = env.seq
+        purged = await store.purge(store.purge_bounds())
+        report.notes.append(f"NATS: {purged:,} stream messages purged")
+        report.seconds = time.perf_counter() - t0
+        report.finished_at = self.clock()
+        _allowed, _messages, report.log_bytes_after = await store.stream_size()
+        log.info(
+            "log_compacted",
+            seq=env.seq,
+            up_to=cut,
+            removed=report.removed_total,
+            messages_purged=purged,
             seconds=round(report.seconds, 3),
         )
         return report

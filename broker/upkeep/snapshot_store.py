@@ -23,6 +23,8 @@ import base64
 import contextlib
 import hashlib
 import re
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +206,23 @@ class RemoteSnapshots:
             for _old, old in (await self._names(obs))[self.keep :]:
                 with contextlib.suppress(Exception):  # pruned by another instance meanwhile
                     await obs.delete(old)
+
+
+def index_from(config: Config) -> Callable[[Any], Awaitable[str | None]]:
+    """For `broker verify` on NATS: a hook handing a NatsStore, not yet open, the log index of
+    the newest usable snapshot (a compacted stream's seqs need it); where it came from, or None."""
+
+    async def start(store: Any) -> str | None:
+        if not config.snapshots.enabled:
+            return None
+        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="broker-verify-"))
+        try:
+            chosen = await RemoteSnapshots(config, tmp).choose(store, {}, [])
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+        return chosen[0] if chosen is not None else None
+
+    return start
 
 
 def cut_hooks(store: Any) -> tuple[IndexHook, Callable[[int], Awaitable[bytes | None]]]:

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventstore.base import ConcurrencyError
+from eventstore import nats_compact
+from eventstore.base import ConcurrencyError, IntegrityError
 from eventstore.codec import encode_event
-from eventstore.events import LogNote
+from eventstore.events import LogCompacted, LogNote, NodeHeartbeat
 from eventstore.nats_index import LogIndex
-from eventstore.nats_wire import WireBatch, WireEvent, encode_chunk
+from eventstore.nats_wire import WireBatch, WireEvent, encode_chunk, removable_subject
 
 STREAMS = ["a", "b", "c"]
 
@@ -76,7 +79,7 @@ def test_fold_is_deterministic_and_matches_a_model(messages: list) -> None:  # t
         assert one.version_of(env.seq) == env.stream_version
 
 
-def test_foreign_and_missing_messages_are_counted_and_skipped() -> None:
+def test_foreign_messages_are_counted_and_skipped_and_a_missing_one_refused() -> None:
     index = LogIndex()
     good = encode([([(["a"], {})], 0)])[0]
     index.apply(1, 10**9, "p.a", good, lambda _cid: False)
@@ -84,10 +87,13 @@ def test_foreign_and_missing_messages_are_counted_and_skipped() -> None:
     damaged = bytearray(good)
     damaged[-1] ^= 0xFF
     assert index.apply(3, 10**9, "p.x", bytes(damaged), lambda _cid: True)[0] is None
-    index.apply(5, 10**9, "p.a", good, lambda _cid: False)
-    assert index.stats.bad_messages == 2 and index.stats.missing_messages == 1
-    assert [seq for seq, _ in index.stats.problems] == [2, 2, 2]
-    assert index.head == 2 and index.versions == {"a": 2} and index.subject_seq["p.a"] == 5
+    assert index.stats.bad_messages == 2
+    assert [seq for seq, _ in index.stats.problems] == [2, 2]
+    with pytest.raises(IntegrityError, match="stream messages 4..4 are gone") as caught:
+        index.apply(5, 10**9, "p.a", good, lambda _cid: False)  # seqs cannot be derived
+    assert caught.value.seq == 2 and index.applied == 3  # nothing folded
+    index.apply(4, 10**9, "p.a", good, lambda _cid: False)
+    assert index.head == 2 and index.versions == {"a": 2} and index.subject_seq["p.a"] == 4
 
 
 def joined(slices: Iterator[tuple[str, bytes]]) -> dict[str, bytes]:
@@ -103,7 +109,7 @@ def _view(index: LogIndex) -> tuple:  # type: ignore[type-arg]
     stats = index.stats
     counts = (stats.refused_batches, stats.bad_messages, stats.missing_messages, stats.problems)
     return (index.applied, index.head, index.last_ts, index.versions, index.subject_seq,
-            entries, versions, counts)  # fmt: skip
+            entries, versions, counts, index.purged)  # fmt: skip
 
 
 @given(st.lists(message_spec, max_size=12), st.floats(0, 1), st.booleans())
@@ -156,3 +162,100 @@ def test_a_damaged_or_foreign_saved_index_is_refused() -> None:
         else:
             raise AssertionError(f"loaded {bad[:20]!r}")
     assert LogIndex.load(saved, arrays).head == 6
+
+
+# --- compaction (eventstore.nats_compact): removable subjects purged below a recorded bound ---
+
+HEARTBEATS = removable_subject("p", 1)
+
+
+def encode_mixed(
+    messages: list[tuple[bool, list[tuple[list[str], dict[str, int]]]]],
+) -> list[tuple[str, bytes]]:
+    """(subject, body) per message: removable ones hold heartbeats without expectations."""
+    out = []
+    for m, (removable, batches) in enumerate(messages):
+        wire = []
+        for b, (streams, expect) in enumerate(batches):
+            events = []
+            for e, s in enumerate(streams):
+                event: Any = (
+                    NodeHeartbeat(node_id=s, metrics={})
+                    if removable
+                    else LogNote(stream_id=s, text=f"{m}-{b}-{e}")
+                )
+                data = msgspec.Raw(encode_event(event))
+                events.append(WireEvent(f"{m}-{b}-{e}", s, event.event_type, data))
+            wire.append(WireBatch({} if removable else expect, events))
+        out.append((HEARTBEATS if removable else "p.x", encode_chunk(wire)))
+    return out
+
+
+def _record(bound: int) -> bytes:
+    event = LogCompacted(up_to=1, up_to_anchor="", purged={"node.heartbeat": bound})
+    wire = WireEvent("record", "log", event.event_type, msgspec.Raw(encode_event(event)))
+    return encode_chunk([WireBatch({}, [wire])])
+
+
+def _fold(index: LogIndex, items: list[tuple[int, str, bytes]]) -> None:
+    for sseq, subject, body in items:
+        index.apply(sseq, (1000 + sseq) * 10**9, subject, body, lambda _cid: False)
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.lists(batch_spec, min_size=1, max_size=3)), max_size=14),
+    st.floats(0, 1),
+    st.floats(0, 1.2),
+)
+def test_compaction_removes_the_old_removable_batches_and_keeps_every_seq(
+    messages: list,  # type: ignore[type-arg]
+    cut: float,
+    age: float,
+) -> None:
+    stream = [(sseq, subj, body) for sseq, (subj, body) in enumerate(encode_mixed(messages), 1)]
+    n = len(stream)
+    k = int(n * cut)  # the snapshot is cut after message k
+    whole, snap = LogIndex(), LogIndex()
+    _fold(whole, stream)
+    _fold(snap, stream[:k])
+    if snap.head == 0:
+        return
+    saved, slices = snap.save()
+    arrays = joined(slices)
+    before = 1000 + age * n  # the retention cut-off (batch times are 1000 + stream seq)
+    plan = nats_compact.plan(whole, snap.head, {"node.heartbeat": before})
+    # the model: the message holding event `snap.head`, the first accepted batch not too old
+    cut_sseq = max(whole.entry(i)[0] for i in range(len(whole)) if whole.entry(i)[2] <= snap.head)
+    recent = [whole.entry(i)[0] for i in range(len(whole)) if whole.entry(i)[3] >= before]
+    bound = min(cut_sseq, recent[0]) if recent else cut_sseq
+    removable = {sseq for sseq, subject, _ in stream if subject == HEARTBEATS}
+    gone = {sseq for sseq in removable if sseq < bound}
+    removed_seqs = [
+        seq
+        for i in range(len(whole))
+        if whole.entry(i)[0] in gone
+        for seq in range(whole.entry(i)[2], whole.entry(i)[2] + whole.events_in(i))
+    ]
+    assert plan.events == len(removed_seqs)
+    assert [(t.event_type, t.bound) for t in plan.types] == [("node.heartbeat", bound)]
+    # the record, then the purge: a new instance from the snapshot + the tail equals the fold
+    record = (n + 1, "p.log", _record(bound))
+    _fold(whole, [record])
+    kept = [m for m in stream if m[0] not in gone]
+    assert all(sseq <= k for sseq in gone)  # only what the snapshot covers
+    joined_index = LogIndex.load(saved, arrays)
+    _fold(joined_index, [m for m in kept if m[0] > k] + [record])
+    assert _view(joined_index) == _view(whole) and joined_index.purged == whole.purged == {1: bound}
+    removed = [i for i in range(len(whole)) if whole.removed(i)]
+    assert {whole.entry(i)[0] for i in removed} == gone
+    assert all(whole.klass(i) == (whole.entry(i)[0] in removable) for i in range(len(whole)))
+    first_seqs = [whole.entry(i)[2] for i in removed]
+    assert [
+        s
+        for f, i in zip(first_seqs, removed, strict=True)
+        for s in range(f, f + whole.events_in(i))
+    ] == removed_seqs
+    # an index without the snapshot cannot derive the seqs after a purged message: refused
+    if gone:
+        with pytest.raises(IntegrityError, match="are gone"):
+            _fold(LogIndex(), [*kept, record])
