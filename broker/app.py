@@ -30,7 +30,6 @@ from broker.http import passwords as passwords_routes
 from broker.http import register as register_routes
 from broker.http import telemetry as telemetry_routes
 from broker.http import updates as updates_routes
-from broker.http.auth import auth_middleware
 from broker.http.limits import RateLimiter
 from broker.http.middleware import request_context
 from broker.http.routing import OpenApiCache
@@ -62,6 +61,7 @@ from broker.keys import (
     TOKENS,
     UPDATE_FILES,
     UPDATES,
+    VERIFIER,
     WATCHED,
     WS_CAP,
 )
@@ -80,6 +80,7 @@ from broker.services.tokens import TokenService
 from broker.services.updates import UpdateFiles, Updates
 from broker.upkeep.compaction import Compactor
 from broker.upkeep.snapshots import Snapshotter
+from broker.upkeep.verification import Verifier
 from broker.ws import nodes as node_sockets
 from broker.ws import operators as operator_sockets
 from broker.ws.heartbeats import HeartbeatBatch
@@ -109,7 +110,7 @@ ROUTES = (
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, ratelimit.rate_limit, auth_middleware],
+        middlewares=[request_context],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
@@ -124,7 +125,8 @@ def create_app(config: Config) -> web.Application:
     app[AUTHENTICATOR] = apikeys.with_api_keys(keys, tokens.authenticate)
     app[NODES] = NodeService(config.auth, tokens)
     app[LIMITER] = RateLimiter(config.limits)
-    app.on_response_prepare.append(ratelimit.add_headers)
+    if config.limits.enabled:  # the X-RateLimit-* headers; no hook to run per answer when off
+        app.on_response_prepare.append(ratelimit.add_headers)
     app[TELEMETRY_LIMITER] = TenantRateLimiter(
         config.telemetry.rate_limit_per_minute, config.telemetry.rate_limit_burst
     )
@@ -208,6 +210,13 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         )
         if config.retention.every > 0 and Compactor.supports(store):
             _background(stack, compactor.run_every(config.retention.every), "compaction")
+        # ... and verification from the verified checkpoint, in the background (sqlite).
+        if config.retention.verify_every > 0 and config.store.backend == "sqlite":
+            verifier = app[VERIFIER] = Verifier(
+                config.store.path, config.retention.verify_every, metrics
+            )
+            stack.push_async_callback(verifier.close)
+            _background(stack, verifier.run_every(), "verification")
 
         # The operator console's files, listed once.
         app[CONSOLE_FILES] = await asyncio.to_thread(console.list_assets)

@@ -3,21 +3,21 @@
 msgspec decodes a JSON integer of any size into a Python int, and decoding fails with a
 RecursionError on nesting past ~1,000 levels. The log encodes events as msgpack, whose integers
 span -2^63 .. 2^64-1: a larger one in a free-form field (message content, metadata, metrics)
-would only fail when its event is encoded. Every body and WebSocket frame is therefore checked
-here, against the bytes first: a number that can be out of range has at least 19 digits, and a
-search for such a run costs next to nothing, so only the rare document holding one is walked.
+would only fail when its event is encoded. Every body and WebSocket op is therefore checked
+here once decoded, by encoding it as msgpack (C, about a microsecond for a message of a few
+hundred bytes, and the encoder refuses exactly those integers); only the rare value that fails
+is walked, to name where. (A regular expression over the text for runs of 19 digits did the
+screening before: ~25 µs for a 400-byte frame, more than decoding it.)
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
 
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1
-_LONG_DIGITS_B = re.compile(rb"\d{19}")
-_LONG_DIGITS_S = re.compile(r"\d{19}")
+_msgpack = msgspec.msgpack.Encoder()
 
 
 class OutOfRange(ValueError):
@@ -40,10 +40,16 @@ def decode(decoder: Any, raw: bytes | str) -> Any:
         raise msgspec.DecodeError("JSON nested too deeply") from None
 
 
-def may_hold_big_int(raw: bytes | str) -> bool:
-    """False when the document cannot hold an integer outside the storable range."""
-    pattern = _LONG_DIGITS_B if isinstance(raw, bytes | bytearray) else _LONG_DIGITS_S
-    return pattern.search(raw) is not None  # type: ignore[arg-type]
+def storable(value: Any) -> bool:
+    """Whether every integer in `value` (decoded JSON: dicts, lists, scalars, Structs of them)
+    lies in INT_MIN..INT_MAX."""
+    try:
+        _msgpack.encode(value)
+    except OverflowError:
+        return False
+    except RecursionError:  # nested deeper than the encoder follows: walk it
+        return find_out_of_range(value) is None
+    return True
 
 
 def _children(value: Any, path: str) -> list[tuple[Any, str]]:
@@ -72,9 +78,9 @@ def find_out_of_range(value: Any, path: str = "$") -> str | None:
     return None
 
 
-def check_storable(value: Any, raw: bytes | str, path: str = "$") -> None:
-    """Raise OutOfRange if `value`, decoded from `raw`, holds an integer the log cannot store."""
-    if may_hold_big_int(raw):
+def check_storable(value: Any, path: str = "$") -> None:
+    """Raise OutOfRange if `value` holds an integer the log cannot store."""
+    if not storable(value):
         where = find_out_of_range(value, path)
         if where is not None:
             raise OutOfRange(where)

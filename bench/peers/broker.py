@@ -276,6 +276,18 @@ class BrokerSystem:
         c.check()
         return Latencies(sent, seconds, c.latencies)
 
+    async def commits(self) -> int:
+        """The group commits the server's log has made so far (its /metrics): commits per
+        message do not move with the machine's load, as CPU time and latencies do."""
+        token = self.nodes[0][1]
+        headers = {"Authorization": f"Bearer {token}"}
+        async with self.session.get(f"{self.base}/metrics", headers=headers) as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith("broker_commit_seconds_count"):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return 0
+
     async def http_send(self, seconds: float) -> tuple[float, int]:
         """POST /api/v1/messages/send, seed 001's request shape, between the two sinks:
         (requests/s, requests made)."""

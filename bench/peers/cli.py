@@ -26,6 +26,7 @@ from bench.peers.report import (
     QUANTILES,
     SEED,
     SEED_CLIENT_CPU,
+    SEED_COMMITS,
     SEED_E2E,
     SEED_SERVER_CPU,
     SERVER_CPU,
@@ -34,6 +35,7 @@ from bench.peers.report import (
     latency_figure,
     lines,
     markdown,
+    rate_commits_figure,
     rate_cpu_figure,
 )
 from bench.peers.workload import Unreachable
@@ -144,12 +146,21 @@ async def _open(key: str, stack: AsyncExitStack, args: argparse.Namespace) -> An
     return await NatsSystem.open(stack, args.nats_url)
 
 
+async def _commits(system: Any) -> int | None:
+    """The log commits this broker's server made so far; None for another system."""
+    return await system.commits() if hasattr(system, "commits") else None
+
+
 async def _end_to_end(system: Any, col: Column, n: int, seed: bool) -> float:
     """Messages/s end to end, with the client's and the server's CPU per message."""
     pid = getattr(system, "server_pid", None)
+    commits0 = await _commits(system)
     client0, server0 = own_cpu_seconds(), cpu_seconds(pid)
     e2e = await system.end_to_end(n, seed=seed)
     client1, server1 = own_cpu_seconds(), cpu_seconds(pid)
+    commits1 = await _commits(system)
+    if seed and commits0 is not None and commits1 is not None:
+        col.add(SEED_COMMITS, (commits1 - commits0) / n)
     col.add(SEED_E2E if seed else E2E, e2e)
     col.add(SEED_CLIENT_CPU if seed else CLIENT_CPU, per_item_us(client0, client1, n))
     if server0 is not None and server1 is not None:
@@ -163,11 +174,15 @@ async def _latencies(
     style = f" {SEED}" if seed else ""
     pid = getattr(system, "server_pid", None)
     for rate in args.seed_rates if seed else args.rates:
+        commits0 = await _commits(system)
         t0, server0 = time.perf_counter(), cpu_seconds(pid)
         lat = await system.latency(rate, args.seconds, seed=seed)
         late = time.perf_counter() - t0 - lat.seconds
         if server0 is not None:
             col.add(rate_cpu_figure(rate, seed), per_item_us(server0, cpu_seconds(pid), lat.sent))
+        commits1 = await _commits(system)
+        if commits0 is not None and commits1 is not None:
+            col.add(rate_commits_figure(rate, seed), (commits1 - commits0) / lat.sent)
         col.add(kept_up_figure(rate, seed), float(late <= KEPT_UP_SLACK))
         for name, q in QUANTILES:
             col.add(latency_figure(rate, name, seed), lat.pct(q))

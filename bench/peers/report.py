@@ -17,6 +17,7 @@ SEED = "one op a frame"  # the seed-style client (bench.peers.workload)
 SEED_E2E = f"end to end, {SEED} (messages/s)"
 SEED_CLIENT_CPU = f"client CPU per message, {SEED} (µs)"
 SEED_SERVER_CPU = f"server CPU per message, {SEED} (µs)"
+SEED_COMMITS = f"log commits per message, {SEED}"  # this broker only: from its /metrics
 QUANTILES = (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))
 
 
@@ -45,6 +46,11 @@ def rate_cpu_figure(rate: int, seed: bool = False) -> str:
     return f"server CPU per message @{rate:,}/s{_style(seed)} (µs)"
 
 
+def rate_commits_figure(rate: int, seed: bool = False) -> str:
+    """The name of the figure 'log commits per message sent at `rate`' (this broker only)."""
+    return f"log commits per message @{rate:,}/s{_style(seed)}"
+
+
 def _latencies(rates: Sequence[int], seed: bool) -> list[str]:
     return [
         f
@@ -53,6 +59,7 @@ def _latencies(rates: Sequence[int], seed: bool) -> list[str]:
             *(latency_figure(r, q, seed) for q, _ in QUANTILES),
             kept_up_figure(r, seed),
             rate_cpu_figure(r, seed),
+            rate_commits_figure(r, seed),
         )
     ]
 
@@ -69,6 +76,7 @@ def figure_order(rates: list[int], seed_rates: Sequence[int] = ()) -> list[str]:
         SEED_E2E,
         SEED_CLIENT_CPU,
         SEED_SERVER_CPU,
+        SEED_COMMITS,
         *_latencies(seed_rates, True),
         HTTP,
         HTTP_CPU,
@@ -94,6 +102,8 @@ def _fmt(value: float, figure: str) -> str:
         return "n/a"
     if figure.endswith("(ms)"):
         return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+    if figure.startswith("log commits"):
+        return f"{value:.2f}"
     return f"{value:,.0f}"
 
 

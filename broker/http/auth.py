@@ -1,4 +1,4 @@
-"""Who is calling, and may they: principals, route policies, and the middleware enforcing them.
+"""Who is calling, and may they: principals, route policies, and `admit` enforcing them.
 
 Token verification itself is pluggable: `app[AUTHENTICATOR]` turns a bearer token into a
 `Principal` or raises AuthenticationFailed (the token service in `broker.services.tokens`
@@ -7,14 +7,14 @@ provides it).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from broker.errors import AuthenticationFailed, Forbidden
-from broker.http.routing import Policy, route_info
-from broker.keys import AUTHENTICATED, AUTHENTICATOR, PRINCIPAL
+from broker.http.routing import Policy, RouteInfo
+from broker.keys import AUTHENTICATOR, PRINCIPAL
 from broker.principal import Principal
 
 # --- policies ---
@@ -98,23 +98,23 @@ def check(policy: Policy, principal: Principal, request: web.Request) -> None:
     raise Forbidden("route policy not understood")
 
 
-@web.middleware
-async def auth_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    info = route_info(request.match_info.handler)
+async def admit(request: web.Request, info: RouteInfo | None, principal: Principal | None) -> None:
+    """Enforce the route's policy: pass public routes and aiohttp's own answers (404/405, raised
+    by their handler), refuse a route of the router without a declared policy (fail closed),
+    else authenticate the caller (unless the rate limiter already did: `principal`), check the
+    policy and keep the principal on the request (`principal_of`). Called by the one middleware,
+    `broker.http.middleware.request_context`, after the rate limit."""
     if info is None:
-        if request.match_info.http_exception is not None:  # aiohttp's own 404/405
-            return await handler(request)
-        raise Forbidden("this route declares no access policy")  # fail closed
+        match_info = request.match_info
+        if match_info.http_exception is None and isinstance(match_info.route, web.AbstractRoute):
+            raise Forbidden("this route declares no access policy")
+        return
     if isinstance(info.policy, Public):
-        return await handler(request)
-    principal = request.get(AUTHENTICATED)
+        return
     if principal is None:
         principal = await authenticate(request.app, credential(request.headers))
     check(info.policy, principal, request)
     request[PRINCIPAL] = principal
-    return await handler(request)
 
 
 def principal_of(request: web.Request) -> Principal:

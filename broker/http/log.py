@@ -1,7 +1,7 @@
 """Operators' view of the log itself: its retention policy, size by event type, the last
-compaction (`GET /api/v1/admin/log`), and compaction on demand (`POST /api/v1/admin/log/compact`,
-`?dry_run=true` to preview). What compaction does: broker/upkeep/compaction.py,
-docs/operations.md."""
+compaction, the background verification (`GET /api/v1/admin/log`), and compaction on demand
+(`POST /api/v1/admin/log/compact`, `?dry_run=true` to preview). What compaction and verification
+do: broker/upkeep/compaction.py, broker/upkeep/verification.py, docs/operations.md."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from broker.http.auth import Permission
 from broker.http.bodies import json_response
 from broker.http.events import EVENTS_READ
 from broker.http.routing import Routes
-from broker.keys import COMPACTOR, CONFIG, RUNTIME
+from broker.keys import COMPACTOR, CONFIG, RUNTIME, VERIFIER
 from broker.pagination import decode_query
 from broker.upkeep.compaction import Report, log_bytes
+from broker.upkeep.verification import Status
 from eventstore.events import LogCompacted
 
 routes = Routes("events")
@@ -51,6 +52,7 @@ class Policy(msgspec.Struct, kw_only=True):
     days: dict[str, float]
     every: float
     batch_chunks: int
+    verify_every: float
 
 
 class LogView(msgspec.Struct, kw_only=True):
@@ -62,6 +64,9 @@ class LogView(msgspec.Struct, kw_only=True):
     gaps: int
     removed_events: int  # events removed by compactions so far
     last_compaction: Compaction | None
+    # sqlite, unless [retention] verify_every = 0: the checkpoint and the last pass, the
+    # failures (the first bad seq), broker/upkeep/verification.py
+    verification: Status | None
 
 
 class CompactQuery(msgspec.Struct, kw_only=True):
@@ -130,12 +135,16 @@ async def log_view(request: web.Request) -> web.Response:
         head=head,
         log_bytes=None,
         policy=Policy(
-            days=retention.days, every=retention.every, batch_chunks=retention.batch_chunks
+            days=retention.days,
+            every=retention.every,
+            batch_chunks=retention.batch_chunks,
+            verify_every=retention.verify_every,
         ),
         by_type=None,
         gaps=0,
         removed_events=0,
         last_compaction=None,
+        verification=None,
     )
     if config.store.backend == "sqlite":
         from eventstore.sqlite_compact import gap_summary
@@ -145,6 +154,9 @@ async def log_view(request: web.Request) -> web.Response:
         view.by_type = await _cached_sizes(request, path, head)
         view.gaps, view.removed_events = await asyncio.to_thread(gap_summary, Path(path))
         view.last_compaction = await _last_compaction(request, path)
+        verifier = request.app.get(VERIFIER)
+        if verifier is not None:
+            view.verification = await asyncio.to_thread(verifier.status)
     return json_response(view)
 
 

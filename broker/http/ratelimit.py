@@ -18,17 +18,16 @@ algorithm is a dozen lines.)
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from broker.errors import AuthenticationFailed, RateLimited
 from broker.http.auth import Public, authenticate, credential
-from broker.http.limits import Decision
-from broker.http.routing import route_info
-from broker.keys import AUTHENTICATED, LIMITER, RATE_LIMIT
+from broker.http.limits import Decision, RateLimiter
+from broker.http.routing import RouteInfo
+from broker.keys import LIMITER, RATE_LIMIT
+from broker.principal import Principal
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOGIN = "login"  # the value of RouteInfo.extra["rate_limit"] on login routes
 
 
@@ -53,15 +52,14 @@ def charge_subject(request: web.Request, subject: str) -> None:
         request[RATE_LIMIT] = decision
 
 
-@web.middleware
-async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Charge the request and refuse it past the limit. Runs after `request_context`, before auth;
-    `add_headers` (an on_response_prepare hook) puts the X-RateLimit-* headers on whatever
-    response goes out, errors included."""
-    limiter = request.app.get(LIMITER)
-    if limiter is None or not limiter.enabled:
-        return await handler(request)
-    info = route_info(request.match_info.handler)
+async def charge(
+    request: web.Request, limiter: RateLimiter, info: RouteInfo | None
+) -> Principal | None:
+    """Charge the request (refusing it past the limit) and return the principal authenticated to
+    charge it, if any, for `broker.http.auth.admit` to authorise without verifying the token
+    again. Called by the one middleware (`broker.http.middleware.request_context`) before auth,
+    with `[limits]` on; `add_headers` (an on_response_prepare hook) puts the X-RateLimit-*
+    headers on whatever response goes out, errors included."""
     if info is None or isinstance(info.policy, Public):
         login = info is not None and info.extra.get("rate_limit") == LOGIN
         decision = limiter.hit(
@@ -70,7 +68,7 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         request[RATE_LIMIT] = decision
         if not decision.allowed:
             raise _denied(decision, "address")
-        return await handler(request)
+        return None
     try:
         principal = await authenticate(request.app, credential(request.headers))
     except AuthenticationFailed:
@@ -78,13 +76,12 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         if not decision.allowed:
             raise _denied(decision, "address") from None
         raise
-    request[AUTHENTICATED] = principal
     decision = request[RATE_LIMIT] = limiter.hit(
         limiter.principal, f"{principal.kind}:{principal.id}"
     )
     if not decision.allowed:
         raise _denied(decision, "token")
-    return await handler(request)
+    return principal
 
 
 async def add_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:

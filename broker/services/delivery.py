@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Protocol
 
 import structlog
@@ -33,6 +33,10 @@ from projections.messages import Mail
 log = structlog.get_logger(__name__)
 
 SLACK = 0.25  # seconds housekeeping may run after a deadline
+
+
+def _nothing() -> None:
+    pass
 
 
 class Connection(Protocol):
@@ -90,6 +94,7 @@ class Dispatcher:
                 await self._task
         for conn in list(self.connections.values()):
             await conn.close(errors.SHUTDOWN)
+        await self.messaging.reads.drain()  # acks waiting for a send: recorded now
 
     # --- connections ---
 
@@ -151,11 +156,19 @@ class Dispatcher:
         push stays in flight until acked again or redelivered). Only pushes in flight on the
         node count, each once: what the node has pushed and not acked stays within the window
         (a push that expires while its ack is recorded leaves room early, until the read ends)."""
+        done = self.make_room(conn, message_ids)
+        try:
+            yield
+        finally:
+            done()
+
+    def make_room(self, conn: Connection, message_ids: Collection[str]) -> Callable[[], None]:
+        """`acking` for a caller that is no task: call what it returns once the reads are
+        recorded (or failed)."""
         node = conn.node_id
         link = self._links.get(node)
         if link is None or link.conn is not conn:  # replaced or gone: its window is no more
-            yield
-            return
+            return _nothing
         acking, taken = link.acking, self.queue.taken
         before = len(acking)
         for m in message_ids:
@@ -163,12 +176,14 @@ class Dispatcher:
                 acking.add(m)
         if len(acking) != before:
             link.wake.set()
-        try:
-            yield
-        finally:  # recorded (the listener below took them out as the queue acked them,
-            # before the pump could count them twice) or failed: the room is the queue's again
+
+        def done() -> None:
+            # Recorded (the listener below took them out as the queue acked them, before the
+            # pump could count them twice) or failed: the room is the queue's again.
             if acking:
                 acking.difference_update(message_ids)
+
+        return done
 
     # --- log listener: wake whoever the new events concern ---
 

@@ -19,6 +19,7 @@ from broker.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from broker.ids import random_hex6
 from broker.principal import Principal
 from broker.runtime import Runtime
+from broker.services.readfold import ReadFold
 from eventstore.base import ConcurrencyError, Envelope
 from eventstore.events import (
     BaseEvent,
@@ -128,6 +129,8 @@ class Messaging:
     def __init__(self, runtime: Runtime, config: DeliveryConfig) -> None:
         self.runtime = runtime
         self.config = config
+        # WebSocket acks of single pushes, recorded with the next send (broker.services.readfold)
+        self.reads = ReadFold(runtime)
 
     # --- send ---
 
@@ -203,7 +206,7 @@ class Messaging:
 
     async def record_send(self, event: MessageSent) -> SendResult:
         try:
-            (env,) = await self.runtime.record([event], expected_version=0)
+            (env,) = await self.reads.append([event], 0)
         except ConcurrencyError:
             earlier = (
                 self.runtime.messages.by_idempotency_key(event.from_node, event.idempotency_key)

@@ -117,9 +117,24 @@ class NodeOps:
 
     # --- sends and acks ---
 
+    def ack_soon(
+        self, principal: Principal, conn: Connection, message_id: str
+    ) -> asyncio.Future[None] | None:
+        """An ack on its own, for a caller that is no task: None when the message is read
+        already (acks are idempotent), else a future done once the read is durable; NotFound
+        at once for a message that is not the node's. The read goes with the next send
+        (broker.services.readfold); the push leaves room in the window meanwhile."""
+        if not self.messaging.unread(principal, message_id):
+            return None
+        done = self.dispatcher.make_room(conn, (message_id,))
+        fut = self.messaging.reads.read(principal.id, message_id)
+        fut.add_done_callback(lambda _: done())
+        return fut
+
     async def ack(self, principal: Principal, conn: Connection, message_id: str) -> None:
-        with self.dispatcher.acking(conn, (message_id,)):
-            await self.messaging.read(principal, message_id, via="ws")
+        fut = self.ack_soon(principal, conn, message_id)
+        if fut is not None:
+            await fut
 
     async def record_batch(
         self,
@@ -180,7 +195,7 @@ class NodeOps:
         expected = {m: 0 for m in batch.claimed} or None
         try:
             with self.dispatcher.acking(conn, batch.read_ids):
-                envs = await self.runtime.record(batch.events, expected)
+                envs = await self.messaging.reads.append(batch.events, expected)
         except (ConcurrencyError, EventNotEncodable):  # settle each op on its own
             batch.alone.extend(i for i, _ in batch.batched)
             batch.read_alone = batch.reading

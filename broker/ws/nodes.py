@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import resource
 from typing import Annotated, Any
 
@@ -183,13 +184,16 @@ class NodeSession:
             ops: Any = jsonlimits.decode(_ops_decoder, data)
         except msgspec.DecodeError:  # a bad op or bad JSON: the frame's task sorts it out
             ops = None
-        if ops is not None and self._heartbeats(ops, data):
+        if ops is not None and self._heartbeats(ops):
+            return
+        if type(ops) is AckOp and jsonlimits.storable(ops):
+            self._ack(ops)
             return
         task = asyncio.create_task(self._frame(data, ops))
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
-    def _heartbeats(self, ops: Any, data: str) -> bool:
+    def _heartbeats(self, ops: Any) -> bool:
         """Hand a frame of valid heartbeat ops to the heartbeat batch; False for any other."""
         if type(ops) is HeartbeatOp:
             single, beats = True, [ops]
@@ -197,7 +201,7 @@ class NodeSession:
             single, beats = False, ops
         else:
             return False
-        if jsonlimits.may_hold_big_int(data):
+        if not jsonlimits.storable(beats):
             return False  # answered by the frame's task: which field is bad
         events = self.ops.heartbeats(self.principal.id, beats)
         if events is None:
@@ -206,6 +210,43 @@ class NodeSession:
         ok = _json.encode(Ok(refs[0]) if single else [Ok(ref) for ref in refs])
         self.heartbeats.add(self.conn, events, ok, refs, single, self.slots.release)
         return True
+
+    def _ack(self, op: AckOp) -> None:
+        """A frame of one ack (a seed-style node sends one per push), answered without a task
+        of its own: once its read is durable, from the future's callback."""
+        try:
+            fut = self.ops.ack_soon(self.principal, self.conn, op.message_id)
+        except Exception as exc:
+            self._reply(_error(op.ref, failure(exc)))
+            return
+        if fut is None:
+            self._reply(OkRead(op.ref, op.message_id))
+        else:
+            fut.add_done_callback(functools.partial(self._acked, op))
+
+    def _acked(self, op: AckOp, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():  # nobody cancels it: no answer to give
+            self.slots.release()
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._reply(OkRead(op.ref, op.message_id))
+        else:
+            err = failure(exc) if isinstance(exc, Exception) else errors.internal()
+            self._reply(_error(op.ref, err))
+
+    def _reply(self, answer: Answer) -> None:
+        """Write an op's answer (listed for the tick's write while the peer keeps up) and free
+        its slot."""
+        self.slots.release()
+        frames = [_json.encode(answer)]
+        if self.conn.queue(frames) is None:  # the slow path: aiohttp's writer, which waits
+            task = asyncio.create_task(self._send_slowly(frames))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send_slowly(self, frames: list[bytes]) -> None:
+        await self.conn.send_many(frames)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -219,7 +260,7 @@ class NodeSession:
             except msgspec.DecodeError as exc:
                 await self._answer(_error(None, ValidationFailed(f"malformed JSON: {exc}")))
                 return
-        if jsonlimits.may_hold_big_int(data):
+        if not jsonlimits.storable(ops):
             ops = (
                 [_screen(op, f"$[{i}]") for i, op in enumerate(ops)]
                 if isinstance(ops, list)
@@ -278,6 +319,7 @@ class NodeSession:
             elif msg.type == WSMsgType.PONG:
                 self.conn.pong()
             elif msg.type == WSMsgType.PING:
+                self.conn.flush()  # the frames listed this tick go before the Pong
                 await ws.pong(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await self._answer(_error(None, ValidationFailed("send JSON text frames")))

@@ -85,10 +85,16 @@ class NodeConnection:
     """One node's WebSocket, as the dispatcher sees it.
 
     While the socket keeps up (less than SAFE_BUFFER queued in the transport) and the connection
-    did not negotiate compression, a batch of frames goes out in ONE transport write with no
-    await: no per-frame writer call or system call. What a connection can have queued is thus
-    bounded by SAFE_BUFFER plus one batch (at most the in-flight window). Otherwise frames go
-    through aiohttp's writer, which compresses and waits for the peer, under ``send_timeout``.
+    did not negotiate compression, frames are not written one by one: every frame of a loop tick
+    (pushes, answers) joins the connection's outgoing list, and one callback, scheduled by the
+    tick's first frame, writes them all in ONE transport write (one system call for a push and
+    the `ok` of an ack made durable by the same commit). They stay separate WebSocket frames.
+    Anything written another way (a Ping, a Pong, a Close, the slow path below) first writes
+    what is listed, so the peer sees the frames in the order they were sent; an aborted or
+    closing transport drops them. What a connection can have queued is thus bounded by
+    SAFE_BUFFER plus one tick's frames (at most the in-flight window and the pending answers).
+    Otherwise frames go through aiohttp's writer, which compresses and waits for the peer, under
+    ``send_timeout``.
 
     Frames that fit in the kernel's buffers are written at once whether the peer reads them or
     not, so each write is also checked: half a ``send_timeout`` after it, the connection sends a
@@ -115,6 +121,8 @@ class NodeConnection:
         self._probe: asyncio.TimerHandle | None = None  # the read check in progress, if any
         self._awaiting_pong = False
         self._written = False  # written to since the last Ping
+        self._out: list[bytes] = []  # this tick's frames, written by flush
+        self._out_bytes = 0
 
     # --- the read check (see the class doc) ---
 
@@ -132,6 +140,8 @@ class NodeConnection:
         self._awaiting_pong = True
         t = self.transport
         if t is not None and not t.is_closing():
+            if self._out:  # the Ping checks them too
+                self._write_out()
             t.write(PING)
         else:
             task = asyncio.ensure_future(self.ws.ping())
@@ -164,18 +174,10 @@ class NodeConnection:
     async def send_many(self, frames: Sequence[bytes]) -> bool:
         """Send text frames (UTF-8 JSON); a consumer that does not take them within the
         timeout is dropped. False if the connection is gone."""
-        t = self.transport
-        if self.closed or self.ws.closed:
-            return False
-        if t is not None and not self.ws.compress and not t.is_closing():
-            if t.get_write_buffer_size() < SAFE_BUFFER:  # the peer keeps up: write it all
-                try:
-                    t.write(text_frames(frames))
-                except (ConnectionError, RuntimeError):
-                    self.abort()
-                    return False
-                self._watch()
-                return True
+        queued = self.queue(frames)
+        if queued is not None:
+            return queued
+        self.flush()  # what is listed goes first
         try:
             async with asyncio.timeout(self.send_timeout):
                 for frame in frames:
@@ -186,11 +188,50 @@ class NodeConnection:
             self.abort()
             return False
 
+    def queue(self, frames: Sequence[bytes]) -> bool | None:
+        """List frames for this tick's write (see the class doc): True if listed, False if the
+        connection is gone, None if they must go the slow way (`send_many`)."""
+        if self.closed or self.ws.closed:
+            return False
+        t = self.transport
+        if (
+            t is None
+            or self.ws.compress
+            or t.is_closing()
+            or t.get_write_buffer_size() + self._out_bytes >= SAFE_BUFFER
+        ):
+            return None
+        out = self._out
+        if not out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        out.extend(frames)
+        self._out_bytes += sum(map(len, frames))
+        return True
+
+    def flush(self) -> None:
+        """Write the listed frames now, in one transport write."""
+        if self._out and self._write_out():
+            self._watch()
+
+    def _write_out(self) -> bool:
+        out = self._out
+        self._out, self._out_bytes = [], 0
+        t = self.transport
+        if t is None or self.closed or self.ws.closed or t.is_closing():
+            return False  # gone, or closed by aiohttp: nothing may follow its Close frame
+        try:
+            t.write(text_frames(out))
+        except (ConnectionError, RuntimeError):
+            self.abort()
+            return False
+        return True
+
     def abort(self) -> None:
         """Drop a consumer that does not read: a close frame would wait behind the data it
         does not take, so cut the connection at once."""
         self.closed = True
         self._stop_watching()
+        self._out, self._out_bytes = [], 0
         if self.transport is not None:
             self.transport.abort()
 
@@ -203,6 +244,8 @@ class NodeConnection:
         when the answer arrives; a peer that does not answer within `send_timeout` is cut."""
         if self.closed:
             return
+        if self._out:  # what was sent before the close arrives before it
+            self._write_out()
         self.closed = True
         self._stop_watching()
         code, reason = disconnect.code, disconnect.reason

@@ -12,9 +12,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.http.middleware import request_context
-from broker.jsonlimits import INT_MAX, INT_MIN, find_out_of_range
+from broker.jsonlimits import INT_MAX, INT_MIN, find_out_of_range, storable
 from broker.keys import METRICS
 from broker.metrics import Metrics
 from eventstore.base import EventNotEncodable
@@ -179,6 +181,31 @@ def test_find_out_of_range_walks_iteratively() -> None:
         value = [value]
     assert find_out_of_range(value) == "$" + "[0]" * 5000
     assert find_out_of_range({"a": [True, 1.5, INT_MIN, "9" * 40]}) is None
+    assert not storable(value)  # deeper than the msgpack encoder follows: walked
+
+
+# Decoded JSON, with integers on both sides of the log's range and right at its edges.
+_ints = st.one_of(
+    st.integers(INT_MIN - 2, INT_MIN + 2),
+    st.integers(INT_MAX - 2, INT_MAX + 2),
+    st.integers(-(10**30), 10**30),
+    st.integers(-5, 5),
+)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=5) | _ints,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(_json_values)
+def test_storable_is_exactly_no_integer_out_of_range(value: Any) -> None:
+    """The msgpack screen (one C encoding) agrees with the walk, on every decoded document."""
+    assert storable(value) == (find_out_of_range(value) is None)
+    text = json.dumps(value)
+    assert storable(json.loads(text)) == storable(value)  # as decoded from its text
 
 
 async def test_an_event_the_log_refuses_is_a_422_naming_the_field() -> None:

@@ -3,10 +3,16 @@ routes are the intended ones)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
 from broker.app import create_app
 from broker.config import Config
 from broker.http.auth import Authenticated, Permission, Public
 from broker.http.routing import route_info
+from tests.conftest import make_config
 
 
 def test_every_route_declares_a_policy(config: Config) -> None:
@@ -39,3 +45,24 @@ def test_identity_route_policies(config: Config) -> None:
     for (method, path), policy in policies.items():
         if path.startswith("/admin/"):
             assert policy == Permission("users:admin"), (method, path)
+
+
+async def test_a_route_without_a_declared_policy_is_refused(tmp_path: Path) -> None:
+    """Fail closed: a handler added to the router behind the route tables' back answers 403,
+    while aiohttp's own 404 and 405 still get the error body."""
+
+    async def undeclared(request: web.Request) -> web.Response:
+        return web.Response(text="should not be reached")
+
+    app = create_app(make_config(tmp_path))
+    app.router.add_get("/undeclared", undeclared)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/undeclared")
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "AUTHORIZATION_ERROR"
+        resp = await client.get("/no-such-path")
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "NOT_FOUND"
+        resp = await client.delete("/health")
+        assert resp.status == 405
+        assert (await resp.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
