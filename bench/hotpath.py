@@ -126,7 +126,7 @@ async def one_run(args: argparse.Namespace, data: Path) -> Run:
         producer = NodeSession(sender, out, app, config.delivery)  # type: ignore[arg-type]
         consumer = NodeSession(receiver, inbox, app, config.delivery)  # type: ignore[arg-type]
         dispatcher.connect(inbox)  # type: ignore[arg-type]
-        pump = asyncio.create_task(dispatcher.pump(inbox))  # type: ignore[arg-type]
+        dispatcher.open(inbox)  # type: ignore[arg-type]
         gc.collect()
         t0 = time.process_time()
         sent = acked = pushes = 0
@@ -152,7 +152,7 @@ async def one_run(args: argparse.Namespace, data: Path) -> Run:
             acked += sum(1 for a in acks if a.get("type") == "ok")
             inbox.frames.extend(_encode(a) for a in acks if a.get("type") == "message")
         elapsed = time.process_time() - t0
-        pump.cancel()
+        dispatcher.disconnect(inbox)  # type: ignore[arg-type]
         return Run(elapsed / args.messages * 1e6, sent, pushes, acked)
     finally:
         await runner.cleanup()

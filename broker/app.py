@@ -84,6 +84,7 @@ from broker.upkeep.verification import Verifier
 from broker.ws import nodes as node_sockets
 from broker.ws import operators as operator_sockets
 from broker.ws.heartbeats import HeartbeatBatch
+from broker.ws.wire import Liveness
 
 # Every route table, in the order they are installed (a route's place in the table decides nothing
 # but the order of the OpenAPI document's paths).
@@ -193,6 +194,8 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         metrics.node_connections.set_function(lambda: len(dispatcher.connections))
         await dispatcher.start()
         stack.push_async_callback(dispatcher.stop)
+        liveness = Liveness(dispatcher.connections, config.delivery.ws_heartbeat)
+        _background(stack, liveness.run(), "ws-liveness")  # idle node sockets: one task for all
         app[NODE_OPS] = NodeOps(messaging, nodes, dispatcher)
         batch = app[HEARTBEATS] = HeartbeatBatch(runtime.record)
         stack.push_async_callback(batch.drain)

@@ -56,17 +56,26 @@ class Connection(Protocol):
 
 
 class _Link:
-    """What the dispatcher keeps of a node's current connection: the pump's wake-up and the
-    ack credit of the delivery window (see Dispatcher.acking)."""
+    """What the dispatcher keeps of a node's current connection: its pump, if one runs, and the
+    ack credit of the delivery window (see Dispatcher.acking).
 
-    __slots__ = ("acking", "conn", "wake")
+    No task waits on an idle connection: a pump is started when the node may have mail (a send
+    to it, an ack or a redelivery making room, the connection opening) and ends once nothing
+    more can be pushed. A wake-up while it runs is remembered (`again`) and makes it look once
+    more before ending. Per connection that is a few pointers, not a task, its coroutine and an
+    Event (issue 15: the memory of an idle connection)."""
+
+    __slots__ = ("acking", "again", "conn", "open", "pump")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.wake = asyncio.Event()
+        self.open = False  # pushes may go (the connection's welcome is sent)
+        self.again = False  # woken while its pump runs: look once more
+        self.pump: asyncio.Task[None] | None = None
         # Pushes the node has acked whose reads are still being made durable: they no longer
-        # count against its window.
-        self.acking: set[str] = set()
+        # count against its window (None while there are none: most connections, most of the
+        # time).
+        self.acking: set[str] | None = None
 
 
 class Dispatcher:
@@ -100,53 +109,84 @@ class Dispatcher:
 
     def connect(self, conn: Connection) -> Connection | None:
         """Make `conn` the node's connection; returns the one it replaces (to be closed).
-        What the old one had in flight is ready again at once, for the new one."""
+        What the old one had in flight is ready again at once, for the new one, whose pushes
+        begin at `open`. The old one's pump, if it runs, ends at its next look."""
         node = conn.node_id
         old = self.connections.get(node)
-        old_link = self._links.get(node)
-        link = self._links[node] = _Link(conn)
+        self._links[node] = _Link(conn)
         self.connections[node] = conn
         self.queue.release(node)
-        link.wake.set()
-        if old_link is not None:
-            old_link.wake.set()  # its pump ends
         return old
+
+    def open(self, conn: Connection) -> None:
+        """The node has its welcome: push what is queued for it, and from now on whatever
+        arrives (if `conn` is still its connection)."""
+        link = self._links.get(conn.node_id)
+        if link is not None and link.conn is conn:
+            link.open = True
+            self._wake(link)
 
     def disconnect(self, conn: Connection) -> None:
         conn.closed = True
         node = conn.node_id
         link = self._links.get(node)
         if link is not None and link.conn is conn:
-            link.wake.set()
             del self._links[node]
             del self.connections[node]
             self.queue.release(node)
+            if link.pump is not None:
+                link.pump.cancel()
 
-    async def pump(self, conn: Connection) -> None:
-        """Push the node's messages while `conn` is its connection."""
-        queue, node, window = self.queue, conn.node_id, self.config.window
-        link = self._links.get(node)
-        if link is None or link.conn is not conn:
+    def _wake(self, link: _Link) -> None:
+        """The node may have mail, or room for more: start its pump, or have the running one
+        look again."""
+        if not link.open:
             return
-        links, wake, acking = self._links, link.wake, link.acking
-        while not conn.closed and links.get(node) is link:
-            await wake.wait()
-            wake.clear()
-            while not conn.closed and links.get(node) is link:
-                room = window - queue.in_flight(node) + len(acking)
-                if room <= 0:
-                    break
-                batch = queue.take(node, room)
-                if not batch:
-                    break
-                self._schedule(time.time() + self.config.ack_timeout)
-                if not await conn.push([d.message.payload for d in batch]):
+        if link.pump is None:
+            link.pump = asyncio.get_running_loop().create_task(self._pump(link))
+        else:
+            link.again = True
+
+    async def _pump(self, link: _Link) -> None:
+        """Push the node's messages while `link` is its current one and there is room and
+        mail; then end (the next wake-up starts another)."""
+        queue, window, conn = self.queue, self.config.window, link.conn
+        node, links = conn.node_id, self._links
+        try:
+            while True:
+                link.again = False
+                while not conn.closed and links.get(node) is link:
+                    room = window - queue.in_flight(node) + len(link.acking or ())
+                    if room <= 0:
+                        break
+                    batch = queue.take(node, room)
+                    if not batch:
+                        break
+                    self._schedule(time.time() + self.config.ack_timeout)
+                    if not await conn.push([d.message.payload for d in batch]):
+                        return
+                if not link.again:
                     return
+        finally:
+            link.pump = None
+
+    def pumping(self, node_id: str) -> bool:
+        """Whether a pump runs for the node's connection (none while it is idle)."""
+        link = self._links.get(node_id)
+        return link is not None and link.pump is not None
+
+    async def drained(self, conn: Connection) -> None:
+        """Wait for `conn`'s pump, if one runs (tests, and a handler ending cleanly)."""
+        link = self._links.get(conn.node_id)
+        task = link.pump if link is not None and link.conn is conn else None
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
 
     def credit(self, node_id: str) -> int:
         """How many of the node's pushes are acked and still being recorded as read."""
         link = self._links.get(node_id)
-        return 0 if link is None else len(link.acking)
+        return 0 if link is None or link.acking is None else len(link.acking)
 
     @contextlib.contextmanager
     def acking(self, conn: Connection, message_ids: Collection[str]) -> Iterator[None]:
@@ -169,19 +209,25 @@ class Dispatcher:
         link = self._links.get(node)
         if link is None or link.conn is not conn:  # replaced or gone: its window is no more
             return _nothing
-        acking, taken = link.acking, self.queue.taken
+        taken = self.queue.taken
+        mine = [m for m in message_ids if taken(node, m)]
+        if not mine:
+            return _nothing
+        if link.acking is None:
+            link.acking = set()
+        acking = link.acking
         before = len(acking)
-        for m in message_ids:
-            if taken(node, m):
-                acking.add(m)
+        acking.update(mine)
         if len(acking) != before:
-            link.wake.set()
+            self._wake(link)
 
         def done() -> None:
             # Recorded (the listener below took them out as the queue acked them, before the
             # pump could count them twice) or failed: the room is the queue's again.
             if acking:
                 acking.difference_update(message_ids)
+            if not acking and link.acking is acking:
+                link.acking = None
 
         return done
 
@@ -196,17 +242,18 @@ class Dispatcher:
                 for node in event.to_nodes:  # type: ignore[attr-defined]
                     link = links.get(node)
                     if link is not None:
-                        link.wake.set()
+                        self._wake(link)
                 self._schedule(env.ts + event.ttl)  # type: ignore[attr-defined]
             elif kind is MessagesRead or kind is MessageRead or kind is MessageRedriven:
                 link = links.get(event.node_id)  # type: ignore[attr-defined]
                 if link is not None:
-                    if link.acking:  # read and out of the queue's flight now: no double room
+                    acking = link.acking
+                    if acking:  # read and out of the queue's flight now: no double room
                         if kind is MessagesRead:
-                            link.acking.difference_update(event.message_ids)  # type: ignore[attr-defined]
+                            acking.difference_update(event.message_ids)  # type: ignore[attr-defined]
                         elif kind is MessageRead:
-                            link.acking.discard(event.message_id)  # type: ignore[attr-defined]
-                    link.wake.set()
+                            acking.discard(event.message_id)  # type: ignore[attr-defined]
+                    self._wake(link)
             elif kind is NodeDeregistered:
                 conn = conns.get(event.node_id)  # type: ignore[attr-defined]
                 if conn is not None:  # its tokens are void: so is its connection
@@ -253,7 +300,7 @@ class Dispatcher:
         for d in redelivered:
             link = self._links.get(d.node_id)
             if link is not None:
-                link.wake.set()
+                self._wake(link)
         # Every delivery out of attempts and not yet dropped, so one whose dead letter could
         # not be recorded last time is recorded now (recording drops it from the queue).
         held = self.queue.held()

@@ -12,7 +12,6 @@ op never closes the socket. Pushed messages arrive as `{"type": "message", …}`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import resource
 from typing import Annotated, Any
@@ -161,6 +160,8 @@ def _screen(op: Any, path: str) -> Any:
 class NodeSession:
     """One authenticated node connection: decodes frames, runs ops, answers."""
 
+    __slots__ = ("conn", "heartbeats", "ops", "principal", "slots", "tasks")
+
     def __init__(
         self,
         principal: Principal,
@@ -172,7 +173,7 @@ class NodeSession:
         self.conn = conn
         self.ops = app[NODE_OPS]
         self.slots = asyncio.Semaphore(config.ws_max_pending_ops)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] | None = None  # frames in progress (made on demand)
         self.heartbeats: HeartbeatBatch = app[HEARTBEATS]
 
     async def on_text(self, data: str) -> None:
@@ -190,8 +191,7 @@ class NodeSession:
             self._ack(ops)
             return
         task = asyncio.create_task(self._frame(data, ops))
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
+        self._keep(task).add_done_callback(self._done)
 
     def _heartbeats(self, ops: Any) -> bool:
         """Hand a frame of valid heartbeat ops to the heartbeat batch; False for any other."""
@@ -242,14 +242,23 @@ class NodeSession:
         frames = [_json.encode(answer)]
         if self.conn.queue(frames) is None:  # the slow path: aiohttp's writer, which waits
             task = asyncio.create_task(self._send_slowly(frames))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._keep(task).add_done_callback(self._forget)
 
     async def _send_slowly(self, frames: list[bytes]) -> None:
         await self.conn.send_many(frames)
 
+    def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        if self.tasks is None:
+            self.tasks = set()
+        self.tasks.add(task)
+        return task
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        if self.tasks is not None:
+            self.tasks.discard(task)
+
     def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
+        self._forget(task)
         self.slots.release()
 
     async def _frame(self, data: str, ops: Any = None) -> None:
@@ -312,8 +321,12 @@ class NodeSession:
         return [a for a in answers if a is not None]
 
     async def serve(self, ws: web.WebSocketResponse) -> None:
-        """Read the node's frames until the socket closes."""
-        async for msg in ws:
+        """Read the node's frames until the socket closes (`receive`, not `async for`: one
+        coroutine less held by every idle connection)."""
+        conn = self.conn
+        while True:
+            msg = await ws.receive()
+            conn.quiet = 0  # heard from (Liveness)
             if msg.type == WSMsgType.TEXT:
                 await self.on_text(msg.data)
             elif msg.type == WSMsgType.PONG:
@@ -442,9 +455,9 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         principal = await authenticate(app, request.headers["Authorization"])  # 401 before upgrade
         if not principal.is_node:
             raise errors.Forbidden("this WebSocket is for nodes; operators use /ws")
-    ws = web.WebSocketResponse(  # Pongs are seen here: they prove the node reads (delivery)
-        heartbeat=config.ws_heartbeat, max_msg_size=config.ws_max_message_bytes, autoping=False
-    )
+    # Pongs are seen here: they prove the node reads (delivery). No heartbeat: broker.ws.wire.
+    # Liveness checks every connection from one task, instead of a timer each.
+    ws = web.WebSocketResponse(max_msg_size=config.ws_max_message_bytes, autoping=False)
     await ws.prepare(request)
     if principal is None:
         principal = await _node_by_first_frame(ws, app, config.ws_auth_timeout)
@@ -464,7 +477,6 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     session = NodeSession(principal, conn, app, config)
     welcome = {"type": "welcome", "node_id": principal.id, "window": config.window}
     old = dispatcher.connect(conn)
-    pump: asyncio.Task[None] | None = None
     try:
         if old is not None:
             await old.close(errors.REPLACED)
@@ -472,14 +484,10 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         # node that got it knows this connection is the one every instance considers current.
         await app[TAKEOVER].announce(conn)
         await ws.send_str(_json.encode(welcome).decode())
-        pump = asyncio.create_task(dispatcher.pump(conn), name=f"push-{principal.id}")
+        dispatcher.open(conn)  # pushes follow the welcome, from a pump started when there is mail
         await session.serve(ws)
     finally:
-        dispatcher.disconnect(conn)
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+        dispatcher.disconnect(conn)  # its pump, if one runs, is cancelled
         if session.tasks:
             await asyncio.gather(*session.tasks, return_exceptions=True)
     return ws

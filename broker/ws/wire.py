@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -20,6 +20,7 @@ from projections.messages import Mail, PendingMessage
 
 log = structlog.get_logger(__name__)
 
+PING_AFTER = 3  # liveness checks without a word from the peer before it is pinged (Liveness)
 SAFE_BUFFER = 256 * 1024  # bytes a socket may have queued before sends are timed
 PING = b"\x89\x00"  # an unmasked Ping frame with no payload (RFC 6455 §5.5.2)
 
@@ -101,7 +102,28 @@ class NodeConnection:
     Ping, which sits behind everything sent before it; a peer that has not answered with a Pong
     half a ``send_timeout`` later has not read what it was sent, and is cut. One probe at a time
     per connection, and only while it is being written to.
+
+    Whether an idle peer is still there is checked by `Liveness`, one task for every
+    connection, not a timer each (see there). Slotted, and idle it holds no list, set or timer
+    of its own (issue 15: thousands of idle connections).
     """
+
+    __slots__ = (
+        "__weakref__",  # Takeover keys its announcements by connection
+        "_awaiting_pong",
+        "_out",
+        "_out_bytes",
+        "_probe",
+        "_written",
+        "closed",
+        "node_id",
+        "opened_at",
+        "quiet",
+        "send_timeout",
+        "session",
+        "transport",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -121,8 +143,9 @@ class NodeConnection:
         self._probe: asyncio.TimerHandle | None = None  # the read check in progress, if any
         self._awaiting_pong = False
         self._written = False  # written to since the last Ping
-        self._out: list[bytes] = []  # this tick's frames, written by flush
+        self._out: list[bytes] | tuple[()] = ()  # this tick's frames, written by flush
         self._out_bytes = 0
+        self.quiet = 0  # liveness checks passed since the peer was last heard (Liveness)
 
     # --- the read check (see the class doc) ---
 
@@ -138,14 +161,7 @@ class NodeConnection:
             return
         self._written = False
         self._awaiting_pong = True
-        t = self.transport
-        if t is not None and not t.is_closing():
-            if self._out:  # the Ping checks them too
-                self._write_out()
-            t.write(PING)
-        else:
-            task = asyncio.ensure_future(self.ws.ping())
-            task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.send_ping()  # behind what is listed: the Ping checks them too
         self._probe = asyncio.get_running_loop().call_later(self.send_timeout / 2, self._judge)
 
     def _judge(self) -> None:
@@ -161,6 +177,32 @@ class NodeConnection:
     def pong(self) -> None:
         """The peer answered a Ping: it has read everything sent before it."""
         self._awaiting_pong = False
+
+    def check_alive(self) -> None:
+        """One liveness check (`Liveness`): a peer not heard since PING_AFTER checks gets a
+        Ping; one still not heard at the next check is cut, as aiohttp's heartbeat did (no
+        Close frame: a peer that does not answer would not read it)."""
+        if self.closed:
+            return
+        self.quiet = quiet = self.quiet + 1
+        if quiet < PING_AFTER:
+            return
+        if quiet == PING_AFTER:
+            self.send_ping()
+            return
+        log.info("ws_peer_dead", node_id=self.node_id)
+        self.abort()
+
+    def send_ping(self) -> None:
+        """A Ping behind what is listed; the Pong is seen by the reading handler."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if self._out:
+                self._write_out()
+            t.write(PING)
+        elif not self.ws.closed:
+            task = asyncio.ensure_future(self.ws.ping())
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _stop_watching(self) -> None:
         if self._probe is not None:
@@ -203,6 +245,7 @@ class NodeConnection:
             return None
         out = self._out
         if not out:
+            out = self._out = []
             asyncio.get_running_loop().call_soon(self.flush)
         out.extend(frames)
         self._out_bytes += sum(map(len, frames))
@@ -215,7 +258,7 @@ class NodeConnection:
 
     def _write_out(self) -> bool:
         out = self._out
-        self._out, self._out_bytes = [], 0
+        self._out, self._out_bytes = (), 0
         t = self.transport
         if t is None or self.closed or self.ws.closed or t.is_closing():
             return False  # gone, or closed by aiohttp: nothing may follow its Close frame
@@ -231,7 +274,7 @@ class NodeConnection:
         does not take, so cut the connection at once."""
         self.closed = True
         self._stop_watching()
-        self._out, self._out_bytes = [], 0
+        self._out, self._out_bytes = (), 0
         if self.transport is not None:
             self.transport.abort()
 
@@ -260,3 +303,37 @@ class NodeConnection:
             t.abort()
             return
         asyncio.get_running_loop().call_later(self.send_timeout, _cut, t)
+
+
+class Liveness:
+    """Whether idle peers are still there: one task checks every node connection each half
+    `interval` (`NodeConnection.check_alive`). A connection not heard from (any frame) for
+    PING_AFTER - 1 to PING_AFTER checks, about `interval` to 1.5 × `interval`, gets a Ping;
+    one silent until the next check, half an `interval` later, is cut. That is aiohttp's
+    WebSocket heartbeat (a Ping `interval` after the last frame received, the peer dropped
+    without a Pong within half of it) without a timer handle, a bound callback and a
+    rescheduling per received chunk on every connection (issue 15). The connections are
+    checked in slices of SLICE, the loop free between them: pinging a silent fleet is a write
+    each."""
+
+    SLICE = 1000
+
+    def __init__(self, connections: Mapping[str, object], interval: float) -> None:
+        self.connections = connections  # the dispatcher's: node id -> current connection
+        self.interval = interval
+
+    def check(self, conns: Sequence[object] | None = None) -> None:
+        """Check `conns` (by default every connection) once."""
+        for conn in list(self.connections.values()) if conns is None else conns:
+            if type(conn) is NodeConnection:
+                conn.check_alive()
+
+    async def run(self) -> None:
+        if self.interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.interval / 2)
+            conns = list(self.connections.values())
+            for start in range(0, len(conns), self.SLICE):
+                self.check(conns[start : start + self.SLICE])
+                await asyncio.sleep(0)

@@ -114,7 +114,7 @@ async def test_ack_timeout_redelivers_then_dead_letters(world: World) -> None:
     ws = FakeWS()
     conn = NodeConnection("b", ws, send_timeout=5)  # type: ignore[arg-type]
     w.dispatcher.connect(conn)
-    pump = asyncio.create_task(w.dispatcher.pump(conn))
+    w.dispatcher.open(conn)
     await asyncio.wait_for(ws.arrived.wait(), 10)
     assert len(ws.frames) == 1 and mid in ws.frames[0]
     ws.arrived.clear()
@@ -129,7 +129,6 @@ async def test_ack_timeout_redelivers_then_dead_letters(world: World) -> None:
     assert w.runtime.messages.pending("b") == []
     assert w.runtime.messages.get(mid).recipients["b"].status == "dead"  # type: ignore[union-attr]
     w.dispatcher.disconnect(conn)
-    await pump
 
 
 async def test_replay_rebuilds_the_same_mailboxes(world: World) -> None:
