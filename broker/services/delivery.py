@@ -144,6 +144,7 @@ class Dispatcher:
             return
         if link.pump is None:
             link.pump = asyncio.get_running_loop().create_task(self._pump(link))
+            link.pump.add_done_callback(_pump_ended)
         else:
             link.again = True
 
@@ -309,3 +310,10 @@ class Dispatcher:
         expired = self.queue.expired(self.config.expiry_batch)
         if expired:
             await self.messaging.record_expired(expired)
+
+
+def _pump_ended(task: asyncio.Task[None]) -> None:
+    """A pump's failure, logged with its traceback (nothing awaits a pump); the node's next
+    wake-up (a send to it, an ack) starts another."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("delivery_pump_failed", exc_info=exc)

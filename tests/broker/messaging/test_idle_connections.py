@@ -133,3 +133,44 @@ async def test_the_running_check_pings_and_cuts_in_slices(client: Client) -> Non
             assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
     finally:
         task.cancel()
+
+
+async def test_a_pump_that_fails_is_logged_and_the_next_mail_starts_another(
+    client: Client,
+) -> None:
+    """Nothing awaits a pump: its failure is logged with its traceback, and the connection's
+    next mail starts a new one."""
+    import contextlib
+    import unittest.mock
+
+    import structlog
+
+    from broker.ws.wire import NodeConnection
+
+    a = (await node_session(client, "node-a", 0))["access_token"]
+    b = (await node_session(client, "node-b", 1))["access_token"]
+    dispatcher = client.app[DISPATCHER]
+    ws = await connect(client, b)
+    conn = dispatcher.connections["node-b"]
+    real_push = NodeConnection.push
+    failures = [RuntimeError("push broke")]
+
+    async def push(self: NodeConnection, payloads: Any) -> bool:
+        if failures:
+            raise failures.pop()
+        return await real_push(self, payloads)
+
+    with (
+        structlog.testing.capture_logs() as logs,
+        unittest.mock.patch.object(NodeConnection, "push", push),
+    ):
+        resp = await send(client, a, from_node="node-a", to_nodes=["node-b"], content={"n": 1})
+        assert resp.status == 200
+        with contextlib.suppress(RuntimeError):
+            await dispatcher.drained(conn)
+        assert not failures and not dispatcher.pumping("node-b")
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["delivery_pump_failed"]
+        resp = await send(client, a, from_node="node-a", to_nodes=["node-b"], content={"n": 2})
+        assert resp.status == 200
+        assert (await receive(ws))["content"] == {"n": 2}  # n=1 stays in flight until redelivery
+    await ws.close()
