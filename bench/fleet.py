@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,14 +178,16 @@ class Server:
 
 
 @contextmanager
-def serve(data: Path, **env: str) -> Iterator[Server]:
+def serve(data: Path, tree: str | None = None, **env: str) -> Iterator[Server]:
     """`broker serve` on `data`, timed from launch until /health answers 200; stopped with
-    SIGTERM (its shutdown writes a snapshot at the head)."""
+    SIGTERM (its shutdown writes a snapshot at the head). `tree`: run that checkout's code
+    (its directory as the working directory, so its packages are imported first)."""
     port = free_port()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve"],
         env=broker_env(data, port, **env),
+        cwd=tree,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -529,6 +532,60 @@ def shared_key() -> tuple[rsa.RSAPrivateKey, str]:
     return key, pem
 
 
+def registry(where: Path, n: int) -> tuple[Path, rsa.RSAPrivateKey]:
+    """The log of `n` registrations in `where`/fleet and the key every node shares: built
+    (generated, then `broker import`), or reused when `where` holds one of `n` nodes (a kept
+    `--registry`: building 1M takes minutes)."""
+    data, key_file, size_file = where / "fleet", where / "key.pem", where / "nodes"
+    if key_file.exists() and size_file.exists() and int(size_file.read_text()) == n:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        say(f"# registry: {n:,} nodes reused from {where}")
+        return data, key  # type: ignore[return-value]
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    key, pem = shared_key()
+    t0 = time.perf_counter()
+    export = where / "fleet.jsonl"
+    generate(export, n, pem)
+    generated = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    broker_import(data, export)
+    imported = time.perf_counter() - t0
+    size = (data / "events.db").stat().st_size
+    say(
+        f"# registry: {n:,} node.registered events generated in {generated:.1f} s "
+        f"({export.stat().st_size / 2**20:,.0f} MiB), `broker import` {imported:.1f} s "
+        f"(log {size / 2**20:,.0f} MiB)"
+    )
+    export.unlink()
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    size_file.write_text(str(n))
+    return data, key
+
+
+def start_figures(data: Path, n: int, tree: str, empty_rss: int) -> list[str]:
+    """The start phase's figures for the checkout at `tree`: a start without a snapshot, then
+    one from the snapshot its shutdown wrote."""
+    shutil.rmtree(data / "snapshots", ignore_errors=True)
+    with serve(data, tree) as s:
+        cold, cold_cpu = s.started, s.start_cpu
+        rss = settle(s)
+    with serve(data, tree) as s:
+        warm, warm_cpu = s.started, s.start_cpu
+    return [
+        f"cold start without a snapshot: {cold:.2f} s ({cold_cpu:.2f} s CPU)",
+        f"rss per node: {(rss - empty_rss) / n:.2f} KiB",
+        f"cold start with a snapshot: {warm:.2f} s to /health 200 on {n:,} nodes "
+        f"({warm_cpu:.2f} s CPU)",
+    ]
+
+
 async def with_fleet(server: Server, key: rsa.RSAPrivateKey, body: Any) -> Any:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -549,29 +606,18 @@ def main_sync(args: argparse.Namespace) -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     say(f"# bench.fleet --nodes {n:,}{' --quick' if quick else ''}, phases {args.phases}")
     say(f"# load average before the run: {load} (others' work on the same cores skews figures)")
-    key, pem = shared_key()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp)
         empty = root / "empty"
-        data = root / "fleet"
         empty.mkdir()
-        data.mkdir()
         with serve(empty) as s:
             empty_rss = settle(s)
-        t0 = time.perf_counter()
-        export = root / "fleet.jsonl"
-        generate(export, n, pem)
-        generated = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        broker_import(data, export)
-        imported = time.perf_counter() - t0
-        size = (data / "events.db").stat().st_size
-        say(
-            f"# registry: {n:,} node.registered events generated in {generated:.1f} s "
-            f"({export.stat().st_size / 2**20:,.0f} MiB), `broker import` {imported:.1f} s "
-            f"(log {size / 2**20:,.0f} MiB)"
-        )
-        export.unlink()
+        kept = Path(args.registry) if args.registry else None
+        data, key = registry(kept or root, n)
+        if args.base_tree and "start" in phases:  # the other checkout first, on the same log
+            for line in start_figures(data, n, args.base_tree, empty_rss):
+                say(f"base ({args.base_tree}): {line}")
+        shutil.rmtree(data / "snapshots", ignore_errors=True)  # the first start replays
 
         # 1. the first start: no snapshot; RSS per node
         with serve(data) as s:
@@ -652,6 +698,12 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=0, help="idle WebSockets (0: fd limit)")
     parser.add_argument("--discovery-seconds", type=float, default=10.0, help="per query")
     parser.add_argument("--tmp", default=None, help="where the logs go (default: $TMPDIR)")
+    parser.add_argument(
+        "--registry", default=None, help="a directory to keep the registry in and reuse it from"
+    )
+    parser.add_argument(
+        "--base-tree", default=None, help="another checkout whose start phase runs first"
+    )
     args = parser.parse_args()
     if args.quick and args.nodes == 1_000_000:
         args.nodes = 2000

@@ -61,6 +61,7 @@ from broker.keys import (
     TOKENS,
     UPDATE_FILES,
     UPDATES,
+    VERIFIER,
     WATCHED,
     WS_CAP,
 )
@@ -79,6 +80,7 @@ from broker.services.tokens import TokenService
 from broker.services.updates import UpdateFiles, Updates
 from broker.upkeep.compaction import Compactor
 from broker.upkeep.snapshots import Snapshotter
+from broker.upkeep.verification import Verifier
 from broker.ws import nodes as node_sockets
 from broker.ws import operators as operator_sockets
 from broker.ws.heartbeats import HeartbeatBatch
@@ -208,6 +210,13 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         )
         if config.retention.every > 0 and Compactor.supports(store):
             _background(stack, compactor.run_every(config.retention.every), "compaction")
+        # ... and verification from the verified checkpoint, in the background (sqlite).
+        if config.retention.verify_every > 0 and config.store.backend == "sqlite":
+            verifier = app[VERIFIER] = Verifier(
+                config.store.path, config.retention.verify_every, metrics
+            )
+            stack.push_async_callback(verifier.close)
+            _background(stack, verifier.run_every(), "verification")
 
         # The operator console's files, listed once.
         app[CONSOLE_FILES] = await asyncio.to_thread(console.list_assets)

@@ -163,6 +163,9 @@ class RetentionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     days: dict[str, float] = msgspec.field(default_factory=lambda: dict(DEFAULT_DAYS))
     every: float = 86400.0  # seconds between background compactions in broker serve; 0 = never
     batch_chunks: int = 2  # chunks rewritten per transaction (appends wait at most that long)
+    # Seconds between background verifications of the sqlite log in broker serve, each from the
+    # verified checkpoint to the head (broker/upkeep/verification.py); 0 = never.
+    verify_every: float = 3600.0
     # Where a compaction writes the events it removes before removing them ("": nowhere);
     # `broker replay|export|verify --archive DIR` read it (eventstore.sqlite_archive).
     archive_dir: str = ""
@@ -267,5 +270,5 @@ def _check_retention(retention: RetentionConfig) -> None:
         if value < 0:
             raise ConfigError(f"[retention] days.{name!r} must be >= 0 (0 = for ever), not {value}")
     retention.days = days
-    if retention.every < 0 or retention.batch_chunks < 1:
-        raise ConfigError("[retention] every must be >= 0 and batch_chunks >= 1")
+    if retention.every < 0 or retention.batch_chunks < 1 or retention.verify_every < 0:
+        raise ConfigError("[retention] every and verify_every must be >= 0, and batch_chunks >= 1")

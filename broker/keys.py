@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # only the fronts (broker.http, broker.ws) and the wiring rea
     from broker.services.updates import UpdateFiles, Updates
     from broker.upkeep.compaction import Compactor
     from broker.upkeep.snapshots import Snapshotter
+    from broker.upkeep.verification import Verifier
     from broker.ws.heartbeats import HeartbeatBatch
 
 CONFIG = web.AppKey("config", Config)
@@ -69,6 +70,7 @@ FEEDS: web.AppKey[Feeds] = web.AppKey("feeds")
 OPENAPI: web.AppKey[OpenApiCache] = web.AppKey("openapi")
 SNAPSHOTS: web.AppKey[Snapshotter] = web.AppKey("snapshots")
 COMPACTOR: web.AppKey[Compactor] = web.AppKey("compactor")
+VERIFIER: web.AppKey[Verifier] = web.AppKey("verifier")  # background verification (sqlite)
 WATCHED: web.AppKey[Watched] = web.AppKey("watched")  # what /metrics reports at scrape time
 CONSOLE_FILES: web.AppKey[dict[str, Path]] = web.AppKey("console_files")  # name -> file
 

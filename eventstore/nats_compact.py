@@ -137,6 +137,10 @@ class Compacting:
         idempotent."""
         return await self.purge(self.purge_bounds())
 
+    async def last_compaction(self) -> int | None:
+        """The seq of the newest `log.compacted` event, if any."""
+        return self._index.last_compaction or None
+
     async def stream_size(self) -> tuple[bool, int, int]:
         """(whether the stream allows purges, its messages, its bytes)."""
         try:

@@ -79,6 +79,7 @@ class SavedIndex(msgspec.Struct, kw_only=True):
     problems: list[tuple[int, str]]
     lengths: dict[str, int]  # array name -> items
     purged: dict[int, int] = {}  # removable class -> stream seq below which it is purged
+    last_compaction: int = 0  # the seq of the newest log.compacted event (0: none)
 
 
 _saved_decoder = msgspec.msgpack.Decoder(SavedIndex)
@@ -107,6 +108,7 @@ class LogIndex:
         self.subject_seq: dict[str, int] = {}  # subject -> stream seq of its last message
         self.stats = FeedStats()
         self.purged: dict[int, int] = {}  # removable class -> purged below this stream seq
+        self.last_compaction = 0  # the seq of the newest log.compacted event (0: none)
         self._key = array("q")  # per accepted batch: stream seq << 16 | class << 12 | position
         self._first = array("q")  # its first event seq
         self._ts = array("d")  # its ts
@@ -171,6 +173,7 @@ class LogIndex:
                 self.head += 1
                 if ev.type == COMPACTED:
                     self._compacted(ev.data)
+                    self.last_compaction = self.head
                 if build:
                     event = decode_event(ev.data)  # type: ignore[arg-type]
                     out.append(Envelope(self.head, ev.stream, version, ts, ev.id, event))
@@ -211,6 +214,7 @@ class LogIndex:
             problems=stats.problems,
             lengths=lengths,
             purged=self.purged,
+            last_compaction=self.last_compaction,
         )
 
         def slices() -> Iterator[tuple[str, bytes]]:
@@ -236,6 +240,7 @@ class LogIndex:
         index.applied, index.head, index.last_ts = saved.applied, saved.head, saved.last_ts
         index.versions, index.subject_seq = saved.versions, saved.subject_seq
         index.purged = dict(saved.purged)
+        index.last_compaction = saved.last_compaction
         index.stats = FeedStats(
             saved.refused_batches,
             saved.bad_messages,

@@ -35,6 +35,7 @@ from eventstore.base import (
     type_matcher,
 )
 from eventstore.sqlite_append import GroupCommit, _Pending
+from eventstore.sqlite_checkpoint import read_checkpoint
 from eventstore.sqlite_compact import SCHEMA as COMPACTION_SCHEMA
 from eventstore.sqlite_head import HeadWriter
 from eventstore.sqlite_threads import Checkpointer, WriterLock, WriterThread
@@ -47,6 +48,7 @@ from eventstore.sqlite_verify import (
     hash_in,
     to_envelope,
     verify_file,
+    verify_log,
 )
 from eventstore.sqlite_verify import StoredEvent as StoredEvent  # re-exported
 from eventstore.sqlite_verify import hash_at_file as hash_at_file  # re-exported
@@ -141,7 +143,7 @@ class SqliteStore(GroupCommit):
             await asyncio.to_thread(check_before_writing, self.path)
             self._wconn = await self._run(self._open_writer)
             if self.verify_on_open:
-                await asyncio.to_thread(verify_file, self.path, trusted=self.trusted_prefix)
+                await asyncio.to_thread(self._verify_on_open)
             self._rconn = await self._connect(f"file:{self.path}?mode=ro")
             await self._load_tail(self._rconn)
             await self._run(self._record_head, self._head, self._last_hash, self._head_sync)
@@ -153,6 +155,15 @@ class SqliteStore(GroupCommit):
             raise
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    def _verify_on_open(self) -> None:
+        """From the snapshot's position, if any; the compactions whose gaps the verified
+        checkpoint says were checked are not read again (eventstore.sqlite_verify.verify_log)."""
+        if self.trusted_prefix is None:
+            verify_file(self.path)
+            return
+        cp = read_checkpoint(self.path)
+        verify_log(self.path, trusted=self.trusted_prefix, compactions=cp.compactions if cp else 0)
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run `fn(*args)` on the writer thread."""

@@ -70,6 +70,11 @@ def to_envelope(rec: StoredEvent) -> Envelope:
     return Envelope(rec.seq, rec.stream, rec.stream_version, rec.ts, rec.id, event)
 
 
+class Verified(msgspec.Struct):
+    head: int  # the last seq verified (the log's head when the read began)
+    compactions: int  # the newest compaction whose gaps were checked (0: none)
+
+
 def verify_file(
     path: str | os.PathLike[str],
     progress: Callable[[int, int], None] | None = None,
@@ -82,6 +87,22 @@ def verify_file(
 
     `trusted=(seq, hash)` verifies from seq + 1 only: the prefix up to `seq` was verified when
     `hash` was read from the log (a snapshot's position); the stored hash at `seq` must equal it."""
+    return verify_log(path, progress, trusted=trusted).head
+
+
+def verify_log(
+    path: str | os.PathLike[str],
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    trusted: tuple[int, bytes] | None = None,
+    compactions: int = 0,
+) -> Verified:
+    """`verify_file`, in one read transaction (a consistent view of a log being written and
+    compacted), saying also how far the compactions were checked. `compactions`, with
+    `trusted`: the compactions up to that seq had their gaps checked by the verify that
+    established `trusted` (a verified checkpoint: broker/upkeep/verification.py); their gaps,
+    all inside the trusted prefix, are not read again, so that a verify from the checkpoint
+    does not grow with the years of compactions before it."""
     record = read_head(path)  # before the log, which only grows after it
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -90,9 +111,14 @@ def verify_file(
     try:
         with contextlib.suppress(sqlite3.DatabaseError):  # damage: _verify_chunks names it
             _check_identity(conn, Path(path))
-        n = _verify_chunks(conn, progress, trusted)
+        try:
+            conn.execute("BEGIN")  # one snapshot of the log for the whole walk
+        except sqlite3.DatabaseError as exc:
+            raise IntegrityError(1, f"the log file is damaged: {exc}") from None
+        checked = compactions if trusted is not None and compactions <= trusted[0] else 0
+        n, newest = _verify_chunks(conn, progress, trusted, checked)
         _check_recorded_head(conn, path, record, n)
-        return n
+        return Verified(n, newest)
     finally:
         conn.close()
 
@@ -218,9 +244,11 @@ def _verify_chunks(
     conn: sqlite3.Connection,
     progress: Callable[[int, int], None] | None,
     trusted: tuple[int, bytes] | None = None,
-) -> int:
+    checked: int = 0,
+) -> tuple[int, int]:
     """Walk the chain from the start (or the trusted seq's chunk) and check the compactions'
-    records (`_check_compactions`); the head's seq, or IntegrityError at the first bad seq."""
+    records after `checked` (`_check_compactions`); the head's seq and the newest compaction
+    checked, or IntegrityError at the first bad seq."""
     expected = 1
     prev = integrity.GENESIS
     trusted_seq, trusted_hash = trusted or (0, integrity.GENESIS)
@@ -298,9 +326,10 @@ def _verify_chunks(
             raise IntegrityError(gap[0], f"a gap {gap[0]}..{gap[1]} is recorded past the log's end")
         if expected - 1 < trusted_seq:
             raise IntegrityError(expected, f"event missing (the log ends before {trusted_seq})")
+        newest = checked
         if compacted:
-            _check_compactions(conn, compactions, start, trusted_seq)
-        return expected - 1
+            newest = _check_compactions(conn, compactions, start, trusted_seq, checked)
+        return expected - 1, newest
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(expected, f"the log file is damaged: {exc}") from None
 
@@ -330,15 +359,29 @@ def _gaps_from(conn: sqlite3.Connection, seq: int) -> Any:
 
 
 def _check_compactions(
-    conn: sqlite3.Connection, met: dict[int, Any], start: int, trusted_seq: int
-) -> None:
+    conn: sqlite3.Connection, met: dict[int, Any], start: int, trusted_seq: int, checked: int
+) -> int:
     """Every recorded gap belongs to a `log.compacted` event of the log, lies below what it
     could remove, and each compaction's gaps are exactly those its event recorded (their
     anchors' digest). Gaps before `start` (not walked) made by a compaction after the trusted
-    seq get their link checked: the kept event after each chains from its anchor."""
+    seq get their link checked: the kept event after each chains from its anchor.
+
+    The compactions up to `checked` (<= the trusted seq) were checked before: their gaps lie
+    below it, inside the trusted prefix; one that reaches the trusted seq is a forged one (the
+    walk would have jumped over kept events). Returns the newest compaction checked."""
+    forged = conn.execute(
+        f"SELECT first_seq, last_seq, compaction FROM gaps WHERE first_seq >= ? "
+        f"AND compaction <= ? AND last_seq >= ? AND {LIVE_GAPS} ORDER BY first_seq LIMIT 1",
+        (start, checked, trusted_seq),
+    ).fetchone()
+    if forged is not None:
+        lo, hi, comp = forged
+        raise IntegrityError(lo, f"gap {lo}..{hi} is past what compaction {comp} could remove")
+    newest = checked
     cur = conn.execute(
-        f"SELECT compaction, first_seq, last_seq, anchor FROM gaps WHERE {LIVE_GAPS} "
-        "ORDER BY compaction, first_seq"
+        f"SELECT compaction, first_seq, last_seq, anchor FROM gaps WHERE compaction > ? "
+        f"AND {LIVE_GAPS} ORDER BY compaction, first_seq",
+        (checked,),
     )
     group: list[tuple[int, int, bytes]] = []
     current = None
@@ -349,7 +392,7 @@ def _check_compactions(
             if comp != current and group:
                 _check_compaction(conn, current, group, met)  # type: ignore[arg-type]
                 group = []
-            current = comp
+            current = newest = comp
             group.append((first, last, anchor))
             if first < start and comp > trusted_seq:
                 links.append((last, anchor))
@@ -359,6 +402,7 @@ def _check_compactions(
         _check_compaction(conn, current, group, met)  # type: ignore[arg-type]
     for last, anchor in sorted(links):
         _check_link(conn, last, anchor)
+    return newest
 
 
 def _event_at(conn: sqlite3.Connection, seq: int) -> Any:

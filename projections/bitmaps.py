@@ -12,6 +12,8 @@ MASK = BLOCK - 1
 Bitmap = dict[int, int]  # block number -> bits of the slots of that block (never 0)
 Blocks = list[tuple[int, int]]  # (block number, bits), ascending, bits != 0
 
+_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+
 
 def bm_add(bm: Bitmap, slot: int) -> None:
     b = slot >> SHIFT
@@ -125,4 +127,15 @@ def walk(slots: Iterable[int], matches: Bitmap, skip: int, limit: int) -> list[i
                 out.append(s)
                 if len(out) >= limit:
                     break
+    return out
+
+
+def from_flags(flags: bytes | bytearray) -> Bitmap:
+    """The bitmap of the slots whose flag (one byte a slot, 0 or 1) is 1: read a block at a
+    time in C loops."""
+    out: Bitmap = {}
+    for b in range(0, (len(flags) + BLOCK - 1) // BLOCK):
+        part = flags[b * BLOCK : (b + 1) * BLOCK]
+        if part.count(1):
+            out[b] = int(part[::-1].translate(_DIGITS), 2)
     return out

@@ -24,13 +24,12 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate, chain, compress, count, repeat
-from operator import and_, eq, is_, itemgetter
+from operator import and_, attrgetter, eq, is_, itemgetter, not_
 from typing import TYPE_CHECKING, Any
 
-from projections import bitmaps
-from projections.bitmaps import Bitmap, bm_add, bm_discard, slots_of, walk
+from projections.bitmaps import Bitmap, bm_add, bm_discard, from_flags, slots_of, walk
 from projections.token_counts import (
     KIND,
     Counts,
@@ -44,10 +43,10 @@ from projections.token_counts import (
 if TYPE_CHECKING:
     from projections.nodes import Node
 
+_heartbeat = attrgetter("last_heartbeat_at")
+
 RUN_LEN = 1024  # entries per run of the log (more only while a tie group goes on)
 COUNT_STEP = 4096  # entries whose tokens a slice of `count_step` counts
-
-_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 
 
 class Run:
@@ -308,27 +307,36 @@ class HeartbeatOrder:
         self.uncounted -= run.counts is None
         self._layout = None
 
-    def load(self, slots: Iterable[int]) -> None:
-        """Replace the content with `slots` (ascending): one sort with a C key, runs cut from it."""
+    def load(
+        self, slots: Iterable[int], counts_of: Callable[[Bitmap], Counts] | None = None
+    ) -> None:
+        """Replace the content with `slots` (ascending): the nodes without a heartbeat set as
+        one bitmap, the others sorted once with a C key and cut into runs. `counts_of`, when
+        given, counts the zero group's tokens from its bitmap (else from its nodes)."""
         nodes = self.nodes
         self.__init__(nodes)  # type: ignore[misc]
-        slots = list(slots)
-        if slots:
-            self._grow(slots[-1])
-        keys = [nodes[s].last_heartbeat_at or 0.0 for s in slots]  # type: ignore[union-attr]
-        zero = [s for s, k in zip(slots, keys, strict=True) if k == 0.0]
-        z = self.zero
-        for s in zero:
-            bm_add(z.bits, s)
+        # Every slot (no hole): the positions are the slots, no gather through them.
+        every = slots == range(len(nodes))
+        live: Sequence[int] = slots if every else list(slots)  # type: ignore[assignment]
+        if live:
+            self._grow(live[-1])
+        of = nodes if every else map(nodes.__getitem__, live)
+        keys = [k or 0.0 for k in map(_heartbeat, of)]
+        zero = list(compress(live, map(not_, keys)))
         where, off = self.where, self.off
+        z = self.zero
+        flags = bytearray(len(where))
+        deque(map(flags.__setitem__, zero, repeat(1)), maxlen=0)
+        z.bits = from_flags(flags)
         deque(map(where.__setitem__, zero, repeat(z)), maxlen=0)
-        z.live, z.counts = len(zero), count_slots(nodes, zero)
-        order = sorted(range(len(slots)), key=keys.__getitem__)  # stable: ties by slot
+        z.live = len(zero)
+        z.counts = counts_of(z.bits) if counts_of is not None else count_slots(nodes, zero)
+        # Only the nodes with a heartbeat are sorted (none in a registry that never had one).
+        order = sorted(compress(range(len(keys)), keys), key=keys.__getitem__)  # ties by slot
         ordered_keys = list(map(keys.__getitem__, order))
-        ordered = list(map(slots.__getitem__, order))
-        lo = bisect_left(ordered_keys, 0.0)
-        hi = bisect_right(ordered_keys, 0.0)
-        for L, a, b in ((self.neg, 0, lo), (self.pos, hi, len(ordered))):
+        ordered = order if every else list(map(live.__getitem__, order))
+        cut = bisect_left(ordered_keys, 0.0)
+        for L, a, b in ((self.neg, 0, cut), (self.pos, cut, len(ordered))):
             while a < b:
                 end = min(b, a + RUN_LEN)
                 if end < b:
@@ -339,7 +347,7 @@ class HeartbeatOrder:
                 deque(map(off.__setitem__, sl, range(len(sl))), maxlen=0)
                 L.append(run)
                 a = end
-        self.size = len(slots)
+        self.size = len(live)
         self.uncounted = len(self.neg) + len(self.pos)
 
     def count_step(self) -> bool:
@@ -409,13 +417,7 @@ class HeartbeatOrder:
                 deque(map(mark, compress(sl, map(and_, here, current)), repeat(1)), maxlen=0)
             lo = end
             i += 1
-        size = bitmaps.BLOCK
-        out: Bitmap = {}
-        for b in range(0, (len(flags) + size - 1) // size):
-            part = flags[b * size : (b + 1) * size]
-            if part.count(1):
-                out[b] = int(part[::-1].translate(_DIGITS), 2)
-        return out
+        return from_flags(flags)
 
     def first_true(self, pred: Callable[[float], bool]) -> int:
         """The first position whose key satisfies `pred`, monotone (False then True) in key."""

@@ -29,6 +29,10 @@ query by visiting only the nodes whose heartbeat crossed the boundary in between
 when that would visit more than 1/REBUILD_WINDOW of the nodes). Windows are a cache: they are
 not part of the state, and queries at any `now` are exact.
 
+A snapshot saves the bitmaps and each node's slot, and a load restores them with the heartbeat
+order instead of rebuilding (`projections.index_snapshot`); the sorted orders and windows are
+built again in the background.
+
 Invariant: every structure holds exactly the live nodes, keyed by their current attributes.
 `NodesProjection` changes an attribute that a structure is keyed on only through this class.
 """
@@ -58,7 +62,9 @@ from projections.bitmaps import (
     walk,
 )
 from projections.heartbeat_order import HeartbeatOrder, Token
+from projections.index_snapshot import intern_step
 from projections.sorted_slots import SortedSlots
+from projections.token_counts import Counts, count_bitmap
 
 ORDERS = ("node_id", "name", "load")  # the SortedSlots (by last heartbeat: HeartbeatOrder)
 MAX_WINDOWS = 4  # presence windows kept (one per distinct `within` asked)
@@ -116,6 +122,9 @@ class NodeIndex:
         self.regrouped = 0  # changes to the bitmaps so far (what `_size` caches are valid for)
         self._sizes: dict[int, int] = {}  # id of a group's bitmap -> its size
         self._sizes_at = 0
+        # After a restore from a snapshot: the first slot whose node's key strings are not
+        # shared yet (`index_snapshot.intern_step`); None when all are.
+        self.unshared: int | None = None
 
     def order(self, name: str) -> SortedSlots | HeartbeatOrder | None:
         """The order of the live slots by `self.keys[name]` once it is ready, kept up to date
@@ -136,7 +145,10 @@ class NodeIndex:
             self.order(name)
 
     def build_step(self) -> bool:
-        """One bounded slice of an order's or a window's build; False when none is left."""
+        """One bounded slice of an order's or a window's build, or of sharing the key strings
+        of restored nodes; False when none is left."""
+        if self.unshared is not None:
+            return intern_step(self) or True
         for w in self.windows.values():
             if w.todo is not None:
                 return self._window_step(w) or True
@@ -160,7 +172,8 @@ class NodeIndex:
             if w.holds(node.last_heartbeat_at):
                 bm_add(w.bits, slot)
 
-    def remove(self, node: Node) -> None:
+    def remove(self, node: Node) -> bool:
+        """Drop `node`; True when that compacted the slots (every node's slot changed)."""
         slot = node.slot
         self._bitmaps(node, bm_discard)
         self.heartbeats.remove(slot)
@@ -172,6 +185,8 @@ class NodeIndex:
         self.holes += 1
         if self.holes > BLOCK and self.holes * 2 > len(self.slots):
             self.rebuild([n for n in self.slots if n is not None])
+            return True
+        return False
 
     def _bitmaps(self, node: Node, op: Callable[[Bitmap, int], None]) -> None:
         self.regrouped += 1
@@ -247,7 +262,7 @@ class NodeIndex:
         per block (`_bits`) rather than a big int or'ed per node."""
         self.__init__()  # type: ignore[misc]
         ordered = sorted(nodes, key=attrgetter("generation"))
-        indices = (self.by_type, self.by_capability, self.by_region, self.by_status)
+        indices = self.groups()
         intern = sys.intern
         for first in range(0, len(ordered), BLOCK):
             found: tuple[dict[str, list[int]], ...] = ({}, {}, {}, {})
@@ -274,7 +289,14 @@ class NodeIndex:
                 for key, offsets in keys.items():
                     index.setdefault(key, {})[block] = _bits(offsets)
         self.slots.extend(ordered)
-        self.heartbeats.load(range(len(ordered)))
+        self.heartbeats.load(range(len(ordered)), self.counts_of)
+
+    def counts_of(self, bm: Bitmap) -> Counts:
+        """How many nodes of `bm` carry each type, capability, region and status."""
+        return count_bitmap(self.groups(), bm)
+
+    def groups(self) -> tuple[dict[str, Bitmap], ...]:
+        return self.by_type, self.by_capability, self.by_region, self.by_status
 
     # --- queries ---
 

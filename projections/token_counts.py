@@ -56,5 +56,17 @@ def count_slots(nodes: Sequence[Node | None], slots: Iterable[int]) -> Counts:
     )
 
 
+def count_bitmap(groups: Sequence[dict[str, dict[int, int]]], bm: dict[int, int]) -> Counts:
+    """The counts of the nodes of bitmap `bm`, from the bitmaps of each type, capability,
+    region and status (`groups`, in that order): an AND and a popcount a block."""
+    out = new_counts()
+    for counts, group in zip(out, groups, strict=True):
+        for key, bits in group.items():
+            n = sum((x & bm.get(b, 0)).bit_count() for b, x in bits.items())
+            if n:
+                counts[key] = n
+    return out
+
+
 _type, _capabilities, _status = attrgetter("type"), attrgetter("capabilities"), attrgetter("status")
 _metadata, _region = attrgetter("metadata"), methodcaller("get", "region")

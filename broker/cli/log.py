@@ -1,93 +1,54 @@
 """`broker verify` and `broker compact`: the log's upkeep (docs/operations.md).
 
-verify reads the log file without the store (eventstore.sqlite_verify). After a full pass it
-records a *verified checkpoint* beside the log (`<log>.verified`: the seq and chain hash it
-reached); the next verify starts from there when the log still holds that event with that hash,
-checking only what came after (and the gaps compactions made since), unless `--full`.
+verify reads the log file without the store (eventstore.sqlite_verify), from the verified
+checkpoint beside it that `broker serve` also advances in the background, unless `--full`
+(broker/upkeep/verification.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from broker.cli.common import EXIT_FAIL, EXIT_OK, CommandError, add_archive_argument, progress_bar
 from broker.config import Config
 from eventstore.base import StoreError
 
 
-class Checkpoint(msgspec.Struct):
-    seq: int
-    hash: str  # hex
-    at: float
-
-
-def checkpoint_path(log: str) -> Path:
-    p = Path(log)
-    return p.with_name(p.name + ".verified")
-
-
-def read_checkpoint(log: str) -> tuple[int, bytes] | None:
-    """The verified checkpoint, if the log still holds its event with its hash."""
-    from eventstore.sqlite_verify import hash_at_file
-
-    try:
-        cp = msgspec.json.decode(checkpoint_path(log).read_bytes(), type=Checkpoint)
-        want = bytes.fromhex(cp.hash)
-    except (OSError, msgspec.DecodeError, ValueError):
-        return None
-    return (cp.seq, want) if hash_at_file(log, cp.seq) == want else None
-
-
-def write_checkpoint(log: str, seq: int) -> None:
-    from eventstore.sqlite_verify import hash_at_file
-
-    h = hash_at_file(log, seq)
-    if h is None:
-        return
-    path = checkpoint_path(log)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgspec.json.encode(Checkpoint(seq, h.hex(), time.time())))
-    os.replace(tmp, path)
-
-
 def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
     from broker.upkeep.snapshots import check_log_against_snapshots, snapshot_directory
+    from broker.upkeep.verification import verify_now
     from eventstore.base import IntegrityError
     from eventstore.sqlite_compact import gap_summary
-    from eventstore.sqlite_verify import head_of_file, verify_file
+    from eventstore.sqlite_verify import head_of_file
 
     if config.store.backend == "nats":
         return _verify_nats(config)
     if config.store.backend != "sqlite":
         raise CommandError(f"verify checks the sqlite log; the backend is {config.store.backend}")
     path = config.store.path
-    t0 = time.perf_counter()
-    trusted = None
     try:
-        head = head_of_file(path)  # None: unreadable, verify_file says why
+        head = head_of_file(path)  # None: unreadable, verify_log says why
         if head is not None:  # a log lost, emptied or replaced by a shorter one
             check_log_against_snapshots(snapshot_directory(config), head)
         if not Path(path).exists():
             raise CommandError(f"no log at {path}")
-        trusted = None if args.full else read_checkpoint(path)
-        n = verify_file(path, progress_bar("verify"), trusted=trusted)
+        done = verify_now(path, full=args.full, progress=progress_bar("verify"))
     except IntegrityError as exc:
         print(f"FAILED: {path}: first bad seq {exc.seq}: {exc.reason}")
         return EXIT_FAIL
+    n = done.head
     gaps, removed = gap_summary(Path(path))
-    try:
-        write_checkpoint(path, n)
-    except OSError as exc:
-        print(f"warning: the verified checkpoint could not be written: {exc}", file=sys.stderr)
-    since = f"from the checkpoint at seq {trusted[0]:,}" if trusted else "in full"
+    if done.checkpoint_error is not None:
+        print(
+            f"warning: the verified checkpoint could not be written: {done.checkpoint_error}",
+            file=sys.stderr,
+        )
+    since = f"from the checkpoint at seq {done.from_seq:,}" if done.from_seq else "in full"
     compacted = (
         f"; {removed:,} events removed by compactions, in {gaps:,} recorded gaps, each anchored"
         if gaps
@@ -95,7 +56,7 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> Any:
     )
     print(
         f"ok: {path}: {n:,} events, checksums and hash chain intact{compacted} "
-        f"(verified {since}, {time.perf_counter() - t0:.2f} s)"
+        f"(verified {since}, {done.seconds:.2f} s)"
     )
     if args.archive is not None:
         return _verify_history(Path(path), args.archive)

@@ -1,7 +1,7 @@
 """Operators' view of the log itself: its retention policy, size by event type, the last
-compaction (`GET /api/v1/admin/log`), and compaction on demand (`POST /api/v1/admin/log/compact`,
-`?dry_run=true` to preview). What compaction does: broker/upkeep/compaction.py,
-docs/operations.md."""
+compaction, the background verification (`GET /api/v1/admin/log`), and compaction on demand
+(`POST /api/v1/admin/log/compact`, `?dry_run=true` to preview). What compaction and verification
+do: broker/upkeep/compaction.py, broker/upkeep/verification.py, docs/operations.md."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from broker.http.auth import Permission
 from broker.http.bodies import json_response
 from broker.http.events import EVENTS_READ
 from broker.http.routing import Routes
-from broker.keys import COMPACTOR, CONFIG, RUNTIME
+from broker.keys import COMPACTOR, CONFIG, RUNTIME, VERIFIER
 from broker.pagination import decode_query
 from broker.upkeep.compaction import Report, log_bytes
+from broker.upkeep.verification import Status
 from eventstore.events import LogCompacted
 
 routes = Routes("events")
@@ -51,17 +52,22 @@ class Policy(msgspec.Struct, kw_only=True):
     days: dict[str, float]
     every: float
     batch_chunks: int
+    verify_every: float
 
 
 class LogView(msgspec.Struct, kw_only=True):
     backend: str
     head: int
-    log_bytes: int | None  # sqlite: its pages in use and its WAL (free pages are reused)
+    # sqlite: its pages in use and its WAL (free pages are reused); nats: the stream's bytes
+    log_bytes: int | None
     policy: Policy
     by_type: dict[str, TypeSize] | None  # sqlite: every event stored, by type
     gaps: int
-    removed_events: int  # events removed by compactions so far
+    removed_events: int  # events removed by compactions so far (nats: by the last one)
     last_compaction: Compaction | None
+    # sqlite, unless [retention] verify_every = 0: the checkpoint and the last pass, the
+    # failures (the first bad seq), broker/upkeep/verification.py
+    verification: Status | None
 
 
 class CompactQuery(msgspec.Struct, kw_only=True):
@@ -86,11 +92,9 @@ async def _cached_sizes(request: web.Request, path: str, head: int) -> dict[str,
     return sizes
 
 
-async def _last_compaction(request: web.Request, path: str) -> Compaction | None:
-    from eventstore.sqlite_compact import last_compaction
-
+async def _last_compaction(request: web.Request, seq: int | None) -> Compaction | None:
+    """The `log.compacted` event at `seq`, with this process's figures if it ran it."""
     store = request.app[RUNTIME].store
-    seq = await asyncio.to_thread(last_compaction, Path(path))
     if seq is None:
         return None
     found = [env async for env in store.read(seq, seq)]
@@ -130,21 +134,35 @@ async def log_view(request: web.Request) -> web.Response:
         head=head,
         log_bytes=None,
         policy=Policy(
-            days=retention.days, every=retention.every, batch_chunks=retention.batch_chunks
+            days=retention.days,
+            every=retention.every,
+            batch_chunks=retention.batch_chunks,
+            verify_every=retention.verify_every,
         ),
         by_type=None,
         gaps=0,
         removed_events=0,
         last_compaction=None,
+        verification=None,
     )
     if config.store.backend == "sqlite":
-        from eventstore.sqlite_compact import gap_summary
+        from eventstore.sqlite_compact import gap_summary, last_compaction
 
         path = config.store.path
         view.log_bytes = await asyncio.to_thread(log_bytes, path)
         view.by_type = await _cached_sizes(request, path, head)
         view.gaps, view.removed_events = await asyncio.to_thread(gap_summary, Path(path))
-        view.last_compaction = await _last_compaction(request, path)
+        seq = await asyncio.to_thread(last_compaction, Path(path))
+        view.last_compaction = await _last_compaction(request, seq)
+    elif hasattr(store, "stream_size"):  # NATS: the stream's bytes; removals by subject
+        nats: Any = store
+        view.log_bytes = (await nats.stream_size())[2]
+        view.last_compaction = await _last_compaction(request, await nats.last_compaction())
+        if view.last_compaction is not None:  # its removals (a purge leaves no gap record)
+            view.removed_events = sum(view.last_compaction.removed.values())
+    verifier = request.app.get(VERIFIER)  # sqlite only (none is wired on NATS)
+    if verifier is not None:
+        view.verification = await asyncio.to_thread(verifier.status)
     return json_response(view)
 
 

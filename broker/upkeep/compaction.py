@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -160,18 +160,9 @@ class Compactor:
         if cut <= 1:
             report.notes.append("nothing to compact: the log holds no snapshot yet")
             return report
-        now = self.clock()
-        days = self.retention.days
-        uncovered = self._uncovered_types()
+        now, days = self.clock(), self.retention.days
         plain = {t: now - days[t] * DAY for t in PLAIN if days.get(t, 0) > 0}
-        newest = {}
-        for t in KEEP_NEWEST:
-            if days.get(t, 0) <= 0:
-                continue
-            if t in uncovered:
-                report.notes.append(f"{t} kept: a projection handling it is not in snapshots")
-                continue
-            newest[t] = now - days[t] * DAY
+        newest = self._cutoffs(KEEP_NEWEST, now, report)
         msg_days = days.get("message.*", 0)
         before = now - msg_days * DAY if msg_days > 0 else None
         scan = await asyncio.to_thread(
@@ -259,16 +250,8 @@ class Compactor:
         if cut <= 1:
             report.notes.append("nothing to compact: the log holds no snapshot yet")
             return report
-        now, days, uncovered = self.clock(), self.retention.days, self._uncovered_types()
-        cutoffs = {}
-        for t in REMOVABLE:
-            if days.get(t, 0) <= 0:
-                continue
-            if t in uncovered:
-                report.notes.append(f"{t} kept: a projection handling it is not in snapshots")
-                continue
-            cutoffs[t] = now - days[t] * DAY
-        plan = await store.compaction_plan(cut, cutoffs)
+        days = self.retention.days
+        plan = await store.compaction_plan(cut, self._cutoffs(REMOVABLE, self.clock(), report))
         removing = [t for t in plan.types if t.events]
         report.removed = {t.event_type: t.events for t in removing}
         report.removed_total = plan.events
@@ -312,6 +295,20 @@ class Compactor:
             seconds=round(report.seconds, 3),
         )
         return report
+
+    def _cutoffs(self, types: Iterable[str], now: float, report: Report) -> dict[str, float]:
+        """The time before which each of `types` goes, for those with a retention (days > 0)
+        whose every handling projection is saved in snapshots; the others are kept, noted."""
+        days, uncovered = self.retention.days, self._uncovered_types()
+        cutoffs = {}
+        for t in types:
+            if days.get(t, 0) <= 0:
+                continue
+            if t in uncovered:
+                report.notes.append(f"{t} kept: a projection handling it is not in snapshots")
+                continue
+            cutoffs[t] = now - days[t] * DAY
+        return cutoffs
 
     def _uncovered_types(self) -> set[str]:
         """Event types some projection handling them is not saved in snapshots."""

@@ -32,7 +32,10 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import is_, itemgetter
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,6 +99,7 @@ _header_decoder = msgspec.msgpack.Decoder(Header)
 _final_decoder = msgspec.msgpack.Decoder(Final)
 _fingerprints_decoder = msgspec.msgpack.Decoder(dict[str, str])
 _plain = msgspec.msgpack.Encoder()
+_second = itemgetter(1)
 
 
 def snapshot_paths(directory: Path) -> list[tuple[int, Path]]:
@@ -132,16 +136,18 @@ def read_header(path: Path) -> Header:
 
 
 class _Reader:
-    """Frames read in order, hashed and counted as they are read."""
+    """Frames read in order and counted; hashed in order by a thread of their own, which
+    overlaps the decoding of the frames read before (hashing releases the GIL)."""
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: IO[bytes], hashing: ThreadPoolExecutor) -> None:
         self.f, self.digest, self.length = f, hashlib.sha256(), 0
+        self.hashing = hashing
 
     def read(self, n: int) -> bytes:
         data = self.f.read(n)
         if len(data) != n:
             raise SnapshotError("the body is damaged (truncated)")
-        self.digest.update(data)
+        self.hashing.submit(self.digest.update, data)
         self.length += n
         return data
 
@@ -158,9 +164,9 @@ def read_body(
     """Read and check the body. `wanted`: projection name -> (its fingerprint, a decoder of its
     slices); the slices of other projections, or of another shape, are skipped."""
     records: dict[str, dict[str, Any]] = {}
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, ThreadPoolExecutor(1, "snapshot-hash") as hashing:
         f.seek(HEADER_SPACE)
-        reader = _Reader(f)
+        reader = _Reader(f, hashing)
         try:
             kind, _name, data = reader.frame()
             if kind != FINGERPRINTS:
@@ -185,11 +191,12 @@ def read_body(
                 if kind != RECORDS or decoder is None:
                     continue
                 into = records[name]
-                for key, record in decoder.decode(data):
-                    if record is None:
-                        into.pop(key, None)
-                    else:
-                        into[key] = record
+                pairs = decoder.decode(data)
+                into.update(pairs)  # in C; then the keys gone (rare: a slice saved again)
+                if any(map(is_, map(_second, pairs), repeat(None))):
+                    for key, record in pairs:
+                        if record is None:
+                            into.pop(key, None)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise SnapshotError(f"the body is damaged (unreadable: {exc})") from None
         if f.read(1):

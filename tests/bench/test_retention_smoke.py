@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FIGURES = [
     "history:",
     "import:",
@@ -16,8 +18,10 @@ FIGURES = [
     "compaction:",
     "append p99 during compaction:",
     "disk after:",
+    "8 days of heartbeats of the same fleet",
     "cold start after compaction:",
     "verify after compaction (full):",
+    "background verification",
     "verify from the last checkpoint,",
     "extrapolated disk after:",
     "extrapolated compaction:",
@@ -25,7 +29,8 @@ FIGURES = [
 ]
 
 
-def test_a_quick_run_prints_every_figure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mix", [[], ["--issue-rates", "--days", "3"]], ids=["default", "issue"])
+def test_a_quick_run_prints_every_figure(tmp_path: Path, mix: list[str]) -> None:
     out = subprocess.run(
         [
             sys.executable,
@@ -36,6 +41,7 @@ def test_a_quick_run_prints_every_figure(tmp_path: Path) -> None:
             "20",
             "--tmp",
             str(tmp_path),
+            *mix,
         ],
         capture_output=True,
         text=True,

@@ -242,6 +242,12 @@ async def test_serve_compacts_a_nats_stream_on_its_schedule_and_on_request(
         assert resp.status == 200 and not report["dry_run"], report
         assert await removed(runtime.store) == 5  # by it, or by the schedule just before
         assert await subject_messages(url, name, heartbeats) == 0
+        resp = await client.get("/api/v1/admin/log", headers=bearer(admin))
+        view = await resp.json()
+        assert resp.status == 200 and view["backend"] == "nats" and view["log_bytes"] > 0, view
+        last = view["last_compaction"]
+        assert last is not None and last["removed"].get("node.heartbeat", 0) > 0, view
+        assert view["removed_events"] == sum(last["removed"].values())
 
 
 def note() -> BaseEvent:

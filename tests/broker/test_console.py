@@ -7,8 +7,8 @@ import asyncio
 
 from aiohttp.test_utils import TestClient
 
-from broker.cli.log import write_checkpoint
 from broker.config import Config
+from eventstore.sqlite_checkpoint import write_checkpoint
 from tests.broker.identity.helpers import assert_error, node_session, operator_token
 
 

@@ -4,6 +4,7 @@ the same state and answers, and so does a projection loaded from a snapshot."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgspec
@@ -14,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import projections.bitmaps as bitmaps
 import projections.heartbeat_order as heartbeat_order
+import projections.index_snapshot as index_snapshot
 import projections.node_index as node_index
 import projections.sorted_slots as sorted_slots
 import projections.token_counts as token_counts
@@ -330,33 +332,92 @@ class DiscoveryMachine(RuleBasedStateMachine):
         q |= {"skip": skip, "limit": limit}
         assert index_page(self.p, q) == model_page(self.p, q)
 
-    @rule(q=queries)
-    def replayed_and_restored_answer_alike(self, q: dict[str, Any]) -> None:
+    @rule(q=queries, steps=st.integers(0, 40))
+    def replayed_and_restored_answer_alike(self, q: dict[str, Any], steps: int) -> None:
+        """Replayed, restored with the saved indices, restored from a snapshot without them
+        (rebuilt): the same state, the same indices, the same answers; and so once the restored
+        one's background work (sharing strings, building orders and windows) has moved on."""
         q = dict(q)
         q["now"] = self.ts + q.pop("now_offset")
         replayed = NodesProjection()
         Projections([replayed]).apply_many(self.log)
         restored = through_snapshot(self.p)
-        assert replayed.state() == self.p.state() == restored.state()
+        rebuilt = through_snapshot(self.p, saved_index=False)
+        assert replayed.state() == self.p.state() == restored.state() == rebuilt.state()
+        assert restored.index.unshared is not None  # the saved indices were used
+        assert rebuilt.index.unshared is None
+        assert same_index(restored, self.p)
         want = model_page(self.p, q)
-        assert index_page(replayed, q) == want
+        for other in (replayed, restored, rebuilt):
+            check_index(other)
+            assert index_page(other, q) == want
+        restored.index.build_orders()
+        for _ in range(steps):
+            restored.index.build_step()
+        check_index(restored)
         assert index_page(restored, q) == want
+        if restored.index.unshared is None:
+            for node in restored.nodes.values():
+                assert node.type is sys.intern(node.type)
+                assert node.status is sys.intern(node.status)
+                assert all(c is sys.intern(c) for c in node.capabilities)
 
     @invariant()
     def indices_hold_exactly_the_live_nodes(self) -> None:
-        index = self.p.index
-        live = {n.slot: n for n in index.slots if n is not None}
-        assert sorted(n.node_id for n in live.values()) == sorted(self.p.nodes)
-        assert all(index.slots[n.slot] is n for n in self.p.nodes.values())
-        for name in index.keys:
-            order = index.order(name)
-            if order is None:  # being built: checked once it is
-                continue
-            slots = list(order.ascending(0, order.size))
-            assert sorted(slots) == sorted(live)
-            key = SORT_KEYS[name]
-            assert slots == sorted(live, key=lambda s: (key(live[s]), s))
-        check_heartbeat_order(index.heartbeats, live)
+        check_index(self.p)
+
+
+def check_index(p: NodesProjection) -> None:
+    """Every structure of `p.index` holds exactly the live nodes, keyed by their attributes."""
+    index = p.index
+    live = {n.slot: n for n in index.slots if n is not None}
+    assert sorted(n.node_id for n in live.values()) == sorted(p.nodes)
+    assert all(index.slots[n.slot] is n for n in p.nodes.values())
+    assert index.live == bitmap_of(live)
+    assert index.holes == len(index.slots) - len(live)
+    for group, key in zip(index.groups(), GROUP_KEYS, strict=True):
+        members: dict[str, list[int]] = {}
+        for s, n in live.items():
+            for k in key(n):
+                members.setdefault(k, []).append(s)
+        assert group == {k: bitmap_of(dict.fromkeys(slots)) for k, slots in members.items()}
+    for name in index.keys:
+        order = index.order(name)
+        if order is None:  # being built: checked once it is
+            continue
+        slots = list(order.ascending(0, order.size))
+        assert sorted(slots) == sorted(live)
+        key = SORT_KEYS[name]
+        assert slots == sorted(live, key=lambda s: (key(live[s]), s))
+    check_heartbeat_order(index.heartbeats, live)
+
+
+GROUP_KEYS: tuple[Any, ...] = (
+    lambda n: [n.type],
+    lambda n: n.capabilities,
+    lambda n: [n.region] if n.region is not None else [],
+    lambda n: [n.status],
+)
+
+
+def bitmap_of(slots: Any) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for s in slots:
+        bitmaps.bm_add(out, s)
+    return out
+
+
+def same_index(a: NodesProjection, b: NodesProjection) -> bool:
+    """The same slots (by node id), bitmaps and heartbeat order."""
+    x, y = a.index, b.index
+    ids = [[n and n.node_id for n in i.slots] for i in (x, y)]
+    orders = [list(i.heartbeats.ascending(0, i.heartbeats.size)) for i in (x, y)]
+    return (
+        ids[0] == ids[1]
+        and x.live == y.live
+        and x.groups() == y.groups()
+        and orders[0] == orders[1]
+    )
 
 
 DiscoveryMachine.TestCase.settings = settings(
@@ -385,19 +446,20 @@ def fold(events: list[tuple[float, BaseEvent]]) -> NodesProjection:
     return p
 
 
-def through_snapshot(p: NodesProjection) -> NodesProjection:
+def through_snapshot(p: NodesProjection, saved_index: bool = True) -> NodesProjection:
     """A projection loaded from what a snapshot saves of `p`: its records (in slices, by
-    `broker.upkeep.snapshots`) and the rest, each through the codec."""
+    `broker.upkeep.snapshots`) and the rest, each through the codec. `saved_index` False: a
+    snapshot made before the indices were saved (they are rebuilt)."""
     records = encoder.encode(list(p.records().items()))
+    rest = p.snapshot() if saved_index else {"retired": p.retired}
     restored = NodesProjection()
     restored.restore_sliced(
-        dict(msgspec.msgpack.decode(records, type=list[tuple[str, Node]])),
-        encoder.encode(p.snapshot()),
+        dict(msgspec.msgpack.decode(records, type=list[tuple[str, Node]])), encoder.encode(rest)
     )
     return restored
 
 
-def test_a_snapshot_saves_the_registry_and_a_restore_rebuilds_the_indices() -> None:
+def test_a_snapshot_saves_the_registry_and_the_indices_and_a_restore_uses_them() -> None:
     p = fold(
         [
             (1.0, NodeRegistered(node_id="a", name="A", node_type="t", public_key="k")),
@@ -406,12 +468,95 @@ def test_a_snapshot_saves_the_registry_and_a_restore_rebuilds_the_indices() -> N
             (4.0, NodeStatusUpdated(node_id="a", load=0.5)),
         ]
     )
-    assert set(msgspec.msgpack.decode(encoder.encode(p.snapshot()))) == {"retired"}
-    restored = through_snapshot(p)
-    query = {"now": 10.0, "sort_by": "last_heartbeat_at", "descending": True}
-    assert index_page(restored, query) == index_page(p, query) == (["b", "a"], 2)
-    assert index_page(restored, {"type": "u"}) == (["b"], 1)
-    assert isinstance(restored.nodes["a"], Node)
+    assert set(msgspec.msgpack.decode(encoder.encode(p.snapshot()))) == {"retired", "index"}
+    for restored in (through_snapshot(p), through_snapshot(p, saved_index=False)):
+        query = {"now": 10.0, "sort_by": "last_heartbeat_at", "descending": True}
+        assert index_page(restored, query) == index_page(p, query) == (["b", "a"], 2)
+        assert index_page(restored, {"type": "u"}) == (["b"], 1)
+        assert isinstance(restored.nodes["a"], Node)
+        assert same_index(restored, p)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "slot taken twice",
+        "slot out of range",
+        "fewer slots",
+        "a type's bitmap short",
+        "bits cut",
+        "another block size",
+        "another shape",
+        "too many blocks to save in the cut",
+    ],
+)
+def test_a_saved_index_that_does_not_fit_the_records_is_rebuilt(
+    damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[float, BaseEvent]] = [
+        (
+            float(i),
+            NodeRegistered(node_id=f"n{i}", name=f"N{i}", node_type=f"t{i % 2}", public_key="k"),
+        )
+        for i in range(6)
+    ]
+    p = fold([*events, (9.0, NodeDeregistered(node_id="n1")), (10.0, NodeHeartbeat(node_id="n4"))])
+    records = dict(
+        msgspec.msgpack.decode(
+            encoder.encode(list(p.records().items())), type=list[tuple[str, Node]]
+        )
+    )
+    if damage == "too many blocks to save in the cut":
+        monkeypatch.setattr(index_snapshot, "MAX_BLOCKS", 2)
+    saved = p.snapshot()
+    index = saved["index"]
+    if damage == "slot taken twice":
+        records["n2"].slot = records["n3"].slot
+    elif damage == "slot out of range":
+        records["n5"].slot = index.slots
+    elif damage == "fewer slots":
+        index.slots = 3
+    elif damage == "a type's bitmap short":
+        del index.groups[0]["t0"]
+    elif damage == "bits cut":
+        index.groups[0]["t1"].bits = index.groups[0]["t1"].bits[:-1]
+    elif damage == "another block size":
+        index.block *= 2
+    elif damage == "another shape":
+        saved["index"] = [1, 2]
+    else:
+        assert index is None
+    restored = NodesProjection()
+    restored.restore_sliced(records, encoder.encode(saved))
+    assert restored.index.unshared is None  # rebuilt
+    check_index(restored)
+    q = {**NO_FILTER, "now": 10.0, "online_within": 60.0, "stale_within": 300.0}
+    for sort_by in SORT_KEYS:
+        query = {**q, "sort_by": sort_by, "descending": False, "skip": 0, "limit": 10}
+        assert index_page(restored, query) == index_page(p, query)
+
+
+def test_compacting_the_slots_while_a_snapshot_is_taken_saves_every_record_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(node_index, "BLOCK", 2)  # compaction once holes > 2 and > half
+    events: list[tuple[float, BaseEvent]] = [
+        (float(i), NodeRegistered(node_id=f"n{i}", name="N", node_type="t", public_key="k"))
+        for i in range(6)
+    ]
+    p = fold(events)
+    p.dirty = {}  # a snapshot is being taken
+
+    def deregister(i: int) -> None:
+        event = NodeDeregistered(node_id=f"n{i}")
+        p._deregistered(Envelope(7 + i, event.stream, 2, 7.0 + i, f"d{i}", event))
+
+    for i in range(3):
+        deregister(i)
+    assert set(p.dirty) == {"n0", "n1", "n2"}  # no compaction yet (3 holes of 6 slots)
+    deregister(3)
+    assert set(p.dirty) == {"n0", "n1", "n2", "n3", "n4", "n5"}  # the slots were compacted
+    assert [n.slot for n in p.nodes.values()] == [0, 1]
 
 
 @pytest.mark.parametrize("descending", [False, True])

@@ -69,3 +69,38 @@ async def test_broker_serve_compacts_on_its_schedule(tmp_path: Path) -> None:
                 break
         assert compactor.last is not None
         assert compactor.last.removed == {"node.heartbeat": 1}
+
+
+async def test_the_background_verification_and_what_it_found_are_shown(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from broker.app import create_app
+    from broker.keys import VERIFIER
+    from tests.conftest import make_config
+    from tests.helpers.logfiles import tamper
+
+    config = make_config(tmp_path)
+    config.retention.verify_every = 0.05  # seconds
+    async with TestClient(TestServer(create_app(config))) as c:
+        viewer_token = await operator_token(c, "watcher", ["viewer"])
+        envs = await append(c, [NodeHeartbeat(node_id="a") for _ in range(3)])
+        verifier = c.app[VERIFIER]
+        while verifier.last_pass is None or verifier.last_pass.head < envs[-1].seq:
+            verifier.completed.clear()
+            await asyncio.wait_for(verifier.completed.wait(), timeout=30)
+        view = await (await c.get("/api/v1/admin/log", headers=bearer(viewer_token))).json()
+        shown = view["verification"]
+        assert shown["checkpoint_seq"] >= envs[-1].seq and shown["failures"] == 0
+        assert shown["last_pass"]["head"] >= envs[-1].seq and view["policy"]["verify_every"]
+
+        async with verifier._lock:  # no pass in between: the next one reads the tampered event
+            more = await append(c, [NodeHeartbeat(node_id="b") for _ in range(3)])
+            victim = more[1].seq
+            await asyncio.to_thread(tamper, Path(config.store.path), victim)
+        while verifier.last_failure is None:
+            verifier.completed.clear()
+            await asyncio.wait_for(verifier.completed.wait(), timeout=30)
+        view = await (await c.get("/api/v1/admin/log", headers=bearer(viewer_token))).json()
+        shown = view["verification"]
+        assert shown["failures"] >= 1 and shown["last_failure"]["seq"] == victim
+        assert shown["checkpoint_seq"] < victim

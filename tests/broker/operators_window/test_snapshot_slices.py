@@ -35,6 +35,7 @@ from eventstore.events import (
     TokenRotated,
 )
 from eventstore.memory import MemoryStore
+from projections import node_index
 from projections.base import Projections
 
 PEM = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n"
@@ -107,6 +108,7 @@ class Probe:
 @example(nodes=1, changes=[(6, 0)] * 20, per_slice=4)  # rotations of a saved family
 @example(nodes=3, changes=[(7, 2)] * 8, per_slice=4)  # a revocation of a saved family
 @example(nodes=2, changes=[(2, 0), (3, 0)] * 6, per_slice=2)  # deregistered, registered again
+@example(nodes=4, changes=[(2, 0), (2, 1), (2, 2)], per_slice=3)  # slots compacted meanwhile
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     nodes=st.integers(1, 120),
@@ -168,6 +170,13 @@ def test_a_snapshot_taken_under_load_is_the_state_at_its_seq(
         loaded = await snapshotter._restore(MemoryStore(), build_projections(), taken.seq, body)
         assert snapshotter.boot.replayed == []  # every projection came from the file
         assert state(loaded) == state(expected)
+        # and the discovery indices were restored from it, as replaying builds them
+        index, replayed = loaded.parts["nodes"].index, expected.parts["nodes"].index  # type: ignore[attr-defined]
+        assert index.unshared is not None  # restored, not rebuilt
+        assert [n and n.node_id for n in index.slots] == [n and n.node_id for n in replayed.slots]
+        assert index.live == replayed.live and index.groups() == replayed.groups()
+        hb = [list(i.heartbeats.ascending(0, i.heartbeats.size)) for i in (index, replayed)]
+        assert hb[0] == hb[1]
         # no step of the loop encoded more than a slice, but the cut: its last changed records
         cut_calls = len(snapshot_write.sliced(live))  # the cut encodes each sliced projection once
         slices, cut = probe.calls[:-cut_calls], sum(probe.calls[-cut_calls:])
@@ -175,4 +184,9 @@ def test_a_snapshot_taken_under_load_is_the_state_at_its_seq(
         assert cut <= 8 or taken.rounds == snapshot_write.ROUNDS  # else one more round first
         assert max(probe.steps) <= max(16, cut)  # a slice, or the cut, a step of the loop
 
-    asyncio.run(scenario())
+    compact_at = node_index.BLOCK
+    node_index.BLOCK = 2  # slots compacted once more than 2 holes are half of them
+    try:
+        asyncio.run(scenario())
+    finally:
+        node_index.BLOCK = compact_at
