@@ -1,8 +1,12 @@
 """The writing side of the SQLite log (eventstore.sqlite): group commit.
 
-`append` queues its events; one writer task drains every pending append into a single
-transaction (chunks of msgpack records, each with its CRC-32 and chain hash, then the new stream
-versions, then COMMIT on the writer thread), calls the listeners, then resolves every waiter.
+`append` queues its events and wakes the writer thread if it is idle. The writer thread drains
+every pending append into a single transaction (the expected versions decided, then chunks of
+msgpack records, each with its CRC-32 and chain hash, then the new stream versions, then COMMIT:
+the fsync), and hands the outcome back to the loop, which calls the listeners, then resolves
+every waiter. Appends made while a commit is on its way to the disk go into the next one, which
+the writer thread starts as soon as the last is done: a busy log costs the loop one hand-back
+per commit, not a round trip (docs/performance.md, "The commit's loop side").
 `restore` writes already-recorded envelopes as they are (`broker import`).
 
 A mixin of `SqliteStore`, which owns the connections, the writer thread and the lifecycle.
@@ -11,6 +15,7 @@ A mixin of `SqliteStore`, which owns the connections, the writer thread and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,7 +40,7 @@ from eventstore.base import (
 from eventstore.codec import encode_event, encode_events
 from eventstore.events import BaseEvent
 from eventstore.sqlite_head import HeadWriter
-from eventstore.sqlite_threads import Checkpointer
+from eventstore.sqlite_threads import Checkpointer, WriterThread
 from eventstore.sqlite_verify import ChunkRow
 
 log = logging.getLogger("eventstore.sqlite")
@@ -71,18 +76,18 @@ _chunk_encoder = msgspec.msgpack.Encoder()
 _Pending = tuple[Sequence[BaseEvent], ExpectedVersion, "asyncio.Future[list[Envelope]]"]
 
 
-def _refuse_unencodable(batch: list[_Pending]) -> bool:
-    """Fail, with EventNotEncodable, every waiting append of `batch` holding an event that
-    cannot be encoded; False if there is none."""
-    found = False
+_Outcome = tuple["asyncio.Future[list[Envelope]]", "list[Envelope] | BaseException"]
+
+
+def _refuse_unencodable(batch: list[_Pending]) -> list[_Outcome]:
+    """The appends of `batch` holding an event that cannot be encoded, each with its
+    EventNotEncodable."""
+    found: list[_Outcome] = []
     for events, _expected, fut in batch:
-        if fut.done():
-            continue
         try:
             encode_events(events)
         except EventNotEncodable as exc:
-            fut.set_exception(exc)
-            found = True
+            found.append((fut, exc))
     return found
 
 
@@ -95,14 +100,24 @@ class GroupCommit:
     _head_writer: HeadWriter | None
     _head_sync: bool
     _listeners: list[Listener]
+    # Appends waiting for the writer thread. Only the loop appends (at the end) and only the
+    # writer thread takes (from the front: a slice, then `del`), each step atomic under the GIL.
     _pending: list[_Pending]
     _wakeup: asyncio.Event
     _writer: asyncio.Task[None] | None
+    _thread: WriterThread | None
     _closing: bool
-    _head: int
+    _head: int  # the loop's view: the last envelope its listeners saw
     _last_hash: bytes
     _last_ts: float
-    _versions: dict[str, int]
+    _versions: dict[str, int]  # written by the writer thread; the loop only reads
+    _restored_gaps: bool
+    # The writer thread's own end of the log, ahead of the loop's view while a commit's
+    # outcome is on its way to the loop; None until its first commit after `open`.
+    _w_seq: int | None = None
+    _w_hash: bytes = b""
+    _w_ts: float = 0.0
+    _kicked = False  # a drain of `_pending` is queued or running on the writer thread
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         raise NotImplementedError
@@ -110,40 +125,63 @@ class GroupCommit:
     async def append(
         self, events: Sequence[BaseEvent], expected_version: ExpectedVersion = None
     ) -> list[Envelope]:
-        if self._writer is None or self._closing:
+        if self._writer is None or self._closing or self._thread is None:
             raise StoreUnavailable("the log is not open for writing")
         if not events:
             return []
-        fut: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Envelope]] = loop.create_future()
         self._pending.append((events, expected_version, fut))
-        self._wakeup.set()
+        if not self._kicked:  # the writer thread is idle, or about to be: wake it
+            self._kicked = True
+            self._thread.post(self._drain, loop)
         return await fut
 
     async def _write_loop(self) -> None:
-        while True:
+        """Lives while the store is open; at close, waits for the writer thread to have
+        committed (and handed back) every append made before."""
+        while not self._closing:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch, self._pending = self._pending, []
-            if batch:
-                try:
-                    await self._commit_batch(batch)
-                except Exception as exc:  # never let the writer die: fail this batch only
-                    log.exception("append batch failed")
-                    err = StoreUnavailable(f"the log could not be written: {exc}")
-                    for _events, _expected, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(err)
-            if self._closing and not self._pending:
-                return
+        await self._run(_nothing)
+        self._w_seq = None
 
-    async def _versions_of(self, streams: Iterable[str]) -> None:
+    # --- on the writer thread ---
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit every waiting append, a batch per transaction, until none is left: appends
+        made while a commit is on its way to the disk are taken by the next one here, without
+        a round trip through the loop."""
+        pending = self._pending
+        while True:
+            n = len(pending)
+            if not n:
+                self._kicked = False  # an append after this line wakes us again
+                if not pending:
+                    return
+                continue
+            batch = pending[:n]
+            del pending[:n]
+            try:
+                self._commit_batch(loop, batch)
+            except Exception as exc:  # never let the writer die: fail this batch only
+                log.exception("append batch failed")
+                err = StoreUnavailable(f"the log could not be written: {exc}")
+                _hand_back(loop, self._committed, [], b"", 0.0, [(p[2], err) for p in batch])
+
+    def _writer_tail(self) -> int:
+        if self._w_seq is None:
+            self._w_seq, self._w_hash, self._w_ts = self._head, self._last_hash, self._last_ts
+        return self._w_seq
+
+    def _versions_of(self, streams: Iterable[str]) -> None:
         """Make sure the cache knows the version of every stream in `streams`."""
         missing = [s for s in streams if s not in self._versions]
         if not missing:
             return
         if len(self._versions) + len(missing) > _VERSION_CACHE_LIMIT:
             self._versions.clear()
-        self._versions.update(await self._run(self._lookup, missing))
+        self._versions.update(self._lookup(missing))
 
     def _lookup(self, streams: list[str]) -> dict[str, int]:
         assert self._wconn is not None
@@ -158,37 +196,75 @@ class GroupCommit:
             )
         return found
 
-    async def _commit_batch(self, batch: list[_Pending], optimistic: bool = True) -> None:
+    def _commit_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        """Decide `batch` (expected versions), record the accepted appends in one transaction,
+        and hand every outcome back to the loop (`_committed`)."""
+        refused: list[_Outcome] = []
+        optimistic = True
+        while True:
+            live = [p for p in batch if not p[2].done()]  # a caller gone: record nothing
+            envelopes, overlay, new, accepted, conflicts = self._decide(live, optimistic)
+            if not envelopes:
+                _hand_back(loop, self._committed, [], b"", 0.0, refused + conflicts)
+                return
+            try:
+                prev, seconds = self._write(envelopes, overlay, new)
+            except _StreamExists:  # nothing was recorded: decide again, asking the file
+                if not optimistic:
+                    raise
+                optimistic = False
+                continue
+            except _Unencodable as exc:  # nothing was recorded: again without the culprits
+                bad = _refuse_unencodable(live)
+                if not bad:
+                    raise StoreUnavailable(f"the log could not be written: {exc}") from None
+                refused += bad
+                culprits = {fut for fut, _err in bad}
+                batch = [p for p in live if p[2] not in culprits]
+                continue
+            outcomes = refused + conflicts
+            outcomes += [(fut, envelopes[start:end]) for fut, start, end in accepted]
+            _hand_back(loop, self._committed, envelopes, prev, seconds, outcomes)
+            return
+
+    def _decide(
+        self, batch: list[_Pending], optimistic: bool
+    ) -> tuple[
+        list[Envelope],
+        dict[str, int],
+        set[str],
+        list[tuple[asyncio.Future[list[Envelope]], int, int]],
+        list[_Outcome],
+    ]:
+        """The envelopes of the appends of `batch` whose expected versions hold, the versions
+        they give their streams, the streams taken to be new, which envelopes are whose, and
+        the conflicts."""
         streams: set[str] = set()
         claimed: set[str] = set()  # streams some append says must not exist yet
         streams_of: list[list[str]] = []  # each append's events' streams, computed once
-        for events, expected, fut in batch:
+        for events, expected, _fut in batch:
             names = [e.stream for e in events]
             streams_of.append(names)
-            if not fut.done():
-                streams.update(names)
-                if expected is not None:
-                    claimed.update(
-                        s for s, v in resolve_expected(events, expected).items() if v == 0
-                    )
+            streams.update(names)
+            if expected is not None:
+                claimed.update(s for s, v in resolve_expected(events, expected).items() if v == 0)
         # A stream claimed new and unknown to the cache is taken to be new without asking the
         # file (every message send claims a fresh id); the plain INSERT of its version refuses
         # it if it did exist, and then the batch is decided again with the file asked.
         known = self._versions
         assumed_new = {s for s in claimed if s not in known} if optimistic else set()
         if any(s not in known for s in streams if s not in assumed_new):
-            await self._versions_of(streams - assumed_new)
+            self._versions_of(streams - assumed_new)
 
         overlay: dict[str, int] = {}  # the versions this commit gives its streams
-        seq = self._head
-        ts = max(time.time(), self._last_ts)
+        seq = self._writer_tail()
+        ts = max(time.time(), self._w_ts)
         ids = os.urandom(16 * sum(len(ev) for ev, _, _ in batch)).hex()
         id_pos = 0
         envelopes: list[Envelope] = []
         accepted: list[tuple[asyncio.Future[list[Envelope]], int, int]] = []
+        conflicts: list[_Outcome] = []
         for (events, expected, fut), names in zip(batch, streams_of, strict=True):
-            if fut.done():  # the caller went away before we started: record nothing for it
-                continue
             conflict = None
             for stream, want in resolve_expected(events, expected).items():
                 have = overlay.get(stream)
@@ -198,7 +274,7 @@ class GroupCommit:
                     conflict = ConcurrencyError(stream, want, have)
                     break
             if conflict is not None:
-                fut.set_exception(conflict)
+                conflicts.append((fut, conflict))
                 continue
             start = len(envelopes)
             for event, stream in zip(events, names, strict=True):
@@ -212,34 +288,20 @@ class GroupCommit:
                 )
                 id_pos += 32
             accepted.append((fut, start, len(envelopes)))
-        if not envelopes:
-            return
-        try:
-            await self._write(envelopes, overlay, assumed_new)
-        except _StreamExists:  # nothing was recorded: decide again, asking the file
-            if not optimistic:
-                raise
-            await self._commit_batch(batch, optimistic=False)
-            return
-        except _Unencodable as exc:  # nothing was recorded: decide again without the culprits
-            if not _refuse_unencodable(batch):
-                raise StoreUnavailable(f"the log could not be written: {exc}") from None
-            await self._commit_batch(batch, optimistic)
-            return
-        for fut, start, end in accepted:
-            if not fut.done():
-                fut.set_result(envelopes[start:end])
+        return envelopes, overlay, assumed_new, accepted, conflicts
 
-    async def _write(
+    def _write(
         self,
         envelopes: list[Envelope],
         versions: dict[str, int],
         new: set[str] | frozenset[str] = frozenset(),
-    ) -> None:
+    ) -> tuple[bytes, float]:
         """Store `envelopes` (continuing the log) and the new stream `versions` in one
-        transaction, then update the in-memory tail and call the listeners."""
+        transaction and move the writer's end of the log on; the chain hash of the last
+        envelope and the seconds the transaction took."""
         assert self._wconn is not None
-        prev = self._last_hash
+        self._writer_tail()
+        prev = self._w_hash
         # The hot loop: `integrity.chain_hash` inlined, and each record built as a tuple, which
         # msgpack-encodes exactly as the array-like StoredEvent it is read back as.
         sha256, header, encode = hashlib.sha256, integrity.header, encode_event
@@ -284,21 +346,40 @@ class GroupCommit:
         upserts = [(s, v) for s, v in versions.items() if s not in new]
         t0 = time.perf_counter()
         try:
-            await self._run(self._commit_rows, rows, inserts, upserts, envelopes[-1].seq, prev)
+            self._commit_rows(rows, inserts, upserts, envelopes[-1].seq, prev)
         except sqlite3.IntegrityError:
             raise _StreamExists from None
-        if (
-            self.commit_observer is not None
-        ):  # the commit latency metric (broker.services.monitoring)
-            self.commit_observer(time.perf_counter() - t0, len(envelopes))
+        seconds = time.perf_counter() - t0
         last = envelopes[-1]
-        self._head, self._last_hash, self._last_ts = last.seq, prev, max(self._last_ts, last.ts)
+        self._w_seq, self._w_hash, self._w_ts = last.seq, prev, max(self._w_ts, last.ts)
         self._versions.update(versions)
-        for listener in list(self._listeners):
-            try:
-                listener(envelopes)
-            except Exception:
-                log.exception("log listener failed")
+        return prev, seconds
+
+    # --- back on the loop ---
+
+    def _committed(
+        self, envelopes: list[Envelope], prev: bytes, seconds: float, outcomes: list[_Outcome]
+    ) -> None:
+        """A commit's outcome, on the loop, in commit order: the loop's view of the log moves
+        on, the listeners see the envelopes, then every append of the batch is answered."""
+        if envelopes:
+            last = envelopes[-1]
+            self._head, self._last_hash = last.seq, prev
+            self._last_ts = max(self._last_ts, last.ts)
+            if self.commit_observer is not None:  # the commit latency metric (monitoring)
+                self.commit_observer(seconds, len(envelopes))
+            for listener in list(self._listeners):
+                try:
+                    listener(envelopes)
+                except Exception:
+                    log.exception("log listener failed")
+        for fut, outcome in outcomes:
+            if fut.done():
+                continue
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)
 
     def _commit_rows(
         self,
@@ -342,14 +423,18 @@ class GroupCommit:
         the chain hash of the last removed one (eventstore.sqlite_compact)."""
         if self._wconn is None or self._writer is None:
             raise StoreUnavailable("the log is not open for writing")
-        if first != self._head + 1 or last < first or compaction <= last or len(anchor) != 32:
-            raise IntegrityError(
-                first, f"import out of order: gap {first}..{last} after seq {self._head}"
-            )
-        await self._run(
-            sqlite_compact.record_imported_gap, self._wconn, first, last, anchor, compaction
-        )
+        await self._run(self._restore_gap, first, last, anchor, compaction)
         self._head, self._last_hash = last, anchor
+
+    def _restore_gap(self, first: int, last: int, anchor: bytes, compaction: int) -> None:
+        head = self._writer_tail()
+        if first != head + 1 or last < first or compaction <= last or len(anchor) != 32:
+            raise IntegrityError(
+                first, f"import out of order: gap {first}..{last} after seq {head}"
+            )
+        assert self._wconn is not None
+        sqlite_compact.record_imported_gap(self._wconn, first, last, anchor, compaction)
+        self._w_seq, self._w_hash = last, anchor
         self._restored_gaps = True
 
     def _record_head(self, seq: int, chain: bytes, sync: bool) -> None:
@@ -377,9 +462,14 @@ class GroupCommit:
             raise StoreUnavailable("the log is not open for writing")
         if not envelopes:
             return
-        await self._versions_of({env.stream for env in envelopes})
+        await self._run(self._restore, asyncio.get_running_loop(), list(envelopes))
+
+    def _restore(self, loop: asyncio.AbstractEventLoop, envelopes: list[Envelope]) -> None:
+        """The writer thread's side of `restore`: the listeners see the envelopes before the
+        call returns (`_committed` is handed back ahead of the call's own result)."""
+        self._versions_of({env.stream for env in envelopes})
         overlay: dict[str, int] = {}
-        seq = self._head
+        seq = self._writer_tail()
         for env in envelopes:
             seq += 1
             if env.seq != seq:
@@ -394,7 +484,19 @@ class GroupCommit:
                 )
             overlay[env.stream] = version
         try:
-            await self._write(list(envelopes), overlay)
+            prev, seconds = self._write(envelopes, overlay)
         except _Unencodable as exc:
             encode_events([env.event for env in envelopes])  # raises EventNotEncodable
             raise StoreUnavailable(f"the log could not be written: {exc}") from None
+        _hand_back(loop, self._committed, envelopes, prev, seconds, [])
+
+
+def _nothing() -> None:
+    """A call that only marks its place in the writer thread's queue."""
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """Schedule `fn(*args)` on `loop` from the writer thread (nothing if the loop is closed:
+    nobody waits)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)

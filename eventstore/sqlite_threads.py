@@ -144,9 +144,19 @@ class WriterThread:
         self._calls.put((loop, fut, fn, args))
         return fut
 
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the thread, not waited for: `fn` hands its outcome back itself."""
+        self._calls.put((None, None, fn, args))
+
     def _main(self) -> None:
         while (item := self._calls.get()) is not None:
             loop, fut, fn, args = item
+            if fut is None:
+                try:
+                    fn(*args)
+                except BaseException:  # a posted call reports its own failures; not this one
+                    log.exception("a call on the writer thread failed")
+                continue
             outcome: tuple[Callable[[asyncio.Future[Any], Any], None], Any]
             try:
                 outcome = (_resolve, fn(*args))

@@ -181,6 +181,10 @@ class FeedSession:
         feeds = self.app[FEEDS]
         feeds.rechecks.add(recheck_now)
         try:
+            # A revocation committed between the first check and the line above (in the same
+            # group commit as the key's use, say) called no recheck of ours: check once more.
+            if not await self.recheck():
+                return
             while not self.ws.closed:
                 try:
                     msg = await self.ws.receive(timeout=self.cfg.ws_heartbeat)

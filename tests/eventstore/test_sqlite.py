@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -495,3 +496,92 @@ async def test_a_lost_log_file_is_refused_and_not_created_again(tmp_path: Path) 
     with pytest.raises(IntegrityError, match=r"events 1\.\.10 missing"):
         await SqliteStore(path).open()
     assert not path.exists()
+
+
+async def _writer_held(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[bool]]:
+    """Hold the writer thread in a call until the returned event is set (the call's future
+    resolves after)."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        entered.set()
+        return gate.wait(10)
+
+    held = store._run(hold)
+    await asyncio.to_thread(entered.wait, 10)
+    return gate, held
+
+
+async def _pending(store: SqliteStore, n: int) -> None:
+    """Until `n` appends are queued for the writer thread (each task runs to its first await)."""
+    while len(store._pending) < n:
+        await asyncio.sleep(0)
+
+
+async def test_appends_queued_while_the_writer_is_busy_share_its_next_commit(
+    tmp_path: Path,
+) -> None:
+    """The writer thread takes every append queued meanwhile into one transaction; the loop
+    calls the listeners with it before any of its appends is answered."""
+    store = SqliteStore(tmp_path / "log.db")
+    await store.open()
+    tasks: list[asyncio.Task[list[Envelope]]] = []
+    answered_at_listener: list[list[bool]] = []
+    store.add_listener(lambda batch: answered_at_listener.append([t.done() for t in tasks]))
+    try:
+        gate, held = await _writer_held(store)
+        tasks += [
+            asyncio.create_task(store.append([LogNote(stream_id=f"n{i % 3}")])) for i in range(7)
+        ]
+        await _pending(store, 7)
+        gate.set()
+        assert await held
+        results = await asyncio.gather(*tasks)
+    finally:
+        await store.close()
+    assert answered_at_listener == [[False] * 7]  # one commit, seen before any answer
+    assert [e.seq for r in results for e in r] == list(range(1, 8))
+    assert [r[0].stream_version for r in results] == [1, 1, 1, 2, 2, 2, 3]
+    assert await verify(tmp_path / "log.db") == 7
+
+
+async def test_an_append_cancelled_before_the_writer_takes_it_records_nothing(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        gate, held = await _writer_held(store)
+        gone = asyncio.create_task(store.append([LogNote(stream_id="gone")]))
+        kept = asyncio.create_task(store.append([LogNote(stream_id="kept")]))
+        await _pending(store, 2)
+        gone.cancel()
+        gate.set()
+        assert await held
+        assert [e.stream for e in await kept] == ["kept"]
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert [e.seq for e in await store.append([LogNote(stream_id="next")])] == [2]
+        assert await store.stream_version("gone") == 0
+    finally:
+        await store.close()
+    assert await verify(tmp_path / "log.db") == 2
+
+
+async def test_close_commits_and_answers_the_appends_made_before_it(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "log.db")
+    await store.open()
+    gate, held = await _writer_held(store)
+    tasks = [asyncio.create_task(store.append([LogNote(stream_id=f"c{i}")])) for i in range(5)]
+    await _pending(store, 5)
+    closing = asyncio.create_task(store.close())
+    while not store._closing:
+        await asyncio.sleep(0)
+    with pytest.raises(StoreError):  # refused once closing, as before
+        await store.append([LogNote(stream_id="late")])
+    gate.set()
+    assert await held
+    await closing
+    results = await asyncio.gather(*tasks)
+    assert sorted(e.seq for r in results for e in r) == [1, 2, 3, 4, 5]
+    assert await verify(tmp_path / "log.db") == 5
