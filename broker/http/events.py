@@ -172,6 +172,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
     feeds.stoppers.add(stop)
     feeds.rechecks.add(recheck.set)
+    # A revocation committed between the middleware's check and the line above called no
+    # recheck of ours: the pinger checks once more now.
+    recheck.set()
     try:
         await feed
     except asyncio.CancelledError:
