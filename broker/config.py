@@ -104,7 +104,7 @@ class DeliveryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_recipients: int = 1000
     max_content_bytes: int = 64 * 1024  # JSON size of a message's `content`
     ws_max_message_bytes: int = 1024 * 1024  # larger WebSocket frames close the connection
-    ws_heartbeat: float = 30.0  # WebSocket ping interval; a peer that misses a pong is dropped
+    ws_heartbeat: float = 30.0  # a node socket silent this long is pinged; no pong: dropped
     ws_auth_timeout: float = 5.0  # seconds to send the auth frame when not authed at upgrade
     ws_send_timeout: float = 10.0  # a consumer that does not read for this long is dropped
     ws_max_pending_ops: int = 256  # ops of one connection being processed at once
