@@ -40,8 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -49,6 +50,8 @@ from bench.common import machine, own_cpu_seconds, run
 from bench.e2e import pct
 from bench.fleet import broker_env, serve
 from eventstore.codec import JsonRecord
+
+T = TypeVar("T")
 
 DAY = 86400.0
 KEY = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A\n-----END PUBLIC KEY-----"
@@ -277,43 +280,58 @@ async def compact_alone(data: Path) -> None:
         await compactor.compact()
 
 
+async def appends_around(
+    store: Any, rate: float, seconds: float, work: Callable[[], Awaitable[T]]
+) -> tuple[list[float], list[float], T]:
+    """Single heartbeats appended to `store` at `rate`/s, for `seconds` alone and then while
+    `work()` runs: the sorted append latencies of both, and what `work` returned."""
+    from eventstore.events import NodeHeartbeat
+
+    async def appends(stop: asyncio.Event) -> list[float]:
+        lat: list[float] = []
+        nxt = time.perf_counter()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await store.append([NodeHeartbeat(node_id="node-000000", status="ok")])
+            lat.append(time.perf_counter() - t0)
+            nxt += 1.0 / rate
+            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+        return lat
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(appends(stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    alone = sorted(await task)
+    stop = asyncio.Event()
+    task = asyncio.create_task(appends(stop))
+    try:
+        result = await work()
+    finally:
+        stop.set()
+        during = sorted(await task)
+    return alone, during, result
+
+
 async def compact_with_appends(data: Path, rate: float, seconds: float) -> dict[str, float]:
     """In one process, as `broker compact` opens the log: append heartbeats at `rate`/s for
     `seconds` alone, then again while a compaction runs; the figures of both."""
     from broker.config import load_config
     from broker.upkeep.compaction import offline
-    from eventstore.events import NodeHeartbeat
 
     env = broker_env(data, 0)
     config = load_config(None, env)
     figures: dict[str, float] = {}
     async with offline(config) as compactor:
-        store = compactor.runtime.store
 
-        async def appends(stop: asyncio.Event) -> list[float]:
-            lat: list[float] = []
-            interval = 1.0 / rate
-            nxt = time.perf_counter()
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                await store.append([NodeHeartbeat(node_id="node-000000", status="ok")])
-                lat.append(time.perf_counter() - t0)
-                nxt += interval
-                await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
-            return lat
+        async def timed() -> tuple[Any, float, float]:
+            cpu0, t0 = own_cpu_seconds(), time.perf_counter()
+            report = await compactor.compact()
+            return report, time.perf_counter() - t0, own_cpu_seconds() - cpu0
 
-        stop = asyncio.Event()
-        task = asyncio.create_task(appends(stop))
-        await asyncio.sleep(seconds)
-        stop.set()
-        alone = sorted(await task)
-        stop = asyncio.Event()
-        task = asyncio.create_task(appends(stop))
-        cpu0, t0 = own_cpu_seconds(), time.perf_counter()
-        report = await compactor.compact()
-        wall, cpu = time.perf_counter() - t0, own_cpu_seconds() - cpu0
-        stop.set()
-        during = sorted(await task)
+        alone, during, (report, wall, cpu) = await appends_around(
+            compactor.runtime.store, rate, seconds, timed
+        )
     scanned = sum(report.kept_by_type.values()) + report.removed_total
     figures.update(
         wall=wall,
@@ -359,7 +377,6 @@ async def verify_in_background(data: Path, rate: float, seconds: float) -> dict[
     from broker.config import load_config
     from broker.upkeep.verification import Verifier
     from eventstore import open_store
-    from eventstore.events import NodeHeartbeat
 
     config = load_config(None, broker_env(data, 0))
     config.store.verify_on_open = False  # verified just before
@@ -367,28 +384,7 @@ async def verify_in_background(data: Path, rate: float, seconds: float) -> dict[
     await store.open()
     verifier = Verifier(config.store.path, 3600.0)
     try:
-
-        async def appends(stop: asyncio.Event) -> list[float]:
-            lat: list[float] = []
-            nxt = time.perf_counter()
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                await store.append([NodeHeartbeat(node_id="node-000000", status="ok")])
-                lat.append(time.perf_counter() - t0)
-                nxt += 1.0 / rate
-                await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
-            return lat
-
-        stop = asyncio.Event()
-        task = asyncio.create_task(appends(stop))
-        await asyncio.sleep(seconds)
-        stop.set()
-        alone = sorted(await task)
-        stop = asyncio.Event()
-        task = asyncio.create_task(appends(stop))
-        done = await verifier.verify()
-        stop.set()
-        during = sorted(await task)
+        alone, during, done = await appends_around(store, rate, seconds, verifier.verify)
     finally:
         await verifier.close()
         await store.close()
