@@ -205,7 +205,7 @@ def one_off_costs(p: NodesProjection, last: float) -> None:
     at = [last + 40.0]
 
     def apply_cost(kind: str, make: Any, built: str) -> None:
-        envs = []
+        envs: list[Envelope] = []
         at[0] += 1.0
         for i in ids:
             envs.append(Envelope(all_.seq + len(envs) + 1, i, 9, at[0], "x", make(i)))
