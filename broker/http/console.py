@@ -51,6 +51,7 @@ from broker.services.connections import SHARED_BACKENDS
 from broker.services.eventlog import split_list
 from broker.services.nodes import NodeList, NodesQuery, NodeView
 from broker.upkeep.snapshots import snapshot_paths
+from eventstore.sqlite_checkpoint import Checkpoint, checkpoint_path
 from eventstore.timestamps import iso
 from projections.nodes import NodesProjection
 
@@ -143,14 +144,9 @@ class SnapshotsInfo(msgspec.Struct, kw_only=True):
     files: list[FileInfo]
 
 
-class VerifiedCheckpoint(msgspec.Struct):
-    """What `broker verify` leaves beside the log after a full pass (broker/cli/log.py)."""
-
-    seq: int
-    at: float
-
-
-_checkpoint = msgspec.json.Decoder(VerifiedCheckpoint)
+# The verified checkpoint beside the log (eventstore/sqlite_checkpoint.py), moved by `broker
+# verify` and by the server's background verification; shown as it is, without opening the log.
+_checkpoint = msgspec.json.Decoder(Checkpoint)
 
 
 class LastVerify(msgspec.Struct, kw_only=True):
@@ -163,7 +159,7 @@ class SystemInfo(msgspec.Struct, kw_only=True):
     instance: str | None  # this instance's id on a shared (nats) log
     started_at: str | None
     verified_at_start: bool  # the log's whole hash chain was checked before serving
-    last_verify: LastVerify | None  # the last `broker verify` (its checkpoint), if any
+    last_verify: LastVerify | None  # the verified checkpoint (broker verify, background), if any
     log_files: list[FileInfo]  # the SQLite log's files (none for nats or memory)
     snapshots: SnapshotsInfo
 
@@ -307,8 +303,8 @@ def system_of(app: web.Application) -> SystemInfo:
     files = [f for _seq, p in snapshot_paths(snap.directory) if (f := _file_info(p)) is not None]
     last_verify = None
     if store.backend == "sqlite":
-        try:  # <log>.verified, as broker verify writes it
-            cp = _checkpoint.decode(Path(store.path + ".verified").read_bytes())
+        try:
+            cp = _checkpoint.decode(checkpoint_path(store.path).read_bytes())
             last_verify = LastVerify(up_to_seq=cp.seq, at=iso(cp.at))
         except (OSError, msgspec.DecodeError):
             pass

@@ -74,8 +74,8 @@ export function SystemPage() {
             ? `hash chain verified at start (${fmtTime(info.started_at)})`
             : "not verified at start"}</dd>
           <dt>Last verify</dt><dd data-last-verify>${info.last_verify
-            ? `broker verify checked up to seq ${info.last_verify.up_to_seq}, ${fmtTime(info.last_verify.at)}`
-            : "broker verify has not run on this log"}</dd>
+            ? `verified up to seq ${info.last_verify.up_to_seq}, ${fmtTime(info.last_verify.at)}`
+            : "not verified yet (broker verify, or the server's background pass)"}</dd>
           <dt>Log files</dt><dd>${info.log_files.length ? info.log_files.map((f) => html`<div>${f.name}: ${size(f.bytes)}</div>`) : "—"}</dd>
           <dt>Snapshots</dt><dd>${info.snapshots.enabled
             ? `every ${info.snapshots.every.toLocaleString("en")} events, ${info.snapshots.keep} kept; ${info.snapshots.last_seq ? `newest at seq ${info.snapshots.last_seq}` : "none yet"}${info.snapshots.failures ? `; ${info.snapshots.failures} failed in a row` : ""}`
