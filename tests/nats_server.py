@@ -3,17 +3,23 @@ and private nats-server processes a test may stop and restart."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pytest
+
+if TYPE_CHECKING:
+    from broker.config import Config
 
 NATS_URL = os.environ.get("BROKER_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -131,3 +137,26 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.asynccontextmanager
+async def private_stream(prefix: str) -> AsyncIterator[tuple[str, str]]:
+    """(the shared server's url, a stream name of its own), deleted after with its snapshots'
+    bucket; skips (fails in CI) without NATS."""
+    url = require_nats()
+    name = unique_stream(prefix)
+    try:
+        yield url, name
+    finally:
+        await delete_stream(url, name)
+
+
+def nats_config(tmp_path: Path, url: str, stream: str, every: int = 100_000, **kw: Any) -> Config:
+    """A test configuration on that stream, with snapshots every `every` events."""
+    from broker.config import SnapshotsConfig
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, backend="nats")
+    config.store.url, config.store.stream = url, stream
+    config.snapshots = SnapshotsConfig(every=every, keep=2, min_interval=0, **kw)
+    return config

@@ -15,7 +15,7 @@ from typing import Any
 import nats
 import pytest
 
-from broker.config import Config, SnapshotsConfig
+from broker.config import Config
 from broker.upkeep.compaction import Report, offline
 from broker.upkeep.snapshot_store import index_from
 from broker.upkeep.snapshots import Snapshotter
@@ -24,27 +24,17 @@ from eventstore.events import BaseEvent, NodeHeartbeat
 from eventstore.nats import NatsStore
 from eventstore.nats_verify import verify_stream
 from eventstore.nats_wire import removable_subject, subject_token
-from tests.conftest import make_config
 from tests.helpers.events import history
 from tests.helpers.snapshots import state
-from tests.nats_server import delete_stream, require_nats, unique_stream
+from tests.nats_server import nats_config, private_stream
 
 DAY = 86400.0
 
 
 @pytest.fixture
 async def stream() -> AsyncIterator[tuple[str, str]]:
-    url = require_nats()
-    name = unique_stream("COMPACT")
-    yield url, name
-    await delete_stream(url, name)  # and its snapshots' bucket
-
-
-def nats_config(tmp_path: Path, url: str, stream: str, **kw: Any) -> Config:
-    config = make_config(tmp_path, backend="nats")
-    config.store.url, config.store.stream = url, stream
-    config.snapshots = SnapshotsConfig(every=100_000, keep=2, min_interval=0, **kw)
-    return config
+    async with private_stream("COMPACT") as found:
+        yield found
 
 
 async def record_each(runtime: Any, events: list[BaseEvent]) -> None:

@@ -15,32 +15,22 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
-from broker.config import Config, SnapshotsConfig
+from broker.config import Config
 from broker.keys import RUNTIME, SNAPSHOTS
 from broker.upkeep.snapshot_store import bucket_name
 from broker.upkeep.snapshots import Snapshotter
 from eventstore.base import ConcurrencyError
 from eventstore.events import LogNote
 from eventstore.nats import NatsStore
-from tests.conftest import make_config
 from tests.helpers.events import history
 from tests.helpers.snapshots import run_app, state
-from tests.nats_server import delete_stream, require_nats, unique_stream
+from tests.nats_server import delete_stream, nats_config, private_stream, unique_stream
 
 
 @pytest.fixture
 async def stream() -> AsyncIterator[tuple[str, str]]:
-    url = require_nats()
-    name = unique_stream("SNAP")
-    yield url, name
-    await delete_stream(url, name)  # and its snapshots' bucket
-
-
-def nats_config(tmp_path: Path, url: str, stream: str, every: int = 100_000, **kw: Any) -> Config:
-    config = make_config(tmp_path, backend="nats")
-    config.store.url, config.store.stream = url, stream
-    config.snapshots = SnapshotsConfig(every=every, keep=2, min_interval=0, **kw)
-    return config
+    async with private_stream("SNAP") as found:
+        yield found
 
 
 async def objects(url: str, stream: str) -> dict[str, bytes]:
