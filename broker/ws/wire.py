@@ -9,14 +9,17 @@ import contextlib
 import struct
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 
 from broker.errors import BrokerError, Disconnect
 from projections.messages import Mail, PendingMessage
+
+if TYPE_CHECKING:
+    from broker.ws.protocol import FrameProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -128,7 +131,7 @@ class NodeConnection:
     def __init__(
         self,
         node_id: str,
-        ws: web.WebSocketResponse,
+        ws: FrameProtocol,
         send_timeout: float,
         transport: asyncio.Transport | None = None,
         session: str = "",
