@@ -117,6 +117,9 @@ class NodeSocket(FrameProtocol):
         if self.conn is not None:
             self.app[DISPATCHER].disconnect(self.conn)  # its pump, if one runs, is cancelled
 
+    def on_failed(self) -> None:
+        self.on_lost()  # its session ends now, its connection once the peer ends it
+
     def refuse(self, disconnect: errors.Disconnect, err: errors.BrokerError | None = None) -> None:
         """Close before the session opens: the error frame, if any, then the Close frame."""
         if err is not None:

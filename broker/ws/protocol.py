@@ -128,11 +128,13 @@ class FrameProtocol(BaseProtocol):  # type: ignore[misc]
                 self.transport.pause_reading()  # type: ignore[union-attr]
             backlog.append(msg)
         if error is not None:
-            # A frame the reader refused (too big, bad UTF-8, a protocol error): its code, no
-            # reason, and the connection ends, as aiohttp's WebSocketResponse did.
+            # A frame the reader refused (too big, bad UTF-8, a protocol error): its code and
+            # no reason, as aiohttp's WebSocketResponse sent. What the peer still sends is
+            # read and dropped until it ends the connection (or `close_timeout` does), so the
+            # Close is not lost to a reset while the peer is still writing.
             self._backlog = None
             self.send_close(getattr(error, "code", 1002), "")
-            self._end()
+            self.on_failed()
 
     def _take(self, msg: Any) -> bool:
         if msg.type is _CLOSE:
@@ -181,6 +183,9 @@ class FrameProtocol(BaseProtocol):  # type: ignore[misc]
 
     def on_lost(self) -> None:
         """The connection ended."""
+
+    def on_failed(self) -> None:
+        """The peer sent a frame the reader refused: its Close frame is sent."""
 
     def close_sent(self) -> bool:
         return self.closed
