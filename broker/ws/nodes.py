@@ -230,7 +230,7 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
     # Pongs are seen by the socket: they prove the node reads (delivery). No heartbeat:
     # broker.ws.wire.Liveness checks every connection from one task, instead of a timer each.
     ws = web.WebSocketResponse(max_msg_size=config.ws_max_message_bytes, autoping=False)
-    early = unread_bytes(request)
+    early = unread_bytes(request) if ws.can_prepare(request) else b""
     await ws.prepare(request)
     sock = NodeSocket(request, ws)
     response = take_over(request, sock)

@@ -239,7 +239,8 @@ def _cut(transport: asyncio.BaseTransport) -> None:
 def unread_bytes(request: web.Request) -> bytes:
     """What the client sent behind its upgrade request before the 101 (a client should not:
     RFC 6455 §4.1), taken from aiohttp before `WebSocketResponse.prepare` hands it to a reader
-    of its own. Called right before `prepare`."""
+    of its own. Called right before `prepare`, once the upgrade is known to be accepted (a
+    refused one leaves the bytes to aiohttp, which reads them as the next request)."""
     handler = request.protocol
     tail: bytes = getattr(handler, "_message_tail", b"")
     if tail:
@@ -271,6 +272,7 @@ def take_over(request: web.Request, protocol: FrameProtocol) -> web.StreamRespon
         raise ConnectionResetError("Connection lost")
     transport.set_protocol(protocol)
     protocol.transport = transport
+    protocol._paused = handler._paused  # the transport tells the new protocol when it drains
     handler.transport = None
     handler.connection_lost(None)
     if handler._reading_paused or handler._buffer_paused:
