@@ -143,7 +143,13 @@ def create_app(config: Config) -> web.Application:
         routes.install(app)
     app.on_shutdown.append(_close_feeds)  # before the contexts unwind: feeds end their streams
     app.cleanup_ctx.append(_serve)
+    app.on_startup.append(_started)  # after every cleanup context's start
     return app
+
+
+async def _started(app: web.Application) -> None:
+    """The start-up is over: the background work that waited for it may begin."""
+    app[NODES].started.set()
 
 
 async def _serve(app: web.Application) -> AsyncIterator[None]:
