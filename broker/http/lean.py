@@ -332,7 +332,7 @@ class LeanProtocol(web_protocol.RequestHandler):
         self._request_in_progress = False
         if self._handler_waiter is not None and not self._handler_waiter.done():
             self._handler_waiter.set_result(None)  # a graceful shutdown waited for it
-        if waiter is None:
+        if waiter is None or waiter.done():  # aiohttp's task was cancelled meanwhile
             return
         self._waiter = waiter
         if self._force_close or self._close:

@@ -258,3 +258,62 @@ def test_off_in_the_configuration_or_with_other_middlewares(tmp_path: Path) -> N
     app = create_app(lean_config(tmp_path))
     app.on_response_prepare.append(lambda request, response: asyncio.sleep(0))  # type: ignore[arg-type,return-value]
     assert Front.of(app) is None
+
+
+class Held:
+    """The heartbeat service held at its start until `gate` is set (`entered` says it is)."""
+
+    def __init__(self, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+        service = client.app[NODES]
+        original = service.heartbeat
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            self.entered.set()
+            await self.gate.wait()
+            return await original(*args, **kwargs)
+
+        monkeypatch.setattr(service, "heartbeat", held)
+
+
+async def test_a_graceful_shutdown_waits_for_the_answer_in_flight(
+    tmp_path: Path, counted: Counted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async for client in lean_client(lean_config(tmp_path), lean=True):
+        token = (await node_session(client, "node-a"))["access_token"]
+        held = Held(client, monkeypatch)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(post("/api/v1/nodes/node-a/heartbeat", token, b"{}"))
+        await held.entered.wait()
+        server = client.server.runner.server  # type: ignore[union-attr]
+        assert server is not None
+        server.pre_shutdown()
+        stopping = asyncio.create_task(server.shutdown(10.0))  # runs before the gate opens
+        held.gate.set()
+        answer = await reader.read()  # the answer, then the server closes the connection
+        await stopping
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"}")
+        assert counted.answers == 1
+        writer.close()
+
+
+async def test_a_client_gone_mid_request_leaves_the_server_serving(
+    tmp_path: Path, counted: Counted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async for client in lean_client(lean_config(tmp_path), lean=True):
+        token = (await node_session(client, "node-a"))["access_token"]
+        held = Held(client, monkeypatch)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(post("/api/v1/nodes/node-a/heartbeat", token, b"{}"))
+        await held.entered.wait()
+        writer.close()
+        await writer.wait_closed()
+        held.gate.set()
+        (answer,) = await raw_exchange(
+            client.server.port,
+            post(  # type: ignore[arg-type]
+                "/api/v1/nodes/node-a/heartbeat", token, b"{}"
+            ),
+            1,
+        )
+        assert answer.startswith(b"HTTP/1.1 200 ") and counted.answers == 2
