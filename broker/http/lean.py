@@ -269,13 +269,14 @@ class LeanProtocol(web_protocol.RequestHandler):
     (`_parked`) so that what arrives meanwhile is parsed and queued but not handed to it; once
     the answer is written, the waiter is given back, and woken when requests are queued."""
 
-    __slots__ = ("_front", "_parked", "_hot")
+    __slots__ = ("_front", "_parked", "_hot", "_ip")
 
     def __init__(self, manager: LeanServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._front = manager.front
         self._parked: asyncio.Future[None] | None = None
         self._hot: asyncio.Task[None] | None = None
+        self._ip: str | None = None  # the client's address, once asked
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
@@ -346,10 +347,12 @@ class LeanProtocol(web_protocol.RequestHandler):
                 self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     def _remote(self) -> str | None:
-        peer = self.peername  # as aiohttp's `BaseRequest.remote`
-        if peer is None:
-            return None
-        return str(peer[0]) if isinstance(peer, list | tuple) else str(peer)
+        if self._ip is None:  # as aiohttp's `BaseRequest.remote`
+            peer = self.peername
+            if peer is None:
+                return None
+            self._ip = str(peer[0]) if isinstance(peer, list | tuple) else str(peer)
+        return self._ip
 
 
 class LeanServer(web.Server):
