@@ -147,6 +147,12 @@ class NodeService:
         self.tokens = tokens
         self.online_within = config.heartbeat_interval * config.online_after_missed
         self.stale_within = config.heartbeat_interval * config.stale_after_missed
+        # True until the background task has built every discovery order and presence window
+        # (queries are exact meanwhile, but answer from a slice of the work: slower)
+        self.indices_building = True
+        # Set once the application has started (`broker.app`): the background build waits for
+        # it, so that its slices do not take turns with the rest of the start-up's steps.
+        self.started = asyncio.Event()
         self._runtime: Runtime | None = None
         self._challenge_key = b""
         self._outstanding: dict[str, dict[str, float]] = {}  # node id -> nonce hex -> expiry
@@ -415,11 +421,14 @@ class NodeService:
 async def build_discovery_indices(service: NodeService) -> None:
     """The discovery orders and presence windows built in the background once the server is
     up, one bounded slice per turn of the loop (again after the indices are rebuilt)."""
+    await service.started.wait()
     while True:
         index = service.runtime.nodes.index
         index.build_orders()
         for within in (service.online_within, service.stale_within):
             index.prepare_window(within, service.clock())
         while index.build_step():
+            service.indices_building = True
             await asyncio.sleep(0)
+        service.indices_building = False
         await asyncio.sleep(ORDERS_CHECK)
