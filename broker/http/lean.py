@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import aiohttp
 import msgspec
 import structlog
 from aiohttp import web, web_protocol
@@ -55,6 +56,30 @@ from broker.http.routing import Answer, RouteInfo, route_info
 from broker.keys import CONFIG, REQUEST_ID
 
 log = structlog.get_logger("broker.http")
+
+# The front steps into aiohttp's connection protocol (its request queue, waiter and keep-alive
+# state: private attributes), so it runs only on the releases it was written and tested for;
+# on another one aiohttp answers everything, as with `[server] lean_front = false`.
+KNOWN_AIOHTTP = ("3.14",)
+_PROTOCOL_STATE = (
+    "_messages",
+    "_waiter",
+    "_handler_waiter",
+    "_request_in_progress",
+    "_keepalive_handle",
+    "_force_close",
+    "_manager",
+    "_next_keepalive_close_time",
+    "_keepalive_timeout",
+)
+
+
+def aiohttp_fits() -> bool:
+    """True when the installed aiohttp is a release the front knows, with the state it uses."""
+    release = ".".join(aiohttp.__version__.split(".")[:2])
+    slots = set(getattr(web_protocol.RequestHandler, "__slots__", ()))
+    return release in KNOWN_AIOHTTP and slots.issuperset(_PROTOCOL_STATE)
+
 
 _json = msgspec.json.Encoder()
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")  # a path parameter aiohttp would take as it is
@@ -156,6 +181,13 @@ class Front:
         middleware, `request_context`; no response hook but the rate limiter's)."""
         config = app.get(CONFIG)
         if config is None or not config.server.lean_front:
+            return None
+        if not aiohttp_fits():
+            log.warning(
+                "lean_front_off",
+                reason=f"aiohttp {aiohttp.__version__} is not a release the front was written "
+                f"for ({', '.join(KNOWN_AIOHTTP)}.x): every request goes to aiohttp",
+            )
             return None
         hooks = list(app.on_response_prepare)
         if list(app.middlewares) != [request_context] or hooks not in ([], [ratelimit.add_headers]):

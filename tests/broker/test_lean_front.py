@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
 from broker.config import Config, LimitsConfig
 from broker.http import middleware
-from broker.http.lean import Front, LeanRunner
+from broker.http.lean import Front, LeanRunner, aiohttp_fits
 from broker.keys import METRICS, NODES
 from tests.broker.identity.helpers import bearer, node_session, operator_token
 from tests.broker.test_access_log import Recorder
@@ -309,11 +310,24 @@ async def test_a_client_gone_mid_request_leaves_the_server_serving(
         writer.close()
         await writer.wait_closed()
         held.gate.set()
+        port = client.server.port
+        assert port is not None
         (answer,) = await raw_exchange(
-            client.server.port,
-            post(  # type: ignore[arg-type]
-                "/api/v1/nodes/node-a/heartbeat", token, b"{}"
-            ),
+            port,
+            post("/api/v1/nodes/node-a/heartbeat", token, b"{}"),
             1,
         )
         assert answer.startswith(b"HTTP/1.1 200 ") and counted.answers == 2
+
+
+def test_the_front_runs_only_on_an_aiohttp_it_knows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the installed aiohttp (the one the tests run) the front is on; on a release it was
+    not written for, every request goes to aiohttp."""
+    app = create_app(make_config(tmp_path))
+    assert aiohttp_fits()
+    assert Front.of(app) is not None
+    monkeypatch.setattr(aiohttp, "__version__", "4.0.0")
+    assert not aiohttp_fits()
+    assert Front.of(app) is None
