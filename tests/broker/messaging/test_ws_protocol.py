@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import struct
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -252,3 +253,24 @@ async def test_a_graceful_shutdown_sends_every_node_socket_its_close(client: Cli
     msg = await ws.receive(timeout=10)
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == errors.SHUTDOWN.code
     assert await unauthed.closed_with() == (errors.SHUTDOWN.code, errors.SHUTDOWN.reason)
+
+
+async def test_the_hand_over_behind_broker_serves_runner(tmp_path: Path) -> None:
+    """`broker serve` runs the lean front (its request handler a subclass of aiohttp's): the
+    upgraded socket is handed over from it the same way, ops and a shutdown's Close included."""
+    from tests.broker.test_lean_front import lean_client, lean_config
+
+    async for lean in lean_client(lean_config(tmp_path), lean=True):
+        b = (await node_session(lean, "node-b", 1))["access_token"]
+        ws = await raw(lean, b)
+        assert (await ws.json())["type"] == "welcome"
+        data = text({"type": "heartbeat", "ref": "lean"})
+        await ws.write(data[:3])
+        await ws.write(data[3:])
+        assert await ws.json() == {"type": "ok", "ref": "lean"}
+        runner = lean.server.runner
+        assert runner is not None and runner.server is not None
+        mine = ws.writer.get_extra_info("sockname")
+        assert not [h for h in runner.server.connections if h.peername == mine]
+        await lean.server.close()
+        assert await ws.closed_with() == (errors.SHUTDOWN.code, errors.SHUTDOWN.reason)
