@@ -643,6 +643,16 @@ def main_sync(args: argparse.Namespace) -> None:
                     f"({s.start_cpu:.2f} s CPU; goal <= 3 s, set for 1M): "
                     f"{goal(s.started <= 3.0)}"
                 )
+                # Nodes restored from a snapshot are decoded on first touch or by the
+                # background task's slices: RSS at /health, then once that settled.
+                at_health = s.rss()
+                settled = settle(s, 2.0)
+                say(
+                    f"rss per node after a start with a snapshot: "
+                    f"{(at_health - empty_rss) / n:.2f} KiB at /health 200, "
+                    f"{(settled - empty_rss) / n:.2f} KiB once settled (goal <= 2 KiB): "
+                    f"{goal((settled - empty_rss) / n <= 2)}"
+                )
 
             async def middle(session: aiohttp.ClientSession, fleet: Fleet) -> None:
                 nodes = [node_id(i) for i in range(beaters_n)]
