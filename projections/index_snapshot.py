@@ -145,7 +145,7 @@ def _restore(index: NodeIndex, nodes: Iterable[Packed], saved: SavedIndex) -> bo
     present = bytes(map(is_not, slots, repeat(None)))
     index.live = from_flags(present)
     index.heartbeats.load(compress(range(n), present) if live < n else range(n), index.counts_of)
-    index.packed = live
+    index.packed = live if ordered and type(ordered[0]) is Packed else 0  # else decoded
     return True
 
 

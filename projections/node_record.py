@@ -112,7 +112,11 @@ _decoder = msgspec.msgpack.Decoder(Node)
 
 def decode(packed: Packed) -> Node:
     """The node `packed` holds, its key strings shared (as a replay shares them)."""
-    node = _decoder.decode(packed.record)
+    return share_keys(_decoder.decode(packed.record))
+
+
+def share_keys(node: Node) -> Node:
+    """`node` holding the shared copy of its type, capabilities, region and status."""
     node.type = intern(node.type)
     caps = node.capabilities
     for i, cap in enumerate(caps):

@@ -7,6 +7,7 @@ Presence is never stored: the projection keeps the server time of each node's la
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,6 +33,7 @@ from projections.node_record import (
     Records,
     decode,
     intern,
+    share_keys,
     with_region_interned,
 )
 from projections.sorted_slots import SortedSlots
@@ -56,6 +58,7 @@ class NodesProjection(Projection):
     # from the log once, and the next snapshot is of this version).
     snapshot_version: ClassVar[int] = 4
     record_type: ClassVar[type] = Packed
+    legacy_records: ClassVar[dict[str, type]] = {"76a9c24f3caa14ec": Node}  # version 3
 
     def state(self) -> object:
         return {"nodes": self.nodes, "retired": self.retired}
@@ -69,10 +72,15 @@ class NodesProjection(Projection):
     def restore_sliced(self, records: dict[str, Any], raw: bytes) -> None:
         saved = _snapshot_decoder.decode(raw)
         self.nodes, self.retired = records, saved.retired
+        # Records of a snapshot of version 3 come decoded (all of them: one shape a snapshot).
+        if type(next(iter(records.values()), None)) is Node:
+            deque(map(share_keys, records.values()), maxlen=0)
         # Indices saved in another shape, or that do not fit the records: rebuilt from them.
         index = index_snapshot.decode(saved.index) if saved.index else None
         if index is None or not index_snapshot.restore(self.index, records, index):
-            self.nodes = {key: decode(node) for key, node in records.items()}
+            self.nodes = {
+                key: node if type(node) is Node else decode(node) for key, node in records.items()
+            }
             self.index.rebuild(self.nodes.values())  # type: ignore[arg-type]
 
     def _remove(self, node: Node) -> None:

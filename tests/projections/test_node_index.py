@@ -19,6 +19,7 @@ import projections.index_snapshot as index_snapshot
 import projections.node_index as node_index
 import projections.sorted_slots as sorted_slots
 import projections.token_counts as token_counts
+from broker.upkeep.snapshot_write import slice_decoders
 from eventstore.base import Envelope
 from eventstore.events import (
     BaseEvent,
@@ -30,7 +31,7 @@ from eventstore.events import (
 from projections.base import Projections
 from projections.node_record import Packed
 from projections.nodes import Node, NodesProjection
-from projections.snapshots import encoder
+from projections.snapshots import encoder, fingerprint
 
 # The order of a plain sort of the matches (in registration order), as the API had it.
 SORT_KEYS: dict[str, Any] = {
@@ -345,14 +346,19 @@ class DiscoveryMachine(RuleBasedStateMachine):
         Projections([replayed]).apply_many(self.log)
         restored = through_snapshot(self.p)
         rebuilt = through_snapshot(self.p, saved_index=False)
+        older = through_snapshot(self.p, version=3)
         assert replayed.state() == self.p.state() == restored.state() == rebuilt.state()
+        assert older.state() == replayed.state()
         assert saved_records(replayed) == saved_records(self.p) == saved_records(restored)
+        assert saved_records(older) == saved_records(replayed)
         assert restored.index.registry is restored.nodes  # the saved indices were used
+        assert older.index.registry is older.nodes and older.index.packed == 0
+        assert same_index(older, self.p)
         assert rebuilt.index.packed == 0
-        assert all(type(n) is Node for n in rebuilt.nodes.values())
+        assert all(type(n) is Node for n in [*rebuilt.nodes.values(), *older.nodes.values()])
         assert same_index(restored, self.p)
         want = model_page(self.p, q)
-        for other in (replayed, restored, rebuilt):
+        for other in (replayed, restored, rebuilt, older):
             check_index(other)
             assert index_page(other, q) == want
         restored.index.build_orders()
@@ -499,17 +505,26 @@ def fold(events: list[tuple[float, BaseEvent]]) -> NodesProjection:
     return p
 
 
-def through_snapshot(p: NodesProjection, saved_index: bool = True) -> NodesProjection:
+def through_snapshot(
+    p: NodesProjection, saved_index: bool = True, version: int = 4
+) -> NodesProjection:
     """A projection loaded from what a snapshot saves of `p`: its records (in slices, by
     `broker.upkeep.snapshots`) and the rest, each through the codec. `saved_index` False: a
-    snapshot made before the indices were saved (they are rebuilt)."""
-    records = encoder.encode(list(p.records().items()))
+    snapshot made before the indices were saved (they are rebuilt). `version` 3: the records
+    as that version saved them (each node whole), read with the decoder kept for it."""
+    if version == 3:
+        records = encoder.encode([(key, p.get(key)) for key in p.nodes])
+        (decoder,) = [
+            d
+            for fp, d in slice_decoders(Projections([p]))["nodes"].items()
+            if fp in NodesProjection.legacy_records
+        ]
+    else:
+        records = encoder.encode(list(p.records().items()))
+        decoder = slice_decoders(Projections([p]))["nodes"][fingerprint(p)]
     rest = p.snapshot() if saved_index else {"retired": p.retired}
     restored = NodesProjection()
-    restored.restore_sliced(
-        dict(msgspec.msgpack.decode(records, type=list[tuple[str, Packed]])),
-        encoder.encode(rest),
-    )
+    restored.restore_sliced(dict(decoder.decode(records)), encoder.encode(rest))
     return restored
 
 
