@@ -54,8 +54,8 @@ class NodesProjection(Projection):
     # node]`), the rest whole with the discovery indices' bitmaps (`projections.index_snapshot`),
     # restored at load instead of rebuilt; a snapshot without them (before they were saved) is
     # rebuilt. Version 4: the slot and last heartbeat ahead of each node, which is decoded on
-    # first touch; a snapshot of an earlier version is not loaded (the registry is replayed
-    # from the log once, and the next snapshot is of this version).
+    # first touch. Version 3 (each node whole, decoded at load; its fingerprint below) still
+    # loads; an earlier one is not loaded (the registry is replayed from the log once).
     snapshot_version: ClassVar[int] = 4
     record_type: ClassVar[type] = Packed
     legacy_records: ClassVar[dict[str, type]] = {"76a9c24f3caa14ec": Node}  # version 3
