@@ -322,13 +322,18 @@ class HeartbeatOrder:
             self._grow(live[-1])
         of = nodes if every else map(nodes.__getitem__, live)
         keys = [k or 0.0 for k in map(_heartbeat, of)]
-        zero = list(compress(live, map(not_, keys)))
         where, off = self.where, self.off
         z = self.zero
-        flags = bytearray(len(where))
-        deque(map(flags.__setitem__, zero, repeat(1)), maxlen=0)
-        z.bits = from_flags(flags)
-        deque(map(where.__setitem__, zero, repeat(z)), maxlen=0)
+        if every and not any(keys):  # no heartbeat yet (a registry just imported): one group
+            zero: Sequence[int] = live
+            z.bits = from_flags(b"\x01" * len(where))
+            where[:] = [z] * len(where)
+        else:
+            zero = list(compress(live, map(not_, keys)))
+            flags = bytearray(len(where))
+            deque(map(flags.__setitem__, zero, repeat(1)), maxlen=0)
+            z.bits = from_flags(flags)
+            deque(map(where.__setitem__, zero, repeat(z)), maxlen=0)
         z.live = len(zero)
         z.counts = counts_of(z.bits) if counts_of is not None else count_slots(nodes, zero)
         # Only the nodes with a heartbeat are sorted (none in a registry that never had one).

@@ -127,8 +127,10 @@ def _restore(index: NodeIndex, nodes: Iterable[Packed], saved: SavedIndex) -> bo
     if not all(map(lt, taken, taken[1:])):
         ordered.sort(key=_slot)
         taken = list(map(_slot, ordered))
+        if not all(map(lt, taken, taken[1:])):
+            return False  # a slot taken twice
     live = len(taken)
-    if taken and (taken[0] < 0 or taken[-1] >= n or not all(map(lt, taken, taken[1:]))):
+    if taken and (taken[0] < 0 or taken[-1] >= n):
         return False
     slots: list[Packed | None] = ordered  # type: ignore[assignment]
     if live < n:
@@ -142,7 +144,7 @@ def _restore(index: NodeIndex, nodes: Iterable[Packed], saved: SavedIndex) -> bo
             return False
     index.slots.extend(slots)  # type: ignore[arg-type]
     index.holes = n - live
-    present = bytes(map(is_not, slots, repeat(None)))
+    present = b"\x01" * n if live == n else bytes(map(is_not, slots, repeat(None)))
     index.live = from_flags(present)
     index.heartbeats.load(compress(range(n), present) if live < n else range(n), index.counts_of)
     index.packed = live if ordered and type(ordered[0]) is Packed else 0  # else decoded
