@@ -128,9 +128,22 @@ def generate(path: Path, n: int, pem: str) -> None:
     write_records(path, records())
 
 
+METRICS_TOKEN = "fleet-bench-scrape-" + "0" * 24  # reads /metrics (the gauges phases wait on)
+
+
+def metrics_token_file(data: Path) -> Path:
+    """The scrape token's file beside the log, readable by its owner only (as the server wants)."""
+    path = data.parent / "metrics.token"
+    if not path.exists():
+        path.write_text(METRICS_TOKEN)
+        path.chmod(0o600)
+    return path
+
+
 def broker_env(data: Path, port: int, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
+        "BROKER_AUTH__METRICS_TOKEN_FILE": str(metrics_token_file(data)),
         "BROKER_STORE__PATH": str(data / "events.db"),
         "BROKER_SERVER__DATA_DIR": str(data),
         "BROKER_SERVER__PORT": str(port),
@@ -343,10 +356,28 @@ async def discovery(
 ) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     limit_ms = 5.0 if n >= 1_000_000 else 2.0
-    for name, query in discovery_queries(n):
+    queries = discovery_queries(n)
+    # Right after a start the orders and presence windows are still built in the background
+    # (queries exact, answered from a slice of the work): measured apart, the goal is the rest.
+    times: list[float] = []
+    t0 = time.perf_counter()
+    while await indices_building(session, base):
+        t1 = time.perf_counter()
+        async with session.get(f"{base}/api/v1/nodes?{queries[0][1]}", headers=headers) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+        times.append(time.perf_counter() - t1)
+    if times:
+        times.sort()
+        say(
+            f"discovery {queries[0][0]} while the indices build after the start "
+            f"({time.perf_counter() - t0:.1f} s): p50 {pct(times, 0.5):.2f} ms, "
+            f"p99 {pct(times, 0.99):.2f} ms over {len(times)} requests (not a goal figure)"
+        )
+    for name, query in queries:
         if "online" in query:  # the earlier queries may have taken more than a minute
             await beat_each_once(beaters)
-        times: list[float] = []
+        times = []
         total = None
         stop = time.perf_counter() + budget
         while len(times) < most and (len(times) < 5 or time.perf_counter() < stop):
@@ -364,6 +395,15 @@ async def discovery(
             f"{len(times)} requests ({total:,} match of {n:,}; goal p99 <= {limit_ms:g} ms): "
             f"{goal(p99 <= limit_ms)}"
         )
+
+
+async def indices_building(session: aiohttp.ClientSession, base: str) -> bool:
+    """The server's `broker_discovery_indices_building` gauge (False on a server without it)."""
+    headers = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    async with session.get(f"{base}/metrics", headers=headers) as r:
+        assert r.status == 200, await r.text()
+        text = await r.text()
+    return "\nbroker_discovery_indices_building 1.0" in text
 
 
 async def http_heartbeats(

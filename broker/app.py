@@ -177,6 +177,7 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         nodes.start(runtime)
         stack.callback(nodes.stop)
         _background(stack, build_discovery_indices(nodes), "discovery-indices")
+        metrics.discovery_building.set_function(lambda: float(nodes.indices_building))
         # Open feeds check their credential again as soon as one may have been revoked.
         _react(stack, runtime, apikeys.on_revocations(app[FEEDS]))
 

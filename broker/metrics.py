@@ -153,6 +153,12 @@ class Metrics:
         self.node_connections = Gauge(
             "broker_node_connections", "Node WebSockets connected to this instance", registry=r
         )
+        self.discovery_building = Gauge(
+            "broker_discovery_indices_building",
+            "1 while the discovery orders and presence windows are built in the background "
+            "(after a start or a rebuild: queries are exact but slower meanwhile), else 0",
+            registry=r,
+        )
         self.commit_seconds = LoopHistogram(
             "broker_commit_seconds",
             "Time one group commit of the log takes (write and sync; embedded SQLite log)",

@@ -147,6 +147,9 @@ class NodeService:
         self.tokens = tokens
         self.online_within = config.heartbeat_interval * config.online_after_missed
         self.stale_within = config.heartbeat_interval * config.stale_after_missed
+        # True until the background task has built every discovery order and presence window
+        # (queries are exact meanwhile, but answer from a slice of the work: slower)
+        self.indices_building = True
         self._runtime: Runtime | None = None
         self._challenge_key = b""
         self._outstanding: dict[str, dict[str, float]] = {}  # node id -> nonce hex -> expiry
@@ -421,5 +424,7 @@ async def build_discovery_indices(service: NodeService) -> None:
         for within in (service.online_within, service.stale_within):
             index.prepare_window(within, service.clock())
         while index.build_step():
+            service.indices_building = True
             await asyncio.sleep(0)
+        service.indices_building = False
         await asyncio.sleep(ORDERS_CHECK)

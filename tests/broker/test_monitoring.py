@@ -83,6 +83,8 @@ async def test_a_metrics_read_key_scrapes_and_the_new_families_are_there(client:
     assert value(text, "broker_nodes_registered") == 1
     assert value(text, "broker_log_writable") == 1
     assert value(text, "broker_commit_seconds_count") >= 1
+    # a one-node registry: its discovery indices were built long before the scrape
+    assert value(text, "broker_discovery_indices_building") == 0
     assert value(text, "broker_api_keys_active") == 1
     assert value(text, "process_resident_memory_bytes") > 0
     assert "python_gc_collections_total" in sample_names(text)
