@@ -407,13 +407,42 @@ async def background_done(base: str) -> float:
     return time.perf_counter() - t0
 
 
-async def indices_building(session: aiohttp.ClientSession, base: str) -> bool:
-    """The server's `broker_discovery_indices_building` gauge (False on a server without it)."""
+async def scrape(session: aiohttp.ClientSession, base: str) -> str:
     headers = {"Authorization": f"Bearer {METRICS_TOKEN}"}
     async with session.get(f"{base}/metrics", headers=headers) as r:
         assert r.status == 200, await r.text()
-        text = await r.text()
-    return "\nbroker_discovery_indices_building 1.0" in text
+        return await r.text()
+
+
+async def indices_building(session: aiohttp.ClientSession, base: str) -> bool:
+    """The server's `broker_discovery_indices_building` gauge (False on a server without it)."""
+    return "\nbroker_discovery_indices_building 1.0" in await scrape(session, base)
+
+
+async def loop_lag_counts(session: aiohttp.ClientSession, base: str) -> dict[float, float]:
+    """The server's `broker_event_loop_lag_seconds` buckets: upper bound -> looks at most that
+    late (cumulative; +Inf as `math.inf`); empty on a server without it."""
+    counts: dict[float, float] = {}
+    for line in (await scrape(session, base)).splitlines():
+        if line.startswith("broker_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            counts[float(le)] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def longest_lag(before: dict[float, float], after: dict[float, float]) -> str:
+    """Between two readings of the lag buckets: the looks, and the bucket of the longest."""
+    if not after:
+        return "not measured (a server without broker_event_loop_lag_seconds)"
+    bounds = sorted(after)
+    grew = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = grew[-1]
+    for i, b in enumerate(bounds):
+        if grew[i] == total:
+            low = f"{bounds[i - 1] * 1000:g}" if i else "0"
+            high = "inf" if b == float("inf") else f"{b * 1000:g}"
+            return f"{total:,.0f} looks, the longest lag in ({low}, {high}] ms"
+    return f"{total:,.0f} looks"
 
 
 async def http_heartbeats(
@@ -533,6 +562,7 @@ async def snapshot_pause(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     answered = sum(b.answered for b in beaters)
+    lag_before = await loop_lag_counts(session, server.base)
     beating = asyncio.ensure_future(beat_at(beaters, rate, stop))
     gaps: list[float] = []
     written_at = None
@@ -552,6 +582,7 @@ async def snapshot_pause(
             break
     stop.set()
     sent = await beating
+    lag = longest_lag(lag_before, await loop_lag_counts(session, server.base))
     await wait_answered(beaters, answered + sent, 30.0)  # the peak may come after the stream
     sampling = False
     sampler.join()
@@ -562,6 +593,7 @@ async def snapshot_pause(
         f"answers, {sent:,} heartbeats at {rate:,}/s, {taken} (goal <= 100 ms): "
         f"{goal(worst <= 100 and written_at is not None)}"
     )
+    say(f"snapshot pause, the server's own event loop meanwhile (every 50 ms): {lag}")
     ratio = peak / steady
     say(
         f"snapshot rss peak: {peak / 1024:,.0f} MiB against {steady / 1024:,.0f} MiB steady, "

@@ -1,7 +1,7 @@
 """The HTTP request path alone: seed 001's send and a node's heartbeat, requests/s and server CPU.
 
     python -m bench.http_path [--seconds 4] [--runs 3] [--concurrency 64] [--client raw,aiohttp]
-                              [--base-tree DIR] [--limits] [--floor]
+                              [--base-tree DIR] [--limits] [--floor] [--front-off]
 
 Starts `broker serve` on a temporary log (synchronous=FULL; `[limits]` off as in bench.peers
 unless `--limits`), registers and logs in four nodes, then drives, with `--concurrency`
@@ -20,7 +20,9 @@ threads) and the client's. With `--base-tree DIR` the broker of that checkout ru
 runs interleaved with this tree's, so before and after are measured in one sitting. With
 `--floor`, a column "aiohttp alone": the same requests to a bare aiohttp application on uvloop
 (one middleware passing through, the body read, a fixed 110-byte JSON answer): what the HTTP
-machinery costs on this machine in this sitting, before any of the broker's work.
+machinery costs on this machine in this sitting, before any of the broker's work. With
+`--front-off`, a column "this tree, lean front off": this tree with `[server] lean_front =
+false`, every request through aiohttp's Request and Response (broker/http/lean.py).
 """
 
 from __future__ import annotations
@@ -196,9 +198,11 @@ async def open_broker(
     label: str,
     tree: Path | None,
     limits: bool,
+    **env: str,
 ) -> Broker:
     data = Path(files.enter_context(tempfile.TemporaryDirectory(prefix="bench-http-")))
-    env = {"BROKER_LIMITS__ENABLED": "true"} if limits else {}
+    if limits:
+        env["BROKER_LIMITS__ENABLED"] = "true"
     base, pid = files.enter_context(server(data, free_port(), cwd=tree, **env))
     nodes = await onboard(session, base, 4)
     (sender, token), (sink, _) = nodes[0], nodes[1]
@@ -271,6 +275,12 @@ async def main_async(args: argparse.Namespace) -> None:
             brokers.append(
                 await open_broker(stack, files, session, f"at {tree}", tree, args.limits)
             )
+        if args.front_off:  # this tree with every request through aiohttp's objects
+            off = {"BROKER_SERVER__LEAN_FRONT": "false"}
+            label = "this tree, lean front off"
+            brokers.append(
+                await open_broker(stack, files, session, label, None, args.limits, **off)
+            )
         if args.floor:
             brokers.append(open_floor(files, brokers[0]))
         for r in range(args.runs):
@@ -315,6 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-tree", help="also run the broker of this checkout, interleaved")
     p.add_argument("--limits", action="store_true", help="[limits] on (the default config's)")
     p.add_argument("--floor", action="store_true", help="also a bare aiohttp application")
+    p.add_argument(
+        "--front-off", action="store_true", help="also this tree with [server] lean_front off"
+    )
     p.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for c in args.client:

@@ -143,7 +143,13 @@ def create_app(config: Config) -> web.Application:
         routes.install(app)
     app.on_shutdown.append(_close_feeds)  # before the contexts unwind: feeds end their streams
     app.cleanup_ctx.append(_serve)
+    app.on_startup.append(_started)  # after every cleanup context's start
     return app
+
+
+async def _started(app: web.Application) -> None:
+    """The start-up is over: the background work that waited for it may begin."""
+    app[NODES].started.set()
 
 
 async def _serve(app: web.Application) -> AsyncIterator[None]:
@@ -177,6 +183,7 @@ async def _serve(app: web.Application) -> AsyncIterator[None]:
         nodes.start(runtime)
         stack.callback(nodes.stop)
         _background(stack, build_discovery_indices(nodes), "discovery-indices")
+        _background(stack, monitoring.watch_loop_lag(metrics.loop_lag.observe), "loop-lag")
         metrics.discovery_building.set_function(lambda: float(nodes.indices_building))
         # Open feeds check their credential again as soon as one may have been revoked.
         _react(stack, runtime, apikeys.on_revocations(app[FEEDS]))

@@ -28,6 +28,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./data"  # keys and other files beside the log
     max_body_bytes: int = 1024 * 1024  # request bodies larger than this get 413
     shutdown_timeout: float = 10.0
+    lean_front: bool = True  # the hot routes answered below aiohttp's objects (broker.http.lean)
     # TLS (docs/deployment.md): PEM files, read again on SIGHUP. Empty tls_cert: plain HTTP.
     tls_cert: str = ""  # the certificate chain (may hold the key too)
     tls_key: str = ""  # the private key, unless in tls_cert

@@ -159,6 +159,13 @@ class Metrics:
             "(after a start or a rebuild: queries are exact but slower meanwhile), else 0",
             registry=r,
         )
+        self.loop_lag = LoopHistogram(
+            "broker_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every LAG_INTERVAL s: a step of work that "
+            "kept every request, frame and append waiting (a snapshot's cut, a long query)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
         self.commit_seconds = LoopHistogram(
             "broker_commit_seconds",
             "Time one group commit of the log takes (write and sync; embedded SQLite log)",

@@ -99,6 +99,7 @@ async def _serve(
     from aiohttp import web
 
     from broker import tls as tls_files
+    from broker.http.lean import LeanRunner
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -120,7 +121,7 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    runner = web.AppRunner(
+    runner = LeanRunner(  # aiohttp's AppRunner, with the hot routes' lean front
         app, access_log=None, keepalive_timeout=75.0, shutdown_timeout=server.shutdown_timeout
     )
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from broker.errors import AuthenticationFailed, Forbidden
-from broker.http.routing import Policy, RouteInfo
+from broker.http.routing import Call, Policy, RouteInfo
 from broker.keys import AUTHENTICATOR, PRINCIPAL
 from broker.principal import Principal
 
@@ -81,7 +81,7 @@ async def authenticate(app: web.Application, header: str | None) -> Principal:
     return await authenticator(token)
 
 
-def check(policy: Policy, principal: Principal, request: web.Request) -> None:
+def check(policy: Policy, principal: Principal, request: Call) -> None:
     """Raise Forbidden unless `principal` passes `policy` for this request."""
     if isinstance(policy, Authenticated):
         if principal.kind not in policy.kinds:
@@ -98,15 +98,19 @@ def check(policy: Policy, principal: Principal, request: web.Request) -> None:
     raise Forbidden("route policy not understood")
 
 
-async def admit(request: web.Request, info: RouteInfo | None, principal: Principal | None) -> None:
+async def admit(request: Call, info: RouteInfo | None, principal: Principal | None) -> None:
     """Enforce the route's policy: pass public routes and aiohttp's own answers (404/405, raised
     by their handler), refuse a route of the router without a declared policy (fail closed),
     else authenticate the caller (unless the rate limiter already did: `principal`), check the
     policy and keep the principal on the request (`principal_of`). Called by the one middleware,
     `broker.http.middleware.request_context`, after the rate limit."""
     if info is None:
-        match_info = request.match_info
-        if match_info.http_exception is None and isinstance(match_info.route, web.AbstractRoute):
+        match_info = request.match_info  # a route without metadata is aiohttp's only
+        if (
+            isinstance(match_info, web.UrlMappingMatchInfo)
+            and match_info.http_exception is None
+            and isinstance(match_info.route, web.AbstractRoute)
+        ):
             raise Forbidden("this route declares no access policy")
         return
     if isinstance(info.policy, Public):
@@ -117,5 +121,5 @@ async def admit(request: web.Request, info: RouteInfo | None, principal: Princip
     request[PRINCIPAL] = principal
 
 
-def principal_of(request: web.Request) -> Principal:
+def principal_of(request: Call) -> Principal:
     return request[PRINCIPAL]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from broker.errors import BadRequest, BrokerError, PayloadTooLarge, ValidationFailed
 from broker.jsonlimits import OutOfRange, check_storable, decode
+
+if TYPE_CHECKING:
+    from broker.http.routing import Call
 from eventstore.timestamps import iso
 
 T = TypeVar("T")
@@ -62,7 +65,7 @@ def _whole_floats_as_ints(value: Any) -> Any:
     return value
 
 
-async def decode_body(request: web.Request, type_: type[T]) -> T:
+async def decode_body(request: Call, type_: type[T]) -> T:
     """Read and validate a JSON body as `type_`: 400/422 on bad input, 413 when too large."""
     try:
         raw = await read_body(request)
@@ -71,7 +74,7 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
     return decode_json(raw or b"{}", type_)
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: Call) -> bytes:
     """The request's body, as `request.read()` gives it. A small body has usually arrived whole
     with its headers: then it is taken from the buffer at once (one call) instead of through
     `read()`'s loop of awaited chunks; otherwise, or past `client_max_size` (its 413), `read()`.

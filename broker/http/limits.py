@@ -10,10 +10,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from broker.config import LimitsConfig
+
+if TYPE_CHECKING:
+    from broker.http.routing import Call
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +104,7 @@ class RateLimiter:
             for k in list(self._buckets)[: len(self._buckets) // 2 + 1]:
                 del self._buckets[k]
 
-    def client_ip(self, request: web.Request) -> str:
+    def client_ip(self, request: Call) -> str:
         if self.config.trust_forwarded_for:
             # The last entry: the address the trusted proxy saw. Earlier ones come from the
             # client (or proxies before it) and can be anything (docs/deployment.md).

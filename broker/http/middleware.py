@@ -7,7 +7,7 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from broker import errors
 from broker.http import auth, ratelimit
 from broker.http.bodies import error_response
-from broker.http.routing import route_info
+from broker.http.routing import Call, RouteInfo, route_info
 from broker.ids import random_hex8
 from broker.keys import LIMITER, METRICS, PRINCIPAL, REQUEST_ID, RUNTIME
 
@@ -38,7 +38,7 @@ def _context_var(key: str) -> ContextVar[Any]:
     return var
 
 
-_REQUEST_ID_VAR = _context_var("request_id")
+REQUEST_ID_VAR = _context_var("request_id")
 
 
 def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
@@ -68,36 +68,28 @@ def _translate(exc: BaseException, path: str) -> errors.BrokerError | None:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one middleware, every step in one pass: the request id (and the logs' context), the
-    `min_seq` wait, the rate limit (`ratelimit.charge`), the route's policy (`auth.admit`), the
-    handler, the error body for whatever it raised, the X-Request-ID, deprecation and X-Log-Seq
-    headers, the request counter and the access log. The route's metadata is looked up once:
-    aiohttp hands this middleware the route's handler, which carries it."""
+    `min_seq` wait, the rate limit and the route's policy (`admit_call`), the handler, the error
+    body for whatever it raised, the X-Request-ID, deprecation and X-Log-Seq headers, the
+    request counter and the access log (`account`). The route's metadata is looked up once:
+    aiohttp hands this middleware the route's handler, which carries it. The lean front
+    (broker.http.lean) runs the same steps, through the same functions, for the hot routes."""
     app = request.app
-    incoming = request.headers.get("X-Request-ID")
-    if incoming is not None and _SAFE_ID.match(incoming):
-        request_id = incoming
-    else:
-        request_id = "req_" + random_hex8()
-    request[REQUEST_ID] = request_id
-    bound = _REQUEST_ID_VAR.set(request_id)  # the logs' request_id (merge_contextvars)
+    request_id = request[REQUEST_ID] = request_id_of(request.headers)
+    bound = REQUEST_ID_VAR.set(request_id)  # the logs' request_id (merge_contextvars)
     t0 = time.perf_counter()
     info = route_info(handler)
     try:
         try:
             if "?" in request.raw_path or "X-Min-Seq" in request.headers:
                 await _wait_for_min_seq(request)
-            limiter = app.get(LIMITER)
-            principal = None
-            if limiter is not None and limiter.enabled:
-                principal = await ratelimit.charge(request, limiter, info)
-            await auth.admit(request, info, principal)
+            await admit_call(request, info)
             response = await handler(request)
         except web.HTTPException as exc:
             if 300 <= exc.status < 400:  # redirects pass through as they are
                 raise
             response = _error(exc, request)
         except ConnectionError:  # the client went away (e.g. before a WebSocket's 101)
-            log.info("client_gone", method=request.method, path=request.path)
+            client_gone(request)
             raise  # aiohttp drops the connection quietly: nobody is left to answer
         except Exception as exc:
             response = _error(exc, request)
@@ -106,24 +98,66 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             headers["X-Request-ID"] = request_id
             if info is not None and info.deprecated is not None:
                 headers.update(info.deprecated.headers())
-            runtime = app.get(RUNTIME)
-            if runtime is not None:  # what this answer reflects: wait for it elsewhere
-                headers["X-Log-Seq"] = str(runtime.projections.seq)
+            seq = log_seq(app)
+            if seq is not None:  # what this answer reflects: wait for it elsewhere
+                headers["X-Log-Seq"] = seq
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        _requests_counted(app[METRICS].http_requests, request.method, name, response)
-        if log.is_enabled_for(logging.INFO):  # the access log: only built when it is written
-            log.info(
-                "request",
-                method=request.method,
-                path=request.path,
-                status=response.status,
-                ms=round((time.perf_counter() - t0) * 1000, 2),
-                **_who(request, response),
-            )
+        account(request, name, response.status, response.content_length, t0)
         return response
     finally:
-        _REQUEST_ID_VAR.reset(bound)
+        REQUEST_ID_VAR.reset(bound)
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The request's id: the client's X-Request-ID when it is a safe one, else a new one."""
+    incoming = headers.get("X-Request-ID")
+    if incoming is not None and _SAFE_ID.match(incoming):
+        return incoming
+    return "req_" + random_hex8()
+
+
+async def admit_call(request: Call, info: RouteInfo | None) -> None:
+    """The rate limit (`ratelimit.charge`, with `[limits]` on), then the route's policy
+    (`auth.admit`, with the principal the limiter authenticated, if any)."""
+    limiter = request.app.get(LIMITER)
+    principal = None
+    if limiter is not None and limiter.enabled:
+        principal = await ratelimit.charge(request, limiter, info)
+    await auth.admit(request, info, principal)
+
+
+def error_for(exc: BaseException, path: str) -> errors.BrokerError:
+    """The catalog's error for what a request raised; an unexpected one is logged, and is 500."""
+    err = _translate(exc, path)
+    if err is None:
+        log.exception("unhandled_error", error=type(exc).__name__)
+        err = errors.BrokerError("internal error")
+    return err
+
+
+def log_seq(app: web.Application) -> str | None:
+    """The X-Log-Seq of an answer: the last seq the projections applied."""
+    runtime = app.get(RUNTIME)
+    return None if runtime is None else str(runtime.projections.seq)
+
+
+def client_gone(request: Call) -> None:
+    log.info("client_gone", method=request.method, path=request.path)
+
+
+def account(request: Call, route: str, status: int, size: int | None, t0: float) -> None:
+    """Count the answered request and write its access log line (only built when written)."""
+    _requests_counted(request.app[METRICS].http_requests, request.method, route, status)
+    if log.is_enabled_for(logging.INFO):
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            ms=round((time.perf_counter() - t0) * 1000, 2),
+            **_who(request, size),
+        )
 
 
 _children: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], Any]] = (
@@ -131,7 +165,7 @@ _children: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, int], Any]] = (
 )
 
 
-def _requests_counted(counter: Any, method: str, route: str, response: Any) -> None:
+def _requests_counted(counter: Any, method: str, route: str, status: int) -> None:
     """Count the request in `counter` (method, route, status), with its labelled child looked
     up once per label set and kept: `labels()` takes a lock and builds its key every call."""
     global _last
@@ -141,7 +175,7 @@ def _requests_counted(counter: Any, method: str, route: str, response: Any) -> N
         found = _children.get(counter)
         children = _children[counter] = {} if found is None else found
         _last = (counter, children)
-    key = (method, route, response.status)
+    key = (method, route, status)
     child = children.get(key)
     if child is None:
         child = children[key] = counter.labels(*key)
@@ -154,7 +188,7 @@ _last: tuple[Any, dict[tuple[str, str, int], Any]] = (None, {})  # the counter o
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
-def _who(request: web.Request, response: web.StreamResponse) -> dict[str, Any]:
+def _who(request: Call, size: int | None) -> dict[str, Any]:
     """The access log's answer to "who": the client's address (as the rate limiter sees it:
     the trusted proxy's last X-Forwarded-For entry when `[limits] trust_forwarded_for`), the
     principal (node, user, or API key), the user agent, the bytes of the body, and a W3C
@@ -171,7 +205,7 @@ def _who(request: web.Request, response: web.StreamResponse) -> dict[str, Any]:
             else f"{principal.kind}:{principal.id}"
         ),
         "user_agent": request.headers.get("User-Agent"),
-        "bytes": response.content_length,
+        "bytes": size,
     }
     traceparent = request.headers.get("traceparent", "")
     if _TRACEPARENT.match(traceparent):
@@ -200,9 +234,4 @@ async def _wait_for_min_seq(request: web.Request) -> None:
 
 
 def _error(exc: BaseException, request: web.Request) -> web.Response:
-    request_id: str = request[REQUEST_ID]
-    err = _translate(exc, request.path)
-    if err is None:
-        log.exception("unhandled_error", error=type(exc).__name__)
-        err = errors.BrokerError("internal error")
-    return error_response(err, request_id)
+    return error_response(error_for(exc, request.path), request[REQUEST_ID])

@@ -18,13 +18,14 @@ algorithm is a dozen lines.)
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 
 from aiohttp import web
 
 from broker.errors import AuthenticationFailed, RateLimited
 from broker.http.auth import Public, authenticate, credential
 from broker.http.limits import Decision, RateLimiter
-from broker.http.routing import RouteInfo
+from broker.http.routing import Call, RouteInfo
 from broker.keys import LIMITER, RATE_LIMIT
 from broker.principal import Principal
 
@@ -52,9 +53,7 @@ def charge_subject(request: web.Request, subject: str) -> None:
         request[RATE_LIMIT] = decision
 
 
-async def charge(
-    request: web.Request, limiter: RateLimiter, info: RouteInfo | None
-) -> Principal | None:
+async def charge(request: Call, limiter: RateLimiter, info: RouteInfo | None) -> Principal | None:
     """Charge the request (refusing it past the limit) and return the principal authenticated to
     charge it, if any, for `broker.http.auth.admit` to authorise without verifying the token
     again. Called by the one middleware (`broker.http.middleware.request_context`) before auth,
@@ -85,7 +84,13 @@ async def charge(
 
 
 async def add_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    decision = request.get(RATE_LIMIT)  # type: ignore[call-overload]
+    put_headers(request, response.headers)  # type: ignore[arg-type]
+
+
+def put_headers(request: Call, headers: MutableMapping[str, str]) -> None:
+    """The X-RateLimit-* headers of the tightest bucket charged, where the answer has none:
+    `add_headers` on aiohttp's answers, the lean front (broker.http.lean) on its own."""
+    decision = request.get(RATE_LIMIT)
     if decision is not None:
         for name, value in decision.headers().items():
-            response.headers.setdefault(name, value)
+            headers.setdefault(name, value)

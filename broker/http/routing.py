@@ -15,16 +15,50 @@ no route can exist without a declared policy or be missing from the docs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import StreamReader, web
+
+from broker.http.bodies import json_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Call(Protocol):
+    """What the contract code (the middleware's steps, `auth`, `ratelimit`) and the answers of
+    `Routes.answer` read of a request: aiohttp's `web.Request`, or the lean front's own
+    (`broker.http.lean.LeanCall`) for the hot routes."""
+
+    @property
+    def app(self) -> web.Application: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def match_info(self) -> Mapping[str, str]: ...
+    @property
+    def content(self) -> StreamReader: ...
+    @property
+    def client_max_size(self) -> int: ...
+
+    async def read(self) -> bytes: ...
+    def __getitem__(self, key: Any, /) -> Any: ...
+    def __setitem__(self, key: Any, value: Any, /) -> None: ...
+    def get(self, key: Any, /) -> Any: ...
+
+
+# What a route declared with `Routes.answer` computes: its 2xx body as a msgspec value.
+Answer = Callable[[Any], Awaitable[Any]]
 
 
 class Policy:
@@ -71,6 +105,7 @@ class RouteInfo:
     responses: dict[int, Any] = field(default_factory=dict)  # other answers: status -> body type
     deprecated: Deprecation | None = None  # X-API-Deprecated and Sunset on every answer
     extra: dict[str, Any] = field(default_factory=dict)
+    answer: Answer | None = None  # `Routes.answer`: the body, without a Response (lean front)
 
 
 ROUTE_INFO_ATTR = "__route_info__"
@@ -105,6 +140,23 @@ class Routes:
             setattr(bound, ROUTE_INFO_ATTR, info)
             self.entries.append((info, bound))
             return handler
+
+        return register
+
+    def answer(self, method: str, path: str, **kw: Any) -> Callable[[Answer], Answer]:
+        """A route whose function computes the answer's JSON body (a msgspec value) from the
+        request, leaving the Response to the caller: aiohttp's handler wraps it in one; the
+        lean front (`broker.http.lean`) writes it straight to the socket for the same route."""
+
+        def register(answer: Answer) -> Answer:
+            status = kw.get("status", 200)
+
+            async def handler(request: web.Request) -> web.StreamResponse:
+                return json_response(await answer(request), status)
+
+            handler.__name__, handler.__doc__ = answer.__name__, answer.__doc__
+            self.route(method, path, answer=answer, **kw)(handler)
+            return answer
 
         return register
 

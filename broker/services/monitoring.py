@@ -5,6 +5,8 @@
 - State read when the metrics are scraped: operators' open feeds,
   queue depth by priority, in flight, dead letters, snapshots, API keys.
 - Group-commit latency of the embedded log (`broker_commit_seconds`).
+- The event loop's lag (`broker_event_loop_lag_seconds`, `watch_loop_lag`): how late a timer
+  due every LAG_INTERVAL seconds ran, i.e. how long one step of work held the loop.
 - Readers: any valid token (the seed reads the metrics with a node's), an API key holding
   `metrics:read`, or the scrape token kept in `[auth] metrics_token_file` (for Prometheus'
   `bearer_token_file` / `authorization.credentials_file`), which opens `/metrics` and nothing
@@ -13,10 +15,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,3 +190,16 @@ class StateCollector(Collector):
             "Periodic snapshots that failed in a row (0: the last one succeeded)",
             value=snapshots.failures,
         )
+
+
+LAG_INTERVAL = 0.05  # seconds between two looks at the event loop's lag
+
+
+async def watch_loop_lag(observe: Callable[[float], None], interval: float = LAG_INTERVAL) -> None:
+    """Observe, every `interval` seconds, how much later than due the loop ran this task: the
+    length of the step that held it (20 timer wake-ups a second: nothing to measure)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        observe(max(0.0, loop.time() - due))

@@ -151,6 +151,9 @@ class NodeService:
         # True until the background task has built every discovery order and presence window
         # (queries are exact meanwhile, but answer from a slice of the work: slower)
         self.indices_building = True
+        # Set once the application has started (`broker.app`): the background build waits for
+        # it, so that its slices do not take turns with the rest of the start-up's steps.
+        self.started = asyncio.Event()
         self._runtime: Runtime | None = None
         self._challenge_key = b""
         self._outstanding: dict[str, dict[str, float]] = {}  # node id -> nonce hex -> expiry
@@ -419,6 +422,7 @@ class NodeService:
 async def build_discovery_indices(service: NodeService) -> None:
     """The discovery orders and presence windows built in the background once the server is
     up, one bounded slice per turn of the loop (again after the indices are rebuilt)."""
+    await service.started.wait()
     while True:
         index = service.runtime.nodes.index
         index.build_orders()

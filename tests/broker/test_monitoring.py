@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.app import create_app
 from broker.config import Config, ConfigError
+from broker.services.monitoring import watch_loop_lag
 from tests.broker.identity.helpers import bearer, node_session, operator_token
 from tests.conftest import make_config
 
@@ -85,6 +87,7 @@ async def test_a_metrics_read_key_scrapes_and_the_new_families_are_there(client:
     assert value(text, "broker_commit_seconds_count") >= 1
     # a one-node registry: its discovery indices were built long before the scrape
     assert value(text, "broker_discovery_indices_building") == 0
+    assert "broker_event_loop_lag_seconds_count" in sample_names(text)
     assert value(text, "broker_api_keys_active") == 1
     assert value(text, "process_resident_memory_bytes") > 0
     assert "python_gc_collections_total" in sample_names(text)
@@ -204,3 +207,25 @@ def test_the_alert_rules_pass_promtool() -> None:
 
 def test_config_default_has_no_scrape_token() -> None:
     assert Config().auth.metrics_token_file == ""
+
+
+async def test_the_loop_lag_watch_sees_a_step_that_held_the_loop() -> None:
+    """A step of work that holds the loop for 0.3 s (its clock, not a sleep) is observed as a
+    lag of about that much by the next look."""
+    loop = asyncio.get_running_loop()
+    big: asyncio.Future[float] = loop.create_future()
+
+    def observe(lag: float) -> None:
+        assert lag >= 0
+        if lag >= 0.2 and not big.done():
+            big.set_result(lag)
+
+    watch = asyncio.create_task(watch_loop_lag(observe, interval=0.01))
+    await asyncio.sleep(0)  # the watch takes its first due time
+    held_until = time.monotonic() + 0.3
+    while time.monotonic() < held_until:  # the step that holds the loop
+        pass
+    try:
+        assert await asyncio.wait_for(big, 10) < 10
+    finally:
+        watch.cancel()
