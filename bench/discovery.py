@@ -254,7 +254,7 @@ def one_off_costs(p: NodesProjection, last: float) -> None:
         "every order and 1 window built",
     )
     t = time.process_time()
-    index.rebuild(p.nodes.values())
+    index.rebuild(p.nodes.values())  # type: ignore[arg-type]  # replayed: all decoded
     print(f"indices rebuilt (restore from a snapshot): {time.process_time() - t:.2f} s CPU")
 
 

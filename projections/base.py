@@ -76,6 +76,9 @@ class Projection:
     # (an ordered set), and the handlers add to it the key of every record they add, change or
     # remove: saved again in that order, new records keep their order at load.
     record_type: ClassVar[type | None] = None
+    # Fingerprints of earlier shapes whose snapshot still loads (their records of the type
+    # given, which `restore_sliced` takes as well).
+    legacy_records: ClassVar[dict[str, type]] = {}
     dirty: dict[str, None] | None = None
 
     def mark_dirty(self, key: str) -> None:

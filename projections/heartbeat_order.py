@@ -322,15 +322,21 @@ class HeartbeatOrder:
             self._grow(live[-1])
         of = nodes if every else map(nodes.__getitem__, live)
         keys = [k or 0.0 for k in map(_heartbeat, of)]
-        zero = list(compress(live, map(not_, keys)))
         where, off = self.where, self.off
         z = self.zero
-        flags = bytearray(len(where))
-        deque(map(flags.__setitem__, zero, repeat(1)), maxlen=0)
+        if every:  # one flag a slot in one C pass; the slots with a heartbeat get their runs
+            flags: bytes | bytearray = bytes(map(not_, keys))
+            where[:] = [z] * len(where)
+        else:
+            flags = bytearray(len(where))
+            deque(map(flags.__setitem__, compress(live, map(not_, keys)), repeat(1)), maxlen=0)
+            deque(map(where.__setitem__, compress(live, map(not_, keys)), repeat(z)), maxlen=0)
         z.bits = from_flags(flags)
-        deque(map(where.__setitem__, zero, repeat(z)), maxlen=0)
-        z.live = len(zero)
-        z.counts = counts_of(z.bits) if counts_of is not None else count_slots(nodes, zero)
+        z.live = flags.count(1)
+        if counts_of is not None:
+            z.counts = counts_of(z.bits)
+        else:
+            z.counts = count_slots(nodes, compress(range(len(flags)), flags))
         # Only the nodes with a heartbeat are sorted (none in a registry that never had one).
         order = sorted(compress(range(len(keys)), keys), key=keys.__getitem__)  # ties by slot
         ordered_keys = list(map(keys.__getitem__, order))

@@ -30,8 +30,9 @@ when that would visit more than 1/REBUILD_WINDOW of the nodes). Windows are a ca
 not part of the state, and queries at any `now` are exact.
 
 A snapshot saves the bitmaps and each node's slot, and a load restores them with the heartbeat
-order instead of rebuilding (`projections.index_snapshot`); the sorted orders and windows are
-built again in the background.
+order instead of rebuilding (`projections.index_snapshot`), the nodes still packed (decoded on
+first touch, or by the background slices before the token counts and sorted orders); the
+sorted orders and windows are built again in the background.
 
 Invariant: every structure holds exactly the live nodes, keyed by their current attributes.
 `NodesProjection` changes an attribute that a structure is keyed on only through this class.
@@ -41,18 +42,15 @@ from __future__ import annotations
 
 import heapq
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from projections.nodes import Node
+    from projections.node_record import Node
 
 from projections.bitmaps import (
     BLOCK,
-    SHIFT,
     Bitmap,
     bm_add,
     bm_discard,
@@ -62,7 +60,8 @@ from projections.bitmaps import (
     walk,
 )
 from projections.heartbeat_order import HeartbeatOrder, Token
-from projections.index_snapshot import intern_step
+from projections.index_snapshot import rebuild, unpack, unpack_all, unpack_step
+from projections.node_record import Packed
 from projections.sorted_slots import SortedSlots
 from projections.token_counts import Counts, count_bitmap
 
@@ -122,9 +121,12 @@ class NodeIndex:
         self.regrouped = 0  # changes to the bitmaps so far (what `_size` caches are valid for)
         self._sizes: dict[int, int] = {}  # id of a group's bitmap -> its size
         self._sizes_at = 0
-        # After a restore from a snapshot: the first slot whose node's key strings are not
-        # shared yet (`index_snapshot.intern_step`); None when all are.
-        self.unshared: int | None = None
+        # After a restore from a snapshot: the nodes still `Packed`, the registry that holds
+        # them, and the first slot `index_snapshot.unpack_step` has not visited.
+        self.packed = 0
+        self.registry: dict[str, Node | Packed] = {}
+        self.unpacked = 0
+        self.orders_wanted = False  # `build_orders` called while nodes were still packed
 
     def order(self, name: str) -> SortedSlots | HeartbeatOrder | None:
         """The order of the live slots by `self.keys[name]` once it is ready, kept up to date
@@ -132,6 +134,8 @@ class NodeIndex:
         `build_orders`, and moves one slice per `build_step`)."""
         if name == "last_heartbeat_at":
             return self.heartbeats
+        if self.packed:  # it reads every node's key: decoded once, not once per key read
+            unpack_all(self)
         order = self.orders.get(name)
         if order is None:
             order = self.orders[name] = SortedSlots(self.keys[name], self.slots)
@@ -141,17 +145,22 @@ class NodeIndex:
     def build_orders(self) -> None:
         """Start building every order no query has asked for yet (a replay does not pay for
         them: a server calls this once it is up, then `build_step` between other work)."""
+        if self.packed:  # by `build_step` once every node is decoded (they read every node)
+            self.orders_wanted = True
+            return
         for name in ORDERS:
             self.order(name)
 
     def build_step(self) -> bool:
-        """One bounded slice of an order's or a window's build, or of sharing the key strings
-        of restored nodes; False when none is left."""
-        if self.unshared is not None:
-            return intern_step(self) or True
+        """One bounded slice of a window's build, of decoding restored nodes, or of an order's
+        build; False when none is left."""
         for w in self.windows.values():
             if w.todo is not None:
                 return self._window_step(w) or True
+        if self.packed:
+            if not unpack_step(self) and self.orders_wanted:
+                self.build_orders()
+            return True
         if self.heartbeats.uncounted:
             return self.heartbeats.count_step() or True
         return any(order.step() for order in self.orders.values())
@@ -184,6 +193,7 @@ class NodeIndex:
         self.slots[slot] = None
         self.holes += 1
         if self.holes > BLOCK and self.holes * 2 > len(self.slots):
+            unpack_all(self)
             self.rebuild([n for n in self.slots if n is not None])
             return True
         return False
@@ -254,42 +264,8 @@ class NodeIndex:
                 (bm_add if now else bm_discard)(w.bits, node.slot)
 
     def rebuild(self, nodes: Iterable[Node]) -> None:
-        """Index `nodes` from scratch, in generation order, with dense slots; the key strings
-        they hold are interned on the way (decoded anew from a snapshot, each node has its own
-        copies: one shared string each saves ~300 bytes a node).
-
-        One pass a block: the slots of each key collected as offsets, each key's bits made once
-        per block (`_bits`) rather than a big int or'ed per node."""
-        self.__init__()  # type: ignore[misc]
-        ordered = sorted(nodes, key=attrgetter("generation"))
-        indices = self.groups()
-        intern = sys.intern
-        for first in range(0, len(ordered), BLOCK):
-            found: tuple[dict[str, list[int]], ...] = ({}, {}, {}, {})
-            types, capabilities, regions, statuses = found
-            offset = 0
-            for node in ordered[first : first + BLOCK]:
-                node.slot = first + offset
-                key = node.type = intern(node.type)
-                types.setdefault(key, []).append(offset)
-                caps = node.capabilities
-                for i, cap in enumerate(caps):
-                    caps[i] = key = intern(cap)
-                    capabilities.setdefault(key, []).append(offset)
-                region = node.metadata.get("region")
-                if type(region) is str:
-                    node.metadata["region"] = key = intern(region)
-                    regions.setdefault(key, []).append(offset)
-                key = node.status = intern(node.status)
-                statuses.setdefault(key, []).append(offset)
-                offset += 1
-            block = first >> SHIFT
-            self.live[block] = (1 << offset) - 1
-            for index, keys in zip(indices, found, strict=True):
-                for key, offsets in keys.items():
-                    index.setdefault(key, {})[block] = _bits(offsets)
-        self.slots.extend(ordered)
-        self.heartbeats.load(range(len(ordered)), self.counts_of)
+        """Index `nodes` from scratch (`index_snapshot.rebuild`)."""
+        rebuild(self, nodes)
 
     def counts_of(self, bm: Bitmap) -> Counts:
         """How many nodes of `bm` carry each type, capability, region and status."""
@@ -441,7 +417,10 @@ class NodeIndex:
                     it = order.descending(lo, hi) if descending else order.ascending(lo, hi)
                     slots = walk(it, dict(blocks), skip, limit)
         nodes = self.slots
-        return [nodes[s] for s in slots], total  # type: ignore[misc]
+        out: list[Any] = [nodes[s] for s in slots]
+        if self.packed:  # restored nodes not decoded yet: decoded now
+            out = [unpack(self, n) if isinstance(n, Packed) else n for n in out]
+        return out, total
 
     def _size(self, group: Bitmap) -> int:
         """How many nodes `group` holds: cached until a node is added, removed or regrouped."""
@@ -507,14 +486,3 @@ class NodeIndex:
             if not now - 0.0 <= within:
                 hi = min(hi, self._cut(within, now))
         return lo, max(lo, hi)
-
-
-_ZEROS = b"0" * BLOCK
-
-
-def _bits(offsets: list[int]) -> int:
-    """The int whose bits `offsets` are set (offsets < BLOCK): as binary digits, parsed once."""
-    digits = bytearray(_ZEROS)
-    for offset in offsets:
-        digits[offset] = 49  # "1"
-    return int(digits[::-1], 2)

@@ -7,10 +7,10 @@ Presence is never stored: the projection keeps the server time of each node's la
 from __future__ import annotations
 
 import heapq
-import sys
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -24,97 +24,47 @@ from eventstore.events import (
 )
 from projections import index_snapshot
 from projections.base import Projection, handles
+from projections.index_snapshot import unpack
 from projections.node_index import NodeIndex
+from projections.node_record import (
+    Node,
+    Packed,
+    Presence,
+    Records,
+    decode,
+    intern,
+    share_keys,
+    with_region_interned,
+)
 from projections.sorted_slots import SortedSlots
 
-Presence = Literal["online", "stale", "offline"]
-
-
-# A fleet's types, capabilities, regions and statuses are few values shared by many nodes, but
-# every event decodes its own copy: one string each, shared (~300 bytes a node at 1M nodes).
-_intern = sys.intern
-
-
-def _with_region_interned(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    copy = dict(metadata)
-    region = copy.get("region")
-    if isinstance(region, str):
-        copy["region"] = _intern(region)
-    return copy
-
-
-class Node(msgspec.Struct, gc=False, array_like=True):
-    """A registered node. A msgspec Struct, not a dataclass: a snapshot decodes a million of them
-    at start-up, twice as fast (and the collector never tracks them: they hold no cycle); saved
-    as an array, not a map: 15 % faster to decode and a quarter smaller."""
-
-    node_id: str
-    name: str
-    type: str
-    capabilities: list[str]
-    public_key: str
-    endpoint: str
-    metadata: dict[str, Any]
-    status: str
-    registered_at: float
-    generation: int  # seq of the registration: tokens of an earlier registration are void
-    updated_at: float
-    load: float | None = None
-    available_resources: dict[str, Any] = msgspec.field(default_factory=dict)
-    last_seen: str | float | None = None  # as reported by the node
-    last_heartbeat_at: float | None = None  # server time of the last heartbeat
-    heartbeat_timestamp: str | float | None = None  # the node's own clock, as given
-    health: str | None = None  # the status field of the last heartbeat
-    metrics: dict[str, Any] = msgspec.field(default_factory=dict)
-    last_login_at: float | None = None
-    heartbeats: int = 0
-    slot: int = -1  # in the discovery indices (not compared: it depends on how they were built)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Node):
-            return NotImplemented
-        return all(getattr(self, f) == getattr(other, f) for f in _COMPARED)
-
-    @property
-    def region(self) -> str | None:
-        region = self.metadata.get("region")
-        return region if isinstance(region, str) else None
-
-    def presence(self, now: float, online_within: float, stale_within: float) -> Presence:
-        """online: a heartbeat within `online_within` seconds; stale: within `stale_within`."""
-        if self.last_heartbeat_at is None:
-            return "offline"
-        age = now - self.last_heartbeat_at
-        if age <= online_within:
-            return "online"
-        if age <= stale_within:
-            return "stale"
-        return "offline"
-
-
-_COMPARED = tuple(f for f in Node.__struct_fields__ if f != "slot")
+__all__ = ["Node", "NodesProjection", "Presence"]
 
 
 @dataclass
 class NodesProjection(Projection):
     name = "nodes"
-    nodes: dict[str, Node] = field(default_factory=dict)
+    # A node restored from a snapshot is a `Packed` until first touched (`projections.node_record`):
+    # read `nodes` through `get`, which decodes it; `in` and `len` need no decoding.
+    nodes: dict[str, Node | Packed] = field(default_factory=dict)
     retired: dict[str, float] = field(default_factory=dict)  # deregistered node id -> when
     index: NodeIndex = field(default_factory=NodeIndex, compare=False, repr=False)
 
-    # Snapshots save the registry in slices (`records`, each node with its slot), the rest whole
-    # with the discovery indices' bitmaps (`projections.index_snapshot`), restored at load
-    # instead of rebuilt; a snapshot without them (before they were saved) is rebuilt.
-    # Version 3: nodes saved as arrays (`Node`); a snapshot of version 2 is not loaded (the
-    # registry is replayed from the log once, and the next snapshot is of this version).
-    snapshot_version: ClassVar[int] = 3
-    record_type: ClassVar[type] = Node
+    # Snapshots save the registry in slices (`records`, each node as `[slot, last heartbeat,
+    # node]`), the rest whole with the discovery indices' bitmaps (`projections.index_snapshot`),
+    # restored at load instead of rebuilt; a snapshot without them (before they were saved) is
+    # rebuilt. Version 4: the slot and last heartbeat ahead of each node, which is decoded on
+    # first touch. Version 3 (each node whole, decoded at load; its fingerprint below) still
+    # loads; an earlier one is not loaded (the registry is replayed from the log once).
+    snapshot_version: ClassVar[int] = 4
+    record_type: ClassVar[type] = Packed
+    legacy_records: ClassVar[dict[str, type]] = {"76a9c24f3caa14ec": Node}  # version 3
 
     def state(self) -> object:
         return {"nodes": self.nodes, "retired": self.retired}
 
-    def records(self) -> dict[str, Node]:
-        return self.nodes
+    def records(self) -> Records:
+        return Records(self.nodes)
 
     def snapshot(self) -> Any:
         return {"retired": self.retired, "index": index_snapshot.save(self.index)}
@@ -122,10 +72,16 @@ class NodesProjection(Projection):
     def restore_sliced(self, records: dict[str, Any], raw: bytes) -> None:
         saved = _snapshot_decoder.decode(raw)
         self.nodes, self.retired = records, saved.retired
+        # Records of a snapshot of version 3 come decoded (all of them: one shape a snapshot).
+        if type(next(iter(records.values()), None)) is Node:
+            deque(map(share_keys, records.values()), maxlen=0)
         # Indices saved in another shape, or that do not fit the records: rebuilt from them.
         index = index_snapshot.decode(saved.index) if saved.index else None
-        if index is None or not index_snapshot.restore(self.index, records.values(), index):
-            self.index.rebuild(self.nodes.values())  # (which shares the key strings again)
+        if index is None or not index_snapshot.restore(self.index, records, index):
+            self.nodes = {
+                key: node if type(node) is Node else decode(node) for key, node in records.items()
+            }
+            self.index.rebuild(self.nodes.values())  # type: ignore[arg-type]
 
     def _remove(self, node: Node) -> None:
         if self.index.remove(node) and self.dirty is not None:
@@ -135,26 +91,31 @@ class NodesProjection(Projection):
     def _changing(self, node_id: str) -> Node | None:
         """The node an event changes (marked dirty); None if it is not registered."""
         node = self.nodes.get(node_id)
-        if node is not None:
-            self.mark_dirty(node_id)
-        return node
+        if node is None:
+            return None
+        self.mark_dirty(node_id)
+        if type(node) is Packed:
+            return unpack(self.index, node)
+        return node  # type: ignore[return-value]
 
     # --- apply ---
 
     @handles(NodeRegistered)
     def _registered(self, env: Envelope) -> None:
         e: NodeRegistered = env.event  # type: ignore[assignment]
-        if e.node_id in self.nodes:  # refused by the log in practice (expected version 0)
-            self._remove(self.nodes.pop(e.node_id))
+        old = self.get(e.node_id)
+        if old is not None:  # refused by the log in practice (expected version 0)
+            del self.nodes[e.node_id]
+            self._remove(old)
         node = Node(
             node_id=e.node_id,
             name=e.name,
-            type=_intern(e.node_type),
-            capabilities=[_intern(c) for c in dict.fromkeys(e.capabilities)],
+            type=intern(e.node_type),
+            capabilities=[intern(c) for c in dict.fromkeys(e.capabilities)],
             public_key=e.public_key,
             endpoint=e.endpoint,
-            metadata=_with_region_interned(e.metadata),
-            status=_intern(e.status),
+            metadata=with_region_interned(e.metadata),
+            status=intern(e.status),
             registered_at=env.ts,
             generation=env.seq,
             updated_at=env.ts,
@@ -171,13 +132,13 @@ class NodesProjection(Projection):
         if node is None:
             return
         if e.status is not None and e.status != node.status:
-            self.index.set_status(node, _intern(e.status))
+            self.index.set_status(node, intern(e.status))
         if e.load is not None and e.load != node.load:
             self.index.set_load(node, e.load)
         if e.available_resources is not None:
             node.available_resources = dict(e.available_resources)
         if e.metadata:
-            self.index.set_metadata(node, _with_region_interned(e.metadata))
+            self.index.set_metadata(node, with_region_interned(e.metadata))
         if e.last_seen is not None:
             node.last_seen = e.last_seen
         node.updated_at = env.ts
@@ -204,8 +165,9 @@ class NodesProjection(Projection):
     @handles(NodeDeregistered)
     def _deregistered(self, env: Envelope) -> None:
         e: NodeDeregistered = env.event  # type: ignore[assignment]
-        node = self.nodes.pop(e.node_id, None)
+        node = self.get(e.node_id)
         if node is not None:
+            del self.nodes[e.node_id]
             self._remove(node)
             self.retired[e.node_id] = env.ts
             self.mark_dirty(e.node_id)
@@ -213,7 +175,10 @@ class NodesProjection(Projection):
     # --- queries ---
 
     def get(self, node_id: str) -> Node | None:
-        return self.nodes.get(node_id)
+        node = self.nodes.get(node_id)
+        if type(node) is Packed:
+            return unpack(self.index, node)
+        return node  # type: ignore[return-value]
 
     def by_prefix(self, prefix: str, limit: int) -> list[Node]:
         """Up to `limit` nodes whose id starts with `prefix` (in id order), then nodes whose
@@ -242,6 +207,8 @@ class NodesProjection(Projection):
                     picked.append(slot)
             for slot in picked:
                 node = slots[slot]
+                if type(node) is Packed:
+                    node = unpack(index, node)
                 if node is not None and len(found) < limit:
                     found.setdefault(node.node_id, node)
         return list(found.values())

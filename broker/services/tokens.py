@@ -316,7 +316,7 @@ class TokenService:
         elif fam.revoked_at is not None:
             raise AuthenticationFailed("token revoked", headers=_www())
         if entry.kind == "node":
-            node = rt.nodes.nodes.get(entry.sub)
+            node = rt.nodes.get(entry.sub)
             if node is None or node.generation != entry.gen:
                 raise AuthenticationFailed("node is not registered", headers=_www())
             return entry.principal

@@ -91,6 +91,11 @@ class Body:
     index_arrays: dict[str, bytearray] = field(default_factory=dict)
 
 
+# Per projection saved in slices: the fingerprints whose slices it loads (its own, and any
+# earlier shape it still reads), each with a decoder of those slices.
+Wanted = Mapping[str, Mapping[str, msgspec.msgpack.Decoder[Any]]]
+
+
 class SnapshotError(Exception):
     """A snapshot file that cannot be used; the message says why."""
 
@@ -158,11 +163,9 @@ class _Reader:
         return kind_and_len[:1], name, data
 
 
-def read_body(
-    path: Path, header: Header, wanted: Mapping[str, tuple[str, msgspec.msgpack.Decoder[Any]]]
-) -> Body:
-    """Read and check the body. `wanted`: projection name -> (its fingerprint, a decoder of its
-    slices); the slices of other projections, or of another shape, are skipped."""
+def read_body(path: Path, header: Header, wanted: Wanted) -> Body:
+    """Read and check the body. `wanted`: projection name -> fingerprint -> a decoder of its
+    slices; the slices of other projections, or of another shape, are skipped."""
     records: dict[str, dict[str, Any]] = {}
     with open(path, "rb") as f, ThreadPoolExecutor(1, "snapshot-hash") as hashing:
         f.seek(HEADER_SPACE)
@@ -173,9 +176,9 @@ def read_body(
                 raise SnapshotError("the body is damaged (no fingerprints first)")
             saved = _fingerprints_decoder.decode(data)
             decoders = {
-                name: decoder
-                for name, (fp, decoder) in wanted.items()
-                if saved.get(name) == fp  # of this shape: decode its slices
+                name: by_shape[fp]
+                for name, by_shape in wanted.items()
+                if (fp := saved.get(name, "")) in by_shape  # a shape it loads: decode its slices
             }
             records = {name: {} for name in decoders}
             arrays: dict[str, bytearray] = {}

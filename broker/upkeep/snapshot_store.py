@@ -29,11 +29,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 
 from broker.config import Config
-from broker.upkeep.snapshot_file import PREFIX, SUFFIX, Body, Header, read_body, read_header
+from broker.upkeep.snapshot_file import (
+    PREFIX,
+    SUFFIX,
+    Body,
+    Header,
+    Wanted,
+    read_body,
+    read_header,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -122,7 +129,7 @@ class RemoteSnapshots:
     async def choose(
         self,
         store: Any,
-        wanted: dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]],
+        wanted: Wanted,
         ignored: list[tuple[str, str]],
     ) -> Chosen | None:
         """The newest snapshot in the bucket that reads back whole and carries a log index,

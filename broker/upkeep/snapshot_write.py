@@ -24,6 +24,7 @@ from broker.upkeep.snapshot_file import (
     RECORDS,
     Final,
     Part,
+    Wanted,
     Writer,
 )
 from broker.upkeep.snapshot_store import IndexHook
@@ -68,12 +69,14 @@ def _records_decoder(record_type: type) -> msgspec.msgpack.Decoder[Any]:
     return msgspec.msgpack.Decoder(list[tuple[str, record_type | None]], dec_hook=dec_hook)  # type: ignore[valid-type]
 
 
-def slice_decoders(
-    projections: Projections,
-) -> dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]]:
-    """What `read_body` needs to decode the slices of these projections."""
+def slice_decoders(projections: Projections) -> Wanted:
+    """What `read_body` needs to decode the slices of these projections (of their shape, or
+    of an earlier one they still load: `Projection.legacy_records`)."""
     return {
-        name: (fingerprint(part), _records_decoder(part.record_type))  # type: ignore[arg-type]
+        name: {
+            fingerprint(part): _records_decoder(part.record_type),  # type: ignore[arg-type]
+            **{fp: _records_decoder(kind) for fp, kind in part.legacy_records.items()},
+        }
         for name, part in sliced(projections).items()
     }
 

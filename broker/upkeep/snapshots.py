@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 
 from broker.config import Config
@@ -48,6 +47,7 @@ from broker.upkeep.snapshot_file import (
     Body,
     Header,
     SnapshotError,
+    Wanted,
     check_log_against_snapshots,
     read_body,
     read_header,
@@ -222,9 +222,7 @@ class Snapshotter:
             raise
         return store, projections, chosen is not None
 
-    async def _choose(
-        self, store: EventStore, wanted: dict[str, tuple[str, msgspec.msgpack.Decoder[Any]]]
-    ) -> tuple[Path, Header, Body] | None:
+    async def _choose(self, store: EventStore, wanted: Wanted) -> tuple[Path, Header, Body] | None:
         """The newest snapshot that matches the log, read, checked and decoded (in a thread)."""
         from eventstore.sqlite import SqliteStore
         from eventstore.sqlite_verify import hash_at_file
@@ -254,7 +252,12 @@ class Snapshotter:
         restored: dict[str, Projection] = {}
         for name, part in projections.parts.items():
             saved = body.parts.get(name)
-            if saved is None or not part.snapshottable or saved.fingerprint != fingerprint(part):
+            if (
+                saved is None
+                or not part.snapshottable
+                or saved.fingerprint != fingerprint(part)
+                and saved.fingerprint not in part.legacy_records
+            ):
                 continue
             records = body.records.get(name)
             if part.record_type is not None and records is None:

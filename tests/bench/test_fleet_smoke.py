@@ -12,6 +12,7 @@ FIGURES = [
     "cold start without a snapshot:",
     "cold start with a snapshot:",
     "rss per node:",
+    "rss per node after a start with a snapshot:",
     "discovery by type:",
     "discovery by capability:",
     "discovery by region:",

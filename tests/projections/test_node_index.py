@@ -19,6 +19,7 @@ import projections.index_snapshot as index_snapshot
 import projections.node_index as node_index
 import projections.sorted_slots as sorted_slots
 import projections.token_counts as token_counts
+from broker.upkeep.snapshot_write import slice_decoders
 from eventstore.base import Envelope
 from eventstore.events import (
     BaseEvent,
@@ -28,8 +29,9 @@ from eventstore.events import (
     NodeStatusUpdated,
 )
 from projections.base import Projections
+from projections.node_record import Packed
 from projections.nodes import Node, NodesProjection
-from projections.snapshots import encoder
+from projections.snapshots import encoder, fingerprint
 
 # The order of a plain sort of the matches (in registration order), as the API had it.
 SORT_KEYS: dict[str, Any] = {
@@ -56,7 +58,6 @@ TINY = [
     (bitmaps, "BLOCK", 4),
     (bitmaps, "MASK", 3),
     (node_index, "BLOCK", 4),
-    (node_index, "SHIFT", 2),
     (sorted_slots, "BLOCK_LEN", 2),
     (sorted_slots, "BUILD_STEP", 3),
     (sorted_slots, "SORT_STEP", 3),
@@ -64,6 +65,7 @@ TINY = [
     (heartbeat_order, "RUN_LEN", 4),
     (heartbeat_order, "COUNT_STEP", 3),
     (node_index, "WINDOW_STEP", 2),
+    (index_snapshot, "UNPACK_STEP", 3),
 ]
 
 
@@ -181,6 +183,7 @@ class DiscoveryMachine(RuleBasedStateMachine):
         self.versions: dict[str, int] = {}
         self.ts = 0.0
         self.saved: dict[tuple[Any, str], Any] = {}
+        self.reloaded = False
 
     @initialize(
         nodes=st.lists(
@@ -343,12 +346,19 @@ class DiscoveryMachine(RuleBasedStateMachine):
         Projections([replayed]).apply_many(self.log)
         restored = through_snapshot(self.p)
         rebuilt = through_snapshot(self.p, saved_index=False)
+        older = through_snapshot(self.p, version=3)
         assert replayed.state() == self.p.state() == restored.state() == rebuilt.state()
-        assert restored.index.unshared is not None  # the saved indices were used
-        assert rebuilt.index.unshared is None
+        assert older.state() == replayed.state()
+        assert saved_records(replayed) == saved_records(self.p) == saved_records(restored)
+        assert saved_records(older) == saved_records(replayed)
+        assert restored.index.registry is restored.nodes  # the saved indices were used
+        assert older.index.registry is older.nodes and older.index.packed == 0
+        assert same_index(older, self.p)
+        assert rebuilt.index.packed == 0
+        assert all(type(n) is Node for n in [*rebuilt.nodes.values(), *older.nodes.values()])
         assert same_index(restored, self.p)
         want = model_page(self.p, q)
-        for other in (replayed, restored, rebuilt):
+        for other in (replayed, restored, rebuilt, older):
             check_index(other)
             assert index_page(other, q) == want
         restored.index.build_orders()
@@ -356,11 +366,60 @@ class DiscoveryMachine(RuleBasedStateMachine):
             restored.index.build_step()
         check_index(restored)
         assert index_page(restored, q) == want
-        if restored.index.unshared is None:
+        if restored.index.packed == 0:
             for node in restored.nodes.values():
+                assert type(node) is Node
                 assert node.type is sys.intern(node.type)
                 assert node.status is sys.intern(node.status)
                 assert all(c is sys.intern(c) for c in node.capabilities)
+
+    @rule(
+        reads=st.lists(st.sampled_from(IDS), max_size=4),
+        beats=st.lists(st.tuples(st.sampled_from(IDS), steps), max_size=4),
+        updates=st.lists(st.tuples(st.sampled_from(IDS), loads), max_size=2),
+        steps=st.sampled_from([0, 0, 0, 1, 2, 6]),
+    )
+    def reload_from_a_snapshot(
+        self,
+        reads: list[str],
+        beats: list[tuple[str, float]],
+        updates: list[tuple[str, float | None]],
+        steps: int,
+    ) -> None:
+        """The live projection replaced by one loaded from its snapshot: its nodes stay packed
+        until touched (read, changed by an event, decoded by a background slice), and its next
+        snapshot mixes packed and decoded nodes. State and saved records stay a replay's."""
+        self.p = through_snapshot(self.p)
+        self.all = Projections([self.p])
+        self.all.seq = len(self.log)
+        self.reloaded = True
+        for node_id in reads:
+            node = self.p.get(node_id)
+            assert node is None or type(node) is Node and self.p.nodes[node_id] is node
+        for node_id, step in beats:
+            self.heartbeat(node_id, step)
+        for node_id, load in updates:
+            self.record(NodeStatusUpdated(node_id=node_id, load=load), 1.0)
+        for _ in range(steps):
+            self.p.index.build_step()
+        assert self.p.index.packed == sum(type(n) is Packed for n in self.p.nodes.values())
+        replayed = NodesProjection()
+        Projections([replayed]).apply_many(self.log)
+        again = through_snapshot(self.p)
+        for p in (self.p, again):
+            assert replayed.state() == p.state()
+            assert saved_records(replayed) == saved_records(p)
+            assert same_index(replayed, p)
+
+    @invariant()
+    def a_reloaded_projection_stays_a_replay(self) -> None:
+        """Once reloaded, every event after it, touching packed nodes or not, keeps the state
+        (and what a snapshot saves) that of a replay."""
+        if self.reloaded:
+            replayed = NodesProjection()
+            Projections([replayed]).apply_many(self.log)
+            assert replayed.state() == self.p.state()
+            assert saved_records(replayed) == saved_records(self.p)
 
     @invariant()
     def indices_hold_exactly_the_live_nodes(self) -> None:
@@ -446,17 +505,32 @@ def fold(events: list[tuple[float, BaseEvent]]) -> NodesProjection:
     return p
 
 
-def through_snapshot(p: NodesProjection, saved_index: bool = True) -> NodesProjection:
+def through_snapshot(
+    p: NodesProjection, saved_index: bool = True, version: int = 4
+) -> NodesProjection:
     """A projection loaded from what a snapshot saves of `p`: its records (in slices, by
     `broker.upkeep.snapshots`) and the rest, each through the codec. `saved_index` False: a
-    snapshot made before the indices were saved (they are rebuilt)."""
-    records = encoder.encode(list(p.records().items()))
+    snapshot made before the indices were saved (they are rebuilt). `version` 3: the records
+    as that version saved them (each node whole), read with the decoder kept for it."""
+    if version == 3:
+        records = encoder.encode([(key, p.get(key)) for key in p.nodes])
+        (decoder,) = [
+            d
+            for fp, d in slice_decoders(Projections([p]))["nodes"].items()
+            if fp in NodesProjection.legacy_records
+        ]
+    else:
+        records = encoder.encode(list(p.records().items()))
+        decoder = slice_decoders(Projections([p]))["nodes"][fingerprint(p)]
     rest = p.snapshot() if saved_index else {"retired": p.retired}
     restored = NodesProjection()
-    restored.restore_sliced(
-        dict(msgspec.msgpack.decode(records, type=list[tuple[str, Node]])), encoder.encode(rest)
-    )
+    restored.restore_sliced(dict(decoder.decode(records)), encoder.encode(rest))
     return restored
+
+
+def saved_records(p: NodesProjection) -> dict[str, bytes]:
+    """Each record as a snapshot saves it (a packed node: its bytes as they are)."""
+    return {key: encoder.encode(record) for key, record in p.records().items()}
 
 
 def test_a_snapshot_saves_the_registry_and_the_indices_and_a_restore_uses_them() -> None:
@@ -503,7 +577,7 @@ def test_a_saved_index_that_does_not_fit_the_records_is_rebuilt(
     p = fold([*events, (9.0, NodeDeregistered(node_id="n1")), (10.0, NodeHeartbeat(node_id="n4"))])
     records = dict(
         msgspec.msgpack.decode(
-            encoder.encode(list(p.records().items())), type=list[tuple[str, Node]]
+            encoder.encode(list(p.records().items())), type=list[tuple[str, Packed]]
         )
     )
     if damage == "too many blocks to save in the cut":
@@ -528,7 +602,7 @@ def test_a_saved_index_that_does_not_fit_the_records_is_rebuilt(
         assert index is None
     restored = NodesProjection()
     restored.restore_sliced(records, encoder.encode(saved))
-    assert restored.index.unshared is None  # rebuilt
+    assert restored.index.packed == 0 and restored.index.registry is not restored.nodes
     check_index(restored)
     q = {**NO_FILTER, "now": 10.0, "online_within": 60.0, "stale_within": 300.0}
     for sort_by in SORT_KEYS:
