@@ -3,7 +3,7 @@
     python -m bench.hotpath [--messages 100000] [--batch 50] [--repeat 3] [--sync FULL]
 
 The real code from the node WebSocket inwards: a frame of `--batch` `send` ops is handled by
-`broker.ws.nodes.NodeSession` (decode, validate, one group commit on a SQLite log, the
+`broker.ws.session.NodeSession` (decode, validate, one group commit on a SQLite log, the
 projections, the answer), the dispatcher pushes each message to the recipient's connection,
 and the recipient's batched `ack` frame is handled the same way. Only the sockets are fakes
 (each connection collects the bytes it would write). So this measures what `bench.e2e` calls
@@ -40,7 +40,7 @@ from broker.errors import Disconnect
 from broker.keys import DISPATCHER, RUNTIME
 from broker.principal import Principal
 from broker.runtime import tune_gc
-from broker.ws.nodes import NodeSession
+from broker.ws.session import NodeSession
 from broker.ws.wire import push_frame
 from eventstore.events import NodeRegistered
 from projections.messages import Mail

@@ -51,6 +51,7 @@ from broker.keys import (
     NODES,
     OPENAPI,
     OPERATORS,
+    PENDING_SOCKETS,
     REBUILDER,
     RUNTIME,
     SCRAPE_TOKEN,
@@ -136,12 +137,14 @@ def create_app(config: Config) -> web.Application:
     app[FEEDS] = eventlog.Feeds()
     app[OPENAPI] = OpenApiCache()
     app[WS_CAP] = node_sockets.connection_cap(config.delivery)
+    app[PENDING_SOCKETS] = set()
     watched = monitoring.Watched(feeds=app[FEEDS], snapshots=app[SNAPSHOTS])
     metrics.registry.register(monitoring.StateCollector(watched))
     app[WATCHED] = watched
     for routes in ROUTES:
         routes.install(app)
     app.on_shutdown.append(_close_feeds)  # before the contexts unwind: feeds end their streams
+    app.on_shutdown.append(node_sockets.close_all)  # aiohttp no longer knows the node sockets
     app.cleanup_ctx.append(_serve)
     app.on_startup.append(_started)  # after every cleanup context's start
     return app

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # only the fronts (broker.http, broker.ws) and the wiring rea
     from broker.upkeep.snapshots import Snapshotter
     from broker.upkeep.verification import Verifier
     from broker.ws.heartbeats import HeartbeatBatch
+    from broker.ws.nodes import NodeSocket
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -61,6 +62,8 @@ DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 NODE_OPS: web.AppKey[NodeOps] = web.AppKey("node_ops")  # what a node does over its socket
 HEARTBEATS: web.AppKey[HeartbeatBatch] = web.AppKey("heartbeats")
 WS_CAP = web.AppKey("ws_cap", int)  # node WebSockets open at once (broker.ws.nodes)
+# node WebSockets upgraded whose session is not open yet (closed at shutdown: broker.ws.nodes)
+PENDING_SOCKETS: web.AppKey[set[NodeSocket]] = web.AppKey("pending_sockets")
 TAKEOVER: web.AppKey[Takeover] = web.AppKey("takeover")  # one connection per node, all instances
 
 # The operators' window on the log (broker.services.eventlog, broker.http.openapi,

@@ -2,19 +2,22 @@
 
 Auth by `Authorization: Bearer` at the upgrade, or by a first frame `{"type": "auth", "token":
 "Bearer …"}` within `ws_auth_timeout`. Then JSON text frames, each one op or an array of ops:
-`heartbeat`, `status`, `telemetry`, `send`, `ack`, each with an optional `ref`. Every op is
-answered `{"type": "ok", "ref": …}` once its events are durable, or `{"type": "error", "ref": …,
-"error": {"code", "message"}}`; an array of ops is answered by an array, in the same order. A bad
-op never closes the socket. Pushed messages arrive as `{"type": "message", …}`; the node answers
-`{"type": "ack", "message_id": …}`.
+`heartbeat`, `status`, `telemetry`, `send`, `ack`, each with an optional `ref` (the session:
+`broker.ws.session`). Every op is answered `{"type": "ok", "ref": …}` once its events are
+durable, or `{"type": "error", "ref": …, "error": {"code", "message"}}`; an array of ops is
+answered by an array, in the same order. A bad op never closes the socket. Pushed messages
+arrive as `{"type": "message", …}`; the node answers `{"type": "ack", "message_id": …}`.
+
+aiohttp answers the upgrade; then the socket is the broker's own (`NodeSocket`, a
+`broker.ws.protocol.FrameProtocol`) and aiohttp's request ends (issue 15: what an idle node
+WebSocket holds).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import resource
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 import structlog
@@ -22,87 +25,19 @@ from aiohttp import WSMsgType, web
 
 from broker import errors, jsonlimits
 from broker.config import DeliveryConfig
-from broker.errors import BrokerError, ValidationFailed
 from broker.http.auth import Public, authenticate
 from broker.http.routing import Routes
-from broker.keys import (
-    CONFIG,
-    DISPATCHER,
-    HEARTBEATS,
-    METRICS,
-    NODE_OPS,
-    TAKEOVER,
-    WS_CAP,
-)
+from broker.keys import CONFIG, DISPATCHER, METRICS, PENDING_SOCKETS, TAKEOVER, WS_CAP
 from broker.principal import Principal
-from broker.services.delivery import Dispatcher
-from broker.services.messaging import (
-    MessageType,
-    PriorityName,
-    Recipients,
-    SendResult,
-    Ttl,
-)
-from broker.services.nodeops import failure
-from broker.services.nodes import Label, Timestamp
-from broker.ws.heartbeats import HeartbeatBatch
-from broker.ws.wire import NodeConnection, error_frame
+from broker.ws.protocol import FrameProtocol, take_over, unread_bytes
+from broker.ws.session import NodeSession
+from broker.ws.wire import NodeConnection, error_frame, text_frames
 
 log = structlog.get_logger(__name__)
 routes = Routes("websocket")
 
 _json = msgspec.json.Encoder()
-_frame_decoder = msgspec.json.Decoder()
-
-
-# --- ops (wire types) ---
-
-
-class _Op(msgspec.Struct, kw_only=True, tag_field="type", gc=False):
-    """A node op. gc=False: decoded from a frame, ops can't form cycles; thousands are alive
-    under load, and the garbage collector's pauses grow with what it tracks."""
-
-    ref: Any = None
-
-
-class HeartbeatOp(_Op, tag="heartbeat"):
-    timestamp: Timestamp | None = None
-    status: Label | None = None
-    metrics: dict[str, Any] | None = None
-
-
-class StatusOp(_Op, tag="status"):
-    status: Label | None = None
-    load: float | None = None
-    available_resources: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None
-    last_seen: Timestamp | None = None
-
-
-class TelemetryOp(_Op, tag="telemetry"):
-    metrics: dict[str, Any] = {}
-    timestamp: Timestamp | None = None
-
-
-class SendOp(_Op, tag="send"):
-    to_nodes: Recipients
-    message_type: MessageType
-    content: Any = None
-    from_node: str | None = None
-    priority: PriorityName = "normal"
-    ttl: Ttl | None = None
-    metadata: dict[str, Any] | None = None
-    idempotency_key: str | None = None
-
-
-class AckOp(_Op, tag="ack"):
-    message_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-
-
-Op = HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp
-
-
-_ops_decoder = msgspec.json.Decoder(Op | list[Op])
+_TEXT, _BINARY, _PING, _PONG = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG
 
 
 class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
@@ -112,329 +47,166 @@ class AuthFrame(msgspec.Struct, kw_only=True, tag="auth", tag_field="type"):
 _auth_decoder = msgspec.json.Decoder(AuthFrame)
 
 
-# --- answers: Structs, not dicts (one per op: cheaper to build and encode, and gc=False
-# keeps them out of the cyclic collector's generations) ---
+class NodeSocket(FrameProtocol):
+    """A node's WebSocket once aiohttp has answered its upgrade: its first frame's auth when
+    the upgrade had none (`await_auth`), then its session (`open`: the connection cap, the
+    dispatcher's connection, the welcome). Frames that arrive while either is under way wait
+    (reading paused); so do text frames while the session has `ws_max_pending_ops` ops in
+    progress. Until its session opens, the socket is listed in the app's PENDING_SOCKETS
+    (closed by `close_all`); then it is the dispatcher's connection."""
 
+    __slots__ = ("app", "conn", "session", "timer", "work")
 
-class Ok(msgspec.Struct, tag="ok", tag_field="type", gc=False):
-    ref: Any = None
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        config = request.app[CONFIG].delivery
+        super().__init__(request, ws, config.ws_max_message_bytes, config.ws_send_timeout)
+        self.app = request.app
+        self.conn: NodeConnection | None = None
+        self.session: NodeSession | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the first frame's deadline
+        self.work: asyncio.Task[None] | None = None  # the auth or the opening under way
+        self.app[PENDING_SOCKETS].add(self)
 
+    def await_auth(self) -> None:
+        timeout = self.app[CONFIG].delivery.ws_auth_timeout
+        self.timer = self._loop.call_later(timeout, self._auth_timeout)
 
-class OkRead(Ok, tag="ok"):
-    message_id: str = ""
+    def open(self, principal: Principal) -> None:
+        self.work = asyncio.get_running_loop().create_task(self._open(principal))
+        self.work.add_done_callback(self._worked)
 
-
-class OkSent(OkRead, tag="ok"):
-    expires_at: str = ""
-
-
-def _ok_sent(ref: Any, result: SendResult) -> OkSent:
-    return OkSent(ref, result.message_id, result.expires_at)
-
-
-Answer = Ok | dict[str, Any]  # an error answer is a dict (rare: no need for speed)
-
-
-def _error(ref: Any, err: BrokerError) -> dict[str, Any]:
-    return error_frame(err, ref)
-
-
-class _Invalid(msgspec.Struct, gc=False):
-    """An op that decoded but cannot be recorded (see `_screen`); answered with an error."""
-
-    ref: Any
-    message: str
-
-
-def _screen(op: Any, path: str) -> Any:
-    """`op`, or an _Invalid in its place when it holds an integer the log cannot store."""
-    where = jsonlimits.find_out_of_range(op, path)
-    if where is None:
-        return op
-    ref = op.ref if isinstance(op, _Op) else op.get("ref") if isinstance(op, dict) else None
-    if jsonlimits.find_out_of_range(ref) is not None:
-        ref = None  # the ref itself is the culprit: it cannot be echoed as it came
-    return _Invalid(ref, str(jsonlimits.OutOfRange(where)))
-
-
-class NodeSession:
-    """One authenticated node connection: decodes frames, runs ops, answers."""
-
-    __slots__ = ("conn", "heartbeats", "ops", "principal", "slots", "tasks")
-
-    def __init__(
-        self,
-        principal: Principal,
-        conn: NodeConnection,
-        app: web.Application,
-        config: DeliveryConfig,
-    ) -> None:
-        self.principal = principal
-        self.conn = conn
-        self.ops = app[NODE_OPS]
-        self.slots = asyncio.Semaphore(config.ws_max_pending_ops)
-        self.tasks: set[asyncio.Task[None]] | None = None  # frames in progress (made on demand)
-        self.heartbeats: HeartbeatBatch = app[HEARTBEATS]
-
-    async def on_text(self, data: str) -> None:
-        """Handle one frame concurrently with the next ones (bounded per connection), so a
-        pipelining node gets its ops committed together. A frame of heartbeats only joins the
-        tick's heartbeat batch (broker.ws.heartbeats) instead of getting a task."""
-        await self.slots.acquire()
-        try:
-            ops: Any = jsonlimits.decode(_ops_decoder, data)
-        except msgspec.DecodeError:  # a bad op or bad JSON: the frame's task sorts it out
-            ops = None
-        if ops is not None and self._heartbeats(ops):
-            return
-        if type(ops) is AckOp and jsonlimits.storable(ops):
-            self._ack(ops)
-            return
-        task = asyncio.create_task(self._frame(data, ops))
-        self._keep(task).add_done_callback(self._done)
-
-    def _heartbeats(self, ops: Any) -> bool:
-        """Hand a frame of valid heartbeat ops to the heartbeat batch; False for any other."""
-        if type(ops) is HeartbeatOp:
-            single, beats = True, [ops]
-        elif type(ops) is list and ops and all(type(op) is HeartbeatOp for op in ops):
-            single, beats = False, ops
-        else:
-            return False
-        if not jsonlimits.storable(beats):
-            return False  # answered by the frame's task: which field is bad
-        events = self.ops.heartbeats(self.principal.id, beats)
-        if events is None:
-            return False  # answered by the frame's task: not found
-        refs = [op.ref for op in beats]
-        ok = _json.encode(Ok(refs[0]) if single else [Ok(ref) for ref in refs])
-        self.heartbeats.add(self.conn, events, ok, refs, single, self.slots.release)
+    def on_message(self, msg: Any) -> bool:
+        session, kind = self.session, msg.type
+        if session is not None and self.work is None:
+            conn = session.conn
+            conn.quiet = 0  # heard from (Liveness)
+            if kind is _TEXT:
+                if session.free <= 0:
+                    return False
+                session.on_text(msg.data)
+            elif kind is _PONG:
+                conn.pong()
+            elif kind is _PING:
+                conn.flush()  # the frames listed this tick go before the Pong
+                self.write_pong(msg.data)
+            else:
+                err = errors.ValidationFailed("send JSON text frames")
+                session.say(error_frame(err))
+            return True
+        if self.work is not None:
+            return False  # the auth or the opening first
+        if kind is _PING:  # no auth yet: a Ping is answered, a Pong ignored
+            self.write_pong(msg.data)
+            return True
+        if kind is _PONG:
+            return True
+        self._stop_timer()
+        if kind is not _TEXT:
+            self.refuse(errors.AUTH_FAILED)
+            return True
+        self.work = asyncio.get_running_loop().create_task(self._auth(msg.data))
+        self.work.add_done_callback(self._worked)
         return True
 
-    def _ack(self, op: AckOp) -> None:
-        """A frame of one ack (a seed-style node sends one per push), answered without a task
-        of its own: once its read is durable, from the future's callback."""
+    def close_sent(self) -> bool:
+        return self.closed or (self.conn is not None and self.conn.closed)
+
+    def on_lost(self) -> None:
+        self._stop_timer()
+        self.app[PENDING_SOCKETS].discard(self)
+        if self.conn is not None:
+            self.app[DISPATCHER].disconnect(self.conn)  # its pump, if one runs, is cancelled
+
+    def on_failed(self) -> None:
+        self.on_lost()  # its session ends now, its connection once the peer ends it
+
+    def refuse(self, disconnect: errors.Disconnect, err: errors.BrokerError | None = None) -> None:
+        """Close before the session opens: the error frame, if any, then the Close frame."""
+        if err is not None:
+            self._write_text(error_frame(err))
+        self.app[PENDING_SOCKETS].discard(self)
+        self.send_close(disconnect.code, disconnect.reason)
+
+    def _write_text(self, answer: Any) -> None:
+        self._write(text_frames([_json.encode(answer)]))
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _auth_timeout(self) -> None:
+        self.timer = None
+        if self.work is None and self.session is None:
+            self.refuse(errors.AUTH_FAILED, errors.AuthenticationFailed("auth timeout"))
+
+    def _worked(self, task: asyncio.Task[None]) -> None:
+        self.work = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node_socket_failed", exc_info=task.exception())
+            self._end()
+        self._pump()  # what waited behind it
+
+    async def _auth(self, data: str) -> None:
+        """The first frame's auth: the session opens, or the socket is refused."""
         try:
-            fut = self.ops.ack_soon(self.principal, self.conn, op.message_id)
-        except Exception as exc:
-            self._reply(_error(op.ref, failure(exc)))
-            return
-        if fut is None:
-            self._reply(OkRead(op.ref, op.message_id))
+            frame = jsonlimits.decode(_auth_decoder, data)
+            token = frame.token
+            principal = await authenticate(
+                self.app, token if token.lower().startswith("bearer ") else f"Bearer {token}"
+            )
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            reason = 'the first frame must be {"type": "auth", "token": "Bearer …"}'
+        except errors.BrokerError as exc:
+            reason = exc.message
         else:
-            fut.add_done_callback(functools.partial(self._acked, op))
-
-    def _acked(self, op: AckOp, fut: asyncio.Future[None]) -> None:
-        if fut.cancelled():  # nobody cancels it: no answer to give
-            self.slots.release()
-            return
-        exc = fut.exception()
-        if exc is None:
-            self._reply(OkRead(op.ref, op.message_id))
-        else:
-            err = failure(exc) if isinstance(exc, Exception) else errors.internal()
-            self._reply(_error(op.ref, err))
-
-    def _reply(self, answer: Answer) -> None:
-        """Write an op's answer (listed for the tick's write while the peer keeps up) and free
-        its slot."""
-        self.slots.release()
-        frames = [_json.encode(answer)]
-        if self.conn.queue(frames) is None:  # the slow path: aiohttp's writer, which waits
-            task = asyncio.create_task(self._send_slowly(frames))
-            self._keep(task).add_done_callback(self._forget)
-
-    async def _send_slowly(self, frames: list[bytes]) -> None:
-        await self.conn.send_many(frames)
-
-    def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
-        if self.tasks is None:
-            self.tasks = set()
-        self.tasks.add(task)
-        return task
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        if self.tasks is not None:
-            self.tasks.discard(task)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._forget(task)
-        self.slots.release()
-
-    async def _frame(self, data: str, ops: Any = None) -> None:
-        """Run a frame's ops and answer; `ops` are the frame decoded as valid ops, if it is."""
-        if ops is None:
-            try:  # not every op is valid: decode the frame as it is, answer each op
-                ops = jsonlimits.decode(_frame_decoder, data)
-            except msgspec.DecodeError as exc:
-                await self._answer(_error(None, ValidationFailed(f"malformed JSON: {exc}")))
+            if not principal.is_node:
+                self.refuse(errors.NODES_ONLY, errors.Forbidden(errors.NODES_ONLY.reason))
                 return
-        if not jsonlimits.storable(ops):
-            ops = (
-                [_screen(op, f"$[{i}]") for i, op in enumerate(ops)]
-                if isinstance(ops, list)
-                else _screen(ops, "$")
-            )
-        if isinstance(ops, list):
-            await self._answer(await self._batch(ops))
-        else:
-            await self._answer(await self._op(ops))
+            await self._open(principal)
+            return
+        self.refuse(errors.AUTH_FAILED, errors.AuthenticationFailed(reason))
 
-    async def _batch(self, items: list[Any]) -> list[Answer]:
-        """Answer an array of ops: its sends and acks are recorded together (NodeOps.
-        record_batch); the other ops run concurrently, each on its own."""
-        answers: list[Answer | None] = [None] * len(items)
-        sends: list[tuple[int, SendOp]] = []
-        acks: list[tuple[int, AckOp]] = []
-        others: list[tuple[int, Any]] = []
-        for i, raw in enumerate(items):
-            kind = type(raw)
-            if kind is SendOp:
-                sends.append((i, raw))
-            elif kind is AckOp:
-                acks.append((i, raw))
-            elif kind is _Invalid:
-                answers[i] = _error(raw.ref, ValidationFailed(raw.message))
-            else:
-                others.append((i, raw))
-        if sends or acks:
-            sent, read = await self.ops.record_batch(
-                self.principal,
-                self.conn,
-                [op for _, op in sends],
-                [op.message_id for _, op in acks],
-            )
-            for (i, op), result in zip(sends, sent, strict=True):
-                answers[i] = (
-                    _ok_sent(op.ref, result)
-                    if type(result) is SendResult
-                    else _error(op.ref, result)  # type: ignore[arg-type]
-                )
-            for (i, ack), outcome in zip(acks, read, strict=True):
-                answers[i] = (
-                    OkRead(ack.ref, ack.message_id) if outcome is None else _error(ack.ref, outcome)
-                )
-        if others:
-            done = await asyncio.gather(*(self._op(raw) for _, raw in others))
-            for (i, _), answer in zip(others, done, strict=True):
-                answers[i] = answer
-        return [a for a in answers if a is not None]
-
-    async def serve(self, ws: web.WebSocketResponse) -> None:
-        """Read the node's frames until the socket closes (`receive`, not `async for`: one
-        coroutine less held by every idle connection)."""
-        conn = self.conn
-        while True:
-            msg = await ws.receive()
-            conn.quiet = 0  # heard from (Liveness)
-            if msg.type == WSMsgType.TEXT:
-                await self.on_text(msg.data)
-            elif msg.type == WSMsgType.PONG:
-                self.conn.pong()
-            elif msg.type == WSMsgType.PING:
-                self.conn.flush()  # the frames listed this tick go before the Pong
-                await ws.pong(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await self._answer(_error(None, ValidationFailed("send JSON text frames")))
-            else:
-                break
-
-    async def _answer(self, answer: Any) -> None:
-        if not self.conn.closed:
-            await self.conn.send_many([_json.encode(answer)])
-
-    async def _op(self, raw: Any) -> Answer:
-        op: Op
-        if isinstance(raw, HeartbeatOp | StatusOp | TelemetryOp | SendOp | AckOp):
-            op = raw
-        elif isinstance(raw, _Invalid):
-            return _error(raw.ref, ValidationFailed(raw.message))
-        else:
-            ref = raw.get("ref") if isinstance(raw, dict) else None
+    async def _open(self, principal: Principal) -> None:
+        app = self.app
+        if self.transport is None or self.closed:
+            return
+        dispatcher = app[DISPATCHER]
+        if (
+            len(dispatcher.connections) >= app[WS_CAP]
+            and principal.id not in dispatcher.connections
+        ):
+            # At capacity: refused cleanly (a node's reconnection replaces its old one: let it in).
+            app[METRICS].ws_refused.labels("capacity").inc()
+            self.refuse(errors.TRY_AGAIN)
+            return
+        config = app[CONFIG].delivery
+        conn = self.conn = NodeConnection(
+            principal.id, self, config.ws_send_timeout, self.transport, principal.session
+        )
+        session = self.session = NodeSession(principal, conn, app, config)
+        session.woken = self.wake
+        app[PENDING_SOCKETS].discard(self)
+        old = dispatcher.connect(conn)
+        if old is not None:
+            await old.close(errors.REPLACED)
+        # Other instances drop their older connection of the node; the welcome follows, so a
+        # node that got it knows this connection is the one every instance considers current.
+        await app[TAKEOVER].announce(conn)
+        welcome = {"type": "welcome", "node_id": principal.id, "window": config.window}
+        if self.compress:  # aiohttp's writer compresses it
             try:
-                op = msgspec.convert(raw, Op)
-            except msgspec.ValidationError as exc:
-                return _error(ref, ValidationFailed(str(exc)))
-        try:
-            return await self._run(op)
-        except Exception as exc:
-            return _error(op.ref, failure(exc))
-
-    async def _run(self, op: Op) -> Answer:
-        node_id, ops = self.principal.id, self.ops
-        if isinstance(op, AckOp):
-            await ops.ack(self.principal, self.conn, op.message_id)
-            return OkRead(op.ref, op.message_id)
-        if isinstance(op, SendOp):
-            result = await ops.messaging.send(self.principal, op, op.idempotency_key)
-            return _ok_sent(op.ref, result)
-        if isinstance(op, HeartbeatOp):
-            await ops.heartbeat(node_id, op)
-        elif isinstance(op, StatusOp):
-            await ops.status(
-                node_id,
-                status=op.status,
-                load=op.load,
-                available_resources=op.available_resources,
-                metadata=op.metadata,
-                last_seen=op.last_seen,
-            )
+                await self.send_frame(_json.encode(welcome), _TEXT)
+            except ConnectionError:
+                return  # gone: on_lost disconnected it
         else:
-            await ops.telemetry(node_id, op.metrics, op.timestamp)
-        return Ok(op.ref)
+            self._write_text(welcome)  # not a push: no read check follows it (NodeConnection)
+        dispatcher.open(conn)  # pushes follow the welcome, from a pump started when there is mail
 
 
 def _origin_allowed(request: web.Request, config: DeliveryConfig) -> bool:
     origin = request.headers.get("Origin")
     return origin is None or origin in config.allowed_origins
-
-
-async def _first_frame_auth(
-    ws: web.WebSocketResponse, app: web.Application, timeout: float
-) -> Principal | None:
-    try:
-        async with asyncio.timeout(timeout):
-            msg = await ws.receive()
-            while msg.type in (WSMsgType.PING, WSMsgType.PONG):  # no autoping: see node_ws
-                if msg.type == WSMsgType.PING:
-                    await ws.pong(msg.data)
-                msg = await ws.receive()
-    except TimeoutError:
-        err = errors.AuthenticationFailed("auth timeout")
-        await ws.send_str(_json.encode(_error(None, err)).decode())
-        return None
-    if msg.type != WSMsgType.TEXT:
-        return None
-    try:
-        frame = jsonlimits.decode(_auth_decoder, msg.data)
-        token = (
-            frame.token if frame.token.lower().startswith("bearer ") else f"Bearer {frame.token}"
-        )
-        return await authenticate(app, token)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        reason = 'the first frame must be {"type": "auth", "token": "Bearer …"}'
-    except errors.BrokerError as exc:
-        reason = exc.message
-    err = errors.AuthenticationFailed(reason)
-    await ws.send_str(_json.encode(_error(None, err)).decode())
-    return None
-
-
-async def _node_by_first_frame(
-    ws: web.WebSocketResponse, app: web.Application, timeout: float
-) -> Principal | None:
-    """The node the first frame authenticates; None once the socket is closed (bad auth, or
-    not a node)."""
-    principal = await _first_frame_auth(ws, app, timeout)
-    if principal is None:
-        await _close(ws, errors.AUTH_FAILED)
-        return None
-    if not principal.is_node:
-        refused = errors.Forbidden(errors.NODES_ONLY.reason)
-        await ws.send_str(_json.encode(_error(None, refused)).decode())
-        await _close(ws, errors.NODES_ONLY)
-        return None
-    return principal
 
 
 @routes.get(
@@ -455,46 +227,32 @@ async def node_ws(request: web.Request) -> web.StreamResponse:
         principal = await authenticate(app, request.headers["Authorization"])  # 401 before upgrade
         if not principal.is_node:
             raise errors.Forbidden("this WebSocket is for nodes; operators use /ws")
-    # Pongs are seen here: they prove the node reads (delivery). No heartbeat: broker.ws.wire.
-    # Liveness checks every connection from one task, instead of a timer each.
+    # Pongs are seen by the socket: they prove the node reads (delivery). No heartbeat:
+    # broker.ws.wire.Liveness checks every connection from one task, instead of a timer each.
     ws = web.WebSocketResponse(max_msg_size=config.ws_max_message_bytes, autoping=False)
+    early = unread_bytes(request) if ws.can_prepare(request) else b""
     await ws.prepare(request)
+    sock = NodeSocket(request, ws)
+    response = take_over(request, sock)
     if principal is None:
-        principal = await _node_by_first_frame(ws, app, config.ws_auth_timeout)
-        if principal is None:
-            return ws
-    dispatcher: Dispatcher = app[DISPATCHER]
-    if len(dispatcher.connections) >= app[WS_CAP] and principal.id not in dispatcher.connections:
-        # At capacity: refused cleanly (a node's reconnection replaces its old one: let it in).
-        app[METRICS].ws_refused.labels("capacity").inc()
-        await _close(ws, errors.TRY_AGAIN)
-        return ws
-    # Not an isinstance check: uvloop's transports (0.22+) are no asyncio.Transport subclasses,
-    # and every push then went the slow way (aiohttp's writer, one awaited call per frame).
-    conn = NodeConnection(
-        principal.id, ws, config.ws_send_timeout, request.transport, principal.session
-    )
-    session = NodeSession(principal, conn, app, config)
-    welcome = {"type": "welcome", "node_id": principal.id, "window": config.window}
-    old = dispatcher.connect(conn)
-    try:
-        if old is not None:
-            await old.close(errors.REPLACED)
-        # Other instances drop their older connection of the node; the welcome follows, so a
-        # node that got it knows this connection is the one every instance considers current.
-        await app[TAKEOVER].announce(conn)
-        await ws.send_str(_json.encode(welcome).decode())
-        dispatcher.open(conn)  # pushes follow the welcome, from a pump started when there is mail
-        await session.serve(ws)
-    finally:
-        dispatcher.disconnect(conn)  # its pump, if one runs, is cancelled
-        if session.tasks:
-            await asyncio.gather(*session.tasks, return_exceptions=True)
-    return ws
+        sock.await_auth()
+    else:
+        sock.open(principal)
+    if early:
+        sock.data_received(early)
+    return response
 
 
-async def _close(ws: web.WebSocketResponse, disconnect: errors.Disconnect) -> None:
-    await ws.close(code=disconnect.code, message=disconnect.reason.encode())
+async def close_all(app: web.Application) -> None:
+    """Graceful shutdown: every node socket gets its Close frame (SHUTDOWN), while the server
+    still runs to read the nodes' answers; aiohttp no longer knows these sockets."""
+    pending: set[NodeSocket] = app[PENDING_SOCKETS]
+    for sock in list(pending):
+        sock.refuse(errors.SHUTDOWN)
+    dispatcher = app.get(DISPATCHER)
+    if dispatcher is not None:
+        for conn in list(dispatcher.connections.values()):
+            await conn.close(errors.SHUTDOWN)
 
 
 def connection_cap(config: DeliveryConfig) -> int:

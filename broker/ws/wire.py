@@ -9,14 +9,17 @@ import contextlib
 import struct
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 
 from broker.errors import BrokerError, Disconnect
 from projections.messages import Mail, PendingMessage
+
+if TYPE_CHECKING:
+    from broker.ws.protocol import FrameProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -94,8 +97,8 @@ class NodeConnection:
     what is listed, so the peer sees the frames in the order they were sent; an aborted or
     closing transport drops them. What a connection can have queued is thus bounded by
     SAFE_BUFFER plus one tick's frames (at most the in-flight window and the pending answers).
-    Otherwise frames go through aiohttp's writer, which compresses and waits for the peer, under
-    ``send_timeout``.
+    Otherwise frames go through aiohttp's frame writer (`FrameProtocol.send_frame`), which
+    compresses and waits for the peer, under ``send_timeout``.
 
     Frames that fit in the kernel's buffers are written at once whether the peer reads them or
     not, so each write is also checked: half a ``send_timeout`` after it, the connection sends a
@@ -128,7 +131,7 @@ class NodeConnection:
     def __init__(
         self,
         node_id: str,
-        ws: web.WebSocketResponse,
+        ws: FrameProtocol,
         send_timeout: float,
         transport: asyncio.Transport | None = None,
         session: str = "",
@@ -194,7 +197,7 @@ class NodeConnection:
         self.abort()
 
     def send_ping(self) -> None:
-        """A Ping behind what is listed; the Pong is seen by the reading handler."""
+        """A Ping behind what is listed; the Pong is seen by the socket (broker.ws.nodes)."""
         t = self.transport
         if t is not None and not t.is_closing():
             if self._out:
@@ -261,7 +264,7 @@ class NodeConnection:
         self._out, self._out_bytes = (), 0
         t = self.transport
         if t is None or self.closed or self.ws.closed or t.is_closing():
-            return False  # gone, or closed by aiohttp: nothing may follow its Close frame
+            return False  # gone, or closed: nothing may follow its Close frame
         try:
             t.write(text_frames(out))
         except (ConnectionError, RuntimeError):
@@ -283,8 +286,9 @@ class NodeConnection:
         let the peer answer with its own, then the TCP connection ends). aiohttp's
         `ws.close()` from another task than the one reading shuts the socket right after its
         Close frame, so the peer's answer met a reset and aiohttp clients reported 1006 instead
-        of the code. Here the frame is written and the reading handler finishes the handshake
-        when the answer arrives; a peer that does not answer within `send_timeout` is cut."""
+        of the code. Here the frame is written and the socket (broker.ws.protocol) finishes
+        the handshake when the answer arrives; a peer that does not answer within
+        `send_timeout` is cut."""
         if self.closed:
             return
         if self._out:  # what was sent before the close arrives before it
