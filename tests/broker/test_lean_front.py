@@ -276,16 +276,25 @@ class Held:
 
         monkeypatch.setattr(service, "heartbeat", held)
 
+    @classmethod
+    async def sent(
+        cls, client: Client, monkeypatch: pytest.MonkeyPatch
+    ) -> tuple[Held, str, asyncio.StreamReader, asyncio.StreamWriter]:
+        """A node's heartbeat sent on a connection of its own and held in the service: the
+        hold, the node's token and the connection."""
+        token = (await node_session(client, "node-a"))["access_token"]
+        held = cls(client, monkeypatch)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(post("/api/v1/nodes/node-a/heartbeat", token, b"{}"))
+        await held.entered.wait()
+        return held, token, reader, writer
+
 
 async def test_a_graceful_shutdown_waits_for_the_answer_in_flight(
     tmp_path: Path, counted: Counted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async for client in lean_client(lean_config(tmp_path), lean=True):
-        token = (await node_session(client, "node-a"))["access_token"]
-        held = Held(client, monkeypatch)
-        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-        writer.write(post("/api/v1/nodes/node-a/heartbeat", token, b"{}"))
-        await held.entered.wait()
+        held, _token, reader, writer = await Held.sent(client, monkeypatch)
         server = client.server.runner.server  # type: ignore[union-attr]
         assert server is not None
         server.pre_shutdown()
@@ -302,11 +311,7 @@ async def test_a_client_gone_mid_request_leaves_the_server_serving(
     tmp_path: Path, counted: Counted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async for client in lean_client(lean_config(tmp_path), lean=True):
-        token = (await node_session(client, "node-a"))["access_token"]
-        held = Held(client, monkeypatch)
-        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-        writer.write(post("/api/v1/nodes/node-a/heartbeat", token, b"{}"))
-        await held.entered.wait()
+        held, token, _reader, writer = await Held.sent(client, monkeypatch)
         writer.close()
         await writer.wait_closed()
         held.gate.set()
