@@ -236,6 +236,7 @@ def stats_of(app: web.Application, ids: list[str]) -> dict[str, NodeStats]:
 async def node_search(request: web.Request) -> web.Response:
     q = decode_query(request, NodeSearchQuery)
     service = request.app[NODES]
+    await service.decoded()  # the id and name orders read every node
     found = request.app[RUNTIME].nodes.by_prefix(q.q, q.limit)
     now = service.clock()
     return json_response(NodeSearchResult(nodes=[service.view(n, now) for n in found]))

@@ -209,6 +209,7 @@ async def jwks(request: web.Request) -> web.Response:
 async def list_nodes(request: web.Request) -> web.Response:
     _require_read(principal_of(request))
     query = decode_query(request, NodesQuery)
+    await request.app[NODES].decoded(query.sort_by)
     return json_response(request.app[NODES].list_nodes(query))
 
 

@@ -51,6 +51,8 @@ from eventstore.events import (
     NodeStatusUpdated,
 )
 from eventstore.timestamps import iso
+from projections.index_snapshot import unpack_step
+from projections.node_index import ORDERS
 from projections.nodes import Node, NodesProjection, Presence
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no ":": other streams use it
@@ -359,6 +361,15 @@ class NodeService:
 
     def presence(self, node: Node, now: float) -> Presence:
         return node.presence(now, self.online_within, self.stale_within)
+
+    async def decoded(self, sort_by: str | None = "node_id") -> None:
+        """Before a query that reads every node's key (a sort by id, name or load, a prefix
+        search): the nodes a snapshot restored still packed decoded a slice per turn of the
+        loop, instead of all of them in the query's one step (seconds at 1M after a start)."""
+        index = self.runtime.nodes.index
+        if sort_by in ORDERS:
+            while index.packed and unpack_step(index):
+                await asyncio.sleep(0)
 
     def list_nodes(
         self, query: NodesQuery, now: float | None = None, nodes: NodesProjection | None = None
