@@ -134,9 +134,10 @@ METRICS_TOKEN = "fleet-bench-scrape-" + "0" * 24  # reads /metrics (the gauges p
 def metrics_token_file(data: Path) -> Path:
     """The scrape token's file beside the log, readable by its owner only (as the server wants)."""
     path = data.parent / "metrics.token"
-    if not path.exists():
-        path.write_text(METRICS_TOKEN)
-        path.chmod(0o600)
+    if not path.exists():  # created 0600: never readable by others, not even for a moment
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(METRICS_TOKEN)
     return path
 
 
