@@ -157,13 +157,19 @@ class SqliteStore(GroupCommit):
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
 
     def _verify_on_open(self) -> None:
-        """From the snapshot's position, if any; the compactions whose gaps the verified
-        checkpoint says were checked are not read again (eventstore.sqlite_verify.verify_log)."""
-        if self.trusted_prefix is None:
+        """From the furthest position already verified: the snapshot's the start loads (its
+        hash matched the log's) or the verified checkpoint's (a verify reached it, and the log
+        still holds its event with its hash); the whole log without either. The compactions
+        whose gaps the checkpoint says were checked are not read again
+        (eventstore.sqlite_verify.verify_log)."""
+        cp = read_checkpoint(self.path)
+        trusted = self.trusted_prefix
+        if cp is not None and (trusted is None or cp.seq > trusted[0]):
+            trusted = (cp.seq, bytes.fromhex(cp.hash))
+        if trusted is None:
             verify_file(self.path)
             return
-        cp = read_checkpoint(self.path)
-        verify_log(self.path, trusted=self.trusted_prefix, compactions=cp.compactions if cp else 0)
+        verify_log(self.path, trusted=trusted, compactions=cp.compactions if cp else 0)
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run `fn(*args)` on the writer thread."""

@@ -158,7 +158,7 @@ class SystemInfo(msgspec.Struct, kw_only=True):
     backend: str
     instance: str | None  # this instance's id on a shared (nats) log
     started_at: str | None
-    verified_at_start: bool  # the log's whole hash chain was checked before serving
+    verified_at_start: bool  # the hash chain was checked before serving (past a trusted point)
     last_verify: LastVerify | None  # the verified checkpoint (broker verify, background), if any
     log_files: list[FileInfo]  # the SQLite log's files (none for nats or memory)
     snapshots: SnapshotsInfo

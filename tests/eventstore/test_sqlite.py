@@ -18,6 +18,7 @@ import pytest
 from eventstore.base import ConcurrencyError, Envelope, IntegrityError, StoreError, StoreLocked
 from eventstore.events import LogNote
 from eventstore.sqlite import APPLICATION_ID, SqliteStore, StoredEvent, verify_file
+from eventstore.sqlite_checkpoint import checkpoint_path, write_checkpoint
 from eventstore.sqlite_head import read_head
 
 
@@ -95,6 +96,33 @@ async def test_flipped_bit_names_its_seq_and_blocks_start(tmp_path: Path) -> Non
         await verify(path)
     assert info.value.seq == 17
     with pytest.raises(IntegrityError) as info:
+        await SqliteStore(path).open()
+    assert info.value.seq == 17
+
+
+async def test_the_start_verifies_from_the_verified_checkpoint(tmp_path: Path) -> None:
+    """A verify that reached seq 30 spares the start the events up to it (as a snapshot's
+    position does), not those after it; a checkpoint the log no longer matches counts for
+    nothing."""
+    path = tmp_path / "log.db"
+    await make_log(path)
+    await asyncio.to_thread(write_checkpoint, path, 30)
+    await edit_records(path, flip(17), fix_crc=True)  # altered, its chunk's checksum made right
+    store = SqliteStore(path)
+    await store.open()  # from the checkpoint on: 17 is not read again
+    await store.close()
+    await edit_records(path, flip(37), fix_crc=True)
+    with pytest.raises(IntegrityError) as info:
+        await SqliteStore(path).open()
+    assert info.value.seq == 37
+    await asyncio.to_thread(write_checkpoint, path, 10)
+    await edit_records(path, flip(37), fix_crc=True)  # 37 as it was
+    with pytest.raises(IntegrityError) as info:
+        await SqliteStore(path).open()
+    assert info.value.seq == 17
+    saved = checkpoint_path(path)
+    saved.write_bytes(saved.read_bytes().replace(b'"seq":10', b'"seq":20'))
+    with pytest.raises(IntegrityError) as info:  # 20's hash is not the one it names: ignored
         await SqliteStore(path).open()
     assert info.value.seq == 17
 
