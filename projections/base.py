@@ -3,7 +3,8 @@ into in-memory state. No I/O, no clock (time comes from the envelope), no asynci
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
 from eventstore.base import Envelope
@@ -95,6 +96,15 @@ class Projection:
         fresh instance."""
         raise NotImplementedError
 
+    # --- a replay into a fresh instance (a start without a snapshot) ---
+
+    def replaying(self) -> None:
+        """A replay into this fresh instance begins: what the projection derives from its
+        state (indices) may wait for `replayed`, to be built once rather than event by event."""
+
+    def replayed(self) -> None:
+        """The replay `replaying` announced has ended: the state is whole again."""
+
 
 class OutOfOrder(Exception):
     """An envelope arrived out of seq order: the projections would diverge from the log."""
@@ -123,6 +133,16 @@ class Projections:
             handler(env)
         self.seq = env.seq
         self.applied += 1
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Around a replay into these fresh projections (`Projection.replaying`); on an error
+        the state is left half built (a failed start)."""
+        for part in self.parts.values():
+            part.replaying()
+        yield
+        for part in self.parts.values():
+            part.replayed()
 
     def apply_many(self, envs: Iterable[Envelope]) -> None:
         for env in envs:

@@ -34,6 +34,11 @@ order instead of rebuilding (`projections.index_snapshot`), the nodes still pack
 first touch, or by the background slices before the token counts and sorted orders); the
 sorted orders and windows are built again in the background.
 
+A replay from nothing (a start without a snapshot) does not index node by node: after `defer` the
+changes only set the nodes' fields, and `settle` indexes the nodes left at once, a block at a time
+(`index_snapshot.rebuild`: ~4x cheaper than or'ing a 4,096-bit block per key per node); its slots
+are dense where the replay's had holes, in the same order, so every query answers the same.
+
 Invariant: every structure holds exactly the live nodes, keyed by their current attributes.
 `NodesProjection` changes an attribute that a structure is keyed on only through this class.
 """
@@ -127,6 +132,17 @@ class NodeIndex:
         self.registry: dict[str, Node | Packed] = {}
         self.unpacked = 0
         self.orders_wanted = False  # `build_orders` called while nodes were still packed
+        self.deferred = False  # `defer`: nothing indexed until `settle`
+
+    def defer(self) -> None:
+        """Until `settle`, changes set the nodes' fields only (an empty index)."""
+        assert not self.slots, "only an empty index defers"
+        self.deferred = True
+
+    def settle(self, nodes: Iterable[Node]) -> None:
+        """Index `nodes`, every live one, after `defer` (a no-op otherwise)."""
+        if self.deferred:
+            rebuild(self, nodes)  # anew: `deferred` is False again
 
     def order(self, name: str) -> SortedSlots | HeartbeatOrder | None:
         """The order of the live slots by `self.keys[name]` once it is ready, kept up to date
@@ -171,6 +187,8 @@ class NodeIndex:
     # --- changes (called by the projection's handlers) ---
 
     def add(self, node: Node) -> None:
+        if self.deferred:
+            return
         slot = node.slot = len(self.slots)
         self.slots.append(node)
         self._bitmaps(node, bm_add)
@@ -183,6 +201,8 @@ class NodeIndex:
 
     def remove(self, node: Node) -> bool:
         """Drop `node`; True when that compacted the slots (every node's slot changed)."""
+        if self.deferred:
+            return False
         slot = node.slot
         self._bitmaps(node, bm_discard)
         self.heartbeats.remove(slot)
@@ -231,16 +251,17 @@ class NodeIndex:
             bm_add(index.setdefault(new, {}), slot)
 
     def set_status(self, node: Node, status: str) -> None:
-        self._move(self.by_status, node.status, status, node.slot)
-        for order in self._all_orders():
-            order.retoken(node.slot, [("status", node.status)], [("status", status)])
+        if not self.deferred:
+            self._move(self.by_status, node.status, status, node.slot)
+            for order in self._all_orders():
+                order.retoken(node.slot, [("status", node.status)], [("status", status)])
         node.status = status
 
     def set_metadata(self, node: Node, metadata: dict[str, Any]) -> None:
         old = node.region
         node.metadata.update(metadata)
         new = node.region
-        if new != old:
+        if new != old and not self.deferred:
             self._move(self.by_region, old, new, node.slot)
             before = [("region", old)] if old is not None else []
             after = [("region", new)] if new is not None else []
@@ -256,7 +277,8 @@ class NodeIndex:
             order.insert(node.slot)
 
     def set_heartbeat(self, node: Node, at: float) -> None:
-        self.heartbeats.move(node, at)
+        if not self.deferred:
+            self.heartbeats.move(node, at)
         old, node.last_heartbeat_at = node.last_heartbeat_at, at
         for w in self.windows.values():
             now = w.holds(at)

@@ -83,6 +83,13 @@ class NodesProjection(Projection):
             }
             self.index.rebuild(self.nodes.values())  # type: ignore[arg-type]
 
+    def replaying(self) -> None:
+        if not self.nodes:
+            self.index.defer()
+
+    def replayed(self) -> None:
+        self.index.settle(self.nodes.values())  # type: ignore[arg-type]  # all decoded
+
     def _remove(self, node: Node) -> None:
         if self.index.remove(node) and self.dirty is not None:
             # The slots were compacted: every record saved so far holds an old slot.

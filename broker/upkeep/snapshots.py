@@ -292,11 +292,13 @@ class Snapshotter:
         """Apply the events of `ranges` that `part` handles, to `part` only."""
         handlers = part.handlers()
         types = _handled_types([part])
+        part.replaying()
         for lo, hi in ranges if types else ():
             events: Any = store.read(lo, hi, types)
             async with aclosing(events):
                 async for env in events:
                     handlers[type(env.event)](env)
+        part.replayed()
 
     def _track(self, projections: Projections, body: Body | None) -> None:
         """Track, for every projection, the windows holding events it handles: up to the
@@ -319,13 +321,15 @@ class Snapshotter:
         of tracked projections' events on the way."""
         tracked = self._tracked_by_type
         events: Any = store.read(projections.seq + 1)
+        fresh = projections.replaying() if projections.seq == 0 else contextlib.nullcontext()
         async with aclosing(events):
-            async for env in events:
-                projections.apply(env)
-                marks = tracked.get(type(env.event))
-                if marks is not None:
-                    for windows in marks:
-                        windows.add(env.seq // WINDOW)
+            with fresh:
+                async for env in events:
+                    projections.apply(env)
+                    marks = tracked.get(type(env.event))
+                    if marks is not None:
+                        for windows in marks:
+                            windows.add(env.seq // WINDOW)
 
     # --- saving ---
 

@@ -337,13 +337,20 @@ class DiscoveryMachine(RuleBasedStateMachine):
 
     @rule(q=queries, steps=st.integers(0, 40))
     def replayed_and_restored_answer_alike(self, q: dict[str, Any], steps: int) -> None:
-        """Replayed, restored with the saved indices, restored from a snapshot without them
-        (rebuilt): the same state, the same indices, the same answers; and so once the restored
-        one's background work (sharing strings, building orders and windows) has moved on."""
+        """Replayed, replayed with the indexing deferred to its end (a start without a
+        snapshot), restored with the saved indices, restored from a snapshot without them
+        (rebuilt): the same state, the same indices (the deferred replay's slots dense), the
+        same answers; and so once the restored one's background work (sharing strings,
+        building orders and windows) has moved on."""
         q = dict(q)
         q["now"] = self.ts + q.pop("now_offset")
         replayed = NodesProjection()
         Projections([replayed]).apply_many(self.log)
+        at_once = NodesProjection()
+        with (everything := Projections([at_once])).replaying():
+            assert at_once.index.deferred
+            everything.apply_many(self.log)
+        assert not at_once.index.deferred and at_once.state() == replayed.state()
         restored = through_snapshot(self.p)
         rebuilt = through_snapshot(self.p, saved_index=False)
         older = through_snapshot(self.p, version=3)
@@ -358,7 +365,7 @@ class DiscoveryMachine(RuleBasedStateMachine):
         assert all(type(n) is Node for n in [*rebuilt.nodes.values(), *older.nodes.values()])
         assert same_index(restored, self.p)
         want = model_page(self.p, q)
-        for other in (replayed, restored, rebuilt, older):
+        for other in (replayed, at_once, restored, rebuilt, older):
             check_index(other)
             assert index_page(other, q) == want
         restored.index.build_orders()
