@@ -10,7 +10,9 @@ replay stores the PEM without parsing it). Then it starts `broker serve` on that
 times, and prints one line per figure, each ending "goal met" or "goal missed":
 
 - `cold start`: launch to /health 200 without a snapshot (the first start), then with the
-  one written at its shutdown;
+  one written at its shutdown. The log is verified once after the import (`broker verify`, as
+  docs/operations.md's import procedure has it), so a start checks the chain only past that
+  verified checkpoint, as it does past a snapshot's position; the verify's own time is printed;
 - `rss per node`: VmRSS after the start without a snapshot, less an empty server's, per node;
 - `discovery`: p99 of GET /api/v1/nodes (by type, capability, region, combined, no filter, a
   deep page, online=true), one request at a time;
@@ -22,7 +24,8 @@ times, and prints one line per figure, each ending "goal met" or "goal missed":
   the longest gap between answers of a stream of GET /health while heartbeats flow and a
   snapshot is taken, and VmRSS sampled meanwhile against the steady VmRSS before.
 
-The load generator runs in this process, on the same cores as the server.
+The load generator runs in this process, on the same cores as the server. The broker's bytecode
+is written first (`bench.common.precompile`), as an installed broker has it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import msgspec
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bench.common import cpu_seconds, machine, per_item_us, run
+from bench.common import cpu_seconds, machine, per_item_us, precompile, run
 from bench.e2e import PSS, pct
 from bench.heartbeats import Beater, http_load
 from bench.scale import free_port
@@ -163,6 +166,19 @@ def broker_import(data: Path, export: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def broker_verify(data: Path) -> float:
+    """`broker verify` on the log (it moves the verified checkpoint to the head); its seconds."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "broker", "verify"],
+        env=broker_env(data, 0),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
 
 
 # --- the server ---
@@ -623,6 +639,9 @@ def registry(where: Path, n: int) -> tuple[Path, rsa.RSAPrivateKey]:
     if key_file.exists() and size_file.exists() and int(size_file.read_text()) == n:
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
         say(f"# registry: {n:,} nodes reused from {where}")
+        if not (data / "events.db.verified").exists():  # kept from before the bench verified
+            verified = broker_verify(data)
+            say(f"# `broker verify` (the import procedure's last step): {verified:.1f} s")
         return data, key  # type: ignore[return-value]
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
@@ -634,11 +653,12 @@ def registry(where: Path, n: int) -> tuple[Path, rsa.RSAPrivateKey]:
     t0 = time.perf_counter()
     broker_import(data, export)
     imported = time.perf_counter() - t0
+    verified = broker_verify(data)
     size = (data / "events.db").stat().st_size
     say(
         f"# registry: {n:,} node.registered events generated in {generated:.1f} s "
         f"({export.stat().st_size / 2**20:,.0f} MiB), `broker import` {imported:.1f} s "
-        f"(log {size / 2**20:,.0f} MiB)"
+        f"(log {size / 2**20:,.0f} MiB), `broker verify` {verified:.1f} s"
     )
     export.unlink()
     key_file.write_bytes(
@@ -689,6 +709,9 @@ def main_sync(args: argparse.Namespace) -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     say(f"# bench.fleet --nodes {n:,}{' --quick' if quick else ''}, phases {args.phases}")
     say(f"# load average before the run: {load} (others' work on the same cores skews figures)")
+    precompile()  # as an installed broker has its bytecode (this machine never writes it)
+    if args.base_tree:
+        precompile(args.base_tree)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp)
         empty = root / "empty"

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bench.common import machine, own_cpu_seconds, run
+from bench.common import machine, own_cpu_seconds, precompile, run
 from bench.e2e import pct
 from bench.fleet import broker_env, serve
 from eventstore.codec import JsonRecord
@@ -234,20 +234,6 @@ def kept_by_type(data: Path) -> dict[str, list[int]]:
 
     path = data / "events.db"
     return scan(path, (head_of_file(path) or 0) + 1, {}, {}, None).sizes
-
-
-def precompile() -> None:
-    """Write the bytecode of the broker's own packages, as an installed wheel has it: where
-    PYTHONDONTWRITEBYTECODE is set (this machine), every start of a source checkout would
-    otherwise compile them again (~1 s of CPU)."""
-    import compileall
-
-    import broker
-    import eventstore
-    import projections
-
-    for package in (broker, eventstore, projections):
-        compileall.compile_dir(package.__path__[0], quiet=1)
 
 
 def process_cpu(pid: int) -> float:
