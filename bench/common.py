@@ -37,9 +37,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
-def cpu_seconds(pid: int | None) -> float | None:
+def cpu_seconds(pid: int | str | None) -> float | None:
     """User + system CPU seconds of process `pid`, all its threads (Linux /proc); None when
-    unreadable."""
+    unreadable. A `pid/task/tid` string: that thread's."""
     if pid is None:
         return None
     try:
@@ -47,6 +47,11 @@ def cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def loop_thread_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid`'s main thread (a server's event loop)."""
+    return None if pid is None else cpu_seconds(f"{pid}/task/{pid}")
 
 
 def own_cpu_seconds() -> float:
