@@ -38,6 +38,7 @@ from eventstore.sqlite_append import GroupCommit, _Pending
 from eventstore.sqlite_checkpoint import read_checkpoint
 from eventstore.sqlite_compact import SCHEMA as COMPACTION_SCHEMA
 from eventstore.sqlite_head import HeadWriter
+from eventstore.sqlite_streams import Versions, mark, unflushed
 from eventstore.sqlite_threads import Checkpointer, WriterLock, WriterThread
 from eventstore.sqlite_verify import (
     APPLICATION_ID,
@@ -123,6 +124,7 @@ class SqliteStore(GroupCommit):
         self._last_hash = integrity.GENESIS
         self._last_ts = 0.0
         self._versions: dict[str, int] = {}
+        self._waiting = Versions({})
         self._restored_gaps = False  # `broker import` of a compacted log (restore_gap)
 
     # --- lifecycle ---
@@ -133,6 +135,7 @@ class SqliteStore(GroupCommit):
                 raise StoreUnavailable(f"no log at {self.path}")
             self._rconn = await self._connect(f"file:{self.path}?mode=ro")
             await self._load_tail(self._rconn)
+            self._versions = await asyncio.to_thread(_waiting_versions, self.path)
             return
         await asyncio.to_thread(self._lock.acquire)  # creates the directory too
         self._thread = WriterThread("sqlite-writer")
@@ -188,7 +191,11 @@ class SqliteStore(GroupCommit):
         conn.executescript(SCHEMA + COMPACTION_SCHEMA)
         if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        mark(conn)
         conn.commit()
+        _done, waiting = unflushed(conn)  # a damaged chunk: IntegrityError, as a verify says
+        self._waiting = Versions(waiting)
+        self._versions = dict(waiting)
         self._head_writer = HeadWriter(self.path)
         self._head_writer.open()
         self._checkpointer = Checkpointer(
@@ -349,3 +356,13 @@ class SqliteStore(GroupCommit):
     def remove_listener(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+
+def _waiting_versions(path: Path) -> dict[str, int]:
+    """The stream versions not in the log's table yet (eventstore.sqlite_streams), for a
+    read-only open; blocking."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return unflushed(conn)[1]
+    finally:
+        conn.close()

@@ -2,11 +2,12 @@
 
 `append` queues its events and wakes the writer thread if it is idle. The writer thread drains
 every pending append into a single transaction (the expected versions decided, then chunks of
-msgpack records, each with its CRC-32 and chain hash, then the new stream versions, then COMMIT:
-the fsync), and hands the outcome back to the loop, which calls the listeners, then resolves
-every waiter. Appends made while a commit is on its way to the disk go into the next one, which
-the writer thread starts as soon as the last is done: a busy log costs the loop one hand-back
-per commit, not a round trip (docs/performance.md, "The commit's loop side").
+msgpack records, each with its CRC-32 and chain hash, then COMMIT: the fsync), and hands the
+outcome back to the loop, which calls the listeners, then resolves every waiter. The versions a
+commit gives its streams reach the `streams` table later, between commits
+(eventstore.sqlite_streams). Appends made while a commit is on its way to the disk go into the
+next one, which the writer thread starts as soon as the last is done: a busy log costs the loop
+one hand-back per commit, not a round trip (docs/performance.md, "The commit's loop side").
 `restore` writes already-recorded envelopes as they are (`broker import`).
 
 A mixin of `SqliteStore`, which owns the connections, the writer thread and the lifecycle.
@@ -40,6 +41,7 @@ from eventstore.base import (
 from eventstore.codec import encode_event, encode_events
 from eventstore.events import BaseEvent
 from eventstore.sqlite_head import HeadWriter
+from eventstore.sqlite_streams import Versions
 from eventstore.sqlite_threads import Checkpointer, WriterThread
 from eventstore.sqlite_verify import ChunkRow
 
@@ -47,24 +49,8 @@ log = logging.getLogger("eventstore.sqlite")
 T = TypeVar("T")
 
 _INSERT_CHUNK = "INSERT INTO chunks (first_seq, last_seq, body, crc) VALUES (?, ?, ?, ?)"
-# Stream versions go in as ONE statement per commit, whatever their number (a JSON array of
-# [stream, version] pairs): one step for SQLite, not one per row. Each step of the writer
-# thread gives the GIL up and has to take it back from a busy event loop.
-_NEW_STREAMS = "SELECT value ->> 0, value ->> 1 FROM json_each(?)"
-_ON_CONFLICT = " ON CONFLICT (stream) DO UPDATE SET version = excluded.version"
-_INSERT_STREAMS = f"INSERT INTO streams (stream, version) {_NEW_STREAMS}"
-_UPSERT_STREAMS = f"INSERT INTO streams (stream, version) {_NEW_STREAMS} WHERE true{_ON_CONFLICT}"
-# A commit of one event (a seed-style node: one op a frame, one request a send) touches one
-# stream: its version goes in as plain parameters, without a JSON array to build and parse.
-_INSERT_STREAM = "INSERT INTO streams (stream, version) VALUES (?, ?)"
-_UPSERT_STREAM = f"{_INSERT_STREAM}{_ON_CONFLICT}"
-_json_encode = msgspec.json.Encoder().encode
 _CHUNK_EVENTS = 4096  # at most this many events per stored chunk
 _VERSION_CACHE_LIMIT = 200_000
-
-
-class _StreamExists(Exception):
-    """A stream taken to be new already existed in the file: the transaction was rolled back."""
 
 
 class _Unencodable(Exception):
@@ -110,7 +96,10 @@ class GroupCommit:
     _head: int  # the loop's view: the last envelope its listeners saw
     _last_hash: bytes
     _last_ts: float
-    _versions: dict[str, int]  # written by the writer thread; the loop only reads
+    # The latest version of streams (a cache, and every version not in the table yet): set
+    # and replaced by the writer thread only; the loop reads it.
+    _versions: dict[str, int]
+    _waiting: Versions  # the writer thread's versions on their way to the table
     _restored_gaps: bool
     # The writer thread's own end of the log, ahead of the loop's view while a commit's
     # outcome is on its way to the loop; None until its first commit after `open`.
@@ -143,7 +132,7 @@ class GroupCommit:
         while not self._closing:
             await self._wakeup.wait()
             self._wakeup.clear()
-        await self._run(_nothing)
+        await self._run(self._flush_versions, True)
         self._w_seq = None
 
     # --- on the writer thread ---
@@ -168,6 +157,7 @@ class GroupCommit:
                 log.exception("append batch failed")
                 err = StoreUnavailable(f"the log could not be written: {exc}")
                 _hand_back(loop, self._committed, [], b"", 0.0, [(p[2], err) for p in batch])
+            self._flush_versions()
 
     def _writer_tail(self) -> int:
         if self._w_seq is None:
@@ -180,8 +170,11 @@ class GroupCommit:
         if not missing:
             return
         if len(self._versions) + len(missing) > _VERSION_CACHE_LIMIT:
-            self._versions.clear()
-        self._versions.update(self._lookup(missing))
+            fresh = self._waiting.waiting()  # not in the table yet: always kept
+            fresh.update(self._lookup(missing))
+            self._versions = fresh  # one step: the loop never sees it half filled
+        else:
+            self._versions.update(self._lookup(missing))
 
     def _lookup(self, streams: list[str]) -> dict[str, int]:
         assert self._wconn is not None
@@ -200,20 +193,14 @@ class GroupCommit:
         """Decide `batch` (expected versions), record the accepted appends in one transaction,
         and hand every outcome back to the loop (`_committed`)."""
         refused: list[_Outcome] = []
-        optimistic = True
         while True:
             live = [p for p in batch if not p[2].done()]  # a caller gone: record nothing
-            envelopes, overlay, new, accepted, conflicts = self._decide(live, optimistic)
+            envelopes, overlay, accepted, conflicts = self._decide(live)
             if not envelopes:
                 _hand_back(loop, self._committed, [], b"", 0.0, refused + conflicts)
                 return
             try:
-                prev, seconds = self._write(envelopes, overlay, new)
-            except _StreamExists:  # nothing was recorded: decide again, asking the file
-                if not optimistic:
-                    raise
-                optimistic = False
-                continue
+                prev, seconds = self._write(envelopes, overlay)
             except _Unencodable as exc:  # nothing was recorded: again without the culprits
                 bad = _refuse_unencodable(live)
                 if not bad:
@@ -228,33 +215,23 @@ class GroupCommit:
             return
 
     def _decide(
-        self, batch: list[_Pending], optimistic: bool
+        self, batch: list[_Pending]
     ) -> tuple[
         list[Envelope],
         dict[str, int],
-        set[str],
         list[tuple[asyncio.Future[list[Envelope]], int, int]],
         list[_Outcome],
     ]:
         """The envelopes of the appends of `batch` whose expected versions hold, the versions
-        they give their streams, the streams taken to be new, which envelopes are whose, and
-        the conflicts."""
+        they give their streams, which envelopes are whose, and the conflicts."""
         streams: set[str] = set()
-        claimed: set[str] = set()  # streams some append says must not exist yet
         streams_of: list[list[str]] = []  # each append's events' streams, computed once
-        for events, expected, _fut in batch:
+        for events, _expected, _fut in batch:
             names = [e.stream for e in events]
             streams_of.append(names)
             streams.update(names)
-            if expected is not None:
-                claimed.update(s for s, v in resolve_expected(events, expected).items() if v == 0)
-        # A stream claimed new and unknown to the cache is taken to be new without asking the
-        # file (every message send claims a fresh id); the plain INSERT of its version refuses
-        # it if it did exist, and then the batch is decided again with the file asked.
+        self._versions_of(streams)  # a stream unknown to the cache is asked of the table
         known = self._versions
-        assumed_new = {s for s in claimed if s not in known} if optimistic else set()
-        if any(s not in known for s in streams if s not in assumed_new):
-            self._versions_of(streams - assumed_new)
 
         overlay: dict[str, int] = {}  # the versions this commit gives its streams
         seq = self._writer_tail()
@@ -269,7 +246,7 @@ class GroupCommit:
             for stream, want in resolve_expected(events, expected).items():
                 have = overlay.get(stream)
                 if have is None:
-                    have = 0 if stream in assumed_new else known.get(stream, 0)
+                    have = known.get(stream, 0)
                 if have != want:
                     conflict = ConcurrencyError(stream, want, have)
                     break
@@ -278,27 +255,23 @@ class GroupCommit:
                 continue
             start = len(envelopes)
             for event, stream in zip(events, names, strict=True):
-                version = overlay.get(stream)
-                if version is None:
-                    version = 0 if stream in assumed_new else known.get(stream, 0)
-                version = overlay[stream] = version + 1
+                version = overlay[stream] = overlay.get(stream, known.get(stream, 0)) + 1
                 seq += 1
                 envelopes.append(
                     Envelope(seq, stream, version, ts, ids[id_pos : id_pos + 32], event)
                 )
                 id_pos += 32
             accepted.append((fut, start, len(envelopes)))
-        return envelopes, overlay, assumed_new, accepted, conflicts
+        return envelopes, overlay, accepted, conflicts
 
     def _write(
         self,
         envelopes: list[Envelope],
         versions: dict[str, int],
-        new: set[str] | frozenset[str] = frozenset(),
     ) -> tuple[bytes, float]:
-        """Store `envelopes` (continuing the log) and the new stream `versions` in one
-        transaction and move the writer's end of the log on; the chain hash of the last
-        envelope and the seconds the transaction took."""
+        """Store `envelopes` (continuing the log) in one transaction and move the writer's end
+        of the log on, and the stream `versions` they give on their way to the table; the
+        chain hash of the last envelope and the seconds the transaction took."""
         assert self._wconn is not None
         self._writer_tail()
         prev = self._w_hash
@@ -342,17 +315,13 @@ class GroupCommit:
             part = records[i : i + _CHUNK_EVENTS]
             body = _chunk_encoder.encode(part)
             rows.append((part[0][0], part[-1][0], body, integrity.checksum(body)))
-        inserts = [(s, v) for s, v in versions.items() if s in new]
-        upserts = [(s, v) for s, v in versions.items() if s not in new]
         t0 = time.perf_counter()
-        try:
-            self._commit_rows(rows, inserts, upserts, envelopes[-1].seq, prev)
-        except sqlite3.IntegrityError:
-            raise _StreamExists from None
+        self._commit_rows(rows, envelopes[-1].seq, prev)
         seconds = time.perf_counter() - t0
         last = envelopes[-1]
         self._w_seq, self._w_hash, self._w_ts = last.seq, prev, max(self._w_ts, last.ts)
         self._versions.update(versions)
+        self._waiting.committed(versions)
         return prev, seconds
 
     # --- back on the loop ---
@@ -384,13 +353,11 @@ class GroupCommit:
     def _commit_rows(
         self,
         rows: list[ChunkRow],
-        inserts: list[tuple[str, int]],
-        upserts: list[tuple[str, int]],
         head: int,
         head_hash: bytes,
     ) -> None:
-        """One transaction on the writer thread: chunks, stream versions, COMMIT (the fsync);
-        then the record of the new head (`head`, `head_hash`), before the append returns."""
+        """One transaction on the writer thread: chunks, COMMIT (the fsync); then the record
+        of the new head (`head`, `head_hash`), before the append returns."""
         conn = self._wconn
         assert conn is not None
         try:
@@ -398,24 +365,35 @@ class GroupCommit:
                 conn.execute(_INSERT_CHUNK, rows[0])
             else:
                 conn.executemany(_INSERT_CHUNK, rows)
-            for one, many, pairs in (
-                (_INSERT_STREAM, _INSERT_STREAMS, inserts),
-                (_UPSERT_STREAM, _UPSERT_STREAMS, upserts),
-            ):
-                if len(pairs) == 1:
-                    conn.execute(one, pairs[0])
-                elif pairs:
-                    conn.execute(many, (_json_encode(pairs),))
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
         self._record_head(head, head_hash, self._head_sync)
-        if self._checkpointer is not None:  # after the commit: its errors are not the append's
+        self._wrote(sum(len(row[2]) for row in rows))
+
+    def _wrote(self, nbytes: int) -> None:
+        """Tell the checkpointer (after a commit: its errors are not the commit's)."""
+        if self._checkpointer is not None and self._wconn is not None:
             try:
-                self._checkpointer.wrote(conn, sum(len(row[2]) for row in rows))
+                self._checkpointer.wrote(self._wconn, nbytes)
             except (sqlite3.Error, RuntimeError):
                 log.warning("WAL checkpoint failed", exc_info=True)
+
+    def _flush_versions(self, everything: bool = False) -> None:
+        """Writer thread, between commits: the next slice of stream versions to the table when
+        a flush is due (all of them: `everything`, at close). A failure is logged; the versions
+        stay waiting (and an open reads them back from the chunks)."""
+        waiting, conn = self._waiting, self._wconn
+        if conn is None:
+            return
+        try:
+            while waiting.due() or everything and (waiting.unflushed or waiting.flushing):
+                self._wrote(waiting.flush_step(conn, self._writer_tail()))
+                if not everything:
+                    return
+        except sqlite3.Error:
+            log.warning("stream versions could not be written", exc_info=True)
 
     async def restore_gap(self, first: int, last: int, anchor: bytes, compaction: int) -> None:
         """Record a gap of an exported compacted log (`broker import`): seqs `first`..`last`
@@ -489,10 +467,7 @@ class GroupCommit:
             encode_events([env.event for env in envelopes])  # raises EventNotEncodable
             raise StoreUnavailable(f"the log could not be written: {exc}") from None
         _hand_back(loop, self._committed, envelopes, prev, seconds, [])
-
-
-def _nothing() -> None:
-    """A call that only marks its place in the writer thread's queue."""
+        self._flush_versions()
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
