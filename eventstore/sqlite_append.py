@@ -145,6 +145,8 @@ class GroupCommit:
         while True:
             n = len(pending)
             if not n:
+                if self._flush_versions():  # a slice of stream versions, while nothing waits
+                    continue
                 self._kicked = False  # an append after this line wakes us again
                 if not pending:
                     return
@@ -157,7 +159,8 @@ class GroupCommit:
                 log.exception("append batch failed")
                 err = StoreUnavailable(f"the log could not be written: {exc}")
                 _hand_back(loop, self._committed, [], b"", 0.0, [(p[2], err) for p in batch])
-            self._flush_versions()
+            if self._waiting.pressing():  # appends never pause: between commits too
+                self._flush_versions()
 
     def _writer_tail(self) -> int:
         if self._w_seq is None:
@@ -380,20 +383,25 @@ class GroupCommit:
             except (sqlite3.Error, RuntimeError):
                 log.warning("WAL checkpoint failed", exc_info=True)
 
-    def _flush_versions(self, everything: bool = False) -> None:
+    def _flush_versions(self, everything: bool = False) -> bool:
         """Writer thread, between commits: the next slice of stream versions to the table when
-        a flush is due (all of them: `everything`, at close). A failure is logged; the versions
-        stay waiting (and an open reads them back from the chunks)."""
+        a flush is due (all of them: `everything`, at close); whether one was written. A
+        failure is logged; the versions stay waiting (an open reads them back from the
+        chunks)."""
         waiting, conn = self._waiting, self._wconn
         if conn is None:
-            return
+            return False
+        wrote = False
         try:
             while waiting.due() or everything and (waiting.unflushed or waiting.flushing):
                 self._wrote(waiting.flush_step(conn, self._writer_tail()))
+                wrote = True
                 if not everything:
-                    return
+                    break
         except sqlite3.Error:
             log.warning("stream versions could not be written", exc_info=True)
+            return False
+        return wrote
 
     async def restore_gap(self, first: int, last: int, anchor: bytes, compaction: int) -> None:
         """Record a gap of an exported compacted log (`broker import`): seqs `first`..`last`
@@ -467,7 +475,8 @@ class GroupCommit:
             encode_events([env.event for env in envelopes])  # raises EventNotEncodable
             raise StoreUnavailable(f"the log could not be written: {exc}") from None
         _hand_back(loop, self._committed, envelopes, prev, seconds, [])
-        self._flush_versions()
+        while self._waiting.pressing() and self._flush_versions():
+            pass  # an import's new streams go to the table as fast as they come
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
