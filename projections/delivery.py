@@ -169,6 +169,9 @@ class DeliveryQueue:
         self._indexed = 0
         self._index_limit = _MIN_COMPACT
         self._expired: deque[QueuedMessage] = deque()
+        # Pending (node, message) pairs by priority level, kept by enqueue and every pair's
+        # removal (``_let_go``): what the metrics read, in O(1), at every scrape.
+        self._depth: list[int] = [0] * _LEVELS
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -196,6 +199,7 @@ class DeliveryQueue:
             self._put(box, message, seq, level)
             added += 1
         message.holders += added
+        self._depth[level] += added
         bucket = self._last_bucket
         if (
             message.expiry_nodes is None
@@ -222,6 +226,7 @@ class DeliveryQueue:
             fresh.append(node)
         if fresh:
             message.holders += len(fresh)
+            self._depth[message.priority] += len(fresh)
             self._index(message, tuple(fresh))
 
     def _put(self, box: _Mailbox, message: QueuedMessage, seq: int, level: int) -> None:
@@ -330,12 +335,12 @@ class DeliveryQueue:
         if v is None:
             if not box.held or (v := box.held.pop(message_id, None)) is None:
                 return False
-            _let_go(v.message)
+            self._let_go(v.message)
         elif isinstance(v, Delivery):
-            _let_go(v.message)
+            self._let_go(v.message)
             flown = 1
         else:
-            _let_go(v)
+            self._let_go(v)
             box.stale += 1
         self._acked(node_id, box, flown)
         return True
@@ -352,15 +357,15 @@ class DeliveryQueue:
             v = pop(mid, None)
             if v is None:
                 if box.held and (d := box.held.pop(mid, None)) is not None:
-                    _let_go(d.message)
+                    self._let_go(d.message)
                     acked += 1
                 continue
             acked += 1
             if isinstance(v, Delivery):
-                _let_go(v.message)
+                self._let_go(v.message)
                 flown += 1
             else:
-                _let_go(v)
+                self._let_go(v)
                 box.stale += 1
         self._acked(node_id, box, flown)
         return acked
@@ -404,6 +409,11 @@ class DeliveryQueue:
             self._requeue(box, d)
         box.flight = 0
         box.batches.clear()
+
+    def _let_go(self, m: QueuedMessage) -> None:
+        """A pending pair of ``m`` is gone (acked, dropped, forgotten)."""
+        self._depth[m.priority] -= 1
+        _let_go_of(m)
 
     def _requeue(self, box: _Mailbox, d: Delivery) -> None:
         m = d.message
@@ -675,11 +685,12 @@ class DeliveryQueue:
         }
 
     def depth_by_priority(self) -> dict[str, int]:
-        """Pending (node, message) pairs by priority name, for monitoring (O(pairs))."""
-        counts = [0] * _LEVELS
-        for _node, m in self.queued():
-            counts[int(m.priority)] += 1
-        return {_LABELS[Priority(level)]: n for level, n in enumerate(counts)}
+        """Pending (node, message) pairs by priority name, for monitoring (O(1))."""
+        return {_LABELS[Priority(level)]: n for level, n in enumerate(self._depth)}
+
+    def in_flight_total(self) -> int:
+        """Deliveries in flight on every node, for monitoring (O(nodes with mail))."""
+        return sum(b.flight for b in self._boxes.values())
 
     # -- housekeeping -------------------------------------------------------------------------
 
@@ -716,7 +727,7 @@ class DeliveryQueue:
         self._index_limit = max(_MIN_COMPACT, 2 * kept)
 
 
-def _let_go(m: QueuedMessage) -> None:
+def _let_go_of(m: QueuedMessage) -> None:
     """One node fewer holds the message; the last one lets go of its payload too. (The message
     may stay in the expiry index until that is compacted: it must not keep what it carried,
     nor keep it in the garbage collector's young generations meanwhile.)"""

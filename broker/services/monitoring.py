@@ -135,11 +135,10 @@ class StateCollector(Collector):
         for priority, n in queue.depth_by_priority().items():
             depth.add_metric([priority], n)
         yield depth
-        stats = queue.stats()
         yield GaugeMetricFamily(
             "broker_messages_in_flight",
             "Messages handed to a node and not yet acknowledged",
-            value=stats["in_flight"],
+            value=queue.in_flight_total(),
         )
         yield GaugeMetricFamily(
             "broker_dead_letters",

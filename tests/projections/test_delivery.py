@@ -594,6 +594,11 @@ class QueueMachine(RuleBasedStateMachine):
                 else:
                     assert d is not None and d.attempt == pair.attempt and d.message is m
         assert len(self.queue) == len(self.pairs)
+        by_level = dict.fromkeys(["critical", "high", "normal", "low"], 0)
+        for p in self.pairs.values():
+            by_level[p.message.priority.label] += 1
+        assert self.queue.depth_by_priority() == by_level  # kept, not counted at each read
+        assert self.queue.in_flight_total() == sum(p.state == "flight" for p in self.pairs.values())
 
     @invariant()
     def next_deadline_matches_the_model(self) -> None:
