@@ -158,21 +158,11 @@ def broker_env(data: Path, port: int, **extra: str) -> dict[str, str]:
     }
 
 
-def broker_import(data: Path, export: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "broker", "import", str(export)],
-        env=broker_env(data, 0),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def broker_verify(data: Path) -> float:
-    """`broker verify` on the log (it moves the verified checkpoint to the head); its seconds."""
+def broker(data: Path, *args: str) -> float:
+    """`broker ARGS...` on the log in `data` (output discarded, failure raised); its seconds."""
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "broker", "verify"],
+        [sys.executable, "-m", "broker", *args],
         env=broker_env(data, 0),
         check=True,
         stdout=subprocess.DEVNULL,
@@ -643,7 +633,7 @@ def registry(where: Path, n: int) -> tuple[Path, rsa.RSAPrivateKey]:
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
         say(f"# registry: {n:,} nodes reused from {where}")
         if not (data / "events.db.verified").exists():  # kept from before the bench verified
-            verified = broker_verify(data)
+            verified = broker(data, "verify")  # moves the verified checkpoint to the head
             say(f"# `broker verify` (the import procedure's last step): {verified:.1f} s")
         return data, key  # type: ignore[return-value]
     shutil.rmtree(data, ignore_errors=True)
@@ -653,10 +643,8 @@ def registry(where: Path, n: int) -> tuple[Path, rsa.RSAPrivateKey]:
     export = where / "fleet.jsonl"
     generate(export, n, pem)
     generated = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    broker_import(data, export)
-    imported = time.perf_counter() - t0
-    verified = broker_verify(data)
+    imported = broker(data, "import", str(export))
+    verified = broker(data, "verify")
     size = (data / "events.db").stat().st_size
     say(
         f"# registry: {n:,} node.registered events generated in {generated:.1f} s "

@@ -679,7 +679,7 @@ class DeliveryQueue:
         return {
             "nodes": len(self._boxes),
             "queued": len(self),
-            "in_flight": sum(b.flight for b in self._boxes.values()),
+            "in_flight": self.in_flight_total(),
             "held": sum(len(b.held) for b in self._boxes.values()),
             "messages": len(ids),
         }
