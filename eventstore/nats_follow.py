@@ -1,7 +1,8 @@
 """The consumer of the NATS log (eventstore.nats): applies every message of the stream in order.
 
 One ephemeral push consumer, recreated after any gap, silence or reconnection from the last
-applied position, feeds `LogIndex.apply` (eventstore.nats_index); each applied message calls
+applied position (a gap in the stream seqs too: the server may pass over messages, see
+`_on_feed`), feeds `LogIndex.apply` (eventstore.nats_index); each applied message calls
 the listeners and resolves this instance's appends it holds (read-your-writes).
 
 A mixin of `NatsStore`, which owns the connection and the lifecycle.
@@ -125,6 +126,14 @@ class Follower:
             return
         self._dseq = dseq
         if sseq <= self._index.applied or self._failure is not None:
+            return
+        if sseq != self._index.applied + 1 and dseq > 1:
+            # nats-server before 2.10 moves every consumer of a stream past a purge of one
+            # subject (to that subject's first message left, or the stream's end), passing over
+            # messages it had not delivered yet (a compaction's purge does that to every
+            # instance's consumer): ask again from the next one. Only a consumer's first
+            # delivery, from where it was asked to start, says messages are gone.
+            self._request_reset(f"stream message {sseq} delivered after {self._index.applied}")
             return
         try:
             self._apply(sseq, ts_ns, msg.subject, msg.data)

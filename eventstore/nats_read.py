@@ -5,7 +5,9 @@ The consumer's index (eventstore.nats_index) maps each seq to its stream message
 (more than DIRECT_READ_MAX chunks) through a temporary consumer (`nats_wire.StreamReader`).
 Batches a compaction removed (`LogIndex.removed`) are passed over without being fetched: their
 seqs are gaps, as on a compacted SQLite log. A message of a kept batch that is gone is an
-IntegrityError naming the batch's first seq.
+IntegrityError naming the batch's first seq; one the temporary consumer passed over is asked for
+by direct get before that is said (nats-server before 2.10 moves every consumer of a stream past
+a purge of one subject, undelivered messages of other subjects included).
 
 A mixin of `NatsStore`, which owns the connection and the lifecycle.
 """
@@ -78,11 +80,13 @@ class Reader:
                         if reader is None and index.batches_until(i, end) > DIRECT_READ_MAX:
                             reader = StreamReader(self._nc, self._js, api, self.stream, sseq)
                             await reader.start()
-                        data = await (
-                            self._direct_get(sseq, seq)
-                            if reader is None
-                            else _skip_to(reader, sseq, seq)
-                        )
+                        found = None if reader is None else await _skip_to(reader, sseq)
+                        if found is None and reader is not None:
+                            # the reader passed it (a purge elsewhere moved its consumer, as
+                            # nats-server before 2.10 does): ask for it alone, then go on anew
+                            await reader.close()
+                            reader = None
+                        data = found if found is not None else await self._direct_get(sseq, seq)
                     try:
                         chunk = (sseq, decode_chunk(data))
                     except BadChunk as exc:
@@ -122,10 +126,12 @@ def _gone(sseq: int) -> str:
     return f"stream message {sseq} is gone, and no compaction recorded its removal"
 
 
-async def _skip_to(reader: StreamReader, sseq: int, seq: int) -> bytes:
+async def _skip_to(reader: StreamReader, sseq: int) -> bytes | None:
+    """Stream message `sseq`'s data from `reader`, passing over earlier ones (of removed
+    batches); None when the reader delivered a later one first."""
     while True:
         got, _subject, data = await reader.next()
         if got == sseq:
             return data
         if got > sseq:
-            raise IntegrityError(seq, _gone(sseq))
+            return None

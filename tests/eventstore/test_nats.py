@@ -211,6 +211,62 @@ async def test_reads_by_direct_get_and_by_stream_reader(
     assert await collect(a.read(81)) == []
 
 
+async def test_a_reader_whose_consumer_passes_over_a_message_reads_it_alone(
+    opener: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-server before 2.10 moves a consumer past a purge of another subject, undelivered
+    messages included: the read asks for the passed-over message by direct get and goes on."""
+    a = await opener()
+    written: list[Envelope] = []
+    for i in range(30):
+        written += await a.append([note("s", str(i))])
+    a._index.clear_cache()
+    monkeypatch.setattr(nats_read, "DIRECT_READ_MAX", 4)
+    real_next = nats_read.StreamReader.next
+    passed: list[int] = []
+
+    async def passing_over(self: Any) -> tuple[int, str, bytes]:
+        got = await real_next(self)
+        if got[0] in (7, 19) and got[0] not in passed:  # as if the server moved it past them
+            passed.append(got[0])
+            got = await real_next(self)
+        return got
+
+    monkeypatch.setattr(nats_read.StreamReader, "next", passing_over)
+    assert await collect(a.read()) == written
+    assert passed == [7, 19]
+
+
+async def test_the_follower_asks_again_for_messages_its_consumer_passed_over(
+    opener: Callable[..., Any], stream_name: str
+) -> None:
+    """A purge of the heartbeats' subject while the follower's consumer has a message of
+    another subject not yet delivered: nats-server before 2.10 moves the consumer past it. The
+    instance asks again from its next message instead of calling the stream broken."""
+    from eventstore.events import NodeHeartbeat
+    from eventstore.nats_wire import removable_subject
+
+    a = await opener()
+    await a.append([NodeHeartbeat(node_id="n")])
+    await a.append([note("s", "kept")])
+    js, consumer, sub = a._js, a._consumer, a._sub
+    await sub.unsubscribe()  # no interest: the consumer holds what comes next
+    undelivered = (await js.publish(f"{stream_name}.x", raw_chunk("s", {}, "held"))).seq
+    request = msgspec.json.encode({"filter": removable_subject(stream_name, 1), "seq": 2})
+    resp = await js._api_request(f"{js._prefix}.STREAM.PURGE.{stream_name}", request)
+    assert resp.get("purged") == 1, resp
+    info = await js.consumer_info(stream_name, consumer)
+    if info.delivered.stream_seq < undelivered:
+        pytest.skip("this nats-server does not move consumers past a purge of another subject")
+    assert info.delivered.consumer_seq == 2  # the held message was passed over, not delivered
+    a._sub = await a._nc.subscribe(sub.subject, cb=sub._cb)  # interest again
+    seen: list[int] = []
+    a.add_listener(lambda envs: seen.extend(e.seq for e in envs))
+    [after] = await a.append([note("s", "after")])
+    assert after.seq == 4 and seen == [3, 4]
+    assert [e.event.text for e in await collect(a.read(3))] == ["held", "after"]
+
+
 async def test_restore_keeps_seqs_ids_and_times(opener: Callable[..., Any]) -> None:
     a = await opener()
     envs = [
