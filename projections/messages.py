@@ -3,18 +3,17 @@ dead letters and idempotency keys (DESIGN.md §5).
 
 The durable state comes from events only. What a connection has in flight (takes, attempts,
 ack deadlines) lives in the queue too but is volatile: it is driven by the dispatcher, starts
-empty after a restart, and is not part of `state()`.
+empty after a restart, and is not part of `state()`. The records are in
+projections.message_records; how snapshots save them, in slices, in projections.message_slices.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-import msgspec
 
 from eventstore.base import Envelope
 from eventstore.events import (
@@ -25,117 +24,23 @@ from eventstore.events import (
     MessageSent,
     MessagesRead,
 )
-from eventstore.timestamps import iso
+from projections import message_slices
 from projections.base import Projection, handles
-from projections.delivery import DeliveryQueue, Priority, QueuedMessage
+from projections.delivery import DeliveryQueue, QueuedMessage
+from projections.message_records import (
+    DeadLetter,
+    Mail,
+    MessageRecord,
+    PendingMessage,
+    Recipient,
+    label_of,
+    priority_of,
+)
+from projections.message_slices import Cut, dead_key
+
+__all__ = ["Mail", "MessageRecord", "MessagesProjection", "PendingMessage"]
 
 RETAIN_COMPLETED = 100_000  # finished messages kept for GET /messages/{id} and idempotency
-
-
-_PRIORITIES = {p.label: p for p in Priority}
-
-
-def _priority(name: str) -> Priority:
-    # Validated before recording; a log from elsewhere still replays, as normal.
-    return _PRIORITIES.get(name, Priority.NORMAL)
-
-
-def _label(name: str) -> str:
-    """The priority's wire name (`_priority(name).label`, without the enum)."""
-    return name if name in _PRIORITIES else "normal"
-
-
-# The records below are msgspec Structs with gc=False: a message-heavy projection holds
-# millions of them, and the cyclic collector's pauses grow with what it tracks. None of them
-# can take part in a reference cycle (they hold events, strings, numbers and each other,
-# downwards only).
-
-
-class PendingMessage(msgspec.Struct, kw_only=True, gc=False):
-    """A message as a recipient sees it: in GET /messages/pending and pushed over WebSocket."""
-
-    id: str
-    from_node: str
-    message_type: str
-    content: Any
-    priority: str
-    metadata: dict[str, Any]
-    sent_at: str
-    expires_at: str
-    seq: int
-
-
-class Mail(msgspec.Struct, gc=False):
-    """A queued message's payload, shared by every recipient: the event and its times. Its
-    pending view is built on first use only; so is its push frame, by the front that pushes it
-    (`broker.ws.wire.push_frame`), which keeps it in `built_frame` for every recipient (replay
-    and polling-only fleets never pay for frames)."""
-
-    event: MessageSent
-    seq: int
-    sent_at: float
-    expires_at: float
-    built_pending: PendingMessage | None = None
-    built_frame: bytes | None = None
-
-    @property
-    def message_type(self) -> str:
-        return self.event.message_type
-
-    @property
-    def pending(self) -> PendingMessage:
-        if self.built_pending is None:
-            self.built_pending = self.build(PendingMessage)
-        return self.built_pending
-
-    def build(self, kind: type[PendingMessage]) -> PendingMessage:
-        """The message as `kind`: PendingMessage or a subclass of it (a wire frame's shape)."""
-        e = self.event
-        return kind(
-            id=e.message_id,
-            from_node=e.from_node,
-            message_type=e.message_type,
-            content=e.content,
-            priority=_label(e.priority),
-            metadata=e.metadata,
-            sent_at=iso(self.sent_at),
-            expires_at=iso(self.expires_at),
-            seq=self.seq,
-        )
-
-
-class Recipient(msgspec.Struct, gc=False):
-    status: str = "queued"  # queued | read | expired | dead
-    at: float | None = None  # when it became read/expired/dead
-    via: str | None = None
-    attempts: int = 0  # recorded with a dead letter
-
-
-class MessageRecord(msgspec.Struct, gc=False):
-    message_id: str
-    from_node: str
-    message_type: str
-    priority: str
-    sent_at: float
-    expires_at: float
-    seq: int
-    recipients: dict[str, Recipient]
-    idempotency_key: str | None = None
-    sent_by: str | None = None
-    open: int = 0  # recipients still queued
-
-    @property
-    def done(self) -> bool:
-        return self.open == 0
-
-
-class DeadLetter(msgspec.Struct, gc=False):
-    message_id: str
-    node_id: str
-    reason: str  # expired | max_attempts
-    at: float
-    attempts: int
-    mail: Mail
 
 
 @dataclass
@@ -168,7 +73,7 @@ class MessagesProjection(Projection):
             e.message_id,
             e.from_node,
             e.message_type,
-            _label(e.priority),
+            label_of(e.priority),
             env.ts,
             expires_at,
             env.seq,
@@ -178,10 +83,15 @@ class MessagesProjection(Projection):
             open=len(recipients),
         )
         if e.idempotency_key is not None:
-            self.idempotency[(e.from_node, e.idempotency_key)] = e.message_id
+            key = (e.from_node, e.idempotency_key)
+            prior = self.idempotency.get(key)
+            if prior is not None:  # the key leads to this message from now on
+                self._touch(prior)
+            self.idempotency[key] = e.message_id
         self._mail[e.message_id] = mail
+        self._touch(e.message_id)
         self.queue.enqueue(
-            QueuedMessage(e.message_id, env.seq, _priority(e.priority), expires_at, mail),
+            QueuedMessage(e.message_id, env.seq, priority_of(e.priority), expires_at, mail),
             tuple(recipients),
         )
 
@@ -215,9 +125,13 @@ class MessagesProjection(Projection):
     def _redriven(self, env: Envelope) -> None:
         e: MessageRedriven = env.event  # type: ignore[assignment]
         dead = self.dead_letters.pop((e.message_id, e.node_id), None)
-        record = self.messages.get(e.message_id)
-        if dead is None or record is None:
+        if dead is None:
             return
+        self._touch_dead(e.message_id, e.node_id)
+        record = self.messages.get(e.message_id)
+        if record is None:
+            return
+        self._touch(e.message_id)
         rec = record.recipients[e.node_id]
         rec.status, rec.at, rec.attempts = "queued", None, 0
         record.open += 1
@@ -226,7 +140,7 @@ class MessagesProjection(Projection):
         old = dead.mail
         mail = Mail(old.event, env.seq, old.sent_at, expires_at)
         self._mail[e.message_id] = mail
-        priority = _priority(old.event.priority)
+        priority = priority_of(old.event.priority)
         self.queue.enqueue(
             QueuedMessage(e.message_id, env.seq, priority, expires_at, mail), (e.node_id,)
         )
@@ -239,6 +153,7 @@ class MessagesProjection(Projection):
                 self.dead_letters[(message_id, node)] = DeadLetter(
                     message_id, node, reason, ts, attempts, mail
                 )
+                self._touch_dead(message_id, node)
             rec = self.messages[message_id].recipients[node]
             rec.attempts = attempts
 
@@ -254,6 +169,7 @@ class MessagesProjection(Projection):
             return False
         rec.status, rec.at, rec.via = status, ts, via
         record.open -= 1
+        self._touch(message_id)
         if record.open == 0:
             self._retire(record)
         return True
@@ -266,8 +182,11 @@ class MessagesProjection(Projection):
         while len(self._completed) > self.retain_completed:
             old_id, _ = self._completed.popitem(last=False)
             old = self.messages.pop(old_id, None)
+            self._touch(old_id)
             if old is not None and old.idempotency_key is not None:
-                self.idempotency.pop((old.from_node, old.idempotency_key), None)
+                holder = self.idempotency.pop((old.from_node, old.idempotency_key), None)
+                if holder is not None:
+                    self._touch(holder)
 
     # --- queries ---
 
@@ -300,83 +219,25 @@ class MessagesProjection(Projection):
             ),
         }
 
-    # --- snapshots ---
-    # Saved: the records, dead letters, idempotency keys, the order of completion, and every copy
-    # still queued with the payload (`Mail`) it was queued with (a redriven copy has its own
-    # seq and expiry). Loaded: the same objects, the queue rebuilt by enqueueing the copies in
-    # seq order, as the log did; what was in flight is pending again, as after a replay.
+    # --- snapshots (projections.message_slices) ---
 
-    snapshot_version: ClassVar[int] = 1
+    snapshot_version: ClassVar[int] = 2  # 1: saved whole in the cut (replayed once from the log)
+    record_type: ClassVar[Any] = message_slices.Saved
+
+    def records(self) -> Mapping[str, Any]:
+        return message_slices.Records(self)
 
     def snapshot(self) -> Any:
-        mails: dict[tuple[str, int], Mail] = {}
+        return Cut(list(self._completed))
 
-        def saved(mail: Mail) -> tuple[str, int]:
-            key = (mail.event.message_id, mail.seq)
-            mails[key] = mail
-            return key
+    def restore_sliced(self, records: dict[str, Any], raw: bytes) -> None:
+        message_slices.restore(self, records, raw)
 
-        copies: dict[int, tuple[QueuedMessage, list[str]]] = {}
-        for node, m in self.queue.queued():
-            group = copies.get(id(m))
-            if group is None:
-                copies[id(m)] = (m, [node])
-            else:
-                group[1].append(node)
-        queued = []
-        for m, nodes in sorted(copies.values(), key=lambda g: g[0].seq):
-            queued.append((*saved(m.payload), nodes))
-        dead = [
-            (mid, node, d.reason, d.at, d.attempts, saved(d.mail)[1])
-            for (mid, node), d in self.dead_letters.items()
-        ]
-        mail = {mid: saved(m)[1] for mid, m in self._mail.items()}
-        return _Saved(
-            messages=self.messages,
-            events={mid: m.event for (mid, _seq), m in mails.items()},
-            mails=[(mid, seq, m.sent_at, m.expires_at) for (mid, seq), m in mails.items()],
-            mail=mail,
-            queued=queued,
-            dead_letters=dead,
-            idempotency=[(sender, key, mid) for (sender, key), mid in self.idempotency.items()],
-            completed=list(self._completed),
-        )
+    def _touch(self, message_id: str) -> None:
+        """A message's record changed: saved again by a snapshot being taken."""
+        if self.dirty is not None:
+            self.dirty[message_id] = None
 
-    def restore(self, raw: bytes) -> None:
-        saved = _saved_decoder.decode(raw)
-        events = saved.events
-        mails = {
-            (mid, seq): Mail(events[mid], seq, sent_at, expires_at)
-            for mid, seq, sent_at, expires_at in saved.mails
-        }
-        self.messages = saved.messages
-        self._mail = {mid: mails[(mid, seq)] for mid, seq in saved.mail.items()}
-        self.dead_letters = {
-            (mid, node): DeadLetter(mid, node, reason, at, attempts, mails[(mid, seq)])
-            for mid, node, reason, at, attempts, seq in saved.dead_letters
-        }
-        self.idempotency = {(sender, key): mid for sender, key, mid in saved.idempotency}
-        self._completed = OrderedDict.fromkeys(saved.completed)
-        for mid, seq, nodes in saved.queued:
-            mail = mails[(mid, seq)]
-            priority = _priority(mail.event.priority)
-            self.queue.enqueue(
-                QueuedMessage(mid, seq, priority, mail.expires_at, mail), tuple(nodes)
-            )
-
-
-class _Saved(msgspec.Struct, kw_only=True):
-    """What a snapshot saves of the messages projection (see `MessagesProjection.snapshot`)."""
-
-    messages: dict[str, MessageRecord]
-    events: dict[str, MessageSent]  # message id -> its send, for every payload saved
-    mails: list[tuple[str, int, float, float]]  # (message id, seq, sent_at, expires_at)
-    mail: dict[str, int]  # message id -> seq of its payload while queued
-    queued: list[tuple[str, int, list[str]]]  # (message id, seq, nodes), in seq order
-    # (message id, node, reason, at, attempts, seq of its payload)
-    dead_letters: list[tuple[str, str, str, float, int, int]]
-    idempotency: list[tuple[str, str, str]]  # (sender, key, message id)
-    completed: list[str]
-
-
-_saved_decoder = msgspec.msgpack.Decoder(_Saved)
+    def _touch_dead(self, message_id: str, node_id: str) -> None:
+        if self.dirty is not None:
+            self.dirty[dead_key(message_id, node_id)] = None

@@ -129,6 +129,16 @@ def _shape(tp: Any, seen: set[Any]) -> str:
 def fingerprint(projection: Any) -> str:
     """A short digest of the projection's class, its `snapshot_version` and its fields' types."""
     cls = type(projection)
+    found = _fingerprints.get(cls)
+    if found is None:  # the snapshot's cut asks for every one (resolving type hints: ~1 ms)
+        found = _fingerprints[cls] = _fingerprint(cls)
+    return found
+
+
+_fingerprints: dict[type, str] = {}
+
+
+def _fingerprint(cls: type) -> str:
     text = f"{cls.__module__}.{cls.__qualname__}:{getattr(cls, 'snapshot_version', 0)}:"
     text += _shape(cls, set())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
