@@ -188,7 +188,40 @@ class BrokerSystem:
             threading.Thread(target=_drain_log, args=args, daemon=True).start()
         await self._connect()
         stack.push_async_callback(self.close)
+        stack.push_async_callback(self.say_stalls)
         return self
+
+    async def say_stalls(self) -> None:
+        """One line after the runs: the steps of the server's event loop that held everything
+        (its `broker_event_loop_lag_seconds`, looked at every 50 ms) and the snapshots it
+        wrote meanwhile with their longest cut (the one step a snapshot takes unsliced)."""
+        headers = {"Authorization": f"Bearer {self.nodes[-1][1]}"}
+        try:
+            async with self.session.get(f"{self.base}/metrics", headers=headers) as r:
+                text = await r.text()
+        except aiohttp.ClientError as e:
+            print(f"# {self.label}: no metrics ({e})", flush=True)
+            return
+        buckets, gauges = {}, {}
+        for line in text.splitlines():
+            if line.startswith("broker_event_loop_lag_seconds_bucket"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[le] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith(("broker_snapshots_written ", "broker_snapshot_cut_seconds ")):
+                name, value = line.split()
+                gauges[name] = float(value)
+        total = buckets.get("+Inf", 0.0)
+        over = {ms: total - buckets.get(le, total) for ms, le in ((25, "0.025"), (100, "0.1"))}
+        written = gauges.get("broker_snapshots_written")
+        cut = gauges.get("broker_snapshot_cut_seconds", 0.0) * 1000
+        snaps = "snapshots not counted (older code)" if written is None else (
+            f"{written:.0f} snapshots written, the longest cut {cut:.0f} ms"
+        )  # fmt: skip
+        print(
+            f"# {self.label}: event loop late by over 25 ms {over[25]:.0f} times, over 100 ms "
+            f"{over[100]:.0f} times (of {total:,.0f} looks); {snaps}",
+            flush=True,
+        )
 
     async def _connect(self) -> None:
         peers = await connect_all(self.session, self.base, self.nodes[:2])

@@ -185,6 +185,17 @@ class StateCollector(Collector):
             value=max(0, runtime.projections.seq - snapshots.last_seq),
         )
         yield GaugeMetricFamily(
+            "broker_snapshots_written",
+            "Snapshots this instance wrote since it started",
+            value=snapshots.written,
+        )
+        yield GaugeMetricFamily(
+            "broker_snapshot_cut_seconds",
+            "The longest step of the event loop a snapshot took since the start (its cut: what "
+            "is not saved in slices; every request, frame and append waited meanwhile)",
+            value=snapshots.longest_cut_ms / 1000,
+        )
+        yield GaugeMetricFamily(
             "broker_snapshot_failures",
             "Periodic snapshots that failed in a row (0: the last one succeeded)",
             value=snapshots.failures,

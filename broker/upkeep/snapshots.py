@@ -141,6 +141,8 @@ class Snapshotter:
         self.now = time.monotonic  # the clock of the intervals and the back-off
         self.last_at = self.now()  # when the last snapshot was taken (or start-up)
         self.last: Taken | None = None
+        self.written = 0  # snapshots written since the start...
+        self.longest_cut_ms = 0.0  # ... and the longest step of the loop one of them took
         self.failures = 0  # periodic snapshots failed in a row
         self._retry_seq = 0  # after a failure: no periodic attempt before this seq...
         self._retry_at = 0.0  # ... nor before this time
@@ -409,6 +411,8 @@ class Snapshotter:
                 self.now(),
                 taken,
             )
+            self.written += 1
+            self.longest_cut_ms = max(self.longest_cut_ms, taken.cut_ms)
         for name, reason in taken.skipped.items():
             if name not in self._reported:
                 self._reported.add(name)

@@ -93,6 +93,20 @@ async def test_a_metrics_read_key_scrapes_and_the_new_families_are_there(client:
     assert "python_gc_collections_total" in sample_names(text)
 
 
+async def test_a_snapshot_is_counted_with_its_cut(client: Client) -> None:
+    from broker.keys import SNAPSHOTS
+
+    before = await busy_scrape(client)
+    assert value(before, "broker_snapshots_written") == 0
+    assert value(before, "broker_snapshot_cut_seconds") == 0
+    assert await client.app[SNAPSHOTS].take() is not None
+    admin = await operator_token(client, "bob", ["admin"])
+    resp = await client.get("/metrics", headers=bearer(admin))
+    text = await resp.text()
+    assert value(text, "broker_snapshots_written") == 1
+    assert value(text, "broker_snapshot_cut_seconds") > 0
+
+
 async def test_who_may_read_the_metrics(client: Client) -> None:
     admin = await operator_token(client, "alice", ["admin"])
     without = await create_key(client, admin, ["nodes:read"])
