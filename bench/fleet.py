@@ -452,15 +452,38 @@ def longest_lag(before: dict[float, float], after: dict[float, float]) -> str:
     return f"{total:,.0f} looks"
 
 
+@contextmanager
+def profiled(pid: int, seconds: float, out: Path | None) -> Iterator[None]:
+    """py-spy on the server for `seconds` (every thread, 200 Hz, collapsed stacks in `out`)
+    while the block runs; nothing when `out` is None."""
+    if out is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [spy, "record", "-r", "200", "-d", str(max(1, int(seconds))), "--threads", "-f", "raw"]
+    proc = subprocess.Popen(
+        [*argv, "--nonblocking", "-p", str(pid), "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.wait(timeout=seconds + 60)
+        say(f"# profile of the server: {out}")
+
+
 async def http_heartbeats(
     session: aiohttp.ClientSession,
     base: str,
     nodes: list[tuple[str, str]],
     seconds: float,
     pid: int,
+    profile: Path | None = None,
 ) -> None:
     loop0, t0 = loop_thread_seconds(pid), time.perf_counter()
-    rate, cpu = await http_load(session, base, nodes, seconds, pid)
+    with profiled(pid, seconds, profile):
+        rate, cpu = await http_load(session, base, nodes, seconds, pid)
     loop = per_item_us(loop0, loop_thread_seconds(pid), round(rate * (time.perf_counter() - t0)))
     say(
         f"http heartbeats, 32 in flight: {rate:,.0f}/s, server {cpu:.1f} us CPU each "
@@ -761,8 +784,14 @@ def main_sync(args: argparse.Namespace) -> None:
                     await discovery(session, s.base, tokens[0], n, budget, most, beaters)
                 if "heartbeats" in phases:
                     await background_done(s.base)  # its slices would be counted as the beats'
+                    profile = None if args.profile is None else Path(args.profile)
                     await http_heartbeats(
-                        session, s.base, list(zip(nodes, tokens, strict=True)), seconds, s.pid
+                        session,
+                        s.base,
+                        list(zip(nodes, tokens, strict=True)),
+                        seconds,
+                        s.pid,
+                        None if profile is None else profile / "http-heartbeats.txt",
                     )
                     await ws_heartbeats(beaters, args.rate, seconds, s.pid)
                 await close_beaters(beaters, readers)
@@ -812,6 +841,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--base-tree", default=None, help="another checkout whose start phase runs first"
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="a directory for py-spy's profile of the server during the HTTP heartbeats",
     )
     args = parser.parse_args()
     if args.quick and args.nodes == 1_000_000:
