@@ -3,8 +3,9 @@
 A record per message and one per dead letter, each built when its slice is encoded
 (broker.upkeep.snapshot_write) while events keep being applied; the handlers mark the key of
 everything they change (`Projection.mark_dirty`), so a record changed after its slice was saved
-is saved again. The cut, the one step of the loop that stops applying, saves only the order in
-which messages completed (at most `retain_completed` ids). Before, the cut encoded the whole
+is saved again. The cut, the one step of the loop that stops applying, saves one number: how
+many completions were ranked (a completed message's record holds its rank, which gives the order
+in which completed messages are let go). Before, the cut encoded the whole
 projection: every record, and every queued copy grouped with its payload, ~0.5 s of the loop
 with 47,000 messages pending (docs/performance.md).
 
@@ -43,6 +44,7 @@ class SavedMessage(msgspec.Struct, array_like=True, tag="m", gc=False):
     mail: int  # seq of its current payload (the projection's `_mail`), 0 if none
     queued: list[tuple[int, list[str]]]  # per copy still queued: (payload seq, nodes)
     keyed: bool  # the idempotency key (from_node, key) leads to this message
+    done: int  # its rank in the order of completion, 0 while not completed
 
 
 class SavedDeadLetter(msgspec.Struct, array_like=True, tag="d", gc=False):
@@ -61,9 +63,9 @@ Saved = SavedMessage | SavedDeadLetter
 
 
 class Cut(msgspec.Struct):
-    """What the cut saves: the completed messages' ids, oldest first."""
+    """What the cut saves: how many completions were ranked (the next one ranks above)."""
 
-    completed: list[str]
+    ranked: int
 
 
 cut_decoder = msgspec.msgpack.Decoder(Cut)
@@ -134,6 +136,7 @@ def _saved_message(p: MessagesProjection, record: MessageRecord) -> SavedMessage
         0 if mail is None else mail.seq,
         list(queued.items()),
         key is not None and p.idempotency.get((record.from_node, key)) == mid,
+        p._completed.get(mid, 0),
     )
 
 
@@ -145,6 +148,7 @@ def restore(p: MessagesProjection, records: Mapping[str, Saved], raw: bytes) -> 
     mails: dict[tuple[str, int], Mail] = {}
     copies: list[tuple[int, str, list[str]]] = []
     dead: list[SavedDeadLetter] = []
+    done: list[tuple[int, str]] = []
     messages, idempotency, current = p.messages, p.idempotency, p._mail
     for saved in records.values():
         if type(saved) is not SavedMessage:
@@ -155,6 +159,8 @@ def restore(p: MessagesProjection, records: Mapping[str, Saved], raw: bytes) -> 
         messages[mid] = record
         if saved.keyed and record.idempotency_key is not None:
             idempotency[(record.from_node, record.idempotency_key)] = mid
+        if saved.done:
+            done.append((saved.done, mid))
         event = saved.event
         if event is None:  # a completed message: no payload, nothing queued
             continue
@@ -172,7 +178,9 @@ def restore(p: MessagesProjection, records: Mapping[str, Saved], raw: bytes) -> 
         p.dead_letters[(d.message_id, d.node_id)] = DeadLetter(
             d.message_id, d.node_id, d.reason, d.at, d.attempts, mail
         )
-    p._completed.update(dict.fromkeys(cut_decoder.decode(raw).completed))
+    done.sort()
+    p._completed.update((mid, rank) for rank, mid in done)
+    p._ranked = cut_decoder.decode(raw).ranked
     copies.sort(key=lambda c: c[0])
     for seq, mid, nodes in copies:
         mail = mails[(mid, seq)]

@@ -53,7 +53,9 @@ class MessagesProjection(Projection):
     messages: dict[str, MessageRecord] = field(default_factory=dict)
     dead_letters: dict[tuple[str, str], DeadLetter] = field(default_factory=dict)
     idempotency: dict[tuple[str, str], str] = field(default_factory=dict)
-    _completed: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # completed messages, oldest first, each with its rank in the order of completion
+    _completed: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    _ranked: int = 0  # completions ranked so far
     _mail: dict[str, Mail] = field(default_factory=dict)  # queued messages' payloads
 
     def __post_init__(self) -> None:
@@ -178,7 +180,8 @@ class MessagesProjection(Projection):
         """A message nobody waits for any more: keep its record (bounded), free its payload
         unless a dead letter still holds it."""
         self._mail.pop(record.message_id, None)
-        self._completed[record.message_id] = None
+        self._ranked += 1
+        self._completed[record.message_id] = self._ranked
         while len(self._completed) > self.retain_completed:
             old_id, _ = self._completed.popitem(last=False)
             old = self.messages.pop(old_id, None)
@@ -228,7 +231,7 @@ class MessagesProjection(Projection):
         return message_slices.Records(self)
 
     def snapshot(self) -> Any:
-        return Cut(list(self._completed))
+        return Cut(self._ranked)
 
     def restore_sliced(self, records: dict[str, Any], raw: bytes) -> None:
         message_slices.restore(self, records, raw)
