@@ -11,10 +11,11 @@ with 47,000 messages pending (docs/performance.md).
 
 A message's record holds what the projection keeps of it: its `MessageRecord`, the payloads it
 is queued with (one event, and the seq and times of each `Mail`: a redriven copy has its own),
-its copies still queued (by payload seq, with their nodes), and whether it holds its idempotency
-key. A dead letter's record holds its payload whole (it may outlive the message's record). At
-load, payloads of one (message, seq) are one `Mail` again, dead letters come back in the order
-they died, and the copies are enqueued in seq order, as the log did.
+its copies still queued (by payload seq, with their nodes), whether it holds its idempotency
+key, and its rank among the completed. A dead letter's record holds its payload whole (it may
+outlive the message's record). At load, payloads of one (message, seq) are one `Mail` again,
+dead letters come back in the order they died, completed messages in the order of their ranks,
+and the copies are enqueued in seq order, as the log did.
 
 Keys: a message's id (listing them costs a copy of the dict's keys, in C), and for a dead letter
 `\0<len(node)>:<node><message id>`. A key is looked up as a message's id first: only a message
@@ -31,7 +32,8 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from eventstore.events import MessageSent
-from projections.message_records import DeadLetter, Mail, MessageRecord
+from projections.delivery import QueuedMessage
+from projections.message_records import DeadLetter, Mail, MessageRecord, priority_of
 
 if TYPE_CHECKING:
     from projections.messages import MessagesProjection
@@ -142,9 +144,6 @@ def _saved_message(p: MessagesProjection, record: MessageRecord) -> SavedMessage
 
 def restore(p: MessagesProjection, records: Mapping[str, Saved], raw: bytes) -> None:
     """Load what `Records` and the cut saved into the fresh projection `p` (see the module)."""
-    from projections.delivery import QueuedMessage
-    from projections.message_records import priority_of
-
     mails: dict[tuple[str, int], Mail] = {}
     copies: list[tuple[int, str, list[str]]] = []
     dead: list[SavedDeadLetter] = []

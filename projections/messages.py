@@ -88,10 +88,10 @@ class MessagesProjection(Projection):
             key = (e.from_node, e.idempotency_key)
             prior = self.idempotency.get(key)
             if prior is not None:  # the key leads to this message from now on
-                self._touch(prior)
+                self.mark_dirty(prior)
             self.idempotency[key] = e.message_id
         self._mail[e.message_id] = mail
-        self._touch(e.message_id)
+        self.mark_dirty(e.message_id)
         self.queue.enqueue(
             QueuedMessage(e.message_id, env.seq, priority_of(e.priority), expires_at, mail),
             tuple(recipients),
@@ -129,11 +129,11 @@ class MessagesProjection(Projection):
         dead = self.dead_letters.pop((e.message_id, e.node_id), None)
         if dead is None:
             return
-        self._touch_dead(e.message_id, e.node_id)
+        self.mark_dirty(dead_key(e.message_id, e.node_id))
         record = self.messages.get(e.message_id)
         if record is None:
             return
-        self._touch(e.message_id)
+        self.mark_dirty(e.message_id)
         rec = record.recipients[e.node_id]
         rec.status, rec.at, rec.attempts = "queued", None, 0
         record.open += 1
@@ -155,7 +155,7 @@ class MessagesProjection(Projection):
                 self.dead_letters[(message_id, node)] = DeadLetter(
                     message_id, node, reason, ts, attempts, mail
                 )
-                self._touch_dead(message_id, node)
+                self.mark_dirty(dead_key(message_id, node))
             rec = self.messages[message_id].recipients[node]
             rec.attempts = attempts
 
@@ -171,7 +171,7 @@ class MessagesProjection(Projection):
             return False
         rec.status, rec.at, rec.via = status, ts, via
         record.open -= 1
-        self._touch(message_id)
+        self.mark_dirty(message_id)
         if record.open == 0:
             self._retire(record)
         return True
@@ -185,11 +185,11 @@ class MessagesProjection(Projection):
         while len(self._completed) > self.retain_completed:
             old_id, _ = self._completed.popitem(last=False)
             old = self.messages.pop(old_id, None)
-            self._touch(old_id)
+            self.mark_dirty(old_id)
             if old is not None and old.idempotency_key is not None:
                 holder = self.idempotency.pop((old.from_node, old.idempotency_key), None)
                 if holder is not None:
-                    self._touch(holder)
+                    self.mark_dirty(holder)
 
     # --- queries ---
 
@@ -235,12 +235,3 @@ class MessagesProjection(Projection):
 
     def restore_sliced(self, records: dict[str, Any], raw: bytes) -> None:
         message_slices.restore(self, records, raw)
-
-    def _touch(self, message_id: str) -> None:
-        """A message's record changed: saved again by a snapshot being taken."""
-        if self.dirty is not None:
-            self.dirty[message_id] = None
-
-    def _touch_dead(self, message_id: str, node_id: str) -> None:
-        if self.dirty is not None:
-            self.dirty[dead_key(message_id, node_id)] = None

@@ -199,6 +199,8 @@ class BrokerSystem:
         try:
             async with self.session.get(f"{self.base}/metrics", headers=headers) as r:
                 text = await r.text()
+                if r.status != 200:
+                    raise aiohttp.ClientError(f"{r.status}: {text[:200]}")
         except aiohttp.ClientError as e:
             print(f"# {self.label}: no metrics ({e})", flush=True)
             return
