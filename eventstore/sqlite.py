@@ -19,13 +19,13 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from eventstore import integrity
+from eventstore import integrity, sqlite_compact
 from eventstore.base import (
     Envelope,
     IntegrityError,
@@ -75,6 +75,7 @@ SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 T = TypeVar("T")
+FORGET_SLICE = 512  # stream versions forgotten per transaction (forget_streams)
 
 
 class SqliteStore(GroupCommit):
@@ -210,6 +211,23 @@ class SqliteStore(GroupCommit):
         if self._wconn is None or self._writer is None:
             raise StoreUnavailable("the log is not open for writing")
         return await self._run(self._call_writer, fn, args)
+
+    async def forget_streams(self, counts: Mapping[str, int]) -> int:
+        """Forget the versions of streams whose every event a compaction removed (`counts`:
+        each one's number of events; eventstore.sqlite_compact.forget_streams), from the table
+        and the version cache, a slice per transaction between group commits. Returns how many
+        were forgotten. A send may then use such a message id again (expected version 0)."""
+        items = list(counts.items())
+        forgotten = 0
+        for i in range(0, len(items), FORGET_SLICE):
+            forgotten += await self.on_writer(self._forget_slice, items[i : i + FORGET_SLICE])
+        return forgotten
+
+    def _forget_slice(self, conn: sqlite3.Connection, items: list[tuple[str, int]]) -> int:
+        dropped = sqlite_compact.forget_streams(conn, items, self._waiting.waiting())
+        for stream in dropped:  # the loop reads the cache: one atomic step each
+            self._versions.pop(stream, None)
+        return len(dropped)
 
     def _call_writer(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = self._wconn

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -226,6 +226,30 @@ def record_imported_gap(
     except BaseException:
         conn.rollback()
         raise
+
+
+def forget_streams(
+    conn: sqlite3.Connection, counts: list[tuple[str, int]], waiting: Container[str]
+) -> list[str]:
+    """Delete the `streams` rows of streams whose every event a compaction removed (a message's,
+    once it is let go): each (stream, number of events) pair's row goes only if the stream's
+    version is that number, so a stream that got an event since stays, as does one whose newest
+    version still waits for the table (`waiting`). One transaction; the streams dropped."""
+    dropped = []
+    try:
+        for stream, count in counts:
+            if stream in waiting:
+                continue
+            cur = conn.execute(
+                "DELETE FROM streams WHERE stream = ? AND version = ?", (stream, count)
+            )
+            if cur.rowcount:
+                dropped.append(stream)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return dropped
 
 
 def live_gaps(path: Path) -> list[tuple[int, int, bytes, int]]:

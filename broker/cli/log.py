@@ -146,6 +146,12 @@ def render(report: Any) -> str:
             f"  recorded as log.compacted at seq {report.compaction_seq:,}; log "
             f"{report.log_bytes_before:,} -> {report.log_bytes_after:,} bytes"
         )
+    if report.streams_forgotten:
+        forgets = "would forget" if report.dry_run else "forgot"
+        lines.append(
+            f"  {forgets} the stream versions of {report.streams_forgotten:,} messages "
+            "removed whole (their ids may be sent again)"
+        )
     if report.archive:
         lines.append(f"  removed events archived in {report.archive}")
     lines += [f"  note: {n}" for n in report.notes]

@@ -78,6 +78,8 @@ class Report(msgspec.Struct, kw_only=True):
     seconds: float = 0.0
     finished_at: float = 0.0
     archive: str | None = None  # the archive file the removed events were written to
+    # messages whose every event went, their stream versions forgotten with them (SQLite)
+    streams_forgotten: int = 0
 
 
 def covered_by_snapshot(part: Projection) -> bool:
@@ -169,8 +171,10 @@ class Compactor:
             sqlite_compact.scan, store.path, cut, plain, newest, before, progress
         )
         removal: dict[str, list[int]] = {t: s for t, s in scan.candidates.items() if s}
+        forget: dict[str, int] = {}  # message streams removed whole: their number of events
         if before is not None and (scan.messages or scan.batches):
-            await self._message_removals(scan, before, cut, removal, report)
+            forget = await self._message_removals(scan, before, cut, removal, report)
+        report.streams_forgotten = len(forget)
         seqs = sorted(s for group in removal.values() for s in group)
         spans = sqlite_compact.runs(seqs)
         report.removed = {t: len(s) for t, s in removal.items()}
@@ -208,6 +212,8 @@ class Compactor:
         )
         report.compaction_seq = env.seq
         await sqlite_compact.apply(store, env.seq, gaps, progress, self.retention.batch_chunks)
+        # after the events (a crash between leaves rows that only keep those ids taken)
+        report.streams_forgotten = await store.forget_streams(forget)
         report.seconds = time.perf_counter() - t0
         report.finished_at = self.clock()
         report.log_bytes_after = await asyncio.to_thread(log_bytes, str(store.path))
@@ -326,9 +332,10 @@ class Compactor:
         cut: int,
         removal: dict[str, list[int]],
         report: Report,
-    ) -> None:
+    ) -> dict[str, int]:
         """Add the events of the messages that may go, if a replay without them gives the
-        messages projection's state unchanged at `cut` (see the module doc)."""
+        messages projection's state unchanged at `cut` (see the module doc); the messages
+        whose every event goes, with their number of events (their streams' versions)."""
         full, _ = await self._replay_messages(cut, frozenset())
         dead = {mid for mid, _node in full.dead_letters}  # type: ignore[attr-defined]
         kept = full.messages  # type: ignore[attr-defined]
@@ -337,14 +344,16 @@ class Compactor:
             return mid not in kept and mid not in dead
 
         chosen: list[int] = []
+        whole: dict[str, int] = {}
         for mid, hist in scan.messages.items():
             if hist.last_ts < before and gone(mid):
                 chosen.extend(hist.seqs)
+                whole[mid] = len(hist.seqs)
         for seq, _ts, ids in scan.batches:
             if all(gone(m) for m in ids):
                 chosen.append(seq)
         if not chosen:
-            return
+            return {}
         dropped = frozenset(chosen)
         after, types = await self._replay_messages(cut, dropped)
         if after.state() != full.state():
@@ -352,9 +361,10 @@ class Compactor:
                 "message events kept: a replay without them gave another state (a redrive or "
                 "a reused idempotency key among them)"
             )
-            return
+            return {}
         for seq, t in types:
             removal.setdefault(t, []).append(seq)
+        return whole
 
     async def _replay_messages(
         self, cut: int, skip: frozenset[int]

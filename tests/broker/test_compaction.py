@@ -212,6 +212,38 @@ async def test_old_samples_go_the_newest_per_stream_and_audit_events_stay(
     assert await asyncio.to_thread(verify_file, config.store.path) >= len(items)
 
 
+async def test_messages_let_go_are_forgotten_and_their_ids_may_be_sent_again(
+    tmp_path: Path, small_window: None
+) -> None:
+    """Messages read and let go (past `retain_completed`) and older than their retention go
+    with every event of theirs, and so do their stream versions: the `streams` table keeps no
+    row a message at a time for ever, and the id (an idempotency key's) may be sent again."""
+    config = make_config(tmp_path)
+    items = registrations()
+    for i in range(5):  # m0 and m1 are let go (3 completed are kept), m2-m4 stay
+        sent = MessageSent(message_id=f"m{i}", from_node="n1", to_nodes=("n2",), message_type="t")
+        items += [(T0 + i, sent), (T0 + i, MessageRead(message_id=f"m{i}", node_id="n2"))]
+    pending = MessageSent(message_id="p", from_node="n1", to_nodes=("n3",), message_type="t")
+    items.append((T0 + 9, pending))
+    await load(config, items)
+    _, dry = await compact(config, T0 + 20 * DAY, dry_run=True)
+    before, report = await compact(config, T0 + 20 * DAY)
+    assert dry.streams_forgotten == report.streams_forgotten == 2
+    assert report.removed["message.sent"] == 2 and report.removed["message.read"] == 2
+    store = open_store(config.store)
+    await store.open()
+    try:
+        versions = {s: await store.stream_version(s) for s in ("m0", "m1", "m2", "p")}
+        assert versions == {"m0": 0, "m1": 0, "m2": 2, "p": 1}
+        again = MessageSent(message_id="m0", from_node="n1", to_nodes=("n2",), message_type="t")
+        [env] = await store.append([again], 0)
+        assert env.stream_version == 1
+    finally:
+        await store.close()
+    assert (await states(config))[0]["messages"] != before["messages"]  # m0 is back, queued
+    await asyncio.to_thread(verify_file, config.store.path)
+
+
 async def _compacted_log(tmp_path: Path) -> Config:
     config = make_config(tmp_path)
     items = registrations()

@@ -65,6 +65,34 @@ async def test_versions_wait_for_the_table_and_reach_it_at_close(
     assert await asyncio.to_thread(table, path) == ({"a": 5, "b": 1}, 7)  # complete to seq 6
 
 
+async def test_a_stream_is_forgotten_only_at_the_version_given_and_once_in_the_table(
+    tmp_path: Path, no_flush_by_time: None
+) -> None:
+    """`forget_streams` (a compaction's, for messages whose every event it removed) drops a
+    stream's row and cached version when its version is the number of events given; not a
+    stream that got more since, nor one whose version still waits for the table."""
+    path = tmp_path / "log.db"
+    store = SqliteStore(path)
+    await store.open()
+    for stream, n in (("a", 2), ("b", 1), ("c", 1)):
+        await store.append([note(stream)] * n)
+    assert await store.forget_streams({"a": 2}) == 0  # still waiting for the table
+    await store.close()
+    await store.open()  # (the close wrote the table)
+    try:
+        assert await store.stream_version("a") == 2  # cached
+        assert await store.forget_streams({"a": 2, "b": 2, "z": 1}) == 1  # b has 1 event
+        assert await asyncio.to_thread(table, path) == ({"b": 1, "c": 1}, 5)
+        assert [await store.stream_version(s) for s in "abc"] == [0, 1, 1]
+        [env] = await store.append([note("a")], 0)  # its expected version is 0 again
+        assert env.stream_version == 1
+        await store.append([note("c")])  # c: 1 in the table, 2 waiting
+        assert await store.forget_streams({"c": 1}) == 0
+        assert await store.stream_version("c") == 2
+    finally:
+        await store.close()
+
+
 async def test_a_crash_before_the_flush_loses_no_version(
     tmp_path: Path, no_flush_by_time: None
 ) -> None:
