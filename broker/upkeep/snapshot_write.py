@@ -36,10 +36,10 @@ log = structlog.get_logger(__name__)
 SLICE = 2048  # records encoded in one step of the event loop (nodes: ~5-10 ms)
 
 
-FINAL_MAX = 4096  # changed records saved again in the cut itself, at most (when rounds allow)
+FINAL_MAX = 1024  # changed records saved again in the cut itself, at most (when rounds allow)
 
 
-ROUNDS = 6  # rounds of saving changed records again before the cut
+ROUNDS = 12  # rounds of saving changed records again before the cut
 
 
 @dataclass
