@@ -96,3 +96,22 @@ def precompile(tree: str | None = None) -> None:
     root = Path(tree) if tree is not None else Path(__file__).resolve().parent.parent
     for package in PACKAGES:
         compileall.compile_dir(root / package, quiet=1)
+
+
+def loop_lag_buckets(metrics: str) -> dict[float, float]:
+    """The `broker_event_loop_lag_seconds` buckets of a /metrics text: upper bound -> looks at
+    most that late (cumulative; +Inf as `math.inf`); empty from a server without it."""
+    counts: dict[float, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("broker_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            counts[float(le)] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def gauge(metrics: str, name: str) -> float | None:
+    """The value of the unlabelled gauge `name` in a /metrics text; None without it."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None

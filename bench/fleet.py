@@ -52,7 +52,15 @@ import msgspec
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bench.common import cpu_seconds, loop_thread_seconds, machine, per_item_us, precompile, run
+from bench.common import (
+    cpu_seconds,
+    loop_lag_buckets,
+    loop_thread_seconds,
+    machine,
+    per_item_us,
+    precompile,
+    run,
+)
 from bench.e2e import PSS, pct
 from bench.heartbeats import Beater, http_load
 from bench.scale import free_port
@@ -429,12 +437,7 @@ async def indices_building(session: aiohttp.ClientSession, base: str) -> bool:
 async def loop_lag_counts(session: aiohttp.ClientSession, base: str) -> dict[float, float]:
     """The server's `broker_event_loop_lag_seconds` buckets: upper bound -> looks at most that
     late (cumulative; +Inf as `math.inf`); empty on a server without it."""
-    counts: dict[float, float] = {}
-    for line in (await scrape(session, base)).splitlines():
-        if line.startswith("broker_event_loop_lag_seconds_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            counts[float(le)] = float(line.rsplit(" ", 1)[1])
-    return counts
+    return loop_lag_buckets(await scrape(session, base))
 
 
 def longest_lag(before: dict[float, float], after: dict[float, float]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.common import gauge, loop_lag_buckets
 from bench.e2e import Peer, connect_all, http_send, onboard, server
 from bench.peers.workload import (
     CONFIRM_WINDOW,
@@ -204,18 +206,11 @@ class BrokerSystem:
         except aiohttp.ClientError as e:
             print(f"# {self.label}: no metrics ({e})", flush=True)
             return
-        buckets, gauges = {}, {}
-        for line in text.splitlines():
-            if line.startswith("broker_event_loop_lag_seconds_bucket"):
-                le = line.split('le="', 1)[1].split('"', 1)[0]
-                buckets[le] = float(line.rsplit(" ", 1)[1])
-            elif line.startswith(("broker_snapshots_written ", "broker_snapshot_cut_seconds ")):
-                name, value = line.split()
-                gauges[name] = float(value)
-        total = buckets.get("+Inf", 0.0)
-        over = {ms: total - buckets.get(le, total) for ms, le in ((25, "0.025"), (100, "0.1"))}
-        written = gauges.get("broker_snapshots_written")
-        cut = gauges.get("broker_snapshot_cut_seconds", 0.0) * 1000
+        buckets = loop_lag_buckets(text)
+        total = buckets.get(math.inf, 0.0)
+        over = {ms: total - buckets.get(ms / 1000, total) for ms in (25, 100)}
+        written = gauge(text, "broker_snapshots_written")
+        cut = (gauge(text, "broker_snapshot_cut_seconds") or 0.0) * 1000
         snaps = "snapshots not counted (older code)" if written is None else (
             f"{written:.0f} snapshots written, the longest cut {cut:.0f} ms"
         )  # fmt: skip
